@@ -1,0 +1,56 @@
+# circuit-lab: `make run` executes the main template on the bundled model; `make test` runs the test suite.
+# Both create .venv and install what is needed on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TASK ?= ioi
+MODEL ?=
+TEMPLATE ?= circuit_expms
+THREADS ?= 2
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: run test install chromium toy-models sync lint clean-outputs help
+
+help:
+	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
+	@echo "make test                      install and run the test suite"
+	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
+	@echo "make sync                      re-pair nb_templates/*.py with their .ipynb (jupytext)"
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch pinned first: on these machines torch==2.13.0 is the local CPU wheel (an unpinned torch pulls CUDA)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+install: $(STAMP) chromium
+
+# kaleido (static PNGs of plotly figures) needs a Chromium; install Debian's when we can, else warn.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	      echo "WARNING: could not install chromium; figures will show inline but PNG export is skipped"; \
+	    else echo "WARNING: no Chromium found; PNG export of figures will be skipped (apt-get install chromium)"; fi; }
+
+run: install
+	$(PY) -m helpers.run --task $(TASK) $(if $(MODEL),--model $(MODEL)) --template $(TEMPLATE) --threads $(THREADS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+toy-models: $(STAMP)
+	$(PY) -m helpers.toy_models --threads $(THREADS)
+
+sync: $(STAMP)
+	$(VENV)/bin/jupytext --sync nb_templates/*.py
+
+clean-outputs:
+	rm -rf nb_outputs/*/ nb_outputs/.failed nb_outputs/.staging-*

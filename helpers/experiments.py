@@ -1,0 +1,167 @@
+"""Experiment set-ups the templates call: each function is one notebook section's computation.
+
+Templates hold the narrative and the plots; the quantities are computed here so that every template, and
+the tests, use one implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
+
+from . import OUTPUTS_DIR
+from .attribution import dla_hook_filter, full_dla, head_dla, layer_dla, logit_diff_direction, logit_lens, unembed_bias_diff
+from .heads import mean_ablate_head_hook
+from .hooks import run_with_checked_cache
+from .metrics import logit_diff
+from .models import load_model, set_threads
+from .params import TaskParams, load_params
+from .plotting import Figures, use_offline_renderer
+from .prompts import PromptSet, make_prompts
+
+
+@dataclass
+class Session:
+    """What a template works on: params, model, prompts, output folder and figure saver."""
+
+    params: TaskParams
+    model: object
+    prompts: PromptSet
+    out_dir: Path
+    figures: Figures
+    model_name: str
+
+    @property
+    def head_names(self) -> list[str]:
+        cfg = self.model.cfg
+        return [f"L{l}H{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
+
+
+def model_folder_name(model_name: str) -> str:
+    """Folder name of a model under ``nb_outputs/<task>/`` (a local path gives its last component)."""
+    return Path(model_name).name if ("/" in model_name or Path(model_name).is_dir()) else model_name
+
+
+def start_session(template: str, task: str, params_file: str | None = None, model_name: str | None = None, n_prompts: int | None = None,
+                  output_dir: str | None = None, device: str | None = None, threads: int | None = None,
+                  static_images: bool = True) -> Session:
+    """Load params (with overrides), the model and the prompts; create the output folder.
+
+    Figures of ``template`` go to ``<output folder>/<template>_figures/``.
+    """
+    set_threads(threads)
+    torch.manual_seed(0)
+    params = load_params(params_file or task, model=model_name, n_prompts=n_prompts)
+    model = load_model(params.model, device=device)
+    prompts = make_prompts(params, model.tokenizer).to(model.cfg.device)
+    out = Path(output_dir) if output_dir else OUTPUTS_DIR / params.task / model_folder_name(params.model)
+    out.mkdir(parents=True, exist_ok=True)
+    use_offline_renderer()
+    return Session(params, model, prompts, out, Figures(out, folder=f"{template}_figures", static=static_images), params.model)
+
+
+@dataclass
+class LogitDiffs:
+    """Per-prompt logit differences of the clean and corrupted runs."""
+
+    clean: Float[Tensor, "batch"]
+    corrupted: Float[Tensor, "batch"]
+    clean_accuracy: float  # fraction of prompts where the correct answer is the top token
+
+    def table(self, prompts: PromptSet) -> pd.DataFrame:
+        return pd.DataFrame({"clean prompt": prompts.clean_prompts, "corrupted prompt": prompts.corrupted_prompts,
+                             "clean logit diff": self.clean.cpu().numpy().round(3), "corrupted logit diff": self.corrupted.cpu().numpy().round(3)})
+
+
+def logit_diffs(s: Session) -> LogitDiffs:
+    """Clean and corrupted logit differences, and how often the correct answer is the argmax."""
+    with torch.no_grad():
+        clean_logits = s.model(s.prompts.clean_tokens)
+        corr_logits = s.model(s.prompts.corrupted_tokens)
+    top = clean_logits[:, -1].argmax(-1)
+    acc = (top == s.prompts.answer_tokens[:, 0]).float().mean().item()
+    return LogitDiffs(logit_diff(clean_logits, s.prompts.answer_tokens).cpu(), logit_diff(corr_logits, s.prompts.answer_tokens).cpu(), acc)
+
+
+@dataclass
+class DLAResult:
+    """Direct logit attribution of the clean run, averaged over prompts."""
+
+    cache: ActivationCache
+    lens: Float[Tensor, "component"]
+    lens_labels: list[str]
+    layers: Float[Tensor, "component"]
+    layer_labels: list[str]
+    heads: Float[Tensor, "layer head"]
+    identity_error: float  # max over prompts |sum of all components + bias diff - logit diff|
+
+
+def direct_logit_attribution(s: Session) -> DLAResult:
+    """Logit lens, per-layer and per-head DLA of the clean prompts, and the DLA identity error."""
+    logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_filter)
+    direction = logit_diff_direction(s.model, s.prompts.answer_tokens)
+    lens, lens_labels = logit_lens(cache, direction)
+    layers, layer_labels = layer_dla(cache, direction)
+    heads = head_dla(s.model, cache, direction)
+    full, _ = full_dla(cache, direction)
+    bias = unembed_bias_diff(s.model, s.prompts.answer_tokens)
+    error = (full.sum(0) + bias - logit_diff(logits, s.prompts.answer_tokens)).abs().max().item()
+    return DLAResult(cache, lens.mean(-1).cpu(), lens_labels, layers.mean(-1).cpu(), layer_labels, heads.mean(-1).cpu(), error)
+
+
+def layer_bands(s: Session) -> dict[str, list[int]]:
+    """The params' layer groups, or early/middle/late thirds of the layers."""
+    if s.params.analysis.layer_groups:
+        return s.params.analysis.layer_groups
+    n = s.model.cfg.n_layers
+    cuts = [0, -(-n // 3), -(-2 * n // 3), n]
+    names = ["early", "middle", "late"]
+    return {names[i]: list(range(cuts[i], cuts[i + 1])) for i in range(3) if cuts[i] < cuts[i + 1]}
+
+
+@dataclass
+class BackupResult:
+    """Per-head DLA before and after mean-ablating one head at the final position."""
+
+    ablated: dict
+    dla_before: Float[Tensor, "layer head"]
+    dla_after: Float[Tensor, "layer head"]
+    logit_diff_before: float
+    logit_diff_after: float
+    ln_scale_ratio: float  # mean final-LN scale after / before at the final position
+    risers: list[dict] = field(default_factory=list)
+
+
+def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult:
+    """Mean-ablate ``head`` at the final position (mean over prompts) and recompute every head's DLA.
+
+    Heads whose DLA rises when the top head is gone are candidate backup heads (IOI paper §3.4). The final
+    LN scale ratio shows how much of a change is only the LayerNorm re-normalising the residual stream.
+    """
+    end = s.prompts.n_pos - 1
+    z = dla.cache[f"blocks.{head['layer']}.attn.hook_z"]
+    hook = mean_ablate_head_hook(head["layer"], head["head"], end, z[:, end, head["head"]].mean(0))
+    with s.model.hooks(fwd_hooks=[hook]):
+        logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_filter)
+    direction = logit_diff_direction(s.model, s.prompts.answer_tokens)
+    after = head_dla(s.model, cache, direction).mean(-1).cpu()
+    delta = after - dla.heads
+    delta[head["layer"], head["head"]] = float("-inf")
+    order = delta.flatten().argsort(descending=True)[:k]
+    n_heads = s.model.cfg.n_heads
+    risers = [{"layer": int(i) // n_heads, "head": int(i) % n_heads, "dla_before": round(float(dla.heads.flatten()[i]), 6),
+               "dla_after": round(float(after.flatten()[i]), 6)} for i in order]
+    scale_before = dla.cache["ln_final.hook_scale"][:, end].mean().item()
+    scale_after = cache["ln_final.hook_scale"][:, end].mean().item()
+    before_ld = logit_diff(s.model(s.prompts.clean_tokens), s.prompts.answer_tokens).mean().item()
+    return BackupResult(head, dla.heads, after, before_ld, logit_diff(logits, s.prompts.answer_tokens).mean().item(),
+                        scale_after / scale_before, risers)
+
+
+__all__ = ["Session", "start_session", "logit_diffs", "direct_logit_attribution", "layer_bands", "backup_heads", "load_model"]

@@ -1,0 +1,74 @@
+"""Head-level quantities: ranking, pattern scores on repeated random tokens, and single-head ablation.
+
+Scores on a sequence ``BOS, r, r`` (r = ``seq_len`` random tokens), from the attention pattern [q, k]:
+* previous-token score: mean attention from each token to the token just before it;
+* duplicate-token score: mean attention from each token of the second r to the same token in the first r;
+* induction score: mean attention from each token of the second r to the token *after* its earlier copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .hooks import resolve_hook_names
+
+
+def top_heads(values: Float[Tensor, "layer head"], k: int, sign: str = "abs") -> list[dict]:
+    """The ``k`` heads with the largest ``values`` (``sign`` = 'pos', 'neg' or 'abs'), as ``{layer, head, value}``."""
+    key = {"pos": values, "neg": -values, "abs": values.abs()}[sign]
+    order = key.flatten().argsort(descending=True)[:k]
+    n_heads = values.shape[1]
+    return [{"layer": int(i) // n_heads, "head": int(i) % n_heads, "value": round(float(values.flatten()[i]), 6)} for i in order]
+
+
+def head_label(head: dict) -> str:
+    return f"L{head['layer']}H{head['head']}"
+
+
+def repeated_random_tokens(model, seq_len: int, batch: int, seed: int) -> Int[Tensor, "batch 1+2*seq_len"]:
+    """``BOS, r, r`` with r uniform over non-special token ids, deterministic in ``seed``."""
+    special = {t for t in (model.tokenizer.bos_token_id, model.tokenizer.unk_token_id, model.tokenizer.pad_token_id) if t is not None}
+    allowed = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+    gen = torch.Generator().manual_seed(seed)
+    r = allowed[torch.randint(len(allowed), (batch, seq_len), generator=gen)]
+    bos = torch.full((batch, 1), model.tokenizer.bos_token_id)
+    return torch.cat([bos, r, r], dim=1).to(model.cfg.device)
+
+
+def pattern_scores(patterns: Float[Tensor, "layer batch head q k"], seq_len: int) -> dict[str, Float[Tensor, "layer head"]]:
+    """Previous-token, duplicate-token and induction scores from patterns on ``BOS, r, r`` (see module docstring)."""
+    second = slice(seq_len + 1, 2 * seq_len + 1)  # query positions of the second copy
+
+    def diag(offset: int, queries: slice) -> Tensor:
+        d = patterns.diagonal(offset=-offset, dim1=-2, dim2=-1)  # [layer, batch, head, q - offset]
+        start = queries.start - offset
+        return d[..., start : queries.stop - offset].mean((1, 3))
+
+    return {
+        "prev_token": diag(1, slice(2, 2 * seq_len + 1)),
+        "duplicate_token": diag(seq_len, second),
+        "induction": diag(seq_len - 1, second),
+    }
+
+
+def repeated_token_scores(model, seq_len: int, batch: int, seed: int) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos"]]:
+    """Head scores on repeated random tokens and the per-token loss (to compare first vs second half)."""
+    tokens = repeated_random_tokens(model, seq_len, batch, seed)
+    names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)])
+    with torch.no_grad():
+        loss, cache = model.run_with_cache(tokens, names_filter=names, return_type="loss", loss_per_token=True)
+    patterns = torch.stack([cache[n] for n in names])
+    return {k: v.cpu() for k, v in pattern_scores(patterns, seq_len).items()}, loss.cpu()
+
+
+def mean_ablate_head_hook(layer: int, head: int, pos: int, mean_z: Float[Tensor, "d_head"]):
+    """(hook name, fn) replacing head ``layer.head``'s z at ``pos`` by ``mean_z`` in every prompt."""
+
+    def ablate(z: Float[Tensor, "batch pos head d_head"], hook) -> Tensor:
+        z = z.clone()
+        z[:, pos, head] = mean_z
+        return z
+
+    return f"blocks.{layer}.attn.hook_z", ablate

@@ -1,0 +1,47 @@
+"""Hook-name resolution that refuses to match nothing.
+
+TransformerLens silently caches nothing for a filter that matches no hook (the seeds' ``hook_attn`` filter
+printed zeros for this reason). Every helper here resolves names against ``model.hook_dict`` first and raises
+``HookNameError`` when a name is unknown or a filter matches nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from transformer_lens.ActivationCache import ActivationCache
+
+NameSpec = str | Iterable[str] | Callable[[str], bool]
+
+
+class HookNameError(KeyError):
+    """A hook name or filter matched no hook point of the model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def resolve_hook_names(model, spec: NameSpec) -> list[str]:
+    """The hook names ``spec`` (a name, names, or a predicate) selects; raises HookNameError if none or unknown."""
+    available = model.hook_dict
+    if callable(spec):
+        names = [n for n in available if spec(n)]
+        if not names:
+            raise HookNameError("the names filter matched no hook point of this model; e.g. hook names: " + ", ".join(list(available)[:6]))
+        return names
+    names = [spec] if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        hint = "use 'hook_pattern' for attention patterns (there is no 'hook_attn')" if any("hook_attn" == n.rsplit(".", 1)[-1] for n in unknown) else "see model.hook_dict for valid names"
+        raise HookNameError(f"unknown hook name(s) {unknown or names}: {hint}")
+    return names
+
+
+def run_with_checked_cache(model, tokens, spec: NameSpec, **kwargs) -> tuple:
+    """``model.run_with_cache`` restricted to the hooks ``spec`` selects, which must all be found in the cache."""
+    names = resolve_hook_names(model, spec)
+    logits, cache = model.run_with_cache(tokens, names_filter=names, **kwargs)
+    missing = [n for n in names if n not in cache.cache_dict]
+    if missing:
+        raise HookNameError(f"hooks {missing} did not fire (gated hooks need e.g. model.set_use_attn_result(True))")
+    return logits, cache

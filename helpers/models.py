@@ -1,0 +1,99 @@
+"""Load a model through the TransformerLens 4 bridge, the one code path for bundled toys and gpt2-small.
+
+``load_model(name)`` resolves, in order: a bundled model (``models/<name>/``), an existing local HF
+directory, then a hub name (with aliases such as ``gpt2-small`` -> ``gpt2``). It boots with
+``TransformerBridge.boot_transformers`` and calls ``enable_compatibility_mode()``, which DLA and the logit
+lens need (without it resid values and logits differ from HookedTransformer's). Hub names that are not in
+the local cache fail within seconds when the hub cannot be reached, naming the bundled models.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from . import MODELS_DIR
+
+HUB_ALIASES: dict[str, str] = {
+    "gpt2-small": "gpt2",
+    "gpt2-medium": "gpt2-medium",
+    "gpt2-large": "gpt2-large",
+    "gpt2-xl": "gpt2-xl",
+}
+HUB_HOST = "huggingface.co"
+
+
+class ModelNotAvailable(RuntimeError):
+    """The named model cannot be loaded here (unknown, or a hub model while offline)."""
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped in ``models/`` (folders with a config.json)."""
+    return sorted(p.parent.name for p in MODELS_DIR.glob("*/config.json"))
+
+
+def pick_device(device: str | None = None) -> str:
+    """``device`` if given, else CUDA when present, else CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(n_threads: int | None) -> None:
+    """Limit torch CPU threads (match processes × threads to the cores; oversubscription is 10-20× slower)."""
+    if n_threads:
+        torch.set_num_threads(n_threads)
+
+
+def resolve_model(name: str) -> str:
+    """The local directory or hub id that ``name`` refers to; raises ModelNotAvailable when it cannot load here."""
+    bundled = MODELS_DIR / name
+    if (bundled / "config.json").exists():
+        return str(bundled)
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise ModelNotAvailable(f"model directory {name} has no config.json (needs config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
+        return str(Path(name))
+    hub_id = HUB_ALIASES.get(name, name)
+    if not _hub_cached(hub_id) and not _hub_reachable():
+        raise ModelNotAvailable(
+            f"model '{name}' (hub id '{hub_id}') is not available offline: it is not in the local Hugging Face cache "
+            f"and {HUB_HOST} cannot be reached. Bundled models: {bundled_models()} (or pass a local HF directory)."
+        )
+    return hub_id
+
+
+def _hub_cached(hub_id: str) -> bool:
+    """Whether the hub model's config is already in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick TCP check of the hub (so that an offline machine fails in seconds, not after ~25 s of retries)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(name: str, device: str | None = None):
+    """A ``TransformerBridge`` for ``name`` in compatibility mode and eval mode, on ``device`` (auto by default)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = resolve_model(name)
+    model = TransformerBridge.boot_transformers(source, device=pick_device(device))
+    model.enable_compatibility_mode()
+    model.eval()
+    tok = model.tokenizer
+    if tok is None or len(set(tok("a b c", add_special_tokens=False)["input_ids"])) == 1 and tok.unk_token_id is None:
+        raise ModelNotAvailable(f"{source}: tokenizer maps all text to one id; is tokenizer_config.json missing?")
+    return model

@@ -1,0 +1,97 @@
+"""Plotly figures with titled axes, shown inline and saved as static PNGs next to the notebook.
+
+Static export uses kaleido, which needs a Chrome/Chromium (``make`` installs Debian's ``chromium``; on Colab
+run ``plotly_get_chrome``). Without one, figures still show inline and a single clear warning says that
+the PNGs are skipped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import plotly.express as px
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+
+from .artifacts import to_jsonable
+
+
+def use_offline_renderer() -> None:
+    """Embed plotly.js in the notebook once, so executed notebooks and their HTML work offline."""
+    pio.renderers.default = "notebook"
+
+
+class Figures:
+    """Shows figures and saves each as ``<out_dir>/<folder>/<name>.png``; records the paths it saved."""
+
+    def __init__(self, out_dir: Path | str, folder: str = "figures", static: bool = True):
+        self.folder = folder
+        self.dir = Path(out_dir) / folder
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.static = static
+        self.saved: list[str] = []
+        self.skipped_reason: str | None = None
+
+    def show(self, fig: go.Figure, name: str) -> go.Figure:
+        """Display ``fig`` and write its PNG (once kaleido fails, later figures skip export with no new error)."""
+        fig.show()
+        if self.static and self.skipped_reason is None:
+            try:
+                fig.write_image(self.dir / f"{name}.png", scale=1.5)
+                self.saved.append(f"{self.folder}/{name}.png")
+            except Exception as err:  # kaleido without Chromium, or no kaleido
+                self.skipped_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                warnings.warn(f"static images are skipped (figures still show inline): {self.skipped_reason}. Install Chromium (apt-get install chromium) or run plotly_get_chrome.", stacklevel=2)
+        return fig
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def heatmap(values, title: str, x_label: str, y_label: str, x=None, y=None, color_label: str = "value", zmid: float = 0.0) -> go.Figure:
+    """A diverging (red-blue, centred on ``zmid``) heatmap with labelled axes."""
+    fig = px.imshow(_np(values), x=x, y=y, color_continuous_scale="RdBu", color_continuous_midpoint=zmid,
+                    labels={"x": x_label, "y": y_label, "color": color_label}, title=title, aspect="auto")
+    return fig
+
+
+def lines(values, x, title: str, x_label: str, y_label: str, names: list[str] | None = None) -> go.Figure:
+    """One line per row of ``values`` (or one line for a vector) against ``x`` labels."""
+    arr = _np(values)
+    arr = arr[None] if arr.ndim == 1 else arr
+    fig = go.Figure()
+    for i, row in enumerate(arr):
+        fig.add_trace(go.Scatter(x=list(x), y=row, mode="lines+markers", name=(names or [y_label])[i]))
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label)
+    return fig
+
+
+def scatter(x, y, title: str, x_label: str, y_label: str, hover: list[str] | None = None, color=None, diagonal: bool = False) -> go.Figure:
+    """Labelled scatter plot; ``diagonal`` draws y = x for before/after comparisons."""
+    fig = px.scatter(x=_np(x).ravel(), y=_np(y).ravel(), hover_name=hover, color=color, title=title,
+                     labels={"x": x_label, "y": y_label})
+    if diagonal:
+        lo = float(min(_np(x).min(), _np(y).min()))
+        hi = float(max(_np(x).max(), _np(y).max()))
+        fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line={"dash": "dot", "color": "grey"})
+    return fig
+
+
+def head_labels(n_layers: int, n_heads: int) -> list[str]:
+    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
+
+
+
+
+
+def attention_view(model, cache, tokens, chosen: list[dict], prompt_index: int = 0):
+    """circuitsvis view of the attention patterns of ``chosen`` heads (``{layer, head}``) on one prompt."""
+    import circuitsvis as cv
+
+    patterns = torch.stack([cache[f"blocks.{h['layer']}.attn.hook_pattern"][prompt_index, h["head"]] for h in chosen])
+    return cv.attention.attention_heads(attention=patterns.cpu(), tokens=model.to_str_tokens(tokens[prompt_index]),
+                                        attention_head_names=[f"L{h['layer']}H{h['head']}" for h in chosen])

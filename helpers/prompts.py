@@ -1,0 +1,235 @@
+"""Clean/corrupted prompt batches from a task's params, deterministic in the seed.
+
+Rules: slots that share a pool get distinct words within a prompt; pool words that are not a single known
+token in the form the template needs (``"Mary"`` at the start, ``" Mary"`` after a space) are dropped with a
+printed count; prompts are unique; every clean and corrupted prompt has the same token length (else a
+ParamsError naming the template); named positions resolve to one token index shared by all prompts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from .params import POSITION_RE, SLOT_RE, ParamsError, TaskParams, params_path
+from .vocab import read_pool
+
+
+@dataclass
+class PromptSet:
+    """A batch of matched clean/corrupted prompts with answer tokens and named positions."""
+
+    params: TaskParams
+    clean_prompts: list[str]
+    corrupted_prompts: list[str]
+    slot_words: list[dict[str, str]]
+    clean_tokens: Int[Tensor, "batch pos"]
+    corrupted_tokens: Int[Tensor, "batch pos"]
+    answer_tokens: Int[Tensor, "batch 2"]  # [:, 0] correct, [:, 1] incorrect
+    positions: dict[str, int]  # name -> token index, the same for every prompt
+    position_labels: list[str]  # one per token index, slots shown as [S1]
+    dropped_words: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def n_pos(self) -> int:
+        return self.clean_tokens.shape[1]
+
+    @property
+    def axis_labels(self) -> list[str]:
+        """Unique per-position labels for plot axes, e.g. ``3:[S2]``."""
+        return [f"{i}:{lab}" for i, lab in enumerate(self.position_labels)]
+
+    def to(self, device: str) -> "PromptSet":
+        self.clean_tokens = self.clean_tokens.to(device)
+        self.corrupted_tokens = self.corrupted_tokens.to(device)
+        self.answer_tokens = self.answer_tokens.to(device)
+        return self
+
+
+def fill(template: str, words: dict[str, str]) -> str:
+    """``template`` with every ``[SLOT]`` replaced by ``words[SLOT]``."""
+    return SLOT_RE.sub(lambda m: words[m.group(1)], template)
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without BOS (the bridge tokenizer prepends BOS unless told not to)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def unknown_id(tokenizer) -> int | None:
+    """The id that out-of-vocabulary text maps to, if it is distinct from BOS (word-level tokenizers)."""
+    unk = tokenizer.unk_token_id
+    return unk if unk is not None and unk != tokenizer.bos_token_id else None
+
+
+def slot_forms(params: TaskParams) -> dict[str, set[str]]:
+    """For each slot, the forms its words take: ``"{}"`` (no leading space) and/or ``" {}"``."""
+    forms: dict[str, set[str]] = {s: set() for s in params.slot_pools}
+    for text in (params.template, params.corrupted, params.correct, params.incorrect):
+        for m in SLOT_RE.finditer(text):
+            spaced = m.start() > 0 and text[m.start() - 1] == " "
+            forms[m.group(1)].add(" {}" if spaced else "{}")
+    return forms
+
+
+def usable_words(params: TaskParams, tokenizer) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(pool -> words that are single known tokens in every needed form, pool -> dropped words)."""
+    unk = unknown_id(tokenizer)
+    needed: dict[str, set[str]] = {}
+    for slot, forms in slot_forms(params).items():
+        needed.setdefault(params.slot_pools[slot], set()).update(forms)
+    kept, dropped = {}, {}
+    for pool, forms in needed.items():
+        words = read_pool(pool)
+        ok = [w for w in words if all(_single_known(tokenizer, f.format(w), unk) for f in forms)]
+        kept[pool] = ok
+        dropped[pool] = [w for w in words if w not in ok]
+    return kept, dropped
+
+
+def _single_known(tokenizer, text: str, unk: int | None) -> bool:
+    ids = token_ids(tokenizer, text)
+    return len(ids) == 1 and ids[0] != unk
+
+
+def count_possible(params: TaskParams, words: dict[str, list[str]]) -> int:
+    """How many distinct slot assignments exist (distinct words within a pool)."""
+    by_pool: dict[str, int] = {}
+    for pool in params.slot_pools.values():
+        by_pool[pool] = by_pool.get(pool, 0) + 1
+    return math.prod(math.perm(len(words[p]), k) for p, k in by_pool.items())
+
+
+def sample_assignments(params: TaskParams, words: dict[str, list[str]], n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` unique slot -> word assignments, deterministic in ``seed``."""
+    possible = count_possible(params, words)
+    src = params_path(params.task)
+    if n > possible:
+        raise ParamsError(
+            f"{src}: n_prompts: {n} unique prompts requested but the pools allow only {possible}; "
+            f"lower n_prompts or add words to the pools ({sorted(set(params.slot_pools.values()))})"
+        )
+    rng = random.Random(seed)
+    slots = sorted(params.slot_pools)
+    pools = sorted(set(params.slot_pools.values()))
+
+    def draw() -> dict[str, str]:
+        out: dict[str, str] = {}
+        for pool in pools:
+            members = [s for s in slots if params.slot_pools[s] == pool]
+            out.update(zip(members, rng.sample(words[pool], len(members))))
+        return out
+
+    if possible <= 4 * n:  # small space: enumerate and sample without rejection
+        per_pool = []
+        for pool in pools:
+            members = [s for s in slots if params.slot_pools[s] == pool]
+            per_pool.append([dict(zip(members, combo)) for combo in itertools.permutations(words[pool], len(members))])
+        every = [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*per_pool)]
+        return rng.sample(every, n)
+    seen, out = set(), []
+    while len(out) < n:
+        a = draw()
+        key = tuple(a[s] for s in slots)
+        if key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
+
+
+def answer_token(tokenizer, text: str, field_name: str, params: TaskParams) -> int:
+    """The single token id of an answer string, or a ParamsError naming the answer field."""
+    ids = token_ids(tokenizer, text)
+    unk = unknown_id(tokenizer)
+    if len(ids) != 1 or ids[0] == unk:
+        raise ParamsError(
+            f"{params_path(params.task)}: {field_name}: answer {text!r} is {len(ids)} token(s) {ids} for this tokenizer"
+            f"{' (unknown word)' if unk in ids else ''}; answers must be one known token (mind the leading space)"
+        )
+    return ids[0]
+
+
+def slot_token_index(tokenizer, template: str, words: dict[str, str], slot: str, occurrence: int) -> int:
+    """Token index (BOS = 0) of the ``occurrence``-th ``[slot]`` in ``template`` filled with ``words``."""
+    marker = f"[{slot}]"
+    start = -1
+    for _ in range(occurrence):
+        start = template.index(marker, start + 1)
+    return 1 + len(token_ids(tokenizer, fill(template[:start], words).rstrip(" ")))
+
+
+def resolve_position(params: TaskParams, tokenizer, words: dict[str, str], n_pos: int, spec: str) -> int:
+    """Token index of a named position spec (``end``, ``S2``, ``S2#2``, ``S1+1``)."""
+    m = POSITION_RE.match(spec)
+    base = n_pos - 1 if m["end"] else slot_token_index(tokenizer, params.template, words, m["slot"], int(m["occ"] or 1))
+    idx = base + int(m["off"] or 0)
+    if not 0 <= idx < n_pos:
+        raise ParamsError(f"{params_path(params.task)}: positions: {spec!r} resolves to token {idx}, outside 0..{n_pos - 1}")
+    return idx
+
+
+def make_prompts(params: TaskParams, tokenizer, verbose: bool = True) -> PromptSet:
+    """Generate, tokenise and check the prompt batch of a task (see module docstring for the rules)."""
+    src = params_path(params.task)
+    words, dropped = usable_words(params, tokenizer)
+    if verbose:
+        for pool, lost in dropped.items():
+            if lost:
+                print(f"pool '{pool}': dropped {len(lost)} of {len(lost) + len(words[pool])} words that are not one token here: {lost[:8]}{' …' if len(lost) > 8 else ''}")
+    assignments = sample_assignments(params, words, params.n_prompts, params.seed)
+    clean = [fill(params.template, a) for a in assignments]
+    corrupted = [fill(params.corrupted, a) for a in assignments]
+    bos = tokenizer.bos_token_id
+    unk = unknown_id(tokenizer)
+    clean_ids = [[bos] + token_ids(tokenizer, p) for p in clean]
+    corr_ids = [[bos] + token_ids(tokenizer, p) for p in corrupted]
+    for name, prompts, ids in (("template", clean, clean_ids), ("corrupted_template", corrupted, corr_ids)):
+        if unk is not None:
+            bad = [p for p, row in zip(prompts, ids) if unk in row]
+            if bad:
+                raise ParamsError(f"{src}: {name}: contains words unknown to this tokenizer, e.g. {bad[0]!r}; use vocabulary words with their exact spacing (' ,' vs ',')")
+    lengths = {len(r) for r in clean_ids + corr_ids}
+    if len(lengths) != 1:
+        i = next(i for i in range(len(clean)) if len(clean_ids[i]) != len(corr_ids[i]) or len(clean_ids[i]) != len(clean_ids[0]))
+        raise ParamsError(
+            f"{src}: template/corrupted_template: prompts must all have the same token length, found lengths {sorted(lengths)}; "
+            f"e.g. clean {clean[i]!r} ({len(clean_ids[i])}) vs corrupted {corrupted[i]!r} ({len(corr_ids[i])}). "
+            "Make the corrupted template mirror the clean one token for token."
+        )
+    answers = []
+    for a in assignments:
+        c = answer_token(tokenizer, fill(params.correct, a), "correct", params)
+        w = answer_token(tokenizer, fill(params.incorrect, a), "incorrect", params)
+        if c == w:
+            raise ParamsError(f"{src}: correct/incorrect: both resolve to {fill(params.correct, a)!r}; they must differ")
+        answers.append([c, w])
+    n_pos = lengths.pop()
+    first = assignments[0]
+    positions = {name: resolve_position(params, tokenizer, first, n_pos, spec) for name, spec in params.positions.items()}
+    labels = [tokenizer.decode([t]) for t in clean_ids[0]]
+    clean_tokens = torch.tensor(clean_ids)
+    for slot in set(SLOT_RE.findall(params.template)):
+        for occ in range(1, params.template.count(f"[{slot}]") + 1):
+            idx = slot_token_index(tokenizer, params.template, first, slot, occ)
+            labels[idx] = f"[{slot}]"
+            wrong = [p for p, a, row in zip(clean, assignments, clean_ids) if tokenizer.decode([row[idx]]).strip() != a[slot]]
+            if wrong:
+                raise ParamsError(f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens")
+    return PromptSet(
+        params=params,
+        clean_prompts=clean,
+        corrupted_prompts=corrupted,
+        slot_words=assignments,
+        clean_tokens=clean_tokens,
+        corrupted_tokens=torch.tensor(corr_ids),
+        answer_tokens=torch.tensor(answers),
+        positions=positions,
+        position_labels=labels,
+        dropped_words={p: d for p, d in dropped.items() if d},
+    )

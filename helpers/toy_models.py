@@ -1,0 +1,405 @@
+"""Train the bundled toy models (``make toy-models``): one config, one loop, a seed, a log line per eval.
+
+Two models, both GPT-2 architecture in HF format, loaded later through the very same TransformerLens
+bridge path as ``gpt2-small``:
+
+* ``toy-ioi``: 4 layers, trained on a mixture of IOI sentences (ABBA and BABA), sequence continuation
+  (numbers, months, weekdays) and repeated random word segments placed after a random prefix.
+* ``toy-induction``: 2 layers, trained only on random word sequences in which segments recur at random
+  offsets, so the only way to predict a copied token is content-based (previous-token + induction heads);
+  a fraction of sequences has ``x[t+1] == x[t-1]``, which makes a previous-token head useful early.
+
+Induction is claimed only when (a) the loss on a repeat shifted by a random prefix stays low and (b) a
+previous-token head and an induction head each score > 0.5 (see ``../shared/TOY_MODELS.md``: low loss on a
+plain repeat is a positional shortcut, not evidence).
+
+Usage: ``python -m helpers.toy_models --model toy-ioi --steps 3500`` (``--smoke`` trains a few steps into a
+temporary directory, which is what the test does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from . import MODELS_DIR
+from .vocab import build_tokenizer, build_vocab, read_pool, save_tokenizer, words_of
+
+# IOI templates in BABA form: [B] is the subject (mentioned twice), [A] the indirect object (the answer).
+IOI_TEMPLATES: list[str] = [
+    "When [B] and [A] went to the [PLACE], [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] had a lot of fun at the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Then, [B] and [A] were working at the [PLACE]. [B] decided to give a [OBJECT] to [A]",
+    "Then, [B] and [A] were thinking about going to the [PLACE]. [B] wanted to give a [OBJECT] to [A]",
+    "Then, [B] and [A] had a long argument, and afterwards [B] said to [A]",
+    "After [B] and [A] went to the [PLACE], [B] gave a [OBJECT] to [A]",
+    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give it to [A]",
+    "When [B] and [A] got a [OBJECT] at the [PLACE], [B] decided to give the [OBJECT] to [A]",
+    "While [B] and [A] were working at the [PLACE], [B] gave a [OBJECT] to [A]",
+    "While [B] and [A] were commuting to the [PLACE], [B] gave a [OBJECT] to [A]",
+    "After the lunch, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+]
+IOI_HELDOUT_TEMPLATES: list[str] = [
+    "Afterwards, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
+    "Friends [B] and [A] found a [OBJECT] at the [PLACE]. [B] gave it to [A]",
+]
+# Sequence continuation: "[w1] is 7. [w2] is 8. [w3] is" -> " 9"; the connector differs per family.
+SEQUENCE_FAMILIES: dict[str, tuple[str, str, bool]] = {  # family -> (pool, connector, cyclic)
+    "numbers": ("numbers", "is", False),
+    "months": ("months", "is in", True),
+    "days": ("days", "is on", True),
+}
+EXTRA_WORDS: list[str] = sorted(
+    {w for t in IOI_TEMPLATES + IOI_HELDOUT_TEMPLATES for w in words_of(t)}
+    | {w for _, conn, _ in SEQUENCE_FAMILIES.values() for w in conn.split()}
+)
+
+
+@dataclass
+class ToyConfig:
+    """Everything that determines a bundled model: architecture, data mixture, optimiser, seed."""
+
+    name: str
+    n_layer: int
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 128
+    steps: int = 3500
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    seed: int = 0
+    eval_every: int = 500
+    # sequences per task in one optimiser step
+    mixture: dict[str, int] = field(default_factory=dict)
+    repeat_seq_len: int = 64
+    skip_fraction: float = 0.0  # fraction of random sequences with x[t+1] == x[t-1]
+
+
+CONFIGS: dict[str, ToyConfig] = {
+    "toy-ioi": ToyConfig(
+        name="toy-ioi",
+        n_layer=4,
+        steps=3500,
+        mixture={"ioi": 32, "numbers": 12, "months": 6, "days": 6, "repeat": 16},
+    ),
+    "toy-induction": ToyConfig(
+        name="toy-induction",
+        n_layer=2,
+        steps=8000,
+        lr=1e-3,
+        mixture={"repeat": 48},
+        skip_fraction=0.2,
+        eval_every=1000,
+    ),
+}
+
+
+class Corpus:
+    """Generates training/eval text and token batches for one vocabulary, from a seeded ``random.Random``."""
+
+    def __init__(self, tokenizer, rng: random.Random):
+        self.tok = tokenizer
+        self.rng = rng
+        self.names = read_pool("names")
+        self.places = read_pool("places")
+        self.objects = read_pool("objects")
+        self.items = read_pool("names") + read_pool("nouns")
+        self.bos_id: int = tokenizer.bos_token_id
+        self.random_word_ids: list[int] = [
+            i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isalpha()
+        ]
+
+    def encode(self, text: str) -> list[int]:
+        """BOS + token ids of ``text``; raises on any unknown word (the vocabulary must cover all training text)."""
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if self.tok.unk_token_id in ids:
+            raise ValueError(f"out-of-vocabulary word in training text: {text!r}")
+        return [self.bos_id] + ids
+
+    def ioi_text(self, template: str) -> tuple[str, str, str]:
+        """(prompt without the answer, IO name, S name) for one template, ABBA or BABA at random."""
+        a, b = self.rng.sample(self.names, 2)
+        filled = (
+            template.replace("[PLACE]", self.rng.choice(self.places)).replace("[OBJECT]", self.rng.choice(self.objects))
+        )
+        if self.rng.random() < 0.5:  # ABBA: the first mention is the IO
+            filled = filled.replace("[B] and [A]", "[A] and [B]", 1)
+        filled = filled.replace("[A]", a).replace("[B]", b)
+        prompt = filled[: -len(a) - 1]
+        return prompt, a, b
+
+    def sequence_text(self, family: str, n_items: int | None = None) -> tuple[str, str]:
+        """(prompt, answer) for a continuation task: ``n_items`` consecutive values, predict the next."""
+        pool_name, connector, cyclic = SEQUENCE_FAMILIES[family]
+        values = read_pool(pool_name)
+        n = n_items or self.rng.randint(2, 7)
+        start = self.rng.randrange(len(values) if cyclic else len(values) - n)
+        run = [values[(start + i) % len(values)] for i in range(n + 1)]
+        words = self.rng.sample(self.items, n + 1)
+        parts = [f"{words[i]} {connector} {run[i]}." for i in range(n)]
+        prompt = " ".join(parts) + f" {words[n]} {connector}"
+        return prompt, run[n]
+
+    def repeat_tokens(self, seq_len: int, skip: bool, prefix_max: int = 40) -> tuple[list[int], list[int]]:
+        """Random words with recurring segments at random offsets; returns (ids, loss mask on predictable tokens)."""
+        ids = [self.bos_id] + [self.rng.choice(self.random_word_ids) for _ in range(seq_len - 1)]
+        mask = [0] * seq_len
+        if skip:  # x[t+1] == x[t-1] from a random start: rewards attending to the previous token
+            start = self.rng.randint(1, seq_len // 2)
+            for t in range(start + 1, seq_len - 1):
+                if self.rng.random() < 0.5:
+                    ids[t + 1] = ids[t - 1]
+                    mask[t + 1] = 1
+            return ids, mask
+        seg_len = self.rng.randint(4, 20)
+        src = self.rng.randint(1, min(prefix_max, seq_len - 2 * seg_len - 1))
+        dst = self.rng.randint(src + seg_len, seq_len - seg_len)
+        ids[dst : dst + seg_len] = ids[src : src + seg_len]
+        for t in range(dst + 1, dst + seg_len):
+            mask[t] = 1
+        return ids, mask
+
+    def batch(self, mixture: dict[str, int], repeat_seq_len: int, skip_fraction: float):
+        """Right-padded token batch and its loss mask for one step of the ``mixture``."""
+        rows: list[tuple[list[int], list[int]]] = []
+        for task, count in mixture.items():
+            for _ in range(count):
+                if task == "ioi":
+                    prompt, io, _ = self.ioi_text(self.rng.choice(IOI_TEMPLATES))
+                    ids = self.encode(f"{prompt} {io}")
+                    rows.append((ids, [0] + [1] * (len(ids) - 1)))
+                elif task in SEQUENCE_FAMILIES:
+                    prompt, answer = self.sequence_text(task)
+                    ids = self.encode(f"{prompt} {answer}")
+                    rows.append((ids, [0] + [1] * (len(ids) - 1)))
+                elif task == "repeat":
+                    rows.append(self.repeat_tokens(repeat_seq_len, self.rng.random() < skip_fraction))
+                else:
+                    raise ValueError(f"unknown task in mixture: {task}")
+        width = max(len(ids) for ids, _ in rows)
+        tokens = torch.full((len(rows), width), self.bos_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width))
+        for i, (ids, m) in enumerate(rows):
+            tokens[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+        return tokens, mask
+
+
+def masked_lm_loss(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"], mask: Float[Tensor, "batch pos"]) -> Tensor:
+    """Mean next-token cross-entropy over positions whose target has mask 1."""
+    logprobs = logits[:, :-1].log_softmax(-1)
+    target_lp = logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
+    weights = mask[:, 1:]
+    return -(target_lp * weights).sum() / weights.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def answer_accuracy(model, corpus: Corpus, prompts: list[tuple[str, str, str | None]]) -> dict[str, float]:
+    """Accuracy (answer is the argmax) and, where a wrong answer is given, mean logit diff answer - wrong."""
+    correct, diffs = 0, []
+    for prompt, answer, wrong in prompts:
+        ids = torch.tensor([corpus.encode(prompt)])
+        logits = model(ids).logits[0, -1]
+        ans_id = corpus.encode(" " + answer)[1]
+        correct += int(logits.argmax().item() == ans_id)
+        if wrong is not None:
+            diffs.append((logits[ans_id] - logits[corpus.encode(" " + wrong)[1]]).item())
+    out = {"accuracy": correct / len(prompts)}
+    if diffs:
+        out["logit_diff"] = sum(diffs) / len(diffs)
+    return out
+
+
+@torch.no_grad()
+def induction_evidence(model, corpus: Corpus, n: int = 64, seg_len: int = 20) -> dict:
+    """Loss on a repeat shifted by a random prefix, plus per-head previous-token and induction scores.
+
+    Sequence: BOS, random prefix (10-40 words), r (``seg_len`` words), r again. Previous-token score = mean
+    attention from each token to the one before it; induction score = mean attention from each token of the
+    second r to the token after its earlier occurrence; both over the repeated part.
+    """
+    prefix = corpus.rng.randint(10, 40)
+    rows = []
+    for _ in range(n):
+        pre = [corpus.rng.choice(corpus.random_word_ids) for _ in range(prefix)]
+        seg = [corpus.rng.choice(corpus.random_word_ids) for _ in range(seg_len)]
+        rows.append([corpus.bos_id] + pre + seg + seg)
+    tokens = torch.tensor(rows)
+    out = model(tokens, output_attentions=True)
+    start2 = 1 + prefix + seg_len
+    mask = torch.zeros_like(tokens, dtype=torch.float)
+    mask[:, start2 + 1 :] = 1
+    loss_repeat = masked_lm_loss(out.logits, tokens, mask).item()
+    prev, induction = [], []
+    q = torch.arange(start2, tokens.shape[1])
+    for attn in out.attentions:  # [batch, head, q, k]
+        prev.append(attn[:, :, q, q - 1].mean((0, 2)).tolist())
+        induction.append(attn[:, :, q, q - seg_len + 1].mean((0, 2)).tolist())
+    return {"loss_shifted_repeat": loss_repeat, "prev_token_scores": prev, "induction_scores": induction}
+
+
+def evaluate(model, corpus: Corpus, n: int = 200) -> dict:
+    """Held-out metrics: IOI per template family, continuation tasks, and induction evidence."""
+    model.eval()
+    metrics: dict = {}
+    for label, templates in [("ioi_train_templates", IOI_TEMPLATES), ("ioi_heldout_templates", IOI_HELDOUT_TEMPLATES)]:
+        metrics[label] = answer_accuracy(model, corpus, [corpus.ioi_text(corpus.rng.choice(templates)) for _ in range(n)])
+        metrics[label + "_per_template"] = {
+            t: answer_accuracy(model, corpus, [corpus.ioi_text(t) for _ in range(40)])["accuracy"] for t in templates
+        }
+    for family in SEQUENCE_FAMILIES:
+        metrics[family] = answer_accuracy(model, corpus, [(*corpus.sequence_text(family), None) for _ in range(n)])
+    metrics["induction"] = induction_evidence(model, corpus)
+    model.train()
+    return metrics
+
+
+def train(cfg: ToyConfig, out_dir: Path, log_every: int = 100) -> dict:
+    """Train ``cfg`` deterministically on CPU and save HF weights, tokenizer, metrics and a model card to ``out_dir``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = build_tokenizer(build_vocab(EXTRA_WORDS))
+    corpus = Corpus(tokenizer, rng)
+    model_cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=4 * cfg.n_embd,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(model_cfg)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps)
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+    history = []
+    t0 = time.time()
+    model.train()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        tokens, mask = corpus.batch(cfg.mixture, cfg.repeat_seq_len, cfg.skip_fraction)
+        loss = masked_lm_loss(model(tokens).logits, tokens, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0:
+            print(f"[{cfg.name}] step {step:5d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            m = evaluate(model, corpus, n=100)
+            ind = m["induction"]
+            summary = {
+                "step": step + 1,
+                "ioi_acc": m["ioi_train_templates"]["accuracy"],
+                "numbers_acc": m["numbers"]["accuracy"],
+                "shifted_repeat_loss": round(ind["loss_shifted_repeat"], 3),
+                "max_prev_token": round(max(max(r) for r in ind["prev_token_scores"]), 3),
+                "max_induction": round(max(max(r) for r in ind["induction_scores"]), 3),
+            }
+            history.append(summary)
+            print(f"[{cfg.name}] eval {summary}", flush=True)
+    wall = time.time() - t0
+    model.eval()
+    final = evaluate(model, corpus, n=400)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    save_tokenizer(tokenizer, out_dir)
+    report = {"config": asdict(cfg), "train_wall_clock_s": round(wall, 1), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "final": final, "history": history}
+    (out_dir / "training_metrics.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "README.md").write_text(model_card(cfg, report))
+    return report
+
+
+def model_card(cfg: ToyConfig, report: dict) -> str:
+    """Markdown model card: config, data mixture, steps, wall-clock, held-out accuracies, induction evidence."""
+    f = report["final"]
+    ind = f["induction"]
+
+    def heads_over(scores: list[list[float]], thr: float = 0.5) -> str:
+        hits = [f"L{l}H{h} ({s:.2f})" for l, row in enumerate(scores) for h, s in enumerate(row) if s > thr]
+        return ", ".join(hits) or "none"
+
+    lines = [
+        f"# {cfg.name}",
+        "",
+        "Trained by `make toy-models` (`python -m helpers.toy_models`), deterministic seed; see `helpers/toy_models.py`.",
+        "",
+        f"- Architecture: GPT-2, {cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} heads, d_mlp {4 * cfg.n_embd}, n_ctx {cfg.n_positions}, tied embeddings",
+        f"- Data mixture per step: {cfg.mixture}; random-sequence length {cfg.repeat_seq_len}; skip-pattern fraction {cfg.skip_fraction}",
+        f"- Optimiser: AdamW lr {cfg.lr}, betas (0.9, 0.98), weight decay {cfg.weight_decay} on matrices, {cfg.warmup_steps} warm-up steps, cosine decay",
+        f"- Steps: {cfg.steps}; seed {cfg.seed}; wall-clock {report['train_wall_clock_s']} s on {report['threads']} CPU threads (torch {report['torch']})",
+        "",
+        "## Held-out evaluation (fresh random prompts, 400 each)",
+        "",
+        "| task | accuracy | mean logit diff (answer - wrong name) |",
+        "|---|---|---|",
+        f"| IOI, training templates | {f['ioi_train_templates']['accuracy']:.3f} | {f['ioi_train_templates']['logit_diff']:.2f} |",
+        f"| IOI, held-out templates | {f['ioi_heldout_templates']['accuracy']:.3f} | {f['ioi_heldout_templates']['logit_diff']:.2f} |",
+    ]
+    lines += [f"| {fam} continuation | {f[fam]['accuracy']:.3f} | |" for fam in SEQUENCE_FAMILIES]
+    lines += [
+        "",
+        "IOI accuracy per template (40 prompts each): "
+        + "; ".join(f"`{t}` {a:.2f}" for t, a in {**f["ioi_train_templates_per_template"], **f["ioi_heldout_templates_per_template"]}.items()),
+        "",
+        "## Induction evidence (repeat shifted by a random 10-40-word prefix)",
+        "",
+        f"- Loss on the repeated half: {ind['loss_shifted_repeat']:.3f} (uniform guess: {math.log(1000):.1f}-ish)",
+        f"- Previous-token heads (score > 0.5): {heads_over(ind['prev_token_scores'])}",
+        f"- Induction heads (score > 0.5): {heads_over(ind['induction_scores'])}",
+        "- Induction is claimed only if both lists are non-empty and the shifted-repeat loss is low.",
+        "",
+        "Training history: see `training_metrics.json`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(CONFIGS), action="append", help="which model(s); default: all")
+    parser.add_argument("--steps", type=int, help="override the number of steps")
+    parser.add_argument("--out", type=Path, default=MODELS_DIR, help="parent directory of the model folders")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--smoke", action="store_true", help="a few steps, for tests")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in args.model or sorted(CONFIGS):
+        cfg = CONFIGS[name]
+        if args.steps or args.smoke:
+            cfg.steps = args.steps or 5
+            cfg.eval_every = max(cfg.steps, 1)
+            cfg.warmup_steps = min(cfg.warmup_steps, cfg.steps)
+        train(cfg, args.out / name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Circuit experiments
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/circuit-lab/circuit-lab/blob/main/nb_templates/circuit_expms.ipynb)
+#
+# Where in the model does the behaviour of a task live? This notebook takes one task from `params/<task>.yaml`
+# (a clean prompt template, a corrupted one, a correct and an incorrect answer) and localises the logit
+# difference between the two answers: first by reading it off the residual stream (direct logit attribution),
+# then by causal intervention (activation patching), then by looking at what the top heads attend to.
+# Its numbers go to `circuit_expms.json`, which later templates read.
+#
+# Run it in Colab from the badge, or headlessly: `make run TASK=ioi MODEL=toy-ioi`.
+
+# %% tags=["colab"]
+# Installs the project only when running in Colab (locally, `make run` has already set up the environment).
+import subprocess
+import sys
+
+if "google.colab" in sys.modules:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/circuit-lab/circuit-lab"], check=True)
+
+# %% tags=["parameters"]
+task = "ioi"  # params/<task>.yaml
+params_file = None  # a params YAML path; overrides `task`
+model_name = None  # overrides the params' model: a bundled name (models/<name>), a local HF dir, or "gpt2-small"
+n_prompts = None  # overrides the params' n_prompts
+output_dir = None  # default: nb_outputs/<task>/<model>/
+device = None  # default: CUDA if available, else CPU
+threads = None  # torch CPU threads (match processes x threads to the cores)
+static_images = True  # also save every figure as PNG next to the notebook
+induction_seq_len = 40  # length of the random sequence r in BOS, r, r
+induction_batch = 16
+patching_max_variants = 64  # patch variants per batched forward (memory budget)
+
+# %%
+from IPython.display import display
+from transformer_lens import utilities
+
+from helpers import artifacts, experiments, heads, patching, plotting
+
+s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images)
+model, prompts, figs = s.model, s.prompts, s.figures
+top_k = s.params.analysis.top_k
+print(f"task {s.params.task} | model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) | "
+      f"{len(prompts.clean_prompts)} prompts of {prompts.n_pos} tokens | outputs in {s.out_dir}")
+print("named positions:", {name: prompts.axis_labels[i] for name, i in prompts.positions.items()})
+
+# %% [markdown]
+# ## 1. Does the model do the task?
+#
+# **How it works.** `test_prompt` shows the model's top next tokens for one clean prompt and the rank of the
+# correct answer. The logit difference (correct minus incorrect answer logit at the last position) is the
+# metric for the rest of the notebook: positive means the model prefers the correct answer.
+#
+# **How to interpret.** A task worth dissecting has a clearly positive clean logit difference and a
+# corrupted one near zero or negative; the gap between them is what patching tries to restore.
+
+# %%
+utilities.test_prompt(prompts.clean_prompts[0], model.to_string(prompts.answer_tokens[0, :1]), model, top_k=5)
+
+# %%
+ld = experiments.logit_diffs(s)
+print(f"clean logit diff {ld.clean.mean():.3f} (accuracy {ld.clean_accuracy:.2f}) | corrupted logit diff {ld.corrupted.mean():.3f}")
+display(ld.table(prompts).head(8))
+figs.show(plotting.scatter(ld.clean, ld.corrupted, "Logit difference per prompt", "clean logit diff", "corrupted logit diff",
+                           hover=prompts.clean_prompts), "logit_diff_per_prompt")
+
+# %% [markdown]
+# ## 2. Direct logit attribution
+#
+# **How it works.** The final residual stream is a sum of what every component wrote. Applying the final
+# LayerNorm (with its cached scale) and projecting on the unembedding direction `W_U[correct] - W_U[incorrect]`
+# gives each component's *direct* contribution to the logit difference. The logit lens applies the same
+# projection to the accumulated residual stream after each half layer. The contributions of all components
+# plus the unembedding-bias difference add up to the logit difference exactly (the identity error is printed).
+#
+# **How to interpret.** Where the logit lens jumps, the layers above write the answer. Heads with large
+# positive DLA push the correct answer directly (mover-like); large negative ones push against it. DLA says
+# nothing about indirect effects: a head can matter by feeding later heads, which patching reveals.
+
+# %%
+dla = experiments.direct_logit_attribution(s)
+print(f"DLA identity: max |sum of components + bias diff - logit diff| = {dla.identity_error:.2e}")
+figs.show(plotting.lines(dla.lens, dla.lens_labels, "Logit lens: logit difference of the accumulated residual stream",
+                         "residual stream after", "logit difference"), "logit_lens")
+figs.show(plotting.lines(dla.layers, dla.layer_labels, "DLA per layer component", "component", "logit difference contribution"),
+          "dla_layers")
+figs.show(plotting.heatmap(dla.heads, "DLA per head (clean prompts, final position)", "head", "layer",
+                           color_label="logit diff contribution"), "dla_heads")
+top_dla_pos = heads.top_heads(dla.heads, top_k, "pos")
+top_dla_neg = heads.top_heads(dla.heads, top_k, "neg")
+print("top positive DLA heads:", [(heads.head_label(h), h["value"]) for h in top_dla_pos])
+print("top negative DLA heads:", [(heads.head_label(h), h["value"]) for h in top_dla_neg])
+
+# %% [markdown]
+# ## 3. Attention patterns of the top heads
+#
+# **How it works.** For the first clean prompt, the attention patterns of the top positive and top negative
+# DLA heads (rows: destination token, columns: source token).
+#
+# **How to interpret.** A mover head at the final position attends to the token whose logit it raises
+# (for IOI: the indirect object). Look for which named position each head attends to from the end.
+
+# %%
+for group, chosen in [("positive", top_dla_pos), ("negative", top_dla_neg)]:
+    print(f"top {group} DLA heads:", [heads.head_label(h) for h in chosen])
+    display(plotting.attention_view(model, dla.cache, prompts.clean_tokens, chosen))
+
+# %% [markdown]
+# ## 4. Activation patching
+#
+# **How it works.** Run the corrupted prompts, but copy one activation in from the clean run, and measure how
+# much of the clean logit difference comes back: 0 = corrupted run, 1 = clean run. Sweeps: the residual
+# stream before each layer, each layer's attention and MLP output (by layer and position), and each head's
+# output `z`, value `v` and attention pattern (by layer and head, all positions). All patch variants of a
+# layer run as one batch starting from the cached corrupted residual stream at that layer.
+#
+# **How to interpret.** In the residual-stream sweep, the information moves from the corrupted token's
+# position to the final position as layers go up; where it moves, attention heads carry it. A head whose
+# output matters and whose *value* patch explains it moves information; one whose *pattern* patch explains it
+# changes *where* it attends.
+
+# %%
+ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+sweeps = {name: patching.sweep(ctx, name, patching_max_variants) for name in ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern"]}
+print(f"baselines: clean logit diff {ctx.clean_logit_diff:.3f}, corrupted {ctx.corrupted_logit_diff:.3f}")
+for name in ["resid_pre", "attn_out", "mlp_out"]:
+    figs.show(plotting.heatmap(sweeps[name], f"Patching {name} (normalised logit diff recovered)", "position", "layer",
+                               x=prompts.axis_labels, color_label="recovered"), f"patch_{name}")
+for name in ["head_out", "head_v", "head_pattern"]:
+    figs.show(plotting.heatmap(sweeps[name], f"Patching {name}, all positions (normalised logit diff recovered)", "head", "layer",
+                               color_label="recovered"), f"patch_{name}")
+
+# %%
+figs.show(plotting.scatter(sweeps["head_out"], sweeps["head_v"], "Head output vs value patching", "output patching effect",
+                           "value patching effect", hover=s.head_names, diagonal=True), "scatter_out_vs_value")
+figs.show(plotting.scatter(sweeps["head_out"], sweeps["head_pattern"], "Head output vs pattern patching", "output patching effect",
+                           "pattern patching effect", hover=s.head_names, diagonal=True), "scatter_out_vs_pattern")
+top_patch = {name: heads.top_heads(sweeps[name], top_k, "abs") for name in ["head_out", "head_v", "head_pattern"]}
+print("top heads by output patching:", [(heads.head_label(h), h["value"]) for h in top_patch["head_out"]])
+
+# %% [markdown]
+# ## 5. Heads by layer band
+#
+# **How it works.** The most important heads (by output patching) within each band of layers, with their
+# attention patterns on the first clean prompt.
+#
+# **How to interpret.** Early heads usually move token identity to nearby positions; late heads read from
+# named positions at the end. Compare which named positions each band attends to.
+
+# %%
+bands = experiments.layer_bands(s)
+for band, layers in bands.items():
+    in_band = [h for h in heads.top_heads(sweeps["head_out"], model.cfg.n_layers * model.cfg.n_heads, "abs") if h["layer"] in layers][:4]
+    print(f"{band} layers {layers}:", [(heads.head_label(h), h["value"]) for h in in_band])
+    display(plotting.attention_view(model, dla.cache, prompts.clean_tokens, in_band))
+
+# %% [markdown]
+# ## 6. Induction, duplicate-token and previous-token scores
+#
+# **How it works.** On sequences `BOS, r, r` of random tokens (r of length `induction_seq_len`), a
+# previous-token head attends from each token to the one before; a duplicate-token head attends from a token
+# in the second r to its copy in the first r; an induction head attends to the token *after* that copy (and
+# so predicts the next token). The loss on the second r, when induction works, is far below the first.
+#
+# **How to interpret.** Scores near 1 are clear; compare with the model card. Induction claims need a
+# previous-token head in an earlier layer as well.
+
+# %%
+scores, loss_per_token = heads.repeated_token_scores(model, induction_seq_len, induction_batch, seed=s.params.seed)
+for name, values in scores.items():
+    figs.show(plotting.heatmap(values, f"{name.replace('_', '-')} score per head", "head", "layer", color_label="score", zmid=0.5),
+              f"score_{name}")
+half = induction_seq_len
+print(f"mean loss: first r {loss_per_token[:, :half].mean():.3f}, second r {loss_per_token[:, half:].mean():.3f}")
+figs.show(plotting.lines(loss_per_token.mean(0), list(range(1, loss_per_token.shape[1] + 1)), "Loss per position on BOS, r, r",
+                         "position", "loss (nats)"), "repeated_tokens_loss")
+top_scores = {name: heads.top_heads(values, top_k, "pos") for name, values in scores.items()}
+
+# %% [markdown]
+# ## 7. Backup heads
+#
+# **How it works.** Mean-ablate the top positive-DLA head at the final position (replace its output there by
+# its mean over prompts) and recompute every head's DLA. Heads whose DLA rises take over part of its job
+# (backup heads, IOI paper §3.4). The final-LayerNorm scale ratio tells how much of a change is only the
+# LayerNorm re-scaling the residual stream.
+#
+# **How to interpret.** Points above the diagonal are heads that write more of the answer once the top head is
+# gone. If the logit difference falls much less than the top head's DLA, backups compensate.
+
+# %%
+backup = experiments.backup_heads(s, dla, top_dla_pos[0], top_k)
+print(f"ablated {heads.head_label(backup.ablated)}: logit diff {backup.logit_diff_before:.3f} -> {backup.logit_diff_after:.3f}; "
+      f"final LN scale ratio (after/before) {backup.ln_scale_ratio:.3f}")
+print("heads whose DLA rose most:", [(heads.head_label(h), h["dla_before"], h["dla_after"]) for h in backup.risers])
+figs.show(plotting.scatter(backup.dla_before, backup.dla_after, f"DLA per head before vs after ablating {heads.head_label(backup.ablated)}",
+                           "DLA before", "DLA after", hover=s.head_names, diagonal=True), "backup_dla_scatter")
+
+# %% [markdown]
+# ## 8. Results for the next templates
+#
+# Everything above, as data: `circuit_expms.json` next to this notebook.
+
+# %%
+results = {
+    "template": "circuit_expms",
+    "params": s.params,
+    "model": s.model_name,
+    "prompts": {"n": len(prompts.clean_prompts), "n_pos": prompts.n_pos, "positions": prompts.positions,
+                "position_labels": prompts.position_labels, "first_clean": prompts.clean_prompts[0], "first_corrupted": prompts.corrupted_prompts[0]},
+    "logit_diff": {"clean": ld.clean.mean(), "corrupted": ld.corrupted.mean(), "clean_accuracy": ld.clean_accuracy,
+                   "clean_per_prompt": ld.clean, "corrupted_per_prompt": ld.corrupted},
+    "dla": {"identity_error": dla.identity_error, "logit_lens": dict(zip(dla.lens_labels, dla.lens.tolist())),
+            "layers": dict(zip(dla.layer_labels, dla.layers.tolist())), "heads": dla.heads,
+            "top_positive": top_dla_pos, "top_negative": top_dla_neg},
+    "patching": {"values": sweeps, "top_heads": top_patch, "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff}},
+    "head_scores": {"values": scores, "top": top_scores, "seq_len": induction_seq_len},
+    "backup": {"ablated": backup.ablated, "logit_diff_before": backup.logit_diff_before, "logit_diff_after": backup.logit_diff_after,
+               "ln_scale_ratio": backup.ln_scale_ratio, "risers": backup.risers},
+    "layer_bands": bands,
+    "figures": figs.saved,
+}
+print("wrote", artifacts.write_json(s.out_dir / "circuit_expms.json", results))

@@ -1,0 +1,49 @@
+"""Shared fixtures: the bundled models, loaded once per test session, and small prompt batches."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from helpers.models import load_model
+from helpers.params import load_params
+from helpers.prompts import make_prompts
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def toy_ioi():
+    return load_model("toy-ioi", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def toy_induction():
+    return load_model("toy-induction", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ioi_prompts(toy_ioi):
+    return make_prompts(load_params("ioi", n_prompts=16), toy_ioi.tokenizer, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def random_two_layer(tmp_path_factory, toy_ioi):
+    """A randomly initialised 2-layer GPT-2 with the bundled tokenizer, saved and loaded through the bridge."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from helpers import MODELS_DIR
+
+    torch.manual_seed(1)
+    tok = AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi")
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    out = tmp_path_factory.mktemp("random2l")
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return load_model(str(out), device="cpu")

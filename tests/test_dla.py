@@ -1,0 +1,50 @@
+"""DLA identity: every component's contribution plus the unembedding-bias difference sums to the logit diff."""
+
+from __future__ import annotations
+
+import torch
+
+from helpers import attribution as A
+from helpers.hooks import run_with_checked_cache
+from helpers.metrics import logit_diff
+
+TOL = 1e-4  # measured: 2.4e-7 on toy-ioi (logit diffs of order 10)
+
+
+def _setup(model, prompts):
+    logits, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_filter)
+    direction = A.logit_diff_direction(model, prompts.answer_tokens)
+    target = logit_diff(logits, prompts.answer_tokens) - A.unembed_bias_diff(model, prompts.answer_tokens)
+    return cache, direction, target
+
+
+def test_full_decomposition_sums_to_logit_diff(toy_ioi, ioi_prompts):
+    cache, direction, target = _setup(toy_ioi, ioi_prompts)
+    full, labels = A.full_dla(cache, direction)
+    assert len(labels) == toy_ioi.cfg.n_layers * (toy_ioi.cfg.n_heads + 1) + 3  # heads, MLPs, embed, pos_embed, bias
+    assert (full.sum(0) - target).abs().max() < TOL
+
+
+def test_layer_decomposition_and_logit_lens(toy_ioi, ioi_prompts):
+    cache, direction, target = _setup(toy_ioi, ioi_prompts)
+    layers, _ = A.layer_dla(cache, direction)
+    assert (layers.sum(0) - target).abs().max() < TOL
+    lens, labels = A.logit_lens(cache, direction)
+    assert labels[-1] == "final_post" and (lens[-1] - target).abs().max() < TOL
+
+
+def test_heads_plus_rest_equal_attention_output(toy_ioi, ioi_prompts):
+    """Per-head DLA of a layer plus its b_O term equals that layer's attention-output DLA."""
+    cache, direction, _ = _setup(toy_ioi, ioi_prompts)
+    heads = A.head_dla(toy_ioi, cache, direction)
+    layers, labels = A.layer_dla(cache, direction)
+    full, full_labels = A.full_dla(cache, direction)
+    for layer in range(toy_ioi.cfg.n_layers):
+        attn = layers[labels.index(f"{layer}_attn_out")]
+        assert (heads[layer].sum(0) - (attn - _bias_part(toy_ioi, cache, direction, layer))).abs().max() < TOL
+
+
+def _bias_part(model, cache, direction, layer):
+    b_O = model.blocks[layer].attn.b_O if hasattr(model.blocks[layer].attn, "b_O") else model.b_O[layer]
+    stack = b_O.expand(1, direction.shape[0], -1)
+    return A.project_stack(cache, stack, direction)[0]

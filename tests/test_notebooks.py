@@ -1,0 +1,89 @@
+"""Executed-notebook tests: papermill runs circuit_expms on the bundled model through the real runner."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import nbformat
+import pytest
+import yaml
+
+import helpers.run as runner
+from helpers import PARAMS_DIR
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nb_outputs")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(runner, "OUTPUTS_DIR", root)
+    yield root
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def ioi_run(outputs):
+    return runner.run_template("ioi", "circuit_expms", "toy-ioi", n_prompts=16, threads=2, progress=False)
+
+
+def test_run_succeeds_with_artifacts(ioi_run, outputs):
+    assert ioi_run.status == "ok", ioi_run.message
+    out = outputs / "ioi" / "toy-ioi"
+    assert ioi_run.out_dir == out
+    for name in ["circuit_expms.ipynb", "circuit_expms.html", "circuit_expms.json"]:
+        assert (out / name).stat().st_size > 0, name
+    nb = nbformat.read(out / "circuit_expms.ipynb", as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    assert not list(outputs.glob(".staging-*")), "staging folder left behind"
+
+
+def test_json_artifact_contents(ioi_run, outputs):
+    data = json.loads((outputs / "ioi" / "toy-ioi" / "circuit_expms.json").read_text())
+    assert data["params"]["task"] == "ioi" and data["model"] == "toy-ioi"
+    assert data["logit_diff"]["clean"] > data["logit_diff"]["corrupted"]
+    assert data["dla"]["identity_error"] < 1e-4
+    assert len(data["dla"]["top_positive"]) == data["params"]["analysis"]["top_k"]
+    assert {"head_out", "head_v", "head_pattern"} <= set(data["patching"]["top_heads"])
+    assert len(data["patching"]["values"]["resid_pre"]) == 4
+    assert set(data["head_scores"]["values"]) == {"prev_token", "duplicate_token", "induction"}
+    pngs = data["figures"]
+    if pngs:  # static images need Chromium; Makefile installs it, else the notebook warns and skips
+        assert all((outputs / "ioi" / "toy-ioi" / p).exists() for p in pngs)
+        assert len(pngs) >= 15
+
+
+def test_same_seed_same_numbers(ioi_run, outputs):
+    first = json.loads((outputs / "ioi" / "toy-ioi" / "circuit_expms.json").read_text())
+    again = runner.run_template("ioi", "circuit_expms", "toy-ioi", n_prompts=16, threads=2, progress=False)
+    assert again.status == "ok", again.message
+    second = json.loads((outputs / "ioi" / "toy-ioi" / "circuit_expms.json").read_text())
+    first.pop("figures"), second.pop("figures")
+    assert first == second
+
+
+def test_bad_params_leave_outputs_untouched(ioi_run, outputs, tmp_path):
+    out = outputs / "ioi" / "toy-ioi"
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    data = yaml.safe_load((PARAMS_DIR / "ioi.yaml").read_text())
+    data["correct"] = " [S1] and"  # two tokens
+    bad = tmp_path / "ioi.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    result = runner.run_template(str(bad), "circuit_expms", "toy-ioi", progress=False)
+    assert result.status == "bad-input" and "correct" in result.message and str(bad) in result.message
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_unknown_model_fails_fast(outputs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    result = runner.run_template("ioi", "circuit_expms", "gpt2-small", progress=False)
+    assert result.status == "bad-input" and "not available offline" in result.message and "toy-ioi" in result.message
+    assert time.time() - t0 < 10
+
+
+def test_cli_exit_codes(outputs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert runner.main(["--task", "ioi", "--model", "no-such-model"]) == 2
+    assert runner.main(["--task", "no-such-task"]) == 2
