@@ -47,15 +47,15 @@ def pattern_scores(patterns: Float[Tensor, "layer batch head q k"], seq_len: int
         return d[..., start : queries.stop - offset].mean((1, 3))
 
     return {
-        "prev_token": diag(1, slice(2, 2 * seq_len + 1)),
+        "prev_token": diag(1, slice(1, 2 * seq_len + 1)),
         "duplicate_token": diag(seq_len, second),
         "induction": diag(seq_len - 1, second),
     }
 
 
-def repeated_token_scores(model, seq_len: int, batch: int, seed: int) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos"]]:
-    """Head scores on repeated random tokens and the per-token loss (to compare first vs second half)."""
-    tokens = repeated_random_tokens(model, seq_len, batch, seed)
+def repeated_token_scores(model, seq_len: int, batch: int, seed: int, tokens: Tensor | None = None) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos"]]:
+    """Head scores on repeated random tokens (or on given ``BOS, r, r`` ``tokens``) and the per-token loss."""
+    tokens = repeated_random_tokens(model, seq_len, batch, seed) if tokens is None else tokens
     names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)])
     with torch.no_grad():
         loss, cache = model.run_with_cache(tokens, names_filter=names, return_type="loss", loss_per_token=True)

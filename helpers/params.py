@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from . import PARAMS_DIR, POOLS_DIR
 
@@ -57,6 +57,12 @@ class TaskParams(BaseModel):
         description="named positions: 'end', 'SLOT' (first occurrence), 'SLOT#k' (k-th), with optional +n/-n",
     )
     analysis: Analysis = Analysis()
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path:
+        """The YAML file these params were read from (for error messages)."""
+        return self._source or params_path(self.task)
 
     @field_validator("task")
     @classmethod
@@ -83,7 +89,7 @@ class TaskParams(BaseModel):
         for field in ("template", "corrupted", "correct", "incorrect"):
             text = self.corrupted if field == "corrupted" else getattr(self, field)
             for slot in SLOT_RE.findall(text):
-                if slot not in self.slots:
+                if slot not in self.slot_pools:
                     name = "corrupted_template" if field == "corrupted" else field
                     raise ValueError(f"{name}: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)}); add '{slot}: <pool>' to slots")
         if not SLOT_RE.search(self.template):
@@ -146,9 +152,11 @@ def load_params(task_or_path: str | Path, **overrides) -> TaskParams:
         raise ParamsError(f"{path}: expected a mapping of fields at the top level")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return TaskParams.model_validate(raw)
+        params = TaskParams.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(format_validation_error(path, err)) from None
+    params._source = path
+    return params
 
 
 def format_validation_error(path: Path, err: ValidationError) -> str:

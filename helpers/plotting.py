@@ -53,8 +53,11 @@ def _np(x) -> np.ndarray:
 
 
 def heatmap(values, title: str, x_label: str, y_label: str, x=None, y=None, color_label: str = "value", zmid: float = 0.0) -> go.Figure:
-    """A diverging (red-blue, centred on ``zmid``) heatmap with labelled axes."""
-    fig = px.imshow(_np(values), x=x, y=y, color_continuous_scale="RdBu", color_continuous_midpoint=zmid,
+    """A diverging (red-blue, centred on ``zmid``) heatmap with labelled, categorical axes."""
+    arr = _np(values)
+    x = [str(i) for i in range(arr.shape[1])] if x is None else x
+    y = [str(i) for i in range(arr.shape[0])] if y is None else y
+    fig = px.imshow(arr, x=x, y=y, color_continuous_scale="RdBu", color_continuous_midpoint=zmid,
                     labels={"x": x_label, "y": y_label, "color": color_label}, title=title, aspect="auto")
     return fig
 

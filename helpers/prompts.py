@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .params import POSITION_RE, SLOT_RE, ParamsError, TaskParams, params_path
+from .params import POSITION_RE, SLOT_RE, ParamsError, TaskParams
 from .vocab import read_pool
 
 
@@ -109,7 +109,7 @@ def count_possible(params: TaskParams, words: dict[str, list[str]]) -> int:
 def sample_assignments(params: TaskParams, words: dict[str, list[str]], n: int, seed: int) -> list[dict[str, str]]:
     """``n`` unique slot -> word assignments, deterministic in ``seed``."""
     possible = count_possible(params, words)
-    src = params_path(params.task)
+    src = params.source
     if n > possible:
         raise ParamsError(
             f"{src}: n_prompts: {n} unique prompts requested but the pools allow only {possible}; "
@@ -149,7 +149,7 @@ def answer_token(tokenizer, text: str, field_name: str, params: TaskParams) -> i
     unk = unknown_id(tokenizer)
     if len(ids) != 1 or ids[0] == unk:
         raise ParamsError(
-            f"{params_path(params.task)}: {field_name}: answer {text!r} is {len(ids)} token(s) {ids} for this tokenizer"
+            f"{params.source}: {field_name}: answer {text!r} is {len(ids)} token(s) {ids} for this tokenizer"
             f"{' (unknown word)' if unk in ids else ''}; answers must be one known token (mind the leading space)"
         )
     return ids[0]
@@ -170,13 +170,13 @@ def resolve_position(params: TaskParams, tokenizer, words: dict[str, str], n_pos
     base = n_pos - 1 if m["end"] else slot_token_index(tokenizer, params.template, words, m["slot"], int(m["occ"] or 1))
     idx = base + int(m["off"] or 0)
     if not 0 <= idx < n_pos:
-        raise ParamsError(f"{params_path(params.task)}: positions: {spec!r} resolves to token {idx}, outside 0..{n_pos - 1}")
+        raise ParamsError(f"{params.source}: positions: {spec!r} resolves to token {idx}, outside 0..{n_pos - 1}")
     return idx
 
 
 def make_prompts(params: TaskParams, tokenizer, verbose: bool = True) -> PromptSet:
     """Generate, tokenise and check the prompt batch of a task (see module docstring for the rules)."""
-    src = params_path(params.task)
+    src = params.source
     words, dropped = usable_words(params, tokenizer)
     if verbose:
         for pool, lost in dropped.items():

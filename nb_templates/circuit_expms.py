@@ -27,12 +27,17 @@
 # Run it in Colab from the badge, or headlessly: `make run TASK=ioi MODEL=toy-ioi`.
 
 # %% tags=["colab"]
-# Installs the project only when running in Colab (locally, `make run` has already set up the environment).
+# In Colab only: fetch the project (templates, params, bundled models) and install it. Locally `make run` did this.
+import os
 import subprocess
 import sys
 
+if "google.colab" in sys.modules and not os.path.isdir("/content/circuit-lab"):
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/circuit-lab/circuit-lab", "/content/circuit-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/circuit-lab"], check=True)
 if "google.colab" in sys.modules:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+https://github.com/circuit-lab/circuit-lab"], check=True)
+    sys.path.insert(0, "/content/circuit-lab")
+    os.chdir("/content/circuit-lab")
 
 # %% tags=["parameters"]
 task = "ioi"  # params/<task>.yaml

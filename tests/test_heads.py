@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import random
 
 import pytest
 import torch
@@ -36,12 +36,22 @@ def test_pattern_scores_on_synthetic_patterns():
     assert scores["duplicate_token"][0].tolist() == pytest.approx([0.0, 0.0])
 
 
-def test_agrees_with_head_detector(toy_induction):
-    """Previous-token scores from our batched computation vs head_detector on the same sequences."""
-    tokens = repeated_random_tokens(toy_induction, 20, 4, seed=0)
-    prompts = [toy_induction.to_string(t[1:]) for t in tokens]
-    ours, _ = repeated_token_scores(toy_induction, 20, 4, seed=0)
-    ref = detect_head(toy_induction, prompts, "previous_token_head", exclude_bos=False, exclude_current_token=False)
-    l, h = divmod(int(ours["prev_token"].argmax()), toy_induction.cfg.n_heads)
-    assert ref[l, h] > 0.5 and ours["prev_token"][l, h] > 0.5
-    assert abs(float(ref[l, h]) - float(ours["prev_token"][l, h])) < 0.1
+@pytest.mark.parametrize("model_name", ["toy_induction", "toy_ioi"])
+@pytest.mark.parametrize("kind", ["prev_token", "duplicate_token", "induction"])
+def test_agrees_with_head_detector(request, model_name, kind):
+    """Exact identity with head_detector ("mul"): its score is ours x (scored queries) / (sequence length)."""
+    model = request.getfixturevalue(model_name)
+    seq_len = 12
+    vocab = [w for w in model.tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha()]
+    rng = random.Random(0)
+    texts = []
+    for _ in range(3):
+        r = "".join(rng.sample(vocab, seq_len)).replace("Ġ", " ")
+        texts.append(r + r)
+    tokens = model.to_tokens(texts)
+    assert tokens.shape[1] == 2 * seq_len + 1
+    ours, _ = repeated_token_scores(model, seq_len, 0, 0, tokens=tokens)
+    n_scored = 2 * seq_len if kind == "prev_token" else seq_len
+    head_name = {"prev_token": "previous_token_head", "duplicate_token": "duplicate_token_head", "induction": "induction_head"}[kind]
+    ref = torch.stack([detect_head(model, t, head_name) for t in texts]).mean(0)
+    assert torch.allclose(ours[kind] * n_scored / (2 * seq_len + 1), ref, atol=1e-5)

@@ -68,8 +68,10 @@ def test_prompt_errors_name_file_and_field(tmp_path, toy_ioi, changes, field, hi
     assert field in msg and hint in msg, msg
 
 
-def test_named_corruption_derives_abc_template():
-    p = load_params("ioi", corrupted_template=None, corruption="resample:S2#2")
+def test_named_corruption_derives_abc_template(tmp_path, toy_ioi):
+    p = load_params(write(tmp_path, corrupted_template=None, corruption="resample:S2#2"))
+    ps = make_prompts(p, toy_ioi.tokenizer, verbose=False)
+    assert all(w["S2_corrupt"] not in (w["S1"], w["S2"]) for w in ps.slot_words)
     assert p.corrupted == "When [S1] and [S2] went to the [S3], [S2_corrupt] gave a [S4] to"
 
 

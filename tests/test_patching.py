@@ -56,11 +56,12 @@ def test_patching_the_whole_residual_stream_gives_one(ctx):
         assert P.patch_everything_at(ctx, "resid_pre", layer, everything=True) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_final_position_resid_patch_at_last_layer_is_one(ctx):
-    """At the last layer only the final position reaches the logits: patching it alone recovers 1.0."""
+def test_positions_where_prompts_agree_have_no_effect_at_layer_0(ctx, ioi_prompts):
+    """resid_pre at layer 0 depends only on token and position: where clean == corrupted, patching does nothing."""
     values = P.sweep(ctx, "resid_pre", progress=False)
-    assert values[-1, -1].item() == pytest.approx(1.0, abs=1e-5)
-    assert values[-1, :-1].abs().max().item() < 1e-5
+    same = (ctx.corrupted_tokens == ioi_prompts.clean_tokens[:8]).all(0)
+    assert values[0, same].abs().max().item() < 1e-6
+    assert values[0, ioi_prompts.positions["S2"]].item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_unknown_sweep_raises(ctx):
