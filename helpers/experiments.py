@@ -100,6 +100,7 @@ class DLAResult:
     layer_labels: list[str]
     heads: Float[Tensor, "layer head"]
     identity_error: float  # max over prompts |sum of all components + bias diff - logit diff|
+    logit_diff: float  # mean clean logit difference of the same forward pass
 
 
 def direct_logit_attribution(s: Session) -> DLAResult:
@@ -111,8 +112,9 @@ def direct_logit_attribution(s: Session) -> DLAResult:
     heads = head_dla(s.model, cache, direction)
     full, _ = full_dla(cache, direction)
     bias = unembed_bias_diff(s.model, s.prompts.answer_tokens)
-    error = (full.sum(0) + bias - logit_diff(logits, s.prompts.answer_tokens)).abs().max().item()
-    return DLAResult(cache, lens.mean(-1).cpu(), lens_labels, layers.mean(-1).cpu(), layer_labels, heads.mean(-1).cpu(), error)
+    ld = logit_diff(logits, s.prompts.answer_tokens)
+    error = (full.sum(0) + bias - ld).abs().max().item()
+    return DLAResult(cache, lens.mean(-1).cpu(), lens_labels, layers.mean(-1).cpu(), layer_labels, heads.mean(-1).cpu(), error, ld.mean().item())
 
 
 def layer_bands(s: Session) -> dict[str, list[int]]:
@@ -159,8 +161,7 @@ def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult
                "dla_after": round(float(after.flatten()[i]), 6)} for i in order]
     scale_before = dla.cache["ln_final.hook_scale"][:, end].mean().item()
     scale_after = cache["ln_final.hook_scale"][:, end].mean().item()
-    before_ld = logit_diff(s.model(s.prompts.clean_tokens), s.prompts.answer_tokens).mean().item()
-    return BackupResult(head, dla.heads, after, before_ld, logit_diff(logits, s.prompts.answer_tokens).mean().item(),
+    return BackupResult(head, dla.heads, after, dla.logit_diff, logit_diff(logits, s.prompts.answer_tokens).mean().item(),
                         scale_after / scale_before, risers)
 
 

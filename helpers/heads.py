@@ -27,10 +27,18 @@ def head_label(head: dict) -> str:
     return f"L{head['layer']}H{head['head']}"
 
 
+def random_word_ids(tokenizer) -> list[int]:
+    """Ids of space-prefixed alphabetic tokens (``ĠMary``): random "words" for GPT-2 BPE and the toy vocabularies alike."""
+    ids = sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isalpha())  # get_vocab order varies per process
+    if len(ids) < 50:
+        special = {tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id}
+        ids = [i for i in range(len(tokenizer)) if i not in special]
+    return ids
+
+
 def repeated_random_tokens(model, seq_len: int, batch: int, seed: int) -> Int[Tensor, "batch 1+2*seq_len"]:
-    """``BOS, r, r`` with r uniform over non-special token ids, deterministic in ``seed``."""
-    special = {t for t in (model.tokenizer.bos_token_id, model.tokenizer.unk_token_id, model.tokenizer.pad_token_id) if t is not None}
-    allowed = torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
+    """``BOS, r, r`` with r uniform over random words (see ``random_word_ids``), deterministic in ``seed``."""
+    allowed = torch.tensor(random_word_ids(model.tokenizer))
     gen = torch.Generator().manual_seed(seed)
     r = allowed[torch.randint(len(allowed), (batch, seq_len), generator=gen)]
     bos = torch.full((batch, 1), model.tokenizer.bos_token_id)

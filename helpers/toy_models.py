@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import MODELS_DIR
+from .heads import random_word_ids
 from .vocab import build_tokenizer, build_vocab, read_pool, save_tokenizer, words_of
 
 # IOI templates in BABA form: [B] is the subject (mentioned twice), [A] the indirect object (the answer).
@@ -100,9 +101,8 @@ CONFIGS: dict[str, ToyConfig] = {
         n_layer=2,
         lr=1e-3,
         steps=6000,
-        mixture={"repeat": 32},
-        skip_fraction=0.1,
-        tile=True,
+        mixture={"repeat": 48},
+        skip_fraction=0.2,
         eval_every=1000,
     ),
 }
@@ -119,9 +119,7 @@ class Corpus:
         self.objects = read_pool("objects")
         self.items = read_pool("names") + read_pool("nouns")
         self.bos_id: int = tokenizer.bos_token_id
-        self.random_word_ids: list[int] = [
-            i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isalpha()
-        ]
+        self.random_word_ids: list[int] = random_word_ids(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         """BOS + token ids of ``text``; raises on any unknown word (the vocabulary must cover all training text)."""
@@ -235,14 +233,15 @@ def answer_accuracy(model, corpus: Corpus, prompts: list[tuple[str, str, str | N
 
 
 @torch.no_grad()
-def induction_evidence(model, corpus: Corpus, n: int = 64, seg_len: int = 20) -> dict:
+def induction_evidence(model, corpus: Corpus, n: int = 64, seg_len: int = 20, max_len: int = 64) -> dict:
     """Loss on a repeat shifted by a random prefix, plus per-head previous-token and induction scores.
 
-    Sequence: BOS, random prefix (10-40 words), r (``seg_len`` words), r again. Previous-token score = mean
-    attention from each token to the one before it; induction score = mean attention from each token of the
-    second r to the token after its earlier occurrence; both over the repeated part.
+    Sequence: BOS, random prefix (5 words up to what fits in ``max_len``, the trained length), r (``seg_len``
+    words), r again. Previous-token score = mean attention from each token to the one before it; induction
+    score = mean attention from each token of the second r to the token after its earlier occurrence; both
+    over the second r.
     """
-    prefix = corpus.rng.randint(10, 40)
+    prefix = corpus.rng.randint(5, max_len - 1 - 2 * seg_len)
     rows = []
     for _ in range(n):
         pre = [corpus.rng.choice(corpus.random_word_ids) for _ in range(prefix)]
@@ -384,7 +383,7 @@ def model_card(cfg: ToyConfig, report: dict) -> str:
         "IOI accuracy per template (40 prompts each): "
         + "; ".join(f"`{t}` {a:.2f}" for t, a in {**f["ioi_train_templates_per_template"], **f["ioi_heldout_templates_per_template"]}.items()),
         "",
-        "## Induction evidence (repeat shifted by a random 10-40-word prefix)",
+        "## Induction evidence (BOS, random prefix, r, r: 20-word r, all within the trained 64 positions)",
         "",
         f"- Loss on the repeated half: {ind['loss_shifted_repeat']:.3f} (uniform over the random words: {math.log(report['n_random_words']):.2f})",
         f"- Previous-token heads (score > 0.5): {heads_over(ind['prev_token_scores'])}",
@@ -396,6 +395,21 @@ def model_card(cfg: ToyConfig, report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluate_saved(name: str, out_dir: Path) -> dict:
+    """Re-evaluate a saved checkpoint (same seed for the eval stream) and rewrite its metrics and model card."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = CONFIGS[name]
+    report = json.loads((out_dir / "training_metrics.json").read_text())
+    tokenizer = build_tokenizer(build_vocab(EXTRA_WORDS))
+    model = GPT2LMHeadModel.from_pretrained(str(out_dir), attn_implementation="eager").eval()
+    report["final"] = evaluate(model, Corpus(tokenizer, random.Random(cfg.seed + 1)), n=400)
+    report["n_random_words"] = len(Corpus(tokenizer, random.Random(0)).random_word_ids)
+    (out_dir / "training_metrics.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "README.md").write_text(model_card(cfg, report))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(CONFIGS), action="append", help="which model(s); default: all")
@@ -403,10 +417,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=MODELS_DIR, help="parent directory of the model folders")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--smoke", action="store_true", help="a few steps, for tests")
+    parser.add_argument("--evaluate-only", action="store_true", help="re-evaluate saved models, rewrite their cards")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in args.model or sorted(CONFIGS):
+        if args.evaluate_only:
+            evaluate_saved(name, args.out / name)
+            continue
         cfg = CONFIGS[name]
         if args.steps or args.smoke:
             cfg.steps = args.steps or 5

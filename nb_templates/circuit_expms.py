@@ -48,7 +48,7 @@ output_dir = None  # default: nb_outputs/<task>/<model>/
 device = None  # default: CUDA if available, else CPU
 threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG next to the notebook
-induction_seq_len = 40  # length of the random sequence r in BOS, r, r
+induction_seq_len = 25  # length of the random sequence r in BOS, r, r (keep 2r+1 within the trained context)
 induction_batch = 16
 patching_max_variants = 64  # patch variants per batched forward (memory budget)
 

@@ -48,3 +48,30 @@ def test_training_script_smoke(tmp_path):
     model = load_model(str(tmp_path / "toy-induction"), device="cpu")
     logits = model(model.to_tokens(" John and Mary"))
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("task, min_accuracy", [("ioi", 0.9), ("numseq", 0.9), ("months", 0.9), ("days", 0.9)])
+def test_toy_ioi_does_the_shipped_tasks(toy_ioi, task, min_accuracy):
+    """Through the bridge, on the shipped params: the correct answer is the top token and beats the incorrect one."""
+    from helpers.metrics import logit_diff
+    from helpers.params import load_params
+    from helpers.prompts import make_prompts
+
+    ps = make_prompts(load_params(task), toy_ioi.tokenizer, verbose=False)
+    with torch.no_grad():
+        clean, corrupted = toy_ioi(ps.clean_tokens), toy_ioi(ps.corrupted_tokens)
+    accuracy = (clean[:, -1].argmax(-1) == ps.answer_tokens[:, 0]).float().mean().item()
+    assert accuracy >= min_accuracy
+    assert logit_diff(clean, ps.answer_tokens).mean() > logit_diff(corrupted, ps.answer_tokens).mean() + 1.0
+
+
+def test_model_cards_report_measurements():
+    import json
+
+    for name in ["toy-ioi", "toy-induction"]:
+        card = (PROJECT_ROOT / "models" / name / "README.md").read_text()
+        metrics = json.loads((PROJECT_ROOT / "models" / name / "training_metrics.json").read_text())
+        assert "wall-clock" in card and "Induction evidence" in card
+        assert metrics["config"]["name"] == name and metrics["train_wall_clock_s"] > 0
+    ioi = json.loads((PROJECT_ROOT / "models" / "toy-ioi" / "training_metrics.json").read_text())
+    assert ioi["final"]["ioi_train_templates"]["accuracy"] >= 0.95
