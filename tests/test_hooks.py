@@ -18,7 +18,7 @@ def test_filter_matching_nothing_raises(toy_ioi, ioi_prompts):
 
 
 def test_gated_hook_that_does_not_fire_raises(toy_ioi, ioi_prompts):
-    with pytest.raises(HookNameError, match="did not fire"):
+    with pytest.raises(HookNameError, match="did not fire"), pytest.warns(UserWarning, match="gated"):
         run_with_checked_cache(toy_ioi, ioi_prompts.clean_tokens, "blocks.0.attn.hook_result")
 
 
