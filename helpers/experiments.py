@@ -17,7 +17,7 @@ from transformer_lens.ActivationCache import ActivationCache
 
 from . import OUTPUTS_DIR
 from .attribution import dla_hook_filter, full_dla, head_dla, layer_dla, logit_diff_direction, logit_lens, unembed_bias_diff
-from .heads import mean_ablate_head_hook
+from .heads import all_head_labels, mean_ablate_head_hook, top_heads
 from .hooks import run_with_checked_cache
 from .metrics import logit_diff
 from .models import load_model, set_threads
@@ -39,8 +39,7 @@ class Session:
 
     @property
     def head_names(self) -> list[str]:
-        cfg = self.model.cfg
-        return [f"L{l}H{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
+        return all_head_labels(self.model.cfg.n_layers, self.model.cfg.n_heads)
 
 
 def model_folder_name(model_name: str) -> str:
@@ -154,15 +153,13 @@ def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult
     direction = logit_diff_direction(s.model, s.prompts.answer_tokens)
     after = head_dla(s.model, cache, direction).mean(-1).cpu()
     delta = after - dla.heads
-    delta[head["layer"], head["head"]] = float("-inf")
-    order = delta.flatten().argsort(descending=True)[:k]
-    n_heads = s.model.cfg.n_heads
-    risers = [{"layer": int(i) // n_heads, "head": int(i) % n_heads, "dla_before": round(float(dla.heads.flatten()[i]), 6),
-               "dla_after": round(float(after.flatten()[i]), 6)} for i in order]
+    delta[head["layer"], head["head"]] = float("-inf")  # the ablated head is not its own backup
+    risers = [{"layer": h["layer"], "head": h["head"], "dla_before": round(float(dla.heads[h["layer"], h["head"]]), 6),
+               "dla_after": round(float(after[h["layer"], h["head"]]), 6)} for h in top_heads(delta, k, "pos")]
     scale_before = dla.cache["ln_final.hook_scale"][:, end].mean().item()
     scale_after = cache["ln_final.hook_scale"][:, end].mean().item()
     return BackupResult(head, dla.heads, after, dla.logit_diff, logit_diff(logits, s.prompts.answer_tokens).mean().item(),
                         scale_after / scale_before, risers)
 
 
-__all__ = ["Session", "start_session", "logit_diffs", "direct_logit_attribution", "layer_bands", "backup_heads", "load_model"]
+__all__ = ["Session", "start_session", "logit_diffs", "direct_logit_attribution", "layer_bands", "backup_heads"]

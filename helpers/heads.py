@@ -24,7 +24,13 @@ def top_heads(values: Float[Tensor, "layer head"], k: int, sign: str = "abs") ->
 
 
 def head_label(head: dict) -> str:
+    """``L3H2`` for ``{layer: 3, head: 2}``."""
     return f"L{head['layer']}H{head['head']}"
+
+
+def all_head_labels(n_layers: int, n_heads: int) -> list[str]:
+    """Labels of every head in flattened (layer, head) order, as ``values.flatten()`` lists them."""
+    return [head_label({"layer": l, "head": h}) for l in range(n_layers) for h in range(n_heads)]
 
 
 def random_word_ids(tokenizer) -> list[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from transformer_lens.ActivationCache import ActivationCache
 
 NameSpec = str | Iterable[str] | Callable[[str], bool]
 

@@ -94,6 +94,7 @@ def load_model(name: str, device: str | None = None):
     model.enable_compatibility_mode()
     model.eval()
     tok = model.tokenizer
-    if tok is None or len(set(tok("a b c", add_special_tokens=False)["input_ids"])) == 1 and tok.unk_token_id is None:
-        raise ModelNotAvailable(f"{source}: tokenizer maps all text to one id; is tokenizer_config.json missing?")
+    # Without tokenizer_config.json the bridge silently loads a tokenizer that maps all text to id 0 (TL4 trap T5).
+    if tok is None or len(set(tok(" the and to", add_special_tokens=False)["input_ids"])) == 1:
+        raise ModelNotAvailable(f"{source}: the tokenizer maps different words to one id; is tokenizer_config.json missing?")
     return model

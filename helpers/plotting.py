@@ -16,7 +16,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 
-from .artifacts import to_jsonable
+from .heads import head_label
+
 
 
 def use_offline_renderer() -> None:
@@ -84,9 +85,6 @@ def scatter(x, y, title: str, x_label: str, y_label: str, hover: list[str] | Non
     return fig
 
 
-def head_labels(n_layers: int, n_heads: int) -> list[str]:
-    return [f"L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
-
 
 
 
@@ -97,4 +95,4 @@ def attention_view(model, cache, tokens, chosen: list[dict], prompt_index: int =
 
     patterns = torch.stack([cache[f"blocks.{h['layer']}.attn.hook_pattern"][prompt_index, h["head"]] for h in chosen])
     return cv.attention.attention_heads(attention=patterns.cpu(), tokens=model.to_str_tokens(tokens[prompt_index]),
-                                        attention_head_names=[f"L{h['layer']}H{h['head']}" for h in chosen])
+                                        attention_head_names=[head_label(h) for h in chosen])

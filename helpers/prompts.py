@@ -98,12 +98,17 @@ def _single_known(tokenizer, text: str, unk: int | None) -> bool:
     return len(ids) == 1 and ids[0] != unk
 
 
+def slots_by_pool(params: TaskParams) -> dict[str, list[str]]:
+    """Pool -> the slots it feeds, both sorted (slots sharing a pool get distinct words)."""
+    out: dict[str, list[str]] = {}
+    for slot in sorted(params.slot_pools):
+        out.setdefault(params.slot_pools[slot], []).append(slot)
+    return dict(sorted(out.items()))
+
+
 def count_possible(params: TaskParams, words: dict[str, list[str]]) -> int:
     """How many distinct slot assignments exist (distinct words within a pool)."""
-    by_pool: dict[str, int] = {}
-    for pool in params.slot_pools.values():
-        by_pool[pool] = by_pool.get(pool, 0) + 1
-    return math.prod(math.perm(len(words[p]), k) for p, k in by_pool.items())
+    return math.prod(math.perm(len(words[p]), len(slots)) for p, slots in slots_by_pool(params).items())
 
 
 def sample_assignments(params: TaskParams, words: dict[str, list[str]], n: int, seed: int) -> list[dict[str, str]]:
@@ -117,20 +122,17 @@ def sample_assignments(params: TaskParams, words: dict[str, list[str]], n: int, 
         )
     rng = random.Random(seed)
     slots = sorted(params.slot_pools)
-    pools = sorted(set(params.slot_pools.values()))
+    groups = slots_by_pool(params)
 
     def draw() -> dict[str, str]:
         out: dict[str, str] = {}
-        for pool in pools:
-            members = [s for s in slots if params.slot_pools[s] == pool]
+        for pool, members in groups.items():
             out.update(zip(members, rng.sample(words[pool], len(members))))
         return out
 
     if possible <= 4 * n:  # small space: enumerate and sample without rejection
-        per_pool = []
-        for pool in pools:
-            members = [s for s in slots if params.slot_pools[s] == pool]
-            per_pool.append([dict(zip(members, combo)) for combo in itertools.permutations(words[pool], len(members))])
+        per_pool = [[dict(zip(members, combo)) for combo in itertools.permutations(words[pool], len(members))]
+                    for pool, members in groups.items()]
         every = [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*per_pool)]
         return rng.sample(every, n)
     seen, out = set(), []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import OUTPUTS_DIR, PROJECT_ROOT, TEMPLATES_DIR
 from .models import ModelNotAvailable, resolve_model
-from .params import ParamsError, load_params, params_path
+from .params import ParamsError, TaskParams, load_params
 
 
 @dataclass
@@ -42,8 +42,8 @@ def available_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.py"))
 
 
-def check_inputs(task: str, model: str | None, n_prompts: int | None = None) -> tuple[str, str]:
-    """Validate params, model and (for local models) prompt generation; returns (params path, model name)."""
+def check_inputs(task: str, model: str | None, n_prompts: int | None = None) -> TaskParams:
+    """Validate params, model and (for local models) prompt generation; returns the validated params."""
     params = load_params(task, model=model, n_prompts=n_prompts)
     source = resolve_model(params.model)
     if Path(source).is_dir():
@@ -52,7 +52,7 @@ def check_inputs(task: str, model: str | None, n_prompts: int | None = None) -> 
         from .prompts import make_prompts
 
         make_prompts(params, AutoTokenizer.from_pretrained(source), verbose=False)
-    return str(params_path(task)), params.model
+    return params
 
 
 def template_notebook(template: str, dest: Path) -> Path:
@@ -99,12 +99,12 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
 
     t0 = time.time()
     try:
-        params_file, model_name = check_inputs(task, model, n_prompts)
+        params = check_inputs(task, model, n_prompts)
     except (ParamsError, ModelNotAvailable, FileNotFoundError) as err:
         return RunResult(task, model or "?", template, "bad-input", time.time() - t0, None, str(err))
     import papermill as pm
 
-    task_name = load_params(task).task
+    task_name, model_name, params_file = params.task, params.model, str(params.source)
     final = OUTPUTS_DIR / task_name / model_folder_name(model_name)
     OUTPUTS_DIR.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{task_name}-{template}-", dir=OUTPUTS_DIR))

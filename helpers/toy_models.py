@@ -217,18 +217,22 @@ def masked_lm_loss(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor,
 
 @torch.no_grad()
 def answer_accuracy(model, corpus: Corpus, prompts: list[tuple[str, str, str | None]]) -> dict[str, float]:
-    """Accuracy (answer is the argmax) and, where a wrong answer is given, mean logit diff answer - wrong."""
-    correct, diffs = 0, []
-    for prompt, answer, wrong in prompts:
-        ids = torch.tensor([corpus.encode(prompt)])
-        logits = model(ids).logits[0, -1]
-        ans_id = corpus.encode(" " + answer)[1]
-        correct += int(logits.argmax().item() == ans_id)
-        if wrong is not None:
-            diffs.append((logits[ans_id] - logits[corpus.encode(" " + wrong)[1]]).item())
-    out = {"accuracy": correct / len(prompts)}
-    if diffs:
-        out["logit_diff"] = sum(diffs) / len(diffs)
+    """Accuracy (answer is the argmax) and, where a wrong answer is given, mean logit diff answer - wrong.
+
+    One right-padded batch; causal attention means padding after a prompt cannot change its last logits.
+    """
+    rows = [corpus.encode(prompt) for prompt, _, _ in prompts]
+    tokens = torch.full((len(rows), max(map(len, rows))), corpus.bos_id)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+    last = torch.tensor([len(r) - 1 for r in rows])
+    logits = model(tokens).logits[torch.arange(len(rows)), last]
+    answers = torch.tensor([corpus.encode(" " + answer)[1] for _, answer, _ in prompts])
+    out = {"accuracy": (logits.argmax(-1) == answers).float().mean().item()}
+    if prompts[0][2] is not None:
+        wrong = torch.tensor([corpus.encode(" " + w)[1] for _, _, w in prompts])
+        idx = torch.arange(len(rows))
+        out["logit_diff"] = (logits[idx, answers] - logits[idx, wrong]).mean().item()
     return out
 
 

@@ -33,7 +33,7 @@ def ioi_prompts(toy_ioi):
 
 
 @pytest.fixture(scope="session")
-def random_two_layer(tmp_path_factory, toy_ioi):
+def random_two_layer(tmp_path_factory):
     """A randomly initialised 2-layer GPT-2 with the bundled tokenizer, saved and loaded through the bridge."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 

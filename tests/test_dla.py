@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from helpers import attribution as A
 from helpers.hooks import run_with_checked_cache
@@ -45,6 +44,6 @@ def test_heads_plus_rest_equal_attention_output(toy_ioi, ioi_prompts):
 
 
 def _bias_part(model, cache, direction, layer):
-    b_O = model.blocks[layer].attn.b_O if hasattr(model.blocks[layer].attn, "b_O") else model.b_O[layer]
+    b_O = model.b_O[layer]
     stack = b_O.expand(1, direction.shape[0], -1)
     return A.project_stack(cache, stack, direction)[0]

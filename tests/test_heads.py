@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformer_lens.head_detector import detect_head
 
-from helpers import MODELS_DIR
-from helpers.heads import pattern_scores, repeated_random_tokens, repeated_token_scores, top_heads
+from helpers.heads import pattern_scores, repeated_token_scores, top_heads
 
 
 def test_top_heads_orders_by_sign():

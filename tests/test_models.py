@@ -33,6 +33,17 @@ def test_bad_local_dir(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_missing_tokenizer_config_is_an_error(tmp_path):
+    """Without tokenizer_config.json the bridge would silently map all text to id 0 (TL4 trap T5)."""
+    import shutil
+
+    src = PROJECT_ROOT / "models" / "toy-induction"
+    for f in ["config.json", "model.safetensors", "tokenizer.json"]:
+        shutil.copy(src / f, tmp_path / f)
+    with pytest.raises(ModelNotAvailable, match="tokenizer_config.json"):
+        load_model(str(tmp_path), device="cpu")
+
+
 def test_compat_mode_and_eval(toy_ioi):
     assert not toy_ioi.training
     assert toy_ioi.cfg.n_layers == 4

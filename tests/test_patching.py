@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformer_lens import patching as tlp
 
 from helpers import patching as P
