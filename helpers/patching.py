@@ -1,15 +1,21 @@
 """Activation patching: run the corrupted prompts, copy in one clean activation, see how much of the clean
 logit difference comes back (normalised: 0 = corrupted run, 1 = clean run).
 
-One engine serves every sweep. For a layer L, each *variant* (a position, or a head) is one copy of the
-corrupted batch; a boolean mask says which entries of the activation are taken from the clean cache in that
-copy. All variants of a layer run as one batch (chunked by ``max_variants``), and they start from the cached
-corrupted residual stream at layer L, because nothing before layer L changes. Results equal
-``transformer_lens.patching`` (tested to 1e-4) with the same layouts: [layer, pos] or [layer, head].
+One engine serves every sweep. For a layer L, each *variant* (a position, a head, a head at a position, an
+attention-pattern entry) is one copy of the corrupted batch; a boolean mask says which entries of the
+activation are taken from the clean cache in that copy. Two levers make it fast, both exact:
+
+1. start from the cached corrupted residual stream at layer L (nothing before layer L changes), and unembed
+   only the final position;
+2. run many variants as one batch, chunked to a memory budget; variants whose clean and corrupted entries
+   are equal are exactly 0 and are skipped.
+
+Results equal ``transformer_lens.patching`` (tested to 1e-4) in the same layouts (``SWEEPS[name].layout``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,27 +31,46 @@ from .metrics import logit_diff, normalised
 
 @dataclass(frozen=True)
 class Sweep:
-    """What a sweep patches: the activation (``blocks.L.<hook>``) and what one variant indexes (pos or head)."""
+    """What a sweep patches: the activation ``blocks.L.<hook>`` and the axes that index one patch variant.
+
+    ``axes`` pairs a result-axis name with the activation axis it indexes (counted after the batch axis), so
+    the result has the layout ``[layer, *axis names]``, the same as the matching ``transformer_lens.patching``
+    function; activation axes not named are patched whole (e.g. all positions of a head).
+    """
 
     name: str
     hook: str
-    index: str  # "pos" or "head"
+    axes: tuple[tuple[str, int], ...]
+    tl_function: str  # the transformer_lens.patching function with the same result
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.{self.hook}"
 
+    @property
+    def layout(self) -> tuple[str, ...]:
+        return ("layer", *(axis for axis, _ in self.axes))
 
+
+_POS, _HEAD_VEC, _HEAD_PAT = (("pos", 0),), (("head", 1),), (("head", 0),)
 SWEEPS: dict[str, Sweep] = {
     s.name: s
     for s in [
-        Sweep("resid_pre", "hook_resid_pre", "pos"),
-        Sweep("attn_out", "hook_attn_out", "pos"),
-        Sweep("mlp_out", "hook_mlp_out", "pos"),
-        Sweep("head_out", "attn.hook_z", "head"),
-        Sweep("head_q", "attn.hook_q", "head"),
-        Sweep("head_k", "attn.hook_k", "head"),
-        Sweep("head_v", "attn.hook_v", "head"),
-        Sweep("head_pattern", "attn.hook_pattern", "head"),
+        Sweep("resid_pre", "hook_resid_pre", _POS, "get_act_patch_resid_pre"),
+        Sweep("resid_mid", "hook_resid_mid", _POS, "get_act_patch_resid_mid"),
+        Sweep("attn_out", "hook_attn_out", _POS, "get_act_patch_attn_out"),
+        Sweep("mlp_out", "hook_mlp_out", _POS, "get_act_patch_mlp_out"),
+        Sweep("head_out", "attn.hook_z", _HEAD_VEC, "get_act_patch_attn_head_out_all_pos"),
+        Sweep("head_q", "attn.hook_q", _HEAD_VEC, "get_act_patch_attn_head_q_all_pos"),
+        Sweep("head_k", "attn.hook_k", _HEAD_VEC, "get_act_patch_attn_head_k_all_pos"),
+        Sweep("head_v", "attn.hook_v", _HEAD_VEC, "get_act_patch_attn_head_v_all_pos"),
+        Sweep("head_pattern", "attn.hook_pattern", _HEAD_PAT, "get_act_patch_attn_head_pattern_all_pos"),
+        Sweep("head_out_by_pos", "attn.hook_z", (("pos", 0), ("head", 1)), "get_act_patch_attn_head_out_by_pos"),
+        Sweep("head_q_by_pos", "attn.hook_q", (("pos", 0), ("head", 1)), "get_act_patch_attn_head_q_by_pos"),
+        Sweep("head_k_by_pos", "attn.hook_k", (("pos", 0), ("head", 1)), "get_act_patch_attn_head_k_by_pos"),
+        Sweep("head_v_by_pos", "attn.hook_v", (("pos", 0), ("head", 1)), "get_act_patch_attn_head_v_by_pos"),
+        Sweep("head_pattern_by_pos", "attn.hook_pattern", (("head", 0), ("dest", 1)), "get_act_patch_attn_head_pattern_by_pos"),
+        Sweep("head_pattern_dest_src", "attn.hook_pattern", (("head", 0), ("dest", 1), ("src", 2)),
+              "get_act_patch_attn_head_pattern_dest_src_pos"),
     ]
 }
 
@@ -64,10 +89,10 @@ class PatchingContext:
 
 
 def patching_hook_names(model) -> list[str]:
-    """Every hook the sweeps read from the clean cache or start from in the corrupted cache."""
-    return resolve_hook_names(
-        model, [s.hook_name(l) for s in SWEEPS.values() for l in range(model.cfg.n_layers)]
-    )
+    """Every hook the sweeps read from the clean cache or start from in the corrupted cache, plus the token
+    embeddings (the start of the integrated-gradients path in attribution patching)."""
+    per_layer = {s.hook_name(l) for s in SWEEPS.values() for l in range(model.cfg.n_layers)}
+    return resolve_hook_names(model, ["hook_embed", *sorted(per_layer)])
 
 
 def make_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> PatchingContext:
@@ -87,20 +112,44 @@ def make_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> Patchi
     )
 
 
-def variant_masks(sweep: Sweep, act_shape: torch.Size, n_heads: int) -> Bool[Tensor, "variant ..."]:
-    """One mask per variant over the activation's non-batch dims: True where the clean value goes in."""
-    if sweep.index == "pos":  # act [batch, pos, d]
-        n_pos = act_shape[1]
-        return torch.eye(n_pos, dtype=torch.bool)[:, :, None]
-    if sweep.hook.endswith("hook_pattern"):  # act [batch, head, q, k]
-        return torch.eye(n_heads, dtype=torch.bool)[:, :, None, None]
-    return torch.eye(n_heads, dtype=torch.bool)[:, None, :, None]  # act [batch, pos, head, d_head]
+def variant_shape(sweep: Sweep, act_shape: torch.Size) -> tuple[int, ...]:
+    """Number of variants along each swept axis, e.g. ``(n_pos, n_heads)`` for a by-position head sweep."""
+    return tuple(act_shape[1 + axis] for _, axis in sweep.axes)
+
+
+def variant_masks(sweep: Sweep, act_shape: torch.Size, variants: Int[Tensor, "variant"]) -> Bool[Tensor, "variant ..."]:
+    """Masks (broadcastable over the activation's non-batch axes) that are True where variant ``i`` takes the clean value."""
+    coords = torch.unravel_index(variants, variant_shape(sweep, act_shape))
+    n_dims = len(act_shape) - 1
+    mask = torch.ones((len(variants),) + (1,) * n_dims, dtype=torch.bool)
+    for coord, (_, axis) in zip(coords, sweep.axes):
+        shape = [len(variants)] + [1] * n_dims
+        shape[1 + axis] = act_shape[1 + axis]
+        one_hot = torch.arange(act_shape[1 + axis])[None] == coord[:, None]
+        mask = mask & one_hot.reshape(shape)
+    return mask
+
+
+def bytes_per_variant(model, batch: int, n_pos: int) -> int:
+    """Rough float32 working memory of one patch variant: the batch's activations through one block, plus final logits."""
+    cfg = model.cfg
+    per_token = 6 * cfg.d_model + 2 * (cfg.d_mlp or 4 * cfg.d_model) + 3 * cfg.n_heads * n_pos
+    return 4 * batch * (n_pos * per_token + cfg.d_vocab)
+
+
+def variants_per_chunk(model, batch: int, n_pos: int, memory_mb: float, max_variants: int | None = None) -> int:
+    """How many variants one batched forward may hold within ``memory_mb`` (or ``max_variants`` if smaller)."""
+    n = max(1, int(memory_mb * 2**20) // bytes_per_variant(model, batch, n_pos))
+    return min(n, max_variants) if max_variants else n
 
 
 def run_patched_from_layer(
     ctx: PatchingContext, layer: int, hook_name: str, masks: Bool[Tensor, "variant ..."]
 ) -> Float[Tensor, "variant batch"]:
-    """Per-prompt logit difference of each variant: corrupted run from ``layer`` on, with ``hook_name`` patched by mask."""
+    """Per-prompt logit difference of each variant: corrupted run from ``layer`` on, with ``hook_name`` patched by mask.
+
+    Only the final position is unembedded (the metric reads nothing else); the final LayerNorm acts per position.
+    """
     model = ctx.model
     batch = ctx.corrupted_tokens.shape[0]
     n_var = masks.shape[0]
@@ -116,34 +165,56 @@ def run_patched_from_layer(
     with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, patch)]):
         for block in model.blocks[layer:]:
             resid = block(resid)[0]
-        logits = model.unembed(model.ln_final(resid))
+        logits = model.unembed(model.ln_final(resid[:, -1:]))
     answers = ctx.answer_tokens.repeat(n_var, 1)
     return logit_diff(logits, answers).reshape(n_var, batch)
 
 
-def sweep(ctx: PatchingContext, name: str, max_variants: int = 64, progress: bool = True) -> Float[Tensor, "layer index"]:
-    """Normalised patching effect for every layer × position (or layer × head) of sweep ``name``."""
+def changed_variants(sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, "variant"]) -> Bool[Tensor, "variant"]:
+    """Variants whose masked entries differ between clean and corrupted in some prompt (the others change nothing)."""
+    differs = (clean != corrupted).any(0)
+    masks = variant_masks(sweep, clean.shape, variants).to(differs.device)
+    return (masks & differs[None]).flatten(1).any(1).cpu()
+
+
+def sweep(
+    ctx: PatchingContext,
+    name: str,
+    memory_mb: float = 1024,
+    max_variants: int | None = None,
+    progress: bool = True,
+) -> Float[Tensor, "layer ..."]:
+    """Normalised patching effect of every cell of sweep ``name``, laid out as ``SWEEPS[name].layout``.
+
+    Per layer, every variant whose patch changes something runs in batched forwards from that layer on, in
+    chunks that fit ``memory_mb`` (and ``max_variants``); variants where clean equals corrupted (e.g. the
+    masked half of an attention pattern) are exactly 0 and are not run.
+    """
     if name not in SWEEPS:
         raise KeyError(f"unknown sweep {name!r}; choose from {sorted(SWEEPS)}")
     spec = SWEEPS[name]
     model = ctx.model
-    n_layers = model.cfg.n_layers
+    batch, n_pos = ctx.corrupted_tokens.shape
+    chunk = variants_per_chunk(model, batch, n_pos, memory_mb, max_variants)
     rows = []
-    for layer in tqdm(range(n_layers), desc=f"patch {name}", disable=not progress, leave=False):
+    for layer in tqdm(range(model.cfg.n_layers), desc=f"patch {name}", disable=not progress, leave=False):
         hook_name = resolve_hook_names(model, spec.hook_name(layer))[0]
-        masks = variant_masks(spec, ctx.clean_cache[hook_name].shape, model.cfg.n_heads)
-        chunks = [run_patched_from_layer(ctx, layer, hook_name, m) for m in masks.split(max_variants)]
-        ld = torch.cat(chunks).mean(-1)
-        rows.append(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
-    return torch.stack(rows).cpu()
+        clean, corrupted = ctx.clean_cache[hook_name], ctx.corrupted_cache[hook_name]
+        shape = variant_shape(spec, clean.shape)
+        variants = torch.arange(math.prod(shape))
+        live = variants[changed_variants(spec, clean, corrupted, variants)]
+        ld = torch.full((len(variants),), ctx.corrupted_logit_diff)
+        for part in live.split(chunk):
+            ld[part] = run_patched_from_layer(ctx, layer, hook_name, variant_masks(spec, clean.shape, part)).mean(-1).cpu()
+        rows.append(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff).reshape(shape))
+    return torch.stack(rows)
 
 
 def patch_everything_at(ctx: PatchingContext, name: str, layer: int, everything: bool) -> float:
     """Normalised effect of patching *all* (``everything``) or *none* of a layer's activation: 1.0 and 0.0."""
     spec = SWEEPS[name]
     hook_name = spec.hook_name(layer)
-    shape = ctx.clean_cache[hook_name].shape[1:]
-    masks = torch.full((1, *shape), everything, dtype=torch.bool)
+    masks = torch.full((1, *ctx.clean_cache[hook_name].shape[1:]), everything, dtype=torch.bool)
     ld = run_patched_from_layer(ctx, layer, hook_name, masks).mean().item()
     return float(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
 

@@ -87,6 +87,7 @@ class ToyConfig:
     repeat_seq_len: int = 64
     skip_fraction: float = 0.0  # fraction of random sequences with x[t+1] == x[t-1]
     tile: bool = False  # random sequences: prefix + segment tiled to the end (else one copied segment)
+    sinusoidal_positions: bool = False  # initialise the (still learned) position embeddings sinusoidally
 
 
 CONFIGS: dict[str, ToyConfig] = {
@@ -101,9 +102,10 @@ CONFIGS: dict[str, ToyConfig] = {
         n_layer=2,
         lr=1e-3,
         steps=6000,
-        mixture={"repeat": 48},
+        mixture={"bigram": 32, "repeat": 16},
         skip_fraction=0.2,
-        eval_every=1000,
+        eval_every=500,
+        sinusoidal_positions=True,
     ),
 }
 
@@ -181,6 +183,25 @@ class Corpus:
             mask[t] = 1
         return ids, mask
 
+    def bigram_tokens(self, seq_len: int, follow: float = 0.8) -> tuple[list[int], list[int]]:
+        """In-context bigrams: 8-20 random words, each with a successor fixed for this sequence only.
+
+        With probability ``follow`` the next word is the current word's successor, else a random word of the
+        set; so the successor can be read off only from an earlier occurrence of the current word (what an
+        induction head does), at positions that differ per sequence. Loss mask: targets whose current word has
+        occurred before.
+        """
+        words = self.rng.sample(self.random_word_ids, self.rng.randint(8, 20))
+        successor = dict(zip(words, self.rng.sample(words, len(words))))
+        ids, mask, seen = [self.bos_id, self.rng.choice(words)], [0, 0], set()
+        while len(ids) < seq_len:
+            cur = ids[-1]
+            nxt = successor[cur] if self.rng.random() < follow else self.rng.choice(words)
+            mask.append(int(cur in seen))
+            seen.add(cur)
+            ids.append(nxt)
+        return ids, mask
+
     def batch(self, mixture: dict[str, int], repeat_seq_len: int, skip_fraction: float, tile: bool = False):
         """Right-padded token batch and its loss mask for one step of the ``mixture``."""
         rows: list[tuple[list[int], list[int]]] = []
@@ -194,6 +215,8 @@ class Corpus:
                     ids = self.encode(f"{prompt} {answer}")
                     # the answer carries the task; other tokens (mostly unpredictable names) get a small weight
                     rows.append((ids, [0] + [ANSWER_CONTEXT_WEIGHT] * (len(ids) - 2) + [1]))
+                elif task == "bigram":
+                    rows.append(self.bigram_tokens(repeat_seq_len))
                 elif task == "repeat":
                     rows.append(self.repeat_tokens(repeat_seq_len, self.rng.random() < skip_fraction, tile))
                 else:
@@ -205,6 +228,15 @@ class Corpus:
             tokens[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
         return tokens, mask
+
+
+def sinusoidal_positions(n_pos: int, d_model: int, scale: float = 0.05) -> Float[Tensor, "pos d_model"]:
+    """Transformer sinusoidal position table times ``scale``: a start from which previous-token heads form fast."""
+    pos = torch.arange(n_pos, dtype=torch.float)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, dtype=torch.float) / d_model)
+    table = torch.zeros(n_pos, d_model)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return scale * table
 
 
 def masked_lm_loss(logits: Float[Tensor, "batch pos vocab"], tokens: Int[Tensor, "batch pos"], mask: Float[Tensor, "batch pos"]) -> Tensor:
@@ -302,6 +334,9 @@ def train(cfg: ToyConfig, out_dir: Path, log_every: int = 100) -> dict:
         attn_implementation="eager",
     )
     model = GPT2LMHeadModel(model_cfg)
+    if cfg.sinusoidal_positions:
+        with torch.no_grad():
+            model.transformer.wpe.weight.copy_(sinusoidal_positions(cfg.n_positions, cfg.n_embd))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(

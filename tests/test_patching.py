@@ -7,16 +7,15 @@ from transformer_lens import patching as tlp
 
 from helpers import patching as P
 
-TL_SWEEPS = {
-    "resid_pre": tlp.get_act_patch_resid_pre,
-    "attn_out": tlp.get_act_patch_attn_out,
-    "mlp_out": tlp.get_act_patch_mlp_out,
-    "head_out": tlp.get_act_patch_attn_head_out_all_pos,
-    "head_q": tlp.get_act_patch_attn_head_q_all_pos,
-    "head_k": tlp.get_act_patch_attn_head_k_all_pos,
-    "head_v": tlp.get_act_patch_attn_head_v_all_pos,
-    "head_pattern": tlp.get_act_patch_attn_head_pattern_all_pos,
-}
+import pandas as pd
+import torch
+
+FAST_TL_SWEEPS = [n for n in P.SWEEPS if n != "head_pattern_dest_src"]  # dest_src: checked on a subset below
+
+
+def tl_sweep(ctx, name):
+    """The same sweep computed by transformer_lens.patching (one full forward pass per cell)."""
+    return getattr(tlp, P.SWEEPS[name].tl_function)(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, P.tl_metric(ctx))
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +28,43 @@ def random_ctx(random_two_layer, ioi_prompts):
     return P.make_context(random_two_layer, ioi_prompts.clean_tokens[:6], ioi_prompts.corrupted_tokens[:6], ioi_prompts.answer_tokens[:6])
 
 
-@pytest.mark.parametrize("name", sorted(TL_SWEEPS))
+@pytest.mark.parametrize("name", FAST_TL_SWEEPS)
 def test_equals_transformer_lens_on_toy_ioi(ctx, name):
     ours = P.sweep(ctx, name, max_variants=5, progress=False)  # small chunks exercise the chunking too
-    ref = TL_SWEEPS[name](ctx.model, ctx.corrupted_tokens, ctx.clean_cache, P.tl_metric(ctx))
+    ref = tl_sweep(ctx, name)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["resid_pre", "head_out", "head_pattern"])
+@pytest.mark.parametrize("name", ["resid_pre", "mlp_out", "head_out", "head_pattern", "head_out_by_pos", "head_k_by_pos"])
 def test_equals_transformer_lens_on_random_model(random_ctx, name):
     ours = P.sweep(random_ctx, name, progress=False)
-    ref = TL_SWEEPS[name](random_ctx.model, random_ctx.corrupted_tokens, random_ctx.clean_cache, P.tl_metric(random_ctx))
+    ref = tl_sweep(random_ctx, name)
     assert (ours - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["ctx", "random_ctx"])
+def test_pattern_dest_src_equals_transformer_lens_on_sampled_cells(which, request):
+    """Every (layer, head, dest, src) cell is 40k TL forwards on toy-ioi; compare 150 cells, both triangles."""
+    c = request.getfixturevalue(which)
+    ours = P.sweep(c, "head_pattern_dest_src", progress=False)
+    cells = torch.stack([torch.randint(0, n, (150,), generator=torch.Generator().manual_seed(0)) for n in ours.shape], 1)
+    ref = tlp.generic_activation_patch(
+        c.model, c.corrupted_tokens, c.clean_cache, P.tl_metric(c), patch_setter=tlp.layer_head_dest_src_pos_pattern_patch_setter,
+        activation_name="pattern", index_df=pd.DataFrame(cells.numpy()),
+    )
+    assert (ours[tuple(cells.T)] - ref).abs().max() <= 1e-4
+    upper = torch.ones(ours.shape[-2:], dtype=torch.bool).triu(1)
+    assert ours[..., upper].abs().max() == 0  # causal mask: clean == corrupted there, nothing to patch
+
+
+def test_memory_budget_sets_the_chunk_and_not_the_result(ctx):
+    model, (batch, n_pos) = ctx.model, ctx.corrupted_tokens.shape
+    per_variant = P.bytes_per_variant(model, batch, n_pos)
+    assert P.variants_per_chunk(model, batch, n_pos, memory_mb=10 * per_variant / 2**20) == 10
+    assert P.variants_per_chunk(model, batch, n_pos, memory_mb=1e-9) == 1
+    tiny = P.sweep(ctx, "head_out_by_pos", memory_mb=1e-9, progress=False)
+    assert torch.equal(tiny, P.sweep(ctx, "head_out_by_pos", progress=False))
 
 
 @pytest.mark.parametrize("name", ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern"])
