@@ -13,11 +13,12 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run test install chromium toy-models sync lint clean-outputs help
+.PHONY: run test bench install chromium toy-models sync lint clean-outputs help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
 	@echo "make test                      install and run the test suite"
+	@echo "make bench [DEVICE=cuda]       time our patching sweeps against TransformerLens (bench/results.md)"
 	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
 	@echo "make sync                      re-pair nb_templates/*.py with their .ipynb (jupytext)"
 
@@ -45,6 +46,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_patching.py --device $(or $(DEVICE),cpu) --threads $(THREADS)
 
 toy-models: $(STAMP)
 	$(PY) -m helpers.toy_models --threads $(THREADS)

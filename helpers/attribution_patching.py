@@ -133,3 +133,10 @@ def attribution_patch(
         for name, hooks in per_sweep.items()
     }
     return Attribution(values, clean_ld, corr_ld)
+
+
+def rank_agreement(exact: dict[str, Tensor], estimates: dict[str, Tensor]) -> dict[str, float]:
+    """Spearman rank correlation, over all cells, of each estimated sweep with the exact sweep of that name."""
+    from scipy.stats import spearmanr
+
+    return {name: float(spearmanr(exact[name].flatten(), est.flatten())[0]) for name, est in estimates.items()}

@@ -50,13 +50,15 @@ threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG next to the notebook
 induction_seq_len = 25  # length of the random sequence r in BOS, r, r (keep 2r+1 within the trained context)
 induction_batch = 16
-patching_max_variants = 64  # patch variants per batched forward (memory budget)
+patching_memory_mb = 1024  # memory budget of one batched patching forward (variants are chunked to fit)
+attribution_ig_steps = 8  # integrated-gradients steps for EAP-IG (0: plain attribution patching only)
 
 # %%
+import pandas as pd
 from IPython.display import display
 from transformer_lens import utilities
 
-from helpers import artifacts, experiments, heads, patching, plotting
+from helpers import artifacts, attribution_patching, experiments, heads, patching, plotting
 
 s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images)
 model, prompts, figs = s.model, s.prompts, s.figures
@@ -131,9 +133,10 @@ for group, chosen in [("positive", top_dla_pos), ("negative", top_dla_neg)]:
 #
 # **How it works.** Run the corrupted prompts, but copy one activation in from the clean run, and measure how
 # much of the clean logit difference comes back: 0 = corrupted run, 1 = clean run. Sweeps: the residual
-# stream before each layer, each layer's attention and MLP output (by layer and position), and each head's
-# output `z`, value `v` and attention pattern (by layer and head, all positions). All patch variants of a
-# layer run as one batch starting from the cached corrupted residual stream at that layer.
+# stream before each layer, each layer's attention and MLP output (by layer and position), each head's
+# output `z`, value `v` and attention pattern (by layer and head, all positions), and each head's output at
+# each position. All patch variants of a layer run as batches (within `patching_memory_mb`) starting from the
+# cached corrupted residual stream at that layer; the results equal TransformerLens's `patching` (tested).
 #
 # **How to interpret.** In the residual-stream sweep, the information moves from the corrupted token's
 # position to the final position as layers go up; where it moves, attention heads carry it. A head whose
@@ -142,7 +145,8 @@ for group, chosen in [("positive", top_dla_pos), ("negative", top_dla_neg)]:
 
 # %%
 ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-sweeps = {name: patching.sweep(ctx, name, patching_max_variants) for name in ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern"]}
+sweep_names = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern", "head_out_by_pos"]
+sweeps = {name: patching.sweep(ctx, name, patching_memory_mb) for name in sweep_names}
 print(f"baselines: clean logit diff {ctx.clean_logit_diff:.3f}, corrupted {ctx.corrupted_logit_diff:.3f}")
 for name in ["resid_pre", "attn_out", "mlp_out"]:
     figs.show(plotting.heatmap(sweeps[name], f"Patching {name} (normalised logit diff recovered)", "position", "layer",
@@ -150,6 +154,8 @@ for name in ["resid_pre", "attn_out", "mlp_out"]:
 for name in ["head_out", "head_v", "head_pattern"]:
     figs.show(plotting.heatmap(sweeps[name], f"Patching {name}, all positions (normalised logit diff recovered)", "head", "layer",
                                color_label="recovered"), f"patch_{name}")
+figs.show(plotting.heatmap(sweeps["head_out_by_pos"].permute(0, 2, 1).flatten(0, 1), "Patching head output at one position",
+                           "position", "head", x=prompts.axis_labels, y=s.head_names, color_label="recovered"), "patch_head_out_by_pos")
 
 # %%
 figs.show(plotting.scatter(sweeps["head_out"], sweeps["head_v"], "Head output vs value patching", "output patching effect",
@@ -158,6 +164,32 @@ figs.show(plotting.scatter(sweeps["head_out"], sweeps["head_pattern"], "Head out
                            "pattern patching effect", hover=s.head_names, diagonal=True), "scatter_out_vs_pattern")
 top_patch = {name: heads.top_heads(sweeps[name], top_k, "abs") for name in ["head_out", "head_v", "head_pattern"]}
 print("top heads by output patching:", [(heads.head_label(h), h["value"]) for h in top_patch["head_out"]])
+
+# %% [markdown]
+# ### 4b. Attribution patching: the same sweeps from one backward pass
+#
+# **How it works.** Attribution patching (Nanda; EAP, Syed et al. 2023) estimates every patching effect at
+# once: the gradient of the metric at the corrupted run, dotted with (clean - corrupted activation), summed
+# over what a sweep patches together. One clean forward, one corrupted forward and one backward pass cover
+# all sweeps. EAP-IG (Hanna et al. 2024) averages the gradient over `attribution_ig_steps` points between the
+# corrupted and clean embeddings, which helps where the metric is far from linear.
+#
+# **How to interpret.** Points on the diagonal mean the linear estimate is good; the Spearman correlation
+# says whether it ranks heads as exact patching does. Use attribution to scan large sweeps (many prompts or
+# positions, big models), then confirm its top cells with exact patching.
+
+# %%
+attr_names = ["resid_pre", "head_out", "head_v", "head_out_by_pos"]
+attr_args = (model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, attr_names)
+estimates = {"attribution": attribution_patching.attribution_patch(*attr_args).values}
+if attribution_ig_steps:
+    estimates["eap_ig"] = attribution_patching.attribution_patch(*attr_args, ig_steps=attribution_ig_steps).values
+agreement = {label: attribution_patching.rank_agreement(sweeps, est) for label, est in estimates.items()}
+display(pd.DataFrame(agreement).rename_axis("sweep (Spearman vs exact)"))
+for label, est in estimates.items():
+    figs.show(plotting.scatter(sweeps["head_out"], est["head_out"], f"{label} vs exact patching of head outputs "
+                               f"(Spearman {agreement[label]['head_out']:.2f})", "exact patching effect", f"{label} estimate",
+                               hover=s.head_names, diagonal=True), f"{label}_vs_exact_head_out")
 
 # %% [markdown]
 # ## 5. Heads by layer band
@@ -233,7 +265,9 @@ results = {
     "dla": {"identity_error": dla.identity_error, "logit_lens": dict(zip(dla.lens_labels, dla.lens.tolist())),
             "layers": dict(zip(dla.layer_labels, dla.layers.tolist())), "heads": dla.heads,
             "top_positive": top_dla_pos, "top_negative": top_dla_neg},
-    "patching": {"values": sweeps, "top_heads": top_patch, "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff}},
+    "patching": {"values": sweeps, "layouts": {name: patching.SWEEPS[name].layout for name in sweeps}, "top_heads": top_patch,
+                 "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff}},
+    "attribution_patching": {"values": estimates, "spearman_vs_exact": agreement, "ig_steps": attribution_ig_steps},
     "head_scores": {"values": scores, "top": top_scores, "seq_len": induction_seq_len},
     "backup": {"ablated": backup.ablated, "logit_diff_before": backup.logit_diff_before, "logit_diff_after": backup.logit_diff_after,
                "ln_scale_ratio": backup.ln_scale_ratio, "risers": backup.risers},

@@ -1,0 +1,277 @@
+"""Benchmark: TransformerLens ``patching`` sweeps against ours, in one process, interleaved repeats.
+
+Models: the gpt2-small architecture with random weights (built from ``GPT2Config()``, no download; saved to
+a temporary folder and loaded through the same bridge path as every model) and the bundled ``toy-ioi``.
+Prompts: batch 8 of 20 random-word tokens; the corrupted batch differs at 3 positions. For each sweep and
+repeat, TransformerLens and ours run back to back (the order alternates per repeat); we report medians,
+the ratio, the peak extra memory of each, and the max |difference| between the two results.
+
+TransformerLens runs one forward pass per cell. Sweeps with more cells than ``--tl-max-cells`` time TL on a
+random subset of cells (its own ``index_df`` option) and scale the time by cells / subset; the row says so.
+
+Attribution patching: time of ``attribution_patch`` over all heads × positions, in forward-pass
+equivalents (one no-grad forward of the same batch), and Spearman correlations against the exact sweeps
+on the ``ioi`` task prompts of toy-ioi.
+
+Usage: ``make bench`` or ``python bench/bench_patching.py [--device cuda] [--quick]``; writes
+``bench/results.json`` and ``bench/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformer_lens import patching as tlp
+
+from helpers import MODELS_DIR
+from helpers import attribution_patching as A
+from helpers import patching as P
+from helpers.heads import random_word_ids
+from helpers.models import load_model, set_threads
+from helpers.params import load_params
+from helpers.prompts import make_prompts
+
+HERE = Path(__file__).parent
+SWEEPS = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern", "head_out_by_pos", "head_pattern_dest_src"]
+QUICK_SWEEPS = ["resid_pre", "head_out"]
+TL_SETTERS = {  # for timing TL on a subset of cells (index_df needs the generic function)
+    "resid_pre": (tlp.layer_pos_patch_setter, "resid_pre"),
+    "attn_out": (tlp.layer_pos_patch_setter, "attn_out"),
+    "mlp_out": (tlp.layer_pos_patch_setter, "mlp_out"),
+    "head_out": (tlp.layer_head_vector_patch_setter, "z"),
+    "head_v": (tlp.layer_head_vector_patch_setter, "v"),
+    "head_pattern": (tlp.layer_head_pattern_patch_setter, "pattern"),
+    "head_out_by_pos": (tlp.layer_pos_head_vector_patch_setter, "z"),
+    "head_pattern_dest_src": (tlp.layer_head_dest_src_pos_pattern_patch_setter, "pattern"),
+}
+
+
+class PeakMemory:
+    """Peak memory above the starting point while the block runs: CUDA allocator stats, or sampled CPU RSS."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.start, self.peak, self.running = self.rss_mb(), self.rss_mb(), True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss_mb())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak_mb = self.peak - self.start
+
+
+def timed(fn, device: str):
+    """(result, seconds, peak extra MB) of ``fn()``."""
+    with PeakMemory(device) as mem:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    return out, seconds, mem.peak_mb
+
+
+def random_gpt2_small(folder: Path, device: str):
+    """gpt2-small architecture, random weights (seed 0), with the bundled tokenizer, loaded through the bridge."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi").save_pretrained(folder)
+    return load_model(str(folder), device=device)
+
+
+def random_prompts(model, batch: int, n_pos: int, seed: int = 0):
+    """Clean tokens of random words, corrupted = clean with 3 positions resampled, two answer ids per prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.tensor(random_word_ids(model.tokenizer))
+    clean = words[torch.randint(len(words), (batch, n_pos), generator=gen)]
+    clean[:, 0] = model.tokenizer.bos_token_id
+    corrupted = clean.clone()
+    for p in torch.randperm(n_pos - 1, generator=gen)[:3] + 1:
+        corrupted[:, p] = words[torch.randint(len(words), (batch,), generator=gen)]
+    answers = words[torch.randint(len(words), (batch, 2), generator=gen)]
+    return clean, corrupted, answers
+
+
+def tl_sweep(ctx: P.PatchingContext, name: str, shape: torch.Size, max_cells: int, seed: int = 0):
+    """TL's result for ``name``: all cells, or a random subset of ``max_cells`` (returns values, cell indices or None)."""
+    n_cells = shape.numel()
+    if n_cells <= max_cells:
+        fn = getattr(tlp, P.SWEEPS[name].tl_function)
+        return fn(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, P.tl_metric(ctx)), None
+    flat = torch.randperm(n_cells, generator=torch.Generator().manual_seed(seed))[:max_cells]
+    cells = torch.stack(torch.unravel_index(flat, shape), 1)
+    setter, act = TL_SETTERS[name]
+    values = tlp.generic_activation_patch(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, P.tl_metric(ctx),
+                                          patch_setter=setter, activation_name=act, index_df=pd.DataFrame(cells.numpy()))
+    return values, cells
+
+
+def bench_sweeps(model, label: str, sweeps: list[str], repeats: int, max_cells: int, device: str, batch: int, n_pos: int) -> list[dict]:
+    """Interleaved repeats of TL vs ours for each sweep; medians, ratio, memory, max |difference|."""
+    clean, corrupted, answers = (t.to(device) for t in random_prompts(model, batch, n_pos))
+    ctx = P.make_context(model, clean, corrupted, answers)
+    rows = []
+    for name in sweeps:
+        shape = P.sweep(ctx, name, progress=False).shape  # also a warm-up
+        tl_times, our_times, tl_mem, our_mem = [], [], [], []
+        for r in range(repeats):
+            for who in (["tl", "ours"] if r % 2 == 0 else ["ours", "tl"]):
+                if who == "ours":
+                    ours, s, mb = timed(lambda: P.sweep(ctx, name, progress=False), device)
+                    our_times.append(s), our_mem.append(mb)
+                else:
+                    (ref, cells), s, mb = timed(lambda: tl_sweep(ctx, name, shape, max_cells), device)
+                    tl_times.append(s), tl_mem.append(mb)
+        n_cells = ours.numel()
+        scale = 1.0 if cells is None else n_cells / len(cells)
+        diff = (ours.cpu() - ref.cpu()).abs().max() if cells is None else (ours.cpu()[tuple(cells.T)] - ref.cpu()).abs().max()
+        tl_med, our_med = statistics.median(tl_times) * scale, statistics.median(our_times)
+        rows.append({
+            "model": label, "sweep": name, "cells": n_cells, "tl_cells_timed": n_cells if cells is None else len(cells),
+            "tl_extrapolated": cells is not None, "repeats": repeats,
+            "tl_median_s": round(tl_med, 4), "ours_median_s": round(our_med, 4), "speedup": round(tl_med / our_med, 2),
+            "tl_peak_mb": round(max(tl_mem), 1), "ours_peak_mb": round(max(our_mem), 1), "max_abs_diff": float(diff),
+        })
+        print(f"[{label}] {name}: TL {tl_med:.2f}s{' (extrapolated)' if cells is not None else ''}, ours {our_med:.3f}s, "
+              f"{tl_med / our_med:.1f}x, max|diff| {float(diff):.1e}", flush=True)
+    return rows
+
+
+def bench_attribution(model, label: str, device: str, batch: int, n_pos: int, repeats: int) -> dict:
+    """Attribution patching over all heads × positions, in forward-pass equivalents (medians over repeats)."""
+    clean, corrupted, answers = (t.to(device) for t in random_prompts(model, batch, n_pos))
+
+    def forward():
+        with torch.no_grad():
+            return model(corrupted)
+
+    forward()  # warm-up
+    attr, fwd = [], []
+    for _ in range(repeats):
+        attr.append(timed(lambda: A.attribution_patch(model, clean, corrupted, answers, ["head_out_by_pos"]), device)[1])
+        fwd.append(timed(forward, device)[1])
+    a, f = statistics.median(attr), statistics.median(fwd)
+    print(f"[{label}] attribution (heads x positions): {a:.3f}s = {a / f:.2f} forward passes", flush=True)
+    return {"model": label, "attribution_s": round(a, 4), "forward_s": round(f, 4), "forward_equivalents": round(a / f, 2)}
+
+
+def attribution_agreement(model, n_prompts: int, ig_steps: int) -> dict:
+    """Spearman of attribution (plain and IG) against exact patching, ioi task prompts on this model."""
+    prompts = make_prompts(load_params("ioi", n_prompts=n_prompts), model.tokenizer, verbose=False)
+    args = (prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ctx = P.make_context(model, *args)
+    sweeps = ["head_out", "head_out_by_pos", "resid_pre", "head_v"]
+    exact = {s: P.sweep(ctx, s, progress=False) for s in sweeps}
+    out = {"n_prompts": n_prompts, "ig_steps": ig_steps}
+    for label, steps in [("attribution", 0), ("eap_ig", ig_steps)]:
+        est = A.attribution_patch(model, *args, sweeps, ig_steps=steps).values
+        out[label] = {s: round(rho, 4) for s, rho in A.rank_agreement(exact, est).items()}
+    print(f"[toy-ioi/ioi] Spearman vs exact: {out}", flush=True)
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables."""
+    env = results["environment"]
+    lines = [
+        "# Patching benchmark: TransformerLens vs circuit-lab",
+        "",
+        f"{env['device']} ({env['cpu_threads']} torch threads), torch {env['torch']}, transformer-lens {env['transformer_lens']}, "
+        f"batch {env['batch']} × {env['n_pos']} tokens, {env['repeats']} interleaved repeats, medians. Generated by `make bench`.",
+        "",
+        "| model | sweep | cells | TL s | ours s | speed-up | TL peak MB | ours peak MB | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["sweeps"]:
+        tl = f"{r['tl_median_s']:.2f}" + (f" (from {r['tl_cells_timed']} cells)" if r["tl_extrapolated"] else "")
+        lines.append(f"| {r['model']} | {r['sweep']} | {r['cells']} | {tl} | {r['ours_median_s']:.3f} | **{r['speedup']:.1f}×** | "
+                     f"{r['tl_peak_mb']:.0f} | {r['ours_peak_mb']:.0f} | {r['max_abs_diff']:.1e} |")
+    lines += ["", "## Attribution patching (all heads × positions)", "",
+              "| model | attribution s | one forward s | forward equivalents |", "|---|---|---|---|"]
+    lines += [f"| {a['model']} | {a['attribution_s']:.3f} | {a['forward_s']:.4f} | {a['forward_equivalents']:.2f} |" for a in results["attribution"]]
+    agree = results.get("agreement")
+    if agree:
+        lines += ["", f"Spearman against exact patching, toy-ioi on `ioi` ({agree['n_prompts']} prompts; EAP-IG with {agree['ig_steps']} steps):", "",
+                  "| estimate | " + " | ".join(agree["attribution"]) + " |", "|---|" + "---|" * len(agree["attribution"])]
+        lines += [f"| {k} | " + " | ".join(f"{v:.3f}" for v in agree[k].values()) + " |" for k in ("attribution", "eap_ig")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--n-pos", type=int, default=20)
+    parser.add_argument("--tl-max-cells", type=int, default=150, help="time TL on at most this many cells per sweep")
+    parser.add_argument("--sweeps", nargs="+", default=SWEEPS, choices=sorted(P.SWEEPS))
+    parser.add_argument("--models", nargs="+", default=["gpt2-small-random", "toy-ioi"])
+    parser.add_argument("--quick", action="store_true", help="toy-ioi, two sweeps, one repeat: checks the script runs")
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.sweeps, args.repeats, args.tl_max_cells = ["toy-ioi"], QUICK_SWEEPS, 1, 40
+    set_threads(args.threads)
+
+
+    results = {
+        "environment": {"device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
+                        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "transformer_lens": version("transformer-lens"), "batch": args.batch,
+                        "n_pos": args.n_pos, "repeats": args.repeats, "tl_max_cells": args.tl_max_cells},
+        "sweeps": [], "attribution": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in args.models:
+            model = random_gpt2_small(Path(tmp), args.device) if label == "gpt2-small-random" else load_model(label, device=args.device)
+            results["sweeps"] += bench_sweeps(model, label, args.sweeps, args.repeats, args.tl_max_cells, args.device, args.batch, args.n_pos)
+            results["attribution"].append(bench_attribution(model, label, args.device, args.batch, args.n_pos, max(args.repeats, 3)))
+            if label == "toy-ioi":
+                results["agreement"] = attribution_agreement(model, n_prompts=16 if args.quick else 64, ig_steps=8)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
