@@ -17,7 +17,7 @@ from transformer_lens.ActivationCache import ActivationCache
 
 from . import OUTPUTS_DIR
 from .attribution import dla_hook_filter, full_dla, head_dla, layer_dla, logit_diff_direction, logit_lens, unembed_bias_diff
-from .heads import all_head_labels, mean_ablate_head_hook, top_heads
+from .heads import all_head_labels, mean_ablate_head_hook, parse_head_label, top_heads
 from .hooks import run_with_checked_cache
 from .metrics import logit_diff
 from .models import load_model, set_threads
@@ -36,6 +36,7 @@ class Session:
     out_dir: Path
     figures: Figures
     model_name: str
+    input_dir: Path  # where the JSON of earlier templates is read from
 
     @property
     def head_names(self) -> list[str]:
@@ -49,10 +50,12 @@ def model_folder_name(model_name: str) -> str:
 
 def start_session(template: str, task: str, params_file: str | None = None, model_name: str | None = None, n_prompts: int | None = None,
                   output_dir: str | None = None, device: str | None = None, threads: int | None = None,
-                  static_images: bool = True) -> Session:
+                  static_images: bool = True, input_dir: str | None = None) -> Session:
     """Load params (with overrides), the model and the prompts; create the output folder.
 
-    Figures of ``template`` go to ``<output folder>/<template>_figures/``.
+    Figures of ``template`` go to ``<output folder>/<template>_figures/``. Earlier templates' JSON is read
+    from ``input_dir`` (default: the output folder; the runner writes to a staging folder and passes the
+    published one).
     """
     set_threads(threads)
     torch.manual_seed(0)
@@ -62,7 +65,8 @@ def start_session(template: str, task: str, params_file: str | None = None, mode
     out = Path(output_dir) if output_dir else OUTPUTS_DIR / params.task / model_folder_name(params.model)
     out.mkdir(parents=True, exist_ok=True)
     use_offline_renderer()
-    return Session(params, model, prompts, out, Figures(out, folder=f"{template}_figures", static=static_images), params.model)
+    return Session(params, model, prompts, out, Figures(out, folder=f"{template}_figures", static=static_images), params.model,
+                   Path(input_dir) if input_dir else out)
 
 
 @dataclass
@@ -162,4 +166,31 @@ def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult
                         scale_after / scale_before, risers)
 
 
-__all__ = ["Session", "start_session", "logit_diffs", "direct_logit_attribution", "layer_bands", "backup_heads"]
+class MissingResults(FileNotFoundError):
+    """A template's input JSON (written by an earlier template) is missing."""
+
+
+def load_results(s: Session, template: str) -> dict:
+    """The JSON ``template`` wrote next to this notebook; a clear error naming the command that writes it."""
+    from .artifacts import read_json
+
+    path = s.input_dir / f"{template}.json"
+    if not path.exists():
+        raise MissingResults(f"{path} not found: run the {template} template for this task and model first "
+                             f"(make run TASK={s.params.task} MODEL={s.model_name} TEMPLATE={template}, or make all)")
+    return read_json(path)
+
+
+def important_heads(s: Session, circuit: dict, override: list[str] | None = None) -> list[dict]:
+    """Heads to analyse: ``override`` labels, else the union of the top DLA (both signs) and output-patching heads."""
+    n_layers, n_heads = s.model.cfg.n_layers, s.model.cfg.n_heads
+    if override:
+        return [parse_head_label(h, n_layers, n_heads) for h in override]
+    ranked = circuit["dla"]["top_positive"] + circuit["dla"]["top_negative"] + circuit["patching"]["top_heads"]["head_out"]
+    seen: dict[tuple[int, int], dict] = {}
+    for h in ranked:
+        seen.setdefault((h["layer"], h["head"]), {"layer": h["layer"], "head": h["head"]})
+    return sorted(seen.values(), key=lambda h: (h["layer"], h["head"]))
+
+
+__all__ = ["Session", "start_session", "logit_diffs", "direct_logit_attribution", "layer_bands", "backup_heads", "load_results", "important_heads"]

@@ -28,6 +28,19 @@ def head_label(head: dict) -> str:
     return f"L{head['layer']}H{head['head']}"
 
 
+def parse_head_label(label: str, n_layers: int, n_heads: int) -> dict:
+    """``{layer, head}`` of a label such as ``L3H2``; ValueError if malformed or not in this model."""
+    import re
+
+    match = re.fullmatch(r"L(\d+)H(\d+)", label.strip())
+    if not match:
+        raise ValueError(f"head label {label!r} is not of the form 'L<layer>H<head>', e.g. 'L3H2'")
+    layer, head = int(match[1]), int(match[2])
+    if layer >= n_layers or head >= n_heads:
+        raise ValueError(f"head {label} does not exist: the model has {n_layers} layers x {n_heads} heads")
+    return {"layer": layer, "head": head}
+
+
 def all_head_labels(n_layers: int, n_heads: int) -> list[str]:
     """Labels of every head in flattened (layer, head) order, as ``values.flatten()`` lists them."""
     return [head_label({"layer": l, "head": h}) for l in range(n_layers) for h in range(n_heads)]
@@ -75,6 +88,61 @@ def repeated_token_scores(model, seq_len: int, batch: int, seed: int, tokens: Te
         loss, cache = model.run_with_cache(tokens, names_filter=names, return_type="loss", loss_per_token=True)
     patterns = torch.stack([cache[n] for n in names])
     return {k: v.cpu() for k, v in pattern_scores(patterns, seq_len).items()}, loss.cpu()
+
+
+def repeated_text_tokens(model, seq_len: int, n_texts: int, seed: int) -> tuple[list[str], Int[Tensor, "batch 1+2*seq_len"]]:
+    """``n_texts`` texts ``r r`` of ``seq_len`` distinct random words each, and their tokens (BOS first)."""
+    import random
+
+    vocab = [model.tokenizer.convert_ids_to_tokens(i) for i in random_word_ids(model.tokenizer)]
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n_texts):
+        r = "".join(rng.sample(vocab, seq_len)).replace("Ġ", " ")
+        texts.append(r + r)
+    tokens = model.to_tokens(texts)
+    if tokens.shape[1] != 2 * seq_len + 1:
+        raise ValueError(f"random words did not tokenize to one token each ({tokens.shape[1]} != {2 * seq_len + 1})")
+    return texts, tokens
+
+
+def head_detector_agreement(model, seq_len: int = 12, n_texts: int = 3, seed: int = 0) -> dict[str, float]:
+    """Max |ours - TransformerLens ``detect_head``| per score kind on ``r r`` texts, after the detector's scaling.
+
+    ``detect_head`` ("mul") averages over all query rows of the sequence, ours over the scored ones only, so
+    ours × (scored queries) / (sequence length) must equal it exactly.
+    """
+    from transformer_lens.head_detector import detect_head
+
+    texts, tokens = repeated_text_tokens(model, seq_len, n_texts, seed)
+    ours, _ = repeated_token_scores(model, seq_len, 0, 0, tokens=tokens)
+    names = {"prev_token": "previous_token_head", "duplicate_token": "duplicate_token_head", "induction": "induction_head"}
+    out = {}
+    for kind, name in names.items():
+        n_scored = 2 * seq_len if kind == "prev_token" else seq_len
+        ref = torch.stack([detect_head(model, t, name) for t in texts]).mean(0)
+        out[kind] = float((ours[kind] * n_scored / (2 * seq_len + 1) - ref).abs().max())
+    return out
+
+
+def uniform_loss(model) -> float:
+    """Loss of a uniform guess over the random words that ``repeated_random_tokens`` draws from."""
+    import math
+
+    return math.log(len(random_word_ids(model.tokenizer)))
+
+
+def composition_baseline(scores: Float[Tensor, "layer head layer head"]) -> float:
+    """Mean composition score over all pairs of an earlier and a later head (the others are zero)."""
+    n_layers = scores.shape[0]
+    later = torch.arange(n_layers)[:, None, None, None] < torch.arange(n_layers)[None, None, :, None]
+    return float(scores[later.expand_as(scores)].mean())
+
+
+def composition_pairs(scores: Float[Tensor, "layer head layer head"], senders: list[dict], receivers: list[dict]) -> list[dict]:
+    """Composition score of each sender into each later receiver, as ``{from, to, score}``."""
+    return [{"from": head_label(a), "to": head_label(b), "score": round(float(scores[a["layer"], a["head"], b["layer"], b["head"]]), 6)}
+            for a in senders for b in receivers if a["layer"] < b["layer"]]
 
 
 def mean_ablate_head_hook(layer: int, head: int, pos: int, mean_z: Float[Tensor, "d_head"]):

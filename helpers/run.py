@@ -115,7 +115,9 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
         return RunResult(task_name, model_name, template, "bad-input", time.time() - t0, None, str(err))
     out_nb = staging / f"{template}.ipynb"
     parameters = {"task": task_name, "params_file": params_file, "model_name": model_name, "output_dir": str(staging),
-                  "n_prompts": n_prompts, "threads": threads, **(extra_parameters or {})}
+                  "input_dir": str(final), "n_prompts": n_prompts, "threads": threads, **(extra_parameters or {})}
+    declared = pm.inspect_notebook(str(source_nb))  # pass only what the template declares (input_dir: where earlier JSON is)
+    parameters = {k: v for k, v in parameters.items() if k in declared}
     try:
         pm.execute_notebook(str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3", cwd=str(PROJECT_ROOT),
                             progress_bar=progress, execution_timeout=cell_timeout, log_output=False)

@@ -387,9 +387,22 @@ def train(cfg: ToyConfig, out_dir: Path, log_every: int = 100) -> dict:
     save_tokenizer(tokenizer, out_dir)
     report = {"config": asdict(cfg), "train_wall_clock_s": round(wall, 1), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "n_random_words": len(corpus.random_word_ids), "final": final, "history": history}
+    final["head_scores"] = template_head_scores(out_dir)
     (out_dir / "training_metrics.json").write_text(json.dumps(report, indent=1))
     (out_dir / "README.md").write_text(model_card(cfg, report))
     return report
+
+
+def head_score_lines(scores: dict | None) -> list[str]:
+    """Model-card lines for the scores the ``induction_checks`` template reports (BOS, r, r)."""
+    if not scores:
+        return []
+    lines = ["", f"Scores as the `induction_checks` template computes them (BOS, r, r; |r| = {scores['seq_len']}, "
+             f"{scores['batch']} sequences, seed {scores['seed']}), heads >= 0.4:", ""]
+    for kind in ("prev_token", "duplicate_token", "induction"):
+        hits = [f"L{l}H{h} ({s:.2f})" for l, row in enumerate(scores[kind]) for h, s in enumerate(row) if s >= 0.4]
+        lines.append(f"- {kind.replace('_', '-')}: {', '.join(hits) or 'none'}")
+    return lines
 
 
 def model_card(cfg: ToyConfig, report: dict) -> str:
@@ -434,10 +447,23 @@ def model_card(cfg: ToyConfig, report: dict) -> str:
         f"- Previous-token heads (score > 0.5): {heads_over(ind['prev_token_scores'])}",
         f"- Induction heads (score > 0.5): {heads_over(ind['induction_scores'])}",
         "- Induction is claimed only if both lists are non-empty and the shifted-repeat loss is low.",
+        *head_score_lines(f.get("head_scores")),
         "",
         "Training history: see `training_metrics.json`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+HEAD_SCORE_SETUP = {"seq_len": 25, "batch": 16, "seed": 0}  # the defaults of the induction_checks template
+
+
+def template_head_scores(model_dir: Path) -> dict:
+    """Previous-token / duplicate / induction scores exactly as ``induction_checks`` computes them (bridge model)."""
+    from .heads import repeated_token_scores
+    from .models import load_model
+
+    scores, _ = repeated_token_scores(load_model(str(model_dir), device="cpu"), **HEAD_SCORE_SETUP)
+    return {**HEAD_SCORE_SETUP, **{k: [[round(float(x), 4) for x in row] for row in v] for k, v in scores.items()}}
 
 
 def evaluate_saved(name: str, out_dir: Path) -> dict:
@@ -450,6 +476,7 @@ def evaluate_saved(name: str, out_dir: Path) -> dict:
     model = GPT2LMHeadModel.from_pretrained(str(out_dir), attn_implementation="eager").eval()
     report["final"] = evaluate(model, Corpus(tokenizer, random.Random(cfg.seed + 1)), n=400)
     report["n_random_words"] = len(Corpus(tokenizer, random.Random(0)).random_word_ids)
+    report["final"]["head_scores"] = template_head_scores(out_dir)
     (out_dir / "training_metrics.json").write_text(json.dumps(report, indent=1))
     (out_dir / "README.md").write_text(model_card(cfg, report))
     return report

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from transformer_lens.head_detector import detect_head
 
-from helpers.heads import pattern_scores, repeated_token_scores, top_heads
+from helpers.heads import head_detector_agreement, pattern_scores, top_heads
 
 
 def test_top_heads_orders_by_sign():
@@ -36,21 +33,8 @@ def test_pattern_scores_on_synthetic_patterns():
 
 
 @pytest.mark.parametrize("model_name", ["toy_induction", "toy_ioi"])
-@pytest.mark.parametrize("kind", ["prev_token", "duplicate_token", "induction"])
-def test_agrees_with_head_detector(request, model_name, kind):
+def test_agrees_with_head_detector(request, model_name):
     """Exact identity with head_detector ("mul"): its score is ours x (scored queries) / (sequence length)."""
-    model = request.getfixturevalue(model_name)
-    seq_len = 12
-    vocab = [w for w in model.tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha()]
-    rng = random.Random(0)
-    texts = []
-    for _ in range(3):
-        r = "".join(rng.sample(vocab, seq_len)).replace("Ġ", " ")
-        texts.append(r + r)
-    tokens = model.to_tokens(texts)
-    assert tokens.shape[1] == 2 * seq_len + 1
-    ours, _ = repeated_token_scores(model, seq_len, 0, 0, tokens=tokens)
-    n_scored = 2 * seq_len if kind == "prev_token" else seq_len
-    head_name = {"prev_token": "previous_token_head", "duplicate_token": "duplicate_token_head", "induction": "induction_head"}[kind]
-    ref = torch.stack([detect_head(model, t, head_name) for t in texts]).mean(0)
-    assert torch.allclose(ours[kind] * n_scored / (2 * seq_len + 1), ref, atol=1e-5)
+    diffs = head_detector_agreement(request.getfixturevalue(model_name), seq_len=12, n_texts=3)
+    assert set(diffs) == {"prev_token", "duplicate_token", "induction"}
+    assert max(diffs.values()) <= 1e-5

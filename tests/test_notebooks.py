@@ -87,3 +87,49 @@ def test_cli_exit_codes(outputs, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert runner.main(["--task", "ioi", "--model", "no-such-model"]) == 2
     assert runner.main(["--task", "no-such-task"]) == 2
+
+
+@pytest.fixture(scope="module")
+def head_functions_run(ioi_run, outputs):
+    return runner.run_template("ioi", "head_functions", "toy-ioi", n_prompts=16, threads=2, progress=False)
+
+
+def executed_errors(path) -> list:
+    nb = nbformat.read(path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+
+
+def test_head_functions_reads_the_circuit_json(head_functions_run, outputs):
+    assert head_functions_run.status == "ok", head_functions_run.message
+    out = outputs / "ioi" / "toy-ioi"
+    assert not executed_errors(out / "head_functions.ipynb")
+    circuit = json.loads((out / "circuit_expms.json").read_text())
+    data = json.loads((out / "head_functions.json").read_text())
+    expected = {(h["layer"], h["head"]) for group in (circuit["dla"]["top_positive"], circuit["dla"]["top_negative"],
+                                                      circuit["patching"]["top_heads"]["head_out"]) for h in group}
+    assert {(h["layer"], h["head"]) for h in data["heads"]} == expected
+    copy = data["copy_scores"]
+    assert all(0 <= v <= 100 for row in copy["positive"] + copy["negative"] for v in row)
+    table = {row["head"]: row for row in data["roles"]["table"]}
+    assert set(table) == {f"L{l}H{h}" for l, h in expected}
+    assert all(row["role"] in {"mover", "negative mover", "inhibition-like", "induction", "duplicate-token",
+                               "previous-token", "unclassified"} for row in table.values())
+    # toy-ioi's dominant head writes the answer (DLA 5.3 of 6.0) from the S2 position without copying the word there
+    assert table["L3H2"]["dla"] > 3 and "copy" in table["L3H2"]["evidence"]
+
+
+def test_head_functions_without_circuit_json_fails_clearly(outputs):
+    result = runner.run_template("numseq", "head_functions", "toy-ioi", n_prompts=8, threads=2, progress=False)
+    assert result.status == "failed" and "circuit_expms" in result.message and "MissingResults" in result.message
+
+
+def test_induction_checks_find_the_induction_circuit(outputs):
+    result = runner.run_template("ioi", "induction_checks", "toy-induction", threads=2, progress=False)
+    assert result.status == "ok", result.message
+    out = outputs / "ioi" / "toy-induction"
+    assert not executed_errors(out / "induction_checks.ipynb")
+    data = json.loads((out / "induction_checks.json").read_text())
+    assert {h["layer"] for h in data["heads"]["induction"]} == {1} and data["heads"]["prev_token"][0]["layer"] == 0
+    assert data["loss"]["second_half"] < 0.3 * data["loss"]["first_half"]
+    assert max(data["head_detector_max_abs_diff"].values()) <= 1e-5
+    assert data["k_composition"]["pairs"] and max(p["score"] for p in data["k_composition"]["pairs"]) > data["k_composition"]["baseline"]

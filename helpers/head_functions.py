@@ -1,0 +1,169 @@
+"""What a head does with the words of a prompt: copy scores, attention vs contribution, attention to
+named positions, and how patching one head moves a later head's attention (IOI paper §3).
+
+All functions take the clean-run cache of ``head_function_hooks`` and work on every head at once; the
+templates pick the important heads out of the ``[layer, head]`` results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .hooks import run_with_checked_cache
+from .prompts import PromptSet
+
+
+def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[str, int]:
+    """Named positions of words (default: every named position except ``end`` and ``±n`` offsets).
+
+    Raises ValueError naming the available positions when a requested name is not one of them.
+    """
+    if names is None:
+        names = [n for n in prompts.positions if n != "end" and "+" not in n and "-" not in n]
+    unknown = [n for n in names if n not in prompts.positions]
+    if unknown or not names:
+        raise ValueError(f"named position(s) {unknown or names} not found; this task has: {sorted(prompts.positions)} "
+                         f"(set them under `positions:` in the params file)")
+    return {n: prompts.positions[n] for n in names}
+
+
+def head_function_hooks(model) -> list[str]:
+    """Hooks the head-function analyses read: resid after the first block, every z and pattern, final LN scale."""
+    n = model.cfg.n_layers
+    return (["blocks.0.hook_resid_post", "ln_final.hook_scale"] + [f"blocks.{l}.attn.hook_z" for l in range(n)]
+            + [f"blocks.{l}.attn.hook_pattern" for l in range(n)])
+
+
+def clean_cache(model, prompts: PromptSet):
+    """Clean-run cache restricted to ``head_function_hooks`` (raises if any is missing)."""
+    with torch.no_grad():
+        return run_with_checked_cache(model, prompts.clean_tokens, head_function_hooks(model))[1]
+
+
+@dataclass
+class CopyScores:
+    """Percent of (prompt, word) pairs whose word is in the top ``k`` logits of one head's OV output."""
+
+    positive: Float[Tensor, "layer head"]  # OV as is: the head copies the word (mover)
+    negative: Float[Tensor, "layer head"]  # OV negated: the head suppresses the word (negative mover)
+    k: int
+    words: list[str]
+
+
+def copy_scores(model, cache, prompts: PromptSet, positions: dict[str, int], k: int = 5) -> CopyScores:
+    """Copy score of every head (IOI paper §3.3).
+
+    The residual stream after the first block at each named word's position, pushed through the head's
+    layer norm and OV circuit as if the head attended there fully, then the final layer norm and the
+    unembedding: is the word's own token among the top ``k`` logits? Also with the OV output negated.
+    """
+    pos = list(positions.values())
+    resid = cache["blocks.0.hook_resid_post"][:, pos]  # [batch, word, d_model]
+    targets: Int[Tensor, "batch word"] = prompts.clean_tokens[:, pos]
+    rows = {1: [], -1: []}
+    with torch.no_grad():
+        for layer in range(model.cfg.n_layers):
+            x = model.blocks[layer].ln1(resid)
+            v = torch.einsum("bwd,hde->bwhe", x, model.W_V[layer])
+            out = torch.einsum("bwhe,hed->bwhd", v, model.W_O[layer])  # [batch, word, head, d_model]
+            for sign in (1, -1):
+                logits = model.unembed(model.ln_final(sign * out))
+                top = logits.topk(k, dim=-1).indices  # [batch, word, head, k]
+                hit = (top == targets[:, :, None, None]).any(-1).float()
+                rows[sign].append(100 * hit.mean((0, 1)))
+    return CopyScores(torch.stack(rows[1]).cpu(), torch.stack(rows[-1]).cpu(), k, list(positions))
+
+
+@dataclass
+class AttentionContribution:
+    """Per head, prompt and word: attention from ``from_pos`` to the word, and the head's logit contribution to it."""
+
+    attention: Float[Tensor, "layer head batch word"]
+    contribution: Float[Tensor, "layer head batch word"]
+    words: list[str]
+
+    def correlation(self) -> Float[Tensor, "layer head"]:
+        """Pearson correlation of attention and contribution over all (prompt, word) points, per head."""
+        a = self.attention.flatten(2)
+        c = self.contribution.flatten(2)
+        a, c = a - a.mean(-1, keepdim=True), c - c.mean(-1, keepdim=True)
+        return (a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1)).clamp_min(1e-12)
+
+
+def attention_vs_contribution(model, cache, prompts: PromptSet, positions: dict[str, int], from_pos: int = -1) -> AttentionContribution:
+    """Attention from ``from_pos`` to each word, and the head's output there dotted with the word's unembedding.
+
+    The output is divided by the final layer-norm scale at ``from_pos``, as in direct logit attribution
+    (IOI paper fig. 3c).
+    """
+    pos = list(positions.values())
+    targets = prompts.clean_tokens[:, pos]  # [batch, word]
+    n = model.cfg.n_layers
+    attention = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][:, :, from_pos, pos] for l in range(n)])  # [layer, batch, head, word]
+    z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][:, from_pos] for l in range(n)])  # [layer, batch, head, d_head]
+    out = torch.einsum("lbhe,lhed->lbhd", z, model.W_O) / cache["ln_final.hook_scale"][:, from_pos][None, :, None]
+    word_dirs = model.W_U[:, targets]  # [d_model, batch, word]
+    contribution = torch.einsum("lbhd,dbw->lbhw", out, word_dirs)
+    return AttentionContribution(attention.permute(0, 2, 1, 3).detach().cpu(), contribution.permute(0, 2, 1, 3).detach().cpu(), list(positions))
+
+
+def attention_between(cache, n_layers: int, from_positions: dict[str, int], to_positions: dict[str, int]) -> Float[Tensor, "layer head from to"]:
+    """Mean attention over prompts from each named position to each named position, for every head."""
+    src, dst = list(from_positions.values()), list(to_positions.values())
+    pats = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(n_layers)])  # [layer, batch, head, q, k]
+    return pats[:, :, :, src][..., dst].mean(1).detach().cpu()
+
+
+def attention_shift(model, prompts: PromptSet, candidates: list[dict], readers: list[dict], positions: dict[str, int],
+                    from_pos: int = -1) -> Float[Tensor, "candidate reader word"]:
+    """How much each candidate head moves each later reader head's attention (S-inhibition evidence).
+
+    Clean prompts; in variant i the candidate's output z (all positions) takes its corrupted-run value; the
+    change of each reader's attention from ``from_pos`` to each word, averaged over prompts. All candidates
+    run as one batch. Readers at or before a candidate's layer cannot move and get 0.
+    """
+    n_layers, batch = model.cfg.n_layers, prompts.clean_tokens.shape[0]
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    pat_names = sorted({f"blocks.{r['layer']}.attn.hook_pattern" for r in readers})
+    with torch.no_grad():
+        _, clean = run_with_checked_cache(model, prompts.clean_tokens, pat_names)
+        _, corrupted = run_with_checked_cache(model, prompts.corrupted_tokens, z_names)
+    n_var = len(candidates)
+    stored: dict[str, Tensor] = {}
+
+    def swap_in(layer: int):
+        def hook(z: Tensor, hook=None) -> Tensor:
+            z = z.reshape(n_var, batch, *z.shape[1:]).clone()
+            for i, c in enumerate(candidates):
+                if c["layer"] == layer:
+                    z[i, :, :, c["head"]] = corrupted[z_names[layer]][:, :, c["head"]]
+            return z.reshape(n_var * batch, *z.shape[2:])
+        return hook
+
+    def keep_as(name: str):
+        def hook(p: Tensor, hook=None) -> Tensor:
+            stored[name] = p
+            return p
+        return hook
+
+    hooks = [(z_names[l], swap_in(l)) for l in sorted({c["layer"] for c in candidates})] + [(n, keep_as(n)) for n in pat_names]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(prompts.clean_tokens.repeat(n_var, 1))
+    pos = list(positions.values())
+    shift = torch.zeros(n_var, len(readers), len(pos))
+    for j, r in enumerate(readers):
+        name = f"blocks.{r['layer']}.attn.hook_pattern"
+        patched = stored[name].reshape(n_var, batch, *stored[name].shape[1:])[:, :, r["head"], from_pos, pos]
+        base = clean[name][:, r["head"], from_pos, pos]
+        later = torch.tensor([float(c["layer"] < r["layer"]) for c in candidates])[:, None]
+        shift[:, j] = (patched - base[None]).mean(1).cpu() * later
+    return shift
+
+
+def composition_scores(model, mode: str = "K") -> Float[Tensor, "layer head layer head"]:
+    """TransformerLens composition scores (Elhage et al. 2021) of every earlier head into every later head."""
+    return model.all_composition_scores(mode).scores.detach().cpu()

@@ -1,0 +1,187 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Head functions
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/circuit-lab/circuit-lab/blob/main/nb_templates/head_functions.ipynb)
+#
+# What do the important heads of a task *do*? This notebook reads the important heads from
+# `circuit_expms.json` (run that template first; the `heads` parameter overrides the list), then asks of each
+# head: does it copy the words it attends to into the logits (copy scores), is its contribution to a word
+# proportional to its attention to it, which named positions does it attend to, and does it steer where a
+# later head attends. From that evidence it proposes a role for every head, with the numbers that justify it.
+# Results go to `head_functions.json`.
+#
+# Run it in Colab from the badge, or headlessly: `make run TASK=ioi TEMPLATE=head_functions`.
+
+
+# %% tags=["colab"]
+# In Colab only: fetch the project (templates, params, bundled models) and install it. Locally `make run` did this.
+import os
+import subprocess
+import sys
+
+if "google.colab" in sys.modules and not os.path.isdir("/content/circuit-lab"):
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/circuit-lab/circuit-lab", "/content/circuit-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/circuit-lab"], check=True)
+if "google.colab" in sys.modules:
+    sys.path.insert(0, "/content/circuit-lab")
+    os.chdir("/content/circuit-lab")
+
+# %% tags=["parameters"]
+task = "ioi"  # params/<task>.yaml
+params_file = None  # a params YAML path; overrides `task`
+model_name = None  # overrides the params' model: a bundled name (models/<name>), a local HF dir, or "gpt2-small"
+n_prompts = None  # overrides the params' n_prompts
+output_dir = None  # default: nb_outputs/<task>/<model>/
+input_dir = None  # where circuit_expms.json is read from; default: the output folder
+device = None  # default: CUDA if available, else CPU
+threads = None  # torch CPU threads (match processes x threads to the cores)
+static_images = True  # also save every figure as PNG next to the notebook
+heads = None  # e.g. ["L3H2", "L0H1"]; default: the top DLA and patching heads of circuit_expms.json
+words = None  # named positions holding words, e.g. ["IO", "S1"]; default: every named slot position
+copy_top_k = 5  # a copy counts when the word is among the top k logits
+attention_from = ["end"]  # named positions whose attention to the words is shown
+role_thresholds = {}  # overrides of helpers.roles.RoleThresholds, e.g. {"copy_score": 40}
+
+# %%
+import pandas as pd
+from IPython.display import display
+from scipy.stats import pearsonr
+
+from helpers import artifacts, experiments, head_functions, plotting, roles
+from helpers.heads import head_label
+
+s = experiments.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
+                              input_dir)
+model, prompts, figs = s.model, s.prompts, s.figures
+circuit = experiments.load_results(s, "circuit_expms")
+chosen = experiments.important_heads(s, circuit, heads)
+labels = [head_label(h) for h in chosen]
+positions = head_functions.word_positions(prompts, words)
+from_positions = head_functions.word_positions(prompts, attention_from)
+thresholds = roles.RoleThresholds(**role_thresholds)
+cache = head_functions.clean_cache(model, prompts)
+print(f"task {s.params.task} | model {s.model_name} | heads {labels} | words {positions}")
+
+# %% [markdown]
+# ## 1. Copy scores through the OV circuit
+#
+# **How it works.** (IOI paper §3.3.) Take the residual stream after the first block at each word's position,
+# pass it through one head's OV circuit as if the head attended there fully, then the final LayerNorm and the
+# unembedding. The copy score is the percent of (prompt, word) pairs whose own token is among the top
+# `copy_top_k` logits. The negative copy score does the same with the OV output negated.
+#
+# **How to interpret.** A mover has a high positive copy score: whatever it attends to, it raises that word's
+# logit. A negative mover has a high negative one. Compare with the distribution over all heads (the
+# baseline row): a score is only "high" against it.
+
+# %%
+copy = head_functions.copy_scores(model, cache, prompts, positions, copy_top_k)
+copy_table = pd.DataFrame({"copy score (+)": [float(copy.positive[h["layer"], h["head"]]) for h in chosen],
+                           "copy score (-)": [float(copy.negative[h["layer"], h["head"]]) for h in chosen]}, index=labels)
+copy_table.loc["baseline: all heads, mean"] = [float(copy.positive.mean()), float(copy.negative.mean())]
+copy_table.loc["baseline: all heads, 90th percentile"] = [float(copy.positive.quantile(0.9)), float(copy.negative.quantile(0.9))]
+display(copy_table.round(1))
+for sign, values in [("positive", copy.positive), ("negative", copy.negative)]:
+    figs.show(plotting.heatmap(values, f"{sign} copy score (% of words in the top {copy_top_k})", "head", "layer", color_label="%",
+                               zmid=50), f"copy_score_{sign}")
+
+# %% [markdown]
+# ## 2. Attention vs contribution
+#
+# **How it works.** (IOI paper fig. 3c.) For each prompt and word: the head's attention from the last
+# position to the word, against the head's output there dotted with the word's unembedding (divided by the
+# final LayerNorm scale, as in DLA). Pearson correlation and p-value per head.
+#
+# **How to interpret.** A mover's points lie on a rising line: the more it attends to a word, the more it
+# raises that word. A falling line is a negative mover. No relation means the head's output does not depend
+# on what it attends to among these words.
+
+# %%
+ac = head_functions.attention_vs_contribution(model, cache, prompts, positions)
+corr = ac.correlation()
+corr_rows = []
+for h, label in zip(chosen, labels):
+    a, c = ac.attention[h["layer"], h["head"]].flatten(), ac.contribution[h["layer"], h["head"]].flatten()
+    r, p = pearsonr(a.numpy(), c.numpy())
+    corr_rows.append({"head": label, "pearson r": r, "p-value": p})
+    word_of_point = [w for _ in range(ac.attention.shape[2]) for w in ac.words]
+    figs.show(plotting.scatter(a, c, f"{label}: attention from end vs contribution to the word (r = {r:.2f})",
+                               "attention from end", "head output · W_U[word]", hover=word_of_point, color=word_of_point),
+              f"attention_vs_contribution_{label}")
+display(pd.DataFrame(corr_rows).set_index("head").round(4))
+
+# %% [markdown]
+# ## 3. Attention to named positions
+#
+# **How it works.** Mean attention (over prompts) from each position in `attention_from` to every named word
+# position, for every head.
+#
+# **How to interpret.** In IOI, name movers attend from the end to the indirect object, S-inhibition heads
+# to the second subject, induction and duplicate heads act at S2. Rows that look alike are heads that may
+# share a role.
+
+# %%
+between = head_functions.attention_between(cache, model.cfg.n_layers, from_positions, positions)
+for i, src in enumerate(from_positions):
+    values = between[:, :, i].flatten(0, 1)  # [layer*head, word]
+    figs.show(plotting.heatmap(values, f"Attention from {src} to each named word", "to", "head", x=list(positions), y=s.head_names,
+                               color_label="attention", zmid=0.5), f"attention_from_{src}")
+
+# %% [markdown]
+# ## 4. Proposed head roles
+#
+# **How it works.** The evidence above, with the DLA and output patching of `circuit_expms.json` and the
+# previous-token / duplicate / induction scores, goes through explicit rules (`helpers/roles.py`, thresholds
+# in `role_thresholds`). Movers are found first; then each important head in an earlier layer has its output
+# replaced by its corrupted-run value, and if that moves a mover's attention to a word by at least the
+# threshold, the head is inhibition-like (it changes where the mover attends).
+#
+# **How to interpret.** A role is a hypothesis with its evidence, not a verdict; "unclassified" means no rule
+# was met. Check a proposed role against the plots above before building a circuit on it (next template:
+# `minimal_circuit`).
+
+# %%
+evidence = roles.head_evidence(circuit, chosen, copy, corr)
+movers = roles.heads_meeting(evidence, "mover", circuit["logit_diff"]["clean"], thresholds)
+if movers:
+    shift = head_functions.attention_shift(model, prompts, chosen, movers, positions)
+    evidence = roles.add_attention_shift(evidence, shift, chosen, movers, list(positions))
+role_table = roles.assign_roles(evidence, circuit["logit_diff"]["clean"], thresholds)
+print("movers:", [head_label(h) for h in movers] or "none")
+display(role_table)
+
+# %% [markdown]
+# ## 5. Results for the next templates
+#
+# Everything above, as data: `head_functions.json` next to this notebook.
+
+# %%
+results = {
+    "template": "head_functions",
+    "params": s.params,
+    "model": s.model_name,
+    "heads": chosen,
+    "words": positions,
+    "copy_scores": {"k": copy_top_k, "positive": copy.positive, "negative": copy.negative,
+                    "table": copy_table.reset_index(names="head").to_dict("records")},
+    "attention_vs_contribution": {"pearson_all_heads": corr, "table": corr_rows},
+    "attention_between": {"from": list(from_positions), "to": list(positions), "values": between},
+    "roles": {"thresholds": thresholds.model_dump(), "table": role_table.reset_index().to_dict("records")},
+    "figures": figs.saved,
+}
+print("wrote", artifacts.write_json(s.out_dir / "head_functions.json", results))

@@ -1,0 +1,169 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Induction checks
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/circuit-lab/circuit-lab/blob/main/nb_templates/induction_checks.ipynb)
+#
+# Does the model have induction heads, and the previous-token heads they need? On sequences of random
+# tokens repeated twice, an induction head attends from each token of the repeat to the token that followed
+# its first occurrence and copies it, so the loss on the repeat falls far below the loss on the first copy.
+# This notebook scores every head, checks the scores against TransformerLens's `head_detector`, shows the
+# patterns of the top heads on a repeated sentence, and measures the K-composition that connects a
+# previous-token head to an induction head. Results go to `induction_checks.json`.
+#
+# Run it in Colab from the badge, or headlessly: `make run TASK=ioi MODEL=toy-induction TEMPLATE=induction_checks`.
+
+
+# %% tags=["colab"]
+# In Colab only: fetch the project (templates, params, bundled models) and install it. Locally `make run` did this.
+import os
+import subprocess
+import sys
+
+if "google.colab" in sys.modules and not os.path.isdir("/content/circuit-lab"):
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/circuit-lab/circuit-lab", "/content/circuit-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/circuit-lab"], check=True)
+if "google.colab" in sys.modules:
+    sys.path.insert(0, "/content/circuit-lab")
+    os.chdir("/content/circuit-lab")
+
+# %% tags=["parameters"]
+task = "ioi"  # params/<task>.yaml (its first clean prompt is the repeated sentence)
+params_file = None  # a params YAML path; overrides `task`
+model_name = None  # overrides the params' model: a bundled name (models/<name>), a local HF dir, or "gpt2-small"
+n_prompts = None  # overrides the params' n_prompts
+output_dir = None  # default: nb_outputs/<task>/<model>/
+device = None  # default: CUDA if available, else CPU
+threads = None  # torch CPU threads (match processes x threads to the cores)
+static_images = True  # also save every figure as PNG next to the notebook
+seq_len = 25  # length of the random sequence r in BOS, r, r (keep 2r+1 within the model's trained context)
+batch = 16  # number of random sequences
+seed = 0  # seed of the random sequences
+score_threshold = 0.4  # a head with a score at or above this is reported as that kind of head
+sentence = None  # the natural sentence shown repeated; default: the task's first clean prompt
+
+# %%
+from IPython.display import display
+
+from helpers import artifacts, experiments, head_functions, heads, plotting
+
+s = experiments.start_session("induction_checks", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images)
+model, figs = s.model, s.figures
+print(f"model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) | sequences BOS, r, r with |r| = {seq_len}")
+
+# %% [markdown]
+# ## 1. Scores of every head on repeated random tokens
+#
+# **How it works.** On `batch` sequences `BOS, r, r` (r: `seq_len` random words): the previous-token score is
+# the mean attention from each token to the one before it; the duplicate-token score, from each token of the
+# second r to its copy in the first r; the induction score, to the token *after* that copy.
+#
+# **How to interpret.** Scores near 1 are clear-cut heads. In a 2-layer model, induction needs a
+# previous-token head in layer 0 and an induction head in layer 1.
+
+# %%
+scores, loss = heads.repeated_token_scores(model, seq_len, batch, seed)
+for kind, values in scores.items():
+    figs.show(plotting.heatmap(values, f"{kind.replace('_', '-')} score per head", "head", "layer", color_label="score", zmid=0.5),
+              f"score_{kind}")
+found = {kind: [h for h in heads.top_heads(values, values.numel(), "pos") if h["value"] >= score_threshold] for kind, values in scores.items()}
+for kind, hs in found.items():
+    print(f"{kind} heads (score >= {score_threshold}):", [(heads.head_label(h), h["value"]) for h in hs] or "none")
+
+# %% [markdown]
+# ## 2. Loss on the repeat
+#
+# **How it works.** Next-token loss at every position of `BOS, r, r`, averaged over the sequences.
+#
+# **How to interpret.** Without induction the loss stays near the log of the number of random words on both
+# halves. With induction it drops right after the repeat starts.
+
+# %%
+first, second = loss[:, :seq_len].mean().item(), loss[:, seq_len:].mean().item()
+print(f"mean loss: first r {first:.3f}, second r {second:.3f} (uniform guess: {heads.uniform_loss(model):.3f})")
+figs.show(plotting.lines(loss.mean(0), list(range(1, loss.shape[1] + 1)), "Loss per position on BOS, r, r", "position", "loss (nats)"),
+          "repeated_tokens_loss")
+
+# %% [markdown]
+# ## 3. Cross-check with TransformerLens `head_detector`
+#
+# **How it works.** TransformerLens's `detect_head` scores the same three patterns on texts `r r`. It averages
+# over every query row, we over the scored ones; after that rescaling the two must agree exactly.
+#
+# **How to interpret.** A difference above 1e-5 means one of the implementations scores something else.
+
+# %%
+agreement = heads.head_detector_agreement(model)
+print("max |ours - head_detector| per score:", {k: f"{v:.1e}" for k, v in agreement.items()})
+
+# %% [markdown]
+# ## 4. Patterns on a repeated sentence
+#
+# **How it works.** The attention patterns of the top previous-token and induction heads on a natural
+# sentence written twice.
+#
+# **How to interpret.** A previous-token head draws a line just below the diagonal; an induction head, a line
+# `len(sentence)` tokens below it, shifted by one: each token of the repeat attends to the token after its
+# first occurrence.
+
+# %%
+text = sentence or s.prompts.clean_prompts[0]
+tokens = model.to_tokens(text + text)
+shown = (found["prev_token"] + found["induction"])[:6] or heads.top_heads(scores["induction"], 2, "pos")
+_, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{h['layer']}.attn.hook_pattern" for h in shown])
+display(plotting.attention_view(model, cache, tokens, shown))
+
+# %% [markdown]
+# ## 5. K-composition: how previous-token heads feed induction heads
+#
+# **How it works.** The K-composition score of an earlier head into a later head (Elhage et al. 2021) is
+# how much of the later head's key input comes from the earlier head's OV output,
+# `|W_QK^T W_OV| / (|W_QK| |W_OV|)` in Frobenius norm; TransformerLens computes it from the weights.
+#
+# **How to interpret.** An induction head's keys must be built by a previous-token head, so their pair
+# should score well above the typical pair (the baseline printed: the mean over all earlier-later pairs).
+
+# %%
+comp = head_functions.composition_scores(model, "K")
+baseline = heads.composition_baseline(comp)
+pairs = heads.composition_pairs(comp, found["prev_token"], found["induction"])
+print(f"K-composition baseline (mean over all earlier->later head pairs): {baseline:.3f}")
+for p in pairs:
+    print(f"  {p['from']} -> {p['to']}: {p['score']:.3f}")
+figs.show(plotting.heatmap(comp.flatten(2).flatten(0, 1), "K-composition score (row: earlier head, column: later head)", "later head",
+                           "earlier head", x=s.head_names, y=s.head_names, color_label="score", zmid=baseline), "k_composition")
+
+# %% [markdown]
+# ## 6. Results
+#
+# As data: `induction_checks.json` next to this notebook.
+
+# %%
+results = {
+    "template": "induction_checks",
+    "model": s.model_name,
+    "sequences": {"seq_len": seq_len, "batch": batch, "seed": seed},
+    "scores": scores,
+    "heads": found,
+    "threshold": score_threshold,
+    "loss": {"first_half": first, "second_half": second, "uniform": heads.uniform_loss(model)},
+    "head_detector_max_abs_diff": agreement,
+    "k_composition": {"baseline": baseline, "pairs": pairs, "values": comp},
+    "sentence": text,
+    "figures": figs.saved,
+}
+print("wrote", artifacts.write_json(s.out_dir / "induction_checks.json", results))

@@ -1,0 +1,98 @@
+"""Head-function quantities on toy-ioi, head roles from evidence, and the toy-induction circuit vs its model card."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from helpers import PROJECT_ROOT, head_functions as HF, heads, roles
+
+
+@pytest.fixture(scope="module")
+def cache(toy_ioi, ioi_prompts):
+    return HF.clean_cache(toy_ioi, ioi_prompts)
+
+
+def test_word_positions_default_and_errors(ioi_prompts):
+    assert set(HF.word_positions(ioi_prompts)) == {"IO", "S1", "S2"}
+    with pytest.raises(ValueError, match="not found; this task has"):
+        HF.word_positions(ioi_prompts, ["IO", "nobody"])
+
+
+def test_copy_scores_are_percentages_and_reproducible(toy_ioi, ioi_prompts, cache):
+    pos = HF.word_positions(ioi_prompts)
+    first = HF.copy_scores(toy_ioi, cache, ioi_prompts, pos, k=5)
+    again = HF.copy_scores(toy_ioi, cache, ioi_prompts, pos, k=5)
+    assert torch.equal(first.positive, again.positive) and torch.equal(first.negative, again.negative)
+    assert first.positive.min() >= 0 and first.positive.max() <= 100
+    narrow = HF.copy_scores(toy_ioi, cache, ioi_prompts, pos, k=1)
+    assert torch.all(narrow.positive <= first.positive)  # top 1 is within top 5
+    wide = HF.copy_scores(toy_ioi, cache, ioi_prompts, pos, k=toy_ioi.cfg.d_vocab)
+    assert torch.all(wide.positive == 100)  # every word is in the top "all" logits
+
+
+def test_attention_vs_contribution(toy_ioi, ioi_prompts, cache):
+    pos = HF.word_positions(ioi_prompts)
+    ac = HF.attention_vs_contribution(toy_ioi, cache, ioi_prompts, pos)
+    expected = cache["blocks.3.attn.hook_pattern"][:, 2, -1, list(pos.values())]
+    torch.testing.assert_close(ac.attention[3, 2], expected)
+    corr = ac.correlation()
+    assert corr.shape == (4, 4) and corr.abs().max() <= 1 + 1e-6
+
+
+def test_attention_shift_is_zero_for_non_earlier_heads(toy_ioi, ioi_prompts):
+    pos = HF.word_positions(ioi_prompts)
+    readers = [{"layer": 3, "head": 2}]
+    candidates = [{"layer": 0, "head": 1}, {"layer": 3, "head": 0}]
+    shift = HF.attention_shift(toy_ioi, ioi_prompts, candidates, readers, pos)
+    assert shift.shape == (2, 1, 3)
+    assert torch.all(shift[1] == 0)
+
+
+def test_head_labels():
+    assert heads.parse_head_label("L3H2", 4, 4) == {"layer": 3, "head": 2}
+    with pytest.raises(ValueError, match="form"):
+        heads.parse_head_label("3.2", 4, 4)
+    with pytest.raises(ValueError, match="does not exist"):
+        heads.parse_head_label("L9H0", 4, 4)
+
+
+def test_roles_follow_the_rules_and_allow_unclassified():
+    evidence = pd.DataFrame([
+        {"head": "L3H2", "layer": 3, "head_index": 2, "dla": 5.0, "copy_positive": 95.0, "copy_negative": 0.0,
+         "prev_token": 0.0, "duplicate_token": 0.0, "induction": 0.1},
+        {"head": "L2H0", "layer": 2, "head_index": 0, "dla": -2.0, "copy_positive": 0.0, "copy_negative": 80.0,
+         "prev_token": 0.0, "duplicate_token": 0.0, "induction": 0.0},
+        {"head": "L1H1", "layer": 1, "head_index": 1, "dla": 0.0, "copy_positive": 0.0, "copy_negative": 0.0,
+         "prev_token": 0.1, "duplicate_token": 0.0, "induction": 0.7},
+        {"head": "L0H0", "layer": 0, "head_index": 0, "dla": 0.3, "copy_positive": 10.0, "copy_negative": 0.0,
+         "prev_token": 0.2, "duplicate_token": 0.1, "induction": 0.0},
+    ]).set_index("head")
+    table = roles.assign_roles(evidence, logit_diff=6.0)
+    assert table["role"].to_dict() == {"L3H2": "mover", "L2H0": "negative mover", "L1H1": "induction", "L0H0": "unclassified"}
+    assert "no rule met" in table.loc["L0H0", "evidence"]
+    assert "copy score 95%" in table.loc["L3H2", "evidence"]
+    looser = roles.assign_roles(evidence, logit_diff=6.0, thresholds=roles.RoleThresholds(previous_token=0.15))
+    assert looser.loc["L0H0", "role"] == "previous-token"
+    assert roles.heads_meeting(evidence, "mover", 6.0) == [{"layer": 3, "head": 2}]
+    with pytest.raises(ValueError):
+        roles.RoleThresholds(copy_score=150)
+
+
+def test_toy_induction_heads_match_the_model_card(toy_induction):
+    """The scores the induction_checks template computes (its defaults) are the ones the model card reports."""
+    card = json.loads((PROJECT_ROOT / "models" / "toy-induction" / "training_metrics.json").read_text())["final"]["head_scores"]
+    scores, loss = heads.repeated_token_scores(toy_induction, card["seq_len"], card["batch"], card["seed"])
+    for kind in ("prev_token", "induction"):
+        torch.testing.assert_close(scores[kind], torch.tensor(card[kind]), atol=1e-4, rtol=0)
+    assert scores["prev_token"][0].max() > 0.5 and scores["induction"][1].min() > 0.5 and scores["induction"][0].max() < 0.2
+    # K-composition: for every induction head, the layer-0 head that composes most with its keys is a
+    # previous-token head (measured: L0H0 0.166-0.167 into each L1 head, L0H1/L0H2 0.12-0.13)
+    comp = HF.composition_scores(toy_induction, "K")
+    prev_heads = {h for h in range(toy_induction.cfg.n_heads) if scores["prev_token"][0, h] >= 0.4}
+    for j in range(toy_induction.cfg.n_heads):
+        assert int(comp[0, :, 1, j].argmax()) in prev_heads
+    assert comp[0, sorted(prev_heads), 1].mean() > comp[0, :, 1].mean()
