@@ -96,3 +96,15 @@ def test_toy_induction_heads_match_the_model_card(toy_induction):
     for j in range(toy_induction.cfg.n_heads):
         assert int(comp[0, :, 1, j].argmax()) in prev_heads
     assert comp[0, sorted(prev_heads), 1].mean() > comp[0, :, 1].mean()
+
+
+def test_attention_shift_batched_equals_one_candidate_at_a_time(toy_ioi, ioi_prompts):
+    """All candidates in one batch give the same shifts as separate runs (no cross-talk between variants)."""
+    pos = HF.word_positions(ioi_prompts)
+    readers = [{"layer": 3, "head": 2}]
+    candidates = [{"layer": 0, "head": 1}, {"layer": 1, "head": 2}, {"layer": 2, "head": 2}]
+    together = HF.attention_shift(toy_ioi, ioi_prompts, candidates, readers, pos)
+    for i, c in enumerate(candidates):
+        alone = HF.attention_shift(toy_ioi, ioi_prompts, [c], readers, pos)
+        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=0)
+    assert together.abs().max() > 1e-4  # earlier heads do move L3H2's attention (a little: it reads S2 regardless)

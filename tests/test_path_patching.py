@@ -1,0 +1,38 @@
+"""Exact path patching: identities with activation patching, and no effect from a sender at or after its receiver."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import patching as P
+from helpers import path_patching as PP
+
+
+@pytest.fixture(scope="module")
+def ctx(toy_ioi, ioi_prompts):
+    return P.make_context(toy_ioi, ioi_prompts.clean_tokens[:8], ioi_prompts.corrupted_tokens[:8], ioi_prompts.answer_tokens[:8])
+
+
+def test_last_layer_sender_to_logits_equals_activation_patching(ctx):
+    """A last-layer head reaches the logits only directly, so its path effect is its activation-patching effect."""
+    paths = PP.path_patch_to_logits(ctx)
+    activation = P.sweep(ctx, "head_out", progress=False)
+    last = ctx.model.cfg.n_layers - 1
+    torch.testing.assert_close(paths[last], activation[last], atol=1e-5, rtol=0)
+    assert paths.shape == activation.shape
+    assert not torch.allclose(paths[0], activation[0], atol=1e-3)  # earlier heads also act through later heads
+
+
+@pytest.mark.parametrize("component", ["q", "k", "v"])
+def test_senders_at_or_after_the_receiver_have_no_effect(ctx, component):
+    receiver = {"layer": 2, "head": 1}
+    paths = PP.path_patch_to_receivers(ctx, [receiver], component)
+    assert paths.shape == (4, 4)
+    assert paths[2:].abs().max() <= 1e-5
+    assert paths[:2].abs().max() > 1e-4  # earlier senders do reach it
+
+
+def test_unknown_component_raises(ctx):
+    with pytest.raises(ValueError, match="component"):
+        PP.path_patch_to_receivers(ctx, [{"layer": 3, "head": 2}], "z")
