@@ -117,3 +117,32 @@ def path_patch_to_receivers(ctx: PatchingContext, receivers: list[dict], compone
             logits = model.unembed(model.ln_final(resid[:, -1:]))
         rows.append(logit_diff(logits, ctx.answer_tokens.repeat(n_heads, 1)).reshape(n_heads, batch).mean(-1).cpu())
     return normalised(torch.stack(rows), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+
+
+def receiver_effects(ctx: PatchingContext, receivers: dict[str, dict]) -> dict[tuple[str, str], Float[Tensor, "layer head"]]:
+    """``path_patch_to_receivers`` of every sender into each receiver's q, k and v input, keyed (receiver, input)."""
+    return {(label, c): path_patch_to_receivers(ctx, [r], c) for label, r in receivers.items() if r["layer"] > 0 for c in QKV_HOOKS}
+
+
+def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> list[dict]:
+    """For each pair of ``heads`` (sender earlier than receiver) and each of q/k/v: our exact path effect (from
+    ``receiver_effects``) next to TransformerLens's ``get_act_patch_direct_path`` (the direct edge only, same
+    normalised metric)."""
+    from transformer_lens.patching import get_act_patch_direct_path
+
+    from .patching import tl_metric
+
+    rows = []
+    for s_label, s in heads.items():
+        receivers = {label: r for label, r in heads.items() if r["layer"] > s["layer"]}
+        if not receivers:
+            continue
+        for component in ("q", "k", "v"):
+            direct = get_act_patch_direct_path(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, ctx.corrupted_cache, tl_metric(ctx),
+                                               s["layer"], s["head"], component, verbose=False)
+            for r_label, r in receivers.items():
+                exact = float(effects[(r_label, component)][s["layer"], s["head"]])
+                tl = float(direct[r["layer"], r["head"]])
+                rows.append({"sender": s_label, "receiver": r_label, "input": component, "exact path": exact,
+                             "TL direct path": tl, "difference": exact - tl})
+    return rows

@@ -36,13 +36,15 @@ class Figures:
         self.saved: list[str] = []
         self.skipped_reason: str | None = None
 
-    def show(self, fig: go.Figure, name: str) -> go.Figure:
-        """Display ``fig`` and write its PNG (once kaleido fails, later figures skip export with no new error)."""
+    def show(self, fig: go.Figure, name: str, formats: tuple[str, ...] = ("png",)) -> go.Figure:
+        """Display ``fig`` and write it as PNG (and any other ``formats``, e.g. svg); once kaleido fails, later
+        figures skip export with no new error."""
         fig.show()
         if self.static and self.skipped_reason is None:
             try:
-                fig.write_image(self.dir / f"{name}.png", scale=1.5)
-                self.saved.append(f"{self.folder}/{name}.png")
+                for fmt in formats:
+                    fig.write_image(self.dir / f"{name}.{fmt}", scale=1.5)
+                    self.saved.append(f"{self.folder}/{name}.{fmt}")
             except Exception as err:  # kaleido without Chromium, or no kaleido
                 self.skipped_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
                 warnings.warn(f"static images are skipped (figures still show inline): {self.skipped_reason}. Install Chromium (apt-get install chromium) or run plotly_get_chrome.", stacklevel=2)
@@ -87,6 +89,40 @@ def scatter(x, y, title: str, x_label: str, y_label: str, hover: list[str] | Non
 
 
 
+
+
+def circuit_diagram(nodes: list[dict], edges: list[dict], title: str) -> go.Figure:
+    """Heads as nodes at (x, layer) coloured by role, weighted edges between them, the logits as the sink on top.
+
+    ``nodes``: ``{label, x, layer, role}`` (one node labelled ``logits`` sits above the last layer);
+    ``edges``: ``{source, target, weight}``, drawn with width and opacity by |weight|, red if negative.
+    """
+    columns = list(dict.fromkeys(n["x"] for n in nodes))
+    cells: dict[tuple, list[str]] = {}
+    for n in nodes:  # heads sharing a (column, layer) cell are spread side by side
+        cells.setdefault((n["x"], n["layer"]), []).append(n["label"])
+    where = {}
+    for (col, layer), labels in cells.items():
+        for i, label in enumerate(labels):
+            where[label] = (columns.index(col) + (i - (len(labels) - 1) / 2) * 0.8 / max(len(labels), 1), layer)
+    biggest = max([abs(e["weight"]) for e in edges] + [1e-9])
+    fig = go.Figure()
+    for e in sorted(edges, key=lambda e: abs(e["weight"])):
+        (x0, y0), (x1, y1) = where[e["source"]], where[e["target"]]
+        strength = abs(e["weight"]) / biggest
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text", showlegend=False,
+                                 text=f"{e['source']} -> {e['target']}: {e['weight']:+.3f}",
+                                 line={"width": 1 + 7 * strength, "color": f"rgba({'200,30,30' if e['weight'] < 0 else '30,80,200'},{0.15 + 0.85 * strength:.2f})"}))
+    roles = sorted({n["role"] for n in nodes}, key=lambda r: (r == "logits", r))
+    for i, role in enumerate(roles):
+        members = [n for n in nodes if n["role"] == role]
+        fig.add_trace(go.Scatter(x=[where[n["label"]][0] for n in members], y=[n["layer"] for n in members], mode="markers+text", name=role,
+                                 text=[n["label"] for n in members], textposition="top center",
+                                 marker={"size": 22, "color": px.colors.qualitative.Set2[i % 8], "line": {"width": 1, "color": "black"}}))
+    fig.update_layout(title=title, xaxis_title="position where the head is kept", yaxis_title="layer", height=520, width=820,
+                      template="plotly_white", legend_title="role")
+    fig.update_xaxes(tickvals=list(range(len(columns))), ticktext=columns, range=[-0.6, len(columns) - 0.4])
+    return fig
 
 
 def attention_view(model, cache, tokens, chosen: list[dict], prompt_index: int = 0):

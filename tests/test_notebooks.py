@@ -133,3 +133,19 @@ def test_induction_checks_find_the_induction_circuit(outputs):
     assert data["loss"]["second_half"] < 0.3 * data["loss"]["first_half"]
     assert max(data["head_detector_max_abs_diff"].values()) <= 1e-5
     assert data["k_composition"]["pairs"] and max(p["score"] for p in data["k_composition"]["pairs"]) > data["k_composition"]["baseline"]
+
+
+def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
+    result = runner.run_template("ioi", "minimal_circuit", "toy-ioi", n_prompts=16, threads=2, progress=False,
+                                 extra_parameters={"n_random": 5, "completeness_subsets": 5, "minimality_max_k": 1})
+    assert result.status == "ok", result.message
+    out = outputs / "ioi" / "toy-ioi"
+    assert not executed_errors(out / "minimal_circuit.ipynb")
+    data = json.loads((out / "minimal_circuit.json").read_text())
+    roles = json.loads((out / "head_functions.json").read_text())["roles"]["table"]
+    assert sorted(data["circuit"]["groups"]["unclassified"]) == sorted(r["head"] for r in roles if r["role"] == "unclassified")
+    assert data["faithfulness"]["full model (all heads)"] == pytest.approx(1.0, abs=1e-5)
+    assert all(m["score"] >= 0 for m in data["minimality"].values())
+    assert (out / "circuit.json").exists()
+    if data["figures"]:
+        assert (out / "minimal_circuit_figures" / "circuit_diagram.svg").stat().st_size > 1000

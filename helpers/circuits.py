@@ -1,0 +1,242 @@
+"""Circuits as data, and knocking out everything outside them (IOI paper §4).
+
+A circuit is a set of heads grouped by role, each kept at some named positions (or all). Knocking out
+replaces the output z of every head *outside* the circuit — and of circuit heads at positions where they
+are not kept — by a reference value: its mean over reference prompts at that position (default; the
+corrupted prompts, as the IOI paper's ABC distribution), zero, or its value on the corresponding corrupted
+prompt (resample). Many circuits are evaluated as one batch: one boolean keep-mask per circuit.
+
+Faithfulness = logit diff with the circuit only / logit diff of the full model (IOI paper: F(C) / F(M)).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from .heads import head_label, parse_head_label
+from .hooks import resolve_hook_names
+from .metrics import logit_diff
+
+# Where a head of each role is kept (IOI paper's circuit): named positions, or None for every position.
+ROLE_POSITIONS: dict[str, list[str] | None] = {
+    "mover": ["end"],
+    "negative mover": ["end"],
+    "inhibition-like": ["end"],
+    "induction": ["S2"],
+    "duplicate-token": ["S2"],
+    "previous-token": ["S1+1"],
+    "unclassified": None,
+}
+ABLATIONS = ("mean", "zero", "resample")
+
+
+@dataclass
+class Circuit:
+    """Heads grouped by role; ``positions[label]`` = named positions where the head is kept (None: all)."""
+
+    groups: dict[str, list[str]]
+    positions: dict[str, list[str] | None] = field(default_factory=dict)
+
+    @property
+    def heads(self) -> list[str]:
+        return [h for hs in self.groups.values() for h in hs]
+
+    def without(self, removed: list[str]) -> "Circuit":
+        """The circuit minus the heads ``removed``."""
+        gone = set(removed)
+        return Circuit({g: [h for h in hs if h not in gone] for g, hs in self.groups.items()},
+                       {h: p for h, p in self.positions.items() if h not in gone})
+
+    def to_json(self) -> dict:
+        return {"groups": self.groups, "positions": self.positions}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Circuit":
+        return cls({g: list(hs) for g, hs in data["groups"].items()}, dict(data.get("positions", {})))
+
+
+def circuit_from_roles(role_rows: list[dict], available_positions: dict[str, int]) -> Circuit:
+    """Group the ``head_functions`` role table by role; keep each head where its role acts (if the task names
+    that position, else everywhere)."""
+    groups: dict[str, list[str]] = {}
+    positions: dict[str, list[str] | None] = {}
+    for row in role_rows:
+        groups.setdefault(row["role"], []).append(row["head"])
+        wanted = ROLE_POSITIONS.get(row["role"])
+        positions[row["head"]] = wanted if wanted and all(p in available_positions for p in wanted) else None
+    return Circuit(groups, positions)
+
+
+def keep_mask(circuit: Circuit, n_layers: int, n_heads: int, named: dict[str, int], n_pos: int) -> Bool[Tensor, "layer pos head"]:
+    """True where a head's output is kept (in the circuit, at one of its positions)."""
+    mask = torch.zeros(n_layers, n_pos, n_heads, dtype=torch.bool)
+    for label in circuit.heads:
+        h = parse_head_label(label, n_layers, n_heads)
+        where = circuit.positions.get(label)
+        if where is None:
+            mask[h["layer"], :, h["head"]] = True
+        else:
+            unknown = [p for p in where if p not in named]
+            if unknown:
+                raise ValueError(f"circuit head {label}: position(s) {unknown} are not named by this task ({sorted(named)})")
+            mask[h["layer"], [named[p] for p in where], h["head"]] = True
+    return mask
+
+
+def reference_z(model, tokens: Int[Tensor, "batch pos"], ablation: str) -> Float[Tensor, "layer batch pos head d_head"]:
+    """Replacement values of every head's z for ``ablation``: the per-position mean over ``tokens`` or zero
+    (batch axis of size 1), or the per-prompt values (resample: prompt i takes reference prompt i)."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, not {ablation!r}")
+    names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    z = torch.stack([cache[n] for n in names])  # [layer, batch, pos, head, d_head]
+    if ablation == "mean":
+        return z.mean(1, keepdim=True)  # batch axis of size 1: broadcasts over the evaluated prompts
+    return torch.zeros_like(z[:, :1]) if ablation == "zero" else z
+
+
+def knockout_logit_diffs(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], keep: Bool[Tensor, "variant layer pos head"],
+                         replacement: Float[Tensor, "layer batch pos head d_head"], max_variants: int = 64) -> Float[Tensor, "variant"]:
+    """Mean logit diff of ``tokens`` with every head output outside each keep-mask replaced; variants batched."""
+    batch = tokens.shape[0]
+    out = []
+    for part in keep.split(max_variants):
+        n_var = part.shape[0]
+        part = part.to(replacement.device)
+
+        def knock(layer: int):
+            def hook(z: Tensor, hook=None) -> Tensor:
+                z = z.reshape(n_var, batch, *z.shape[1:])
+                kept = part[:, layer][:, None, :, :, None]  # [variant, 1, pos, head, 1]
+                return torch.where(kept, z, replacement[layer][None]).reshape(n_var * batch, *z.shape[2:])
+            return hook
+
+        hooks = [(f"blocks.{l}.attn.hook_z", knock(l)) for l in range(model.cfg.n_layers)]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            logits = model(tokens.repeat(n_var, 1))
+        out.append(logit_diff(logits, answers.repeat(n_var, 1)).reshape(n_var, batch).mean(-1).cpu())
+    return torch.cat(out)
+
+
+def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int, seed: int) -> list[Circuit]:
+    """``n`` control circuits: as many random heads per layer as ``circuit`` has, kept at the same positions."""
+    rng = random.Random(seed)
+    per_layer: dict[int, list[str]] = {}
+    for label in circuit.heads:
+        per_layer.setdefault(parse_head_label(label, n_layers, n_heads)["layer"], []).append(label)
+    controls = []
+    for _ in range(n):
+        groups, positions = {"random": []}, {}
+        for layer, labels in per_layer.items():
+            picks = rng.sample(range(n_heads), len(labels))
+            for original, h in zip(labels, picks):
+                new = head_label({"layer": layer, "head": h})
+                groups["random"].append(new)
+                positions[new] = circuit.positions.get(original)
+        controls.append(Circuit(groups, positions))
+    return controls
+
+
+@dataclass
+class Evaluator:
+    """Evaluates circuits on fixed prompts against a fixed reference: faithfulness of each, as one batch."""
+
+    model: object
+    tokens: Int[Tensor, "batch pos"]
+    answers: Int[Tensor, "batch 2"]
+    named: dict[str, int]
+    replacement: Tensor
+    full_logit_diff: float
+
+    def keep(self, circuits: list[Circuit]) -> Bool[Tensor, "variant layer pos head"]:
+        cfg = self.model.cfg
+        return torch.stack([keep_mask(c, cfg.n_layers, cfg.n_heads, self.named, self.tokens.shape[1]) for c in circuits])
+
+    def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, "variant"]:
+        """F(C) / F(M) for each circuit: its logit diff with everything else knocked out over the full model's."""
+        return knockout_logit_diffs(self.model, self.tokens, self.answers, self.keep(circuits), self.replacement) / self.full_logit_diff
+
+    def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, "variant"]:
+        """F(M \\ K) / F(M) for each set K: only the heads of K are knocked out (at every position)."""
+        cfg = self.model.cfg
+        everything = Circuit({"all": [head_label({"layer": l, "head": h}) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]})
+        return self.faithfulness([everything.without(k) for k in removed])
+
+
+def make_evaluator(model, tokens, answers, named: dict[str, int], reference_tokens, ablation: str = "mean") -> Evaluator:
+    """An ``Evaluator`` whose knocked-out heads take their ``ablation`` value on ``reference_tokens``."""
+    with torch.no_grad():
+        full = logit_diff(model(tokens), answers).mean().item()
+    return Evaluator(model, tokens, answers, named, reference_z(model, reference_tokens, ablation), full)
+
+
+def minimality(ev: Evaluator, circuit: Circuit, max_k: int = 3) -> dict[str, dict]:
+    """Per head v: max over a greedy K ⊆ (v's group \\ {v}) of |F(C \\ (K ∪ {v})) - F(C \\ K)| (IOI paper §4.2).
+
+    K grows greedily (up to ``max_k`` heads), each step adding the head that makes v's removal matter most.
+    """
+    out = {}
+    for group, members in circuit.groups.items():
+        for v in members:
+            k: list[str] = []
+            best = {"score": float(abs(ev.faithfulness([circuit.without([v])])[0] - ev.faithfulness([circuit])[0])), "K": []}
+            pool = [h for h in members if h != v]
+            for _ in range(min(max_k, len(pool))):
+                options = [h for h in pool if h not in k]
+                with_v = ev.faithfulness([circuit.without(k + [h, v]) for h in options])
+                without_v = ev.faithfulness([circuit.without(k + [h]) for h in options])
+                scores = (with_v - without_v).abs()
+                i = int(scores.argmax())
+                k = k + [options[i]]
+                if float(scores[i]) > best["score"]:
+                    best = {"score": float(scores[i]), "K": list(k)}
+            out[v] = {"group": group, **best}
+    return out
+
+
+def completeness(ev: Evaluator, circuit: Circuit, n_subsets: int, seed: int) -> list[dict]:
+    """For random subsets K of the circuit: F(C \\ K) and F(M \\ K); a complete circuit has them equal."""
+    rng = random.Random(seed)
+    heads = circuit.heads
+    subsets = [rng.sample(heads, rng.randint(1, len(heads))) for _ in range(n_subsets)] if heads else []
+    if not subsets:
+        return []
+    in_circuit = ev.faithfulness([circuit.without(k) for k in subsets])
+    in_model = ev.remove_from_full_model(subsets)
+    return [{"K": k, "circuit": float(a), "model": float(b)} for k, a, b in zip(subsets, in_circuit, in_model)]
+
+
+def circuit_heads(circuit: Circuit, n_layers: int, n_heads: int) -> dict[str, dict]:
+    """``{label: {layer, head}}`` of the circuit's heads."""
+    return {label: parse_head_label(label, n_layers, n_heads) for label in circuit.heads}
+
+
+def circuit_edges(heads: dict[str, dict], to_logits: Tensor, effects: dict[tuple[str, str], Tensor]) -> list[dict]:
+    """Diagram edges ``{source, target, weight, via}``: each head's path effect on the logits, and on every later
+    head (the strongest of its q, k or v input; ``effects`` from ``path_patching.receiver_effects``)."""
+    edges = [{"source": label, "target": "logits", "weight": float(to_logits[h["layer"], h["head"]]), "via": "resid"}
+             for label, h in heads.items()]
+    for r_label, r in heads.items():
+        for s_label, s in ((label, h) for label, h in heads.items() if h["layer"] < r["layer"]):
+            via, value = max(((c, float(effects[(r_label, c)][s["layer"], s["head"]])) for c in ("q", "k", "v")), key=lambda cv: abs(cv[1]))
+            edges.append({"source": s_label, "target": r_label, "weight": value, "via": via})
+    return edges
+
+
+def circuit_nodes(circuit: Circuit, n_layers: int, n_heads: int) -> list[dict]:
+    """Diagram nodes: each head at (the positions where it is kept, its layer), coloured by group; the logits on top."""
+    nodes = []
+    for group, labels in circuit.groups.items():
+        for label in labels:
+            where = circuit.positions.get(label)
+            nodes.append({"label": label, "layer": parse_head_label(label, n_layers, n_heads)["layer"],
+                          "x": "all positions" if where is None else "+".join(where), "role": group})
+    nodes.append({"label": "logits", "layer": n_layers, "x": "end", "role": "logits"})
+    return nodes

@@ -1,0 +1,223 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Minimal circuit
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/circuit-lab/circuit-lab/blob/main/nb_templates/minimal_circuit.ipynb)
+#
+# Ranking heads is not a circuit. This notebook takes a circuit (by default the important heads of
+# `head_functions.json`, grouped by their proposed roles; or one given as the `circuit` parameter), knocks
+# out every head output outside it, and asks: how much of the logit difference does the circuit keep
+# (faithfulness), how does that compare with random circuits of the same shape, which role groups carry it,
+# is every head needed (minimality), and does removing heads hurt the circuit as it hurts the model
+# (completeness)? Exact path patching then shows which connections carry the effect, drawn as a diagram.
+# Results go to `circuit.json` and `minimal_circuit.json`.
+#
+# Run it in Colab from the badge, or headlessly: `make run TASK=ioi TEMPLATE=minimal_circuit`.
+
+
+# %% tags=["colab"]
+# In Colab only: fetch the project (templates, params, bundled models) and install it. Locally `make run` did this.
+import os
+import subprocess
+import sys
+
+if "google.colab" in sys.modules and not os.path.isdir("/content/circuit-lab"):
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/circuit-lab/circuit-lab", "/content/circuit-lab"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/circuit-lab"], check=True)
+if "google.colab" in sys.modules:
+    sys.path.insert(0, "/content/circuit-lab")
+    os.chdir("/content/circuit-lab")
+
+# %% tags=["parameters"]
+task = "ioi"  # params/<task>.yaml
+params_file = None  # a params YAML path; overrides `task`
+model_name = None  # overrides the params' model: a bundled name (models/<name>), a local HF dir, or "gpt2-small"
+n_prompts = None  # overrides the params' n_prompts
+output_dir = None  # default: nb_outputs/<task>/<model>/
+input_dir = None  # where head_functions.json is read from; default: the output folder
+device = None  # default: CUDA if available, else CPU
+threads = None  # torch CPU threads (match processes x threads to the cores)
+static_images = True  # also save every figure as PNG (and the diagram as SVG) next to the notebook
+circuit = None  # {"groups": {role: ["L3H2", ...]}, "positions": {"L3H2": ["end"]}}; default: from head_functions.json
+ablation = "mean"  # how heads outside the circuit are knocked out: "mean", "zero" or "resample"
+reference = "corrupted"  # prompts the means (or resamples) come from: "corrupted" (IOI's ABC) or "clean"
+n_random = 20  # random control circuits (same number of heads per layer, same positions)
+minimality_max_k = 3  # largest set K searched (greedily) per head for minimality
+completeness_subsets = 20  # random subsets K for the completeness check
+seed = 0  # seed of the random controls and subsets
+
+# %%
+import pandas as pd
+from IPython.display import display
+
+from helpers import artifacts, circuits, experiments, heads, patching, path_patching, plotting
+
+s = experiments.start_session("minimal_circuit", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
+                              input_dir)
+model, prompts, figs = s.model, s.prompts, s.figures
+n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+if circuit is None:
+    roles_table = experiments.load_results(s, "head_functions")["roles"]["table"]
+    proposed = circuits.circuit_from_roles(roles_table, prompts.positions)
+else:
+    proposed = circuits.Circuit.from_json(circuit)
+ref_tokens = {"corrupted": prompts.corrupted_tokens, "clean": prompts.clean_tokens}[reference]
+ev = circuits.make_evaluator(model, prompts.clean_tokens, prompts.answer_tokens, prompts.positions, ref_tokens, ablation)
+print(f"task {s.params.task} | model {s.model_name} | {len(proposed.heads)} heads | {ablation} ablation over {reference} prompts")
+display(pd.DataFrame([{"group": g, "head": h, "kept at": ", ".join(proposed.positions.get(h) or ["all positions"])}
+                      for g, hs in proposed.groups.items() for h in hs]))
+artifacts.write_json(s.out_dir / "circuit.json", proposed.to_json())
+
+# %% [markdown]
+# ## 1. Faithfulness
+#
+# **How it works.** Every head output outside the circuit (and every circuit head's output at positions where
+# it is not kept) is replaced by its mean over the reference prompts at that position (or zero, or the
+# corrupted prompt's value). Faithfulness is the circuit's logit difference over the full model's. Controls:
+# the empty circuit (everything knocked out), random circuits with the same number of heads per layer, and
+# the circuit with each role group removed.
+#
+# **How to interpret.** A good circuit keeps most of the logit difference and random circuits of its shape
+# keep much less. A group whose removal costs a lot carries the behaviour; one whose removal costs nothing may
+# not belong in the circuit.
+
+# %%
+everyone = circuits.Circuit({"all": heads.all_head_labels(n_layers, n_heads)})
+empty = circuits.Circuit({})
+groups_removed = {f"without {g}": proposed.without(hs) for g, hs in proposed.groups.items()}
+rows = {"full model (all heads)": everyone, "circuit": proposed, **groups_removed, "empty circuit": empty}
+values = ev.faithfulness(list(rows.values()))
+controls = ev.faithfulness(circuits.random_circuits(proposed, n_layers, n_heads, n_random, seed))
+faithfulness = {name: float(v) for name, v in zip(rows, values)}
+faithfulness[f"random circuits (mean of {n_random})"] = float(controls.mean())
+faithfulness[f"random circuits (max of {n_random})"] = float(controls.max())
+table = pd.DataFrame({"faithfulness": faithfulness, "logit diff": {k: v * ev.full_logit_diff for k, v in faithfulness.items()}})
+display(table.round(3))
+figs.show(plotting.lines(controls, list(range(n_random)), "Faithfulness of random control circuits",
+                         "control", "faithfulness"), "random_controls")
+
+# %% [markdown]
+# ## 2. Minimality
+#
+# **How it works.** (IOI paper §4.2.) For each head v, a set K of heads from v's group is grown greedily to
+# make v's removal matter most: the score is |F(C \ (K ∪ {v})) − F(C \ K)| as a fraction of the full model.
+#
+# **How to interpret.** A head with a score near 0 for every K adds nothing the circuit does not already do
+# without it; the IOI paper kept heads scoring above a few percent.
+
+# %%
+minimal = circuits.minimality(ev, proposed, minimality_max_k)
+display(pd.DataFrame(minimal).T.sort_values("score", ascending=False))
+figs.show(plotting.lines([m["score"] for m in minimal.values()], list(minimal), "Minimality: drop in faithfulness when v is removed with K",
+                         "head v", "score"), "minimality")
+
+# %% [markdown]
+# ## 3. Completeness
+#
+# **How it works.** Remove the same random subset K from the circuit and from the full model; compare the
+# circuit's faithfulness F(C \ K) with the model's F(M \ K).
+#
+# **How to interpret.** A complete circuit behaves like the model under every knockout: points on the
+# diagonal. Points far below it mean the model has what the circuit lacks (for example backup heads).
+
+# %%
+complete = circuits.completeness(ev, proposed, completeness_subsets, seed)
+if complete:
+    figs.show(plotting.scatter([c["model"] for c in complete], [c["circuit"] for c in complete], "Completeness: F(C \\ K) vs F(M \\ K)",
+                               "full model without K", "circuit without K", hover=[", ".join(c["K"]) for c in complete], diagonal=True),
+              "completeness")
+    print(f"mean |F(C\\K) - F(M\\K)| over {len(complete)} subsets: {sum(abs(c['circuit'] - c['model']) for c in complete) / len(complete):.3f}")
+
+# %% [markdown]
+# ## 4. Path patching
+#
+# **How it works.** (IOI paper, Appendix B.) In the corrupted run, one sender head's output takes its clean
+# value while every other head is frozen to its corrupted output; MLPs are recomputed. To the logits: what
+# reaches the final residual stream. To a receiver: the receiver's q, k or v input from that run is patched
+# into an otherwise normal corrupted run. Normalised like activation patching: 1 = clean logit diff restored.
+# TransformerLens's `get_act_patch_direct_path` patches only the direct edge (no MLP in between): the
+# difference is what travels through MLPs.
+#
+# **How to interpret.** Senders with large effects to the logits are the heads the output depends on along
+# direct paths; senders into a mover's query or key change where it attends (S-inhibition-like).
+
+# %%
+ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+to_logits = path_patching.path_patch_to_logits(ctx)
+figs.show(plotting.heatmap(to_logits, "Path patching: each sender to the final residual stream", "head", "layer", color_label="recovered"),
+          "path_to_logits")
+top_senders = heads.top_heads(to_logits, 5, "abs")
+print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in top_senders])
+members = circuits.circuit_heads(proposed, n_layers, n_heads)
+effects = path_patching.receiver_effects(ctx, members)
+direct = path_patching.compare_with_direct_path(ctx, members, effects)
+display(pd.DataFrame(direct).sort_values("exact path", key=abs, ascending=False).head(12).round(4) if direct
+        else "no circuit head has an earlier circuit head to compare")
+
+# %% [markdown]
+# ## 5. Backup heads
+#
+# **How it works.** As in `circuit_expms`: mean-ablate the top positive-DLA head at the end and see whose DLA rises.
+#
+# **How to interpret.** Heads whose DLA rises take over part of the ablated head's job; a circuit without
+# them underestimates what the model can do when a head is missing.
+
+# %%
+dla = experiments.direct_logit_attribution(s)
+backup = experiments.backup_heads(s, dla, heads.top_heads(dla.heads, 1, "pos")[0], 5)
+print(f"ablated {heads.head_label(backup.ablated)}: logit diff {backup.logit_diff_before:.3f} -> {backup.logit_diff_after:.3f}")
+print("heads whose DLA rose most:", [(heads.head_label(h), h["dla_before"], h["dla_after"]) for h in backup.risers])
+
+# %% [markdown]
+# ## 6. Circuit diagram
+#
+# **How it works.** Circuit heads placed by layer and by the positions where they are kept, coloured by role;
+# edges weighted by path-patching effects between circuit heads (the strongest of q, k, v) and into the
+# logits. Saved as SVG and PNG next to the notebook.
+#
+# **How to interpret.** Thick edges are the connections that carry the behaviour; a head with no thick edge
+# in or out may not belong in the circuit.
+
+# %%
+edges = circuits.circuit_edges(members, to_logits, effects)
+nodes = circuits.circuit_nodes(proposed, n_layers, n_heads)
+figs.show(plotting.circuit_diagram(nodes, edges, f"Circuit for {s.params.task} on {s.model_name} (faithfulness {faithfulness['circuit']:.2f})"),
+          "circuit_diagram", formats=("png", "svg"))
+
+# %% [markdown]
+# ## 7. Results
+#
+# As data: `minimal_circuit.json` (and `circuit.json`) next to this notebook.
+
+# %%
+results = {
+    "template": "minimal_circuit",
+    "params": s.params,
+    "model": s.model_name,
+    "circuit": proposed.to_json(),
+    "ablation": ablation,
+    "reference": reference,
+    "full_logit_diff": ev.full_logit_diff,
+    "faithfulness": faithfulness,
+    "random_controls": controls,
+    "minimality": minimal,
+    "completeness": complete,
+    "path_patching": {"to_logits": to_logits, "top_senders": top_senders, "direct_path_comparison": direct, "edges": edges},
+    "backup": {"ablated": backup.ablated, "logit_diff_after": backup.logit_diff_after, "risers": backup.risers},
+    "figures": figs.saved,
+}
+print("wrote", artifacts.write_json(s.out_dir / "minimal_circuit.json", results))
