@@ -58,7 +58,7 @@ import pandas as pd
 from IPython.display import display
 from transformer_lens import utilities
 
-from helpers import artifacts, attribution_patching, experiments, heads, patching, plotting
+from helpers import artifacts, attribution_patching, experiments, heads, patching, path_patching, plotting
 
 s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images)
 model, prompts, figs = s.model, s.prompts, s.figures
@@ -192,6 +192,25 @@ for label, est in estimates.items():
                                hover=s.head_names, diagonal=True), f"{label}_vs_exact_head_out")
 
 # %% [markdown]
+# ### 4c. Path patching to the logits
+#
+# **How it works.** (IOI paper, Appendix B.) In the corrupted run one sender head's output takes its clean
+# value while every other head is frozen to its corrupted output (MLPs are recomputed), so only the paths
+# from the sender to the final residual stream that avoid other heads carry the change. 1 = the clean logit
+# difference restored. For a head in the last layer this equals its output-patching effect above (tested).
+#
+# **How to interpret.** Heads high here write the answer (directly or through MLPs); heads high in output
+# patching but low here act through later heads: look for them as senders into those heads' q, k or v
+# (`minimal_circuit` does this for a whole circuit).
+
+# %%
+path_to_logits = path_patching.path_patch_to_logits(ctx)
+figs.show(plotting.heatmap(path_to_logits, "Path patching: each sender to the final residual stream", "head", "layer",
+                           color_label="recovered"), "path_to_logits")
+top_paths = heads.top_heads(path_to_logits, top_k, "abs")
+print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in top_paths])
+
+# %% [markdown]
 # ## 5. Heads by layer band
 #
 # **How it works.** The most important heads (by output patching) within each band of layers, with their
@@ -268,6 +287,7 @@ results = {
     "patching": {"values": sweeps, "layouts": {name: patching.SWEEPS[name].layout for name in sweeps}, "top_heads": top_patch,
                  "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff}},
     "attribution_patching": {"values": estimates, "spearman_vs_exact": agreement, "ig_steps": attribution_ig_steps},
+    "path_patching": {"to_logits": path_to_logits, "top_senders": top_paths},
     "head_scores": {"values": scores, "top": top_scores, "seq_len": induction_seq_len},
     "backup": {"ablated": backup.ablated, "logit_diff_before": backup.logit_diff_before, "logit_diff_after": backup.logit_diff_after,
                "ln_scale_ratio": backup.ln_scale_ratio, "risers": backup.risers},

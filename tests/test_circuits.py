@@ -49,7 +49,9 @@ def test_ablation_kinds_and_errors(toy_ioi, ioi_prompts):
 
 
 def test_toy_ioi_circuit_beats_random_circuits(ev):
-    """Measured: the 10 important heads of head_functions keep ~0.9 of the logit diff; random same-shape circuits ~0.1."""
+    """The 10 important heads head_functions hands on (all 'unclassified' on toy-ioi) keep more than the whole
+    logit diff; random circuits with as many heads per layer keep about half (measured on these 16 prompts:
+    circuit 1.26, random mean 0.60, min 0.07, max 1.35: the controls that include L3H2 do as well)."""
     proposed = C.Circuit({"unclassified": ["L0H0", "L0H1", "L0H2", "L0H3", "L1H1", "L1H2", "L2H1", "L2H2", "L3H1", "L3H2"]})
     f = ev.faithfulness([proposed])[0].item()
     controls = ev.faithfulness(C.random_circuits(proposed, 4, 4, 20, seed=0))

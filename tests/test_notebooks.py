@@ -48,6 +48,9 @@ def test_json_artifact_contents(ioi_run, outputs):
     assert {"head_out", "head_v", "head_pattern"} <= set(data["patching"]["top_heads"])
     assert len(data["patching"]["values"]["resid_pre"]) == 4
     assert set(data["head_scores"]["values"]) == {"prev_token", "duplicate_token", "induction"}
+    assert data["attribution_patching"]["spearman_vs_exact"]["attribution"]["head_out"] >= 0.8
+    last = data["path_patching"]["to_logits"][-1]  # a last-layer sender's path effect is its output-patching effect
+    assert last == pytest.approx(data["patching"]["values"]["head_out"][-1], abs=1e-4)
     pngs = data["figures"]
     if pngs:  # static images need Chromium; Makefile installs it, else the notebook warns and skips
         assert all((outputs / "ioi" / "toy-ioi" / p).exists() for p in pngs)
