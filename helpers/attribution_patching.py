@@ -24,8 +24,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import HookNameError, resolve_hook_names
-from .metrics import logit_diff, normalised
+from .hooks import HookNameError, recording_hook, resolve_hook_names
+from .metrics import logit_diff
 from .patching import SWEEPS, Sweep
 
 EMBED_HOOK = "hook_embed"
@@ -54,14 +54,7 @@ def gradients_at_corrupted(
     steps = embed_path[1] if embed_path else 1
     acts: dict[str, Tensor] = {}
 
-    def keep_as(name: str):  # hook.name may be the bridge's canonical alias, so bind the requested name
-        def keep(act: Tensor, hook) -> Tensor:
-            acts[name] = act
-            return act
-
-        return keep
-
-    hooks = [(name, keep_as(name)) for name in hook_names]
+    hooks = [(name, recording_hook(acts, name)) for name in hook_names]
     if embed_path:
         clean_embed = embed_path[0].repeat(steps, 1, 1)
         alpha = ((torch.arange(steps, dtype=torch.float) + 0.5) / steps).repeat_interleave(batch)

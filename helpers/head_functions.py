@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import run_with_checked_cache
+from .hooks import recording_hook, run_with_checked_cache
 from .prompts import PromptSet
 
 
@@ -144,13 +144,7 @@ def attention_shift(model, prompts: PromptSet, candidates: list[dict], readers: 
             return z.reshape(n_var * batch, *z.shape[2:])
         return hook
 
-    def keep_as(name: str):
-        def hook(p: Tensor, hook=None) -> Tensor:
-            stored[name] = p
-            return p
-        return hook
-
-    hooks = [(z_names[l], swap_in(l)) for l in sorted({c["layer"] for c in candidates})] + [(n, keep_as(n)) for n in pat_names]
+    hooks = [(z_names[l], swap_in(l)) for l in sorted({c["layer"] for c in candidates})] + [(n, recording_hook(stored, n)) for n in pat_names]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(prompts.clean_tokens.repeat(n_var, 1))
     pos = list(positions.values())

@@ -44,3 +44,14 @@ def run_with_checked_cache(model, tokens, spec: NameSpec, **kwargs) -> tuple:
     if missing:
         raise HookNameError(f"hooks {missing} did not fire (gated hooks need e.g. model.set_use_attn_result(True))")
     return logits, cache
+
+
+def recording_hook(store: dict, name: str) -> Callable:
+    """A forward hook that keeps its activation in ``store[name]`` (``name`` as requested: the bridge may call
+    the hook with a canonical alias in ``hook.name``) and leaves it unchanged."""
+
+    def record(act, hook=None):
+        store[name] = act
+        return act
+
+    return record

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .hooks import resolve_hook_names
+from .hooks import recording_hook, resolve_hook_names
 from .metrics import logit_diff, normalised
 from .patching import PatchingContext
 
@@ -54,14 +54,8 @@ def _sender_run(ctx: PatchingContext, layer: int, record: list[str]) -> tuple[Te
             return _batched(ctx.corrupted_cache[_z(l)], n_heads)
         return hook
 
-    def keep_as(name: str):
-        def hook(act: Tensor, hook=None) -> Tensor:
-            recorded[name] = act
-            return act
-        return hook
-
     hooks = [(_z(layer), sender)] + [(_z(l), freeze(l)) for l in range(layer + 1, model.cfg.n_layers)]
-    hooks += [(name, keep_as(name)) for name in record]
+    hooks += [(name, recording_hook(recorded, name)) for name in record]
     resid = _batched(ctx.corrupted_cache[f"blocks.{layer}.hook_resid_pre"], n_heads)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         for block in model.blocks[layer:]:
