@@ -36,6 +36,25 @@ class Analysis(BaseModel):
     )
 
 
+class CircuitSpec(BaseModel):
+    """A hand-written circuit: heads grouped by role, and where each is kept (default: every position)."""
+
+    model_config = ConfigDict(extra="forbid")
+    groups: dict[str, list[str]] = Field(description="role -> heads, e.g. {mover: [L3H2]}")
+    positions: dict[str, list[str]] = Field(default_factory=dict, description="head -> named positions where it is kept")
+
+    @model_validator(mode="after")
+    def _heads_and_positions(self) -> "CircuitSpec":
+        heads = [h for hs in self.groups.values() for h in hs]
+        bad = [h for h in heads if not re.fullmatch(r"L\d+H\d+", h)]
+        if bad:
+            raise ValueError(f"heads {bad} are not of the form 'L<layer>H<head>', e.g. 'L3H2'")
+        stray = sorted(set(self.positions) - set(heads))
+        if stray:
+            raise ValueError(f"positions given for heads {stray} that are in no group")
+        return self
+
+
 class TaskParams(BaseModel):
     """One task: what the prompts look like and what the model should answer."""
 
@@ -56,6 +75,7 @@ class TaskParams(BaseModel):
         description="named positions: 'end', 'SLOT' (first occurrence), 'SLOT#k' (k-th), with optional +n/-n",
     )
     analysis: Analysis = Analysis()
+    circuit: CircuitSpec | None = Field(None, description="a circuit for minimal_circuit; default: built from head_functions.json")
     _source: Path | None = PrivateAttr(default=None)
 
     @property
@@ -102,6 +122,11 @@ class TaskParams(BaseModel):
                 occ = int(m["occ"] or 1)
                 if occ > count:
                     raise ValueError(f"positions.{name}: template has {count} occurrence(s) of [{m['slot']}], not {occ}")
+        if self.circuit:
+            for head, where in self.circuit.positions.items():
+                unknown = [p for p in where if p not in self.positions]
+                if unknown:
+                    raise ValueError(f"circuit.positions.{head}: {unknown} are not named under positions (named: {sorted(self.positions)})")
         return self
 
     @property

@@ -91,6 +91,13 @@ def scatter(x, y, title: str, x_label: str, y_label: str, hover: list[str] | Non
 
 
 
+def bars(values, labels: list[str], title: str, x_label: str, y_label: str, color: list[str] | None = None) -> go.Figure:
+    """A bar chart of ``values`` per label (coloured by ``color`` groups when given)."""
+    fig = px.bar(x=labels, y=_np(values), color=color, title=title, labels={"x": x_label, "y": y_label, "color": "group"})
+    fig.update_xaxes(type="category")
+    return fig
+
+
 def circuit_diagram(nodes: list[dict], edges: list[dict], title: str) -> go.Figure:
     """Heads as nodes at (x, layer) coloured by role, weighted edges between them, the logits as the sink on top.
 

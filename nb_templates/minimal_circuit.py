@@ -52,7 +52,7 @@ input_dir = None  # where head_functions.json is read from; default: the output 
 device = None  # default: CUDA if available, else CPU
 threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG (and the diagram as SVG) next to the notebook
-circuit = None  # {"groups": {role: ["L3H2", ...]}, "positions": {"L3H2": ["end"]}}; default: from head_functions.json
+circuit = None  # {"groups": {role: ["L3H2", ...]}, "positions": {"L3H2": ["end"]}}; default: the params' `circuit`, else head_functions.json
 ablation = "mean"  # how heads outside the circuit are knocked out: "mean", "zero" or "resample"
 reference = "corrupted"  # prompts the means (or resamples) come from: "corrupted" (IOI's ABC) or "clean"
 n_random = 20  # random control circuits (same number of heads per layer, same positions)
@@ -70,11 +70,11 @@ s = experiments.start_session("minimal_circuit", task, params_file, model_name, 
                               input_dir)
 model, prompts, figs = s.model, s.prompts, s.figures
 n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-if circuit is None:
+if circuit is not None or s.params.circuit is not None:
+    proposed = circuits.Circuit.from_json(circuit or s.params.circuit.model_dump())
+else:
     roles_table = experiments.load_results(s, "head_functions")["roles"]["table"]
     proposed = circuits.circuit_from_roles(roles_table, prompts.positions)
-else:
-    proposed = circuits.Circuit.from_json(circuit)
 ref_tokens = {"corrupted": prompts.corrupted_tokens, "clean": prompts.clean_tokens}[reference]
 ev = circuits.make_evaluator(model, prompts.clean_tokens, prompts.answer_tokens, prompts.positions, ref_tokens, ablation)
 print(f"task {s.params.task} | model {s.model_name} | {len(proposed.heads)} heads | {ablation} ablation over {reference} prompts")
@@ -122,8 +122,8 @@ figs.show(plotting.lines(controls, list(range(n_random)), "Faithfulness of rando
 # %%
 minimal = circuits.minimality(ev, proposed, minimality_max_k)
 display(pd.DataFrame(minimal).T.sort_values("score", ascending=False))
-figs.show(plotting.lines([m["score"] for m in minimal.values()], list(minimal), "Minimality: drop in faithfulness when v is removed with K",
-                         "head v", "score"), "minimality")
+figs.show(plotting.bars([m["score"] for m in minimal.values()], list(minimal), "Minimality: change in faithfulness when v is removed with K",
+                        "head v", "|F(C \\ (K ∪ {v})) − F(C \\ K)|", color=[m["group"] for m in minimal.values()]), "minimality")
 
 # %% [markdown]
 # ## 3. Completeness

@@ -78,3 +78,19 @@ def test_cli_exit_code(tmp_path, capsys):
     assert main([str(write(tmp_path, template=None))]) == 1
     assert "template" in capsys.readouterr().err
     assert main([str(PARAMS_DIR / "ioi.yaml")]) == 0
+
+
+def test_circuit_in_params_is_validated(tmp_path):
+    data = yaml.safe_load((PARAMS_DIR / "ioi.yaml").read_text())
+    data["circuit"] = {"groups": {"mover": ["L3H2"]}, "positions": {"L3H2": ["end"]}}
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(data))
+    assert load_params(str(good)).circuit.groups == {"mover": ["L3H2"]}
+    for bad_circuit, message in [({"groups": {"mover": ["3.2"]}}, "L<layer>H<head>"),
+                                 ({"groups": {"mover": ["L3H2"]}, "positions": {"L3H2": ["nowhere"]}}, "not named under positions"),
+                                 ({"groups": {"mover": ["L3H2"]}, "positions": {"L0H0": ["end"]}}, "in no group")]:
+        data["circuit"] = bad_circuit
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(data))
+        with pytest.raises(ParamsError, match=message):
+            load_params(str(bad))
