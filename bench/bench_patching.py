@@ -29,9 +29,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-import pandas as pd
 import torch
-from transformer_lens import patching as tlp
 
 from helpers import MODELS_DIR
 from helpers import attribution_patching as A
@@ -46,16 +44,6 @@ SWEEPS = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_patter
 LARGE_MODEL_SWEEPS = ["resid_pre", "head_out", "head_v", "head_out_by_pos"]  # TL is ~0.45 s a cell on 2 cores
 HEAVY_CELLS = 1000  # sweeps with more cells than this run one repeat (ours takes minutes on gpt2-small, CPU)
 QUICK_SWEEPS = ["resid_pre", "head_out"]
-TL_SETTERS = {  # for timing TL on a subset of cells (index_df needs the generic function)
-    "resid_pre": (tlp.layer_pos_patch_setter, "resid_pre"),
-    "attn_out": (tlp.layer_pos_patch_setter, "attn_out"),
-    "mlp_out": (tlp.layer_pos_patch_setter, "mlp_out"),
-    "head_out": (tlp.layer_head_vector_patch_setter, "z"),
-    "head_v": (tlp.layer_head_vector_patch_setter, "v"),
-    "head_pattern": (tlp.layer_head_pattern_patch_setter, "pattern"),
-    "head_out_by_pos": (tlp.layer_pos_head_vector_patch_setter, "z"),
-    "head_pattern_dest_src": (tlp.layer_head_dest_src_pos_pattern_patch_setter, "pattern"),
-}
 
 
 class PeakMemory:
@@ -134,16 +122,11 @@ def random_prompts(model, batch: int, n_pos: int, seed: int = 0):
 
 def tl_sweep(ctx: P.PatchingContext, name: str, shape: torch.Size, max_cells: int, seed: int = 0):
     """TL's result for ``name``: all cells, or a random subset of ``max_cells`` (returns values, cell indices or None)."""
-    n_cells = shape.numel()
-    if n_cells <= max_cells:
-        fn = getattr(tlp, P.SWEEPS[name].tl_function)
-        return fn(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, P.tl_metric(ctx)), None
-    flat = torch.randperm(n_cells, generator=torch.Generator().manual_seed(seed))[:max_cells]
+    if shape.numel() <= max_cells:
+        return P.tl_reference(ctx, name), None
+    flat = torch.randperm(shape.numel(), generator=torch.Generator().manual_seed(seed))[:max_cells]
     cells = torch.stack(torch.unravel_index(flat, shape), 1)
-    setter, act = TL_SETTERS[name]
-    values = tlp.generic_activation_patch(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, P.tl_metric(ctx),
-                                          patch_setter=setter, activation_name=act, index_df=pd.DataFrame(cells.numpy()))
-    return values, cells
+    return P.tl_reference(ctx, name, cells), cells
 
 
 def sweep_shape(ctx: P.PatchingContext, name: str) -> torch.Size:

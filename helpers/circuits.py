@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .heads import head_label, parse_head_label
+from .heads import all_head_labels, head_label, parse_head_label
 from .hooks import resolve_hook_names
 from .metrics import logit_diff
 
@@ -165,8 +165,7 @@ class Evaluator:
 
     def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, "variant"]:
         """F(M \\ K) / F(M) for each set K: only the heads of K are knocked out (at every position)."""
-        cfg = self.model.cfg
-        everything = Circuit({"all": [head_label({"layer": l, "head": h}) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]})
+        everything = Circuit({"all": all_head_labels(self.model.cfg.n_layers, self.model.cfg.n_heads)})
         return self.faithfulness([everything.without(k) for k in removed])
 
 
@@ -182,17 +181,18 @@ def minimality(ev: Evaluator, circuit: Circuit, max_k: int = 3) -> dict[str, dic
 
     K grows greedily (up to ``max_k`` heads), each step adding the head that makes v's removal matter most.
     """
+    full = float(ev.faithfulness([circuit])[0])
+    alone = dict(zip(circuit.heads, ev.faithfulness([circuit.without([v]) for v in circuit.heads]).tolist()))
     out = {}
     for group, members in circuit.groups.items():
         for v in members:
             k: list[str] = []
-            best = {"score": float(abs(ev.faithfulness([circuit.without([v])])[0] - ev.faithfulness([circuit])[0])), "K": []}
+            best = {"score": abs(alone[v] - full), "K": []}
             pool = [h for h in members if h != v]
             for _ in range(min(max_k, len(pool))):
                 options = [h for h in pool if h not in k]
-                with_v = ev.faithfulness([circuit.without(k + [h, v]) for h in options])
-                without_v = ev.faithfulness([circuit.without(k + [h]) for h in options])
-                scores = (with_v - without_v).abs()
+                both = ev.faithfulness([circuit.without(k + [h, v]) for h in options] + [circuit.without(k + [h]) for h in options])
+                scores = (both[: len(options)] - both[len(options):]).abs()
                 i = int(scores.argmax())
                 k = k + [options[i]]
                 if float(scores[i]) > best["score"]:

@@ -16,7 +16,16 @@ from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
 from . import OUTPUTS_DIR
-from .attribution import dla_hook_filter, full_dla, head_dla, layer_dla, logit_diff_direction, logit_lens, unembed_bias_diff
+from .artifacts import read_json
+from .attribution import (
+    dla_hook_filter,
+    full_dla,
+    head_dla,
+    layer_dla,
+    logit_diff_direction,
+    logit_lens,
+    unembed_bias_diff,
+)
 from .heads import all_head_labels, mean_ablate_head_hook, parse_head_label, top_heads
 from .hooks import run_with_checked_cache
 from .metrics import logit_diff
@@ -172,8 +181,6 @@ class MissingResults(FileNotFoundError):
 
 def load_results(s: Session, template: str) -> dict:
     """The JSON ``template`` wrote next to this notebook; a clear error naming the command that writes it."""
-    from .artifacts import read_json
-
     path = s.input_dir / f"{template}.json"
     if not path.exists():
         raise MissingResults(f"{path} not found: run the {template} template for this task and model first "

@@ -14,6 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .hooks import recording_hook, run_with_checked_cache
+from .patching import masked_patch_hook, repeat_for_variants
 from .prompts import PromptSet
 
 
@@ -118,41 +119,37 @@ def attention_between(cache, n_layers: int, from_positions: dict[str, int], to_p
     return pats[:, :, :, src][..., dst].mean(1).detach().cpu()
 
 
-def attention_shift(model, prompts: PromptSet, candidates: list[dict], readers: list[dict], positions: dict[str, int],
+def attention_shift(model, cache, prompts: PromptSet, candidates: list[dict], readers: list[dict], positions: dict[str, int],
                     from_pos: int = -1) -> Float[Tensor, "candidate reader word"]:
     """How much each candidate head moves each later reader head's attention (S-inhibition evidence).
 
     Clean prompts; in variant i the candidate's output z (all positions) takes its corrupted-run value; the
-    change of each reader's attention from ``from_pos`` to each word, averaged over prompts. All candidates
-    run as one batch. Readers at or before a candidate's layer cannot move and get 0.
+    change of each reader's attention from ``from_pos`` to each word against the clean patterns in ``cache``
+    (``clean_cache``), averaged over prompts. All candidates run as one batch. Readers at or before a
+    candidate's layer cannot move and get 0.
     """
-    n_layers, batch = model.cfg.n_layers, prompts.clean_tokens.shape[0]
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    n_var, n_heads = len(candidates), model.cfg.n_heads
+    cand_layers = sorted({c["layer"] for c in candidates})
     pat_names = sorted({f"blocks.{r['layer']}.attn.hook_pattern" for r in readers})
     with torch.no_grad():
-        _, clean = run_with_checked_cache(model, prompts.clean_tokens, pat_names)
-        _, corrupted = run_with_checked_cache(model, prompts.corrupted_tokens, z_names)
-    n_var = len(candidates)
+        _, corrupted = run_with_checked_cache(model, prompts.corrupted_tokens, [f"blocks.{l}.attn.hook_z" for l in cand_layers])
+    hooks = []
+    for layer in cand_layers:  # variant i swaps in candidate i's corrupted z (a mask over [pos, head, d_head])
+        masks = torch.zeros(n_var, 1, n_heads, 1, dtype=torch.bool)
+        for i, c in enumerate(candidates):
+            masks[i, 0, c["head"]] = c["layer"] == layer
+        name = f"blocks.{layer}.attn.hook_z"
+        hooks.append((name, masked_patch_hook(corrupted[name], masks)))
     stored: dict[str, Tensor] = {}
-
-    def swap_in(layer: int):
-        def hook(z: Tensor, hook=None) -> Tensor:
-            z = z.reshape(n_var, batch, *z.shape[1:]).clone()
-            for i, c in enumerate(candidates):
-                if c["layer"] == layer:
-                    z[i, :, :, c["head"]] = corrupted[z_names[layer]][:, :, c["head"]]
-            return z.reshape(n_var * batch, *z.shape[2:])
-        return hook
-
-    hooks = [(z_names[l], swap_in(l)) for l in sorted({c["layer"] for c in candidates})] + [(n, recording_hook(stored, n)) for n in pat_names]
+    hooks += [(n, recording_hook(stored, n)) for n in pat_names]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(prompts.clean_tokens.repeat(n_var, 1))
+        model(repeat_for_variants(prompts.clean_tokens, n_var))
     pos = list(positions.values())
     shift = torch.zeros(n_var, len(readers), len(pos))
     for j, r in enumerate(readers):
         name = f"blocks.{r['layer']}.attn.hook_pattern"
-        patched = stored[name].reshape(n_var, batch, *stored[name].shape[1:])[:, :, r["head"], from_pos, pos]
-        base = clean[name][:, r["head"], from_pos, pos]
+        patched = stored[name].reshape(n_var, -1, *stored[name].shape[1:])[:, :, r["head"], from_pos, pos]
+        base = cache[name][:, r["head"], from_pos, pos]
         later = torch.tensor([float(c["layer"] < r["layer"]) for c in candidates])[:, None]
         shift[:, j] = (patched - base[None]).mean(1).cpu() * later
     return shift

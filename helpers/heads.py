@@ -8,6 +8,10 @@ Scores on a sequence ``BOS, r, r`` (r = ``seq_len`` random tokens), from the att
 
 from __future__ import annotations
 
+import math
+import random
+import re
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -30,8 +34,6 @@ def head_label(head: dict) -> str:
 
 def parse_head_label(label: str, n_layers: int, n_heads: int) -> dict:
     """``{layer, head}`` of a label such as ``L3H2``; ValueError if malformed or not in this model."""
-    import re
-
     match = re.fullmatch(r"L(\d+)H(\d+)", label.strip())
     if not match:
         raise ValueError(f"head label {label!r} is not of the form 'L<layer>H<head>', e.g. 'L3H2'")
@@ -92,8 +94,6 @@ def repeated_token_scores(model, seq_len: int, batch: int, seed: int, tokens: Te
 
 def repeated_text_tokens(model, seq_len: int, n_texts: int, seed: int) -> tuple[list[str], Int[Tensor, "batch 1+2*seq_len"]]:
     """``n_texts`` texts ``r r`` of ``seq_len`` distinct random words each, and their tokens (BOS first)."""
-    import random
-
     vocab = [model.tokenizer.convert_ids_to_tokens(i) for i in random_word_ids(model.tokenizer)]
     rng = random.Random(seed)
     texts = []
@@ -127,8 +127,6 @@ def head_detector_agreement(model, seq_len: int = 12, n_texts: int = 3, seed: in
 
 def uniform_loss(model) -> float:
     """Loss of a uniform guess over the random words that ``repeated_random_tokens`` draws from."""
-    import math
-
     return math.log(len(random_word_ids(model.tokenizer)))
 
 

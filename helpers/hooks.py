@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-
 NameSpec = str | Iterable[str] | Callable[[str], bool]
 
 

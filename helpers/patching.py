@@ -143,31 +143,43 @@ def variants_per_chunk(model, batch: int, n_pos: int, memory_mb: float, max_vari
     return min(n, max_variants) if max_variants else n
 
 
-def run_patched_from_layer(
-    ctx: PatchingContext, layer: int, hook_name: str, masks: Bool[Tensor, "variant ..."]
-) -> Float[Tensor, "variant batch"]:
-    """Per-prompt logit difference of each variant: corrupted run from ``layer`` on, with ``hook_name`` patched by mask.
+def repeat_for_variants(act: Float[Tensor, "batch ..."], n_var: int) -> Float[Tensor, "variant_batch ..."]:
+    """``n_var`` copies of a [batch, ...] activation stacked along the batch axis (variant-major)."""
+    return act.repeat(n_var, *([1] * (act.dim() - 1)))
 
-    Only the final position is unembedded (the metric reads nothing else); the final LayerNorm acts per position.
-    """
-    model = ctx.model
-    batch = ctx.corrupted_tokens.shape[0]
-    n_var = masks.shape[0]
-    clean_act = ctx.clean_cache[hook_name]
+
+def masked_patch_hook(clean_act: Float[Tensor, "batch ..."], masks: Bool[Tensor, "variant ..."]):
+    """Hook for a variant-major batch: variant i takes ``clean_act`` where ``masks[i]`` is True."""
+    n_var, batch = masks.shape[0], clean_act.shape[0]
     masks = masks.to(clean_act.device)
 
-    def patch(act: Tensor, hook) -> Tensor:
+    def patch(act: Tensor, hook=None) -> Tensor:
         act = act.reshape(n_var, batch, *act.shape[1:])
         return torch.where(masks[:, None], clean_act[None], act).reshape(n_var * batch, *act.shape[2:])
 
-    resid = ctx.corrupted_cache[f"blocks.{layer}.hook_resid_pre"]
-    resid = resid[None].expand(n_var, *resid.shape).reshape(n_var * batch, *resid.shape[1:])
-    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, patch)]):
+    return patch
+
+
+def run_from_layer(ctx: PatchingContext, layer: int, n_var: int, fwd_hooks: list) -> Float[Tensor, "variant batch"]:
+    """Per-prompt logit difference of ``n_var`` copies of the corrupted batch run from ``layer`` on under ``fwd_hooks``.
+
+    Starts from the cached corrupted ``resid_pre`` of ``layer`` (nothing before it changes) and unembeds only
+    the final position (the metric reads nothing else; the final LayerNorm acts per position).
+    """
+    model = ctx.model
+    resid = repeat_for_variants(ctx.corrupted_cache[f"blocks.{layer}.hook_resid_pre"], n_var)
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
         for block in model.blocks[layer:]:
             resid = block(resid)[0]
         logits = model.unembed(model.ln_final(resid[:, -1:]))
-    answers = ctx.answer_tokens.repeat(n_var, 1)
-    return logit_diff(logits, answers).reshape(n_var, batch)
+    return logit_diff(logits, ctx.answer_tokens.repeat(n_var, 1)).reshape(n_var, -1)
+
+
+def run_patched_from_layer(
+    ctx: PatchingContext, layer: int, hook_name: str, masks: Bool[Tensor, "variant ..."]
+) -> Float[Tensor, "variant batch"]:
+    """Per-prompt logit difference of each variant: corrupted run from ``layer`` on, with ``hook_name`` patched by mask."""
+    return run_from_layer(ctx, layer, masks.shape[0], [(hook_name, masked_patch_hook(ctx.clean_cache[hook_name], masks))])
 
 
 def changed_variants(sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, "variant"]) -> Bool[Tensor, "variant"]:
@@ -217,6 +229,31 @@ def patch_everything_at(ctx: PatchingContext, name: str, layer: int, everything:
     masks = torch.full((1, *ctx.clean_cache[hook_name].shape[1:]), everything, dtype=torch.bool)
     ld = run_patched_from_layer(ctx, layer, hook_name, masks).mean().item()
     return float(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
+
+
+def tl_reference(ctx: PatchingContext, name: str, cells: Int[Tensor, "cell index"] | None = None) -> Tensor:
+    """The same sweep by ``transformer_lens.patching`` (one full forward per cell), for cross-checks and benchmarks.
+
+    ``cells`` ([n, len(layout)] indices in ``SWEEPS[name].layout``) restricts it to those cells (TL's
+    ``index_df``) and returns their values in that order; otherwise the whole sweep in the same layout as ours.
+    """
+    import pandas as pd
+    from transformer_lens import patching as tlp
+
+    spec = SWEEPS[name]
+    if cells is None:
+        return getattr(tlp, spec.tl_function)(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, tl_metric(ctx))
+    pattern = spec.hook.endswith("hook_pattern")
+    setter = {
+        ("pos",): tlp.layer_pos_patch_setter,
+        ("head",): tlp.layer_head_pattern_patch_setter if pattern else tlp.layer_head_vector_patch_setter,
+        ("pos", "head"): tlp.layer_pos_head_vector_patch_setter,
+        ("head", "dest"): tlp.layer_head_pos_pattern_patch_setter,
+        ("head", "dest", "src"): tlp.layer_head_dest_src_pos_pattern_patch_setter,
+    }[spec.layout[1:]]
+    activation = spec.hook.rsplit(".", 1)[-1].removeprefix("hook_")  # "attn.hook_z" -> "z", "hook_resid_pre" -> "resid_pre"
+    return tlp.generic_activation_patch(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, tl_metric(ctx), patch_setter=setter,
+                                        activation_name=activation, index_df=pd.DataFrame(cells.cpu().numpy()))
 
 
 def tl_metric(ctx: PatchingContext) -> Callable[[Tensor], Tensor]:

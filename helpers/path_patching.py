@@ -22,8 +22,16 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .hooks import recording_hook, resolve_hook_names
-from .metrics import logit_diff, normalised
-from .patching import PatchingContext
+from .metrics import normalised
+from .patching import (
+    SWEEPS,
+    PatchingContext,
+    masked_patch_hook,
+    repeat_for_variants,
+    run_from_layer,
+    tl_metric,
+    variant_masks,
+)
 
 QKV_HOOKS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
 
@@ -32,37 +40,22 @@ def _z(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
 
-def _batched(cache_value: Tensor, n_var: int) -> Tensor:
-    """A cached [batch, ...] activation repeated for ``n_var`` variants: [n_var * batch, ...]."""
-    return cache_value.repeat(n_var, *([1] * (cache_value.dim() - 1)))
-
-
 def _sender_run(ctx: PatchingContext, layer: int, record: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Step 1 for every head of ``layer`` as a sender: final-position logit diffs [head, batch] and the recorded activations."""
-    model = ctx.model
-    n_heads, batch = model.cfg.n_heads, ctx.corrupted_tokens.shape[0]
-    clean_z = ctx.clean_cache[_z(layer)]
-    eye = torch.eye(n_heads, dtype=torch.bool, device=clean_z.device)[:, None, None, :, None]  # [variant, 1, 1, head, 1]
+    """Step 1 for every head of ``layer`` as a sender: final-position logit diffs [head, batch] and the activations
+    of the hooks in ``record`` (per sender, variant-major)."""
+    n_heads = ctx.model.cfg.n_heads
+    senders = variant_masks(SWEEPS["head_out"], ctx.clean_cache[_z(layer)].shape, torch.arange(n_heads))
     recorded: dict[str, Tensor] = {}
-
-    def sender(z: Tensor, hook=None) -> Tensor:
-        z = z.reshape(n_heads, batch, *z.shape[1:])
-        return torch.where(eye, clean_z[None], z).reshape(n_heads * batch, *z.shape[2:])
 
     def freeze(l: int):
         def hook(z: Tensor, hook=None) -> Tensor:
-            return _batched(ctx.corrupted_cache[_z(l)], n_heads)
+            return repeat_for_variants(ctx.corrupted_cache[_z(l)], n_heads)
         return hook
 
-    hooks = [(_z(layer), sender)] + [(_z(l), freeze(l)) for l in range(layer + 1, model.cfg.n_layers)]
+    hooks = [(_z(layer), masked_patch_hook(ctx.clean_cache[_z(layer)], senders))]
+    hooks += [(_z(l), freeze(l)) for l in range(layer + 1, ctx.model.cfg.n_layers)]
     hooks += [(name, recording_hook(recorded, name)) for name in record]
-    resid = _batched(ctx.corrupted_cache[f"blocks.{layer}.hook_resid_pre"], n_heads)
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        for block in model.blocks[layer:]:
-            resid = block(resid)[0]
-        logits = model.unembed(model.ln_final(resid[:, -1:]))
-    ld = logit_diff(logits, ctx.answer_tokens.repeat(n_heads, 1)).reshape(n_heads, batch)
-    return ld, recorded
+    return run_from_layer(ctx, layer, n_heads, hooks), recorded
 
 
 def path_patch_to_logits(ctx: PatchingContext) -> Float[Tensor, "layer head"]:
@@ -72,50 +65,59 @@ def path_patch_to_logits(ctx: PatchingContext) -> Float[Tensor, "layer head"]:
     return normalised(torch.stack(rows).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
 
 
+def _receiver_hook_name(layer: int, component: str) -> str:
+    if component not in QKV_HOOKS:
+        raise ValueError(f"component must be one of {sorted(QKV_HOOKS)}, not {component!r}")
+    return f"blocks.{layer}.{QKV_HOOKS[component]}"
+
+
+def _receiver_run(ctx: PatchingContext, sender_layer: int, recorded: dict[str, Tensor], receivers: list[dict], component: str) -> Tensor:
+    """Step 2: mean logit diff per sender head of ``sender_layer`` when the reachable receivers' ``component``
+    inputs take their step-1 values in an otherwise normal corrupted run."""
+    reachable = [r for r in receivers if r["layer"] > sender_layer]
+    if not reachable:  # a sender at or after every receiver cannot reach them
+        return torch.full((ctx.model.cfg.n_heads,), ctx.corrupted_logit_diff)
+
+    def replace(name: str, heads: list[int]):
+        def hook(act: Tensor, hook=None) -> Tensor:  # act [variant*batch, pos, head, d_head]
+            act = act.clone()
+            act[:, :, heads] = recorded[name][:, :, heads]
+            return act
+        return hook
+
+    layers = sorted({r["layer"] for r in reachable})
+    hooks = [(_receiver_hook_name(l, component), replace(_receiver_hook_name(l, component), [r["head"] for r in reachable if r["layer"] == l]))
+             for l in layers]
+    return run_from_layer(ctx, layers[0], ctx.model.cfg.n_heads, hooks).mean(-1).cpu()
+
+
+def receiver_sweeps(ctx: PatchingContext, targets: dict) -> dict:
+    """For each ``key: (receivers, component)`` of ``targets``, the normalised effect [layer, head] of every sender
+    along its paths into those receivers' q, k or v input. Step 1 runs once per sender layer for all targets."""
+    model = ctx.model
+    needed = {(r["layer"], c) for receivers, c in targets.values() for r in receivers}
+    resolve_hook_names(model, sorted({_receiver_hook_name(l, c) for l, c in needed}))
+    rows: dict = {key: [] for key in targets}
+    for layer in range(model.cfg.n_layers):
+        record = sorted({_receiver_hook_name(l, c) for l, c in needed if l > layer})
+        recorded = _sender_run(ctx, layer, record)[1] if record else {}
+        for key, (receivers, component) in targets.items():
+            rows[key].append(_receiver_run(ctx, layer, recorded, receivers, component))
+    return {key: normalised(torch.stack(r), ctx.clean_logit_diff, ctx.corrupted_logit_diff) for key, r in rows.items()}
+
+
 def path_patch_to_receivers(ctx: PatchingContext, receivers: list[dict], component: str = "v") -> Float[Tensor, "layer head"]:
     """Normalised effect of each sender head along its paths into the ``component`` input of ``receivers``.
 
     ``receivers``: ``{layer, head}`` dicts; their q/k/v inputs are replaced together (as in the IOI paper).
     """
-    if component not in QKV_HOOKS:
-        raise ValueError(f"component must be one of {sorted(QKV_HOOKS)}, not {component!r}")
-    model = ctx.model
-    n_heads, batch = model.cfg.n_heads, ctx.corrupted_tokens.shape[0]
-    recv_layers = sorted({r["layer"] for r in receivers})
-    names = {l: f"blocks.{l}.{QKV_HOOKS[component]}" for l in recv_layers}
-    resolve_hook_names(model, list(names.values()))
-    first = recv_layers[0]
-    rows = []
-    for layer in range(model.cfg.n_layers):
-        reachable = [r for r in receivers if r["layer"] > layer]
-        if not reachable:
-            rows.append(torch.full((n_heads,), ctx.corrupted_logit_diff))
-            continue
-        _, recorded = _sender_run(ctx, layer, [names[l] for l in recv_layers if l > layer])
-
-        def replace(l: int):
-            heads = [r["head"] for r in reachable if r["layer"] == l]
-
-            def hook(act: Tensor, hook=None) -> Tensor:  # act [variant*batch, pos, head, d_head]
-                act = act.clone()
-                act[:, :, heads] = recorded[names[l]][:, :, heads]
-                return act
-            return hook
-
-        start = max(first, layer + 1)
-        resid = _batched(ctx.corrupted_cache[f"blocks.{start}.hook_resid_pre"], n_heads)
-        hooks = [(names[l], replace(l)) for l in recv_layers if l > layer]
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-            for block in model.blocks[start:]:
-                resid = block(resid)[0]
-            logits = model.unembed(model.ln_final(resid[:, -1:]))
-        rows.append(logit_diff(logits, ctx.answer_tokens.repeat(n_heads, 1)).reshape(n_heads, batch).mean(-1).cpu())
-    return normalised(torch.stack(rows), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+    _receiver_hook_name(0, component)  # validate before any forward pass
+    return receiver_sweeps(ctx, {"receivers": (receivers, component)})["receivers"]
 
 
 def receiver_effects(ctx: PatchingContext, receivers: dict[str, dict]) -> dict[tuple[str, str], Float[Tensor, "layer head"]]:
-    """``path_patch_to_receivers`` of every sender into each receiver's q, k and v input, keyed (receiver, input)."""
-    return {(label, c): path_patch_to_receivers(ctx, [r], c) for label, r in receivers.items() if r["layer"] > 0 for c in QKV_HOOKS}
+    """Path effect of every sender into each receiver's q, k and v input alone, keyed (receiver, input)."""
+    return receiver_sweeps(ctx, {(label, c): ([r], c) for label, r in receivers.items() if r["layer"] > 0 for c in QKV_HOOKS})
 
 
 def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> list[dict]:
@@ -123,8 +125,6 @@ def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effec
     ``receiver_effects``) next to TransformerLens's ``get_act_patch_direct_path`` (the direct edge only, same
     normalised metric)."""
     from transformer_lens.patching import get_act_patch_direct_path
-
-    from .patching import tl_metric
 
     rows = []
     for s_label, s in heads.items():

@@ -19,7 +19,6 @@ import torch
 from .heads import head_label
 
 
-
 def use_offline_renderer() -> None:
     """Embed plotly.js in the notebook once, so executed notebooks and their HTML work offline."""
     pio.renderers.default = "notebook"

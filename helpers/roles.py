@@ -17,6 +17,8 @@ import math
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from .heads import head_label
+
 ROLE_ORDER = ["mover", "negative mover", "inhibition-like", "induction", "duplicate-token", "previous-token"]
 
 
@@ -80,8 +82,6 @@ def assign_roles(evidence: pd.DataFrame, logit_diff: float, thresholds: RoleThre
 def head_evidence(circuit: dict, chosen: list[dict], copy, attention_corr) -> pd.DataFrame:
     """Evidence table, one row per chosen head: DLA and output patching (from ``circuit_expms.json``), copy
     scores, attention-contribution correlation, and the repeated-token scores."""
-    from .heads import head_label
-
     dla, patch = circuit["dla"]["heads"], circuit["patching"]["values"]["head_out"]
     scores = circuit["head_scores"]["values"]
     rows = []
@@ -103,8 +103,6 @@ def heads_meeting(evidence: pd.DataFrame, role: str, logit_diff: float, threshol
 
 def add_attention_shift(evidence: pd.DataFrame, shift, candidates: list[dict], readers: list[dict], words: list[str]) -> pd.DataFrame:
     """Add, per candidate head, its largest |shift| of a reader's attention (``head_functions.attention_shift``)."""
-    from .heads import head_label
-
     out = evidence.copy()
     for i, c in enumerate(candidates):
         flat = shift[i].abs().flatten()

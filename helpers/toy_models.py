@@ -35,7 +35,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import MODELS_DIR
-from .heads import random_word_ids
+from .heads import random_word_ids, repeated_token_scores
+from .models import load_model
 from .vocab import build_tokenizer, build_vocab, read_pool, save_tokenizer, words_of
 
 # IOI templates in BABA form: [B] is the subject (mentioned twice), [A] the indirect object (the answer).
@@ -459,9 +460,6 @@ HEAD_SCORE_SETUP = {"seq_len": 25, "batch": 16, "seed": 0}  # the defaults of th
 
 def template_head_scores(model_dir: Path) -> dict:
     """Previous-token / duplicate / induction scores exactly as ``induction_checks`` computes them (bridge model)."""
-    from .heads import repeated_token_scores
-    from .models import load_model
-
     scores, _ = repeated_token_scores(load_model(str(model_dir), device="cpu"), **HEAD_SCORE_SETUP)
     return {**HEAD_SCORE_SETUP, **{k: [[round(float(x), 4) for x in row] for row in v] for k, v in scores.items()}}
 

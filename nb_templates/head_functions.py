@@ -159,7 +159,7 @@ for i, src in enumerate(from_positions):
 evidence = roles.head_evidence(circuit, chosen, copy, corr)
 movers = roles.heads_meeting(evidence, "mover", circuit["logit_diff"]["clean"], thresholds)
 if movers:
-    shift = head_functions.attention_shift(model, prompts, chosen, movers, positions)
+    shift = head_functions.attention_shift(model, cache, prompts, chosen, movers, positions)
     evidence = roles.add_attention_shift(evidence, shift, chosen, movers, list(positions))
 role_table = roles.assign_roles(evidence, circuit["logit_diff"]["clean"], thresholds)
 print("movers:", [head_label(h) for h in movers] or "none")

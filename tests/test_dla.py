@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from helpers import attribution as A
 from helpers.hooks import run_with_checked_cache
 from helpers.metrics import logit_diff

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import PROJECT_ROOT, head_functions as HF, heads, roles
+from helpers import PROJECT_ROOT, heads, roles
+from helpers import head_functions as HF
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,11 @@ def test_attention_vs_contribution(toy_ioi, ioi_prompts, cache):
     assert corr.shape == (4, 4) and corr.abs().max() <= 1 + 1e-6
 
 
-def test_attention_shift_is_zero_for_non_earlier_heads(toy_ioi, ioi_prompts):
+def test_attention_shift_is_zero_for_non_earlier_heads(toy_ioi, ioi_prompts, cache):
     pos = HF.word_positions(ioi_prompts)
     readers = [{"layer": 3, "head": 2}]
     candidates = [{"layer": 0, "head": 1}, {"layer": 3, "head": 0}]
-    shift = HF.attention_shift(toy_ioi, ioi_prompts, candidates, readers, pos)
+    shift = HF.attention_shift(toy_ioi, cache, ioi_prompts, candidates, readers, pos)
     assert shift.shape == (2, 1, 3)
     assert torch.all(shift[1] == 0)
 
@@ -98,13 +99,13 @@ def test_toy_induction_heads_match_the_model_card(toy_induction):
     assert comp[0, sorted(prev_heads), 1].mean() > comp[0, :, 1].mean()
 
 
-def test_attention_shift_batched_equals_one_candidate_at_a_time(toy_ioi, ioi_prompts):
+def test_attention_shift_batched_equals_one_candidate_at_a_time(toy_ioi, ioi_prompts, cache):
     """All candidates in one batch give the same shifts as separate runs (no cross-talk between variants)."""
     pos = HF.word_positions(ioi_prompts)
     readers = [{"layer": 3, "head": 2}]
     candidates = [{"layer": 0, "head": 1}, {"layer": 1, "head": 2}, {"layer": 2, "head": 2}]
-    together = HF.attention_shift(toy_ioi, ioi_prompts, candidates, readers, pos)
+    together = HF.attention_shift(toy_ioi, cache, ioi_prompts, candidates, readers, pos)
     for i, c in enumerate(candidates):
-        alone = HF.attention_shift(toy_ioi, ioi_prompts, [c], readers, pos)
+        alone = HF.attention_shift(toy_ioi, cache, ioi_prompts, [c], readers, pos)
         torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=0)
     assert together.abs().max() > 1e-4  # earlier heads do move L3H2's attention (a little: it reads S2 regardless)

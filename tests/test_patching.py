@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from transformer_lens import patching as tlp
+import torch
 
 from helpers import patching as P
 
-import pandas as pd
-import torch
-
 FAST_TL_SWEEPS = [n for n in P.SWEEPS if n != "head_pattern_dest_src"]  # dest_src: checked on a subset below
-
-
-def tl_sweep(ctx, name):
-    """The same sweep computed by transformer_lens.patching (one full forward pass per cell)."""
-    return getattr(tlp, P.SWEEPS[name].tl_function)(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, P.tl_metric(ctx))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def random_ctx(random_two_layer, ioi_prompts):
 @pytest.mark.parametrize("name", FAST_TL_SWEEPS)
 def test_equals_transformer_lens_on_toy_ioi(ctx, name):
     ours = P.sweep(ctx, name, max_variants=5, progress=False)  # small chunks exercise the chunking too
-    ref = tl_sweep(ctx, name)
+    ref = P.tl_reference(ctx, name)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max() <= 1e-4
 
@@ -39,7 +31,7 @@ def test_equals_transformer_lens_on_toy_ioi(ctx, name):
 @pytest.mark.parametrize("name", ["resid_pre", "mlp_out", "head_out", "head_pattern", "head_out_by_pos", "head_k_by_pos"])
 def test_equals_transformer_lens_on_random_model(random_ctx, name):
     ours = P.sweep(random_ctx, name, progress=False)
-    ref = tl_sweep(random_ctx, name)
+    ref = P.tl_reference(random_ctx, name)
     assert (ours - ref).abs().max() <= 1e-4
 
 
@@ -49,13 +41,18 @@ def test_pattern_dest_src_equals_transformer_lens_on_sampled_cells(which, reques
     c = request.getfixturevalue(which)
     ours = P.sweep(c, "head_pattern_dest_src", progress=False)
     cells = torch.stack([torch.randint(0, n, (150,), generator=torch.Generator().manual_seed(0)) for n in ours.shape], 1)
-    ref = tlp.generic_activation_patch(
-        c.model, c.corrupted_tokens, c.clean_cache, P.tl_metric(c), patch_setter=tlp.layer_head_dest_src_pos_pattern_patch_setter,
-        activation_name="pattern", index_df=pd.DataFrame(cells.numpy()),
-    )
+    ref = P.tl_reference(c, "head_pattern_dest_src", cells)
     assert (ours[tuple(cells.T)] - ref).abs().max() <= 1e-4
     upper = torch.ones(ours.shape[-2:], dtype=torch.bool).triu(1)
     assert ours[..., upper].abs().max() == 0  # causal mask: clean == corrupted there, nothing to patch
+
+
+@pytest.mark.parametrize("name", ["resid_pre", "head_v", "head_out_by_pos", "head_pattern_by_pos"])
+def test_tl_reference_on_a_subset_of_cells(random_ctx, name):
+    """The subset path (TL's index_df with a setter derived from the layout) agrees with our full sweep."""
+    ours = P.sweep(random_ctx, name, progress=False)
+    cells = torch.stack([torch.randint(0, n, (20,), generator=torch.Generator().manual_seed(1)) for n in ours.shape], 1)
+    assert (ours[tuple(cells.T)] - P.tl_reference(random_ctx, name, cells)).abs().max() <= 1e-4
 
 
 def test_memory_budget_sets_the_chunk_and_not_the_result(ctx):
