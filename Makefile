@@ -9,14 +9,21 @@ TASK ?= ioi
 MODEL ?=
 TEMPLATE ?= circuit_expms
 THREADS ?= 2
+JOBS ?= 1
+TASKS ?=
+MODELS ?=
+TEMPLATES ?=
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run test bench install chromium toy-models sync lint clean-outputs help
+.PHONY: run all report test bench install chromium toy-models sync lint clean-outputs help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
+	@echo "make all [JOBS=2] [TASKS='ioi numseq'] [MODELS=...] [TEMPLATES=...] [FORCE=1]"
+	@echo "                               every template x params file x model (skips up-to-date runs); nb_outputs/index.html"
+	@echo "make report                    rebuild nb_outputs/index.html from the results there"
 	@echo "make test                      install and run the test suite"
 	@echo "make bench [DEVICE=cuda]       time our patching sweeps against TransformerLens (bench/results.md)"
 	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
@@ -42,7 +49,14 @@ chromium:
 	    else echo "WARNING: no Chromium found; PNG export of figures will be skipped (apt-get install chromium)"; fi; }
 
 run: install
-	$(PY) -m helpers.run --task $(TASK) $(if $(MODEL),--model $(MODEL)) --template $(TEMPLATE) --threads $(THREADS)
+	$(PY) -m helpers.run --task $(TASK) $(if $(MODEL),--model $(MODEL)) --template $(TEMPLATE) --threads $(THREADS) $(if $(FORCE),--force)
+
+all: install
+	$(PY) -m helpers.run -j $(JOBS) $(foreach t,$(TASKS),--task $(t)) $(foreach m,$(MODELS),--model $(m)) \
+	  $(foreach t,$(TEMPLATES),--template $(t)) $(if $(FORCE),--force)
+
+report: $(STAMP)
+	$(PY) -m helpers.report
 
 test: install
 	$(PY) -m pytest -q tests
@@ -54,7 +68,8 @@ toy-models: $(STAMP)
 	$(PY) -m helpers.toy_models --threads $(THREADS)
 
 sync: $(STAMP)
+	$(PY) -m helpers.badges
 	$(VENV)/bin/jupytext --sync nb_templates/*.py
 
 clean-outputs:
-	rm -rf nb_outputs/*/ nb_outputs/.failed nb_outputs/.staging-*
+	rm -rf nb_outputs/*/ nb_outputs/.failed nb_outputs/.staging-* nb_outputs/index.html nb_outputs/runs.json

@@ -33,17 +33,20 @@ class Figures:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.static = static
         self.saved: list[str] = []
+        self.key: list[str] = []  # the saved images the batch report shows as thumbnails
         self.skipped_reason: str | None = None
 
-    def show(self, fig: go.Figure, name: str, formats: tuple[str, ...] = ("png",)) -> go.Figure:
+    def show(self, fig: go.Figure, name: str, formats: tuple[str, ...] = ("png",), key: bool = False) -> go.Figure:
         """Display ``fig`` and write it as PNG (and any other ``formats``, e.g. svg); once kaleido fails, later
-        figures skip export with no new error."""
+        figures skip export with no new error. ``key`` figures are the report's thumbnails (``key_figures``)."""
         fig.show()
         if self.static and self.skipped_reason is None:
             try:
                 for fmt in formats:
                     fig.write_image(self.dir / f"{name}.{fmt}", scale=1.5)
                     self.saved.append(f"{self.folder}/{name}.{fmt}")
+                    if key and fmt == "png":
+                        self.key.append(self.saved[-1])
             except Exception as err:  # kaleido without Chromium, or no kaleido
                 self.skipped_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
                 warnings.warn(f"static images are skipped (figures still show inline): {self.skipped_reason}. Install Chromium (apt-get install chromium) or run plotly_get_chrome.", stacklevel=2)

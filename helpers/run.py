@@ -1,11 +1,14 @@
-"""Execute a template for a task and model headlessly: ``python -m helpers.run --task ioi --template circuit_expms``.
+"""Execute templates headlessly: ``python -m helpers.run`` runs every template for every params file (``make all``);
+``--task ioi --template head_functions`` runs one template (and, if not up to date, the ones it reads). Runs
+that are up to date are skipped (see ``helpers.batch``), a summary table lists every run, and
+``<outputs>/index.html`` is rewritten (``helpers.report``).
 
-Steps: validate the params file; check the model can be loaded here (fails in seconds otherwise); check the
+Steps of one run (``run_template``): validate the params file; check the model can be loaded here (fails in seconds otherwise); check the
 prompts can be built with the model's tokenizer (local models); convert the jupytext ``.py`` template to a
 notebook; execute it with papermill into a staging folder; export a static HTML copy; and only then replace
 this template's files in ``nb_outputs/<task>/<model>/``. A failure leaves that folder untouched and keeps the
-executed notebook (with papermill's error cell) under ``nb_outputs/.failed/``. Exit code 0 on success,
-2 on bad input (params, model), 1 on a failed execution.
+executed notebook (with papermill's error cell) under ``nb_outputs/.failed/``. Exit code 0 when every run
+succeeded or was up to date, 1 when one failed, 2 on bad input (params, model).
 """
 
 from __future__ import annotations
@@ -37,9 +40,19 @@ class RunResult:
     message: str = ""
 
 
+def templates_dir() -> Path:
+    """Where templates are read from: ``$CIRCUIT_LAB_TEMPLATES`` or ``nb_templates/``."""
+    return Path(os.environ.get("CIRCUIT_LAB_TEMPLATES") or TEMPLATES_DIR)
+
+
+def outputs_dir() -> Path:
+    """Where results are published: ``$CIRCUIT_LAB_OUTPUTS`` or ``nb_outputs/`` (seen by Dask worker processes too)."""
+    return Path(os.environ.get("CIRCUIT_LAB_OUTPUTS") or OUTPUTS_DIR)
+
+
 def available_templates() -> list[str]:
-    """Template names (``nb_templates/*.py``)."""
-    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.py"))
+    """Template names (``<templates dir>/*.py``)."""
+    return sorted(p.stem for p in templates_dir().glob("*.py"))
 
 
 def check_inputs(task: str, model: str | None, n_prompts: int | None = None) -> TaskParams:
@@ -59,7 +72,7 @@ def template_notebook(template: str, dest: Path) -> Path:
     """Convert ``nb_templates/<template>.py`` (jupytext percent format) to an ``.ipynb`` at ``dest``."""
     import jupytext
 
-    src = TEMPLATES_DIR / f"{template}.py"
+    src = templates_dir() / f"{template}.py"
     if not src.exists():
         raise FileNotFoundError(f"template {template!r} not found; available: {available_templates()}")
     nb = jupytext.read(src)
@@ -105,9 +118,10 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
     import papermill as pm
 
     task_name, model_name, params_file = params.task, params.model, str(params.source)
-    final = OUTPUTS_DIR / task_name / model_folder_name(model_name)
-    OUTPUTS_DIR.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{task_name}-{template}-", dir=OUTPUTS_DIR))
+    root = outputs_dir()
+    final = root / task_name / model_folder_name(model_name)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{task_name}-{template}-", dir=root))
     try:
         source_nb = template_notebook(template, staging / f".{template}.src.ipynb")
     except FileNotFoundError as err:
@@ -122,7 +136,7 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
         pm.execute_notebook(str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3", cwd=str(PROJECT_ROOT),
                             progress_bar=progress, execution_timeout=cell_timeout, log_output=False)
     except Exception as err:  # PapermillExecutionError or a kernel failure: keep the executed notebook
-        failed_dir = OUTPUTS_DIR / ".failed" / task_name / model_folder_name(model_name)
+        failed_dir = root / ".failed" / task_name / model_folder_name(model_name)
         failed_dir.mkdir(parents=True, exist_ok=True)
         if out_nb.exists():
             shutil.copy(out_nb, failed_dir / f"{template}.ipynb")
@@ -138,23 +152,37 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m helpers.run``: every template for every params file by default (what ``make all`` runs)."""
+    from .batch import PlanError, RunOptions, run_batch
+    from .report import write_report
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="ioi", help="task name (params/<task>.yaml) or a params file path")
-    parser.add_argument("--model", default=None, help="override the params' model (bundled name, local dir or hub name)")
-    parser.add_argument("--template", action="append", help="template(s) to run; default: circuit_expms")
+    parser.add_argument("--task", action="append", help="task name (params/<task>.yaml) or params file; repeat; default: all")
+    parser.add_argument("--params-dir", type=Path, default=None, help="folder of params files (default params/)")
+    parser.add_argument("--model", action="append", help="model(s) instead of each params file's own (bundled name, dir, hub name)")
+    parser.add_argument("--template", action="append", help="template(s) to run, plus the ones they read; default: all")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="runs at once (a local Dask cluster of N processes)")
+    parser.add_argument("--scheduler", default=None, help="address of a Dask scheduler to run on (e.g. one dask-jobqueue started)")
+    parser.add_argument("--force", action="store_true", help="rerun runs that are up to date")
     parser.add_argument("--n-prompts", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads inside the notebook")
-    parser.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: cores / jobs)")
+    parser.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell before a run fails")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA if available); with -j, one run per GPU")
+    parser.add_argument("--outputs-dir", type=Path, default=None, help="instead of nb_outputs/")
+    parser.add_argument("--no-report", action="store_true", help="do not rewrite <outputs>/index.html")
     args = parser.parse_args(argv)
-    status = 0
-    for template in args.template or ["circuit_expms"]:
-        r = run_template(args.task, template, args.model, args.n_prompts, args.threads, args.cell_timeout)
-        where = f" -> {r.out_dir}" if r.status == "ok" else ""
-        print(f"[{r.status}] {r.template} · {r.task} · {r.model} ({r.seconds:.1f}s){where}")
-        if r.status != "ok":
-            print(r.message, file=sys.stderr)
-            status = max(status, 2 if r.status == "bad-input" else 1)
-    return status
+    if args.outputs_dir:
+        os.environ["CIRCUIT_LAB_OUTPUTS"] = str(args.outputs_dir.resolve())
+    options = RunOptions(args.n_prompts, args.threads, args.cell_timeout, args.device)
+    try:
+        batch = run_batch(args.task, args.model, args.template, options, args.jobs, args.scheduler, args.force, args.params_dir)
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(batch.table())
+    if not args.no_report and (batch.executed or not (outputs_dir() / "index.html").exists()):
+        print("report:", write_report(outputs_dir(), batch))
+    return batch.exit_code
 
 
 if __name__ == "__main__":

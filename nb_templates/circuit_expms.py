@@ -108,7 +108,7 @@ figs.show(plotting.lines(dla.lens, dla.lens_labels, "Logit lens: logit differenc
 figs.show(plotting.lines(dla.layers, dla.layer_labels, "DLA per layer component", "component", "logit difference contribution"),
           "dla_layers")
 figs.show(plotting.heatmap(dla.heads, "DLA per head (clean prompts, final position)", "head", "layer",
-                           color_label="logit diff contribution"), "dla_heads")
+                           color_label="logit diff contribution"), "dla_heads", key=True)
 top_dla_pos = heads.top_heads(dla.heads, top_k, "pos")
 top_dla_neg = heads.top_heads(dla.heads, top_k, "neg")
 print("top positive DLA heads:", [(heads.head_label(h), h["value"]) for h in top_dla_pos])
@@ -150,10 +150,10 @@ sweeps = {name: patching.sweep(ctx, name, patching_memory_mb) for name in sweep_
 print(f"baselines: clean logit diff {ctx.clean_logit_diff:.3f}, corrupted {ctx.corrupted_logit_diff:.3f}")
 for name in ["resid_pre", "attn_out", "mlp_out"]:
     figs.show(plotting.heatmap(sweeps[name], f"Patching {name} (normalised logit diff recovered)", "position", "layer",
-                               x=prompts.axis_labels, color_label="recovered"), f"patch_{name}")
+                               x=prompts.axis_labels, color_label="recovered"), f"patch_{name}", key=name == "resid_pre")
 for name in ["head_out", "head_v", "head_pattern"]:
     figs.show(plotting.heatmap(sweeps[name], f"Patching {name}, all positions (normalised logit diff recovered)", "head", "layer",
-                               color_label="recovered"), f"patch_{name}")
+                               color_label="recovered"), f"patch_{name}", key=name == "head_out")
 figs.show(plotting.heatmap(sweeps["head_out_by_pos"].permute(0, 2, 1).flatten(0, 1), "Patching head output at one position",
                            "position", "head", x=prompts.axis_labels, y=s.head_names, color_label="recovered"), "patch_head_out_by_pos")
 
@@ -293,5 +293,6 @@ results = {
                "ln_scale_ratio": backup.ln_scale_ratio, "risers": backup.risers},
     "layer_bands": bands,
     "figures": figs.saved,
+    "key_figures": figs.key,
 }
 print("wrote", artifacts.write_json(s.out_dir / "circuit_expms.json", results))

@@ -98,7 +98,7 @@ copy_table.loc["baseline: all heads, 90th percentile"] = [float(copy.positive.qu
 display(copy_table.round(1))
 for sign, values in [("positive", copy.positive), ("negative", copy.negative)]:
     figs.show(plotting.heatmap(values, f"{sign} copy score (% of words in the top {copy_top_k})", "head", "layer", color_label="%",
-                               zmid=50), f"copy_score_{sign}")
+                               zmid=50), f"copy_score_{sign}", key=sign == "positive")
 
 # %% [markdown]
 # ## 2. Attention vs contribution
@@ -140,7 +140,7 @@ between = head_functions.attention_between(cache, model.cfg.n_layers, from_posit
 for i, src in enumerate(from_positions):
     values = between[:, :, i].flatten(0, 1)  # [layer*head, word]
     figs.show(plotting.heatmap(values, f"Attention from {src} to each named word", "to", "head", x=list(positions), y=s.head_names,
-                               color_label="attention", zmid=0.5), f"attention_from_{src}")
+                               color_label="attention", zmid=0.5), f"attention_from_{src}", key=True)
 
 # %% [markdown]
 # ## 4. Proposed head roles
@@ -183,5 +183,6 @@ results = {
     "attention_between": {"from": list(from_positions), "to": list(positions), "values": between},
     "roles": {"thresholds": thresholds.model_dump(), "table": role_table.reset_index().to_dict("records")},
     "figures": figs.saved,
+    "key_figures": figs.key,
 }
 print("wrote", artifacts.write_json(s.out_dir / "head_functions.json", results))

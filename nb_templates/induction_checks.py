@@ -79,7 +79,7 @@ print(f"model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} 
 scores, loss = heads.repeated_token_scores(model, seq_len, batch, seed)
 for kind, values in scores.items():
     figs.show(plotting.heatmap(values, f"{kind.replace('_', '-')} score per head", "head", "layer", color_label="score", zmid=0.5),
-              f"score_{kind}")
+              f"score_{kind}", key=True)
 found = {kind: [h for h in heads.top_heads(values, values.numel(), "pos") if h["value"] >= score_threshold] for kind, values in scores.items()}
 for kind, hs in found.items():
     print(f"{kind} heads (score >= {score_threshold}):", [(heads.head_label(h), h["value"]) for h in hs] or "none")
@@ -165,5 +165,6 @@ results = {
     "k_composition": {"baseline": baseline, "pairs": pairs, "values": comp},
     "sentence": text,
     "figures": figs.saved,
+    "key_figures": figs.key,
 }
 print("wrote", artifacts.write_json(s.out_dir / "induction_checks.json", results))

@@ -108,7 +108,7 @@ faithfulness[f"random circuits (max of {n_random})"] = float(controls.max())
 table = pd.DataFrame({"faithfulness": faithfulness, "logit diff": {k: v * ev.full_logit_diff for k, v in faithfulness.items()}})
 display(table.round(3))
 figs.show(plotting.lines(controls, list(range(n_random)), "Faithfulness of random control circuits",
-                         "control", "faithfulness"), "random_controls")
+                         "control", "faithfulness"), "random_controls", key=True)
 
 # %% [markdown]
 # ## 2. Minimality
@@ -196,7 +196,7 @@ print("heads whose DLA rose most:", [(heads.head_label(h), h["dla_before"], h["d
 edges = circuits.circuit_edges(members, to_logits, effects)
 nodes = circuits.circuit_nodes(proposed, n_layers, n_heads)
 figs.show(plotting.circuit_diagram(nodes, edges, f"Circuit for {s.params.task} on {s.model_name} (faithfulness {faithfulness['circuit']:.2f})"),
-          "circuit_diagram", formats=("png", "svg"))
+          "circuit_diagram", formats=("png", "svg"), key=True)
 
 # %% [markdown]
 # ## 7. Results
@@ -219,5 +219,6 @@ results = {
     "path_patching": {"to_logits": to_logits, "top_senders": top_senders, "direct_path_comparison": direct, "edges": edges},
     "backup": {"ablated": backup.ablated, "logit_diff_after": backup.logit_diff_after, "risers": backup.risers},
     "figures": figs.saved,
+    "key_figures": figs.key,
 }
 print("wrote", artifacts.write_json(s.out_dir / "minimal_circuit.json", results))

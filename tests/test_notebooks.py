@@ -1,16 +1,22 @@
-"""Executed-notebook tests: papermill runs circuit_expms on the bundled model through the real runner."""
+"""Executed-notebook tests: the batch runner executes the real templates on the bundled models; the report it writes."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 
 import nbformat
+import numpy as np
 import pytest
 import yaml
 
 import helpers.run as runner
-from helpers import PARAMS_DIR
+from helpers import PARAMS_DIR, batch, report
+from helpers.report import write_report
+
+OPTIONS = batch.RunOptions(n_prompts=16, threads=2, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +29,42 @@ def outputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ioi_run(outputs):
-    return runner.run_template("ioi", "circuit_expms", "toy-ioi", n_prompts=16, threads=2, progress=False)
+def params_copy(tmp_path_factory):
+    """A temp params folder: ioi, numseq, and a broken copy of ioi (its answer is two tokens)."""
+    folder = tmp_path_factory.mktemp("params")
+    for task in ("ioi", "numseq"):
+        shutil.copy(PARAMS_DIR / f"{task}.yaml", folder)
+    data = yaml.safe_load((PARAMS_DIR / "ioi.yaml").read_text())
+    data.update(task="broken", correct=" [S1] and")
+    (folder / "broken.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_batch(outputs, params_copy):
+    """circuit_expms for every params file of the copy, through the batch runner."""
+    return batch.run_batch(templates=["circuit_expms"], params_dir=params_copy, options=OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def ioi_run(first_batch):
+    return next(r for r in first_batch.results if r.task == "ioi")
+
+
+def test_broken_params_file_is_one_red_run(first_batch, params_copy):
+    by_task = {r.task: r for r in first_batch.results}
+    assert {t: r.status for t, r in by_task.items()} == {"broken": "bad-input", "ioi": "ok", "numseq": "ok"}
+    assert str(params_copy / "broken.yaml") in by_task["broken"].message and "correct" in by_task["broken"].message
+    assert first_batch.exit_code != 0
+    assert str(params_copy / "broken.yaml") in first_batch.table()
+
+
+def test_rerun_with_nothing_changed_executes_nothing(first_batch, params_copy, outputs):
+    before = {p: p.stat().st_mtime_ns for p in outputs.rglob("*.ipynb")}
+    again = batch.run_batch(["ioi", "numseq"], templates=["circuit_expms"], params_dir=params_copy, options=OPTIONS)
+    assert {r.status for r in again.results} == {"up-to-date"} and not again.executed and again.exit_code == 0
+    assert "nothing executed" in again.table()
+    assert {p: p.stat().st_mtime_ns for p in outputs.rglob("*.ipynb")} == before
 
 
 def test_run_succeeds_with_artifacts(ioi_run, outputs):
@@ -122,7 +162,7 @@ def test_head_functions_reads_the_circuit_json(head_functions_run, outputs):
 
 
 def test_head_functions_without_circuit_json_fails_clearly(outputs):
-    result = runner.run_template("numseq", "head_functions", "toy-ioi", n_prompts=8, threads=2, progress=False)
+    result = runner.run_template("months", "head_functions", "toy-ioi", n_prompts=8, threads=2, progress=False)
     assert result.status == "failed" and "circuit_expms" in result.message and "MissingResults" in result.message
 
 
@@ -152,3 +192,41 @@ def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
     assert (out / "circuit.json").exists()
     if data["figures"]:
         assert (out / "minimal_circuit_figures" / "circuit_diagram.svg").stat().st_size > 1000
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not path:
+        pytest.skip("no Chromium: `make install` installs Debian's chromium where it can (root + apt-get); here it could not")
+    return path
+
+
+def test_report_is_self_contained_with_cross_task_view(first_batch, outputs):
+    page = write_report(outputs, first_batch)
+    text = page.read_text()
+    assert "<script" not in text and 'src="http' not in text and "href=\"http" not in text, "the report must work offline"
+    assert "Shared heads across tasks · toy-ioi" in text and text.count("<img") >= 4 and "data:image/png;base64," in text
+    for task in ("ioi", "numseq"):
+        assert f"{task}/toy-ioi/circuit_expms.html" in text and (outputs / task / "toy-ioi" / "circuit_expms.html").exists()
+    assert "broken.yaml" in text  # the runs table names the red run
+    view = next(v for v in report.cross_task(report.collect(outputs)) if v.model == "toy-ioi")
+    assert view.tasks == ["ioi", "numseq"] and "L3H2" in view.top["ioi"]
+    assert view.overlap[0, 0] == 1.0 and 0 <= view.overlap[0, 1] <= 1
+
+
+def test_report_renders_in_headless_chromium(first_batch, outputs, tmp_path):
+    from PIL import Image
+
+    page = write_report(outputs, first_batch)
+    browser = chromium()
+    shot = tmp_path / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,2400"]
+    subprocess.run([browser, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True, cwd=tmp_path)
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert dom.count("<table") >= 5 and dom.count("<img") >= 4 and "Shared heads across tasks" in dom
+    with Image.open(shot) as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (2400, 1400)
+    ink = (pixels.min(axis=2) < 200).mean()
+    blue = ((pixels[..., 2] - pixels[..., 0]) > 60).mean()  # the matrix cells and the heatmap thumbnails
+    assert ink > 0.02 and blue > 0.002, f"the page looks blank: {ink:.3%} ink, {blue:.3%} blue"

@@ -35,3 +35,38 @@ def test_template_structure(py):
     md = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "How it works" in md and "How to interpret" in md
     assert "colab.research.google.com" in md
+
+
+def test_colab_badges_follow_the_configured_repo():
+    from helpers import badges
+
+    repo = badges.configured_repo()
+    assert badges.sync(check=True) == [], "badges differ from [tool.circuit-lab] github: run `make sync`"
+    readme = (TEMPLATES_DIR.parent / "README.md").read_text()
+    for py in TEMPLATES:
+        first = jupytext.read(py).cells[0]
+        assert first.cell_type == "markdown" and badges.badge(py.stem, repo) in first.source
+        assert badges.badge(py.stem, repo) in jupytext.read(py.with_suffix(".ipynb")).cells[0].source
+        assert badges.clone_url(repo) in py.read_text()
+        assert badges.badge(py.stem, repo) in readme
+
+
+def test_changing_the_repo_rewrites_every_badge(tmp_path):
+    import shutil
+
+    from helpers import badges
+
+    root = tmp_path / "repo"
+    shutil.copytree(TEMPLATES_DIR, root / "nb_templates", ignore=shutil.ignore_patterns("*.ipynb"))
+    for name in ("README.md", "pyproject.toml"):
+        shutil.copy(TEMPLATES_DIR.parent / name, root / name)
+    pyproject = root / "pyproject.toml"
+    pyproject.write_text(re.sub(r'github = "[^"]+"', 'github = "someone/fork"', pyproject.read_text()))
+    changed = badges.sync(root=root, templates_dir=root / "nb_templates")
+    assert len(changed) == len(TEMPLATES) + 1
+    assert badges.sync(check=True, root=root, templates_dir=root / "nb_templates") == []
+    text = (root / "README.md").read_text() + "".join(p.read_text() for p in (root / "nb_templates").glob("*.py"))
+    assert "circuit-lab/circuit-lab" not in text and text.count("github/someone/fork/blob/main/nb_templates/") == 2 * len(TEMPLATES)
+    pyproject.write_text(pyproject.read_text().replace("someone/fork", "not a repo"))
+    with pytest.raises(ValueError, match="owner/repo"):
+        badges.configured_repo(pyproject)

@@ -1,0 +1,140 @@
+"""Batch runner: dependency order found in the templates, skipping up-to-date runs, failure isolation, Dask.
+
+Small stand-in templates (written to a temp folder, picked up with no code change) keep these tests fast; the
+real templates run through the batch runner in test_notebooks.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from helpers import batch
+from helpers import run as runner
+
+HEADER = '''\
+# %% tags=["parameters"]
+task = "ioi"
+params_file = None
+model_name = None
+n_prompts = None
+output_dir = None
+input_dir = None
+threads = None
+'''
+SESSION = 's = experiments.start_session("{name}", task, params_file, model_name, n_prompts, output_dir, None, threads, False, input_dir)\n'
+TEMPLATES = {
+    "first": HEADER + "\n# %%\nfrom helpers import artifacts, experiments\n" + SESSION.format(name="first") +
+    'artifacts.write_json(s.out_dir / "first.json", {"template": "first", "task": s.params.task, "n": len(s.prompts.clean_tokens)})\n',
+    "second": HEADER + "\n# %%\nfrom helpers import artifacts, experiments\n" + SESSION.format(name="second") +
+    'first = experiments.load_results(s, "first")\n'
+    'artifacts.write_json(s.out_dir / "second.json", {"template": "second", "read": first["task"], "n": first["n"]})\n',
+    "boom": HEADER + '\n# %%\nraise RuntimeError("boom: deliberate failure")\n',
+    "after_boom": HEADER + "\n# %%\nfrom helpers import experiments\n" + SESSION.format(name="after_boom") +
+    'experiments.load_results(s, "boom")\n',
+    "slow": HEADER + "\n# %%\nimport time\ntime.sleep(120)\n",
+}
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A templates folder with the stand-ins and an empty outputs folder, seen by Dask workers through the env."""
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    for name, text in TEMPLATES.items():
+        (templates / f"{name}.py").write_text(text)
+    monkeypatch.setenv("CIRCUIT_LAB_TEMPLATES", str(templates))
+    monkeypatch.setenv("CIRCUIT_LAB_OUTPUTS", str(tmp_path / "out"))
+    return tmp_path
+
+
+def statuses(report: batch.BatchReport) -> dict[str, str]:
+    return {f"{r.task}/{r.template}": r.status for r in report.results}
+
+
+def test_real_templates_are_ordered_by_what_they_read():
+    order = batch.template_order()
+    names = [t for t, _ in order]
+    assert dict(order)["head_functions"] == ["circuit_expms"] and dict(order)["minimal_circuit"] == ["head_functions"]
+    assert names.index("circuit_expms") < names.index("head_functions") < names.index("minimal_circuit")
+    assert dict(order)["induction_checks"] == []
+    # asking for one template brings in what it reads, and nothing else
+    assert [t for t, _ in batch.template_order(["minimal_circuit"])] == ["circuit_expms", "head_functions", "minimal_circuit"]
+
+
+def test_plan_errors_name_the_problem(sandbox):
+    (sandbox / "templates" / "loop_a.py").write_text(HEADER + 'experiments.load_results(s, "loop_b")\n')
+    (sandbox / "templates" / "loop_b.py").write_text(HEADER + 'experiments.load_results(s, "loop_a")\n')
+    (sandbox / "templates" / "orphan.py").write_text(HEADER + 'experiments.load_results(s, "nowhere")\n')
+    with pytest.raises(batch.PlanError, match="cycle"):
+        batch.template_order(["loop_a"])
+    with pytest.raises(batch.PlanError, match="orphan.py.*nowhere"):
+        batch.template_order(["orphan"])
+    with pytest.raises(batch.PlanError, match="not found"):
+        batch.template_order(["no_such_template"])
+
+
+def test_fingerprint_follows_params_template_model_and_upstream(sandbox, tmp_path):
+    params = tmp_path / "ioi.yaml"
+    params.write_text((runner.PROJECT_ROOT / "params" / "ioi.yaml").read_text())
+    runs, _ = batch.plan_runs([str(params)], templates=["second"])
+    base = batch.fingerprints(runs, batch.RunOptions())
+    assert base == batch.fingerprints(runs, batch.RunOptions())  # deterministic
+    assert base != batch.fingerprints(runs, batch.RunOptions(n_prompts=8))
+    params.write_text(params.read_text() + "\n# edited\n")
+    edited = batch.fingerprints(runs, batch.RunOptions())
+    assert all(edited[k] != base[k] for k in base)
+    (sandbox / "templates" / "first.py").write_text(TEMPLATES["first"] + "# edited\n")
+    upstream_edit = batch.fingerprints(runs, batch.RunOptions())
+    assert all(upstream_edit[k] != edited[k] for k in base), "a change upstream must make the reader stale too"
+    other_model = batch.plan_runs([str(params)], models=["toy-induction"], templates=["second"])[0]
+    assert set(batch.fingerprints(other_model, batch.RunOptions()).values()).isdisjoint(upstream_edit.values())
+
+
+def test_dask_in_process_cluster_isolates_failures_then_reruns_skip(sandbox):
+    opts = batch.RunOptions(n_prompts=4, threads=1)
+    report = batch.run_batch(["ioi", "numseq"], templates=["second", "after_boom"], options=opts, jobs=2, scheduler="inprocess")
+    assert statuses(report) == {f"{t}/{name}": s for t in ("ioi", "numseq") for name, s in
+                                [("first", "ok"), ("boom", "failed"), ("second", "ok"), ("after_boom", "skipped")]}
+    assert report.exit_code == 1
+    out = sandbox / "out"
+    for task in ("ioi", "numseq"):
+        second = json.loads((out / task / "toy-ioi" / "second.json").read_text())
+        assert second == {"template": "second", "read": task, "n": 4}  # it ran after first and read its JSON
+        kept = nbformat.read(out / ".failed" / task / "toy-ioi" / "boom.ipynb", as_version=4)
+        assert any(o.output_type == "error" for c in kept.cells for o in c.get("outputs", []))
+    table = report.table()
+    assert "boom: deliberate failure" in table and "not run: boom (which it reads) failed" in table
+
+    again = batch.run_batch(["ioi", "numseq"], templates=["second", "after_boom"], options=opts)
+    assert {k: s for k, s in statuses(again).items() if "boom" not in k} == {f"{t}/{n}": "up-to-date" for t in ("ioi", "numseq")
+                                                                          for n in ("first", "second")}
+    assert statuses(again)["ioi/boom"] == "failed", "a failed run is never up to date"
+
+    quiet = batch.run_batch(["ioi", "numseq"], templates=["second"], options=opts)
+    assert {r.status for r in quiet.results} == {"up-to-date"} and quiet.exit_code == 0 and not quiet.executed
+    assert "nothing executed" in quiet.table()
+
+    (sandbox / "templates" / "first.py").write_text(TEMPLATES["first"] + "# edited\n")
+    edited = batch.run_batch(["ioi"], templates=["second"], options=opts)
+    assert statuses(edited) == {"ioi/first": "ok", "ioi/second": "ok"}
+
+
+def test_cell_timeout_fails_the_run(sandbox):
+    report = batch.run_batch(["ioi"], templates=["slow"], options=batch.RunOptions(cell_timeout=3, progress=False))
+    (result,) = report.results
+    assert result.status == "failed" and "Timeout" in result.message, result.message
+    assert report.exit_code == 1
+
+
+def test_cli_runs_the_batch_and_writes_the_report(sandbox, capsys):
+    code = runner.main(["--task", "ioi", "--template", "first", "--n-prompts", "4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "1 runs: 1 ok" in out, out
+    assert (sandbox / "out" / "index.html").exists() and (sandbox / "out" / "runs.json").exists()
+    assert runner.main(["--task", "ioi", "--template", "first", "--n-prompts", "4"]) == 0
+    assert "nothing executed" in capsys.readouterr().out
+    assert runner.main(["--template", "no_such_template"]) == 2
+
