@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from . import PROJECT_ROOT, TEMPLATES_DIR
 

@@ -216,9 +216,8 @@ def worker_device(device: str | None) -> str | None:
     if device != "cuda":
         return device
     try:
-        from distributed import get_worker
-
         import torch
+        from distributed import get_worker
 
         return f"cuda:{int(get_worker().name) % torch.cuda.device_count()}"
     except (ImportError, ValueError, TypeError):
