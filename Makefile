@@ -53,7 +53,7 @@ run: install
 
 all: install
 	$(PY) -m helpers.run -j $(JOBS) $(foreach t,$(TASKS),--task $(t)) $(foreach m,$(MODELS),--model $(m)) \
-	  $(foreach t,$(TEMPLATES),--template $(t)) $(if $(FORCE),--force)
+	  $(foreach t,$(TEMPLATES),--template $(t)) $(if $(FORCE),--force) $(if $(LOG),--log-output)
 
 report: $(STAMP)
 	$(PY) -m helpers.report

@@ -66,6 +66,7 @@ class RunOptions:
     device: str | None = None
     extra_parameters: dict = field(default_factory=dict)
     progress: bool = True
+    log_output: bool = False  # stream cell outputs to the log (per-cell progress of long cells)
 
     def fingerprint_fields(self) -> dict:
         return {"n_prompts": self.n_prompts, "device": self.device, "extra": self.extra_parameters}
@@ -205,7 +206,7 @@ def execute_run(run: RunSpec, fingerprint: str, options: RunOptions, *upstream: 
     options = replace(options, device=worker_device(options.device))
     extra = {**options.extra_parameters, **({"device": options.device} if options.device else {})}
     result = runner.run_template(run.params_file, run.template, run.model, options.n_prompts, options.threads,
-                                 options.cell_timeout, options.progress, extra)
+                                 options.cell_timeout, options.progress, extra, options.log_output)
     if result.status == "ok":
         write_stamp(run, fingerprint, result)
     return result

@@ -14,6 +14,7 @@ succeeded or was up to date, 1 when one failed, 2 on bad input (params, model).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -106,7 +107,7 @@ def publish(staging: Path, final: Path) -> None:
 
 def run_template(task: str, template: str = "circuit_expms", model: str | None = None, n_prompts: int | None = None,
                  threads: int | None = None, cell_timeout: int | None = None, progress: bool = True,
-                 extra_parameters: dict | None = None) -> RunResult:
+                 extra_parameters: dict | None = None, log_output: bool = False) -> RunResult:
     """Execute one template for one task and model (see module docstring); never raises for bad input."""
     from .experiments import model_folder_name
 
@@ -134,7 +135,7 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
     parameters = {k: v for k, v in parameters.items() if k in declared}
     try:
         pm.execute_notebook(str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3", cwd=str(PROJECT_ROOT),
-                            progress_bar=progress, execution_timeout=cell_timeout, log_output=False)
+                            progress_bar=progress, execution_timeout=cell_timeout, log_output=log_output)
     except Exception as err:  # PapermillExecutionError or a kernel failure: keep the executed notebook
         failed_dir = root / ".failed" / task_name / model_folder_name(model_name)
         failed_dir.mkdir(parents=True, exist_ok=True)
@@ -168,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: cores / jobs)")
     parser.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell before a run fails")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA if available); with -j, one run per GPU")
+    parser.add_argument("--log-output", action="store_true", help="stream each cell's output (e.g. the sweeps' tqdm bars) to stderr")
     parser.add_argument("--outputs-dir", type=Path, default=None, help="instead of nb_outputs/")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite <outputs>/index.html")
     args = parser.parse_args(argv)
     if args.outputs_dir:
         os.environ["CIRCUIT_LAB_OUTPUTS"] = str(args.outputs_dir.resolve())
-    options = RunOptions(args.n_prompts, args.threads, args.cell_timeout, args.device)
+    if args.log_output:
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("papermill").setLevel(logging.INFO)
+    options = RunOptions(args.n_prompts, args.threads, args.cell_timeout, args.device, log_output=args.log_output)
     try:
         batch = run_batch(args.task, args.model, args.template, options, args.jobs, args.scheduler, args.force, args.params_dir)
     except PlanError as err:

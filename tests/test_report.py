@@ -1,0 +1,49 @@
+"""The report's numbers on synthetic results: importance matrix, Jaccard overlap, cards for unknown templates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import report
+
+
+def write_result(root, task, model, template, data):
+    folder = root / task / model
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{template}.json").write_text(json.dumps({"template": template, **data}))
+    return folder
+
+
+def patching(values):
+    return {"patching": {"values": {"head_out": values}}, "logit_diff": {"clean": 3.0, "corrupted": -1.0}}
+
+
+def test_jaccard():
+    assert report.jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
+    assert report.jaccard(set(), set()) == 1.0
+
+
+def test_cross_task_matrix_and_overlap(tmp_path):
+    # 2 layers x 3 heads; task A's top 2 = {L0H0, L1H2}, task B's = {L1H2, L0H1}
+    write_result(tmp_path, "a", "m", "circuit_expms", patching([[0.9, 0.0, 0.1], [0.0, 0.05, -0.5]]))
+    write_result(tmp_path, "b", "m", "circuit_expms", patching([[0.0, 0.4, 0.0], [0.0, 0.0, 0.8]]))
+    write_result(tmp_path, "c", "other", "circuit_expms", patching([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    (view, other) = report.cross_task(report.collect(tmp_path), k=2)
+    assert view.model == "m" and view.tasks == ["a", "b"] and other.tasks == ["c"]
+    assert view.top == {"a": ["L0H0", "L1H2"], "b": ["L1H2", "L0H1"]}
+    assert view.heads == ["L0H0", "L1H2", "L0H1"]  # strongest |importance| in any task first
+    np.testing.assert_allclose(view.importance, [[0.9, 0.0], [-0.5, 0.8], [0.0, 0.4]])
+    np.testing.assert_allclose(view.overlap, [[1.0, 1 / 3], [1 / 3, 1.0]])
+
+
+def test_unknown_template_gets_a_card_and_non_results_are_ignored(tmp_path):
+    folder = write_result(tmp_path, "a", "m", "my_new_template", {"figures": []})
+    (folder / "circuit.json").write_text(json.dumps({"groups": {}}))  # no "template" key: not a template's results
+    (tmp_path / ".failed" / "a" / "m").mkdir(parents=True)
+    folders = report.collect(tmp_path)
+    assert [(f.task, f.model, sorted(f.results)) for f in folders] == [("a", "m", ["my_new_template"])]
+    page = report.write_report(tmp_path).read_text()
+    assert "my_new_template" in page and "a/m/my_new_template.html" in page and "Shared heads" not in page
