@@ -275,6 +275,7 @@ def run_batch(tasks: list[str] | None = None, models: list[str] | None = None, t
     fresh = {r.key: runner.RunResult(r.task, r.model, r.template, "up-to-date", 0.0, stamp_path(r).parent.parent)
              for r in runs if not force and is_up_to_date(r, prints[r.key])}
     todo = [r for r in runs if r.key not in fresh]
+    jobs = jobs_for_device(jobs, options.device) if not scheduler else jobs
     if todo and (jobs > 1 or scheduler):
         if options.threads is None:
             options = replace(options, threads=max(1, (os.cpu_count() or 1) // max(jobs, 1)))
@@ -283,6 +284,19 @@ def run_batch(tasks: list[str] | None = None, models: list[str] | None = None, t
         done = run_in_process(todo, prints, options, fresh)
     by_key = {**fresh, **done}
     return BatchReport(results + [by_key[r.key] for r in runs], time.time() - t0)
+
+
+def jobs_for_device(jobs: int, device: str | None) -> int:
+    """With ``device="cuda"``, at most one local job per GPU (each worker owns ``cuda:<worker index>``)."""
+    if device != "cuda":
+        return jobs
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus and jobs > gpus:
+        print(f"-j {jobs} with {gpus} GPU(s): running {gpus} at once, one per device")
+        return gpus
+    return jobs
 
 
 def run_in_process(todo: list[RunSpec], prints: dict[str, str], options: RunOptions,

@@ -138,3 +138,12 @@ def test_cli_runs_the_batch_and_writes_the_report(sandbox, capsys):
     assert "nothing executed" in capsys.readouterr().out
     assert runner.main(["--template", "no_such_template"]) == 2
 
+
+
+def test_one_local_job_per_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert batch.jobs_for_device(4, "cuda") == 2 and batch.jobs_for_device(1, "cuda") == 1
+    assert batch.jobs_for_device(4, "cpu") == 4 and batch.jobs_for_device(4, None) == 4
+    assert batch.worker_device("cuda") == "cuda"  # not on a Dask worker: unchanged
