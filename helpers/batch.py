@@ -29,7 +29,7 @@ from . import PARAMS_DIR, POOLS_DIR, PROJECT_ROOT
 from . import run as runner
 from .experiments import model_folder_name
 from .models import ModelNotAvailable, resolve_model
-from .params import ParamsError, load_params
+from .params import ParamsError
 
 OK_STATUSES = ("ok", "up-to-date")
 
@@ -125,19 +125,14 @@ def plan_runs(tasks: list[str] | None = None, models: list[str] | None = None, t
     order = template_order(templates)
     runs, rejected = [], []
     for path in params_files(tasks, params_dir):
-        try:
-            own_model = load_params(path).model
-        except ParamsError as err:
-            rejected.append(runner.RunResult(path.stem, "?", "(params)", "bad-input", 0.0, None, str(err)))
-            continue
-        for model in models or [own_model]:
+        for model in models or [None]:  # None: the params file's own model
             try:
                 params = runner.check_inputs(str(path), model, n_prompts)
             except (ParamsError, ModelNotAvailable, FileNotFoundError) as err:
                 what = "(model)" if isinstance(err, ModelNotAvailable) else "(params)"
-                rejected.append(runner.RunResult(path.stem, model, what, "bad-input", 0.0, None, str(err)))
+                rejected.append(runner.RunResult(path.stem, model or "?", what, "bad-input", 0.0, None, str(err)))
                 continue
-            runs += [RunSpec(params.task, str(path), model, t, tuple(reads)) for t, reads in order]
+            runs += [RunSpec(params.task, str(path), params.model, t, tuple(reads)) for t, reads in order]
     return runs, rejected
 
 
@@ -167,9 +162,11 @@ def fingerprints(runs: list[RunSpec], options: RunOptions) -> dict[str, str]:
     """Each run's fingerprint; a run's includes the fingerprints of the runs it reads (plan order)."""
     code = files_digest(sorted((PROJECT_ROOT / "helpers").glob("*.py")) + [POOLS_DIR])
     models = {m: model_digest(m) for m in {r.model for r in runs}}
+    templates = {t: files_digest([runner.templates_dir() / f"{t}.py"]) for t in {r.template for r in runs}}
+    params = {f: files_digest([Path(f)]) for f in {r.params_file for r in runs}}
     result: dict[str, str] = {}
     for r in runs:
-        parts = {"template": files_digest([runner.templates_dir() / f"{r.template}.py"]), "params": files_digest([Path(r.params_file)]),
+        parts = {"template": templates[r.template], "params": params[r.params_file],
                  "model": models[r.model], "code": code, "options": options.fingerprint_fields(),
                  "reads": [result[k] for k in r.upstream_keys()]}
         result[r.key] = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -234,7 +231,7 @@ class BatchReport:
 
     @property
     def executed(self) -> list[runner.RunResult]:
-        return [r for r in self.results if r.status not in ("up-to-date",)]
+        return [r for r in self.results if r.status != "up-to-date"]
 
     @property
     def exit_code(self) -> int:

@@ -97,7 +97,8 @@ def cross_task(folders: list[ResultFolder], k: int = TOP_K) -> list[CrossTask]:
     """Per model with ≥1 task that ran circuit_expms; heads listed when in some task's top k, strongest first."""
     views = []
     for model in sorted({f.model for f in folders}):
-        per_task = {f.task: head_importance(f) for f in folders if f.model == model and head_importance(f)}
+        per_task = {f.task: head_importance(f) for f in folders if f.model == model}
+        per_task = {t: values for t, values in per_task.items() if values}
         if not per_task:
             continue
         tasks = sorted(per_task)
