@@ -17,14 +17,16 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run all report test bench install chromium toy-models sync lint clean-outputs help
+.PHONY: run all report test test-all test-fast bench install chromium toy-models sync lint clean-outputs help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
 	@echo "make all [JOBS=2] [TASKS='ioi numseq'] [MODELS=...] [TEMPLATES=...] [FORCE=1]"
 	@echo "                               every template x params file x model (skips up-to-date runs); nb_outputs/index.html"
 	@echo "make report                    rebuild nb_outputs/index.html from the results there"
-	@echo "make test                      install and run the test suite"
+	@echo "make test                      install and run the test suite (what CI runs; slow tests excluded)"
+	@echo "make test-all                  also the slow tests (every model family's notebooks)"
+	@echo "make test-fast                 the unit tests only (no executed notebooks), for the edit loop"
 	@echo "make bench [DEVICE=cuda]       time our patching sweeps against TransformerLens (bench/results.md)"
 	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
 	@echo "make sync                      re-pair nb_templates/*.py with their .ipynb (jupytext)"
@@ -60,6 +62,12 @@ report: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-all: install
+	$(PY) -m pytest -q tests -m ""
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow" --deselect tests/test_family_notebooks.py --deselect tests/test_notebooks.py
 
 bench: $(STAMP)
 	$(PY) bench/bench_patching.py --device $(or $(DEVICE),cpu) --threads $(THREADS)

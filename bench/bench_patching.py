@@ -1,7 +1,8 @@
 """Benchmark: TransformerLens ``patching`` sweeps against ours, in one process, interleaved repeats.
 
 Models: the gpt2-small architecture with random weights (built from ``GPT2Config()``, no download; saved to
-a temporary folder and loaded through the same bridge path as every model) and the bundled ``toy-ioi``.
+a temporary folder and loaded through the same bridge path as every model), a Llama architecture of the same
+size (RoPE, RMSNorm, SwiGLU, grouped-query attention) and the bundled ``toy-ioi``.
 Prompts: batch 8 of 20 random-word tokens; the corrupted batch differs at 3 positions. For each sweep and
 repeat, TransformerLens and ours run back to back (the order alternates per repeat); we report medians,
 the ratio, the peak extra memory of each, and the max |difference| between the two results.
@@ -105,6 +106,22 @@ def random_gpt2_small(folder: Path, device: str):
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
     AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi").save_pretrained(folder)
     return load_model(str(folder), device=device)
+
+
+def random_llama_small(folder: Path, device: str):
+    """A Llama architecture of gpt2-small's size (12 layers, d_model 768, 12 heads with 4 key/value groups, SwiGLU
+    d_mlp 2048, RoPE, RMSNorm), random weights, with the bundled tokenizer, loaded through the bridge."""
+    from transformers import AutoTokenizer
+
+    from helpers.families import build_family_model
+
+    tok = AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi")
+    build_family_model("llama", tok, folder, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                       intermediate_size=2048, max_position_embeddings=1024)
+    return load_model(str(folder), device=device)
+
+
+RANDOM_MODELS = {"gpt2-small-random": random_gpt2_small, "llama-small-random": random_llama_small}
 
 
 def random_prompts(model, batch: int, n_pos: int, seed: int = 0):
@@ -247,7 +264,7 @@ def main() -> None:
     parser.add_argument("--tl-max-cells", type=int, default=100, help="time TL on at most this many cells per sweep")
     parser.add_argument("--sweeps", nargs="+", choices=sorted(P.SWEEPS),
                         help=f"default: all on toy-ioi, {LARGE_MODEL_SWEEPS} on gpt2-small-random")
-    parser.add_argument("--models", nargs="+", default=["gpt2-small-random", "toy-ioi"])
+    parser.add_argument("--models", nargs="+", default=["gpt2-small-random", "llama-small-random", "toy-ioi"])
     parser.add_argument("--quick", action="store_true", help="toy-ioi, two sweeps, one repeat: checks the script runs")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--markdown-only", action="store_true", help="only re-render results.md from results.json")
@@ -268,8 +285,9 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.models:
-            model = random_gpt2_small(Path(tmp), args.device) if label == "gpt2-small-random" else load_model(label, device=args.device)
-            sweeps = args.sweeps or (LARGE_MODEL_SWEEPS if label == "gpt2-small-random" else SWEEPS)
+            build = RANDOM_MODELS.get(label)
+            model = build(Path(tmp) / label, args.device) if build else load_model(label, device=args.device)
+            sweeps = args.sweeps or (LARGE_MODEL_SWEEPS if build else SWEEPS)
             results["sweeps"] += bench_sweeps(model, label, sweeps, args.repeats, args.tl_max_cells, args.device, args.batch, args.n_pos)
             results["attribution"].append(bench_attribution(model, label, args.device, args.batch, args.n_pos, max(args.repeats, 3)))
             if label == "toy-ioi":

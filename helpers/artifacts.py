@@ -1,4 +1,8 @@
-"""Machine-readable results: the JSON each template writes and the next one reads."""
+"""Machine-readable results: the JSON each template writes and the next one reads.
+
+Strict JSON: a value that is not finite (an undefined normalisation) is written as null, never NaN or
+-Infinity; the result that holds it says why (see ``metrics.NormalisationCheck``).
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,14 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
-        return np.round(value.astype(float), 6).tolist()
+        rounded = np.round(value.astype(float), 6)
+        finite = np.isfinite(rounded)
+        if not finite.all():  # JSON has no NaN/inf: undefined values are null (the result says why)
+            rounded = rounded.astype(object)
+            rounded[~finite] = None
+        return rounded.tolist()
     if isinstance(value, (np.floating, float)):
-        return round(float(value), 6)
+        return round(float(value), 6) if np.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, dict):
@@ -33,7 +42,7 @@ def write_json(path: Path | str, data: dict) -> Path:
     """Write ``data`` as indented JSON (deterministic key order as given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(data), indent=1) + "\n")
+    path.write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False) + "\n")
     return path
 
 

@@ -4,7 +4,14 @@ The final residual stream at the last position is a sum of component outputs (em
 head, each MLP, biases). After the final LayerNorm's centring and scaling (applied with the *cached* scale,
 so the map is linear), each component's dot product with ``W_U[:, correct] - W_U[:, incorrect]`` is its
 direct contribution to the logit difference; the contributions plus the unembedding-bias difference sum to
-the model's logit difference exactly (up to float error; tested).
+the model's logit difference exactly (up to float error; tested on every family).
+
+Architectures differ in what that sum contains and whether it is exact (``decomposition_caveats``):
+rotary models have no positional-embedding term; parallel blocks (GPT-J, NeoX) have no residual stream
+between attention and MLP (the logit lens reads whole layers); Gemma's final-logit soft-capping makes the
+logit difference a non-linear function of the residual stream, and its post-attention norms make per-head
+contributions not add up to the attention output. There the numbers are approximations: the residual is
+measured and reported, never hidden.
 """
 
 from __future__ import annotations
@@ -19,8 +26,33 @@ DLA_HOOK_SUFFIXES = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_res
 
 
 def dla_hook_filter(name: str) -> bool:
-    """Hooks DLA, the logit lens and the attention plots need (nothing else is cached)."""
+    """Hooks DLA, the logit lens and the attention plots need (nothing else is cached; absent ones are not required)."""
     return name.endswith(DLA_HOOK_SUFFIXES) and ".hook_in" not in name
+
+
+def dla_hook_names(model) -> list[str]:
+    """The ``dla_hook_filter`` hooks this architecture fires: no positional embedding with rotary positions,
+    no mid residual with parallel attention + MLP."""
+    skip = []
+    if getattr(model.cfg, "positional_embedding_type", "standard") != "standard":
+        skip.append("hook_pos_embed")
+    if getattr(model.cfg, "parallel_attn_mlp", False):
+        skip.append("hook_resid_mid")
+    return [n for n in model.hook_dict if dla_hook_filter(n) and not n.endswith(tuple(skip))]
+
+
+def decomposition_caveats(model) -> dict[str, str]:
+    """Why DLA is not an exact decomposition on this architecture, keyed by what it affects ('layers', 'heads');
+    empty when it is exact."""
+    caveats: dict[str, str] = {}
+    cap = getattr(model.cfg, "output_logits_soft_cap", 0) or 0
+    if cap > 0:
+        caveats["layers"] = (f"final logits are soft-capped (tanh, cap {cap}): the logit difference is not linear in the residual "
+                             "stream, so component contributions only approximate it")
+    if any(".ln1_post." in name for name in model.hook_dict):
+        caveats["heads"] = ("a norm follows the attention output (post-attention norm): per-head contributions are taken before it "
+                            "and do not add up to the attention output")
+    return caveats
 
 
 def logit_diff_direction(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch d_model"]:
@@ -45,7 +77,8 @@ def project_stack(
 
 def logit_lens(cache: ActivationCache, direction: Float[Tensor, "batch d_model"]) -> tuple[Float[Tensor, "component batch"], list[str]]:
     """Logit difference read off the accumulated residual stream after each half-layer (logit lens)."""
-    stack, labels = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1, return_labels=True)
+    incl_mid = "blocks.0.hook_resid_mid" in cache.cache_dict  # parallel attention + MLP has no mid residual
+    stack, labels = cache.accumulated_resid(layer=-1, incl_mid=incl_mid, pos_slice=-1, return_labels=True)
     return project_stack(cache, stack, direction), labels
 
 

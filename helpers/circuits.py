@@ -20,7 +20,9 @@ from torch import Tensor
 
 from .heads import all_head_labels, head_label, parse_head_label
 from .hooks import resolve_hook_names
+from .interventions import Intervention, run_interventions
 from .metrics import logit_diff
+from .patching import variants_per_chunk
 
 # Where a head of each role is kept (IOI paper's circuit): named positions, or None for every position.
 ROLE_POSITIONS: dict[str, list[str] | None] = {
@@ -102,26 +104,22 @@ def reference_z(model, tokens: Int[Tensor, "batch pos"], ablation: str) -> Float
     return torch.zeros_like(z[:, :1]) if ablation == "zero" else z
 
 
+ABLATION_SOURCES = {"mean": "mean", "zero": "zero", "resample": "corrupted"}  # ablation -> intervention source
+
+
+def knockout_interventions(keep: Bool[Tensor, "variant layer pos head"], ablation: str) -> list[Intervention]:
+    """One intervention per layer: head outputs outside each variant's keep-mask take the ``ablation`` source."""
+    return [Intervention(f"blocks.{l}.attn.hook_z", ABLATION_SOURCES[ablation], ~keep[:, l, :, :, None]) for l in range(keep.shape[1])]
+
+
 def knockout_logit_diffs(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], keep: Bool[Tensor, "variant layer pos head"],
-                         replacement: Float[Tensor, "layer batch pos head d_head"], max_variants: int = 64) -> Float[Tensor, "variant"]:
-    """Mean logit diff of ``tokens`` with every head output outside each keep-mask replaced; variants batched."""
-    batch = tokens.shape[0]
-    out = []
-    for part in keep.split(max_variants):
-        n_var = part.shape[0]
-        part = part.to(replacement.device)
-
-        def knock(layer: int):
-            def hook(z: Tensor, hook=None) -> Tensor:
-                z = z.reshape(n_var, batch, *z.shape[1:])
-                kept = part[:, layer][:, None, :, :, None]  # [variant, 1, pos, head, 1]
-                return torch.where(kept, z, replacement[layer][None]).reshape(n_var * batch, *z.shape[2:])
-            return hook
-
-        hooks = [(f"blocks.{l}.attn.hook_z", knock(l)) for l in range(model.cfg.n_layers)]
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-            logits = model(tokens.repeat(n_var, 1))
-        out.append(logit_diff(logits, answers.repeat(n_var, 1)).reshape(n_var, batch).mean(-1).cpu())
+                         replacement: Float[Tensor, "layer batch pos head d_head"], ablation: str = "mean",
+                         memory_mb: float = 1024) -> Float[Tensor, "variant"]:
+    """Mean logit diff of ``tokens`` with every head output outside each keep-mask replaced; variants batched to ``memory_mb``."""
+    values = {ABLATION_SOURCES[ablation]: {f"blocks.{l}.attn.hook_z": replacement[l] for l in range(replacement.shape[0])}}
+    chunk = variants_per_chunk(model, *tokens.shape, memory_mb)
+    out = [run_interventions(model, tokens, answers, knockout_interventions(part, ablation), values, part.shape[0])[0].mean(-1).cpu()
+           for part in keep.split(chunk)]
     return torch.cat(out)
 
 
@@ -154,6 +152,8 @@ class Evaluator:
     named: dict[str, int]
     replacement: Tensor
     full_logit_diff: float
+    ablation: str = "mean"
+    memory_mb: float = 1024
 
     def keep(self, circuits: list[Circuit]) -> Bool[Tensor, "variant layer pos head"]:
         cfg = self.model.cfg
@@ -161,7 +161,8 @@ class Evaluator:
 
     def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, "variant"]:
         """F(C) / F(M) for each circuit: its logit diff with everything else knocked out over the full model's."""
-        return knockout_logit_diffs(self.model, self.tokens, self.answers, self.keep(circuits), self.replacement) / self.full_logit_diff
+        logit_diffs = knockout_logit_diffs(self.model, self.tokens, self.answers, self.keep(circuits), self.replacement, self.ablation, self.memory_mb)
+        return logit_diffs / self.full_logit_diff
 
     def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, "variant"]:
         """F(M \\ K) / F(M) for each set K: only the heads of K are knocked out (at every position)."""
@@ -173,7 +174,7 @@ def make_evaluator(model, tokens, answers, named: dict[str, int], reference_toke
     """An ``Evaluator`` whose knocked-out heads take their ``ablation`` value on ``reference_tokens``."""
     with torch.no_grad():
         full = logit_diff(model(tokens), answers).mean().item()
-    return Evaluator(model, tokens, answers, named, reference_z(model, reference_tokens, ablation), full)
+    return Evaluator(model, tokens, answers, named, reference_z(model, reference_tokens, ablation), full, ablation)
 
 
 def minimality(ev: Evaluator, circuit: Circuit, max_k: int = 3) -> dict[str, dict]:

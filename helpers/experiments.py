@@ -18,7 +18,8 @@ from transformer_lens.ActivationCache import ActivationCache
 from . import OUTPUTS_DIR
 from .artifacts import read_json
 from .attribution import (
-    dla_hook_filter,
+    dla_hook_names,
+    decomposition_caveats,
     full_dla,
     head_dla,
     layer_dla,
@@ -26,8 +27,9 @@ from .attribution import (
     logit_lens,
     unembed_bias_diff,
 )
-from .heads import all_head_labels, mean_ablate_head_hook, parse_head_label, top_heads
+from .heads import all_head_labels, parse_head_label, top_heads
 from .hooks import run_with_checked_cache
+from .interventions import Intervention, hooks_for
 from .metrics import logit_diff
 from .models import load_model, set_threads
 from .params import TaskParams, load_params
@@ -59,7 +61,7 @@ def model_folder_name(model_name: str) -> str:
 
 def start_session(template: str, task: str, params_file: str | None = None, model_name: str | None = None, n_prompts: int | None = None,
                   output_dir: str | None = None, device: str | None = None, threads: int | None = None,
-                  static_images: bool = True, input_dir: str | None = None) -> Session:
+                  static_images: bool = True, input_dir: str | None = None, dtype: str = "float32") -> Session:
     """Load params (with overrides), the model and the prompts; create the output folder.
 
     Figures of ``template`` go to ``<output folder>/<template>_figures/``. Earlier templates' JSON is read
@@ -69,8 +71,8 @@ def start_session(template: str, task: str, params_file: str | None = None, mode
     set_threads(threads)
     torch.manual_seed(0)
     params = load_params(params_file or task, model=model_name, n_prompts=n_prompts)
-    model = load_model(params.model, device=device)
-    prompts = make_prompts(params, model.tokenizer).to(model.cfg.device)
+    model = load_model(params.model, device=device, dtype=dtype)
+    prompts = make_prompts(params, model.tokenizer, prepend_bos=model.cfg.default_prepend_bos).to(model.cfg.device)
     out = Path(output_dir) if output_dir else OUTPUTS_DIR / params.task / model_folder_name(params.model)
     out.mkdir(parents=True, exist_ok=True)
     use_offline_renderer()
@@ -113,11 +115,25 @@ class DLAResult:
     heads: Float[Tensor, "layer head"]
     identity_error: float  # max over prompts |sum of all components + bias diff - logit diff|
     logit_diff: float  # mean clean logit difference of the same forward pass
+    layer_identity_error: float = 0.0  # the same for the per-layer decomposition (embeddings, attention, MLP outputs)
+    caveats: dict[str, str] = field(default_factory=dict)  # why the decomposition is not exact here (empty: exact)
+
+    @property
+    def exact(self) -> bool:
+        return not self.caveats
+
+    def summary(self) -> str:
+        """One honest line: the identity errors, and the architecture's caveats if any."""
+        line = (f"DLA identity: max |sum of components + bias diff - logit diff| = {self.identity_error:.2e} (per head), "
+                f"{self.layer_identity_error:.2e} (per layer), against a mean logit diff of {self.logit_diff:.3f}")
+        if self.caveats:
+            line += "\nNOT an exact decomposition on this architecture:\n" + "\n".join(f"  - {k}: {v}" for k, v in self.caveats.items())
+        return line
 
 
 def direct_logit_attribution(s: Session) -> DLAResult:
     """Logit lens, per-layer and per-head DLA of the clean prompts, and the DLA identity error."""
-    logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_filter)
+    logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_names(s.model))
     direction = logit_diff_direction(s.model, s.prompts.answer_tokens)
     lens, lens_labels = logit_lens(cache, direction)
     layers, layer_labels = layer_dla(cache, direction)
@@ -126,7 +142,9 @@ def direct_logit_attribution(s: Session) -> DLAResult:
     bias = unembed_bias_diff(s.model, s.prompts.answer_tokens)
     ld = logit_diff(logits, s.prompts.answer_tokens)
     error = (full.sum(0) + bias - ld).abs().max().item()
-    return DLAResult(cache, lens.mean(-1).cpu(), lens_labels, layers.mean(-1).cpu(), layer_labels, heads.mean(-1).cpu(), error, ld.mean().item())
+    layer_error = (layers.sum(0) + bias - ld).abs().max().item()
+    return DLAResult(cache, lens.mean(-1).cpu(), lens_labels, layers.mean(-1).cpu(), layer_labels, heads.mean(-1).cpu(), error, ld.mean().item(),
+                     layer_error, decomposition_caveats(s.model))
 
 
 def layer_bands(s: Session) -> dict[str, list[int]]:
@@ -159,10 +177,13 @@ def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult
     LN scale ratio shows how much of a change is only the LayerNorm re-normalising the residual stream.
     """
     end = s.prompts.n_pos - 1
-    z = dla.cache[f"blocks.{head['layer']}.attn.hook_z"]
-    hook = mean_ablate_head_hook(head["layer"], head["head"], end, z[:, end, head["head"]].mean(0))
-    with s.model.hooks(fwd_hooks=[hook]):
-        logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_filter)
+    name = f"blocks.{head['layer']}.attn.hook_z"
+    z = dla.cache[name]
+    where = torch.zeros(1, *z.shape[1:3], 1, dtype=torch.bool)  # [variant, pos, head, d_head]
+    where[0, end, head["head"]] = True
+    ablation = Intervention(name, "mean", where)
+    with s.model.hooks(fwd_hooks=hooks_for([ablation], {"mean": {name: z.mean(0, keepdim=True)}}, 1)):
+        logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_names(s.model))
     direction = logit_diff_direction(s.model, s.prompts.answer_tokens)
     after = head_dla(s.model, cache, direction).mean(-1).cpu()
     delta = after - dla.heads

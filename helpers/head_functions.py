@@ -13,8 +13,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import recording_hook, run_with_checked_cache
-from .patching import masked_patch_hook, repeat_for_variants
+from .hooks import run_with_checked_cache
+from .interventions import Intervention, run_interventions
 from .prompts import PromptSet
 
 
@@ -66,10 +66,13 @@ def copy_scores(model, cache, prompts: PromptSet, positions: dict[str, int], k: 
     resid = cache["blocks.0.hook_resid_post"][:, pos]  # [batch, word, d_model]
     targets: Int[Tensor, "batch word"] = prompts.clean_tokens[:, pos]
     rows = {1: [], -1: []}
+    n_heads = model.cfg.n_heads
     with torch.no_grad():
         for layer in range(model.cfg.n_layers):
             x = model.blocks[layer].ln1(resid)
-            v = torch.einsum("bwd,hde->bwhe", x, model.W_V[layer])
+            W_V = model.W_V[layer]  # [n_kv, d_model, d_head]: one value map per key/value group under GQA
+            W_V = W_V.repeat_interleave(n_heads // W_V.shape[0], dim=0)
+            v = torch.einsum("bwd,hde->bwhe", x, W_V)
             out = torch.einsum("bwhe,hed->bwhd", v, model.W_O[layer])  # [batch, word, head, d_model]
             for sign in (1, -1):
                 logits = model.unembed(model.ln_final(sign * out))
@@ -133,17 +136,14 @@ def attention_shift(model, cache, prompts: PromptSet, candidates: list[dict], re
     pat_names = sorted({f"blocks.{r['layer']}.attn.hook_pattern" for r in readers})
     with torch.no_grad():
         _, corrupted = run_with_checked_cache(model, prompts.corrupted_tokens, [f"blocks.{l}.attn.hook_z" for l in cand_layers])
-    hooks = []
+    interventions = []
     for layer in cand_layers:  # variant i swaps in candidate i's corrupted z (a mask over [pos, head, d_head])
         masks = torch.zeros(n_var, 1, n_heads, 1, dtype=torch.bool)
         for i, c in enumerate(candidates):
             masks[i, 0, c["head"]] = c["layer"] == layer
-        name = f"blocks.{layer}.attn.hook_z"
-        hooks.append((name, masked_patch_hook(corrupted[name], masks)))
-    stored: dict[str, Tensor] = {}
-    hooks += [(n, recording_hook(stored, n)) for n in pat_names]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(repeat_for_variants(prompts.clean_tokens, n_var))
+        interventions.append(Intervention(f"blocks.{layer}.attn.hook_z", "corrupted", masks))
+    _, stored = run_interventions(model, prompts.clean_tokens, prompts.answer_tokens, interventions, {"corrupted": corrupted.cache_dict},
+                                  n_var, record=pat_names)
     pos = list(positions.values())
     shift = torch.zeros(n_var, len(readers), len(pos))
     for j, r in enumerate(readers):

@@ -57,18 +57,25 @@ def random_word_ids(tokenizer) -> list[int]:
     return ids
 
 
-def repeated_random_tokens(model, seq_len: int, batch: int, seed: int) -> Int[Tensor, "batch 1+2*seq_len"]:
-    """``BOS, r, r`` with r uniform over random words (see ``random_word_ids``), deterministic in ``seed``."""
+def n_prefix(model) -> int:
+    """1 if the model's prompts start with a BOS token (its own convention, ``cfg.default_prepend_bos``), else 0."""
+    return int(bool(model.cfg.default_prepend_bos) and model.tokenizer.bos_token_id is not None)
+
+
+def repeated_random_tokens(model, seq_len: int, batch: int, seed: int) -> Int[Tensor, "batch prefix+2*seq_len"]:
+    """``BOS, r, r`` (``r, r`` for models whose prompts start without BOS) with r uniform over random words
+    (see ``random_word_ids``), deterministic in ``seed``."""
     allowed = torch.tensor(random_word_ids(model.tokenizer))
     gen = torch.Generator().manual_seed(seed)
     r = allowed[torch.randint(len(allowed), (batch, seq_len), generator=gen)]
-    bos = torch.full((batch, 1), model.tokenizer.bos_token_id)
+    bos = torch.full((batch, n_prefix(model)), model.tokenizer.bos_token_id or 0)
     return torch.cat([bos, r, r], dim=1).to(model.cfg.device)
 
 
-def pattern_scores(patterns: Float[Tensor, "layer batch head q k"], seq_len: int) -> dict[str, Float[Tensor, "layer head"]]:
-    """Previous-token, duplicate-token and induction scores from patterns on ``BOS, r, r`` (see module docstring)."""
-    second = slice(seq_len + 1, 2 * seq_len + 1)  # query positions of the second copy
+def pattern_scores(patterns: Float[Tensor, "layer batch head q k"], seq_len: int, first: int = 1) -> dict[str, Float[Tensor, "layer head"]]:
+    """Previous-token, duplicate-token and induction scores from patterns on ``BOS, r, r`` (see module docstring);
+    ``first`` is the position of r's first token (0 without BOS)."""
+    second = slice(first + seq_len, first + 2 * seq_len)  # query positions of the second copy
 
     def diag(offset: int, queries: slice) -> Tensor:
         d = patterns.diagonal(offset=-offset, dim1=-2, dim2=-1)  # [layer, batch, head, q - offset]
@@ -76,20 +83,21 @@ def pattern_scores(patterns: Float[Tensor, "layer batch head q k"], seq_len: int
         return d[..., start : queries.stop - offset].mean((1, 3))
 
     return {
-        "prev_token": diag(1, slice(1, 2 * seq_len + 1)),
+        "prev_token": diag(1, slice(1, first + 2 * seq_len)),
         "duplicate_token": diag(seq_len, second),
         "induction": diag(seq_len - 1, second),
     }
 
 
 def repeated_token_scores(model, seq_len: int, batch: int, seed: int, tokens: Tensor | None = None) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos"]]:
-    """Head scores on repeated random tokens (or on given ``BOS, r, r`` ``tokens``) and the per-token loss."""
+    """Head scores on repeated random tokens (or on given ``[BOS,] r, r`` ``tokens``) and the per-token loss."""
     tokens = repeated_random_tokens(model, seq_len, batch, seed) if tokens is None else tokens
+    first = tokens.shape[1] - 2 * seq_len
     names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)])
     with torch.no_grad():
         loss, cache = model.run_with_cache(tokens, names_filter=names, return_type="loss", loss_per_token=True)
     patterns = torch.stack([cache[n] for n in names])
-    return {k: v.cpu() for k, v in pattern_scores(patterns, seq_len).items()}, loss.cpu()
+    return {k: v.cpu() for k, v in pattern_scores(patterns, seq_len, first).items()}, loss.cpu()
 
 
 def repeated_text_tokens(model, seq_len: int, n_texts: int, seed: int) -> tuple[list[str], Int[Tensor, "batch 1+2*seq_len"]]:
@@ -100,9 +108,9 @@ def repeated_text_tokens(model, seq_len: int, n_texts: int, seed: int) -> tuple[
     for _ in range(n_texts):
         r = "".join(rng.sample(vocab, seq_len)).replace("Ġ", " ")
         texts.append(r + r)
-    tokens = model.to_tokens(texts)
-    if tokens.shape[1] != 2 * seq_len + 1:
-        raise ValueError(f"random words did not tokenize to one token each ({tokens.shape[1]} != {2 * seq_len + 1})")
+    tokens = model.to_tokens(texts)  # as detect_head tokenizes them: BOS first only where the model prepends one
+    if tokens.shape[1] - 2 * seq_len not in (0, 1):
+        raise ValueError(f"random words did not tokenize to one token each ({tokens.shape[1]} tokens for {2 * seq_len} words)")
     return texts, tokens
 
 
@@ -118,10 +126,11 @@ def head_detector_agreement(model, seq_len: int = 12, n_texts: int = 3, seed: in
     ours, _ = repeated_token_scores(model, seq_len, 0, 0, tokens=tokens)
     names = {"prev_token": "previous_token_head", "duplicate_token": "duplicate_token_head", "induction": "induction_head"}
     out = {}
+    n_pos = tokens.shape[1]
     for kind, name in names.items():
-        n_scored = 2 * seq_len if kind == "prev_token" else seq_len
+        n_scored = n_pos - 1 if kind == "prev_token" else seq_len
         ref = torch.stack([detect_head(model, t, name) for t in texts]).mean(0)
-        out[kind] = float((ours[kind] * n_scored / (2 * seq_len + 1) - ref).abs().max())
+        out[kind] = float((ours[kind] * n_scored / n_pos - ref).abs().max())
     return out
 
 
@@ -141,14 +150,3 @@ def composition_pairs(scores: Float[Tensor, "layer head layer head"], senders: l
     """Composition score of each sender into each later receiver, as ``{from, to, score}``."""
     return [{"from": head_label(a), "to": head_label(b), "score": round(float(scores[a["layer"], a["head"], b["layer"], b["head"]]), 6)}
             for a in senders for b in receivers if a["layer"] < b["layer"]]
-
-
-def mean_ablate_head_hook(layer: int, head: int, pos: int, mean_z: Float[Tensor, "d_head"]):
-    """(hook name, fn) replacing head ``layer.head``'s z at ``pos`` by ``mean_z`` in every prompt."""
-
-    def ablate(z: Float[Tensor, "batch pos head d_head"], hook) -> Tensor:
-        z = z.clone()
-        z[:, pos, head] = mean_z
-        return z
-
-    return f"blocks.{layer}.attn.hook_z", ablate

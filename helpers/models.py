@@ -24,6 +24,8 @@ HUB_ALIASES: dict[str, str] = {
     "gpt2-xl": "gpt2-xl",
 }
 HUB_HOST = "huggingface.co"
+# Tokenizers shipped in models/tokenizers/ (so params can be checked against real models offline): hub id -> folder.
+SHIPPED_TOKENIZERS: dict[str, str] = {hub: "gpt2" for hub in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
 
 class ModelNotAvailable(RuntimeError):
@@ -64,6 +66,20 @@ def resolve_model(name: str) -> str:
     return hub_id
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of model ``name`` without loading its weights: a bundled or local folder's own, GPT-2's
+    shipped copy for GPT-2 hub names (offline), else the hub's (needs the hub or its cache)."""
+    from transformers import AutoTokenizer
+
+    bundled = MODELS_DIR / name
+    if (bundled / "config.json").exists() or Path(name).is_dir():
+        return AutoTokenizer.from_pretrained(resolve_model(name))
+    hub_id = HUB_ALIASES.get(name, name)
+    if hub_id in SHIPPED_TOKENIZERS:
+        return AutoTokenizer.from_pretrained(MODELS_DIR / "tokenizers" / SHIPPED_TOKENIZERS[hub_id])
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
 def _hub_cached(hub_id: str) -> bool:
     """Whether the hub model's config is already in the local Hugging Face cache."""
     try:
@@ -85,12 +101,25 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def load_model(name: str, device: str | None = None):
-    """A ``TransformerBridge`` for ``name`` in compatibility mode and eval mode, on ``device`` (auto by default)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name: str, device: str | None = None, dtype: str = "float32", n_devices: int | None = None):
+    """A ``TransformerBridge`` for ``name`` in compatibility mode and eval mode, on ``device`` (auto by default).
+
+    ``dtype``: "float32" (default; what every identity test uses), "bfloat16" or "float16" (half the memory:
+    weights take 2 bytes per parameter instead of 4; patching effects then agree with float32 only to about
+    1e-2, and DLA identities to the same order: use float32 for numbers you report as exact).
+    ``n_devices``: split the model over this many GPUs through the bridge's ``n_devices`` (accelerate's dispatch);
+    rule of thumb: parameters x bytes per dtype x ~1.5 for activations and caches must fit in their memory.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     source = resolve_model(name)
-    model = TransformerBridge.boot_transformers(source, device=pick_device(device))
+    placement = {"n_devices": n_devices} if n_devices and n_devices > 1 else {"device": pick_device(device)}
+    model = TransformerBridge.boot_transformers(source, dtype=DTYPES[dtype], **placement)
     model.enable_compatibility_mode()
     model.eval()
     tok = model.tokenizer

@@ -206,13 +206,30 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Validate params files; prints a summary or the errors, exit 1 on any error."""
-    files = argv if argv is not None else sys.argv[1:]
+    """Validate params files; prints a summary or the errors, exit 1 on any error.
+
+    ``--model NAME`` also builds every file's prompts with that model's tokenizer (single-token answers, equal
+    lengths, pool words kept), as a run does before its first cell; GPT-2 hub names use the shipped tokenizer,
+    so ``python -m helpers.params params/*.yaml --model gpt2-small`` works offline.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Validate params files (schema; with --model, prompts too).")
+    parser.add_argument("files", nargs="*")
+    parser.add_argument("--model", default=None, help="check prompts with this model's tokenizer (default: schema only)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     status = 0
-    for f in files or sorted(str(p) for p in PARAMS_DIR.glob("*.yaml")):
+    for f in args.files or sorted(str(p) for p in PARAMS_DIR.glob("*.yaml")):
         try:
-            p = load_params(f)
-            print(f"{f}: ok (task {p.task}, model {p.model}, {p.n_prompts} prompts)")
+            p = load_params(f, model=args.model)
+            note = ""
+            if args.model:
+                from .models import load_tokenizer
+                from .prompts import make_prompts
+
+                ps = make_prompts(p, load_tokenizer(args.model), verbose=False)
+                note = f", prompts of {ps.n_pos} tokens with {args.model}'s tokenizer"
+            print(f"{f}: ok (task {p.task}, model {p.model}, {p.n_prompts} prompts{note})")
         except ParamsError as err:
             print(err, file=sys.stderr)
             status = 1

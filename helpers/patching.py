@@ -26,7 +26,12 @@ from tqdm.auto import tqdm
 from transformer_lens.ActivationCache import ActivationCache
 
 from .hooks import resolve_hook_names
-from .metrics import logit_diff, normalised
+from .interventions import Intervention, hook_takes_effect, run_interventions
+from .metrics import NormalisationCheck, check_normalisation, logit_diff, normalised
+
+
+class NotSupported(ValueError):
+    """An analysis that does not exist for this architecture (e.g. resid_mid with parallel attention and MLP)."""
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,53 @@ class PatchingContext:
     clean_logit_diff: float
     corrupted_logit_diff: float
 
+    @property
+    def normalisation(self) -> NormalisationCheck:
+        """Whether the clean - corrupted gap makes normalised effects meaningful (recorded with the results)."""
+        return check_normalisation(self.clean_logit_diff, self.corrupted_logit_diff, warn=False)
+
+
+def check_supported(model, spec: Sweep) -> None:
+    """Raise ``NotSupported`` for sweeps whose activation this architecture does not have."""
+    if spec.hook == "hook_resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):
+        raise NotSupported(f"sweep {spec.name!r} is not supported for this architecture: attention and MLP run in parallel "
+                           "(GPT-J, GPT-NeoX/Pythia), so there is no residual stream between them")
+    hook = spec.hook_name(model.cfg.n_layers - 1)
+    if not hook_takes_effect(model, hook):
+        raise NotSupported(f"sweep {spec.name!r} is not supported for this architecture ({type(model.original_model).__name__}): "
+                           f"the TransformerLens bridge discards edits of {hook.rsplit('.', 1)[-1]} here (the attention runs inside "
+                           "the Hugging Face module), so patching it would report a silent zero")
+
+
+def layout(model, name: str) -> tuple[str, ...]:
+    """Result axes of sweep ``name`` on this model: as ``SWEEPS[name].layout``, except that k and v sweeps index
+    key/value groups (``kv_group``) under grouped-query attention, where one k and v serve several query heads
+    (the same layout as ``transformer_lens.patching``)."""
+    spec = SWEEPS[name]
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    if spec.hook in ("attn.hook_k", "attn.hook_v") and n_kv != model.cfg.n_heads:
+        return tuple("kv_group" if axis == "head" else axis for axis in spec.layout)
+    return spec.layout
+
+
+def unsupported_reason(model, name: str) -> str | None:
+    """Why sweep ``name`` cannot run on this architecture, or None if it can."""
+    try:
+        check_supported(model, SWEEPS[name])
+    except NotSupported as err:
+        return str(err)
+    return None
+
+
+def supported_sweeps(model) -> list[str]:
+    """Names of the sweeps this architecture has."""
+    return [name for name in SWEEPS if unsupported_reason(model, name) is None]
+
 
 def patching_hook_names(model) -> list[str]:
     """Every hook the sweeps read from the clean cache or start from in the corrupted cache, plus the token
     embeddings (the start of the integrated-gradients path in attribution patching)."""
-    per_layer = {s.hook_name(l) for s in SWEEPS.values() for l in range(model.cfg.n_layers)}
+    per_layer = {SWEEPS[s].hook_name(l) for s in supported_sweeps(model) for l in range(model.cfg.n_layers)}
     return resolve_hook_names(model, ["hook_embed", *sorted(per_layer)])
 
 
@@ -101,7 +148,7 @@ def make_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> Patchi
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
         corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
-    return PatchingContext(
+    ctx = PatchingContext(
         model=model,
         corrupted_tokens=corrupted_tokens,
         clean_cache=clean_cache,
@@ -110,6 +157,8 @@ def make_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> Patchi
         clean_logit_diff=logit_diff(clean_logits, answer_tokens).mean().item(),
         corrupted_logit_diff=logit_diff(corr_logits, answer_tokens).mean().item(),
     )
+    check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff)  # warns once, here, if the gap is too small
+    return ctx
 
 
 def variant_shape(sweep: Sweep, act_shape: torch.Size) -> tuple[int, ...]:
@@ -148,38 +197,23 @@ def repeat_for_variants(act: Float[Tensor, "batch ..."], n_var: int) -> Float[Te
     return act.repeat(n_var, *([1] * (act.dim() - 1)))
 
 
-def masked_patch_hook(clean_act: Float[Tensor, "batch ..."], masks: Bool[Tensor, "variant ..."]):
-    """Hook for a variant-major batch: variant i takes ``clean_act`` where ``masks[i]`` is True."""
-    n_var, batch = masks.shape[0], clean_act.shape[0]
-    masks = masks.to(clean_act.device)
-
-    def patch(act: Tensor, hook=None) -> Tensor:
-        act = act.reshape(n_var, batch, *act.shape[1:])
-        return torch.where(masks[:, None], clean_act[None], act).reshape(n_var * batch, *act.shape[2:])
-
-    return patch
+def sources(ctx: PatchingContext) -> dict[str, dict[str, Tensor]]:
+    """The cached runs interventions draw from (``interventions.SOURCES``)."""
+    return {"clean": ctx.clean_cache.cache_dict, "corrupted": ctx.corrupted_cache.cache_dict}
 
 
-def run_from_layer(ctx: PatchingContext, layer: int, n_var: int, fwd_hooks: list) -> Float[Tensor, "variant batch"]:
-    """Per-prompt logit difference of ``n_var`` copies of the corrupted batch run from ``layer`` on under ``fwd_hooks``.
-
-    Starts from the cached corrupted ``resid_pre`` of ``layer`` (nothing before it changes) and unembeds only
-    the final position (the metric reads nothing else; the final LayerNorm acts per position).
-    """
-    model = ctx.model
-    resid = repeat_for_variants(ctx.corrupted_cache[f"blocks.{layer}.hook_resid_pre"], n_var)
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
-        for block in model.blocks[layer:]:
-            resid = block(resid)[0]
-        logits = model.unembed(model.ln_final(resid[:, -1:]))
-    return logit_diff(logits, ctx.answer_tokens.repeat(n_var, 1)).reshape(n_var, -1)
+def run_patched(ctx: PatchingContext, interventions: list[Intervention], n_var: int, record: list[str] = ()) -> tuple[Tensor, dict]:
+    """Per-prompt logit difference [variant, batch] of the corrupted run under ``interventions``, and recorded hooks;
+    starts at the earliest intervened layer from the cached corrupted residual stream."""
+    return run_interventions(ctx.model, ctx.corrupted_tokens, ctx.answer_tokens, interventions, sources(ctx), n_var,
+                             base_cache=ctx.corrupted_cache.cache_dict, record=record)
 
 
 def run_patched_from_layer(
     ctx: PatchingContext, layer: int, hook_name: str, masks: Bool[Tensor, "variant ..."]
 ) -> Float[Tensor, "variant batch"]:
-    """Per-prompt logit difference of each variant: corrupted run from ``layer`` on, with ``hook_name`` patched by mask."""
-    return run_from_layer(ctx, layer, masks.shape[0], [(hook_name, masked_patch_hook(ctx.clean_cache[hook_name], masks))])
+    """Per-prompt logit difference of each variant: corrupted run with ``hook_name`` (in block ``layer``) patched from clean by mask."""
+    return run_patched(ctx, [Intervention(hook_name, "clean", masks)], masks.shape[0])[0]
 
 
 def changed_variants(sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, "variant"]) -> Bool[Tensor, "variant"]:
@@ -206,6 +240,7 @@ def sweep(
         raise KeyError(f"unknown sweep {name!r}; choose from {sorted(SWEEPS)}")
     spec = SWEEPS[name]
     model = ctx.model
+    check_supported(model, spec)
     batch, n_pos = ctx.corrupted_tokens.shape
     chunk = variants_per_chunk(model, batch, n_pos, memory_mb, max_variants)
     rows = []

@@ -13,6 +13,9 @@ so 1.0 = the whole clean logit difference restored, 0.0 = nothing.
   input.
 
 All senders of a layer run as one batch, starting from the cached corrupted residual stream at their layer.
+
+Under grouped-query attention several query heads share one key and value (their key/value group): a path
+into a receiver's k or v is a path into that group's k or v, shared by every head of the group.
 """
 
 from __future__ import annotations
@@ -21,17 +24,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .hooks import recording_hook, resolve_hook_names
+from .hooks import resolve_hook_names
+from .interventions import Intervention, run_interventions
 from .metrics import normalised
-from .patching import (
-    SWEEPS,
-    PatchingContext,
-    masked_patch_hook,
-    repeat_for_variants,
-    run_from_layer,
-    tl_metric,
-    variant_masks,
-)
+from .patching import SWEEPS, PatchingContext, run_patched, tl_metric, variant_masks
 
 QKV_HOOKS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
 
@@ -45,17 +41,8 @@ def _sender_run(ctx: PatchingContext, layer: int, record: list[str]) -> tuple[Te
     of the hooks in ``record`` (per sender, variant-major)."""
     n_heads = ctx.model.cfg.n_heads
     senders = variant_masks(SWEEPS["head_out"], ctx.clean_cache[_z(layer)].shape, torch.arange(n_heads))
-    recorded: dict[str, Tensor] = {}
-
-    def freeze(l: int):
-        def hook(z: Tensor, hook=None) -> Tensor:
-            return repeat_for_variants(ctx.corrupted_cache[_z(l)], n_heads)
-        return hook
-
-    hooks = [(_z(layer), masked_patch_hook(ctx.clean_cache[_z(layer)], senders))]
-    hooks += [(_z(l), freeze(l)) for l in range(layer + 1, ctx.model.cfg.n_layers)]
-    hooks += [(name, recording_hook(recorded, name)) for name in record]
-    return run_from_layer(ctx, layer, n_heads, hooks), recorded
+    frozen = [Intervention(_z(l), "corrupted") for l in range(layer + 1, ctx.model.cfg.n_layers)]
+    return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], n_heads, record)
 
 
 def path_patch_to_logits(ctx: PatchingContext) -> Float[Tensor, "layer head"]:
@@ -71,24 +58,30 @@ def _receiver_hook_name(layer: int, component: str) -> str:
     return f"blocks.{layer}.{QKV_HOOKS[component]}"
 
 
+def input_index(cfg, component: str, head: int) -> int:
+    """Index of query head ``head``'s ``component`` input in the hooked activation: the head itself for q; its
+    key/value group for k and v (grouped-query attention shares one k and v among ``n_heads / n_kv`` heads)."""
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return head if component == "q" else head // (cfg.n_heads // n_kv)
+
+
 def _receiver_run(ctx: PatchingContext, sender_layer: int, recorded: dict[str, Tensor], receivers: list[dict], component: str) -> Tensor:
     """Step 2: mean logit diff per sender head of ``sender_layer`` when the reachable receivers' ``component``
     inputs take their step-1 values in an otherwise normal corrupted run."""
     reachable = [r for r in receivers if r["layer"] > sender_layer]
+    cfg = ctx.model.cfg
     if not reachable:  # a sender at or after every receiver cannot reach them
-        return torch.full((ctx.model.cfg.n_heads,), ctx.corrupted_logit_diff)
-
-    def replace(name: str, heads: list[int]):
-        def hook(act: Tensor, hook=None) -> Tensor:  # act [variant*batch, pos, head, d_head]
-            act = act.clone()
-            act[:, :, heads] = recorded[name][:, :, heads]
-            return act
-        return hook
-
-    layers = sorted({r["layer"] for r in reachable})
-    hooks = [(_receiver_hook_name(l, component), replace(_receiver_hook_name(l, component), [r["head"] for r in reachable if r["layer"] == l]))
-             for l in layers]
-    return run_from_layer(ctx, layers[0], ctx.model.cfg.n_heads, hooks).mean(-1).cpu()
+        return torch.full((cfg.n_heads,), ctx.corrupted_logit_diff)
+    interventions = []
+    for layer in sorted({r["layer"] for r in reachable}):
+        name = _receiver_hook_name(layer, component)
+        shape = ctx.corrupted_cache[name].shape  # [batch, pos, head or kv group, d_head]
+        mask = torch.zeros(1, 1, shape[2], 1, dtype=torch.bool)
+        mask[0, 0, [input_index(cfg, component, r["head"]) for r in reachable if r["layer"] == layer]] = True
+        interventions.append(Intervention(name, "recorded", mask))
+    logit_diffs, _ = run_interventions(ctx.model, ctx.corrupted_tokens, ctx.answer_tokens, interventions, {"recorded": recorded},
+                                       cfg.n_heads, base_cache=ctx.corrupted_cache.cache_dict)
+    return logit_diffs.mean(-1).cpu()
 
 
 def receiver_sweeps(ctx: PatchingContext, targets: dict) -> dict:
@@ -120,10 +113,18 @@ def receiver_effects(ctx: PatchingContext, receivers: dict[str, dict]) -> dict[t
     return receiver_sweeps(ctx, {(label, c): ([r], c) for label, r in receivers.items() if r["layer"] > 0 for c in QKV_HOOKS})
 
 
-def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> list[dict]:
+def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> tuple[list[dict], str | None]:
     """For each pair of ``heads`` (sender earlier than receiver) and each of q/k/v: our exact path effect (from
     ``receiver_effects``) next to TransformerLens's ``get_act_patch_direct_path`` (the direct edge only, same
-    normalised metric)."""
+    normalised metric). Returns (rows, None), or ([], why) where TransformerLens cannot do it on this
+    architecture (it needs split q/k/v input hooks, which e.g. OPT's attention bridge lacks)."""
+    try:
+        return _direct_path_rows(ctx, heads, effects), None
+    except Exception as err:  # noqa: BLE001 - any failure inside TL's reference means "not available here"
+        return [], f"TransformerLens get_act_patch_direct_path is not available for this architecture: {type(err).__name__}: {err}"
+
+
+def _direct_path_rows(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> list[dict]:
     from transformer_lens.patching import get_act_patch_direct_path
 
     rows = []

@@ -157,27 +157,31 @@ def answer_token(tokenizer, text: str, field_name: str, params: TaskParams) -> i
     return ids[0]
 
 
-def slot_token_index(tokenizer, template: str, words: dict[str, str], slot: str, occurrence: int) -> int:
-    """Token index (BOS = 0) of the ``occurrence``-th ``[slot]`` in ``template`` filled with ``words``."""
+def slot_token_index(tokenizer, template: str, words: dict[str, str], slot: str, occurrence: int, n_prefix: int = 1) -> int:
+    """Token index of the ``occurrence``-th ``[slot]`` in ``template`` filled with ``words`` (``n_prefix``: 1 with a BOS first, else 0)."""
     marker = f"[{slot}]"
     start = -1
     for _ in range(occurrence):
         start = template.index(marker, start + 1)
-    return 1 + len(token_ids(tokenizer, fill(template[:start], words).rstrip(" ")))
+    return n_prefix + len(token_ids(tokenizer, fill(template[:start], words).rstrip(" ")))
 
 
-def resolve_position(params: TaskParams, tokenizer, words: dict[str, str], n_pos: int, spec: str) -> int:
+def resolve_position(params: TaskParams, tokenizer, words: dict[str, str], n_pos: int, spec: str, n_prefix: int = 1) -> int:
     """Token index of a named position spec (``end``, ``S2``, ``S2#2``, ``S1+1``)."""
     m = POSITION_RE.match(spec)
-    base = n_pos - 1 if m["end"] else slot_token_index(tokenizer, params.template, words, m["slot"], int(m["occ"] or 1))
+    base = n_pos - 1 if m["end"] else slot_token_index(tokenizer, params.template, words, m["slot"], int(m["occ"] or 1), n_prefix)
     idx = base + int(m["off"] or 0)
     if not 0 <= idx < n_pos:
         raise ParamsError(f"{params.source}: positions: {spec!r} resolves to token {idx}, outside 0..{n_pos - 1}")
     return idx
 
 
-def make_prompts(params: TaskParams, tokenizer, verbose: bool = True) -> PromptSet:
-    """Generate, tokenise and check the prompt batch of a task (see module docstring for the rules)."""
+def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bos: bool | None = None) -> PromptSet:
+    """Generate, tokenise and check the prompt batch of a task (see module docstring for the rules).
+
+    ``prepend_bos``: start every prompt with the tokenizer's BOS token (default: when it has one; the session
+    passes the model's own convention, ``model.cfg.default_prepend_bos``: Qwen and Pythia prompts start without).
+    """
     src = params.source
     words, dropped = usable_words(params, tokenizer)
     if verbose:
@@ -188,9 +192,14 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True) -> PromptS
     clean = [fill(params.template, a) for a in assignments]
     corrupted = [fill(params.corrupted, a) for a in assignments]
     bos = tokenizer.bos_token_id
+    if prepend_bos is None:
+        prepend_bos = bos is not None
+    if prepend_bos and bos is None:
+        raise ParamsError(f"{src}: this tokenizer has no BOS token to prepend; load the model with its own convention (prepend_bos=False)")
+    prefix = [bos] if prepend_bos else []
     unk = unknown_id(tokenizer)
-    clean_ids = [[bos] + token_ids(tokenizer, p) for p in clean]
-    corr_ids = [[bos] + token_ids(tokenizer, p) for p in corrupted]
+    clean_ids = [prefix + token_ids(tokenizer, p) for p in clean]
+    corr_ids = [prefix + token_ids(tokenizer, p) for p in corrupted]
     for name, prompts, ids in (("template", clean, clean_ids), ("corrupted_template", corrupted, corr_ids)):
         if unk is not None:
             bad = [p for p, row in zip(prompts, ids) if unk in row]
@@ -213,12 +222,12 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True) -> PromptS
         answers.append([c, w])
     n_pos = lengths.pop()
     first = assignments[0]
-    positions = {name: resolve_position(params, tokenizer, first, n_pos, spec) for name, spec in params.positions.items()}
+    positions = {name: resolve_position(params, tokenizer, first, n_pos, spec, len(prefix)) for name, spec in params.positions.items()}
     labels = [tokenizer.decode([t]) for t in clean_ids[0]]
     clean_tokens = torch.tensor(clean_ids)
     for slot in set(SLOT_RE.findall(params.template)):
         for occ in range(1, params.template.count(f"[{slot}]") + 1):
-            idx = slot_token_index(tokenizer, params.template, first, slot, occ)
+            idx = slot_token_index(tokenizer, params.template, first, slot, occ, len(prefix))
             labels[idx] = f"[{slot}]"
             wrong = [p for p, a, row in zip(clean, assignments, clean_ids) if tokenizer.decode([row[idx]]).strip() != a[slot]]
             if wrong:

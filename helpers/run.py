@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: cores / jobs)")
     parser.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell before a run fails")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA if available); with -j, one run per GPU")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="model dtype (default float32; half precision halves memory, identities then hold to ~1e-2)")
     parser.add_argument("--log-output", action="store_true", help="stream each cell's output (e.g. the sweeps' tqdm bars) to stderr")
     parser.add_argument("--outputs-dir", type=Path, default=None, help="instead of nb_outputs/")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite <outputs>/index.html")
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_output:
         logging.basicConfig(format="%(message)s")
         logging.getLogger("papermill").setLevel(logging.INFO)
-    options = RunOptions(args.n_prompts, args.threads, args.cell_timeout, args.device, log_output=args.log_output)
+    options = RunOptions(args.n_prompts, args.threads, args.cell_timeout, args.device, log_output=args.log_output,
+                         extra_parameters={"dtype": args.dtype} if args.dtype else {})
     try:
         batch = run_batch(args.task, args.model, args.template, options, args.jobs, args.scheduler, args.force, args.params_dir)
     except PlanError as err:

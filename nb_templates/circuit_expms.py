@@ -46,6 +46,7 @@ model_name = None  # overrides the params' model: a bundled name (models/<name>)
 n_prompts = None  # overrides the params' n_prompts
 output_dir = None  # default: nb_outputs/<task>/<model>/
 device = None  # default: CUDA if available, else CPU
+dtype = "float32"  # or "bfloat16" / "float16" for big models (half the memory; identities then hold to ~1e-2 only)
 threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG next to the notebook
 induction_seq_len = 25  # length of the random sequence r in BOS, r, r (keep 2r+1 within the trained context)
@@ -60,7 +61,7 @@ from transformer_lens import utilities
 
 from helpers import artifacts, attribution_patching, experiments, heads, patching, path_patching, plotting
 
-s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images)
+s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
 top_k = s.params.analysis.top_k
 print(f"task {s.params.task} | model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) | "
@@ -102,7 +103,7 @@ figs.show(plotting.scatter(ld.clean, ld.corrupted, "Logit difference per prompt"
 
 # %%
 dla = experiments.direct_logit_attribution(s)
-print(f"DLA identity: max |sum of components + bias diff - logit diff| = {dla.identity_error:.2e}")
+print(dla.summary())
 figs.show(plotting.lines(dla.lens, dla.lens_labels, "Logit lens: logit difference of the accumulated residual stream",
                          "residual stream after", "logit difference"), "logit_lens")
 figs.show(plotting.lines(dla.layers, dla.layer_labels, "DLA per layer component", "component", "logit difference contribution"),
@@ -146,23 +147,32 @@ for group, chosen in [("positive", top_dla_pos), ("negative", top_dla_neg)]:
 # %%
 ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
 sweep_names = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern", "head_out_by_pos"]
-sweeps = {name: patching.sweep(ctx, name, patching_memory_mb) for name in sweep_names}
+unsupported = {name: err for name in sweep_names if (err := patching.unsupported_reason(model, name))}
+sweeps = {name: patching.sweep(ctx, name, patching_memory_mb) for name in sweep_names if name not in unsupported}
 print(f"baselines: clean logit diff {ctx.clean_logit_diff:.3f}, corrupted {ctx.corrupted_logit_diff:.3f}")
+if ctx.normalisation.status != "ok":
+    print("WARNING:", ctx.normalisation.message)
+skipped_sweeps = {name: str(err) for name, err in unsupported.items()}
+for name, why in skipped_sweeps.items():
+    print("skipped:", why)
 for name in ["resid_pre", "attn_out", "mlp_out"]:
     figs.show(plotting.heatmap(sweeps[name], f"Patching {name} (normalised logit diff recovered)", "position", "layer",
                                x=prompts.axis_labels, color_label="recovered"), f"patch_{name}", key=name == "resid_pre")
-for name in ["head_out", "head_v", "head_pattern"]:
-    figs.show(plotting.heatmap(sweeps[name], f"Patching {name}, all positions (normalised logit diff recovered)", "head", "layer",
+head_sweeps = [name for name in ["head_out", "head_v", "head_pattern"] if name in sweeps]
+for name in head_sweeps:  # under grouped-query attention, v is patched per key/value group (shared by several heads)
+    axis = patching.layout(model, name)[-1].replace("_", " ")
+    figs.show(plotting.heatmap(sweeps[name], f"Patching {name}, all positions (normalised logit diff recovered)", axis, "layer",
                                color_label="recovered"), f"patch_{name}", key=name == "head_out")
 figs.show(plotting.heatmap(sweeps["head_out_by_pos"].permute(0, 2, 1).flatten(0, 1), "Patching head output at one position",
                            "position", "head", x=prompts.axis_labels, y=s.head_names, color_label="recovered"), "patch_head_out_by_pos")
 
 # %%
-figs.show(plotting.scatter(sweeps["head_out"], sweeps["head_v"], "Head output vs value patching", "output patching effect",
-                           "value patching effect", hover=s.head_names, diagonal=True), "scatter_out_vs_value")
-figs.show(plotting.scatter(sweeps["head_out"], sweeps["head_pattern"], "Head output vs pattern patching", "output patching effect",
-                           "pattern patching effect", hover=s.head_names, diagonal=True), "scatter_out_vs_pattern")
-top_patch = {name: heads.top_heads(sweeps[name], top_k, "abs") for name in ["head_out", "head_v", "head_pattern"]}
+per_head = [name for name in head_sweeps if patching.layout(model, name)[-1] == "head"]
+for name, label in [("head_v", "value"), ("head_pattern", "pattern")]:
+    if name in per_head:
+        figs.show(plotting.scatter(sweeps["head_out"], sweeps[name], f"Head output vs {label} patching", "output patching effect",
+                                   f"{label} patching effect", hover=s.head_names, diagonal=True), f"scatter_out_vs_{label}")
+top_patch = {name: heads.top_heads(sweeps[name], top_k, "abs") for name in per_head}
 print("top heads by output patching:", [(heads.head_label(h), h["value"]) for h in top_patch["head_out"]])
 
 # %% [markdown]
@@ -281,11 +291,13 @@ results = {
                 "position_labels": prompts.position_labels, "first_clean": prompts.clean_prompts[0], "first_corrupted": prompts.corrupted_prompts[0]},
     "logit_diff": {"clean": ld.clean.mean(), "corrupted": ld.corrupted.mean(), "clean_accuracy": ld.clean_accuracy,
                    "clean_per_prompt": ld.clean, "corrupted_per_prompt": ld.corrupted},
-    "dla": {"identity_error": dla.identity_error, "logit_lens": dict(zip(dla.lens_labels, dla.lens.tolist())),
+    "dla": {"identity_error": dla.identity_error, "layer_identity_error": dla.layer_identity_error, "exact": dla.exact,
+            "caveats": dla.caveats, "logit_lens": dict(zip(dla.lens_labels, dla.lens.tolist())),
             "layers": dict(zip(dla.layer_labels, dla.layers.tolist())), "heads": dla.heads,
             "top_positive": top_dla_pos, "top_negative": top_dla_neg},
-    "patching": {"values": sweeps, "layouts": {name: patching.SWEEPS[name].layout for name in sweeps}, "top_heads": top_patch,
-                 "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff}},
+    "patching": {"values": sweeps, "layouts": {name: patching.layout(model, name) for name in sweeps}, "top_heads": top_patch,
+                 "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff},
+                 "normalisation": ctx.normalisation.to_json(), "not_supported": skipped_sweeps},
     "attribution_patching": {"values": estimates, "spearman_vs_exact": agreement, "ig_steps": attribution_ig_steps},
     "path_patching": {"to_logits": path_to_logits, "top_senders": top_paths},
     "head_scores": {"values": scores, "top": top_scores, "seq_len": induction_seq_len},

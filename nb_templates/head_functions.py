@@ -49,6 +49,7 @@ n_prompts = None  # overrides the params' n_prompts
 output_dir = None  # default: nb_outputs/<task>/<model>/
 input_dir = None  # where circuit_expms.json is read from; default: the output folder
 device = None  # default: CUDA if available, else CPU
+dtype = "float32"  # or "bfloat16" / "float16" for big models (half the memory; identities then hold to ~1e-2 only)
 threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG next to the notebook
 heads = None  # e.g. ["L3H2", "L0H1"]; default: the top DLA and patching heads of circuit_expms.json
@@ -66,7 +67,7 @@ from helpers import artifacts, experiments, head_functions, plotting, roles
 from helpers.heads import head_label
 
 s = experiments.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
-                              input_dir)
+                              input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
 circuit = experiments.load_results(s, "circuit_expms")
 chosen = experiments.important_heads(s, circuit, heads)

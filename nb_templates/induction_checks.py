@@ -48,6 +48,7 @@ model_name = None  # overrides the params' model: a bundled name (models/<name>)
 n_prompts = None  # overrides the params' n_prompts
 output_dir = None  # default: nb_outputs/<task>/<model>/
 device = None  # default: CUDA if available, else CPU
+dtype = "float32"  # or "bfloat16" / "float16" for big models (half the memory; identities then hold to ~1e-2 only)
 threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG next to the notebook
 seq_len = 25  # length of the random sequence r in BOS, r, r (keep 2r+1 within the model's trained context)
@@ -61,7 +62,7 @@ from IPython.display import display
 
 from helpers import artifacts, experiments, head_functions, heads, plotting
 
-s = experiments.start_session("induction_checks", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images)
+s = experiments.start_session("induction_checks", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, figs = s.model, s.figures
 print(f"model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) | sequences BOS, r, r with |r| = {seq_len}")
 

@@ -50,6 +50,7 @@ n_prompts = None  # overrides the params' n_prompts
 output_dir = None  # default: nb_outputs/<task>/<model>/
 input_dir = None  # where head_functions.json is read from; default: the output folder
 device = None  # default: CUDA if available, else CPU
+dtype = "float32"  # or "bfloat16" / "float16" for big models (half the memory; identities then hold to ~1e-2 only)
 threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG (and the diagram as SVG) next to the notebook
 circuit = None  # {"groups": {role: ["L3H2", ...]}, "positions": {"L3H2": ["end"]}}; default: the params' `circuit`, else head_functions.json
@@ -67,7 +68,7 @@ from IPython.display import display
 from helpers import artifacts, circuits, experiments, heads, patching, path_patching, plotting
 
 s = experiments.start_session("minimal_circuit", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
-                              input_dir)
+                              input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
 n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
 if circuit is not None or s.params.circuit is not None:
@@ -164,9 +165,9 @@ top_senders = heads.top_heads(to_logits, 5, "abs")
 print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in top_senders])
 members = circuits.circuit_heads(proposed, n_layers, n_heads)
 effects = path_patching.receiver_effects(ctx, members)
-direct = path_patching.compare_with_direct_path(ctx, members, effects)
+direct, direct_note = path_patching.compare_with_direct_path(ctx, members, effects)
 display(pd.DataFrame(direct).sort_values("exact path", key=abs, ascending=False).head(12).round(4) if direct
-        else "no circuit head has an earlier circuit head to compare")
+        else direct_note or "no circuit head has an earlier circuit head to compare")
 
 # %% [markdown]
 # ## 5. Backup heads
@@ -216,7 +217,7 @@ results = {
     "random_controls": controls,
     "minimality": minimal,
     "completeness": complete,
-    "path_patching": {"to_logits": to_logits, "top_senders": top_senders, "direct_path_comparison": direct, "edges": edges},
+    "path_patching": {"to_logits": to_logits, "top_senders": top_senders, "direct_path_comparison": direct, "direct_path_note": direct_note, "edges": edges},
     "backup": {"ablated": backup.ablated, "logit_diff_after": backup.logit_diff_after, "risers": backup.risers},
     "figures": figs.saved,
     "key_figures": figs.key,

@@ -47,3 +47,50 @@ def random_two_layer(tmp_path_factory):
     GPT2LMHeadModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return load_model(str(out), device="cpu")
+
+
+FAMILY_TOKENIZERS = {"qwen2": "gpt2-no-bos"}  # Qwen ships a byte-level BPE without BOS; the others use the toy vocabulary
+
+
+def _family_tokenizer(kind: str):
+    from transformers import AutoTokenizer
+
+    from helpers import MODELS_DIR
+
+    if kind == "gpt2-no-bos":
+        tok = AutoTokenizer.from_pretrained(MODELS_DIR / "tokenizers" / "gpt2")
+        tok.bos_token = None
+        return tok
+    return AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi")
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Builds (once, lazily) a tiny random-init model of a family, saved as a HF folder; returns its path."""
+    from helpers.families import build_family_model
+
+    built: dict = {}
+
+    def build(family: str):
+        if family not in built:
+            tok = _family_tokenizer(FAMILY_TOKENIZERS.get(family, "toy"))
+            built[family] = build_family_model(family, tok, tmp_path_factory.mktemp(family))
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def family_models(family_dirs):
+    """Loads (once) the tiny model of a family through the bridge, with 6 IOI prompts in the model's convention."""
+    loaded: dict = {}
+
+    def get(family: str):
+        if family not in loaded:
+            model = load_model(str(family_dirs(family)), device="cpu")
+            prompts = make_prompts(load_params("ioi", n_prompts=6), model.tokenizer, verbose=False,
+                                   prepend_bos=model.cfg.default_prepend_bos)
+            loaded[family] = (model, prompts)
+        return loaded[family]
+
+    return get

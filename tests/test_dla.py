@@ -10,7 +10,7 @@ TOL = 1e-4  # measured: 2.4e-7 on toy-ioi (logit diffs of order 10)
 
 
 def _setup(model, prompts):
-    logits, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_filter)
+    logits, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_names(model))
     direction = A.logit_diff_direction(model, prompts.answer_tokens)
     target = logit_diff(logits, prompts.answer_tokens) - A.unembed_bias_diff(model, prompts.answer_tokens)
     return cache, direction, target

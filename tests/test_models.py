@@ -11,6 +11,8 @@ import torch
 
 from helpers import PROJECT_ROOT
 from helpers.models import ModelNotAvailable, bundled_models, load_model, resolve_model
+from helpers.params import load_params
+from helpers.prompts import make_prompts
 
 
 def test_bundled_models_present():
@@ -86,3 +88,20 @@ def test_model_cards_report_measurements():
         assert metrics["config"]["name"] == name and metrics["train_wall_clock_s"] > 0
     ioi = json.loads((PROJECT_ROOT / "models" / "toy-ioi" / "training_metrics.json").read_text())
     assert ioi["final"]["ioi_train_templates"]["accuracy"] >= 0.95
+
+
+def test_shipped_gpt2_tokenizer_reproduces_gpt2_ids():
+    from helpers.models import load_tokenizer
+
+    tok = load_tokenizer("gpt2-small")
+    ids = tok("When Mary and John went to the store, John gave a drink to", add_special_tokens=False)["input_ids"]
+    assert ids == [2215, 5335, 290, 1757, 1816, 284, 262, 3650, 11, 1757, 2921, 257, 4144, 284]
+    assert len(tok) == 50257 and tok.bos_token_id == 50256
+
+
+def test_every_shipped_task_validates_against_gpt2_offline(capsys):
+    from helpers.params import main
+
+    assert main(["--model", "gpt2-small"]) == 0
+    assert capsys.readouterr().out.count("gpt2-small's tokenizer") >= 4
+

@@ -1,0 +1,110 @@
+"""Every model family: patching equals transformer_lens.patching, identities hold, unsupported is an error.
+
+Tiny random-init models of GPT-2, OPT, GPT-J, GPT-NeoX (Pythia), Llama (GQA), Mistral, Qwen2 (no BOS),
+Gemma-2 and Gemma-3 are built offline from configs (``helpers.families``) and booted through the bridge.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import patching as P
+from helpers import path_patching as PP
+from helpers.families import FAMILIES
+
+ALL_POS_SWEEPS = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "head_q", "head_k", "head_v", "head_pattern"]
+BY_POS_SWEEPS = ["head_out_by_pos", "head_q_by_pos", "head_k_by_pos", "head_v_by_pos", "head_pattern_by_pos"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam_ctx(request, family_models):
+    model, prompts = family_models(request.param)
+    return P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+
+
+# What the bridge cannot do per architecture (checked by probing, not by name): these must raise, not return zeros.
+UNSUPPORTED = {"resid_mid": {"gptj", "gpt_neox"}, "head_pattern": {"opt", "gptj"}}
+
+
+def _unsupported(family, name):
+    return any(family in UNSUPPORTED.get(key, ()) for key in (name, name.split("_by_pos")[0].split("_dest_src")[0]))
+
+
+@pytest.mark.parametrize("name", ALL_POS_SWEEPS + BY_POS_SWEEPS)
+def test_sweep_equals_transformer_lens(fam_ctx, name, request):
+    family = request.node.callspec.params["fam_ctx"]
+    assert (name in P.supported_sweeps(fam_ctx.model)) != _unsupported(family, name)
+    if _unsupported(family, name):
+        with pytest.raises(P.NotSupported, match="not supported for this architecture"):
+            P.sweep(fam_ctx, name, progress=False)
+        return
+    ours = P.sweep(fam_ctx, name, max_variants=7, progress=False)
+    ref = P.tl_reference(fam_ctx, name)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_pattern_dest_src_on_sampled_cells(fam_ctx, request):
+    if _unsupported(request.node.callspec.params["fam_ctx"], "head_pattern"):
+        pytest.skip("pattern edits are discarded on this architecture (tested above)")
+    ours = P.sweep(fam_ctx, "head_pattern_dest_src", progress=False)
+    cells = torch.stack([torch.randint(0, n, (40,), generator=torch.Generator().manual_seed(0)) for n in ours.shape], 1)
+    assert (ours[tuple(cells.T)] - P.tl_reference(fam_ctx, "head_pattern_dest_src", cells)).abs().max() <= 1e-4
+
+
+def test_patching_everything_gives_one_and_nothing_zero(fam_ctx):
+    for layer in range(fam_ctx.model.cfg.n_layers):
+        assert P.patch_everything_at(fam_ctx, "resid_pre", layer, everything=True) == pytest.approx(1.0, abs=1e-4)
+        assert P.patch_everything_at(fam_ctx, "head_out", layer, everything=False) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_last_layer_path_equals_output_patching(fam_ctx):
+    paths = PP.path_patch_to_logits(fam_ctx)
+    activation = P.sweep(fam_ctx, "head_out", progress=False)
+    last = fam_ctx.model.cfg.n_layers - 1
+    torch.testing.assert_close(paths[last], activation[last], atol=1e-4, rtol=0)
+    assert activation.abs().max() > 1e-3  # not a silent zero: head outputs do move the logit difference
+
+
+@pytest.mark.parametrize("name", ALL_POS_SWEEPS)
+def test_patching_a_whole_activation_moves_the_output(fam_ctx, name):
+    """Guards against hooks the bridge reports but whose edits it discards: patching everything must act."""
+    if name not in P.supported_sweeps(fam_ctx.model):
+        pytest.skip("not supported here (tested above)")
+    effects = [P.patch_everything_at(fam_ctx, name, layer, everything=True) for layer in range(fam_ctx.model.cfg.n_layers)]
+    assert max(abs(e) for e in effects) > 1e-3
+
+
+@pytest.mark.parametrize("component", ["q", "k", "v"])
+def test_path_into_every_receiver_head(fam_ctx, component):
+    """Receivers of every head index, including those past the number of key/value groups (GQA)."""
+    cfg = fam_ctx.model.cfg
+    for head in range(cfg.n_heads):
+        paths = PP.path_patch_to_receivers(fam_ctx, [{"layer": cfg.n_layers - 1, "head": head}], component)
+        assert paths.shape == (cfg.n_layers, cfg.n_heads)
+        assert paths[cfg.n_layers - 1:].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dla_identity_or_an_honest_caveat(family, family_models):
+    """Exact families: components sum to the logit diff. Gemma: the caveats are reported and the residual measured."""
+    from helpers import attribution as A
+    from helpers.hooks import run_with_checked_cache
+    from helpers.metrics import logit_diff
+
+    model, prompts = family_models(family)
+    logits, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_names(model))
+    direction = A.logit_diff_direction(model, prompts.answer_tokens)
+    target = logit_diff(logits, prompts.answer_tokens) - A.unembed_bias_diff(model, prompts.answer_tokens)
+    layer_error = (A.layer_dla(cache, direction)[0].sum(0) - target).abs().max()
+    head_error = (A.full_dla(cache, direction)[0].sum(0) - target).abs().max()
+    lens, _ = A.logit_lens(cache, direction)
+    caveats = A.decomposition_caveats(model)
+    assert set(caveats) == {"gemma2": {"layers", "heads"}, "gemma3": {"heads"}}.get(family, set())
+    assert (lens[-1] - target).abs().max() < (1e-2 if "layers" in caveats else 1e-4)
+    assert layer_error < (1e-2 if "layers" in caveats else 1e-4)
+    if "heads" in caveats:
+        assert head_error > 1e-3  # the caveat is real: per-head DLA is not a decomposition here
+    else:
+        assert head_error < 1e-4

@@ -1,0 +1,103 @@
+"""The intervention engine: values that print and serialise, exact fast starts, honest metrics and dtypes."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from helpers import interventions as I
+from helpers import patching as P
+from helpers.artifacts import to_jsonable
+from helpers.metrics import NormalisationWarning, check_normalisation, normalised
+
+
+@pytest.fixture(scope="module")
+def llama(family_models):
+    return family_models("llama")
+
+
+def test_intervention_is_a_printable_serialisable_value():
+    iv = I.Intervention("blocks.1.attn.hook_z", "clean", torch.zeros(3, 1, 4, 1, dtype=torch.bool))
+    assert "blocks.1.attn.hook_z <- clean" in repr(iv) and iv.layer == 1 and iv.n_variants == 3
+    assert json.loads(json.dumps(iv.to_json()))["entries_set_per_variant"] == [0, 0, 0]
+    with pytest.raises(ValueError, match="source"):
+        I.Intervention("blocks.0.attn.hook_z", "median")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma2", "gpt2"])
+def test_fast_start_equals_the_bridge_forward(family, family_models):
+    """Skipping the early blocks and unembedding one position equals the bridge's plain start_at_layer forward."""
+    model, prompts = family_models(family)
+    _, cache = model.run_with_cache(prompts.clean_tokens)
+    full = model(prompts.clean_tokens)[:, -1:]
+    for layer in range(model.cfg.n_layers):
+        fast = I.forward_from_layer(model, cache[f"blocks.{layer}.hook_resid_pre"], layer, [])
+        assert (fast - full).abs().max() <= 1e-5
+    assert model.__dict__["_circuit_lab_fast_start"] == dict.fromkeys(range(1, model.cfg.n_layers), True) | {0: True}
+
+
+def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
+    """If skipping blocks changed the output (a new architecture), the engine must notice and use the plain forward."""
+    model, prompts = llama
+    _, cache = model.run_with_cache(prompts.clean_tokens)
+    full = model(prompts.clean_tokens)[:, -1:]
+    monkeypatch.setattr(I, "_last_position", lambda x, hook=None: x[:, :1])  # a broken shortcut: the first position
+    model.__dict__.pop("_circuit_lab_fast_start", None)
+    with pytest.warns(UserWarning, match="falling back"):
+        out = I.forward_from_layer(model, cache["blocks.1.hook_resid_pre"], 1, [])
+    assert (out - full).abs().max() <= 1e-5
+    model.__dict__.pop("_circuit_lab_fast_start", None)
+
+
+def test_grouped_query_sweeps_are_per_key_value_group(llama):
+    model, prompts = llama
+    ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    assert model.cfg.n_key_value_heads < model.cfg.n_heads
+    assert P.layout(model, "head_v") == ("layer", "kv_group") and P.layout(model, "head_out") == ("layer", "head")
+    assert P.sweep(ctx, "head_v", progress=False).shape == (model.cfg.n_layers, model.cfg.n_key_value_heads)
+
+
+def test_copy_scores_under_grouped_query_attention(llama):
+    from helpers import head_functions as HF
+
+    model, prompts = llama
+    cache = HF.clean_cache(model, prompts)
+    scores = HF.copy_scores(model, cache, prompts, HF.word_positions(prompts), k=5)
+    assert scores.positive.shape == (model.cfg.n_layers, model.cfg.n_heads)
+
+
+def test_prompts_follow_the_models_bos_convention(family_models):
+    model, prompts = family_models("qwen2")  # Qwen: byte-level BPE, no BOS prepended
+    assert not model.cfg.default_prepend_bos
+    assert prompts.clean_tokens[0, 0].item() != model.tokenizer.bos_token_id
+    first_word = prompts.positions["IO"]
+    assert model.tokenizer.decode([prompts.clean_tokens[0, first_word]]).strip() == prompts.slot_words[0]["S1"]
+
+
+def test_normalisation_warns_and_never_writes_infinity():
+    with pytest.warns(NormalisationWarning, match="only"):
+        assert check_normalisation(1.0, 0.97).status == "small"
+    with pytest.warns(NormalisationWarning, match="undefined"):
+        check = check_normalisation(0.5, 0.5)
+    assert check.status == "zero" and math.isnan(normalised(0.7, 0.5, 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_normalisation(3.0, -1.0).status == "ok"
+    text = json.dumps(to_jsonable({"v": torch.tensor([1.0, float("nan"), float("-inf")]), "x": float("inf")}), allow_nan=False)
+    assert json.loads(text) == {"v": [1.0, None, None], "x": None}
+
+
+def test_bfloat16_sweeps_within_tolerance_of_float32(family_dirs, llama):
+    from helpers.models import load_model
+
+    model32, prompts = llama
+    model16 = load_model(str(family_dirs("llama")), device="cpu", dtype="bfloat16")
+    args = (prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ref = P.sweep(P.make_context(model32, *args), "head_out", progress=False)
+    half = P.sweep(P.make_context(model16, *args), "head_out", progress=False)
+    assert half.dtype == torch.float32 or half.dtype == torch.bfloat16
+    assert (half.float() - ref).abs().max() <= 0.1  # stated tolerance for half precision (normalised units)
