@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run all report test test-all test-fast bench install chromium toy-models sync lint clean-outputs help
+.PHONY: run all report test test-all test-fast bench bench-templates install chromium toy-models sync lint clean-outputs help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
@@ -71,6 +71,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_patching.py --device $(or $(DEVICE),cpu) --threads $(THREADS)
+
+bench-templates: $(STAMP)
+	$(PY) bench/bench_templates.py --threads $(THREADS)
 
 toy-models: $(STAMP)
 	$(PY) -m helpers.toy_models --threads $(THREADS)

@@ -121,6 +121,13 @@ def layout(model, name: str) -> tuple[str, ...]:
     return spec.layout
 
 
+def describe(model, name: str) -> dict:
+    """What sweep ``name`` patches, for result files: base run, hook, source, one variant per cell of ``layout``."""
+    spec = SWEEPS[name]
+    return {"base_run": "corrupted", "hook": f"blocks.{{layer}}.{spec.hook}", "source": "clean",
+            "one_variant_per": list(layout(model, name)), "equals": f"transformer_lens.patching.{spec.tl_function}"}
+
+
 def unsupported_reason(model, name: str) -> str | None:
     """Why sweep ``name`` cannot run on this architecture, or None if it can."""
     try:

@@ -212,6 +212,7 @@ results = {
     "circuit": proposed.to_json(),
     "ablation": ablation,
     "reference": reference,
+    "interventions": [iv.to_json() for iv in circuits.knockout_interventions(ev.keep([proposed]), ablation)],
     "full_logit_diff": ev.full_logit_diff,
     "faithfulness": faithfulness,
     "random_controls": controls,

@@ -81,13 +81,14 @@ def test_toy_ioi_does_the_shipped_tasks(toy_ioi, task, min_accuracy):
 def test_model_cards_report_measurements():
     import json
 
-    for name in ["toy-ioi", "toy-induction"]:
+    for name in ["toy-ioi", "toy-ioi-llama", "toy-induction"]:
         card = (PROJECT_ROOT / "models" / name / "README.md").read_text()
         metrics = json.loads((PROJECT_ROOT / "models" / name / "training_metrics.json").read_text())
         assert "wall-clock" in card and "Induction evidence" in card
         assert metrics["config"]["name"] == name and metrics["train_wall_clock_s"] > 0
-    ioi = json.loads((PROJECT_ROOT / "models" / "toy-ioi" / "training_metrics.json").read_text())
-    assert ioi["final"]["ioi_train_templates"]["accuracy"] >= 0.95
+    for name in ["toy-ioi", "toy-ioi-llama"]:
+        ioi = json.loads((PROJECT_ROOT / "models" / name / "training_metrics.json").read_text())
+        assert ioi["final"]["ioi_train_templates"]["accuracy"] >= 0.95
 
 
 def test_shipped_gpt2_tokenizer_reproduces_gpt2_ids():
@@ -105,3 +106,30 @@ def test_every_shipped_task_validates_against_gpt2_offline(capsys):
     assert main(["--model", "gpt2-small"]) == 0
     assert capsys.readouterr().out.count("gpt2-small's tokenizer") >= 4
 
+
+
+@pytest.fixture(scope="module")
+def toy_ioi_llama():
+    return load_model("toy-ioi-llama", device="cpu")
+
+
+def test_toy_ioi_llama_is_a_llama_that_does_ioi(toy_ioi_llama):
+    from helpers.metrics import check_normalisation
+    from helpers.patching import make_context
+
+    m = toy_ioi_llama
+    assert type(m.original_model).__name__ == "LlamaForCausalLM"
+    assert m.cfg.n_key_value_heads < m.cfg.n_heads and m.cfg.positional_embedding_type == "rotary" and m.cfg.normalization_type.startswith("RMS")
+    ps = make_prompts(load_params("ioi", n_prompts=16), m.tokenizer, verbose=False, prepend_bos=m.cfg.default_prepend_bos)
+    ctx = make_context(m, ps.clean_tokens, ps.corrupted_tokens, ps.answer_tokens)
+    assert ctx.clean_logit_diff > 2.0 and check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff).status == "ok"
+
+
+@pytest.mark.parametrize("name", ["resid_pre", "attn_out", "head_out", "head_v", "head_pattern", "head_q_by_pos"])
+def test_toy_ioi_llama_sweeps_equal_transformer_lens(toy_ioi_llama, name):
+    from helpers import patching as P
+
+    m = toy_ioi_llama
+    ps = make_prompts(load_params("ioi", n_prompts=6), m.tokenizer, verbose=False, prepend_bos=m.cfg.default_prepend_bos)
+    ctx = P.make_context(m, ps.clean_tokens, ps.corrupted_tokens, ps.answer_tokens)
+    assert (P.sweep(ctx, name, progress=False) - P.tl_reference(ctx, name)).abs().max() <= 1e-4
