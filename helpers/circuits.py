@@ -21,7 +21,7 @@ from torch import Tensor
 from .heads import all_head_labels, head_label, parse_head_label
 from .hooks import resolve_hook_names
 from .interventions import Intervention, run_interventions
-from .metrics import logit_diff
+from .metrics import check_normalisation, logit_diff
 from .patching import variants_per_chunk
 
 # Where a head of each role is kept (IOI paper's circuit): named positions, or None for every position.
@@ -174,6 +174,7 @@ def make_evaluator(model, tokens, answers, named: dict[str, int], reference_toke
     """An ``Evaluator`` whose knocked-out heads take their ``ablation`` value on ``reference_tokens``."""
     with torch.no_grad():
         full = logit_diff(model(tokens), answers).mean().item()
+    check_normalisation(full, 0.0)  # faithfulness divides by the full model's logit diff: warn if it is zero
     return Evaluator(model, tokens, answers, named, reference_z(model, reference_tokens, ablation), full, ablation)
 
 
