@@ -25,7 +25,7 @@ import helpers.run as runner
 from helpers import MODELS_DIR, batch
 
 HERE = Path(__file__).parent
-TEMPLATES = ["circuit_expms", "induction_checks", "head_functions", "minimal_circuit"]
+TEMPLATES = ["induction_checks", "circuit_expms", "head_functions", "minimal_circuit"]  # dependency order, quickest first
 
 
 def gpt2_small_with_real_tokenizer(folder: Path) -> Path:
@@ -79,6 +79,10 @@ def main() -> None:
             rows.append({"template": template, "status": result.status, "wall_s": round(result.seconds, 1),
                          "peak_kernel_rss_mb": round(peak.peak), "message": result.message})
             print(rows[-1], flush=True)
+            write(args, rows)  # after each template, so a stopped run keeps what it measured
+
+
+def write(args, rows: list[dict]) -> None:
     out = {"model": "gpt2-small architecture (random weights), GPT-2 tokenizer", "n_prompts": args.n_prompts,
            "threads": args.threads, "torch": torch.__version__, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
