@@ -50,12 +50,17 @@ chromium:
 	      echo "WARNING: could not install chromium; figures will show inline but PNG export is skipped"; \
 	    else echo "WARNING: no Chromium found; PNG export of figures will be skipped (apt-get install chromium)"; fi; }
 
+# User values reach the shell as environment variables, always quoted ("$$TASK"), never pasted into the command
+# line: a value like 'ioi; rm -rf ~' is then just a task name that does not exist.
+export TASK MODEL TEMPLATE THREADS JOBS TASKS MODELS TEMPLATES FORCE LOG
+
 run: install
-	$(PY) -m helpers.run --task $(TASK) $(if $(MODEL),--model $(MODEL)) --template $(TEMPLATE) --threads $(THREADS) $(if $(FORCE),--force)
+	$(PY) -m helpers.run --task "$$TASK" $${MODEL:+--model "$$MODEL"} --template "$$TEMPLATE" --threads "$$THREADS" $${FORCE:+--force}
 
 all: install
-	$(PY) -m helpers.run -j $(JOBS) $(foreach t,$(TASKS),--task $(t)) $(foreach m,$(MODELS),--model $(m)) \
-	  $(foreach t,$(TEMPLATES),--template $(t)) $(if $(FORCE),--force) $(if $(LOG),--log-output)
+	set -f; args=(); for t in $$TASKS; do args+=(--task "$$t"); done; for m in $$MODELS; do args+=(--model "$$m"); done; \
+	  for t in $$TEMPLATES; do args+=(--template "$$t"); done; \
+	  $(PY) -m helpers.run -j "$$JOBS" "$${args[@]}" $${FORCE:+--force} $${LOG:+--log-output}
 
 report: $(STAMP)
 	$(PY) -m helpers.report

@@ -7,7 +7,11 @@ models and how they were trained), ``metrics``, ``attribution`` (DLA), ``patchin
 Submodules are imported lazily so that ``import helpers`` stays cheap.
 """
 
+import warnings
 from pathlib import Path
+
+# Libraries we load (transformers) import tqdm.auto, which warns in kernels without ipywidgets; its bars work as text.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 PROJECT_ROOT: Path = Path(__file__).resolve().parent.parent
 PARAMS_DIR: Path = PROJECT_ROOT / "params"

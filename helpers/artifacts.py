@@ -38,9 +38,47 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+class NonFiniteWarning(UserWarning):
+    """A results JSON holds values that were not finite (written as null); the warning names the quantities."""
+
+
+def non_finite_paths(value: Any, prefix: str = "") -> dict[str, int]:
+    """Key path -> number of non-finite numbers under it (tensors, arrays and floats), e.g. ``{"sweeps.head_out": 16}``."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fc":
+        n = int((~np.isfinite(value)).sum())
+        return {prefix or "(top level)": n} if n else {}
+    if isinstance(value, (float, np.floating)):
+        return {} if np.isfinite(value) else {prefix or "(top level)": 1}
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return {}
+    found: dict[str, int] = {}
+    for k, v in items:
+        for path, n in non_finite_paths(v, f"{prefix}.{k}" if prefix else str(k)).items():
+            found[path] = found.get(path, 0) + n
+    return found
+
+
 def write_json(path: Path | str, data: dict) -> Path:
-    """Write ``data`` as indented JSON (deterministic key order as given)."""
+    """Write ``data`` as indented strict JSON (deterministic key order as given).
+
+    Non-finite numbers (NaN, inf) are written as null and named in a ``NonFiniteWarning`` (key path and count),
+    so an undefined quantity is never silent: the result that holds it should say why (e.g. a normalisation
+    with a zero clean-corrupted gap, ``metrics.NormalisationCheck``)."""
+    import warnings
+
     path = Path(path)
+    bad = non_finite_paths(data)
+    if bad:
+        listed = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:8]) + (" …" if len(bad) > 8 else "")
+        warnings.warn(f"{path.name}: non-finite values written as null: {listed}", NonFiniteWarning, stacklevel=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False) + "\n")
     return path

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 
 from . import PARAMS_DIR, POOLS_DIR, PROJECT_ROOT
 from . import run as runner
-from .experiments import model_folder_name
+from .layout import display_model, model_folder_name
 from .models import ModelNotAvailable, resolve_model
-from .params import ParamsError
 
 OK_STATUSES = ("ok", "up-to-date")
 
@@ -128,9 +127,13 @@ def plan_runs(tasks: list[str] | None = None, models: list[str] | None = None, t
         for model in models or [None]:  # None: the params file's own model
             try:
                 params = runner.check_inputs(str(path), model, n_prompts)
-            except (ParamsError, ModelNotAvailable, FileNotFoundError) as err:
+            except runner.BAD_INPUT as err:
                 what = "(model)" if isinstance(err, ModelNotAvailable) else "(params)"
                 rejected.append(runner.RunResult(path.stem, model or "?", what, "bad-input", 0.0, None, str(err)))
+                continue
+            except Exception as err:  # an unforeseen failure of a check: one bad-input row, the batch goes on
+                rejected.append(runner.RunResult(path.stem, model or "?", "(params)", "bad-input", 0.0, None,
+                                                 f"{path}: could not check it ({type(err).__name__}: {err}); please report this"))
                 continue
             runs += [RunSpec(params.task, str(path), params.model, t, tuple(reads)) for t, reads in order]
     return runs, rejected
@@ -234,13 +237,18 @@ class BatchReport:
         return [r for r in self.results if r.status != "up-to-date"]
 
     @property
+    def ran(self) -> list[runner.RunResult]:
+        """The runs that executed a notebook (succeeded or failed)."""
+        return [r for r in self.results if r.status in ("ok", "failed")]
+
+    @property
     def exit_code(self) -> int:
         statuses = {r.status for r in self.results}
         return 1 if statuses & {"failed", "skipped"} else 2 if "bad-input" in statuses else 0
 
     def table(self) -> str:
         """One line per run: status, task, model, template, seconds, message (errors name the file)."""
-        rows = [(r.status, r.task, model_folder_name(r.model), r.template, f"{r.seconds:.1f}s", r.message.replace("\n", " | "))
+        rows = [(r.status, r.task, display_model(r.model), r.template, f"{r.seconds:.1f}s", r.message.replace("\n", " | "))
                 for r in self.results]
         widths = [max(len(row[i]) for row in rows + [("status", "task", "model", "template", "time", "")]) for i in range(5)]
         head = ["status", "task", "model", "template", "time"]
@@ -248,6 +256,9 @@ class BatchReport:
         lines += ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
         counts = {s: sum(r.status == s for r in self.results) for s in ("ok", "up-to-date", "failed", "bad-input", "skipped")}
         lines.append(f"{len(self.results)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" · wall {self.seconds:.1f}s")
+        unperformed = sorted({f"{r.task}/{display_model(r.model)}" for r in self.results if r.message.startswith("task NOT performed")})
+        if unperformed:
+            lines.append(f"the model does not do the task (task check failed) for: {', '.join(unperformed)}")
         if not [r for r in self.results if r.status == "ok"] and not self.exit_code:
             lines.append("nothing executed: every run is up to date (use --force to rerun)")
         return "\n".join(lines)
@@ -269,7 +280,8 @@ def run_batch(tasks: list[str] | None = None, models: list[str] | None = None, t
     options = options or RunOptions()
     runs, results = plan_runs(tasks, models, templates, params_dir, options.n_prompts)
     prints = fingerprints(runs, options)
-    fresh = {r.key: runner.RunResult(r.task, r.model, r.template, "up-to-date", 0.0, stamp_path(r).parent.parent)
+    fresh = {r.key: runner.RunResult(r.task, r.model, r.template, "up-to-date", 0.0, stamp_path(r).parent.parent,
+                                     runner.task_note(stamp_path(r).parent.parent / f"{r.template}.json"))
              for r in runs if not force and is_up_to_date(r, prints[r.key])}
     todo = [r for r in runs if r.key not in fresh]
     jobs = jobs_for_device(jobs, options.device) if not scheduler else jobs

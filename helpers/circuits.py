@@ -242,3 +242,48 @@ def circuit_nodes(circuit: Circuit, n_layers: int, n_heads: int) -> list[dict]:
                           "x": "all positions" if where is None else "+".join(where), "role": group})
     nodes.append({"label": "logits", "layer": n_layers, "x": "end", "role": "logits"})
     return nodes
+
+
+@dataclass(frozen=True)
+class ControlComparison:
+    """Is the circuit more faithful than random circuits of its shape?
+
+    Closeness to the full model is ``|1 - F|``; ``p_value`` is the share of random controls at least as close
+    as the circuit, counting the circuit itself ((1 + #closer-or-equal) / (1 + n)), so 20 controls can at best
+    give 1/21 = 0.048. The circuit ``beats_random`` when ``p_value <= alpha``.
+    """
+
+    circuit: float
+    random_mean: float
+    random_std: float
+    random_max: float
+    n_random: int
+    p_value: float
+    alpha: float = 0.05
+
+    @property
+    def beats_random(self) -> bool:
+        return self.p_value <= self.alpha
+
+    def message(self) -> str:
+        head = (f"The circuit (faithfulness {self.circuit:.3f}) is closer to the full model than random circuits of its shape "
+                f"(mean {self.random_mean:.3f} ± {self.random_std:.3f}, max {self.random_max:.3f}; p = {self.p_value:.3f})")
+        if self.beats_random:
+            return head + "."
+        return (f"The circuit is NOT better than random circuits of its shape: faithfulness {self.circuit:.3f} against "
+                f"{self.random_mean:.3f} ± {self.random_std:.3f} (max {self.random_max:.3f}) for {self.n_random} random "
+                f"circuits; p = {self.p_value:.3f} > {self.alpha}. Its faithfulness is no evidence that these heads carry "
+                "the behaviour: the circuit is probably too large (most of the model) or built from the wrong heads.")
+
+    def to_json(self) -> dict:
+        return {**{k: getattr(self, k) for k in ("circuit", "random_mean", "random_std", "random_max", "n_random", "p_value",
+                                                  "alpha")}, "beats_random": self.beats_random, "message": self.message()}
+
+
+def compare_with_controls(circuit: float, controls: Float[Tensor, "n"], alpha: float = 0.05) -> ControlComparison:
+    """The ControlComparison of a circuit's faithfulness against random controls' (see its docstring)."""
+    controls = torch.as_tensor(controls, dtype=torch.float64)
+    closer = int(((1 - controls).abs() <= abs(1 - circuit)).sum())
+    std = float(controls.std()) if len(controls) > 1 else 0.0
+    return ControlComparison(float(circuit), float(controls.mean()), std, float(controls.max()), len(controls),
+                             (1 + closer) / (1 + len(controls)), alpha)

@@ -6,6 +6,7 @@ the tests, use one implementation.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
 from . import OUTPUTS_DIR
-from .artifacts import read_json
+from .artifacts import read_json, write_json
 from .attribution import (
-    dla_hook_names,
     decomposition_caveats,
+    dla_hook_names,
     full_dla,
     head_dla,
     layer_dla,
@@ -30,7 +31,8 @@ from .attribution import (
 from .heads import all_head_labels, parse_head_label, top_heads
 from .hooks import run_with_checked_cache
 from .interventions import Intervention, hooks_for
-from .metrics import logit_diff
+from .layout import model_folder_name
+from .metrics import TaskCheck, check_task, logit_diff
 from .models import load_model, set_threads
 from .params import TaskParams, load_params
 from .plotting import Figures, use_offline_renderer
@@ -48,15 +50,16 @@ class Session:
     figures: Figures
     model_name: str
     input_dir: Path  # where the JSON of earlier templates is read from
+    task_check: TaskCheck | None = None  # does the model do the task (set by start_session)
+    _logit_diffs: LogitDiffs | None = field(default=None, repr=False)
 
     @property
     def head_names(self) -> list[str]:
         return all_head_labels(self.model.cfg.n_layers, self.model.cfg.n_heads)
 
-
-def model_folder_name(model_name: str) -> str:
-    """Folder name of a model under ``nb_outputs/<task>/`` (a local path gives its last component)."""
-    return Path(model_name).name if ("/" in model_name or Path(model_name).is_dir()) else model_name
+    def write_results(self, template: str, results: dict) -> Path:
+        """Write ``<output folder>/<template>.json`` with the task check added (``task_check.task_performed``)."""
+        return write_json(self.out_dir / f"{template}.json", {**results, "task_check": self.task_check.to_json()})
 
 
 def start_session(template: str, task: str, params_file: str | None = None, model_name: str | None = None, n_prompts: int | None = None,
@@ -76,8 +79,37 @@ def start_session(template: str, task: str, params_file: str | None = None, mode
     out = Path(output_dir) if output_dir else OUTPUTS_DIR / params.task / model_folder_name(params.model)
     out.mkdir(parents=True, exist_ok=True)
     use_offline_renderer()
-    return Session(params, model, prompts, out, Figures(out, folder=f"{template}_figures", static=static_images), params.model,
-                   Path(input_dir) if input_dir else out)
+    s = Session(params, model, prompts, out, Figures(out, folder=f"{template}_figures", static=static_images), params.model,
+                Path(input_dir) if input_dir else out)
+    ld = logit_diffs(s)
+    s.task_check = check_task(ld.clean, ld.corrupted, ld.clean_accuracy, params.analysis.min_accuracy, params.analysis.min_gap)
+    if not s.task_check.performed:
+        s.figures.note = "model does not do this task: normalised values are not meaningful"
+    show_task_check(s.task_check, params)
+    return s
+
+
+def show_task_check(check: TaskCheck, params: TaskParams) -> None:
+    """One line when the model does the task; a prominent banner (HTML in notebooks, text elsewhere) when not."""
+    if check.performed:
+        print(f"Task check: {check.summary()}")
+        return
+    text = (f"THE MODEL DOES NOT DO THIS TASK: {'; '.join(check.reasons())}. Every normalised number in this notebook "
+            "(patching 'recovered', faithfulness, head importance) divides by a clean - corrupted gap the model does not "
+            "produce, so it is not evidence of a mechanism whatever its size. Use a model trained on the task, or check the "
+            f"template and answers of {params.source.name}; the thresholds are analysis.min_accuracy "
+            f"({check.min_accuracy}) and analysis.min_gap ({check.min_gap}).")
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+
+        if get_ipython() is not None:
+            display(HTML('<div style="border:3px solid #c62828;background:#ffebee;color:#b71c1c;padding:12px;'
+                         f'font-size:1.1em"><b>&#9888; Task check failed.</b> {html.escape(text)}</div>'))
+            return
+    except ImportError:
+        pass
+    print(f"WARNING: {text}")
 
 
 @dataclass
@@ -94,13 +126,16 @@ class LogitDiffs:
 
 
 def logit_diffs(s: Session) -> LogitDiffs:
-    """Clean and corrupted logit differences, and how often the correct answer is the argmax."""
+    """Clean and corrupted logit differences, and how often the correct answer is the argmax (computed once per session)."""
+    if s._logit_diffs is not None:
+        return s._logit_diffs
     with torch.no_grad():
         clean_logits = s.model(s.prompts.clean_tokens)
         corr_logits = s.model(s.prompts.corrupted_tokens)
     top = clean_logits[:, -1].argmax(-1)
     acc = (top == s.prompts.answer_tokens[:, 0]).float().mean().item()
-    return LogitDiffs(logit_diff(clean_logits, s.prompts.answer_tokens).cpu(), logit_diff(corr_logits, s.prompts.answer_tokens).cpu(), acc)
+    s._logit_diffs = LogitDiffs(logit_diff(clean_logits, s.prompts.answer_tokens).cpu(), logit_diff(corr_logits, s.prompts.answer_tokens).cpu(), acc)
+    return s._logit_diffs
 
 
 @dataclass
@@ -131,6 +166,7 @@ class DLAResult:
         return line
 
 
+@torch.no_grad()  # weights require grad; these numbers are read, never differentiated
 def direct_logit_attribution(s: Session) -> DLAResult:
     """Logit lens, per-layer and per-head DLA of the clean prompts, and the DLA identity error."""
     logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_names(s.model))
@@ -170,6 +206,7 @@ class BackupResult:
     risers: list[dict] = field(default_factory=list)
 
 
+@torch.no_grad()  # weights require grad; these numbers are read, never differentiated
 def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult:
     """Mean-ablate ``head`` at the final position (mean over prompts) and recompute every head's DLA.
 

@@ -156,5 +156,20 @@ def attention_shift(model, cache, prompts: PromptSet, candidates: list[dict], re
 
 
 def composition_scores(model, mode: str = "K") -> Float[Tensor, "layer head layer head"]:
-    """TransformerLens composition scores (Elhage et al. 2021) of every earlier head into every later head."""
-    return model.all_composition_scores(mode).scores.detach().cpu()
+    """Composition scores (Elhage et al. 2021) of every earlier head into every later head: ``[l1, h1, l2, h2]`` is
+    ``|W_OV(l1,h1) · R(l2,h2)|_F / (|W_OV|_F |R|_F)`` with R the later head's W_QK (Q), W_QK^T (K) or W_OV (V);
+    0 unless l1 < l2. TransformerLens's own ``composition_scores`` on its factored matrices, one earlier layer at a
+    time: ``model.all_composition_scores`` gives the same numbers but materialises every pair at once (about 10 GB
+    on gpt2-small)."""
+    from transformer_lens.utilities.matrix import (
+        composition_scores as tl_composition_scores,
+    )
+
+    with torch.no_grad():
+        ov, qk = model.OV, model.QK
+        right = {"Q": qk, "K": qk.T, "V": ov}[mode]
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+        out = torch.zeros(n_layers, n_heads, n_layers, n_heads)
+        for layer in range(n_layers - 1):
+            out[layer, :, layer + 1:] = tl_composition_scores(ov[layer], right[layer + 1:]).float().cpu()
+    return out

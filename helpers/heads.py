@@ -21,6 +21,7 @@ from .hooks import resolve_hook_names
 
 def top_heads(values: Float[Tensor, "layer head"], k: int, sign: str = "abs") -> list[dict]:
     """The ``k`` heads with the largest ``values`` (``sign`` = 'pos', 'neg' or 'abs'), as ``{layer, head, value}``."""
+    values = torch.as_tensor(values).detach()  # attribution estimates can carry autograd history
     key = {"pos": values, "neg": -values, "abs": values.abs()}[sign]
     order = key.flatten().argsort(descending=True)[:k]
     n_heads = values.shape[1]

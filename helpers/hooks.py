@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
+
 NameSpec = str | Iterable[str] | Callable[[str], bool]
 
 
@@ -36,9 +38,11 @@ def resolve_hook_names(model, spec: NameSpec) -> list[str]:
 
 
 def run_with_checked_cache(model, tokens, spec: NameSpec, **kwargs) -> tuple:
-    """``model.run_with_cache`` restricted to the hooks ``spec`` selects, which must all be found in the cache."""
+    """``model.run_with_cache`` restricted to the hooks ``spec`` selects, which must all be found in the cache.
+    No autograd graph is kept (cached activations are data; gradient methods run their own forward)."""
     names = resolve_hook_names(model, spec)
-    logits, cache = model.run_with_cache(tokens, names_filter=names, **kwargs)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=names, **kwargs)
     missing = [n for n in names if n not in cache.cache_dict]
     if missing:
         raise HookNameError(f"hooks {missing} did not fire (gated hooks need e.g. model.set_use_attn_result(True))")

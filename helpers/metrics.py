@@ -74,3 +74,58 @@ def normalised(value: Tensor | float, clean: float, corrupted: float) -> Tensor 
     if not math.isfinite(gap) or abs(gap) <= ZERO_GAP:
         return value * math.nan
     return (value - corrupted) / gap
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """Does the model do the task at all? Checked at the top of every template, before any analysis.
+
+    ``accuracy``: fraction of clean prompts whose correct answer has a higher logit than the incorrect one (a
+    logit difference > 0); ``top1``: fraction where the correct answer is the model's top prediction;
+    ``gap``: mean clean minus mean corrupted logit difference, the divisor of every normalised effect. The task
+    counts as performed when accuracy >= ``min_accuracy`` and gap >= ``min_gap`` (params ``analysis``). Below
+    either, normalised effects (patching recovered, faithfulness, head importance) divide by a gap the model
+    does not produce: they are not evidence of a mechanism, whatever their size.
+    """
+
+    accuracy: float
+    top1: float
+    clean_logit_diff: float
+    corrupted_logit_diff: float
+    min_accuracy: float
+    min_gap: float
+
+    @property
+    def gap(self) -> float:
+        return self.clean_logit_diff - self.corrupted_logit_diff
+
+    @property
+    def performed(self) -> bool:
+        return self.accuracy >= self.min_accuracy and self.gap >= self.min_gap
+
+    def reasons(self) -> list[str]:
+        """Why the task does not count as performed (empty when it does)."""
+        out = []
+        if self.accuracy < self.min_accuracy:
+            out.append(f"the correct answer beats the incorrect one on {self.accuracy:.0%} of clean prompts "
+                       f"(threshold {self.min_accuracy:.0%})")
+        if self.gap < self.min_gap:
+            out.append(f"the clean - corrupted logit-difference gap is {self.gap:.3f} "
+                       f"({self.clean_logit_diff:.3f} vs {self.corrupted_logit_diff:.3f}; threshold {self.min_gap})")
+        return out
+
+    def summary(self) -> str:
+        """One line for tables and logs."""
+        verdict = "performed" if self.performed else "NOT performed: " + "; ".join(self.reasons())
+        return (f"task {verdict} (accuracy {self.accuracy:.2f}, top-1 {self.top1:.2f}, logit diff clean "
+                f"{self.clean_logit_diff:.3f} vs corrupted {self.corrupted_logit_diff:.3f})")
+
+    def to_json(self) -> dict:
+        return {"task_performed": self.performed, **asdict(self), "gap": self.gap, "reasons": self.reasons()}
+
+
+def check_task(clean_ld: Float[Tensor, "batch"], corrupted_ld: Float[Tensor, "batch"], top1: float,
+               min_accuracy: float, min_gap: float) -> TaskCheck:
+    """The TaskCheck of per-prompt clean and corrupted logit differences."""
+    return TaskCheck(float((clean_ld > 0).float().mean()), float(top1), float(clean_ld.mean()), float(corrupted_ld.mean()),
+                     float(min_accuracy), float(min_gap))

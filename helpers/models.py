@@ -10,6 +10,7 @@ the local cache fail within seconds when the hub cannot be reached, naming the b
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -24,6 +25,7 @@ HUB_ALIASES: dict[str, str] = {
     "gpt2-xl": "gpt2-xl",
 }
 HUB_HOST = "huggingface.co"
+BUNDLED_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # models/<name>: a plain folder name, never a path
 # Tokenizers shipped in models/tokenizers/ (so params can be checked against real models offline): hub id -> folder.
 SHIPPED_TOKENIZERS: dict[str, str] = {hub: "gpt2" for hub in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
@@ -51,11 +53,11 @@ def set_threads(n_threads: int | None) -> None:
 def resolve_model(name: str) -> str:
     """The local directory or hub id that ``name`` refers to; raises ModelNotAvailable when it cannot load here."""
     bundled = MODELS_DIR / name
-    if (bundled / "config.json").exists():
+    if BUNDLED_NAME_RE.fullmatch(name) and (bundled / "config.json").exists():
+        check_model_folder(bundled)
         return str(bundled)
     if Path(name).is_dir():
-        if not (Path(name) / "config.json").exists():
-            raise ModelNotAvailable(f"model directory {name} has no config.json (needs config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
+        check_model_folder(Path(name))
         return str(Path(name))
     hub_id = HUB_ALIASES.get(name, name)
     if not _hub_cached(hub_id) and not _hub_reachable():
@@ -66,13 +68,44 @@ def resolve_model(name: str) -> str:
     return hub_id
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+# Shapes of the GPT-2 hub models (so params referring to layers and heads are checked offline): hub id -> (layers, heads).
+HUB_SHAPES: dict[str, tuple[int, int]] = {"gpt2": (12, 12), "gpt2-medium": (24, 16), "gpt2-large": (36, 20), "gpt2-xl": (48, 25)}
+
+
+def check_model_folder(folder: Path) -> None:
+    """A local model folder has a config, weights and a tokenizer; ModelNotAvailable names what is missing."""
+    missing = [what for what, names in (("config.json", ("config.json",)), ("weights (" + " or ".join(WEIGHT_FILES[::2]) + ")", WEIGHT_FILES),
+                                        ("a tokenizer (tokenizer.json)", TOKENIZER_FILES),
+                                        ("tokenizer_config.json", ("tokenizer_config.json",)))
+               if not any((folder / n).is_file() for n in names)]
+    if missing:
+        raise ModelNotAvailable(f"model folder {folder} lacks {', '.join(missing)}; a model folder is what "
+                                "save_pretrained writes for the model and its tokenizer")
+
+
+def model_shape(name: str) -> tuple[int, int]:
+    """(layers, heads per layer) of model ``name`` from its config, without loading weights."""
+    if HUB_ALIASES.get(name, name) in HUB_SHAPES and not Path(name).is_dir():
+        return HUB_SHAPES[HUB_ALIASES.get(name, name)]
+    source = resolve_model(name)
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(source)
+        return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        raise ModelNotAvailable(f"{source}: cannot read the model's config ({' '.join(str(err).split())[:300]})") from None
+
+
 def load_tokenizer(name: str):
     """The tokenizer of model ``name`` without loading its weights: a bundled or local folder's own, GPT-2's
     shipped copy for GPT-2 hub names (offline), else the hub's (needs the hub or its cache)."""
     from transformers import AutoTokenizer
 
     bundled = MODELS_DIR / name
-    if (bundled / "config.json").exists() or Path(name).is_dir():
+    if (BUNDLED_NAME_RE.fullmatch(name) and (bundled / "config.json").exists()) or Path(name).is_dir():
         return AutoTokenizer.from_pretrained(resolve_model(name))
     hub_id = HUB_ALIASES.get(name, name)
     if hub_id in SHIPPED_TOKENIZERS:
@@ -118,6 +151,10 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", n_d
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     source = resolve_model(name)
+    if os.environ.get("CIRCUIT_LAB_PROGRESS") == "0":  # headless batch runs: no weight-loading bars in saved notebooks
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     placement = {"n_devices": n_devices} if n_devices and n_devices > 1 else {"device": pick_device(device)}
     model = TransformerBridge.boot_transformers(source, dtype=DTYPES[dtype], **placement)
     model.enable_compatibility_mode()

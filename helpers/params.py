@@ -28,6 +28,8 @@ from . import PARAMS_DIR, POOLS_DIR
 SLOT_RE = re.compile(r"\[([A-Za-z][A-Za-z0-9_]*)\]")
 POSITION_RE = re.compile(r"^(?:(?P<end>end)|(?P<slot>[A-Za-z][A-Za-z0-9_]*)(?:#(?P<occ>[1-9][0-9]*))?)(?P<off>[+-][0-9]+)?$")
 CORRUPTION_RE = re.compile(r"^resample:(?P<slot>[A-Za-z][A-Za-z0-9_]*)(?:#(?P<occ>[1-9][0-9]*))?$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # task and pool names: they become file and folder names
+MAX_PARAMS_BYTES = 1_000_000  # a task file is a few hundred bytes; anything this large is a mistake
 
 
 class ParamsError(ValueError):
@@ -42,6 +44,17 @@ class Analysis(BaseModel):
     layer_groups: dict[str, list[int]] | None = Field(
         None, description="named layer bands, e.g. {early: [0, 1], late: [2, 3]}; default: three equal bands"
     )
+    min_accuracy: float = Field(0.75, ge=0, le=1, description="task-sanity gate: fraction of clean prompts whose correct "
+                                "answer must beat the incorrect one for the task to count as performed")
+    min_gap: float = Field(1.0, ge=0, description="task-sanity gate: least clean - corrupted logit-difference gap (nats)")
+
+    @field_validator("layer_groups")
+    @classmethod
+    def _groups(cls, v: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        for name, layers in (v or {}).items():
+            if not layers:
+                raise ValueError(f"group {name!r} has no layers; list at least one, e.g. {name}: [0, 1]")
+        return v
 
 
 class CircuitSpec(BaseModel):
@@ -70,7 +83,7 @@ class TaskParams(BaseModel):
     task: str = Field(description="task name; outputs go to nb_outputs/<task>/<model>/")
     description: str = ""
     model: str = Field("toy-ioi", description="bundled model name (models/<name>), local HF dir, or hub name")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="random seed of prompt sampling (0 <= seed < 2**32)")
     n_prompts: int = Field(32, ge=1, le=4096)
     template: str = Field(description="clean prompt with [S1]..[Sn] slots")
     corrupted_template: str | None = Field(None, description="corrupted prompt; same slots plus optional new ones")
@@ -94,15 +107,25 @@ class TaskParams(BaseModel):
     @field_validator("task")
     @classmethod
     def _task_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", v):
-            raise ValueError("use letters, digits, '_' or '-' only (it becomes a folder name)")
+        if not NAME_RE.fullmatch(v) or len(v) > 100:
+            raise ValueError(f"{v!r}: use letters, digits, '_' or '-' only, starting with a letter or digit (it becomes a folder name)")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if not v.strip() or "\x00" in v or len(v) > 500:
+            raise ValueError(f"{v!r} is not a model name; use a bundled name (models/<name>), a local HF folder or a hub id")
         return v
 
     @field_validator("slots")
     @classmethod
     def _pools_exist(cls, v: dict[str, str]) -> dict[str, str]:
         for slot, pool in v.items():
-            if not (POOLS_DIR / f"{pool}.txt").exists():
+            if not NAME_RE.fullmatch(pool):
+                raise ValueError(f"slot {slot}: pool {pool!r} is not a pool name (letters, digits, '_' or '-'; "
+                                 f"the file is params/pools/<name>.txt)")
+            if not (POOLS_DIR / f"{pool}.txt").is_file():
                 available = sorted(p.stem for p in POOLS_DIR.glob("*.txt"))
                 raise ValueError(f"slot {slot}: pool '{pool}' does not exist; use one of {available} or add params/pools/{pool}.txt")
         return v
@@ -111,8 +134,15 @@ class TaskParams(BaseModel):
     def _consistent(self) -> "TaskParams":
         if (self.corrupted_template is None) == (self.corruption is None):
             raise ValueError("give exactly one of corrupted_template or corruption")
-        if self.corruption is not None and not CORRUPTION_RE.match(self.corruption):
-            raise ValueError(f"corruption {self.corruption!r}: the only named corruption is 'resample:SLOT' or 'resample:SLOT#k'")
+        if self.corruption is not None:
+            m = CORRUPTION_RE.match(self.corruption)
+            if not m:
+                raise ValueError(f"corruption {self.corruption!r}: the only named corruption is 'resample:SLOT' or 'resample:SLOT#k'")
+            count = SLOT_RE.findall(self.template).count(m["slot"])
+            if count < int(m["occ"] or 1) or m["slot"] not in self.slots:
+                raise ValueError(f"corruption {self.corruption!r}: the template has {count} occurrence(s) of [{m['slot']}]"
+                                 f"{'' if m['slot'] in self.slots else ' and slots has no pool for it'}; name a slot of the "
+                                 f"template (slots: {sorted(self.slots)})")
         for field in ("template", "corrupted", "correct", "incorrect"):
             text = self.corrupted if field == "corrupted" else getattr(self, field)
             for slot in SLOT_RE.findall(text):
@@ -136,6 +166,28 @@ class TaskParams(BaseModel):
                 if unknown:
                     raise ValueError(f"circuit.positions.{head}: {unknown} are not named under positions (named: {sorted(self.positions)})")
         return self
+
+    def check_model(self, n_layers: int, n_heads: int, model: str) -> None:
+        """Check what refers to the model's shape (circuit heads, layer groups, top_k) against it, before any
+        notebook runs; a ParamsError names the file, the field and the valid range."""
+        where = f"{self.source}"
+        problems = []
+        if self.circuit:
+            for role, hs in self.circuit.groups.items():
+                for h in hs:
+                    layer, head = map(int, re.fullmatch(r"L(\d+)H(\d+)", h).groups())
+                    if layer >= n_layers or head >= n_heads:
+                        problems.append(f"circuit.groups.{role}: head {h} is outside {model} ({n_layers} layers L0-L{n_layers - 1}, "
+                                        f"{n_heads} heads H0-H{n_heads - 1} per layer)")
+        for name, layers in (self.analysis.layer_groups or {}).items():
+            bad = [lay for lay in layers if not 0 <= lay < n_layers]
+            if bad:
+                problems.append(f"analysis.layer_groups.{name}: layers {bad} do not exist in {model} (layers 0-{n_layers - 1})")
+        if self.analysis.top_k > n_layers * n_heads:
+            problems.append(f"analysis.top_k: {self.analysis.top_k} is more than the {n_layers * n_heads} heads of {model}; "
+                            f"use at most {n_layers * n_heads}")
+        if problems:
+            raise ParamsError("\n".join(f"{where}: {p}" for p in problems))
 
     @property
     def corrupted(self) -> str:
@@ -164,7 +216,71 @@ def params_path(task_or_path: str | Path) -> Path:
     p = Path(task_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
+    if not NAME_RE.fullmatch(str(task_or_path)):
+        raise ParamsError(f"{task_or_path!r}: not a task name (letters, digits, '_' or '-': params/<task>.yaml) "
+                          "nor an existing params file")
     return PARAMS_DIR / f"{task_or_path}.yaml"
+
+
+def read_text_file(path: Path, what: str, max_bytes: int) -> str:
+    """The UTF-8 text of ``path``; a ParamsError naming the file and the fix when it is missing, too large,
+    binary or not UTF-8 (checked before reading it whole)."""
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such {what} (or it is not a file)")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ParamsError(f"{path}: {size:,} bytes is too large for a {what} (limit {max_bytes:,}); is it the right file?")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ParamsError(f"{path}: is a binary file, not a {what}; save it as UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: line {line}: not valid UTF-8 (byte {data[err.start]:#04x}); save the {what} as UTF-8") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing duplicate keys and anchors/aliases (a task file never needs them, and
+    aliases allow 'billion laughs' expansions)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(None, None, "anchors and aliases (&name / *name) are not allowed in "
+                                                    "params files; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:map", _StrictLoader.construct_yaml_map)
+
+
+def parse_yaml(path: Path, text: str) -> dict:
+    """The top-level mapping of a params file (strict YAML: no duplicate keys, aliases or python tags)."""
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to be a params file") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of fields at the top level (task: ..., template: ...), "
+                          f"not {type(raw).__name__}")
+    bad = [k for k in raw if not isinstance(k, str)]
+    if bad:
+        raise ParamsError(f"{path}: field names must be text, not {bad}")
+    return raw
 
 
 def load_params(task_or_path: str | Path, **overrides) -> TaskParams:
@@ -176,12 +292,7 @@ def load_params(task_or_path: str | Path, **overrides) -> TaskParams:
     if not path.exists():
         known = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
         raise ParamsError(f"{path}: no such params file; known tasks: {known}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of fields at the top level")
+    raw = parse_yaml(path, read_text_file(path, "params file", MAX_PARAMS_BYTES))
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         params = TaskParams.model_validate(raw)
@@ -206,31 +317,29 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Validate params files; prints a summary or the errors, exit 1 on any error.
+    """Check params files with every check a run makes before its first cell; exit 1 on any error.
 
-    ``--model NAME`` also builds every file's prompts with that model's tokenizer (single-token answers, equal
-    lengths, pool words kept), as a run does before its first cell; GPT-2 hub names use the shipped tokenizer,
-    so ``python -m helpers.params params/*.yaml --model gpt2-small`` works offline.
+    For each file: the schema and pools, the model (the file's own, or ``--model``) available here and complete,
+    circuit heads / layer groups / top_k against the model's shape, and the prompts built with its tokenizer
+    (single-token answers, equal lengths, pool words kept). GPT-2 hub names use the shipped tokenizer, so
+    ``python -m helpers.params params/*.yaml --model gpt2-small`` works offline. ``--schema-only`` skips the model.
     """
     import argparse
 
-    parser = argparse.ArgumentParser(description="Validate params files (schema; with --model, prompts too).")
+    parser = argparse.ArgumentParser(description="Check params files as a run would, before its first cell.")
     parser.add_argument("files", nargs="*")
-    parser.add_argument("--model", default=None, help="check prompts with this model's tokenizer (default: schema only)")
+    parser.add_argument("--model", default=None, help="check against this model instead of each file's own")
+    parser.add_argument("--schema-only", action="store_true", help="only the schema and pools (no model, no tokenizer)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from .run import BAD_INPUT, check_inputs
+
     status = 0
     for f in args.files or sorted(str(p) for p in PARAMS_DIR.glob("*.yaml")):
         try:
-            p = load_params(f, model=args.model)
-            note = ""
-            if args.model:
-                from .models import load_tokenizer
-                from .prompts import make_prompts
-
-                ps = make_prompts(p, load_tokenizer(args.model), verbose=False)
-                note = f", prompts of {ps.n_pos} tokens with {args.model}'s tokenizer"
-            print(f"{f}: ok (task {p.task}, model {p.model}, {p.n_prompts} prompts{note})")
-        except ParamsError as err:
+            p = load_params(f, model=args.model) if args.schema_only else check_inputs(f, args.model, need_weights=False)
+            how = "schema" if args.schema_only else f"prompts built with {p.model}'s tokenizer"
+            print(f"{f}: ok (task {p.task}, model {p.model}, {p.n_prompts} prompts; {how})")
+        except BAD_INPUT as err:
             print(err, file=sys.stderr)
             status = 1
     return status

@@ -16,13 +16,14 @@ Results equal ``transformer_lens.patching`` (tested to 1e-4) in the same layouts
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # noqa: I001 - text bars: tqdm.auto warns (TqdmWarning) in kernels without ipywidgets
 from transformer_lens.ActivationCache import ActivationCache
 
 from .hooks import resolve_hook_names
@@ -251,7 +252,8 @@ def sweep(
     batch, n_pos = ctx.corrupted_tokens.shape
     chunk = variants_per_chunk(model, batch, n_pos, memory_mb, max_variants)
     rows = []
-    for layer in tqdm(range(model.cfg.n_layers), desc=f"patch {name}", disable=not progress, leave=False):
+    show = progress and os.environ.get("CIRCUIT_LAB_PROGRESS", "1") != "0"  # the batch runner sets 0 (quiet saved notebooks)
+    for layer in tqdm(range(model.cfg.n_layers), desc=f"patch {name}", disable=not show, leave=False):
         hook_name = resolve_hook_names(model, spec.hook_name(layer))[0]
         clean, corrupted = ctx.clean_cache[hook_name], ctx.corrupted_cache[hook_name]
         shape = variant_shape(spec, clean.shape)

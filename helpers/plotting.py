@@ -35,22 +35,34 @@ class Figures:
         self.saved: list[str] = []
         self.key: list[str] = []  # the saved images the batch report shows as thumbnails
         self.skipped_reason: str | None = None
+        self.note: str | None = None  # a warning printed under every figure's title (e.g. the task check failed)
 
-    def show(self, fig: go.Figure, name: str, formats: tuple[str, ...] = ("png",), key: bool = False) -> go.Figure:
-        """Display ``fig`` and write it as PNG (and any other ``formats``, e.g. svg); once kaleido fails, later
-        figures skip export with no new error. ``key`` figures are the report's thumbnails (``key_figures``)."""
+    def show(self, fig: go.Figure, name: str, formats: tuple[str, ...] = ("png",), key: bool = False) -> None:
+        """Display ``fig`` (once: returns nothing, so a cell ending in ``figs.show(...)`` does not display it again)
+        and write it as PNG (and any other ``formats``, e.g. svg). A failed export is retried once (kaleido's
+        browser sometimes drops a message); a second failure skips static export for the rest of the notebook
+        with one warning. ``key`` figures are the report's thumbnails (``key_figures``)."""
+        if self.note:
+            fig.update_layout(title_text=f"{fig.layout.title.text or ''}<br><sup><span style='color:#c62828'>&#9888; {self.note}</span></sup>",
+                              margin_t=max(fig.layout.margin.t or 0, 110))
         fig.show()
-        if self.static and self.skipped_reason is None:
-            try:
-                for fmt in formats:
+        if not self.static or self.skipped_reason is not None:
+            return
+        for fmt in formats:
+            for attempt in (1, 2):
+                try:
                     fig.write_image(self.dir / f"{name}.{fmt}", scale=1.5)
-                    self.saved.append(f"{self.folder}/{name}.{fmt}")
-                    if key and fmt == "png":
-                        self.key.append(self.saved[-1])
-            except Exception as err:  # kaleido without Chromium, or no kaleido
-                self.skipped_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-                warnings.warn(f"static images are skipped (figures still show inline): {self.skipped_reason}. Install Chromium (apt-get install chromium) or run plotly_get_chrome.", stacklevel=2)
-        return fig
+                    break
+                except Exception as err:  # kaleido without Chromium, no kaleido, or a transient browser error
+                    if attempt == 2:
+                        self.skipped_reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                        warnings.warn(f"static images are skipped from {name} on (figures still show inline): "
+                                      f"{self.skipped_reason}. Install Chromium (apt-get install chromium) or run "
+                                      "plotly_get_chrome.", stacklevel=2)
+                        return
+            self.saved.append(f"{self.folder}/{name}.{fmt}")
+            if key and fmt == "png":
+                self.key.append(self.saved[-1])
 
 
 def _np(x) -> np.ndarray:
@@ -75,6 +87,17 @@ def lines(values, x, title: str, x_label: str, y_label: str, names: list[str] | 
     for i, row in enumerate(arr):
         fig.add_trace(go.Scatter(x=list(x), y=row, mode="lines+markers", name=(names or [y_label])[i]))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label)
+    return fig
+
+
+def distribution(values, marker: float, title: str, x_label: str, marker_label: str) -> go.Figure:
+    """The spread of ``values`` (a box with every point shown) and one ``marker`` value as a labelled line,
+    e.g. random control circuits' faithfulness against the circuit's own."""
+    fig = go.Figure(go.Box(x=_np(values), boxpoints="all", jitter=0.4, pointpos=0, name="random", orientation="h",
+                           marker_color="#90a4ae", line_color="#607d8b"))
+    fig.add_vline(x=float(marker), line_color="#c62828", line_width=3,
+                  annotation_text=f"{marker_label} {float(marker):.3f}", annotation_position="top")
+    fig.update_layout(title=title, xaxis_title=x_label, showlegend=False, height=320)
     return fig
 
 

@@ -86,10 +86,19 @@ def usable_words(params: TaskParams, tokenizer) -> tuple[dict[str, list[str]], d
         needed.setdefault(params.slot_pools[slot], set()).update(forms)
     kept, dropped = {}, {}
     for pool, forms in needed.items():
-        words = read_pool(pool)
+        try:
+            words = read_pool(pool)
+        except ParamsError as err:
+            slots = sorted(s for s, p in params.slot_pools.items() if p == pool)
+            raise ParamsError(f"{params.source}: slots ({', '.join(slots)}): {err}") from None
         ok = [w for w in words if all(_single_known(tokenizer, f.format(w), unk) for f in forms)]
         kept[pool] = ok
         dropped[pool] = [w for w in words if w not in ok]
+        if not ok:
+            slots = sorted(s for s, p in params.slot_pools.items() if p == pool)
+            raise ParamsError(f"{params.source}: slots ({', '.join(slots)}): none of the {len(words)} words of pool '{pool}' is one "
+                              f"known token for this tokenizer in the form the template needs ({' and '.join(repr(f.format('w')) for f in sorted(forms))}), "
+                              f"e.g. {words[:3]}; use a pool of single-token words")
     return kept, dropped
 
 

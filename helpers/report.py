@@ -93,11 +93,22 @@ class CrossTask:
     top: dict[str, list[str]]
 
 
+def task_check(folder: ResultFolder) -> dict | None:
+    """The task check recorded by any template of the folder (``task_performed``, reasons), or None."""
+    for template in ("circuit_expms", *sorted(folder.results)):
+        check = folder.get(template, "task_check")
+        if check:
+            return check
+    return None
+
+
 def cross_task(folders: list[ResultFolder], k: int = TOP_K) -> list[CrossTask]:
-    """Per model with ≥1 task that ran circuit_expms; heads listed when in some task's top k, strongest first."""
+    """Per model with ≥1 task that ran circuit_expms; heads listed when in some task's top k, strongest first.
+    Tasks the model does not do (task check failed) are left out: their head importances are noise."""
     views = []
     for model in sorted({f.model for f in folders}):
-        per_task = {f.task: head_importance(f) for f in folders if f.model == model}
+        per_task = {f.task: head_importance(f) for f in folders
+                    if f.model == model and (task_check(f) or {}).get("task_performed", True)}
         per_task = {t: values for t, values in per_task.items() if values}
         if not per_task:
             continue
@@ -197,6 +208,17 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
     description = folder.get("circuit_expms", "params", "description") or folder.get("head_functions", "params", "description")
     if description:
         parts.append(f'<p class="muted">{html.escape(description)}</p>')
+    check = task_check(folder)
+    if check and not check.get("task_performed", True):
+        parts.append('<p class="failed"><b>&#9888; The model does not do this task</b>: '
+                     f'{html.escape("; ".join(check.get("reasons", [])))}. Normalised numbers below (patching, faithfulness, '
+                     'head importance) are not meaningful.</p>')
+    versus = folder.get("minimal_circuit", "versus_random")
+    if versus and not versus.get("beats_random", True):
+        parts.append(f'<p class="failed"><b>&#9888; Circuit no better than chance</b>: {html.escape(versus["message"])}</p>')
+    no_roles = folder.get("head_functions", "roles", "summary")
+    if no_roles and no_roles.startswith("No head met"):
+        parts.append(f'<p class="muted"><b>No head roles</b>: {html.escape(no_roles)}</p>')
     numbers = key_numbers(folder)
     if numbers:
         parts.append(table(["quantity", "value"], numbers, cls="numbers"))
@@ -237,7 +259,7 @@ def runs_section(runs: list[dict]) -> str:
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{margin-bottom:4px} .muted{color:#666;font-size:13px}
+h1{margin-bottom:4px} .muted{color:#666;font-size:13px} .failed{border:2px solid #c62828;background:#ffebee;color:#b71c1c;padding:8px}
 .card{background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px 18px;margin:16px 0}
 table{border-collapse:collapse;margin:8px 16px 8px 0;font-size:13px} th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}
 th{background:#f0f0f0} table.matrix td{text-align:right;min-width:56px} .row{display:flex;flex-wrap:wrap;align-items:flex-start}

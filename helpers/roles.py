@@ -110,3 +110,17 @@ def add_attention_shift(evidence: pd.DataFrame, shift, candidates: list[dict], r
         out.loc[head_label(c), ["attention_shift", "shifted_reader", "shifted_word"]] = [float(shift[i, j, w]), head_label(readers[j]), words[w]]
     out["attention_shift"] = out["attention_shift"].astype(float)
     return out
+
+
+def roles_summary(role_table: pd.DataFrame, thresholds: RoleThresholds | None = None) -> str:
+    """One honest paragraph: how many heads got each role, and when none did, why (the thresholds)."""
+    t = thresholds or RoleThresholds()
+    counts = role_table["role"].value_counts()
+    classified = {r: int(n) for r, n in counts.items() if r != "unclassified"}
+    if classified:
+        return (f"Roles proposed: {', '.join(f'{n} {r}' for r, n in classified.items())}; "
+                f"{int(counts.get('unclassified', 0))} of {len(role_table)} heads unclassified.")
+    return (f"No head met any role rule: all {len(role_table)} heads are 'unclassified' (thresholds: "
+            f"{', '.join(f'{k} {v}' for k, v in t.model_dump().items())}). The evidence column shows each head's nearest "
+            "miss. A circuit built from these heads is a list of heads that DLA or patching ranked highly, not a "
+            "mechanism; check the plots above, or adjust role_thresholds if the rules do not fit this task.")

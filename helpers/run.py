@@ -3,29 +3,34 @@
 that are up to date are skipped (see ``helpers.batch``), a summary table lists every run, and
 ``<outputs>/index.html`` is rewritten (``helpers.report``).
 
-Steps of one run (``run_template``): validate the params file; check the model can be loaded here (fails in seconds otherwise); check the
-prompts can be built with the model's tokenizer (local models); convert the jupytext ``.py`` template to a
-notebook; execute it with papermill into a staging folder; export a static HTML copy; and only then replace
-this template's files in ``nb_outputs/<task>/<model>/``. A failure leaves that folder untouched and keeps the
-executed notebook (with papermill's error cell) under ``nb_outputs/.failed/``. Exit code 0 when every run
-succeeded or was up to date, 1 when one failed, 2 on bad input (params, model).
+Steps of one run (``run_template``): every check that can be made before the first cell (``check_inputs``: the
+params file, the model folder or hub name, the params against the model's shape, the prompts with the model's
+tokenizer, names and writable output folders), so bad input is one line and exit 2 with nothing written; then,
+holding the lock of this task × model × template (``helpers.layout``), convert the jupytext ``.py`` template to a
+notebook, execute it with papermill into a staging folder, export a static HTML copy, and publish it into
+``nb_outputs/<task>/<model>/`` atomically (a run killed mid-publish is rolled back by the next). A failure leaves
+that folder untouched and keeps the executed notebook (with papermill's error cell) under ``nb_outputs/.failed/``.
+Exit code 0 when every run succeeded or was up to date, 1 when one failed, 2 on bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import OUTPUTS_DIR, PROJECT_ROOT, TEMPLATES_DIR
-from .models import ModelNotAvailable, resolve_model
+from . import OUTPUTS_DIR, PROJECT_ROOT, TEMPLATES_DIR, layout
+from .models import ModelNotAvailable
 from .params import ParamsError, TaskParams, load_params
+
+BAD_INPUT = (ParamsError, ModelNotAvailable, layout.OutputsError, FileNotFoundError)
 
 
 @dataclass
@@ -56,16 +61,26 @@ def available_templates() -> list[str]:
     return sorted(p.stem for p in templates_dir().glob("*.py"))
 
 
-def check_inputs(task: str, model: str | None, n_prompts: int | None = None) -> TaskParams:
-    """Validate params, model and (for local models) prompt generation; returns the validated params."""
+def check_inputs(task: str, model: str | None, n_prompts: int | None = None, need_weights: bool = True) -> TaskParams:
+    """Every check a run makes before its first cell: the params file (schema, pools), the model (available here,
+    a complete folder), the params against the model's shape (circuit heads, layer groups, top_k), the prompts
+    built with the model's tokenizer, and the output folder name. Returns the validated params; raises
+    ParamsError, ModelNotAvailable or OutputsError with a message naming the file, the field and the fix.
+    ``need_weights=False`` (the params check command) accepts GPT-2 hub names offline (shipped tokenizer)."""
+    from .models import load_tokenizer, model_shape, resolve_model
+    from .prompts import make_prompts
+
     params = load_params(task, model=model, n_prompts=n_prompts)
-    source = resolve_model(params.model)
-    if Path(source).is_dir():
-        from transformers import AutoTokenizer
-
-        from .prompts import make_prompts
-
-        make_prompts(params, AutoTokenizer.from_pretrained(source), verbose=False)
+    try:
+        layout.model_folder_name(params.model)
+        if need_weights:
+            resolve_model(params.model)
+        shape, tokenizer = model_shape(params.model), load_tokenizer(params.model)
+    except (ModelNotAvailable, layout.OutputsError) as err:
+        where = "--model" if model else "model"
+        raise type(err)(f"{params.source}: {where}: {err}") from None
+    params.check_model(*shape, params.model)
+    make_prompts(params, tokenizer, verbose=False)
     return params
 
 
@@ -82,62 +97,94 @@ def template_notebook(template: str, dest: Path) -> Path:
     return dest
 
 
+REMOTE_SCRIPT = re.compile(r"""<script\b[^>]*\bsrc=["'](?:https?:)?//[^"']*["'][^>]*>\s*</script>|<script\b[^>]*\bsrc=["']["'][^>]*>\s*</script>""")
+
+
 def export_html(notebook: Path) -> Path:
-    """Static HTML copy of an executed notebook (figures are embedded in the outputs)."""
+    """Static HTML copy of an executed notebook that works offline: figures (and plotly.js) are embedded in the
+    outputs; no script is loaded from a CDN (nbconvert's require.js/MathJax/mermaid, plotly's per-figure MathJax)."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(notebook, as_version=4))
+    exporter = HTMLExporter(template_name="lab", require_js_url="", mathjax_url="", mermaid_js_url="",
+                            mermaid_layout_elk_js_url="")
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    body = REMOTE_SCRIPT.sub("", body)
     html = notebook.with_suffix(".html")
     html.write_text(body)
     return html
 
 
-def publish(staging: Path, final: Path) -> None:
-    """Move each file/folder of ``staging`` into ``final``, replacing only the items with the same names."""
-    final.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        target = final / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        shutil.move(str(item), str(target))
+def in_own_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, off the main thread in a new, uniquely named thread. jupyter_core keeps one event loop per thread *name*;
+    runs on threads that share a name (Dask workers in one process) would otherwise share a loop and fail with
+    "This event loop is already running"."""
+    import threading
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threading.current_thread() is threading.main_thread():  # the usual case: Ctrl-C reaches papermill directly
+        return fn(*args, **kwargs)
+    with ThreadPoolExecutor(1, thread_name_prefix=f"papermill-{uuid.uuid4().hex}") as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def run_template(task: str, template: str = "circuit_expms", model: str | None = None, n_prompts: int | None = None,
                  threads: int | None = None, cell_timeout: int | None = None, progress: bool = True,
                  extra_parameters: dict | None = None, log_output: bool = False) -> RunResult:
-    """Execute one template for one task and model (see module docstring); never raises for bad input."""
-    from .experiments import model_folder_name
+    """Execute one template for one task and model (see module docstring); never raises for bad input.
 
+    Bad input (params, model, template, an output folder that cannot be written, another run of the same
+    task × model × template in progress) returns a ``bad-input`` result before anything is written."""
     t0 = time.time()
     try:
         params = check_inputs(task, model, n_prompts)
-    except (ParamsError, ModelNotAvailable, FileNotFoundError) as err:
+        root = outputs_dir()
+        final = layout.run_folder(root, params.task, params.model)
+        if not (templates_dir() / f"{template}.py").is_file():
+            raise FileNotFoundError(f"template {template!r} not found; available: {available_templates()}")
+        layout.check_writable(root, final)
+    except BAD_INPUT as err:
         return RunResult(task, model or "?", template, "bad-input", time.time() - t0, None, str(err))
+    except Exception as err:  # a check that failed in a way we did not foresee: still one line, still bad input
+        return RunResult(task, model or "?", template, "bad-input", time.time() - t0, None,
+                         f"{task}: could not check the inputs ({type(err).__name__}: {err}); please report this")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with layout.run_lock(root, params.task, params.model, template):
+            layout.recover(final, template)  # a run of this template killed mid-publish: put the old result back
+            layout.remove_stale_staging(root, params.task, params.model, template)
+            return _execute(params, template, root, final, n_prompts, threads, cell_timeout, progress,
+                            extra_parameters, log_output, t0)
+    except layout.OutputsError as err:
+        return RunResult(params.task, params.model, template, "bad-input", time.time() - t0, None, str(err))
+
+
+def _execute(params: TaskParams, template: str, root: Path, final: Path, n_prompts, threads, cell_timeout, progress,
+             extra_parameters, log_output, t0: float) -> RunResult:
+    """Execute into a staging folder, export HTML and publish (the caller holds the run lock)."""
     import papermill as pm
 
     task_name, model_name, params_file = params.task, params.model, str(params.source)
-    root = outputs_dir()
-    final = root / task_name / model_folder_name(model_name)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{task_name}-{template}-", dir=root))
-    try:
-        source_nb = template_notebook(template, staging / f".{template}.src.ipynb")
-    except FileNotFoundError as err:
-        shutil.rmtree(staging)
-        return RunResult(task_name, model_name, template, "bad-input", time.time() - t0, None, str(err))
+    staging = layout.new_staging(root, task_name, model_name, template)
+    source_nb = template_notebook(template, staging / f".{template}.src.ipynb")
     out_nb = staging / f"{template}.ipynb"
     parameters = {"task": task_name, "params_file": params_file, "model_name": model_name, "output_dir": str(staging),
                   "input_dir": str(final), "n_prompts": n_prompts, "threads": threads, **(extra_parameters or {})}
     declared = pm.inspect_notebook(str(source_nb))  # pass only what the template declares (input_dir: where earlier JSON is)
     parameters = {k: v for k, v in parameters.items() if k in declared}
+    # Kernel quiet: no per-layer progress bars in the saved notebook unless streamed (--log-output); no ipykernel
+    # warning about its local TCP transport on every run (kernel errors are still shown).
+    os.environ["CIRCUIT_LAB_PROGRESS"] = "1" if log_output else "0"
+    # tqdm.auto (imported by transformer_lens before helpers) warns in kernels without ipywidgets; its bars work as text.
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found"]))
+    os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys(os.environ["PYTHONWARNINGS"].split(",")))
     try:
-        pm.execute_notebook(str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3", cwd=str(PROJECT_ROOT),
-                            progress_bar=progress, execution_timeout=cell_timeout, log_output=log_output)
+        in_own_thread(pm.execute_notebook, str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3",
+                      cwd=str(PROJECT_ROOT), progress_bar=progress, execution_timeout=cell_timeout, log_output=log_output,
+                      extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except Exception as err:  # PapermillExecutionError or a kernel failure: keep the executed notebook
-        failed_dir = root / ".failed" / task_name / model_folder_name(model_name)
+        failed_dir = root / ".failed" / task_name / layout.model_folder_name(model_name)
         failed_dir.mkdir(parents=True, exist_ok=True)
         if out_nb.exists():
             shutil.copy(out_nb, failed_dir / f"{template}.ipynb")
@@ -146,10 +193,29 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
         return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir,
                          f"{getattr(err, 'ename', type(err).__name__)}: {summary} (executed notebook: {failed_dir / (template + '.ipynb')})")
     source_nb.unlink()
+    # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
+    out_nb.write_text(out_nb.read_text().replace(str(staging), str(final)))
     export_html(out_nb)
-    publish(staging, final)
+    try:
+        layout.publish(staging, final, template)
+    except OSError as err:
+        layout.recover(final, template)
+        shutil.rmtree(staging, ignore_errors=True)
+        return RunResult(task_name, model_name, template, "failed", time.time() - t0, None,
+                         f"could not publish into {final} ({err}); the previous result is unchanged")
     staging.rmdir()
-    return RunResult(task_name, model_name, template, "ok", time.time() - t0, final)
+    return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, task_note(final / f"{template}.json"))
+
+
+def task_note(results_json: Path) -> str:
+    """'task NOT performed: …' when the template's JSON records a failed task check, else ''."""
+    try:
+        check = json.loads(results_json.read_text()).get("task_check") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if check.get("task_performed", True):
+        return ""
+    return "task NOT performed: " + "; ".join(check.get("reasons", [])) + " (normalised numbers are not meaningful)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(batch.table())
-    if not args.no_report and (batch.executed or not (outputs_dir() / "index.html").exists()):
+    if not args.no_report and batch.ran:  # a batch that executed nothing writes nothing
         print("report:", write_report(outputs_dir(), batch))
     return batch.exit_code
 

@@ -18,14 +18,27 @@ UNK_TOKEN = "<unk>"
 PUNCTUATION = [",", ".", "!", "?", ":", ";", "'s", "-"]
 
 
+MAX_POOL_BYTES = 5_000_000
+
+
 def read_pool(name: str) -> list[str]:
-    """The words of pool ``name`` (``params/pools/<name>.txt``), one per line, blanks and ``#`` lines skipped."""
+    """The words of pool ``name`` (``params/pools/<name>.txt``), one per line, blanks and ``#`` lines skipped.
+
+    Raises ParamsError (naming the file and the fix) for a name that is not a pool name, a missing, binary,
+    non-UTF-8 or oversized file, and a pool with no words."""
+    from .params import NAME_RE, ParamsError, read_text_file
+
+    if not NAME_RE.fullmatch(name):
+        raise ParamsError(f"pool {name!r}: not a pool name (letters, digits, '_' or '-'; the file is params/pools/<name>.txt)")
     path = POOLS_DIR / f"{name}.txt"
-    if not path.exists():
+    if not path.is_file():
         available = sorted(p.stem for p in POOLS_DIR.glob("*.txt"))
-        raise FileNotFoundError(f"word pool '{name}' not found at {path}; available pools: {available}")
-    lines = (line.strip() for line in path.read_text().splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+        raise ParamsError(f"{path}: word pool '{name}' not found; available pools: {available}")
+    lines = (line.strip() for line in read_text_file(path, "word pool", MAX_POOL_BYTES).splitlines())
+    words = [line for line in lines if line and not line.startswith("#")]
+    if not words:
+        raise ParamsError(f"{path}: word pool '{name}' has no words; add one word per line")
+    return words
 
 
 def words_of(text: str) -> list[str]:

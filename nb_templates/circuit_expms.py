@@ -59,7 +59,7 @@ import pandas as pd
 from IPython.display import display
 from transformer_lens import utilities
 
-from helpers import artifacts, attribution_patching, experiments, heads, patching, path_patching, plotting
+from helpers import attribution_patching, experiments, heads, patching, path_patching, plotting
 
 s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
@@ -308,4 +308,4 @@ results = {
     "figures": figs.saved,
     "key_figures": figs.key,
 }
-print("wrote", artifacts.write_json(s.out_dir / "circuit_expms.json", results))
+print("wrote", s.write_results("circuit_expms", results))

@@ -63,7 +63,7 @@ import pandas as pd
 from IPython.display import display
 from scipy.stats import pearsonr
 
-from helpers import artifacts, experiments, head_functions, plotting, roles
+from helpers import experiments, head_functions, plotting, roles
 from helpers.heads import head_label
 
 s = experiments.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
@@ -164,6 +164,7 @@ if movers:
     evidence = roles.add_attention_shift(evidence, shift, chosen, movers, list(positions))
 role_table = roles.assign_roles(evidence, circuit["logit_diff"]["clean"], thresholds)
 print("movers:", [head_label(h) for h in movers] or "none")
+print(roles.roles_summary(role_table, thresholds))
 display(role_table)
 
 # %% [markdown]
@@ -182,8 +183,9 @@ results = {
                     "table": copy_table.reset_index(names="head").to_dict("records")},
     "attention_vs_contribution": {"pearson_all_heads": corr, "table": corr_rows},
     "attention_between": {"from": list(from_positions), "to": list(positions), "values": between},
-    "roles": {"thresholds": thresholds.model_dump(), "table": role_table.reset_index().to_dict("records")},
+    "roles": {"thresholds": thresholds.model_dump(), "table": role_table.reset_index().to_dict("records"),
+              "summary": roles.roles_summary(role_table, thresholds)},
     "figures": figs.saved,
     "key_figures": figs.key,
 }
-print("wrote", artifacts.write_json(s.out_dir / "head_functions.json", results))
+print("wrote", s.write_results("head_functions", results))

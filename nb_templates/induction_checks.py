@@ -60,7 +60,7 @@ sentence = None  # the natural sentence shown repeated; default: the task's firs
 # %%
 from IPython.display import display
 
-from helpers import artifacts, experiments, head_functions, heads, plotting
+from helpers import experiments, head_functions, heads, plotting
 
 s = experiments.start_session("induction_checks", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, figs = s.model, s.figures
@@ -168,4 +168,4 @@ results = {
     "figures": figs.saved,
     "key_figures": figs.key,
 }
-print("wrote", artifacts.write_json(s.out_dir / "induction_checks.json", results))
+print("wrote", s.write_results("induction_checks", results))

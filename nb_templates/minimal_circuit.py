@@ -108,8 +108,10 @@ faithfulness[f"random circuits (mean of {n_random})"] = float(controls.mean())
 faithfulness[f"random circuits (max of {n_random})"] = float(controls.max())
 table = pd.DataFrame({"faithfulness": faithfulness, "logit diff": {k: v * ev.full_logit_diff for k, v in faithfulness.items()}})
 display(table.round(3))
-figs.show(plotting.lines(controls, list(range(n_random)), "Faithfulness of random control circuits",
-                         "control", "faithfulness"), "random_controls", key=True)
+versus_random = circuits.compare_with_controls(faithfulness["circuit"], controls)
+print(versus_random.message())
+figs.show(plotting.distribution(controls, faithfulness["circuit"], f"Faithfulness: the circuit against {n_random} random circuits "
+                                "of its shape", "faithfulness", "circuit"), "random_controls", key=True)
 
 # %% [markdown]
 # ## 2. Minimality
@@ -216,6 +218,7 @@ results = {
     "full_logit_diff": ev.full_logit_diff,
     "faithfulness": faithfulness,
     "random_controls": controls,
+    "versus_random": versus_random.to_json(),
     "minimality": minimal,
     "completeness": complete,
     "path_patching": {"to_logits": to_logits, "top_senders": top_senders, "direct_path_comparison": direct, "direct_path_note": direct_note, "edges": edges},
@@ -223,4 +226,4 @@ results = {
     "figures": figs.saved,
     "key_figures": figs.key,
 }
-print("wrote", artifacts.write_json(s.out_dir / "minimal_circuit.json", results))
+print("wrote", s.write_results("minimal_circuit", results))

@@ -109,3 +109,11 @@ def test_attention_shift_batched_equals_one_candidate_at_a_time(toy_ioi, ioi_pro
         alone = HF.attention_shift(toy_ioi, cache, ioi_prompts, [c], readers, pos)
         torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=0)
     assert together.abs().max() > 1e-4  # earlier heads do move L3H2's attention (a little: it reads S2 regardless)
+
+
+@pytest.mark.parametrize("mode", ["Q", "K", "V"])
+def test_composition_scores_equal_transformer_lens(toy_induction, mode):
+    """Chunked per earlier layer (bounded memory), the same numbers as TL's all-pairs computation."""
+    ours = HF.composition_scores(toy_induction, mode)
+    theirs = toy_induction.all_composition_scores(mode).scores.detach().cpu()
+    assert torch.allclose(ours, theirs, atol=1e-6)

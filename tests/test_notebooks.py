@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -16,6 +17,7 @@ import helpers.run as runner
 from helpers import PARAMS_DIR, batch, report
 from helpers.report import write_report
 
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # a displayed figure's div id
 OPTIONS = batch.RunOptions(n_prompts=16, threads=2, progress=False)
 
 
@@ -76,6 +78,15 @@ def test_run_succeeds_with_artifacts(ioi_run, outputs):
     nb = nbformat.read(out / "circuit_expms.ipynb", as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    stderr = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                     if o.output_type == "stream" and o.name == "stderr")
+    assert "TqdmWarning" not in stderr and "helpers/" not in stderr, f"warnings in the saved notebook:\n{stderr[:2000]}"
+    assert "patch head_out" not in stderr, "progress bars of the sweeps saved into the notebook"
+    for cell in nb.cells:  # each figure shown once (figs.show returns nothing, so a cell's last value is not a repeat)
+        figures = [UUID.sub("", o["data"]["text/html"]) for o in cell.get("outputs", []) if "Plotly.newPlot" in o.get("data", {}).get("text/html", "")]
+        assert len(figures) == len(set(figures)), f"a figure is displayed twice in cell:\n{cell.source[:300]}"
+    assert sum("Plotly.newPlot" in o.get("data", {}).get("text/html", "") for c in nb.cells for o in c.get("outputs", [])) >= 10
+    assert ".staging-" not in (out / "circuit_expms.ipynb").read_text(), "the published notebook names the staging folder"
     assert not list(outputs.glob(".staging-*")), "staging folder left behind"
 
 
