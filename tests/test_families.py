@@ -31,7 +31,7 @@ def _unsupported(family, name):
     return any(family in UNSUPPORTED.get(key, ()) for key in (name, name.split("_by_pos")[0].split("_dest_src")[0]))
 
 
-BY_POS_FAMILIES_IN_CI = {"gpt2", "llama", "gemma2", "gptj"}  # the others' by-position sweeps run with make test-all
+BY_POS_FAMILIES_IN_CI = {"gpt2", "llama"}  # the others' by-position sweeps run with make test-all
 
 
 @pytest.mark.parametrize("name", ALL_POS_SWEEPS + BY_POS_SWEEPS)
