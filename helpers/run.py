@@ -177,8 +177,8 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
     # warning about its local TCP transport on every run (kernel errors are still shown).
     os.environ["CIRCUIT_LAB_PROGRESS"] = "1" if log_output else "0"
     # tqdm.auto (imported by transformer_lens before helpers) warns in kernels without ipywidgets; its bars work as text.
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found"]))
-    os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys(os.environ["PYTHONWARNINGS"].split(",")))
+    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*filters, "ignore:IProgress not found"]))
     try:
         in_own_thread(pm.execute_notebook, str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3",
                       cwd=str(PROJECT_ROOT), progress_bar=progress, execution_timeout=cell_timeout, log_output=log_output,
