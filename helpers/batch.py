@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import PARAMS_DIR, POOLS_DIR, PROJECT_ROOT
 from . import run as runner
-from .layout import display_model, model_folder_name
+from .layout import display_model, model_folder_name, owner
 from .models import ModelNotAvailable, resolve_model
 
 OK_STATUSES = ("ok", "up-to-date")
@@ -46,13 +46,19 @@ class RunSpec:
     model: str
     template: str
     reads: tuple[str, ...] = ()  # templates of the same task and model whose JSON this one reads
+    scope: str = "task"  # "model": the template does not depend on the task and runs once per model
+
+    @property
+    def folder(self) -> str:
+        """First level of its output folder: the task, or ``_models`` for a per-model template."""
+        return owner(self.task, self.scope)
 
     @property
     def key(self) -> str:
-        return f"{self.task}/{model_folder_name(self.model)}/{self.template}"
+        return f"{self.folder}/{model_folder_name(self.model)}/{self.template}"
 
     def upstream_keys(self) -> list[str]:
-        return [replace(self, template=t, reads=()).key for t in self.reads]
+        return [replace(self, template=t, reads=(), scope=runner.template_scope(t)).key for t in self.reads]
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,8 @@ def plan_runs(tasks: list[str] | None = None, models: list[str] | None = None, t
     broken file is one red row naming the file and field, not one per template.
     """
     order = template_order(templates)
-    runs, rejected = [], []
+    scopes = {t: runner.template_scope(t) for t, _ in order}
+    runs, rejected, planned = [], [], {}
     for path in params_files(tasks, params_dir):
         for model in models or [None]:  # None: the params file's own model
             try:
@@ -135,7 +142,15 @@ def plan_runs(tasks: list[str] | None = None, models: list[str] | None = None, t
                 rejected.append(runner.RunResult(path.stem, model or "?", "(params)", "bad-input", 0.0, None,
                                                  f"{path}: could not check it ({type(err).__name__}: {err}); please report this"))
                 continue
-            runs += [RunSpec(params.task, str(path), params.model, t, tuple(reads)) for t, reads in order]
+            for t, reads in order:
+                spec = RunSpec(params.task, str(path), params.model, t, tuple(reads), scopes[t])
+                if spec.key not in planned:
+                    planned[spec.key] = len(runs)
+                    runs.append(spec)
+                elif spec.params_file < runs[planned[spec.key]].params_file:
+                    # a per-model template runs once per model, with the params file that sorts first (whatever the
+                    # order the tasks were given in, so it stays up to date)
+                    runs[planned[spec.key]] = spec
     return runs, rejected
 
 
@@ -177,7 +192,7 @@ def fingerprints(runs: list[RunSpec], options: RunOptions) -> dict[str, str]:
 
 
 def stamp_path(run: RunSpec) -> Path:
-    return runner.outputs_dir() / run.task / model_folder_name(run.model) / ".runs" / f"{run.template}.json"
+    return runner.outputs_dir() / run.folder / model_folder_name(run.model) / ".runs" / f"{run.template}.json"
 
 
 def is_up_to_date(run: RunSpec, fingerprint: str) -> bool:
@@ -201,7 +216,7 @@ def execute_run(run: RunSpec, fingerprint: str, options: RunOptions, *upstream: 
     """Run one template (after the runs it reads); skipped when one of those did not succeed."""
     failed = [u for u in upstream if u.status not in OK_STATUSES]
     if failed:
-        return runner.RunResult(run.task, run.model, run.template, "skipped", 0.0, None,
+        return runner.RunResult(run.folder, run.model, run.template, "skipped", 0.0, None,
                                 f"not run: {failed[0].template} (which it reads) {failed[0].status}")
     options = replace(options, device=worker_device(options.device))
     extra = {**options.extra_parameters, **({"device": options.device} if options.device else {})}
@@ -280,7 +295,7 @@ def run_batch(tasks: list[str] | None = None, models: list[str] | None = None, t
     options = options or RunOptions()
     runs, results = plan_runs(tasks, models, templates, params_dir, options.n_prompts)
     prints = fingerprints(runs, options)
-    fresh = {r.key: runner.RunResult(r.task, r.model, r.template, "up-to-date", 0.0, stamp_path(r).parent.parent,
+    fresh = {r.key: runner.RunResult(r.folder, r.model, r.template, "up-to-date", 0.0, stamp_path(r).parent.parent,
                                      runner.task_note(stamp_path(r).parent.parent / f"{r.template}.json"))
              for r in runs if not force and is_up_to_date(r, prints[r.key])}
     todo = [r for r in runs if r.key not in fresh]

@@ -74,6 +74,40 @@ def circuit_from_roles(role_rows: list[dict], available_positions: dict[str, int
     return Circuit(groups, positions)
 
 
+@dataclass
+class CircuitChoice:
+    """The default circuit: every head ``head_functions`` gave a role, plus the unclassified heads whose output
+    patching effect (the share of the clean−corrupted logit difference restored by patching that head's output
+    alone, from ``circuit_expms``) is at least ``min_patch_effect`` in size; if no head passes, the one with the
+    largest effect."""
+
+    circuit: Circuit
+    left_out: dict[str, float]  # unclassified heads below the threshold: label -> their patching effect
+    min_patch_effect: float
+
+    def message(self) -> str:
+        kept = f"{len(self.circuit.heads)} heads: every head with a role, and unclassified heads with |output patching| ≥ {self.min_patch_effect:g}"
+        if not self.left_out:
+            return kept
+        dropped = ", ".join(f"{h} ({v:+.2f})" for h, v in self.left_out.items())
+        return f"{kept}; left out (unclassified, patching below the threshold): {dropped}"
+
+    def to_json(self) -> dict:
+        return {"circuit": self.circuit.to_json(), "left_out": self.left_out, "min_patch_effect": self.min_patch_effect}
+
+
+def default_circuit(role_rows: list[dict], available_positions: dict[str, int], min_patch_effect: float = 0.1) -> CircuitChoice:
+    """The circuit ``minimal_circuit`` tests when none is given (see ``CircuitChoice``)."""
+    def matters(row: dict) -> bool:
+        return row["role"] != "unclassified" or abs(row["patch_head_out"]) >= min_patch_effect
+
+    kept = [row for row in role_rows if matters(row)]
+    if not kept and role_rows:  # nothing passes: the strongest head alone (an empty circuit tests nothing)
+        kept = [max(role_rows, key=lambda row: abs(row["patch_head_out"]))]
+    left_out = {row["head"]: float(row["patch_head_out"]) for row in role_rows if row not in kept}
+    return CircuitChoice(circuit_from_roles(kept, available_positions), left_out, min_patch_effect)
+
+
 def keep_mask(circuit: Circuit, n_layers: int, n_heads: int, named: dict[str, int], n_pos: int) -> Bool[Tensor, "layer pos head"]:
     """True where a head's output is kept (in the circuit, at one of its positions)."""
     mask = torch.zeros(n_layers, n_pos, n_heads, dtype=torch.bool)
@@ -115,12 +149,33 @@ def knockout_interventions(keep: Bool[Tensor, "variant layer pos head"], ablatio
 def knockout_logit_diffs(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], keep: Bool[Tensor, "variant layer pos head"],
                          replacement: Float[Tensor, "layer batch pos head d_head"], ablation: str = "mean",
                          memory_mb: float = 1024) -> Float[Tensor, "variant"]:
-    """Mean logit diff of ``tokens`` with every head output outside each keep-mask replaced; variants batched to ``memory_mb``."""
+    """Mean logit diff of ``tokens`` with every head output outside each keep-mask replaced; variants batched to ``memory_mb``.
+
+    Exact saving: the layers before the first one where the variants' masks differ are run once (their
+    knockout is the same in every variant) and the variants start from that run's residual stream.
+    """
     values = {ABLATION_SOURCES[ablation]: {f"blocks.{l}.attn.hook_z": replacement[l] for l in range(replacement.shape[0])}}
     chunk = variants_per_chunk(model, *tokens.shape, memory_mb)
-    out = [run_interventions(model, tokens, answers, knockout_interventions(part, ablation), values, part.shape[0])[0].mean(-1).cpu()
-           for part in keep.split(chunk)]
+    out = []
+    for part in keep.split(chunk):
+        first = first_differing_layer(part)
+        if first == part.shape[1]:  # every variant is the same circuit: one run
+            out.append(run_interventions(model, tokens, answers, knockout_interventions(part[:1], ablation), values, 1)[0].mean(-1).cpu()
+                       .expand(part.shape[0]))
+            continue
+        base = None
+        if first > 0:
+            resid = f"blocks.{first}.hook_resid_pre"
+            _, base = run_interventions(model, tokens, answers, knockout_interventions(part[:1, :first], ablation), values, 1, record=[resid])
+        later = knockout_interventions(part, ablation)[first:]
+        out.append(run_interventions(model, tokens, answers, later, values, part.shape[0], base_cache=base)[0].mean(-1).cpu())
     return torch.cat(out)
+
+
+def first_differing_layer(keep: Bool[Tensor, "variant layer pos head"]) -> int:
+    """The first layer at which the variants' keep-masks are not all equal (``n_layers`` if they never differ)."""
+    differs = (keep != keep[:1]).flatten(2).any(-1).any(0)  # [layer]
+    return int(differs.float().argmax()) if bool(differs.any()) else keep.shape[1]
 
 
 def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int, seed: int) -> list[Circuit]:
@@ -144,7 +199,11 @@ def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int, seed:
 
 @dataclass
 class Evaluator:
-    """Evaluates circuits on fixed prompts against a fixed reference: faithfulness of each, as one batch."""
+    """Evaluates circuits on fixed prompts against a fixed reference: faithfulness of each, as one batch.
+
+    Each distinct keep-mask is run once: values are remembered, so the overlapping circuits of a greedy search
+    (minimality) or of repeated calls cost nothing the second time.
+    """
 
     model: object
     tokens: Int[Tensor, "batch pos"]
@@ -154,15 +213,28 @@ class Evaluator:
     full_logit_diff: float
     ablation: str = "mean"
     memory_mb: float = 1024
+    _known: dict[bytes, float] = field(default_factory=dict, repr=False)
 
     def keep(self, circuits: list[Circuit]) -> Bool[Tensor, "variant layer pos head"]:
         cfg = self.model.cfg
         return torch.stack([keep_mask(c, cfg.n_layers, cfg.n_heads, self.named, self.tokens.shape[1]) for c in circuits])
 
+    def logit_diffs(self, circuits: list[Circuit]) -> Float[Tensor, "variant"]:
+        """Mean logit diff with only each circuit kept (distinct keep-masks run once, in one batch)."""
+        if not circuits:
+            return torch.zeros(0)
+        keep = self.keep(circuits)
+        keys = [k.numpy().tobytes() for k in keep]
+        new = {key: i for i, key in enumerate(keys) if key not in self._known}
+        if new:
+            fresh = knockout_logit_diffs(self.model, self.tokens, self.answers, keep[list(new.values())], self.replacement, self.ablation,
+                                         self.memory_mb)
+            self._known.update(zip(new, fresh.tolist()))
+        return torch.tensor([self._known[key] for key in keys])
+
     def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, "variant"]:
         """F(C) / F(M) for each circuit: its logit diff with everything else knocked out over the full model's."""
-        logit_diffs = knockout_logit_diffs(self.model, self.tokens, self.answers, self.keep(circuits), self.replacement, self.ablation, self.memory_mb)
-        return logit_diffs / self.full_logit_diff
+        return self.logit_diffs(circuits) / self.full_logit_diff
 
     def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, "variant"]:
         """F(M \\ K) / F(M) for each set K: only the heads of K are knocked out (at every position)."""
@@ -182,25 +254,31 @@ def minimality(ev: Evaluator, circuit: Circuit, max_k: int = 3) -> dict[str, dic
     """Per head v: max over a greedy K ⊆ (v's group \\ {v}) of |F(C \\ (K ∪ {v})) - F(C \\ K)| (IOI paper §4.2).
 
     K grows greedily (up to ``max_k`` heads), each step adding the head that makes v's removal matter most.
+    Each step is one batch for every v at once; circuits met before (e.g. C \\ {a, b} from v = a and v = b) are
+    not run again.
     """
     full = float(ev.faithfulness([circuit])[0])
     alone = dict(zip(circuit.heads, ev.faithfulness([circuit.without([v]) for v in circuit.heads]).tolist()))
-    out = {}
-    for group, members in circuit.groups.items():
-        for v in members:
-            k: list[str] = []
-            best = {"score": abs(alone[v] - full), "K": []}
-            pool = [h for h in members if h != v]
-            for _ in range(min(max_k, len(pool))):
-                options = [h for h in pool if h not in k]
-                both = ev.faithfulness([circuit.without(k + [h, v]) for h in options] + [circuit.without(k + [h]) for h in options])
-                scores = (both[: len(options)] - both[len(options):]).abs()
-                i = int(scores.argmax())
-                k = k + [options[i]]
-                if float(scores[i]) > best["score"]:
-                    best = {"score": float(scores[i]), "K": list(k)}
-            out[v] = {"group": group, **best}
-    return out
+    group_of = {v: g for g, members in circuit.groups.items() for v in members}
+    best = {v: {"score": abs(alone[v] - full), "K": []} for v in group_of}
+    k: dict[str, list[str]] = {v: [] for v in group_of}
+    for _ in range(max_k):
+        options = {v: [h for h in circuit.groups[group_of[v]] if h != v and h not in k[v]] for v in group_of}
+        options = {v: hs for v, hs in options.items() if hs}
+        if not options:
+            break
+        asked = [(v, h) for v, hs in options.items() for h in hs]
+        with_v = ev.faithfulness([circuit.without(k[v] + [h, v]) for v, h in asked])
+        without_v = ev.faithfulness([circuit.without(k[v] + [h]) for v, h in asked])
+        scores = (with_v - without_v).abs()
+        start = 0
+        for v, hs in options.items():
+            i = int(scores[start:start + len(hs)].argmax())
+            k[v] = k[v] + [hs[i]]
+            if float(scores[start + i]) > best[v]["score"]:
+                best[v] = {"score": float(scores[start + i]), "K": list(k[v])}
+            start += len(hs)
+    return {v: {"group": group_of[v], **best[v]} for g, members in circuit.groups.items() for v in members}
 
 
 def completeness(ev: Evaluator, circuit: Circuit, n_subsets: int, seed: int) -> list[dict]:

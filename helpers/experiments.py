@@ -31,12 +31,13 @@ from .attribution import (
 from .heads import all_head_labels, parse_head_label, top_heads
 from .hooks import run_with_checked_cache
 from .interventions import Intervention, hooks_for
-from .layout import model_folder_name
+from .layout import model_folder_name, owner
 from .metrics import TaskCheck, check_task, logit_diff
 from .models import load_model, set_threads
 from .params import TaskParams, load_params
 from .plotting import Figures, use_offline_renderer
 from .prompts import PromptSet, make_prompts
+from .run import template_scope
 
 
 @dataclass
@@ -58,8 +59,10 @@ class Session:
         return all_head_labels(self.model.cfg.n_layers, self.model.cfg.n_heads)
 
     def write_results(self, template: str, results: dict) -> Path:
-        """Write ``<output folder>/<template>.json`` with the task check added (``task_check.task_performed``)."""
-        return write_json(self.out_dir / f"{template}.json", {**results, "task_check": self.task_check.to_json()})
+        """Write ``<output folder>/<template>.json`` with the task check added (``task_check.task_performed``; none
+        for a per-model template, whose results do not depend on the task)."""
+        check = {"task_check": self.task_check.to_json()} if self.task_check else {}
+        return write_json(self.out_dir / f"{template}.json", {**results, **check})
 
 
 def start_session(template: str, task: str, params_file: str | None = None, model_name: str | None = None, n_prompts: int | None = None,
@@ -76,11 +79,14 @@ def start_session(template: str, task: str, params_file: str | None = None, mode
     params = load_params(params_file or task, model=model_name, n_prompts=n_prompts)
     model = load_model(params.model, device=device, dtype=dtype)
     prompts = make_prompts(params, model.tokenizer, prepend_bos=model.cfg.default_prepend_bos).to(model.cfg.device)
-    out = Path(output_dir) if output_dir else OUTPUTS_DIR / params.task / model_folder_name(params.model)
+    per_model = template_scope(template) == "model"  # runs once per model: no task check, results in _models/<model>/
+    out = Path(output_dir) if output_dir else OUTPUTS_DIR / owner(params.task, "model" if per_model else "task") / model_folder_name(params.model)
     out.mkdir(parents=True, exist_ok=True)
     use_offline_renderer()
     s = Session(params, model, prompts, out, Figures(out, folder=f"{template}_figures", static=static_images), params.model,
                 Path(input_dir) if input_dir else out)
+    if per_model:
+        return s
     ld = logit_diffs(s)
     s.task_check = check_task(ld.clean, ld.corrupted, ld.clean_accuracy, params.analysis.min_accuracy, params.analysis.min_gap)
     if not s.task_check.performed:

@@ -135,6 +135,14 @@ def head_detector_agreement(model, seq_len: int = 12, n_texts: int = 3, seed: in
     return out
 
 
+def repeated_tokens(model, text: str) -> Int[Tensor, "1 pos"]:
+    """``[BOS,] t, t``: the tokens of ``text`` written twice, tokenized once (concatenating the strings could fuse
+    tokens at the seam, so the second half would not repeat the first)."""
+    once = model.to_tokens(text, prepend_bos=False)
+    with_bos = model.to_tokens(text)
+    return torch.cat([with_bos[:, : with_bos.shape[1] - once.shape[1]], once, once], dim=1)
+
+
 def uniform_loss(model) -> float:
     """Loss of a uniform guess over the random words that ``repeated_random_tokens`` draws from."""
     return math.log(len(random_word_ids(model.tokenizer)))

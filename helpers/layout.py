@@ -1,7 +1,9 @@
 """Where results live, and how a run puts them there safely.
 
-Layout: ``<outputs>/<task>/<model folder>/`` holds each template's notebook, HTML, JSON and figures; a run
-executes into ``<outputs>/.staging-<task>-<model>-<template>-<pid>-*`` and only then publishes.
+Layout: ``<outputs>/<task>/<model folder>/`` holds each template's notebook, HTML, JSON and figures; a template
+that does not depend on the task (``scope: model`` in its notebook metadata, e.g. ``induction_checks``) runs once
+per model into ``<outputs>/_models/<model folder>/``. A run executes into
+``<outputs>/.staging-<task>-<model>-<template>-<pid>-*`` and only then publishes.
 
 Guarantees (tested by killing runners mid-publish and racing two runs):
 
@@ -28,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 FOLDER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MODEL_SCOPE = "_models"  # folder of the per-model runs; not a valid task name, so no task can collide with it
 JOURNAL = ".publish-{template}"  # folder in the run folder: journal.json and prev/ (the items being replaced)
 
 
@@ -59,9 +62,25 @@ def display_model(model_name: str) -> str:
         return model_name
 
 
+def template_scope(template_source: Path) -> str:
+    """``"model"`` when a template (its jupytext ``.py``) declares ``circuit_lab: {scope: model}`` in its notebook
+    metadata (its results do not depend on the task: it runs once per model), else ``"task"``."""
+    import jupytext
+
+    scope = (jupytext.read(template_source).metadata.get("circuit_lab") or {}).get("scope", "task")
+    if scope not in ("task", "model"):
+        raise ValueError(f"{template_source}: circuit_lab.scope must be 'task' or 'model', not {scope!r}")
+    return scope
+
+
+def owner(task: str, scope: str) -> str:
+    """The first folder level of a run: the task, or ``MODEL_SCOPE`` for a per-model template."""
+    return MODEL_SCOPE if scope == "model" else task
+
+
 def run_folder(root: Path, task: str, model_name: str) -> Path:
-    """``<root>/<task>/<model folder>``, checked to resolve inside ``root``."""
-    folder = root / safe_name(task, "task") / model_folder_name(model_name)
+    """``<root>/<task>/<model folder>`` (``task`` may be ``MODEL_SCOPE``), checked to resolve inside ``root``."""
+    folder = root / (task if task == MODEL_SCOPE else safe_name(task, "task")) / model_folder_name(model_name)
     inside(root, folder)
     return folder
 

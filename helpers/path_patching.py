@@ -113,25 +113,38 @@ def receiver_effects(ctx: PatchingContext, receivers: dict[str, dict]) -> dict[t
     return receiver_sweeps(ctx, {(label, c): ([r], c) for label, r in receivers.items() if r["layer"] > 0 for c in QKV_HOOKS})
 
 
-def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> tuple[list[dict], str | None]:
+def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor],
+                             max_senders: int | None = None) -> tuple[list[dict], str | None]:
     """For each pair of ``heads`` (sender earlier than receiver) and each of q/k/v: our exact path effect (from
     ``receiver_effects``) next to TransformerLens's ``get_act_patch_direct_path`` (the direct edge only, same
     normalised metric). Returns (rows, None), or ([], why) where TransformerLens cannot do it on this
-    architecture (it needs split q/k/v input hooks, which e.g. OPT's attention bridge lacks)."""
+    architecture (it needs split q/k/v input hooks, which e.g. OPT's attention bridge lacks).
+
+    TransformerLens runs one forward pass per receiver head of the model for each sender and input, so
+    ``max_senders`` limits the comparison to the senders with the strongest exact effect on a later head."""
     try:
-        return _direct_path_rows(ctx, heads, effects), None
+        return _direct_path_rows(ctx, strongest_senders(heads, effects, max_senders), heads, effects), None
     except Exception as err:  # noqa: BLE001 - any failure inside TL's reference means "not available here"
         return [], f"TransformerLens get_act_patch_direct_path is not available for this architecture: {type(err).__name__}: {err}"
 
 
-def _direct_path_rows(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> list[dict]:
+def strongest_senders(heads: dict[str, dict], effects: dict[tuple[str, str], Tensor], n: int | None) -> dict[str, dict]:
+    """The ``n`` heads (all if None) with the largest |exact path effect| into a later head of ``heads``."""
+    def strength(label: str) -> float:
+        s = heads[label]
+        return max((abs(float(e[s["layer"], s["head"]])) for (r, _), e in effects.items() if heads[r]["layer"] > s["layer"]), default=-1.0)
+
+    senders = [label for label in heads if any(r["layer"] > heads[label]["layer"] for r in heads.values())]
+    ranked = sorted(senders, key=strength, reverse=True)
+    return {label: heads[label] for label in (ranked if n is None else ranked[:n])}
+
+
+def _direct_path_rows(ctx: PatchingContext, senders: dict[str, dict], heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> list[dict]:
     from transformer_lens.patching import get_act_patch_direct_path
 
     rows = []
-    for s_label, s in heads.items():
+    for s_label, s in senders.items():
         receivers = {label: r for label, r in heads.items() if r["layer"] > s["layer"]}
-        if not receivers:
-            continue
         for component in ("q", "k", "v"):
             direct = get_act_patch_direct_path(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, ctx.corrupted_cache, tl_metric(ctx),
                                                s["layer"], s["head"], component, verbose=False)

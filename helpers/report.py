@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from .heads import head_label
+from .layout import MODEL_SCOPE
 
 TOP_K = 5  # heads per task in the overlap view
-THUMB_WIDTH = 360  # px
+THUMB_WIDTH = 520  # px: axis labels and head names stay readable; each thumbnail opens the full-size PNG
 
 
 @dataclass
@@ -36,9 +37,12 @@ class ResultFolder:
     model: str
     path: Path
     results: dict[str, dict]  # template name -> its JSON
+    per_model: "ResultFolder | None" = None  # the model's once-per-model results (``_models/<model>/``)
 
     def get(self, template: str, *keys, default=None):
-        node = self.results.get(template, {})
+        """A value of a template's JSON by key path (the per-model folder's for a per-model template)."""
+        source = self.results if template in self.results or self.per_model is None else self.per_model.results
+        node = source.get(template, {})
         for k in keys:
             if not isinstance(node, dict) or k not in node:
                 return default
@@ -46,18 +50,38 @@ class ResultFolder:
         return node
 
 
+def _folder(task: str, model_dir: Path) -> ResultFolder | None:
+    results = {}
+    for f in sorted(model_dir.glob("*.json")):
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and data.get("template") == f.stem:
+            results[f.stem] = data
+    return ResultFolder(task, model_dir.name, model_dir, results) if results else None
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")) if path.is_dir() else []
+
+
+def collect_per_model(root: Path) -> dict[str, ResultFolder]:
+    """Per model: the results of the templates that run once per model (``<root>/_models/<model>/``)."""
+    found = {d.name: _folder(MODEL_SCOPE, d) for d in _subfolders(root / MODEL_SCOPE)}
+    return {model: folder for model, folder in found.items() if folder}
+
+
 def collect(root: Path) -> list[ResultFolder]:
-    """Every ``<task>/<model>/`` folder under ``root`` holding at least one template's JSON."""
+    """Every ``<task>/<model>/`` folder under ``root`` holding at least one template's JSON, each linked to its
+    model's per-model results."""
+    per_model = collect_per_model(root)
     folders = []
-    for task_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for model_dir in sorted(p for p in task_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            results = {}
-            for f in sorted(model_dir.glob("*.json")):
-                data = json.loads(f.read_text())
-                if isinstance(data, dict) and data.get("template") == f.stem:
-                    results[f.stem] = data
-            if results:
-                folders.append(ResultFolder(task_dir.name, model_dir.name, model_dir, results))
+    for task_dir in _subfolders(root):
+        if task_dir.name == MODEL_SCOPE:
+            continue
+        for model_dir in _subfolders(task_dir):
+            folder = _folder(task_dir.name, model_dir)
+            if folder:
+                folder.per_model = per_model.get(folder.model)
+                folders.append(folder)
     return folders
 
 
@@ -161,7 +185,8 @@ def thumbnail(png: Path, width: int = THUMB_WIDTH) -> str:
 
 
 def figure_links(folder: ResultFolder, root: Path, template: str, limit: int = 3) -> str:
-    """Thumbnails of a template's key figures (else its first ones), each linking to the notebook's HTML."""
+    """Thumbnails of a template's key figures (else its first ones), each opening the full-size PNG; the title
+    links to the notebook's HTML."""
     data = folder.results[template]
     figs = data.get("key_figures") or data.get("figures", [])[:limit]
     link = html.escape(str((folder.path / f"{template}.html").relative_to(root)))
@@ -169,9 +194,32 @@ def figure_links(folder: ResultFolder, root: Path, template: str, limit: int = 3
     for rel in figs:
         png = folder.path / rel
         if png.suffix == ".png" and png.exists():
-            items.append(f'<a href="{link}"><img src="{thumbnail(png)}" alt="{html.escape(png.stem)}" title="{html.escape(png.stem)}"></a>')
+            full = html.escape(str(png.relative_to(root)))
+            items.append(f'<a href="{full}" title="{html.escape(png.stem)}: open full size"><img src="{thumbnail(png)}" '
+                         f'alt="{html.escape(png.stem)}"></a>')
     items = items or ['<span class="muted">(no static images: Chromium missing when it ran)</span>']
     return f'<div class="fig"><h4><a href="{link}">{html.escape(template)}</a></h4>{"".join(items)}</div>'
+
+
+def run_seconds(folder: ResultFolder, template: str) -> float | None:
+    """How long the template's notebook took to execute (papermill's record in the published notebook)."""
+    try:
+        return float(json.loads((folder.path / f"{template}.ipynb").read_text())["metadata"]["papermill"]["duration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def runs_table(folder: ResultFolder, root: Path) -> str:
+    """One row per template run in the folder: its execution time and links to the notebook."""
+    rows, total = [], 0.0
+    for template in folder.results:
+        seconds = run_seconds(folder, template)
+        total += seconds or 0.0
+        rows.append(f"<tr><td>{html.escape(template)}</td><td>{'' if seconds is None else f'{seconds:.0f} s'}</td>"
+                    f'<td><a href="{html.escape(str((folder.path / f"{template}.html").relative_to(root)))}">html</a> · '
+                    f'<a href="{html.escape(str((folder.path / f"{template}.ipynb").relative_to(root)))}">ipynb</a></td></tr>')
+    return (f'<table class="runs"><thead><tr><th>notebook</th><th>run time</th><th>open</th></tr></thead><tbody>{"".join(rows)}'
+            f'<tr><td><b>total</b></td><td><b>{total:.0f} s</b></td><td></td></tr></tbody></table>')
 
 
 def head_list(heads: list[dict] | None) -> str:
@@ -227,12 +275,31 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
                 ["DLA, negative", head_list(folder.get("circuit_expms", "dla", "top_negative"))],
                 ["output patching", head_list(folder.get("circuit_expms", "patching", "top_heads", "head_out"))]]
         parts.append(table(["top heads by", "heads (value)"], rows, cls="heads"))
-    induction = folder.get("induction_checks", "heads")
-    if induction:
-        parts.append(table(["pattern", "heads above threshold"], [[k, head_list(v)] for k, v in induction.items()], cls="heads"))
+    parts.append(induction_table(folder))
     roles = role_rows(folder)
     if roles:
         parts.append("<h3>Head roles</h3>" + table(["head", "role", "evidence"], roles, cls="roles"))
+    parts.append(runs_table(folder, root))
+    if folder.per_model:
+        parts.append(f'<p class="muted">Per-model notebooks ({", ".join(folder.per_model.results)}): see '
+                     f'<a href="#{MODEL_SCOPE}-{html.escape(folder.model)}">{html.escape(folder.model)}</a>.</p>')
+    parts.append('<div class="figs">' + "".join(figure_links(folder, root, t) for t in folder.results) + "</div>")
+    return "\n".join(parts + ["</section>"])
+
+
+def induction_table(folder: ResultFolder) -> str:
+    """Heads above the induction_checks threshold per pattern ('' without induction_checks results)."""
+    induction = folder.get("induction_checks", "heads")
+    return table(["pattern", "heads above threshold"], [[k, head_list(v)] for k, v in induction.items()], cls="heads") if induction else ""
+
+
+def model_section(folder: ResultFolder, root: Path) -> str:
+    """The card of one model's once-per-model notebooks (e.g. induction checks)."""
+    parts = [f'<section class="card" id="{MODEL_SCOPE}-{html.escape(folder.model)}">',
+             f"<h2>{html.escape(folder.model)} · every task</h2>",
+             '<p class="muted">Notebooks that do not depend on the task: run once per model.</p>']
+    parts.append(induction_table(folder))
+    parts.append(runs_table(folder, root))
     parts.append('<div class="figs">' + "".join(figure_links(folder, root, t) for t in folder.results) + "</div>")
     return "\n".join(parts + ["</section>"])
 
@@ -263,18 +330,21 @@ h1{margin-bottom:4px} .muted{color:#666;font-size:13px} .failed{border:2px solid
 .card{background:#fff;border:1px solid #ddd;border-radius:8px;padding:12px 18px;margin:16px 0}
 table{border-collapse:collapse;margin:8px 16px 8px 0;font-size:13px} th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}
 th{background:#f0f0f0} table.matrix td{text-align:right;min-width:56px} .row{display:flex;flex-wrap:wrap;align-items:flex-start}
-.figs{display:flex;flex-wrap:wrap;gap:12px} .fig{border:1px solid #eee;padding:6px} .fig img{display:block;margin:4px 0;width:360px}
+.figs{display:flex;flex-wrap:wrap;gap:12px} .fig{border:1px solid #eee;padding:6px} .fig img{display:block;margin:4px 0;max-width:520px}
 nav a{margin-right:12px}
 """
 
 
-def render(folders: list[ResultFolder], root: Path, runs: list[dict] | None = None) -> str:
+def render(folders: list[ResultFolder], root: Path, runs: list[dict] | None = None, per_model: dict[str, ResultFolder] | None = None) -> str:
     """The whole page."""
-    nav = " ".join(f'<a href="#{html.escape(f.task)}-{html.escape(f.model)}">{html.escape(f.task)} · {html.escape(f.model)}</a>' for f in folders)
+    per_model = per_model or {}
+    nav = " ".join([f'<a href="#{html.escape(f.task)}-{html.escape(f.model)}">{html.escape(f.task)} · {html.escape(f.model)}</a>' for f in folders]
+                   + [f'<a href="#{MODEL_SCOPE}-{html.escape(m)}">{html.escape(m)} · every task</a>' for m in per_model])
     body = [f"<h1>circuit-lab results</h1><p class='muted'>{len(folders)} task × model folders under {html.escape(str(root))} · "
             f"built {time.strftime('%Y-%m-%d %H:%M')}</p><nav>{nav}</nav>"]
     body += [cross_task_section(v) for v in cross_task(folders)]
     body += [folder_section(f, root) for f in folders]
+    body += [model_section(f, root) for f in per_model.values()]
     if runs:
         body.append(runs_section(runs))
     if not folders:
@@ -291,7 +361,7 @@ def write_report(root: Path, batch=None) -> Path:
         runs_file.write_text(json.dumps(batch.to_json(), indent=1))
     runs = json.loads(runs_file.read_text())["runs"] if runs_file.exists() else None
     page = root / "index.html"
-    page.write_text(render(collect(root), root, runs))
+    page.write_text(render(collect(root), root, runs, collect_per_model(root)))
     return page
 
 

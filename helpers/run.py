@@ -61,6 +61,13 @@ def available_templates() -> list[str]:
     return sorted(p.stem for p in templates_dir().glob("*.py"))
 
 
+def template_scope(template: str) -> str:
+    """``"model"`` for a template that runs once per model (see ``layout.template_scope``), else ``"task"`` (also
+    for a name that is not a template here, e.g. a renamed copy)."""
+    source = templates_dir() / f"{template}.py"
+    return layout.template_scope(source) if source.is_file() else "task"
+
+
 def check_inputs(task: str, model: str | None, n_prompts: int | None = None, need_weights: bool = True) -> TaskParams:
     """Every check a run makes before its first cell: the params file (schema, pools), the model (available here,
     a complete folder), the params against the model's shape (circuit heads, layer groups, top_k), the prompts
@@ -140,9 +147,10 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
     try:
         params = check_inputs(task, model, n_prompts)
         root = outputs_dir()
-        final = layout.run_folder(root, params.task, params.model)
         if not (templates_dir() / f"{template}.py").is_file():
             raise FileNotFoundError(f"template {template!r} not found; available: {available_templates()}")
+        where = layout.owner(params.task, template_scope(template))  # the task, or _models for a per-model template
+        final = layout.run_folder(root, where, params.model)
         layout.check_writable(root, final)
     except BAD_INPUT as err:
         return RunResult(task, model or "?", template, "bad-input", time.time() - t0, None, str(err))
@@ -151,25 +159,26 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
                          f"{task}: could not check the inputs ({type(err).__name__}: {err}); please report this")
     root.mkdir(parents=True, exist_ok=True)
     try:
-        with layout.run_lock(root, params.task, params.model, template):
+        with layout.run_lock(root, where, params.model, template):
             layout.recover(final, template)  # a run of this template killed mid-publish: put the old result back
-            layout.remove_stale_staging(root, params.task, params.model, template)
+            layout.remove_stale_staging(root, where, params.model, template)
             return _execute(params, template, root, final, n_prompts, threads, cell_timeout, progress,
-                            extra_parameters, log_output, t0)
+                            extra_parameters, log_output, t0, where)
     except layout.OutputsError as err:
         return RunResult(params.task, params.model, template, "bad-input", time.time() - t0, None, str(err))
 
 
 def _execute(params: TaskParams, template: str, root: Path, final: Path, n_prompts, threads, cell_timeout, progress,
-             extra_parameters, log_output, t0: float) -> RunResult:
-    """Execute into a staging folder, export HTML and publish (the caller holds the run lock)."""
+             extra_parameters, log_output, t0: float, where: str) -> RunResult:
+    """Execute into a staging folder, export HTML and publish (the caller holds the run lock). ``where``: the
+    first folder level (the task, or ``layout.MODEL_SCOPE``)."""
     import papermill as pm
 
-    task_name, model_name, params_file = params.task, params.model, str(params.source)
+    task_name, model_name, params_file = where, params.model, str(params.source)
     staging = layout.new_staging(root, task_name, model_name, template)
     source_nb = template_notebook(template, staging / f".{template}.src.ipynb")
     out_nb = staging / f"{template}.ipynb"
-    parameters = {"task": task_name, "params_file": params_file, "model_name": model_name, "output_dir": str(staging),
+    parameters = {"task": params.task, "params_file": params_file, "model_name": model_name, "output_dir": str(staging),
                   "input_dir": str(final), "n_prompts": n_prompts, "threads": threads, **(extra_parameters or {})}
     declared = pm.inspect_notebook(str(source_nb))  # pass only what the template declares (input_dir: where earlier JSON is)
     parameters = {k: v for k, v in parameters.items() if k in declared}

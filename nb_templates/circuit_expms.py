@@ -250,7 +250,7 @@ for band, layers in bands.items():
 # %%
 scores, loss_per_token = heads.repeated_token_scores(model, induction_seq_len, induction_batch, seed=s.params.seed)
 for name, values in scores.items():
-    figs.show(plotting.heatmap(values, f"{name.replace('_', '-')} score per head", "head", "layer", color_label="score", zmid=0.5),
+    figs.show(plotting.heatmap(values, f"{name.replace('_', '-')} score per head", "head", "layer", color_label="score", sequential=(0, 1)),
               f"score_{name}")
 half = induction_seq_len
 print(f"mean loss: first r {loss_per_token[:, :half].mean():.3f}, second r {loss_per_token[:, half:].mean():.3f}")

@@ -99,7 +99,7 @@ copy_table.loc["baseline: all heads, 90th percentile"] = [float(copy.positive.qu
 display(copy_table.round(1))
 for sign, values in [("positive", copy.positive), ("negative", copy.negative)]:
     figs.show(plotting.heatmap(values, f"{sign} copy score (% of words in the top {copy_top_k})", "head", "layer", color_label="%",
-                               zmid=50), f"copy_score_{sign}", key=sign == "positive")
+                               sequential=(0, 100)), f"copy_score_{sign}", key=sign == "positive")
 
 # %% [markdown]
 # ## 2. Attention vs contribution
@@ -141,7 +141,7 @@ between = head_functions.attention_between(cache, model.cfg.n_layers, from_posit
 for i, src in enumerate(from_positions):
     values = between[:, :, i].flatten(0, 1)  # [layer*head, word]
     figs.show(plotting.heatmap(values, f"Attention from {src} to each named word", "to", "head", x=list(positions), y=s.head_names,
-                               color_label="attention", zmid=0.5), f"attention_from_{src}", key=True)
+                               color_label="attention", sequential=(0, 1)), f"attention_from_{src}", key=True)
 
 # %% [markdown]
 # ## 4. Proposed head roles

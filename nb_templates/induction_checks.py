@@ -1,7 +1,10 @@
 # ---
 # jupyter:
+#   circuit_lab:
+#     scope: model
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: circuit_lab
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -25,6 +28,9 @@
 # patterns of the top heads on a repeated sentence, and measures the K-composition that connects a
 # previous-token head to an induction head. Results go to `induction_checks.json`.
 #
+# Nothing here depends on the task (the task's first clean prompt is only the sentence shown in §4), so a batch
+# runs this notebook once per model, into `nb_outputs/_models/<model>/`.
+#
 # Run it in Colab from the badge, or headlessly: `make run TASK=ioi MODEL=toy-induction TEMPLATE=induction_checks`.
 
 
@@ -46,7 +52,7 @@ task = "ioi"  # params/<task>.yaml (its first clean prompt is the repeated sente
 params_file = None  # a params YAML path; overrides `task`
 model_name = None  # overrides the params' model: a bundled name (models/<name>), a local HF dir, or "gpt2-small"
 n_prompts = None  # overrides the params' n_prompts
-output_dir = None  # default: nb_outputs/<task>/<model>/
+output_dir = None  # default: nb_outputs/_models/<model>/ (once per model)
 device = None  # default: CUDA if available, else CPU
 dtype = "float32"  # or "bfloat16" / "float16" for big models (half the memory; identities then hold to ~1e-2 only)
 threads = None  # torch CPU threads (match processes x threads to the cores)
@@ -79,7 +85,7 @@ print(f"model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} 
 # %%
 scores, loss = heads.repeated_token_scores(model, seq_len, batch, seed)
 for kind, values in scores.items():
-    figs.show(plotting.heatmap(values, f"{kind.replace('_', '-')} score per head", "head", "layer", color_label="score", zmid=0.5),
+    figs.show(plotting.heatmap(values, f"{kind.replace('_', '-')} score per head", "head", "layer", color_label="score", sequential=(0, 1)),
               f"score_{kind}", key=True)
 found = {kind: [h for h in heads.top_heads(values, values.numel(), "pos") if h["value"] >= score_threshold] for kind, values in scores.items()}
 for kind, hs in found.items():
@@ -123,7 +129,7 @@ print("max |ours - head_detector| per score:", {k: f"{v:.1e}" for k, v in agreem
 
 # %%
 text = sentence or s.prompts.clean_prompts[0]
-tokens = model.to_tokens(text + text)
+tokens = heads.repeated_tokens(model, text)
 shown = (found["prev_token"] + found["induction"])[:6] or heads.top_heads(scores["induction"], 2, "pos")
 _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{h['layer']}.attn.hook_pattern" for h in shown])
 display(plotting.attention_view(model, cache, tokens, shown))

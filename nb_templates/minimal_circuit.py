@@ -18,8 +18,9 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/circuit-lab/circuit-lab/blob/main/nb_templates/minimal_circuit.ipynb)
 #
-# Ranking heads is not a circuit. This notebook takes a circuit (by default the important heads of
-# `head_functions.json`, grouped by their proposed roles; or one given as the `circuit` parameter), knocks
+# Ranking heads is not a circuit. This notebook takes a circuit (by default the heads `head_functions` gave a
+# role, grouped by role, plus the unclassified heads whose output patching effect is at least
+# `min_patch_effect`; or one given as the `circuit` parameter), knocks
 # out every head output outside it, and asks: how much of the logit difference does the circuit keep
 # (faithfulness), how does that compare with random circuits of the same shape, which role groups carry it,
 # is every head needed (minimality), and does removing heads hurt the circuit as it hurts the model
@@ -56,9 +57,11 @@ static_images = True  # also save every figure as PNG (and the diagram as SVG) n
 circuit = None  # {"groups": {role: ["L3H2", ...]}, "positions": {"L3H2": ["end"]}}; default: the params' `circuit`, else head_functions.json
 ablation = "mean"  # how heads outside the circuit are knocked out: "mean", "zero" or "resample"
 reference = "corrupted"  # prompts the means (or resamples) come from: "corrupted" (IOI's ABC) or "clean"
-n_random = 20  # random control circuits (same number of heads per layer, same positions)
+min_patch_effect = 0.1  # default circuit: unclassified heads need |output patching effect| >= this (share of the gap)
+n_random = 50  # random control circuits (same number of heads per layer, same positions); p can reach 1/51 = 0.02
 minimality_max_k = 3  # largest set K searched (greedily) per head for minimality
 completeness_subsets = 20  # random subsets K for the completeness check
+direct_path_senders = 3  # senders compared with TransformerLens's direct path (it runs one pass per receiver head each)
 seed = 0  # seed of the random controls and subsets
 
 # %%
@@ -71,11 +74,13 @@ s = experiments.start_session("minimal_circuit", task, params_file, model_name, 
                               input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
 n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+choice = None
 if circuit is not None or s.params.circuit is not None:
     proposed = circuits.Circuit.from_json(circuit or s.params.circuit.model_dump())
 else:
-    roles_table = experiments.load_results(s, "head_functions")["roles"]["table"]
-    proposed = circuits.circuit_from_roles(roles_table, prompts.positions)
+    choice = circuits.default_circuit(experiments.load_results(s, "head_functions")["roles"]["table"], prompts.positions, min_patch_effect)
+    proposed = choice.circuit
+    print("default circuit:", choice.message())
 ref_tokens = {"corrupted": prompts.corrupted_tokens, "clean": prompts.clean_tokens}[reference]
 ev = circuits.make_evaluator(model, prompts.clean_tokens, prompts.answer_tokens, prompts.positions, ref_tokens, ablation)
 print(f"task {s.params.task} | model {s.model_name} | {len(proposed.heads)} heads | {ablation} ablation over {reference} prompts")
@@ -153,7 +158,8 @@ if complete:
 # reaches the final residual stream. To a receiver: the receiver's q, k or v input from that run is patched
 # into an otherwise normal corrupted run. Normalised like activation patching: 1 = clean logit diff restored.
 # TransformerLens's `get_act_patch_direct_path` patches only the direct edge (no MLP in between): the
-# difference is what travels through MLPs.
+# difference is what travels through MLPs. TransformerLens runs one forward pass per receiver head of the model for
+# each sender and input, so the comparison covers the `direct_path_senders` senders with the strongest exact effects.
 #
 # **How to interpret.** Senders with large effects to the logits are the heads the output depends on along
 # direct paths; senders into a mover's query or key change where it attends (S-inhibition-like).
@@ -167,7 +173,7 @@ top_senders = heads.top_heads(to_logits, 5, "abs")
 print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in top_senders])
 members = circuits.circuit_heads(proposed, n_layers, n_heads)
 effects = path_patching.receiver_effects(ctx, members)
-direct, direct_note = path_patching.compare_with_direct_path(ctx, members, effects)
+direct, direct_note = path_patching.compare_with_direct_path(ctx, members, effects, direct_path_senders)
 display(pd.DataFrame(direct).sort_values("exact path", key=abs, ascending=False).head(12).round(4) if direct
         else direct_note or "no circuit head has an earlier circuit head to compare")
 
@@ -212,6 +218,7 @@ results = {
     "params": s.params,
     "model": s.model_name,
     "circuit": proposed.to_json(),
+    "circuit_choice": choice.to_json() if choice else None,
     "ablation": ablation,
     "reference": reference,
     "interventions": [iv.to_json() for iv in circuits.knockout_interventions(ev.keep([proposed]), ablation)],

@@ -35,6 +35,9 @@ TEMPLATES = {
     "after_boom": HEADER + "\n# %%\nfrom helpers import experiments\n" + SESSION.format(name="after_boom") +
     'experiments.load_results(s, "boom")\n',
     "slow": HEADER + "\n# %%\nimport time\ntime.sleep(120)\n",
+    "per_model": "# ---\n# jupyter:\n#   circuit_lab:\n#     scope: model\n# ---\n\n" + HEADER +
+    "\n# %%\nfrom helpers import experiments\n" + SESSION.format(name="per_model") +
+    'print("wrote", s.write_results("per_model", {"template": "per_model", "task": s.params.task}))\n',
 }
 
 
@@ -120,6 +123,21 @@ def test_dask_in_process_cluster_isolates_failures_then_reruns_skip(sandbox):
     (sandbox / "templates" / "first.py").write_text(TEMPLATES["first"] + "# edited\n")
     edited = batch.run_batch(["ioi"], templates=["second"], options=opts)
     assert statuses(edited) == {"ioi/first": "ok", "ioi/second": "ok"}
+
+
+def test_a_per_model_template_runs_once_per_model(sandbox):
+    """``circuit_lab: {scope: model}`` in a template's metadata: one run per model whatever the tasks, into
+    ``_models/<model>/``, with no task check (its results do not depend on the task)."""
+    assert runner.template_scope("per_model") == "model" and runner.template_scope("first") == "task"
+    runs, _ = batch.plan_runs(["ioi", "numseq"], templates=["per_model", "first"])
+    assert sorted(r.key for r in runs) == ["_models/toy-ioi/per_model", "ioi/toy-ioi/first", "numseq/toy-ioi/first"]
+    report = batch.run_batch(["ioi", "numseq"], templates=["per_model"], options=batch.RunOptions(n_prompts=4, threads=1, progress=False))
+    assert statuses(report) == {"_models/per_model": "ok"}
+    written = json.loads((sandbox / "out" / "_models" / "toy-ioi" / "per_model.json").read_text())
+    assert written == {"template": "per_model", "task": "ioi"}
+    assert not (sandbox / "out" / "ioi" / "toy-ioi").exists()
+    again = batch.run_batch(["numseq", "ioi"], templates=["per_model"], options=batch.RunOptions(n_prompts=4, threads=1, progress=False))
+    assert statuses(again) == {"_models/per_model": "up-to-date"}
 
 
 def test_cell_timeout_fails_the_run(sandbox):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import circuits as C
+from helpers.families import FAMILIES
 from helpers.heads import all_head_labels
 from helpers.metrics import logit_diff
 
@@ -66,3 +67,94 @@ def test_minimality_and_completeness(ev):
     assert scores["L3H2"]["score"] > scores["L0H3"]["score"]
     rows = C.completeness(ev, small, n_subsets=4, seed=0)
     assert len(rows) == 4 and all(set(r) == {"K", "circuit", "model"} for r in rows)
+
+
+def _independent_knockout(model, prompts, keep, reference):
+    """Mean logit diff with z outside ``keep`` [layer, pos, head] replaced by ``reference`` [layer, 1, pos, head, d_head], via plain hooks."""
+    def hook_for(layer):
+        def hook(z, hook=None):
+            return torch.where(keep[layer][None, :, :, None], z, reference[layer].expand_as(z))
+        return hook
+    hooks = [(f"blocks.{l}.attn.hook_z", hook_for(l)) for l in range(keep.shape[0])]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        return logit_diff(model(prompts.clean_tokens), prompts.answer_tokens).mean().item()
+
+
+@pytest.mark.parametrize("shared_layers", [0, 2, 4])
+def test_knockout_shares_the_layers_where_variants_agree(ev, toy_ioi, ioi_prompts, shared_layers):
+    """Variants that agree on their first layers start from one shared run: each must still equal its own
+    independent knockout (plain hooks, no sharing, no memory)."""
+    g = torch.Generator().manual_seed(shared_layers)
+    n_pos = ioi_prompts.clean_tokens.shape[1]
+    keep = torch.rand(5, 4, n_pos, 4, generator=g) > 0.5
+    keep[:, :shared_layers] = keep[:1, :shared_layers]
+    assert C.first_differing_layer(keep) == shared_layers
+    got = C.knockout_logit_diffs(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.answer_tokens, keep, ev.replacement)
+    want = [_independent_knockout(toy_ioi, ioi_prompts, k, ev.replacement) for k in keep]
+    assert got.tolist() == pytest.approx(want, abs=1e-4)
+
+
+def _minimality_one_at_a_time(ev, circuit, max_k):
+    """The IOI paper's greedy minimality written plainly: one circuit per forward pass, nothing remembered."""
+    def f(c):
+        fresh = C.Evaluator(ev.model, ev.tokens, ev.answers, ev.named, ev.replacement, ev.full_logit_diff)  # nothing remembered
+        return fresh.faithfulness([c])[0].item()
+    full, out = f(circuit), {}
+    for group, members in circuit.groups.items():
+        for v in members:
+            k, best = [], {"score": abs(f(circuit.without([v])) - full), "K": []}
+            for _ in range(min(max_k, len(members) - 1)):
+                options = [h for h in members if h != v and h not in k]
+                scores = [abs(f(circuit.without(k + [h, v])) - f(circuit.without(k + [h]))) for h in options]
+                i = max(range(len(options)), key=scores.__getitem__)
+                k = k + [options[i]]
+                if scores[i] > best["score"]:
+                    best = {"score": scores[i], "K": list(k)}
+            out[v] = {"group": group, **best}
+    return out
+
+
+def test_minimality_batched_and_remembered_equals_one_at_a_time(ev):
+    circuit = C.Circuit({"a": ["L0H1", "L2H2", "L3H1", "L3H2"], "b": ["L1H1", "L2H1"]})
+    got = C.minimality(ev, circuit, max_k=2)
+    want = _minimality_one_at_a_time(ev, circuit, 2)
+    assert list(got) == list(want)
+    for v in want:
+        assert got[v]["K"] == want[v]["K"] and got[v]["group"] == want[v]["group"]
+        assert got[v]["score"] == pytest.approx(want[v]["score"], abs=1e-4)
+
+
+def test_evaluator_runs_each_distinct_circuit_once(ev, monkeypatch):
+    calls = []
+    real = C.knockout_logit_diffs
+    monkeypatch.setattr(C, "knockout_logit_diffs", lambda *a, **kw: calls.append(a[3].shape[0]) or real(*a, **kw))
+    fresh = C.Evaluator(ev.model, ev.tokens, ev.answers, ev.named, ev.replacement, ev.full_logit_diff)
+    a, b = C.Circuit({"x": ["L3H2"]}), C.Circuit({"x": ["L0H1", "L3H2"]})
+    first = fresh.faithfulness([a, b, a])
+    again = fresh.faithfulness([b, a])
+    assert calls == [2]  # two distinct circuits, one batch; the second call runs nothing
+    assert again.tolist() == [first[1].item(), first[0].item()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_knockout_on_every_family_equals_plain_hooks(family, family_models):
+    """Mean ablation outside random circuits whose variants share the first layers, on every model family."""
+    model, prompts = family_models(family)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    reference = C.reference_z(model, prompts.corrupted_tokens, "mean")
+    keep = torch.rand(3, n_layers, prompts.clean_tokens.shape[1], n_heads, generator=torch.Generator().manual_seed(0)) > 0.5
+    keep[:, : n_layers - 1] = keep[:1, : n_layers - 1]
+    got = C.knockout_logit_diffs(model, prompts.clean_tokens, prompts.answer_tokens, keep, reference)
+    want = [_independent_knockout(model, prompts, k, reference) for k in keep]
+    assert got.tolist() == pytest.approx(want, abs=1e-4)
+
+
+def test_default_circuit_keeps_roles_and_unclassified_heads_that_matter_by_patching():
+    rows = [{"head": "L0H0", "role": "unclassified", "patch_head_out": 0.02}, {"head": "L1H1", "role": "unclassified", "patch_head_out": -0.3},
+            {"head": "L2H0", "role": "mover", "patch_head_out": 0.01}, {"head": "L2H1", "role": "unclassified", "patch_head_out": 0.1}]
+    choice = C.default_circuit(rows, {"end": 5}, min_patch_effect=0.1)
+    assert choice.circuit.groups == {"unclassified": ["L1H1", "L2H1"], "mover": ["L2H0"]}
+    assert choice.circuit.positions["L2H0"] == ["end"] and choice.left_out == {"L0H0": 0.02}
+    assert "L0H0 (+0.02)" in choice.message()
+    weak = C.default_circuit([dict(r, role="unclassified", patch_head_out=0.01 * i) for i, r in enumerate(rows)], {}, 0.5)
+    assert weak.circuit.heads == ["L2H1"] and "L2H1" not in weak.left_out  # none passes: the strongest alone

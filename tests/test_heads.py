@@ -38,3 +38,14 @@ def test_agrees_with_head_detector(request, model_name):
     diffs = head_detector_agreement(request.getfixturevalue(model_name), seq_len=12, n_texts=3)
     assert set(diffs) == {"prev_token", "duplicate_token", "induction"}
     assert max(diffs.values()) <= 1e-5
+
+
+def test_repeated_tokens_repeat_exactly(toy_ioi):
+    from helpers.heads import repeated_tokens
+
+    text = "When Mary and John went to the store, John gave a drink to"
+    tokens = repeated_tokens(toy_ioi, text)
+    once = toy_ioi.to_tokens(text, prepend_bos=False)[0]
+    n = once.shape[0]
+    assert tokens[0, -2 * n:-n].tolist() == tokens[0, -n:].tolist() == once.tolist()
+    assert tokens.shape[1] - 2 * n == int(toy_ioi.cfg.default_prepend_bos)

@@ -180,7 +180,8 @@ def test_head_functions_without_circuit_json_fails_clearly(outputs):
 def test_induction_checks_find_the_induction_circuit(outputs):
     result = runner.run_template("ioi", "induction_checks", "toy-induction", threads=2, progress=False)
     assert result.status == "ok", result.message
-    out = outputs / "ioi" / "toy-induction"
+    out = outputs / "_models" / "toy-induction"  # it does not depend on the task: once per model
+    assert result.out_dir == out and result.task == "_models"
     assert not executed_errors(out / "induction_checks.ipynb")
     data = json.loads((out / "induction_checks.json").read_text())
     assert {h["layer"] for h in data["heads"]["induction"]} == {1} and data["heads"]["prev_token"][0]["layer"] == 0
@@ -197,7 +198,9 @@ def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
     assert not executed_errors(out / "minimal_circuit.ipynb")
     data = json.loads((out / "minimal_circuit.json").read_text())
     roles = json.loads((out / "head_functions.json").read_text())["roles"]["table"]
-    assert sorted(data["circuit"]["groups"]["unclassified"]) == sorted(r["head"] for r in roles if r["role"] == "unclassified")
+    kept = sorted(r["head"] for r in roles if r["role"] != "unclassified" or abs(r["patch_head_out"]) >= 0.1)  # min_patch_effect
+    assert sorted(h for hs in data["circuit"]["groups"].values() for h in hs) == kept
+    assert sorted(data["circuit_choice"]["left_out"]) == sorted(r["head"] for r in roles if r["head"] not in kept)
     assert data["faithfulness"]["full model (all heads)"] == pytest.approx(1.0, abs=1e-5)
     assert all(m["score"] >= 0 for m in data["minimality"].values())
     assert (out / "circuit.json").exists()

@@ -36,3 +36,12 @@ def test_senders_at_or_after_the_receiver_have_no_effect(ctx, component):
 def test_unknown_component_raises(ctx):
     with pytest.raises(ValueError, match="component"):
         PP.path_patch_to_receivers(ctx, [{"layer": 3, "head": 2}], "z")
+
+
+def test_strongest_senders_ranks_by_effect_into_later_heads():
+    heads = {"L0H0": {"layer": 0, "head": 0}, "L0H1": {"layer": 0, "head": 1}, "L1H0": {"layer": 1, "head": 0}, "L2H0": {"layer": 2, "head": 0}}
+    into_l2 = torch.zeros(3, 2)
+    into_l2[0, 1], into_l2[1, 0], into_l2[0, 0] = -0.9, 0.5, 0.1
+    effects = {("L2H0", "q"): into_l2, ("L1H0", "v"): torch.zeros(3, 2)}
+    assert list(PP.strongest_senders(heads, effects, 2)) == ["L0H1", "L1H0"]  # |-0.9| first; L2H0 sends to nothing
+    assert list(PP.strongest_senders(heads, effects, None)) == ["L0H1", "L1H0", "L0H0"]

@@ -47,3 +47,19 @@ def test_unknown_template_gets_a_card_and_non_results_are_ignored(tmp_path):
     assert [(f.task, f.model, sorted(f.results)) for f in folders] == [("a", "m", ["my_new_template"])]
     page = report.write_report(tmp_path).read_text()
     assert "my_new_template" in page and "a/m/my_new_template.html" in page and "Shared heads" not in page
+
+
+def test_per_model_results_are_shared_by_every_task_and_run_times_shown(tmp_path):
+    write_result(tmp_path, "a", "m", "circuit_expms", patching([[0.9, 0.0, 0.1], [0.0, 0.05, -0.5]]))
+    write_result(tmp_path, "b", "m", "circuit_expms", patching([[0.0, 0.4, 0.0], [0.0, 0.0, 0.8]]))
+    shared = write_result(tmp_path, "_models", "m", "induction_checks",
+                          {"heads": {"induction": [{"layer": 1, "head": 2, "value": 0.9}]}, "loss": {"second_half": 0.25}})
+    (shared / "induction_checks.ipynb").write_text(json.dumps({"metadata": {"papermill": {"duration": 41.6}}, "cells": []}))
+    folders = report.collect(tmp_path)
+    assert [f.task for f in folders] == ["a", "b"]  # _models is not a task
+    assert all(f.get("induction_checks", "loss", "second_half") == 0.25 for f in folders)
+    assert report.run_seconds(folders[0].per_model, "induction_checks") == pytest.approx(41.6)
+    assert report.run_seconds(folders[0], "circuit_expms") is None  # no notebook: no time, no error
+    page = report.write_report(tmp_path).read_text()
+    assert page.count('id="_models-m"') == 1 and "m · every task" in page and "42 s" in page
+    assert page.count("loss on the repeat (induction)") == 2  # in each task's key numbers

@@ -1,0 +1,38 @@
+"""Figures that do not mislead: sequential scales for magnitudes, names on the notable points of scatter plots."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from helpers import plotting
+
+
+def test_magnitudes_use_a_fixed_sequential_scale():
+    fig = plotting.heatmap(np.array([[0.0, 10.0], [40.0, 5.0]]), "copy score", "head", "layer", color_label="%", sequential=(0, 100))
+    axis = fig.layout.coloraxis
+    assert (axis.cmin, axis.cmax) == (0, 100) and axis.cmid is None  # 0% is the light end, not the middle of a diverging map
+    signed = plotting.heatmap(np.array([[-1.0, 2.0]]), "patching", "head", "layer")
+    assert signed.layout.coloraxis.cmid == 0.0
+
+
+def test_notable_points_are_labelled_by_name():
+    x = np.array([0.0, 0.1, 2.0, 0.0, -1.5])
+    y = np.array([0.0, 0.1, 2.1, 3.0, 0.0])
+    assert plotting.notable_points(x, y, 2) == [2, 3]
+    assert plotting.notable_points(x, y, 1, diagonal=True) == [3]  # farthest from y = x as well
+    fig = plotting.scatter(x, y, "t", "x", "y", hover=[f"L0H{i}" for i in range(5)], n_labels=2, diagonal=True)
+    assert sorted(a.text for a in fig.layout.annotations) == ["L0H2", "L0H3"]
+    long = plotting.scatter(x, y, "t", "x", "y", hover=["a whole prompt sentence"] * 5)
+    assert not long.layout.annotations  # long hover texts stay hover-only
+
+
+def test_without_a_browser_figures_show_and_one_warning_says_why(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))
+    monkeypatch.setattr(plotting, "_IMAGE_SERVER", {})  # as in a fresh kernel: nothing started yet
+    figs = plotting.Figures(tmp_path)
+    with pytest.warns(UserWarning, match="static images are skipped from a on.*Chrom"):
+        figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a")
+    figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "b")  # no second warning, no hang
+    assert figs.saved == [] and "Chrome" in figs.skipped_reason
