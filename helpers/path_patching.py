@@ -89,6 +89,8 @@ def receiver_sweeps(ctx: PatchingContext, targets: dict) -> dict:
     along its paths into those receivers' q, k or v input. Step 1 runs once per sender layer for all targets."""
     model = ctx.model
     needed = {(r["layer"], c) for receivers, c in targets.values() for r in receivers}
+    if not targets:
+        return {}
     resolve_hook_names(model, sorted({_receiver_hook_name(l, c) for l, c in needed}))
     rows: dict = {key: [] for key in targets}
     for layer in range(model.cfg.n_layers):

@@ -45,3 +45,9 @@ def test_strongest_senders_ranks_by_effect_into_later_heads():
     effects = {("L2H0", "q"): into_l2, ("L1H0", "v"): torch.zeros(3, 2)}
     assert list(PP.strongest_senders(heads, effects, 2)) == ["L0H1", "L1H0"]  # |-0.9| first; L2H0 sends to nothing
     assert list(PP.strongest_senders(heads, effects, None)) == ["L0H1", "L1H0", "L0H0"]
+
+
+def test_a_circuit_with_no_later_head_has_no_receiver_paths(ctx):
+    """Receivers in layer 0 cannot be reached by any sender: no sweep runs, and nothing fails."""
+    assert PP.receiver_effects(ctx, {"L0H1": {"layer": 0, "head": 1}, "L0H3": {"layer": 0, "head": 3}}) == {}
+    assert PP.compare_with_direct_path(ctx, {"L0H1": {"layer": 0, "head": 1}}, {}) == ([], None)
