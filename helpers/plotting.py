@@ -8,8 +8,11 @@ server): about 0.35 s a figure instead of about 5 s for a browser started per fi
 
 from __future__ import annotations
 
-import atexit
+import os
+import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +30,40 @@ def use_offline_renderer() -> None:
 
 
 _IMAGE_SERVER: dict[str, bool] = {}
+SERVER_TIMEOUT_S = 120  # one export through the shared browser; past it, exports go back to a browser each
+
+
+def warm_up_images() -> None:
+    """Start kaleido's persistent browser in the background (once per process) when a Chrome/Chromium is on
+    the PATH (or at ``$BROWSER_PATH``), so it is ready by the first figure; otherwise do nothing (the first
+    export then starts its own browser, or fails with kaleido's message)."""
+    if "started" in _IMAGE_SERVER:
+        return
+    named = os.environ.get("BROWSER_PATH")
+    found = Path(named).is_file() if named else any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome"))
+    if found:
+        _IMAGE_SERVER["started"] = _start_image_server()
 
 
 def write_image(fig: go.Figure, path: Path, scale: float = 1.5) -> None:
-    """``fig.write_image``. The first export of a process starts its own browser, as plotly does; once that has
-    worked (so a browser exists), kaleido's persistent browser is started for every later export and stopped at
-    exit. Raises what ``write_image`` raises (no Chromium, a browser error)."""
-    if "started" not in _IMAGE_SERVER:
+    """``fig.write_image`` through the shared browser when it runs (``warm_up_images``; else the first export
+    that works starts it). Raises what ``write_image`` raises (no Chromium, a browser error), or TimeoutError."""
+    if not _IMAGE_SERVER.get("started"):
         fig.write_image(path, scale=scale)
-        _IMAGE_SERVER["started"] = _start_image_server()
+        if "started" not in _IMAGE_SERVER:  # a browser exists and works: share one from now on
+            _IMAGE_SERVER["started"] = _start_image_server()
         return
+    pool = ThreadPoolExecutor(1)  # a browser that died at start would leave the call waiting for ever: bounded here
+    try:
+        pool.submit(_server_write, fig, path, scale).result(timeout=SERVER_TIMEOUT_S)
+    except FuturesTimeout:
+        _IMAGE_SERVER["started"] = False
+        raise TimeoutError(f"kaleido's shared browser did not answer in {SERVER_TIMEOUT_S} s") from None
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _server_write(fig: go.Figure, path: Path, scale: float) -> None:
     with warnings.catch_warnings():  # with a server, plotly notes that per-call browser options are ignored: expected
         warnings.filterwarnings("ignore", message="The kopts argument is ignored if using a server")
         fig.write_image(path, scale=scale)
@@ -46,10 +73,9 @@ def _start_image_server() -> bool:
     try:
         import kaleido
 
-        kaleido.start_sync_server(silence_warnings=True)
+        kaleido.start_sync_server(silence_warnings=True)  # a background thread; stopped by kaleido at exit
     except Exception:  # noqa: BLE001 - an old kaleido without a server: every export starts its own browser (slower)
         return False
-    atexit.register(kaleido.stop_sync_server, silence_warnings=True)
     return True
 
 
@@ -65,6 +91,8 @@ class Figures:
         self.key: list[str] = []  # the saved images the batch report shows as thumbnails
         self.skipped_reason: str | None = None
         self.note: str | None = None  # a warning printed under every figure's title (e.g. the task check failed)
+        if static:
+            warm_up_images()
 
     def show(self, fig: go.Figure, name: str, formats: tuple[str, ...] = ("png",), key: bool = False) -> None:
         """Display ``fig`` (once: returns nothing, so a cell ending in ``figs.show(...)`` does not display it again)

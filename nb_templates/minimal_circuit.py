@@ -61,7 +61,7 @@ min_patch_effect = 0.1  # default circuit: unclassified heads need |output patch
 n_random = 50  # random control circuits (same number of heads per layer, same positions); p can reach 1/51 = 0.02
 minimality_max_k = 3  # largest set K searched (greedily) per head for minimality
 completeness_subsets = 20  # random subsets K for the completeness check
-direct_path_senders = 3  # senders compared with TransformerLens's direct path (it runs one pass per receiver head each)
+direct_path_senders = 1  # senders compared with TransformerLens's direct path (it runs 3 passes per receiver head each)
 seed = 0  # seed of the random controls and subsets
 
 # %%

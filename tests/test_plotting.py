@@ -36,3 +36,16 @@ def test_without_a_browser_figures_show_and_one_warning_says_why(tmp_path, monke
         figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a")
     figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "b")  # no second warning, no hang
     assert figs.saved == [] and "Chrome" in figs.skipped_reason
+
+
+def test_a_shared_browser_that_does_not_answer_is_given_up_not_waited_for(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(plotting, "_IMAGE_SERVER", {"started": True})
+    monkeypatch.setattr(plotting, "SERVER_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(plotting, "_server_write", lambda fig, path, scale: time.sleep(3))
+    monkeypatch.setattr(plotting.go.Figure, "write_image", lambda fig, path, scale=1: path.write_bytes(b"png"))
+    figs = plotting.Figures(tmp_path)
+    start = time.time()
+    figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a")  # times out, then the retry starts its own browser
+    assert time.time() - start < 2 and figs.saved == ["figures/a.png"] and plotting._IMAGE_SERVER["started"] is False
