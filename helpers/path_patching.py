@@ -20,14 +20,17 @@ into a receiver's k or v is a path into that group's k or v, shared by every hea
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .attribution import decomposition_caveats
 from .hooks import resolve_hook_names
 from .interventions import Intervention, run_interventions
 from .metrics import normalised
-from .patching import SWEEPS, PatchingContext, run_patched, tl_metric, variant_masks
+from .patching import SWEEPS, PatchingContext, run_patched, variant_masks
 
 QKV_HOOKS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
 
@@ -115,19 +118,84 @@ def receiver_effects(ctx: PatchingContext, receivers: dict[str, dict]) -> dict[t
     return receiver_sweeps(ctx, {(label, c): ([r], c) for label, r in receivers.items() if r["layer"] > 0 for c in QKV_HOOKS})
 
 
+@contextmanager
+def split_qkv_input(model):
+    """The bridge's per-head pre-norm q/k/v forks (``hook_{q,k,v}_input``) on for the duration, flags restored."""
+    saved_split = bool(getattr(model.cfg, "use_split_qkv_input", False))
+    saved_attn_in = bool(getattr(model.cfg, "use_attn_in", False))
+    try:
+        if saved_attn_in:  # the two forks exclude each other
+            model.set_use_attn_in(False)
+        model.set_use_split_qkv_input(True)
+        yield
+    finally:
+        model.set_use_split_qkv_input(saved_split)
+        if saved_attn_in:
+            model.set_use_attn_in(True)
+
+
+def direct_path_effects(ctx: PatchingContext, sender: dict, component: str = "q") -> Float[Tensor, "layer head"]:
+    """Normalised effect of the direct edge from ``sender`` into every later head's ``component`` input (the
+    quantity of TransformerLens's ``get_act_patch_direct_path``, Wang et al. 2022): in the corrupted run, the
+    sender's clean-minus-corrupted write (``z @ W_O``) is added to one receiver's own pre-norm copy of the
+    residual stream; every other reader still sees the corrupted sender. Receivers of one layer are the variants
+    of one batched run that starts at that layer. Rows at or before the sender's layer are 0 (no edge).
+
+    Raises ValueError for k/v on grouped-query models (a key/value input is shared by several heads) and where a
+    norm follows the attention output (Gemma-2), NotImplementedError without pre-q/k/v forks (OPT)."""
+    model, cfg = ctx.model, ctx.model.cfg
+    _receiver_hook_name(0, component)
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    if component != "q" and n_kv != cfg.n_heads:
+        raise ValueError(f"direct path into {component} is not defined per head under grouped-query attention "
+                         f"({cfg.n_heads} query heads share {n_kv} key/value inputs)")
+    obstruction = decomposition_caveats(model).get("heads")
+    if obstruction:  # e.g. Gemma-2's post-attention norm: a head's residual write is not z @ W_O
+        raise ValueError(f"direct path patching is not defined on this architecture: {obstruction}")
+    layer, head = sender["layer"], sender["head"]
+    z = ctx.clean_cache[_z(layer)][:, :, head] - ctx.corrupted_cache[_z(layer)][:, :, head]  # [batch, pos, d_head]
+    delta = z @ model.blocks[layer].attn.W_O[head]  # [batch, pos, d_model]
+    out = torch.zeros(cfg.n_layers, cfg.n_heads)
+    names = [f"blocks.{l}.attn.hook_{component}_input" for l in range(layer + 1, cfg.n_layers)]
+    if not names:
+        return out
+    with split_qkv_input(model), torch.no_grad():
+        _, forks = model.run_with_cache(ctx.corrupted_tokens, names_filter=names)  # [batch, pos, head, d_model] each
+        for l, name in zip(range(layer + 1, cfg.n_layers), names):
+            if name not in forks.cache_dict:
+                raise NotImplementedError(f"{name} did not fire: this attention has no pre-q/k/v fork")
+            mask = torch.eye(cfg.n_heads, dtype=torch.bool)[:, None, :, None]  # variant i patches head i: [variant, pos, head, d]
+            patched = {"recorded": {name: forks[name] + delta[:, :, None, :]}}
+            diffs, _ = run_interventions(model, ctx.corrupted_tokens, ctx.answer_tokens, [Intervention(name, "recorded", mask)], patched,
+                                         cfg.n_heads, base_cache=ctx.corrupted_cache.cache_dict)
+            out[l] = normalised(diffs.mean(-1).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+    return out
+
+
 def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor],
                              max_senders: int | None = None) -> tuple[list[dict], str | None]:
-    """For each pair of ``heads`` (sender earlier than receiver) and each of q/k/v: our exact path effect (from
-    ``receiver_effects``) next to TransformerLens's ``get_act_patch_direct_path`` (the direct edge only, same
-    normalised metric). Returns (rows, None), or ([], why) where TransformerLens cannot do it on this
-    architecture (it needs split q/k/v input hooks, which e.g. OPT's attention bridge lacks).
-
-    TransformerLens runs one forward pass per receiver head of the model for each sender and input, so
-    ``max_senders`` limits the comparison to the senders with the strongest exact effect on a later head."""
-    try:
-        return _direct_path_rows(ctx, strongest_senders(heads, effects, max_senders), heads, effects), None
-    except Exception as err:  # noqa: BLE001 - any failure inside TL's reference means "not available here"
-        return [], f"TransformerLens get_act_patch_direct_path is not available for this architecture: {type(err).__name__}: {err}"
+    """For each pair of ``heads`` (sender earlier than receiver) and each of q/k/v: the exact path effect (from
+    ``receiver_effects``) next to the direct edge alone (``direct_path_effects``, equal to TransformerLens's
+    ``get_act_patch_direct_path``); their difference is what reaches the receiver through MLPs and other heads.
+    ``max_senders`` keeps the senders with the strongest exact effect on a later head. Returns (rows, note):
+    the note says what could not be compared on this architecture (no pre-q/k/v fork, e.g. OPT; k/v under
+    grouped-query attention), else None."""
+    rows, skipped = [], {}
+    for s_label, s in strongest_senders(heads, effects, max_senders).items():
+        receivers = {label: r for label, r in heads.items() if r["layer"] > s["layer"]}
+        for component in ("q", "k", "v"):
+            try:
+                direct = direct_path_effects(ctx, s, component)
+            except (ValueError, NotImplementedError) as err:
+                skipped[component] = str(err)
+                continue
+            for r_label, r in receivers.items():
+                exact = float(effects[(r_label, component)][s["layer"], s["head"]])
+                edge = float(direct[r["layer"], r["head"]])
+                rows.append({"sender": s_label, "receiver": r_label, "input": component, "exact path": exact,
+                             "direct edge": edge, "through other paths": exact - edge})
+    note = "; ".join(f"{c}: {why}" for c, why in skipped.items()) or None
+    return rows, note
 
 
 def strongest_senders(heads: dict[str, dict], effects: dict[tuple[str, str], Tensor], n: int | None) -> dict[str, dict]:
@@ -139,20 +207,3 @@ def strongest_senders(heads: dict[str, dict], effects: dict[tuple[str, str], Ten
     senders = [label for label in heads if any(r["layer"] > heads[label]["layer"] for r in heads.values())]
     ranked = sorted(senders, key=strength, reverse=True)
     return {label: heads[label] for label in (ranked if n is None else ranked[:n])}
-
-
-def _direct_path_rows(ctx: PatchingContext, senders: dict[str, dict], heads: dict[str, dict], effects: dict[tuple[str, str], Tensor]) -> list[dict]:
-    from transformer_lens.patching import get_act_patch_direct_path
-
-    rows = []
-    for s_label, s in senders.items():
-        receivers = {label: r for label, r in heads.items() if r["layer"] > s["layer"]}
-        for component in ("q", "k", "v"):
-            direct = get_act_patch_direct_path(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, ctx.corrupted_cache, tl_metric(ctx),
-                                               s["layer"], s["head"], component, verbose=False)
-            for r_label, r in receivers.items():
-                exact = float(effects[(r_label, component)][s["layer"], s["head"]])
-                tl = float(direct[r["layer"], r["head"]])
-                rows.append({"sender": s_label, "receiver": r_label, "input": component, "exact path": exact,
-                             "TL direct path": tl, "difference": exact - tl})
-    return rows

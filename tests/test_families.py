@@ -113,3 +113,20 @@ def test_dla_identity_or_an_honest_caveat(family, family_models):
         assert head_error > 1e-3  # the caveat is real: per-head DLA is not a decomposition here
     else:
         assert head_error < 1e-4
+
+
+@pytest.mark.parametrize("component", ["q", "k", "v"])
+def test_direct_edge_equals_transformer_lens_or_both_refuse(fam_ctx, component):
+    """Our batched direct edge equals TL's get_act_patch_direct_path; where TL refuses (no pre-q/k/v fork, k/v
+    under grouped-query attention), ours refuses too instead of returning a number."""
+    from transformer_lens.patching import get_act_patch_direct_path
+
+    sender = {"layer": 0, "head": fam_ctx.model.cfg.n_heads - 1}
+    try:
+        tl = get_act_patch_direct_path(fam_ctx.model, fam_ctx.corrupted_tokens, fam_ctx.clean_cache, fam_ctx.corrupted_cache,
+                                       P.tl_metric(fam_ctx), sender["layer"], sender["head"], component, verbose=False)
+    except (ValueError, NotImplementedError):
+        with pytest.raises((ValueError, NotImplementedError)):
+            PP.direct_path_effects(fam_ctx, sender, component)
+        return
+    torch.testing.assert_close(PP.direct_path_effects(fam_ctx, sender, component), tl.cpu(), atol=1e-4, rtol=0)

@@ -51,3 +51,25 @@ def test_a_circuit_with_no_later_head_has_no_receiver_paths(ctx):
     """Receivers in layer 0 cannot be reached by any sender: no sweep runs, and nothing fails."""
     assert PP.receiver_effects(ctx, {"L0H1": {"layer": 0, "head": 1}, "L0H3": {"layer": 0, "head": 3}}) == {}
     assert PP.compare_with_direct_path(ctx, {"L0H1": {"layer": 0, "head": 1}}, {}) == ([], None)
+
+
+@pytest.mark.parametrize("component", ["q", "k", "v"])
+def test_direct_edge_equals_transformer_lens_direct_path(ctx, component):
+    from transformer_lens.patching import get_act_patch_direct_path
+
+    for sender in ({"layer": 0, "head": 1}, {"layer": 2, "head": 2}):
+        ours = PP.direct_path_effects(ctx, sender, component)
+        tl = get_act_patch_direct_path(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, ctx.corrupted_cache, P.tl_metric(ctx),
+                                       sender["layer"], sender["head"], component, verbose=False)
+        torch.testing.assert_close(ours, tl.cpu(), atol=1e-5, rtol=0)
+        assert ours[: sender["layer"] + 1].abs().max() == 0
+
+
+def test_exact_path_next_to_its_direct_edge(ctx):
+    heads = {"L0H1": {"layer": 0, "head": 1}, "L3H2": {"layer": 3, "head": 2}}
+    effects = PP.receiver_effects(ctx, heads)
+    rows, note = PP.compare_with_direct_path(ctx, heads, effects)
+    assert note is None and [(r["sender"], r["receiver"], r["input"]) for r in rows] == [("L0H1", "L3H2", c) for c in "qkv"]
+    for r in rows:
+        assert r["direct edge"] == pytest.approx(float(PP.direct_path_effects(ctx, heads["L0H1"], r["input"])[3, 2]), abs=1e-6)
+        assert r["through other paths"] == pytest.approx(r["exact path"] - r["direct edge"], abs=1e-9)
