@@ -134,12 +134,14 @@ def split_qkv_input(model):
             model.set_use_attn_in(True)
 
 
-def direct_path_effects(ctx: PatchingContext, sender: dict, component: str = "q") -> Float[Tensor, "layer head"]:
+def direct_path_effects(ctx: PatchingContext, sender: dict, component: str = "q",
+                        layers: list[int] | None = None) -> Float[Tensor, "layer head"]:
     """Normalised effect of the direct edge from ``sender`` into every later head's ``component`` input (the
     quantity of TransformerLens's ``get_act_patch_direct_path``, Wang et al. 2022): in the corrupted run, the
     sender's clean-minus-corrupted write (``z @ W_O``) is added to one receiver's own pre-norm copy of the
-    residual stream; every other reader still sees the corrupted sender. Receivers of one layer are the variants
-    of one batched run that starts at that layer. Rows at or before the sender's layer are 0 (no edge).
+    residual stream (its q/k/v fork, which otherwise holds the corrupted ``resid_pre``); every other reader still
+    sees the corrupted sender. The heads of one receiver layer are the variants of one batched run that starts
+    at that layer. ``layers``: the receiver layers to compute (default: every later one); other rows are 0.
 
     Raises ValueError for k/v on grouped-query models (a key/value input is shared by several heads) and where a
     norm follows the attention output (Gemma-2), NotImplementedError without pre-q/k/v forks (OPT)."""
@@ -156,18 +158,15 @@ def direct_path_effects(ctx: PatchingContext, sender: dict, component: str = "q"
     z = ctx.clean_cache[_z(layer)][:, :, head] - ctx.corrupted_cache[_z(layer)][:, :, head]  # [batch, pos, d_head]
     delta = z @ model.blocks[layer].attn.W_O[head]  # [batch, pos, d_model]
     out = torch.zeros(cfg.n_layers, cfg.n_heads)
-    names = [f"blocks.{l}.attn.hook_{component}_input" for l in range(layer + 1, cfg.n_layers)]
-    if not names:
-        return out
+    mask = torch.eye(cfg.n_heads, dtype=torch.bool)[:, None, :, None]  # variant i patches head i: [variant, pos, head, d_model]
     with split_qkv_input(model), torch.no_grad():
-        _, forks = model.run_with_cache(ctx.corrupted_tokens, names_filter=names)  # [batch, pos, head, d_model] each
-        for l, name in zip(range(layer + 1, cfg.n_layers), names):
-            if name not in forks.cache_dict:
-                raise NotImplementedError(f"{name} did not fire: this attention has no pre-q/k/v fork")
-            mask = torch.eye(cfg.n_heads, dtype=torch.bool)[:, None, :, None]  # variant i patches head i: [variant, pos, head, d]
-            patched = {"recorded": {name: forks[name] + delta[:, :, None, :]}}
-            diffs, _ = run_interventions(model, ctx.corrupted_tokens, ctx.answer_tokens, [Intervention(name, "recorded", mask)], patched,
-                                         cfg.n_heads, base_cache=ctx.corrupted_cache.cache_dict)
+        for l in sorted(set(range(layer + 1, cfg.n_layers) if layers is None else layers) - set(range(layer + 1))):
+            name = f"blocks.{l}.attn.hook_{component}_input"
+            if name not in model.hook_dict:
+                raise NotImplementedError(f"{name} does not exist: this attention has no pre-q/k/v fork")
+            fork = ctx.corrupted_cache[f"blocks.{l}.hook_resid_pre"] + delta  # the receiver's own copy, with the edge
+            diffs, _ = run_interventions(model, ctx.corrupted_tokens, ctx.answer_tokens, [Intervention(name, "recorded", mask)],
+                                         {"recorded": {name: fork[:, :, None, :]}}, cfg.n_heads, base_cache=ctx.corrupted_cache.cache_dict)
             out[l] = normalised(diffs.mean(-1).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
     return out
 
@@ -185,7 +184,7 @@ def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effec
         receivers = {label: r for label, r in heads.items() if r["layer"] > s["layer"]}
         for component in ("q", "k", "v"):
             try:
-                direct = direct_path_effects(ctx, s, component)
+                direct = direct_path_effects(ctx, s, component, sorted({r["layer"] for r in receivers.values()}))
             except (ValueError, NotImplementedError) as err:
                 skipped[component] = str(err)
                 continue
