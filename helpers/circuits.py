@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .heads import all_head_labels, head_label, parse_head_label
 from .hooks import resolve_hook_names
-from .interventions import Intervention, run_interventions
+from .interventions import Intervention, hooks_for, run_interventions
 from .metrics import check_normalisation, logit_diff
 from .patching import variants_per_chunk
 
@@ -164,9 +164,9 @@ def knockout_logit_diffs(model, tokens: Int[Tensor, "batch pos"], answers: Int[T
                        .expand(part.shape[0]))
             continue
         base = None
-        if first > 0:
-            resid = f"blocks.{first}.hook_resid_pre"
-            _, base = run_interventions(model, tokens, answers, knockout_interventions(part[:1, :first], ablation), values, 1, record=[resid])
+        if first > 0:  # the shared layers once, stopping where the variants part (nothing after it is computed)
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks_for(knockout_interventions(part[:1, :first], ablation), values, 1)):
+                base = {f"blocks.{first}.hook_resid_pre": model(tokens, stop_at_layer=first)}
         later = knockout_interventions(part, ablation)[first:]
         out.append(run_interventions(model, tokens, answers, later, values, part.shape[0], base_cache=base)[0].mean(-1).cpu())
     return torch.cat(out)

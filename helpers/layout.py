@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -64,7 +65,13 @@ def display_model(model_name: str) -> str:
 
 def template_scope(template_source: Path) -> str:
     """``"model"`` when a template (its jupytext ``.py``) declares ``circuit_lab: {scope: model}`` in its notebook
-    metadata (its results do not depend on the task: it runs once per model), else ``"task"``."""
+    metadata (its results do not depend on the task: it runs once per model), else ``"task"``. The file is parsed
+    once per version (a batch asks for every run and every run it reads)."""
+    return _scope_of(Path(template_source), Path(template_source).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _scope_of(template_source: Path, mtime_ns: int) -> str:
     import jupytext
 
     scope = (jupytext.read(template_source).metadata.get("circuit_lab") or {}).get("scope", "task")
