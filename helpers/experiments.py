@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
 from . import OUTPUTS_DIR
-from .artifacts import read_json, write_json
+from .artifacts import read_json, to_jsonable, write_json
 from .attribution import (
     decomposition_caveats,
     dla_hook_names,
@@ -244,12 +244,21 @@ class MissingResults(FileNotFoundError):
 
 
 def load_results(s: Session, template: str) -> dict:
-    """The JSON ``template`` wrote next to this notebook; a clear error naming the command that writes it."""
+    """The JSON ``template`` wrote next to this notebook, for the same parameters (task, model, prompts, …) as this
+    session; a clear error naming the command that writes it when it is missing or was computed with others."""
     path = s.input_dir / f"{template}.json"
     if not path.exists():
         raise MissingResults(f"{path} not found: run the {template} template for this task and model first "
                              f"(make run TASK={s.params.task} MODEL={s.model_name} TEMPLATE={template}, or make all)")
-    return read_json(path)
+    results = read_json(path)
+    mine = to_jsonable(s.params)
+    theirs = results.get("params")
+    if isinstance(theirs, dict) and theirs != mine:  # e.g. another n_prompts or model: its numbers are for other prompts
+        differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise MissingResults(f"{path} was computed with other parameters ({', '.join(differing)} differ from this notebook's): "
+                             f"rerun the {template} template with these parameters first (make run TASK={s.params.task} "
+                             f"MODEL={s.model_name} TEMPLATE={template}, or make all)")
+    return results
 
 
 def important_heads(s: Session, circuit: dict, override: list[str] | None = None) -> list[dict]:

@@ -257,10 +257,11 @@ def hook_takes_effect(model, hook: str) -> bool:
         tokens = torch.tensor([[bos, 5, 7, 9, 11]], device=model.cfg.device) % model.cfg.d_vocab
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plain = model(tokens)
+            if "_circuit_lab_probe_output" not in model.__dict__:  # the unedited output, computed once per model
+                model.__dict__["_circuit_lab_probe_output"] = model(tokens)
             with model.hooks(fwd_hooks=[(hook, _zero)]):
                 edited = model(tokens)
-        verdicts[hook] = bool((edited - plain).abs().max() > 1e-6)
+        verdicts[hook] = bool((edited - model.__dict__["_circuit_lab_probe_output"]).abs().max() > 1e-6)
     return verdicts[hook]
 
 

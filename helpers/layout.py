@@ -30,6 +30,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
+
 FOLDER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MODEL_SCOPE = "_models"  # folder of the per-model runs; not a valid task name, so no task can collide with it
 JOURNAL = ".publish-{template}"  # folder in the run folder: journal.json and prev/ (the items being replaced)
@@ -72,12 +74,27 @@ def template_scope(template_source: Path) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _scope_of(template_source: Path, mtime_ns: int) -> str:
-    import jupytext
-
-    scope = (jupytext.read(template_source).metadata.get("circuit_lab") or {}).get("scope", "task")
+    scope = (notebook_metadata(template_source).get("circuit_lab") or {}).get("scope", "task")
     if scope not in ("task", "model"):
         raise ValueError(f"{template_source}: circuit_lab.scope must be 'task' or 'model', not {scope!r}")
     return scope
+
+
+def notebook_metadata(template_source: Path) -> dict:
+    """The notebook metadata in a jupytext percent file's header (the commented YAML between ``# ---`` lines,
+    under ``jupyter:``), read without importing jupytext: every notebook's kernel asks for its own template's
+    scope, and jupytext's import alone costs most of a second. A test compares it with ``jupytext.read``."""
+    lines = Path(template_source).read_text().splitlines()
+    if not lines or lines[0].strip() != "# ---":
+        return {}
+    header = []
+    for line in lines[1:]:
+        if line.strip() == "# ---":
+            break
+        header.append(line[2:] if line.startswith("# ") else line.lstrip("#"))
+    else:
+        return {}
+    return (yaml.safe_load("\n".join(header)) or {}).get("jupyter") or {}
 
 
 def owner(task: str, scope: str) -> str:

@@ -4,12 +4,18 @@ Static export uses kaleido, which needs a Chrome/Chromium (``make`` installs Deb
 run ``plotly_get_chrome``). Without one, figures still show inline and a single clear warning says that
 the PNGs are skipped. One browser is started per process and kept for every later figure (kaleido's sync
 server): about 0.35 s a figure instead of about 5 s for a browser started per figure.
+
+Under the batch runner (``DEFER_ENV`` set to ``"defer"``) a notebook only leaves each figure as plotly JSON
+(``<name>.<fmt>.pending.json``) and the runner renders them after the notebook ran (``render_pending``), through
+one browser per runner process: a notebook's kernel no longer starts a Chromium that competes with its torch
+threads for the cores, and a batch starts one browser instead of one per notebook.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -31,6 +37,15 @@ def use_offline_renderer() -> None:
 
 _IMAGE_SERVER: dict[str, bool] = {}
 SERVER_TIMEOUT_S = 120  # one export through the shared browser; past it, exports go back to a browser each
+DEFER_ENV = "CIRCUIT_LAB_IMAGES"  # "defer": leave figures as pending JSON for the runner to render (module docstring)
+PENDING_SUFFIX = ".pending.json"
+_RENDER_LOCK = threading.Lock()  # one rendering at a time per process (runs in threads share one browser)
+
+
+def browser_found() -> bool:
+    """A Chrome/Chromium at ``$BROWSER_PATH`` or on the PATH (what kaleido needs)."""
+    named = os.environ.get("BROWSER_PATH")
+    return Path(named).is_file() if named else any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome"))
 
 
 def warm_up_images() -> None:
@@ -39,9 +54,7 @@ def warm_up_images() -> None:
     export then starts its own browser, or fails with kaleido's message)."""
     if "started" in _IMAGE_SERVER:
         return
-    named = os.environ.get("BROWSER_PATH")
-    found = Path(named).is_file() if named else any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome"))
-    if found:
+    if browser_found():
         _IMAGE_SERVER["started"] = _start_image_server()
 
 
@@ -91,14 +104,17 @@ class Figures:
         self.key: list[str] = []  # the saved images the batch report shows as thumbnails
         self.skipped_reason: str | None = None
         self.note: str | None = None  # a warning printed under every figure's title (e.g. the task check failed)
-        if static:
+        # Under the runner, with a browser it can use: leave the rendering to the runner (module docstring).
+        self.deferred = static and os.environ.get(DEFER_ENV) == "defer" and browser_found()
+        if static and not self.deferred:
             warm_up_images()
 
     def show(self, fig: go.Figure, name: str, formats: tuple[str, ...] = ("png",), key: bool = False) -> None:
         """Display ``fig`` (once: returns nothing, so a cell ending in ``figs.show(...)`` does not display it again)
         and write it as PNG (and any other ``formats``, e.g. svg). A failed export is retried once (kaleido's
         browser sometimes drops a message); a second failure skips static export for the rest of the notebook
-        with one warning. ``key`` figures are the report's thumbnails (``key_figures``)."""
+        with one warning. ``key`` figures are the report's thumbnails (``key_figures``). Under the runner the files
+        are written after the notebook ran (``render_pending``)."""
         if self.note:
             fig.update_layout(title_text=f"{fig.layout.title.text or ''}<br><sup><span style='color:#c62828'>&#9888; {self.note}</span></sup>",
                               margin_t=max(fig.layout.margin.t or 0, 110))
@@ -106,20 +122,51 @@ class Figures:
         if not self.static or self.skipped_reason is not None:
             return
         for fmt in formats:
-            for attempt in (1, 2):
+            if self.deferred:
+                fig.write_json(self.dir / f"{name}.{fmt}{PENDING_SUFFIX}")
+            else:
                 try:
-                    write_image(fig, self.dir / f"{name}.{fmt}")
-                    break
-                except Exception as err:  # kaleido without Chromium, no kaleido, or a transient browser error
-                    if attempt == 2:
-                        self.skipped_reason = f"{type(err).__name__}: {next((ln for ln in str(err).splitlines() if ln.strip()), '')}"
-                        warnings.warn(f"static images are skipped from {name} on (figures still show inline): "
-                                      f"{self.skipped_reason}. Install Chromium (apt-get install chromium) or run "
-                                      "plotly_get_chrome.", stacklevel=2)
-                        return
+                    write_image_retried(fig, self.dir / f"{name}.{fmt}")
+                except Exception as err:  # kaleido without Chromium, no kaleido, or a browser error twice
+                    self.skipped_reason = failure_line(err)
+                    warnings.warn(f"static images are skipped from {name} on (figures still show inline): "
+                                  f"{self.skipped_reason}. Install Chromium (apt-get install chromium) or run "
+                                  "plotly_get_chrome.", stacklevel=2)
+                    return
             self.saved.append(f"{self.folder}/{name}.{fmt}")
             if key and fmt == "png":
                 self.key.append(self.saved[-1])
+
+
+def failure_line(err: Exception) -> str:
+    """``"<Error>: <first non-empty line>"`` of an export failure."""
+    return f"{type(err).__name__}: {next((ln for ln in str(err).splitlines() if ln.strip()), '')}"
+
+
+def write_image_retried(fig: go.Figure, path: Path) -> None:
+    """``write_image``, retried once: kaleido's browser sometimes drops a message."""
+    try:
+        write_image(fig, path)
+    except Exception:  # noqa: BLE001 - the second attempt raises what is wrong
+        write_image(fig, path)
+
+
+def render_pending(folder: Path) -> tuple[int, str | None]:
+    """Render every figure a notebook left under ``folder`` as ``<name>.<fmt>.pending.json`` into ``<name>.<fmt>``
+    (through this process's shared browser) and remove the JSON. Returns (figures written, the first failure as one
+    line or None); after a failure the remaining pending files are removed unrendered."""
+    pending = sorted(Path(folder).rglob(f"*{PENDING_SUFFIX}"))
+    written, failure = 0, None
+    with _RENDER_LOCK:
+        for path in pending:
+            if failure is None:
+                try:
+                    write_image_retried(pio.read_json(path), path.with_name(path.name[:-len(PENDING_SUFFIX)]))
+                    written += 1
+                except Exception as err:  # noqa: BLE001 - reported as one line by the runner
+                    failure = f"{path.name[:-len(PENDING_SUFFIX)]}: {failure_line(err)}"
+            path.unlink()
+    return written, failure
 
 
 def _np(x) -> np.ndarray:

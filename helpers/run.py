@@ -22,11 +22,13 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import OUTPUTS_DIR, PROJECT_ROOT, TEMPLATES_DIR, layout
+from . import OUTPUTS_DIR, PROJECT_ROOT, TEMPLATES_DIR, layout, plotting
 from .models import ModelNotAvailable
 from .params import ParamsError, TaskParams, load_params
 
@@ -189,9 +191,10 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
     filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
     os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*filters, "ignore:IProgress not found"]))
     try:
-        in_own_thread(pm.execute_notebook, str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3",
-                      cwd=str(PROJECT_ROOT), progress_bar=progress, execution_timeout=cell_timeout, log_output=log_output,
-                      extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        with images_rendered_here():
+            in_own_thread(pm.execute_notebook, str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3",
+                          cwd=str(PROJECT_ROOT), progress_bar=progress, execution_timeout=cell_timeout, log_output=log_output,
+                          extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except Exception as err:  # PapermillExecutionError or a kernel failure: keep the executed notebook
         failed_dir = root / ".failed" / task_name / layout.model_folder_name(model_name)
         failed_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +205,7 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
         return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir,
                          f"{getattr(err, 'ename', type(err).__name__)}: {summary} (executed notebook: {failed_dir / (template + '.ipynb')})")
     source_nb.unlink()
+    images, image_failure = plotting.render_pending(staging)
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
     out_nb.write_text(out_nb.read_text().replace(str(staging), str(final)))
     export_html(out_nb)
@@ -213,7 +217,36 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
         return RunResult(task_name, model_name, template, "failed", time.time() - t0, None,
                          f"could not publish into {final} ({err}); the previous result is unchanged")
     staging.rmdir()
-    return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, task_note(final / f"{template}.json"))
+    note = "; ".join(n for n in (task_note(final / f"{template}.json"),
+                                 f"static images skipped after {images} ({image_failure})" if image_failure else "") if n)
+    return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, note)
+
+
+_DEFERRING = {"runs": 0, "before": None}
+_DEFERRING_LOCK = threading.Lock()
+
+
+@contextmanager
+def images_rendered_here():
+    """While kernels of this process start and run, ask them to leave their figures as pending JSON
+    (``plotting.DEFER_ENV``): this process renders them after each run (``plotting.render_pending``) through one
+    browser kept for every run. The variable is restored when the last run in flight ends (runs in threads share
+    it), so figures made later in this process are written at once."""
+    with _DEFERRING_LOCK:
+        if _DEFERRING["runs"] == 0:
+            _DEFERRING["before"] = os.environ.get(plotting.DEFER_ENV)
+            os.environ[plotting.DEFER_ENV] = "defer"
+        _DEFERRING["runs"] += 1
+    try:
+        yield
+    finally:
+        with _DEFERRING_LOCK:
+            _DEFERRING["runs"] -= 1
+            if _DEFERRING["runs"] == 0:
+                if _DEFERRING["before"] is None:
+                    os.environ.pop(plotting.DEFER_ENV, None)
+                else:
+                    os.environ[plotting.DEFER_ENV] = _DEFERRING["before"]
 
 
 def task_note(results_json: Path) -> str:

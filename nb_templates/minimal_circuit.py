@@ -49,7 +49,7 @@ params_file = None  # a params YAML path; overrides `task`
 model_name = None  # overrides the params' model: a bundled name (models/<name>), a local HF dir, or "gpt2-small"
 n_prompts = None  # overrides the params' n_prompts
 output_dir = None  # default: nb_outputs/<task>/<model>/
-input_dir = None  # where head_functions.json is read from; default: the output folder
+input_dir = None  # where head_functions.json and circuit_expms.json are read from; default: the output folder
 device = None  # default: CUDA if available, else CPU
 dtype = "float32"  # or "bfloat16" / "float16" for big models (half the memory; identities then hold to ~1e-2 only)
 threads = None  # torch CPU threads (match processes x threads to the cores)
@@ -66,6 +66,7 @@ seed = 0  # seed of the random controls and subsets
 
 # %%
 import pandas as pd
+import torch
 from IPython.display import display
 
 from helpers import artifacts, circuits, experiments, heads, patching, path_patching, plotting
@@ -165,8 +166,9 @@ if complete:
 # direct paths; senders into a mover's query or key change where it attends (S-inhibition-like).
 
 # %%
+upstream = experiments.load_results(s, "circuit_expms")  # path patching to the logits and backup heads: computed there once
 ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-to_logits = path_patching.path_patch_to_logits(ctx)
+to_logits = torch.tensor(upstream["path_patching"]["to_logits"])
 figs.show(plotting.heatmap(to_logits, "Path patching: each sender to the final residual stream", "head", "layer", color_label="recovered"),
           "path_to_logits")
 top_senders = heads.top_heads(to_logits, 5, "abs")
@@ -182,16 +184,17 @@ if direct_note:
 # %% [markdown]
 # ## 5. Backup heads
 #
-# **How it works.** As in `circuit_expms`: mean-ablate the top positive-DLA head at the end and see whose DLA rises.
+# **How it works.** From `circuit_expms` (§ backup heads): the top positive-DLA head was mean-ablated at the end
+# and the heads whose DLA rose were listed. Here each of them is marked in or out of the circuit.
 #
 # **How to interpret.** Heads whose DLA rises take over part of the ablated head's job; a circuit without
-# them underestimates what the model can do when a head is missing.
+# them underestimates what the model can do when a head is missing (completeness, §3, shows the same gap).
 
 # %%
-dla = experiments.direct_logit_attribution(s)
-backup = experiments.backup_heads(s, dla, heads.top_heads(dla.heads, 1, "pos")[0], 5)
-print(f"ablated {heads.head_label(backup.ablated)}: logit diff {backup.logit_diff_before:.3f} -> {backup.logit_diff_after:.3f}")
-print("heads whose DLA rose most:", [(heads.head_label(h), h["dla_before"], h["dla_after"]) for h in backup.risers])
+backup = upstream["backup"]
+print(f"ablated {heads.head_label(backup['ablated'])}: logit diff {backup['logit_diff_before']:.3f} -> {backup['logit_diff_after']:.3f}")
+display(pd.DataFrame([{"head": heads.head_label(h), "DLA before": h["dla_before"], "DLA after": h["dla_after"],
+                       "in the circuit": heads.head_label(h) in proposed.heads} for h in backup["risers"]]).round(3))
 
 # %% [markdown]
 # ## 6. Circuit diagram
@@ -231,7 +234,8 @@ results = {
     "minimality": minimal,
     "completeness": complete,
     "path_patching": {"to_logits": to_logits, "top_senders": top_senders, "direct_path_comparison": direct, "direct_path_note": direct_note, "edges": edges},
-    "backup": {"ablated": backup.ablated, "logit_diff_after": backup.logit_diff_after, "risers": backup.risers},
+    "backup": {"ablated": backup["ablated"], "logit_diff_after": backup["logit_diff_after"],
+               "risers": [{**h, "in_circuit": heads.head_label(h) in proposed.heads} for h in backup["risers"]]},
     "figures": figs.saved,
     "key_figures": figs.key,
 }

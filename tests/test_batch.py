@@ -60,7 +60,7 @@ def statuses(report: batch.BatchReport) -> dict[str, str]:
 def test_real_templates_are_ordered_by_what_they_read():
     order = batch.template_order()
     names = [t for t, _ in order]
-    assert dict(order)["head_functions"] == ["circuit_expms"] and dict(order)["minimal_circuit"] == ["head_functions"]
+    assert dict(order)["head_functions"] == ["circuit_expms"] and sorted(dict(order)["minimal_circuit"]) == ["circuit_expms", "head_functions"]
     assert names.index("circuit_expms") < names.index("head_functions") < names.index("minimal_circuit")
     assert dict(order)["induction_checks"] == []
     # asking for one template brings in what it reads, and nothing else
@@ -165,3 +165,16 @@ def test_one_local_job_per_gpu(monkeypatch):
     assert batch.jobs_for_device(4, "cuda") == 2 and batch.jobs_for_device(1, "cuda") == 1
     assert batch.jobs_for_device(4, "cpu") == 4 and batch.jobs_for_device(4, None) == 4
     assert batch.worker_device("cuda") == "cuda"  # not on a Dask worker: unchanged
+
+
+def test_template_metadata_is_read_as_jupytext_reads_it(tmp_path):
+    import jupytext
+
+    from helpers import layout
+
+    for source in sorted(runner.templates_dir().glob("*.py")):
+        assert layout.notebook_metadata(source) == jupytext.read(source).metadata, source.name
+    assert layout.template_scope(runner.templates_dir() / "induction_checks.py") == "model"
+    plain = tmp_path / "plain.py"
+    plain.write_text("# %%\nx = 1\n")
+    assert layout.notebook_metadata(plain) == {} and layout.template_scope(plain) == "task"
