@@ -17,13 +17,14 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run all report test test-all test-fast bench bench-templates install chromium toy-models sync lint clean-outputs help
+.PHONY: run all report copy test test-all test-fast bench bench-templates install chromium toy-models sync lint clean-outputs help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
 	@echo "make all [JOBS=2] [TASKS='ioi numseq'] [MODELS=...] [TEMPLATES=...] [FORCE=1]"
 	@echo "                               every template x params file x model (skips up-to-date runs); nb_outputs/index.html"
 	@echo "make report                    rebuild nb_outputs/index.html from the results there"
+	@echo "make copy TASK=ioi TEMPLATE=minimal_circuit [MODEL=...] [TO=work]  a template as your own notebook, parameters filled in"
 	@echo "make test                      install and run the test suite (what CI runs; slow tests excluded)"
 	@echo "make test-all                  also the slow tests (every model family's notebooks)"
 	@echo "make test-fast                 the unit tests only (no executed notebooks), for the edit loop"
@@ -52,7 +53,7 @@ chromium:
 
 # User values reach the shell as environment variables, always quoted ("$$TASK"), never pasted into the command
 # line: a value like 'ioi; rm -rf ~' is then just a task name that does not exist.
-export TASK MODEL TEMPLATE THREADS JOBS TASKS MODELS TEMPLATES FORCE LOG
+export TASK MODEL TEMPLATE THREADS JOBS TASKS MODELS TEMPLATES FORCE LOG TO
 
 run: install
 	$(PY) -m helpers.run --task "$$TASK" $${MODEL:+--model "$$MODEL"} --template "$$TEMPLATE" --threads "$$THREADS" $${FORCE:+--force}
@@ -64,6 +65,10 @@ all: install
 
 report: $(STAMP)
 	$(PY) -m helpers.report
+
+# A template as your own notebook, parameters filled in for a task, not executed: work/<task>/<model>/<template>.ipynb
+copy: $(STAMP)
+	$(PY) -m helpers.workcopy --task "$$TASK" --template "$$TEMPLATE" $${MODEL:+--model "$$MODEL"} $${TO:+--to "$$TO"}
 
 test: install
 	$(PY) -m pytest -q tests

@@ -35,7 +35,7 @@ from .layout import model_folder_name, owner
 from .metrics import TaskCheck, check_task, logit_diff
 from .models import load_model, set_threads
 from .params import TaskParams, load_params
-from .plotting import Figures, use_offline_renderer
+from .plotting import Figures, choose_renderer
 from .prompts import PromptSet, make_prompts
 from .run import template_scope
 
@@ -82,7 +82,7 @@ def start_session(template: str, task: str, params_file: str | None = None, mode
     per_model = template_scope(template) == "model"  # runs once per model: no task check, results in _models/<model>/
     out = Path(output_dir) if output_dir else OUTPUTS_DIR / owner(params.task, "model" if per_model else "task") / model_folder_name(params.model)
     out.mkdir(parents=True, exist_ok=True)
-    use_offline_renderer()
+    choose_renderer()
     s = Session(params, model, prompts, out, Figures(out, folder=f"{template}_figures", static=static_images), params.model,
                 Path(input_dir) if input_dir else out)
     if per_model:

@@ -47,7 +47,7 @@ class Sweep:
     name: str
     hook: str
     axes: tuple[tuple[str, int], ...]
-    tl_function: str  # the transformer_lens.patching function with the same result
+    tl_function: str | None  # the transformer_lens.patching function with the same result (None: it has none)
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.{self.hook}"
@@ -150,9 +150,11 @@ def patching_hook_names(model) -> list[str]:
     return resolve_hook_names(model, ["hook_embed", *sorted(per_layer)])
 
 
-def make_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> PatchingContext:
-    """Run clean and corrupted once each, caching only the hooks the sweeps use."""
+def make_context(model, clean_tokens, corrupted_tokens, answer_tokens, extra_hooks: list[str] = ()) -> PatchingContext:
+    """Run clean and corrupted once each, caching only the hooks the sweeps use (plus ``extra_hooks``, e.g. the
+    neuron activations ``neurons.neuron_patching`` patches)."""
     names = patching_hook_names(model)
+    names += [n for n in (resolve_hook_names(model, list(extra_hooks)) if extra_hooks else []) if n not in names]
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
         corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
@@ -246,14 +248,20 @@ def sweep(
     """
     if name not in SWEEPS:
         raise KeyError(f"unknown sweep {name!r}; choose from {sorted(SWEEPS)}")
-    spec = SWEEPS[name]
+    return run_sweep(ctx, SWEEPS[name], None, memory_mb, max_variants, progress)
+
+
+def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None, memory_mb: float = 1024,
+              max_variants: int | None = None, progress: bool = True) -> Float[Tensor, "layer ..."]:
+    """``sweep`` for any ``Sweep`` (also one not in ``SWEEPS``, e.g. ``neurons.NEURONS``), over ``layers`` (default
+    all; result rows in that order). ``ctx`` must cache the sweep's hook for those layers."""
     model = ctx.model
     check_supported(model, spec)
     batch, n_pos = ctx.corrupted_tokens.shape
     chunk = variants_per_chunk(model, batch, n_pos, memory_mb, max_variants)
     rows = []
     show = progress and os.environ.get("CIRCUIT_LAB_PROGRESS", "1") != "0"  # the batch runner sets 0 (quiet saved notebooks)
-    for layer in tqdm(range(model.cfg.n_layers), desc=f"patch {name}", disable=not show, leave=False):
+    for layer in tqdm(range(model.cfg.n_layers) if layers is None else layers, desc=f"patch {spec.name}", disable=not show, leave=False):
         hook_name = resolve_hook_names(model, spec.hook_name(layer))[0]
         clean, corrupted = ctx.clean_cache[hook_name], ctx.corrupted_cache[hook_name]
         shape = variant_shape(spec, clean.shape)

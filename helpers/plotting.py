@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +31,18 @@ import torch
 from .heads import head_label
 
 
-def use_offline_renderer() -> None:
-    """Embed plotly.js in the notebook once, so executed notebooks and their HTML work offline."""
-    pio.renderers.default = "notebook"
+def in_colab() -> bool:
+    """Whether this runs in a Google Colab kernel."""
+    return "google.colab" in sys.modules
+
+
+def choose_renderer() -> str:
+    """Set plotly's renderer for where the notebook runs, and return it: ``"colab"`` in Colab (the renderer Colab
+    displays, as plotly's documentation advises: its output frames do not run the notebook renderer's shared
+    plotly.js); elsewhere ``"notebook"``, which embeds plotly.js once, so executed notebooks and their HTML work
+    offline. (circuitsvis views load their JavaScript from a CDN: Colab shows them; an offline HTML copy does not.)"""
+    pio.renderers.default = "colab" if in_colab() else "notebook"
+    return pio.renderers.default
 
 
 _IMAGE_SERVER: dict[str, bool] = {}

@@ -275,6 +275,7 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
                 ["DLA, negative", head_list(folder.get("circuit_expms", "dla", "top_negative"))],
                 ["output patching", head_list(folder.get("circuit_expms", "patching", "top_heads", "head_out"))]]
         parts.append(table(["top heads by", "heads (value)"], rows, cls="heads"))
+    parts.append(neuron_table(folder))
     parts.append(induction_table(folder))
     roles = role_rows(folder)
     if roles:
@@ -285,6 +286,22 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
                      f'<a href="#{MODEL_SCOPE}-{html.escape(folder.model)}">{html.escape(folder.model)}</a>.</p>')
     parts.append('<div class="figs">' + "".join(figure_links(folder, root, t) for t in folder.results) + "</div>")
     return "\n".join(parts + ["</section>"])
+
+
+def neuron_list(neurons: list[dict] | None, key: str) -> str:
+    return ", ".join(f"L{n['layer']}N{n['neuron']} ({n[key]:+.2f})" for n in neurons or []) or "—"
+
+
+def neuron_table(folder: ResultFolder, k: int = TOP_K) -> str:
+    """Top neurons by DLA and by patching ('' without mlp_neurons results)."""
+    by_dla = folder.get("mlp_neurons", "neuron_dla", "top")
+    if by_dla is None:
+        return ""
+    by_patching = folder.get("mlp_neurons", "neuron_patching", "top") or []
+    layers = folder.get("mlp_neurons", "layers_patched") or []
+    return table(["top neurons by", "neurons (value)"],
+                 [["neuron DLA", neuron_list(by_dla[:k], "dla")],
+                  [f"neuron patching (MLP layers {', '.join(map(str, layers))})", neuron_list(by_patching[:k], "patching")]], cls="heads")
 
 
 def induction_table(folder: ResultFolder) -> str:

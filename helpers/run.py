@@ -7,7 +7,9 @@ Steps of one run (``run_template``): every check that can be made before the fir
 params file, the model folder or hub name, the params against the model's shape, the prompts with the model's
 tokenizer, names and writable output folders), so bad input is one line and exit 2 with nothing written; then,
 holding the lock of this task × model × template (``helpers.layout``), convert the jupytext ``.py`` template to a
-notebook, execute it with papermill into a staging folder, export a static HTML copy, and publish it into
+notebook, execute it with papermill into a staging folder, render its figures' PNG/SVG files (one browser per
+runner process, ``plotting.render_pending``), carry the researcher's notes over from the notebook it replaces (and
+keep that notebook whole if it was edited, ``helpers.notes``), export a static HTML copy, and publish it into
 ``nb_outputs/<task>/<model>/`` atomically (a run killed mid-publish is rolled back by the next). A failure leaves
 that folder untouched and keeps the executed notebook (with papermill's error cell) under ``nb_outputs/.failed/``.
 Exit code 0 when every run succeeded or was up to date, 1 when one failed, 2 on bad input.
@@ -28,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import OUTPUTS_DIR, PROJECT_ROOT, TEMPLATES_DIR, layout, plotting
+from . import OUTPUTS_DIR, PROJECT_ROOT, TEMPLATES_DIR, layout, notes, plotting
 from .models import ModelNotAvailable
 from .params import ParamsError, TaskParams, load_params
 
@@ -100,7 +102,7 @@ def template_notebook(template: str, dest: Path) -> Path:
     src = templates_dir() / f"{template}.py"
     if not src.exists():
         raise FileNotFoundError(f"template {template!r} not found; available: {available_templates()}")
-    nb = jupytext.read(src)
+    nb = notes.mark_template_cells(jupytext.read(src))  # stable cell ids: a rerun carries the researcher's notes by them
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     jupytext.write(nb, dest)
     return dest
@@ -208,6 +210,8 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
     images, image_failure = plotting.render_pending(staging)
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
     out_nb.write_text(out_nb.read_text().replace(str(staging), str(final)))
+    carried = notes.carry_into(final / f"{template}.ipynb", out_nb)  # the researcher's notes; an edited notebook kept whole
+    notes.write_fingerprint(out_nb)  # published with it: a later edit is told from what was written here
     export_html(out_nb)
     try:
         layout.publish(staging, final, template)
@@ -217,7 +221,7 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
         return RunResult(task_name, model_name, template, "failed", time.time() - t0, None,
                          f"could not publish into {final} ({err}); the previous result is unchanged")
     staging.rmdir()
-    note = "; ".join(n for n in (task_note(final / f"{template}.json"),
+    note = "; ".join(n for n in (task_note(final / f"{template}.json"), carried.message(),
                                  f"static images skipped after {images} ({image_failure})" if image_failure else "") if n)
     return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, note)
 

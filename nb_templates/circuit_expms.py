@@ -88,6 +88,9 @@ display(ld.table(prompts).head(8))
 figs.show(plotting.scatter(ld.clean, ld.corrupted, "Logit difference per prompt", "clean logit diff", "corrupted logit diff",
                            hover=prompts.clean_prompts), "logit_diff_per_prompt")
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 2. Direct logit attribution
 #
@@ -115,6 +118,9 @@ top_dla_neg = heads.top_heads(dla.heads, top_k, "neg")
 print("top positive DLA heads:", [(heads.head_label(h), h["value"]) for h in top_dla_pos])
 print("top negative DLA heads:", [(heads.head_label(h), h["value"]) for h in top_dla_neg])
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 3. Attention patterns of the top heads
 #
@@ -128,6 +134,9 @@ print("top negative DLA heads:", [(heads.head_label(h), h["value"]) for h in top
 for group, chosen in [("positive", top_dla_pos), ("negative", top_dla_neg)]:
     print(f"top {group} DLA heads:", [heads.head_label(h) for h in chosen])
     display(plotting.attention_view(model, dla.cache, prompts.clean_tokens, chosen))
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 4. Activation patching
@@ -220,6 +229,9 @@ figs.show(plotting.heatmap(path_to_logits, "Path patching: each sender to the fi
 top_paths = heads.top_heads(path_to_logits, top_k, "abs")
 print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in top_paths])
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 5. Heads by layer band
 #
@@ -235,6 +247,9 @@ for band, layers in bands.items():
     in_band = [h for h in heads.top_heads(sweeps["head_out"], model.cfg.n_layers * model.cfg.n_heads, "abs") if h["layer"] in layers][:4]
     print(f"{band} layers {layers}:", [(heads.head_label(h), h["value"]) for h in in_band])
     display(plotting.attention_view(model, dla.cache, prompts.clean_tokens, in_band))
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 6. Induction, duplicate-token and previous-token scores
@@ -258,6 +273,9 @@ figs.show(plotting.lines(loss_per_token.mean(0), list(range(1, loss_per_token.sh
                          "position", "loss (nats)"), "repeated_tokens_loss")
 top_scores = {name: heads.top_heads(values, top_k, "pos") for name, values in scores.items()}
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 7. Backup heads
 #
@@ -276,6 +294,9 @@ print(f"ablated {heads.head_label(backup.ablated)}: logit diff {backup.logit_dif
 print("heads whose DLA rose most:", [(heads.head_label(h), h["dla_before"], h["dla_after"]) for h in backup.risers])
 figs.show(plotting.scatter(backup.dla_before, backup.dla_after, f"DLA per head before vs after ablating {heads.head_label(backup.ablated)}",
                            "DLA before", "DLA after", hover=s.head_names, diagonal=True), "backup_dla_scatter")
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 8. Results for the next templates
@@ -309,3 +330,12 @@ results = {
     "key_figures": figs.key,
 }
 print("wrote", s.write_results("circuit_expms", results))
+
+# %% [markdown]
+# ## Your conclusions
+#
+# What this notebook shows for your task, what to check next. The notes cells (one per section and this one) are
+# carried into the new notebook when this one is rerun; an edited notebook is also kept whole under `edited/`.
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.

@@ -101,6 +101,9 @@ for sign, values in [("positive", copy.positive), ("negative", copy.negative)]:
     figs.show(plotting.heatmap(values, f"{sign} copy score (% of words in the top {copy_top_k})", "head", "layer", color_label="%",
                                sequential=(0, 100)), f"copy_score_{sign}", key=sign == "positive")
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 2. Attention vs contribution
 #
@@ -126,6 +129,9 @@ for h, label in zip(chosen, labels):
               f"attention_vs_contribution_{label}")
 display(pd.DataFrame(corr_rows).set_index("head").round(4))
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 3. Attention to named positions
 #
@@ -142,6 +148,9 @@ for i, src in enumerate(from_positions):
     values = between[:, :, i].flatten(0, 1)  # [layer*head, word]
     figs.show(plotting.heatmap(values, f"Attention from {src} to each named word", "to", "head", x=list(positions), y=s.head_names,
                                color_label="attention", sequential=(0, 1)), f"attention_from_{src}", key=True)
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 4. Proposed head roles
@@ -167,6 +176,9 @@ print("movers:", [head_label(h) for h in movers] or "none")
 print(roles.roles_summary(role_table, thresholds))
 display(role_table)
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 5. Results for the next templates
 #
@@ -189,3 +201,12 @@ results = {
     "key_figures": figs.key,
 }
 print("wrote", s.write_results("head_functions", results))
+
+# %% [markdown]
+# ## Your conclusions
+#
+# What this notebook shows for your task, what to check next. The notes cells (one per section and this one) are
+# carried into the new notebook when this one is rerun; an edited notebook is also kept whole under `edited/`.
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.

@@ -91,6 +91,9 @@ found = {kind: [h for h in heads.top_heads(values, values.numel(), "pos") if h["
 for kind, hs in found.items():
     print(f"{kind} heads (score >= {score_threshold}):", [(heads.head_label(h), h["value"]) for h in hs] or "none")
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 2. Loss on the repeat
 #
@@ -105,6 +108,9 @@ print(f"mean loss: first r {first:.3f}, second r {second:.3f} (uniform guess: {h
 figs.show(plotting.lines(loss.mean(0), list(range(1, loss.shape[1] + 1)), "Loss per position on BOS, r, r", "position", "loss (nats)"),
           "repeated_tokens_loss")
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 3. Cross-check with TransformerLens `head_detector`
 #
@@ -116,6 +122,9 @@ figs.show(plotting.lines(loss.mean(0), list(range(1, loss.shape[1] + 1)), "Loss 
 # %%
 agreement = heads.head_detector_agreement(model)
 print("max |ours - head_detector| per score:", {k: f"{v:.1e}" for k, v in agreement.items()})
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 4. Patterns on a repeated sentence
@@ -133,6 +142,9 @@ tokens = heads.repeated_tokens(model, text)
 shown = (found["prev_token"] + found["induction"])[:6] or heads.top_heads(scores["induction"], 2, "pos")
 _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{h['layer']}.attn.hook_pattern" for h in shown])
 display(plotting.attention_view(model, cache, tokens, shown))
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 5. K-composition: how previous-token heads feed induction heads
@@ -153,6 +165,9 @@ for p in pairs:
     print(f"  {p['from']} -> {p['to']}: {p['score']:.3f}")
 figs.show(plotting.heatmap(comp.flatten(2).flatten(0, 1), "K-composition score (row: earlier head, column: later head)", "later head",
                            "earlier head", x=s.head_names, y=s.head_names, color_label="score", zmid=baseline), "k_composition")
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 6. Results
@@ -175,3 +190,12 @@ results = {
     "key_figures": figs.key,
 }
 print("wrote", s.write_results("induction_checks", results))
+
+# %% [markdown]
+# ## Your conclusions
+#
+# What this notebook shows for your task, what to check next. The notes cells (one per section and this one) are
+# carried into the new notebook when this one is rerun; an edited notebook is also kept whole under `edited/`.
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.

@@ -119,6 +119,9 @@ print(versus_random.message())
 figs.show(plotting.distribution(controls, faithfulness["circuit"], f"Faithfulness: the circuit against {n_random} random circuits "
                                 "of its shape", "faithfulness", "circuit"), "random_controls", key=True)
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 2. Minimality
 #
@@ -133,6 +136,9 @@ minimal = circuits.minimality(ev, proposed, minimality_max_k)
 display(pd.DataFrame(minimal).T.sort_values("score", ascending=False))
 figs.show(plotting.bars([m["score"] for m in minimal.values()], list(minimal), "Minimality: change in faithfulness when v is removed with K",
                         "head v", "|F(C \\ (K ∪ {v})) − F(C \\ K)|", color=[m["group"] for m in minimal.values()]), "minimality")
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 3. Completeness
@@ -150,6 +156,9 @@ if complete:
                                "full model without K", "circuit without K", hover=[", ".join(c["K"]) for c in complete], diagonal=True),
               "completeness")
     print(f"mean |F(C\\K) - F(M\\K)| over {len(complete)} subsets: {sum(abs(c['circuit'] - c['model']) for c in complete) / len(complete):.3f}")
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 4. Path patching
@@ -181,6 +190,9 @@ display(pd.DataFrame(direct).sort_values("exact path", key=abs, ascending=False)
 if direct_note:
     print("not compared:", direct_note)
 
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
 # %% [markdown]
 # ## 5. Backup heads
 #
@@ -195,6 +207,9 @@ backup = upstream["backup"]
 print(f"ablated {heads.head_label(backup['ablated'])}: logit diff {backup['logit_diff_before']:.3f} -> {backup['logit_diff_after']:.3f}")
 display(pd.DataFrame([{"head": heads.head_label(h), "DLA before": h["dla_before"], "DLA after": h["dla_after"],
                        "in the circuit": heads.head_label(h) in proposed.heads} for h in backup["risers"]]).round(3))
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 6. Circuit diagram
@@ -211,6 +226,9 @@ edges = circuits.circuit_edges(members, to_logits, effects)
 nodes = circuits.circuit_nodes(proposed, n_layers, n_heads)
 figs.show(plotting.circuit_diagram(nodes, edges, f"Circuit for {s.params.task} on {s.model_name} (faithfulness {faithfulness['circuit']:.2f})"),
           "circuit_diagram", formats=("png", "svg"), key=True)
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
 # ## 7. Results
@@ -240,3 +258,12 @@ results = {
     "key_figures": figs.key,
 }
 print("wrote", s.write_results("minimal_circuit", results))
+
+# %% [markdown]
+# ## Your conclusions
+#
+# What this notebook shows for your task, what to check next. The notes cells (one per section and this one) are
+# carried into the new notebook when this one is rerun; an edited notebook is also kept whole under `edited/`.
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import helpers.run as runner
-from helpers import PARAMS_DIR, batch, plotting, report
+from helpers import PARAMS_DIR, batch, notes, plotting, report
 from helpers.report import write_report
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # a displayed figure's div id
@@ -194,6 +194,30 @@ def test_induction_checks_find_the_induction_circuit(outputs):
     assert data["k_composition"]["pairs"] and max(p["score"] for p in data["k_composition"]["pairs"]) > data["k_composition"]["baseline"]
 
 
+def test_notes_survive_a_rerun_and_an_edited_notebook_is_kept(outputs):
+    published = outputs / "_models" / "toy-induction" / "induction_checks.ipynb"
+    if not published.exists():
+        assert runner.run_template("ioi", "induction_checks", "toy-induction", threads=2, progress=False).status == "ok"
+    assert not notes.was_edited(published)
+    nb = nbformat.read(published, as_version=4)
+    notes_cells = [c for c in nb.cells if notes.NOTES_TAG in c.metadata.get("tags", [])]
+    assert len(notes_cells) >= 6  # one per section and one for conclusions
+    notes_cells[0].source = "L0H1 attends to the previous token; compare with gpt2-small"
+    first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "import" in c.source)
+    nb.cells.insert(first_code + 1, nbformat.v4.new_markdown_cell("my own cell after the imports"))
+    nbformat.write(nb, published)
+
+    again = runner.run_template("ioi", "induction_checks", "toy-induction", threads=2, progress=False)
+    assert again.status == "ok" and "notes carried over (1 notes cells, 1 inserted cells)" in again.message, again.message
+    sources = [c.source for c in nbformat.read(published, as_version=4).cells]
+    assert "L0H1 attends to the previous token; compare with gpt2-small" in sources
+    assert "import" in sources[sources.index("my own cell after the imports") - 1]
+    assert "compare with gpt2-small" in published.with_suffix(".html").read_text()
+    kept = list((published.parent / notes.EDITED_DIR).glob("induction_checks-*.ipynb"))
+    assert len(kept) == 1 and "my own cell after the imports" in kept[0].read_text()
+    assert not notes.was_edited(published)  # the new notebook is recorded as written
+
+
 def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
     result = runner.run_template("ioi", "minimal_circuit", "toy-ioi", n_prompts=16, threads=2, progress=False,
                                  extra_parameters={"n_random": 5, "completeness_subsets": 5, "minimality_max_k": 1})
@@ -208,7 +232,8 @@ def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
     assert data["faithfulness"]["full model (all heads)"] == pytest.approx(1.0, abs=1e-5)
     assert all(m["score"] >= 0 for m in data["minimality"].values())
     assert (out / "circuit.json").exists()
-    if data["figures"]:
+    assert data["backup"]["risers"] and all("in_circuit" in h for h in data["backup"]["risers"])  # read from circuit_expms
+    if plotting.browser_found():
         assert (out / "minimal_circuit_figures" / "circuit_diagram.svg").stat().st_size > 1000
 
 

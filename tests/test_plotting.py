@@ -87,3 +87,19 @@ def test_a_pending_figure_that_cannot_be_rendered_is_one_line_and_leaves_nothing
     monkeypatch.setattr(plotting, "write_image", fail)
     assert plotting.render_pending(tmp_path) == (0, "a.png: RuntimeError: Chrome crashed")
     assert list(figs.dir.iterdir()) == []
+
+
+def test_the_renderer_is_the_one_colab_shows_in_colab_and_offline_elsewhere(monkeypatch):
+    import sys
+    import types
+
+    import plotly.io as pio
+
+    monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)  # restored after the test
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert plotting.choose_renderer() == "notebook" == pio.renderers.default
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert plotting.choose_renderer() == "colab" == pio.renderers.default
+    fig = plotting.heatmap(np.eye(2), "t", "x", "y")
+    html = pio.renderers[pio.renderers.default].to_mimebundle(fig.to_dict())["text/html"]
+    assert "cdn.plot.ly" in html or "plotly-" in html  # each output loads plotly.js itself, as Colab's frames need

@@ -63,3 +63,13 @@ def test_per_model_results_are_shared_by_every_task_and_run_times_shown(tmp_path
     page = report.write_report(tmp_path).read_text()
     assert page.count('id="_models-m"') == 1 and "m · every task" in page and "42 s" in page
     assert page.count("loss on the repeat (induction)") == 2  # in each task's key numbers
+
+
+def test_the_card_lists_the_top_neurons_when_mlp_neurons_ran(tmp_path):
+    from helpers.report import ResultFolder, folder_section
+
+    neurons = {"layers_patched": [0, 3], "neuron_dla": {"top": [{"layer": 3, "neuron": 17, "dla": 0.52}]},
+               "neuron_patching": {"top": [{"layer": 0, "neuron": 5, "patching": -0.21}]}}
+    card = folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {"mlp_neurons": neurons}), tmp_path)
+    assert "L3N17 (+0.52)" in card and "L0N5 (-0.21)" in card and "MLP layers 0, 3" in card
+    assert "top neurons" not in folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {}), tmp_path)
