@@ -91,20 +91,21 @@ def attribution_patch(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
     answer_tokens: Int[Tensor, "batch 2"],
-    names: Iterable[str],
+    names: Iterable[str | Sweep],
     ig_steps: int = 0,
 ) -> Attribution:
-    """Attribution estimate of each named sweep, normalised like ``patching.sweep`` (corrupted 0, clean 1).
+    """Attribution estimate of each named sweep (a name in ``SWEEPS`` or a ``Sweep``, e.g. ``neurons.NEURONS``),
+    normalised like ``patching.sweep`` (corrupted 0, clean 1); keyed by sweep name.
 
     Plain: a clean forward (caching only the hooks needed), then one corrupted forward and backward for all
     sweeps at once. ``ig_steps > 0``: integrated gradients along the embedding path (EAP-IG), which needs one
     more corrupted forward for the corrupted activations.
     """
-    names = list(names)
-    unknown = [n for n in names if n not in SWEEPS]
+    unknown = [n for n in names if isinstance(n, str) and n not in SWEEPS]
     if unknown:
         raise KeyError(f"unknown sweep(s) {unknown}; choose from {sorted(SWEEPS)}")
-    per_sweep = {n: [SWEEPS[n].hook_name(layer) for layer in range(model.cfg.n_layers)] for n in names}
+    specs = {spec.name: spec for spec in (SWEEPS[n] if isinstance(n, str) else n for n in names)}  # also sweeps outside SWEEPS
+    per_sweep = {n: [spec.hook_name(layer) for layer in range(model.cfg.n_layers)] for n, spec in specs.items()}
     hook_names = resolve_hook_names(model, sorted({h for hs in per_sweep.values() for h in hs}))
     cache_names = hook_names + ([EMBED_HOOK] if ig_steps else [])
     with torch.no_grad():
@@ -121,7 +122,7 @@ def attribution_patch(
     scale = 1.0 / (clean_ld - corr_ld)  # d normalised / d logit diff
     values = {
         name: torch.stack(
-            [reduce_to_layout(SWEEPS[name], (clean_cache[h] - corr_acts[h]) * grads[h]) * scale for h in hooks]
+            [reduce_to_layout(specs[name], (clean_cache[h] - corr_acts[h]) * grads[h]) * scale for h in hooks]
         ).cpu()
         for name, hooks in per_sweep.items()
     }

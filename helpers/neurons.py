@@ -27,6 +27,7 @@ from transformer_lens import utilities as utils
 from transformer_lens.ActivationCache import ActivationCache
 
 from .attribution import project_stack
+from .attribution_patching import attribution_patch
 from .metrics import normalised
 from .patching import PatchingContext, Sweep, run_patched_from_layer, run_sweep
 
@@ -99,10 +100,24 @@ def neuron_dla(model, cache: ActivationCache, direction: Float[Tensor, "batch d_
     return NeuronDLA(per_prompt.cpu(), bias.cpu(), mlp.cpu(), error, caveats(model))
 
 
-def neuron_patching(ctx: PatchingContext, layers: list[int], memory_mb: float = 1024) -> Float[Tensor, "layer neuron"]:
+def neuron_patching(ctx: PatchingContext, layers: list[int], memory_mb: float = 1024,
+                    only: dict[int, Tensor] | None = None) -> Float[Tensor, "layer neuron"]:
     """Normalised effect of patching each neuron of ``layers`` (all positions) from clean into corrupted; rows in
-    the order of ``layers``. ``ctx`` must cache their ``hook_post`` (``make_context(..., extra_hooks=neuron_hook_names(...))``)."""
-    return run_sweep(ctx, NEURONS, layers, memory_mb)
+    the order of ``layers``. ``ctx`` must cache their ``hook_post`` (``make_context(..., extra_hooks=neuron_hook_names(...))``).
+    ``only``: per layer, the neurons to patch (e.g. ``candidates``); the others are NaN."""
+    return run_sweep(ctx, NEURONS, layers, memory_mb, only=only)
+
+
+def neuron_attribution(model, clean_tokens: Tensor, corrupted_tokens: Tensor, answer_tokens: Tensor) -> Float[Tensor, "layer neuron"]:
+    """Attribution-patching estimate of every neuron's patching effect (gradient at the corrupted run × clean −
+    corrupted activation, summed over positions and prompts; normalised): one forward and one backward for all
+    neurons of all layers. Summed over a layer's neurons it equals the same estimate for its ``mlp_out`` (linearity)."""
+    return attribution_patch(model, clean_tokens, corrupted_tokens, answer_tokens, [NEURONS]).values[NEURONS.name]
+
+
+def candidates(estimate: Float[Tensor, "layer neuron"], layers: list[int], n: int | None) -> dict[int, Tensor]:
+    """Per layer, the ``n`` neurons with the largest |estimate| (all when ``n`` is None or at least the layer's width)."""
+    return {layer: estimate[layer].abs().argsort(descending=True)[:n] for layer in layers}
 
 
 def all_neurons_patched(ctx: PatchingContext, layer: int, hook: str | None = None) -> float:
@@ -144,5 +159,5 @@ def output_tokens(model, layer: int, neuron: int, k: int = 8) -> dict[str, list[
             "suppressed": [(decode([int(i)]), float(-v)) for v, i in zip(down.values, down.indices)]}
 
 
-__all__ = ["NEURONS", "NeuronDLA", "neuron_dla", "neuron_patching", "all_neurons_patched", "mlp_layer_scores", "top_activating", "output_tokens",
+__all__ = ["NEURONS", "NeuronDLA", "neuron_dla", "neuron_patching", "all_neurons_patched", "mlp_layer_scores", "neuron_attribution", "candidates", "top_activating", "output_tokens",
            "top_neurons", "neuron_hook_names", "post_hook", "caveats"]

@@ -252,9 +252,10 @@ def sweep(
 
 
 def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None, memory_mb: float = 1024,
-              max_variants: int | None = None, progress: bool = True) -> Float[Tensor, "layer ..."]:
+              max_variants: int | None = None, progress: bool = True, only: dict[int, Tensor] | None = None) -> Float[Tensor, "layer ..."]:
     """``sweep`` for any ``Sweep`` (also one not in ``SWEEPS``, e.g. ``neurons.NEURONS``), over ``layers`` (default
-    all; result rows in that order). ``ctx`` must cache the sweep's hook for those layers."""
+    all; result rows in that order). ``ctx`` must cache the sweep's hook for those layers. ``only``: per layer, the
+    flat indices of the variants to run; the others are NaN (not computed), never a made-up 0."""
     model = ctx.model
     check_supported(model, spec)
     batch, n_pos = ctx.corrupted_tokens.shape
@@ -268,6 +269,11 @@ def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None
         variants = torch.arange(math.prod(shape))
         live = variants[changed_variants(spec, clean, corrupted, variants)]
         ld = torch.full((len(variants),), ctx.corrupted_logit_diff)
+        if only is not None:
+            selected = torch.zeros(len(variants), dtype=torch.bool)
+            selected[only[layer]] = True
+            ld[~selected] = float("nan")
+            live = live[selected[live]]
         for part in live.split(chunk):
             ld[part] = run_patched_from_layer(ctx, layer, hook_name, variant_masks(spec, clean.shape, part)).mean(-1).cpu()
         rows.append(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff).reshape(shape))

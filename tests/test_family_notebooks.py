@@ -1,4 +1,4 @@
-"""All four templates execute with no error cell on every model family (tiny random-init models).
+"""Every template executes with no error cell on every model family (tiny random-init models).
 
 Random weights do not do the task: the notebooks must then say so (the normalisation warning in the JSON)
 rather than print nonsense silently. Llama (rotary, RMSNorm, GQA) runs in the default suite; the other
@@ -17,7 +17,7 @@ from helpers import batch
 from helpers.families import FAMILIES
 
 FAST = {"llama"}
-TEMPLATES = ["circuit_expms", "head_functions", "minimal_circuit", "induction_checks"]
+TEMPLATES = sorted(p.stem for p in runner.templates_dir().glob("*.py"))  # every template, as make all runs them
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES])
@@ -28,8 +28,8 @@ def test_every_template_executes(family, family_dirs, tmp_path, monkeypatch):
     report = batch.run_batch(["ioi"], models=[str(model_dir)], options=options)
     assert {r.template: r.status for r in report.results} == dict.fromkeys(TEMPLATES, "ok"), report.table()
     out = tmp_path / "ioi" / model_dir.name
-    for template in TEMPLATES:  # induction_checks runs once per model, into _models/
-        folder = tmp_path / "_models" / model_dir.name if template == "induction_checks" else out
+    for template in TEMPLATES:  # a per-model template (induction_checks) runs once per model, into _models/
+        folder = tmp_path / "_models" / model_dir.name if runner.template_scope(template) == "model" else out
         nb = nbformat.read(folder / f"{template}.ipynb", as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     results = json.loads((out / "circuit_expms.json").read_text())

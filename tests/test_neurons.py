@@ -66,6 +66,26 @@ def test_all_neurons_patched_equal_mlp_out_patched_and_one_neuron_equals_a_plain
     for row, lay in ((0, layer), (1, 0)):
         for neuron in (0, d_mlp - 1, int(effects[row].abs().argmax())):
             assert float(effects[row, neuron]) == pytest.approx(_plain_neuron_patch(ctx, lay, neuron), abs=1e-4)
+    picked = torch.tensor([3, 0, d_mlp - 2])
+    subset = neurons.neuron_patching(ctx, [layer], only={layer: picked})[0]
+    assert torch.allclose(subset[picked], effects[0, picked], atol=1e-6)  # the same numbers as the full sweep
+    rest = torch.ones(d_mlp, dtype=torch.bool)
+    rest[picked] = False
+    assert subset[rest].isnan().all()  # not computed is NaN, never a made-up 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_neuron_attribution_adds_up_to_the_mlp_out_attribution(family, family_models):
+    from helpers.attribution_patching import attribution_patch
+
+    model, prompts = family_models(family)
+    est = neurons.neuron_attribution(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    mlp = attribution_patch(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, ["mlp_out"]).values["mlp_out"]
+    assert est.shape[0] == model.cfg.n_layers
+    if not neurons.caveats(model):  # mlp_out is linear in the neurons: first-order estimates add up exactly
+        assert torch.allclose(est.sum(1), mlp.sum(1), atol=1e-4, rtol=1e-4), (est.sum(1), mlp.sum(1))
+    chosen = neurons.candidates(est, [0], 3)[0]
+    assert est[0, chosen].abs().min() >= est[0].abs().sort(descending=True).values[2] - 1e-9
 
 
 def test_toy_ioi_top_neurons_their_tokens_and_activations(toy_ioi, ioi_prompts):

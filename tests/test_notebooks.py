@@ -273,3 +273,23 @@ def test_report_renders_in_headless_chromium(first_batch, outputs, tmp_path):
     ink = (pixels.min(axis=2) < 200).mean()
     blue = ((pixels[..., 2] - pixels[..., 0]) > 60).mean()  # the matrix cells and the heatmap thumbnails
     assert ink > 0.02 and blue > 0.002, f"the page looks blank: {ink:.3%} ink, {blue:.3%} blue"
+
+
+def test_mlp_neurons_opens_up_the_top_mlp_layers(ioi_run, outputs):
+    result = runner.run_template("ioi", "mlp_neurons", "toy-ioi", n_prompts=16, threads=2, progress=False, extra_parameters={"n_exact": 8})
+    assert result.status == "ok", result.message
+    out = outputs / "ioi" / "toy-ioi"
+    nb = nbformat.read(out / "mlp_neurons.ipynb", as_version=4)
+    assert not executed_errors(out / "mlp_neurons.ipynb")
+    stderr = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                     if o.output_type == "stream" and o.name == "stderr")
+    assert "Warning" not in stderr and "helpers/" not in stderr, stderr[:2000]
+    data = json.loads((out / "mlp_neurons.json").read_text())
+    scores = {int(k): v for k, v in data["layer_scores"].items()}
+    assert data["layers_patched"] == sorted(sorted(scores, key=scores.get, reverse=True)[:2])  # the top 2 by mlp_out patching
+    assert data["neuron_dla"]["identity_error"] < 1e-4
+    for check in data["neuron_patching"]["checks"]:
+        assert check["all neurons patched"] == pytest.approx(check["mlp_out patched (all positions)"], abs=1e-4)
+        assert check["neurons patched exactly"] == 8
+    assert len(data["neuron_patching"]["top"]) == 10 and data["neuron_patching"]["spearman_estimate_vs_exact"] > 0.5
+    assert all(len(rows) == 5 for rows in data["top_activating"].values()) and data["output_tokens"]
