@@ -63,8 +63,9 @@ import pandas as pd
 from IPython.display import display
 from scipy.stats import pearsonr
 
-from helpers import experiments, head_functions, plotting, roles
+from helpers import experiments, head_functions, plotting, roles, weights_circuits
 from helpers.heads import head_label
+from helpers.patching import NotSupported
 
 s = experiments.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
@@ -180,7 +181,50 @@ display(role_table)
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
-# ## 5. Results for the next templates
+# ## 5. The heads' circuits in the weights
+#
+# **How it works.** (Elhage et al. 2021.) From the weights alone, no prompts: the full OV circuit
+# `W_E W_OV W_U` on the task's words (the tokens at the named word positions) says what a head writes when it
+# attends to a word; a copying head puts the word's own logit first (share of words where it does; mean rank of the
+# own logit, 0 = top). Once through the token embedding alone and once with MLP0's output added (MLP0 acts as an
+# extended embedding in GPT-2-style models). The positional QK circuit (learned position embeddings through the
+# head's QK) gives the attention each position would pay to the one before it from position alone: previous-token
+# heads stand out. The full QK circuit of the first chosen head on the task's words is drawn too.
+#
+# **How to interpret.** A mover should copy in the weights as well as on the prompts (section 1); compare with
+# the all-heads baseline row. These read one path through the model (token or position alone), so they support or
+# question a role; the prompt-based scores decide. Rotary models have no position embedding to read.
+
+# %%
+word_tokens = prompts.clean_tokens[:, list(positions.values())].unique()
+ov = weights_circuits.ov_copying(model, word_tokens)
+ov_mlp0 = weights_circuits.ov_copying(model, word_tokens, effective_embedding=True)
+weights_table = pd.DataFrame({"OV copies (share of words)": [float(ov.top1[h["layer"], h["head"]]) for h in chosen],
+                              "own-logit mean rank": [float(ov.mean_rank[h["layer"], h["head"]]) for h in chosen],
+                              "with MLP0: copies": [float(ov_mlp0.top1[h["layer"], h["head"]]) for h in chosen]}, index=labels)
+weights_table.loc["baseline: all heads, mean"] = [float(ov.top1.mean()), float(ov.mean_rank.mean()), float(ov_mlp0.top1.mean())]
+print(f"{len(word_tokens)} distinct words at the named positions")
+display(weights_table.round(3))
+figs.show(plotting.heatmap(ov_mlp0.top1, "OV circuit (with MLP0) copies the word: share of the task's words", "head", "layer",
+                           color_label="share", sequential=(0, 1)), "ov_copying")
+try:
+    positional = weights_circuits.previous_token_offsets(model, min(32, prompts.n_pos * 2), 3)[..., 1]
+    figs.show(plotting.heatmap(positional, "Attention to the previous position, from position embeddings alone", "head", "layer",
+                               color_label="attention", sequential=(0, 1)), "positional_previous_token")
+except NotSupported as err:
+    positional = None
+    print(err)
+first = chosen[0]
+words_str = [model.tokenizer.decode([int(t)]) for t in word_tokens]
+figs.show(plotting.heatmap(weights_circuits.qk_tokens(model, first["layer"], first["head"], word_tokens),
+                           f"{labels[0]}: full QK circuit on the task's words (score, before softmax)", "source word",
+                           "destination word", x=words_str, y=words_str, color_label="score"), "qk_words")
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
+# %% [markdown]
+# ## 6. Results for the next templates
 #
 # Everything above, as data: `head_functions.json` next to this notebook.
 
@@ -195,6 +239,8 @@ results = {
                     "table": copy_table.reset_index(names="head").to_dict("records")},
     "attention_vs_contribution": {"pearson_all_heads": corr, "table": corr_rows},
     "attention_between": {"from": list(from_positions), "to": list(positions), "values": between},
+    "weights": {"n_words": len(word_tokens), "ov_copying": ov.top1, "ov_mean_rank": ov.mean_rank, "ov_copying_with_mlp0": ov_mlp0.top1,
+                "positional_previous_token": positional, "table": weights_table.reset_index(names="head").to_dict("records")},
     "roles": {"thresholds": thresholds.model_dump(), "table": role_table.reset_index().to_dict("records"),
               "summary": roles.roles_summary(role_table, thresholds)},
     "figures": figs.saved,

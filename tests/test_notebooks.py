@@ -168,6 +168,9 @@ def test_head_functions_reads_the_circuit_json(head_functions_run, outputs):
     assert {(h["layer"], h["head"]) for h in data["heads"]} == expected
     copy = data["copy_scores"]
     assert all(0 <= v <= 100 for row in copy["positive"] + copy["negative"] for v in row)
+    weights = data["weights"]  # from the weights alone: OV copying on the task's words, positional previous-token attention
+    assert weights["n_words"] > 10 and len(weights["ov_copying"]) == 4 and len(weights["positional_previous_token"]) == 4
+    assert all(0 <= v <= 1 for row in weights["ov_copying"] + weights["ov_copying_with_mlp0"] + weights["positional_previous_token"] for v in row)
     table = {row["head"]: row for row in data["roles"]["table"]}
     assert set(table) == {f"L{l}H{h}" for l, h in expected}
     assert all(row["role"] in {"mover", "negative mover", "inhibition-like", "induction", "duplicate-token",

@@ -1,0 +1,130 @@
+"""Weight-based head analyses: what a head's QK and OV circuits do, read from the weights, no prompts needed.
+
+Following Elhage et al. (2021), a head's effect factors into a QK circuit (where it attends: ``W_Q W_Kᵀ``) and an
+OV circuit (what it moves: ``W_V W_O``), both TransformerLens ``FactoredMatrix`` values (``model.QK``, ``model.OV``).
+
+- ``ov_copying``: the full OV circuit ``W_E W_OV W_U`` restricted to a set of tokens (the task's words, or any):
+  row t is what the head writes to the logits when it attends to token t. A copying head puts each token's own logit
+  first: the score is the fraction of tokens whose own logit is the largest in their row, and the mean rank of the
+  own logit (0 = top). Tokens are read through the embedding alone (``W_E``; ``effective_embedding=True`` adds
+  MLP0's output on it, the "extended embedding" view of the IOI paper), through the head's own norm module.
+- ``qk_tokens``: the full QK circuit ``W_E W_QK W_Eᵀ`` on the same tokens (which source token a destination token
+  attends to, from token identity alone).
+- ``positional_qk``: the QK circuit on the learned positional embeddings: the attention a head gives from each
+  position to each earlier one from position alone, and its average over destinations by offset. Previous-token
+  heads peak at offset 1. Rotary models have no positional embedding to read: ``NotSupported``.
+
+These are approximations by design (each reads one path through the model: token or position alone, the layer norm
+applied to that part only); the prompt-based scores (``head_functions``, ``induction_checks``) are the check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import utilities as utils
+
+from .hooks import recording_hook
+from .patching import NotSupported
+
+
+def _normed(model, x: Float[Tensor, "n d_model"], layer: int, norm: str = "ln1") -> Float[Tensor, "n d_model"]:
+    """``x`` through block ``layer``'s own norm module (``ln1`` before attention, ``ln2`` before the MLP) as if it were
+    the whole residual stream at one position."""
+    return getattr(model.blocks[layer], norm)(x[None])[0]
+
+
+def embeddings(model, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> Float[Tensor, "n d_model"]:
+    """Token embeddings (``W_E`` rows); with ``effective_embedding``, plus MLP0's output on each token: the model's
+    own forward on the token alone (one position, no BOS) with layer 0's attention output silenced, so MLP0 sees the
+    token as the first position would (its positional embedding included)."""
+    emb = model.W_E[tokens]
+    if not effective_embedding:
+        return emb
+    store: dict = {}
+    mlp0 = utils.get_act_name("mlp_out", 0)
+    with torch.no_grad():
+        model.run_with_hooks(tokens[:, None], fwd_hooks=[(utils.get_act_name("attn_out", 0), _silence), (mlp0, recording_hook(store, mlp0))],
+                             stop_at_layer=1)
+    return emb + store[mlp0][:, 0]
+
+
+def _silence(act: Tensor, hook=None) -> Tensor:
+    return torch.zeros_like(act)
+
+
+@dataclass
+class OVCopying:
+    """How much each head's OV circuit copies the given tokens (``ov_copying``)."""
+
+    top1: Float[Tensor, "layer head"]  # fraction of tokens whose own logit is the largest in their row
+    mean_rank: Float[Tensor, "layer head"]  # mean rank of the own logit in its row (0 = top; chance ≈ (n - 1) / 2)
+    n_tokens: int
+
+
+@torch.no_grad()
+def ov_circuit(model, layer: int, head: int, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> Float[Tensor, "n n"]:
+    """Full OV circuit on ``tokens``: row i is the logits (over the same tokens) the head writes when it attends
+    fully to token i."""
+    x = _normed(model, embeddings(model, tokens, effective_embedding), layer)
+    return (x @ model.OV[layer, head]).AB @ model.W_U[:, tokens]
+
+
+@torch.no_grad()
+def ov_copying(model, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> OVCopying:
+    """``OVCopying`` of every head on ``tokens`` (module docstring)."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    top1, rank = torch.zeros(n_layers, n_heads), torch.zeros(n_layers, n_heads)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            full = ov_circuit(model, layer, head, tokens, effective_embedding)
+            own = full.diagonal()
+            ranks = (full > own[:, None]).sum(-1).float()
+            top1[layer, head], rank[layer, head] = (ranks == 0).float().mean(), ranks.mean()
+    return OVCopying(top1, rank, len(tokens))
+
+
+@torch.no_grad()
+def qk_tokens(model, layer: int, head: int, tokens: Int[Tensor, "n"]) -> Float[Tensor, "dest src"]:
+    """Full QK circuit on ``tokens`` (attention scores from token identity alone, before the softmax and scaling)."""
+    x = _normed(model, model.W_E[tokens], layer)
+    return (x @ model.QK[layer, head]).AB @ x.T
+
+
+def check_positional(model) -> None:
+    """Raise ``NotSupported`` unless the model adds learned or sinusoidal position embeddings to the residual stream."""
+    kind = getattr(model.cfg, "positional_embedding_type", "standard")
+    if kind != "standard":
+        raise NotSupported(f"positional QK circuits read the positional embeddings; this model has {kind!r} positions "
+                           "(no embedding to read): use the previous-token score on repeated random tokens (induction_checks)")
+
+
+@torch.no_grad()
+def positional_qk(model, layer: int, head: int, n_pos: int) -> Float[Tensor, "dest src"]:
+    """Attention from each of the first ``n_pos`` positions to each earlier one (rows sum to 1), from the positional
+    embeddings alone through the head's QK circuit (scaled and causally masked as the model does)."""
+    check_positional(model)
+    x = _normed(model, model.W_pos[:n_pos], layer)
+    scores = (x @ model.QK[layer, head]).AB @ x.T / model.cfg.d_head ** 0.5
+    mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=scores.device).tril()
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def attention_by_offset(pattern: Float[Tensor, "dest src"], max_offset: int) -> Float[Tensor, "offset"]:
+    """Mean attention at each offset ``dest - src`` in 0..max_offset, over destinations that have that offset."""
+    n = pattern.shape[0]
+    return torch.stack([pattern.diagonal(-k)[max(0, max_offset - k):].mean() if k < n else torch.tensor(float("nan"))
+                        for k in range(max_offset + 1)])
+
+
+def previous_token_offsets(model, n_pos: int = 32, max_offset: int = 4) -> Float[Tensor, "layer head offset"]:
+    """``attention_by_offset`` of every head's positional pattern (``positional_qk``)."""
+    return torch.stack([torch.stack([attention_by_offset(positional_qk(model, layer, head, n_pos), max_offset)
+                                     for head in range(model.cfg.n_heads)]) for layer in range(model.cfg.n_layers)])
+
+
+__all__ = ["OVCopying", "ov_circuit", "ov_copying", "qk_tokens", "positional_qk", "attention_by_offset", "previous_token_offsets",
+           "check_positional", "embeddings"]
