@@ -82,6 +82,27 @@ def logit_lens(cache: ActivationCache, direction: Float[Tensor, "batch d_model"]
     return project_stack(cache, stack, direction), labels
 
 
+def logit_lens_vocabulary(model, cache: ActivationCache, answer_tokens: Int[Tensor, "batch 2"], k: int = 5) -> list[dict]:
+    """The logit lens over the whole vocabulary: at each accumulated residual stream (final position, final norm with
+    the cached scale, unembedding), the mean rank of the correct and incorrect answers (0 = top), how often the correct
+    one is the top token, and the ``k`` tokens most often on top across prompts. After the last layer this is the
+    model's own ranking (soft-capping, where present, does not change ranks)."""
+    incl_mid = "blocks.0.hook_resid_mid" in cache.cache_dict
+    stack, labels = cache.accumulated_resid(layer=-1, incl_mid=incl_mid, pos_slice=-1, return_labels=True)
+    logits = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1) @ model.W_U + model.b_U  # [component, batch, vocab]
+    rows = []
+    for label, layer_logits in zip(labels, logits):
+        answer = layer_logits.gather(-1, answer_tokens)  # [batch, 2]
+        ranks = (layer_logits[:, None, :] > answer[..., None]).sum(-1).float()  # [batch, 2]
+        top = layer_logits.argmax(-1)
+        ids, counts = top.unique(return_counts=True)
+        common = ids[counts.argsort(descending=True)][:k]
+        rows.append({"after": label, "rank correct": float(ranks[:, 0].mean()), "rank incorrect": float(ranks[:, 1].mean()),
+                     "correct is top": float((ranks[:, 0] == 0).float().mean()),
+                     "most frequent top tokens": [model.tokenizer.decode([int(t)]) for t in common]})
+    return rows
+
+
 def layer_dla(cache: ActivationCache, direction: Float[Tensor, "batch d_model"]) -> tuple[Float[Tensor, "component batch"], list[str]]:
     """DLA of embeddings and each layer's attention and MLP output."""
     stack, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)

@@ -59,7 +59,7 @@ import pandas as pd
 from IPython.display import display
 from transformer_lens import utilities
 
-from helpers import attribution_patching, experiments, heads, patching, path_patching, plotting
+from helpers import attribution, attribution_patching, experiments, heads, patching, path_patching, plotting
 
 s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
@@ -100,6 +100,9 @@ figs.show(plotting.scatter(ld.clean, ld.corrupted, "Logit difference per prompt"
 # projection to the accumulated residual stream after each half layer. The contributions of all components
 # plus the unembedding-bias difference add up to the logit difference exactly (the identity error is printed).
 #
+# The table reads the logit lens over the whole vocabulary: after each layer, the mean rank of the correct and
+# incorrect answers (0 = top), how often the correct one is already the top token, and the tokens most often on top.
+#
 # **How to interpret.** Where the logit lens jumps, the layers above write the answer. Heads with large
 # positive DLA push the correct answer directly (mover-like); large negative ones push against it. DLA says
 # nothing about indirect effects: a head can matter by feeding later heads, which patching reveals.
@@ -109,6 +112,8 @@ dla = experiments.direct_logit_attribution(s)
 print(dla.summary())
 figs.show(plotting.lines(dla.lens, dla.lens_labels, "Logit lens: logit difference of the accumulated residual stream",
                          "residual stream after", "logit difference"), "logit_lens")
+lens_vocabulary = attribution.logit_lens_vocabulary(model, dla.cache, prompts.answer_tokens)
+display(pd.DataFrame(lens_vocabulary).set_index("after").round(2))
 figs.show(plotting.lines(dla.layers, dla.layer_labels, "DLA per layer component", "component", "logit difference contribution"),
           "dla_layers")
 figs.show(plotting.heatmap(dla.heads, "DLA per head (clean prompts, final position)", "head", "layer",
@@ -314,6 +319,7 @@ results = {
                    "clean_per_prompt": ld.clean, "corrupted_per_prompt": ld.corrupted},
     "dla": {"identity_error": dla.identity_error, "layer_identity_error": dla.layer_identity_error, "exact": dla.exact,
             "caveats": dla.caveats, "logit_lens": dict(zip(dla.lens_labels, dla.lens.tolist())),
+            "logit_lens_vocabulary": lens_vocabulary,
             "layers": dict(zip(dla.layer_labels, dla.layers.tolist())), "heads": dla.heads,
             "top_positive": top_dla_pos, "top_negative": top_dla_neg},
     "patching": {"values": sweeps, "layouts": {name: patching.layout(model, name) for name in sweeps}, "top_heads": top_patch,

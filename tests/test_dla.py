@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import attribution as A
 from helpers.hooks import run_with_checked_cache
 from helpers.metrics import logit_diff
@@ -46,3 +48,17 @@ def _bias_part(model, cache, direction, layer):
     b_O = model.b_O[layer]
     stack = b_O.expand(1, direction.shape[0], -1)
     return A.project_stack(cache, stack, direction)[0]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_logit_lens_over_the_vocabulary_ends_with_the_models_own_ranking(family, family_models):
+    model, prompts = family_models(family)
+    logits, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_names(model))
+    rows = A.logit_lens_vocabulary(model, cache, prompts.answer_tokens, k=3)
+    final = logits[:, -1]
+    answer = final.gather(-1, prompts.answer_tokens)
+    ranks = (final[:, None, :] > answer[..., None]).sum(-1).float()
+    assert rows[-1]["rank correct"] == pytest.approx(float(ranks[:, 0].mean()))  # soft-capping keeps the ranking
+    assert rows[-1]["rank incorrect"] == pytest.approx(float(ranks[:, 1].mean()))
+    assert rows[-1]["correct is top"] == pytest.approx(float((final.argmax(-1) == prompts.answer_tokens[:, 0]).float().mean()))
+    assert len(rows) > model.cfg.n_layers and all(len(r["most frequent top tokens"]) <= 3 for r in rows)
