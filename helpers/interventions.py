@@ -259,11 +259,12 @@ def hook_takes_effect(model, hook: str) -> bool:
             warnings.simplefilter("ignore")
             if "_circuit_lab_probe_output" not in model.__dict__:  # the unedited output, computed once per model
                 model.__dict__["_circuit_lab_probe_output"] = model(tokens)
-            with model.hooks(fwd_hooks=[(hook, _zero)]):
+            with model.hooks(fwd_hooks=[(hook, zero_activation)]):
                 edited = model(tokens)
         verdicts[hook] = bool((edited - model.__dict__["_circuit_lab_probe_output"]).abs().max() > 1e-6)
     return verdicts[hook]
 
 
-def _zero(act: Tensor, hook=None) -> Tensor:
+def zero_activation(act: Tensor, hook=None) -> Tensor:
+    """A forward hook that sets its activation to zero."""
     return torch.zeros_like(act)

@@ -28,13 +28,13 @@ from torch import Tensor
 from transformer_lens import utilities as utils
 
 from .hooks import recording_hook
+from .interventions import zero_activation
 from .patching import NotSupported
 
 
-def _normed(model, x: Float[Tensor, "n d_model"], layer: int, norm: str = "ln1") -> Float[Tensor, "n d_model"]:
-    """``x`` through block ``layer``'s own norm module (``ln1`` before attention, ``ln2`` before the MLP) as if it were
-    the whole residual stream at one position."""
-    return getattr(model.blocks[layer], norm)(x[None])[0]
+def _normed(model, x: Float[Tensor, "n d_model"], layer: int) -> Float[Tensor, "n d_model"]:
+    """``x`` through block ``layer``'s own attention norm (``ln1``) as if it were the whole residual stream at one position."""
+    return model.blocks[layer].ln1(x[None])[0]
 
 
 def embeddings(model, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> Float[Tensor, "n d_model"]:
@@ -47,13 +47,9 @@ def embeddings(model, tokens: Int[Tensor, "n"], effective_embedding: bool = Fals
     store: dict = {}
     mlp0 = utils.get_act_name("mlp_out", 0)
     with torch.no_grad():
-        model.run_with_hooks(tokens[:, None], fwd_hooks=[(utils.get_act_name("attn_out", 0), _silence), (mlp0, recording_hook(store, mlp0))],
+        model.run_with_hooks(tokens[:, None], fwd_hooks=[(utils.get_act_name("attn_out", 0), zero_activation), (mlp0, recording_hook(store, mlp0))],
                              stop_at_layer=1)
     return emb + store[mlp0][:, 0]
-
-
-def _silence(act: Tensor, hook=None) -> Tensor:
-    return torch.zeros_like(act)
 
 
 @dataclass
@@ -65,22 +61,28 @@ class OVCopying:
     n_tokens: int
 
 
-@torch.no_grad()
-def ov_circuit(model, layer: int, head: int, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> Float[Tensor, "n n"]:
-    """Full OV circuit on ``tokens``: row i is the logits (over the same tokens) the head writes when it attends
-    fully to token i."""
-    x = _normed(model, embeddings(model, tokens, effective_embedding), layer)
+def _ov_rows(model, x: Float[Tensor, "n d_model"], layer: int, head: int, tokens: Int[Tensor, "n"]) -> Float[Tensor, "n n"]:
     return (x @ model.OV[layer, head]).AB @ model.W_U[:, tokens]
 
 
 @torch.no_grad()
+def ov_circuit(model, layer: int, head: int, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> Float[Tensor, "n n"]:
+    """Full OV circuit on ``tokens``: row i is the logits (over the same tokens) the head writes when it attends
+    fully to token i."""
+    return _ov_rows(model, _normed(model, embeddings(model, tokens, effective_embedding), layer), layer, head, tokens)
+
+
+@torch.no_grad()
 def ov_copying(model, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> OVCopying:
-    """``OVCopying`` of every head on ``tokens`` (module docstring)."""
+    """``OVCopying`` of every head on ``tokens`` (module docstring). The embeddings (and MLP0's forward) are computed
+    once, the norm once per layer."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     top1, rank = torch.zeros(n_layers, n_heads), torch.zeros(n_layers, n_heads)
+    emb = embeddings(model, tokens, effective_embedding)
     for layer in range(n_layers):
+        x = _normed(model, emb, layer)
         for head in range(n_heads):
-            full = ov_circuit(model, layer, head, tokens, effective_embedding)
+            full = _ov_rows(model, x, layer, head, tokens)
             own = full.diagonal()
             ranks = (full > own[:, None]).sum(-1).float()
             top1[layer, head], rank[layer, head] = (ranks == 0).float().mean(), ranks.mean()
