@@ -59,7 +59,7 @@ import pandas as pd
 from IPython.display import display
 from transformer_lens import utilities
 
-from helpers import attribution, attribution_patching, experiments, heads, patching, path_patching, plotting
+from helpers import attribution, attribution_patching, experiments, heads, importance, patching, path_patching, plotting
 
 s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
@@ -234,6 +234,32 @@ figs.show(plotting.heatmap(path_to_logits, "Path patching: each sender to the fi
 top_paths = heads.top_heads(path_to_logits, top_k, "abs")
 print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in top_paths])
 
+# %% [markdown]
+# ### 4d. Loss-based importance: mean-ablate each head
+#
+# **How it works.** Each head's output is replaced, at every position, by its mean over the clean prompts at
+# that position, and the run is compared with the unablated one: the increase in the answer's loss
+# (`-log p(correct)` at the final position), in the mean next-token loss over the prompt and its answer, and
+# the change in logit difference. Unlike patching, this needs no corrupted prompt: it asks whether the model
+# needs the head at all on these prompts.
+#
+# **How to interpret.** Heads that cost answer loss but little logit difference help predict the answer's
+# *kind* (any name) rather than *which* name; heads high in both are the task's heads. A head that matters in
+# patching but not here has a backup that takes over when it is gone (section 7).
+
+# %%
+head_importance = importance.head_importance(model, prompts.clean_tokens, prompts.answer_tokens, patching_memory_mb)
+print(f"unablated: answer loss {head_importance.baseline['answer_loss']:.3f}, sequence loss {head_importance.baseline['sequence_loss']:.3f}, "
+      f"logit diff {head_importance.baseline['logit_diff']:.3f}")
+figs.show(plotting.heatmap(head_importance.answer_loss, "Mean-ablating each head: increase in answer loss (nats)", "head", "layer",
+                           color_label="Δ loss"), "importance_answer_loss")
+figs.show(plotting.heatmap(head_importance.logit_diff, "Mean-ablating each head: change in logit difference", "head", "layer",
+                           color_label="Δ logit diff"), "importance_logit_diff")
+figs.show(plotting.scatter(head_importance.answer_loss, head_importance.logit_diff, "Loss-based vs logit-difference importance",
+                           "Δ answer loss (nats)", "Δ logit diff", hover=s.head_names), "importance_loss_vs_logit_diff")
+top_importance = heads.top_heads(head_importance.answer_loss, top_k, "pos")
+print("heads whose ablation costs the most answer loss:", [(heads.head_label(h), h["value"]) for h in top_importance])
+
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
@@ -328,6 +354,7 @@ results = {
                  "interventions": {name: patching.describe(model, name) for name in sweeps}},
     "attribution_patching": {"values": estimates, "spearman_vs_exact": agreement, "ig_steps": attribution_ig_steps},
     "path_patching": {"to_logits": path_to_logits, "top_senders": top_paths},
+    "importance": {**head_importance.to_json(), "top_answer_loss": top_importance},
     "head_scores": {"values": scores, "top": top_scores, "seq_len": induction_seq_len},
     "backup": {"ablated": backup.ablated, "logit_diff_before": backup.logit_diff_before, "logit_diff_after": backup.logit_diff_after,
                "ln_scale_ratio": backup.ln_scale_ratio, "risers": backup.risers},

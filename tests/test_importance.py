@@ -1,0 +1,61 @@
+"""Loss-based head importance on every family: one head's numbers equal a plain hook on the bridge's own forward
+(loss from the bridge's ``return_type="loss"``), and mean ablation over one prompt (its own mean) changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import importance
+from helpers.families import FAMILIES
+from helpers.metrics import logit_diff
+
+
+def _plain_ablation(model, tokens, answers, layer: int, head: int) -> dict[str, float]:
+    """Independent: run_with_hooks setting one head's z to its per-position mean over the prompts."""
+    full = importance.with_answers(tokens, answers)
+    name = f"blocks.{layer}.attn.hook_z"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(full, names_filter=[name])
+    mean = cache[name].mean(0)
+
+    def ablate(z, hook):
+        z = z.clone()
+        z[:, :, head] = mean[:, head]
+        return z
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(full, fwd_hooks=[(name, ablate)])
+        loss = model.run_with_hooks(full, fwd_hooks=[(name, ablate)], return_type="loss")
+    answer_loss = -logits[:, -2].log_softmax(-1).gather(-1, answers[:, :1]).mean()
+    return {"sequence_loss": float(loss), "answer_loss": float(answer_loss),
+            "logit_diff": float(logit_diff(logits[:, -2:-1], answers).mean())}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_importance_equals_a_plain_hook(family, family_models):
+    model, prompts = family_models(family)
+    result = importance.head_importance(model, prompts.clean_tokens, prompts.answer_tokens, memory_mb=1, progress=False)
+    assert result.answer_loss.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    with torch.no_grad():
+        loss = model(importance.with_answers(prompts.clean_tokens, prompts.answer_tokens), return_type="loss")
+    assert abs(result.baseline["sequence_loss"] - float(loss)) < 1e-4
+    for layer, head in [(0, 1), (model.cfg.n_layers - 1, model.cfg.n_heads - 1)]:
+        plain = _plain_ablation(model, prompts.clean_tokens, prompts.answer_tokens, layer, head)
+        for key, value in plain.items():
+            got = result.baseline[key] + float(getattr(result, key)[layer, head])
+            assert abs(got - value) < 1e-4 * (1 + abs(value)), (key, layer, head, got, value)
+
+
+def test_one_prompt_is_its_own_mean(toy_ioi, ioi_prompts):
+    result = importance.head_importance(toy_ioi, ioi_prompts.clean_tokens[:1], ioi_prompts.answer_tokens[:1], progress=False)
+    for key in ("answer_loss", "sequence_loss", "logit_diff"):
+        assert getattr(result, key).abs().max() < 1e-5
+
+
+def test_toy_ioi_heads_matter(toy_ioi, ioi_prompts):
+    """On the trained model some head's ablation costs answer loss and logit difference, in the same direction."""
+    result = importance.head_importance(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.answer_tokens, progress=False)
+    top = result.answer_loss.flatten().argmax()
+    assert result.answer_loss.flatten()[top] > 0.1
+    assert result.logit_diff.flatten()[top] < 0
