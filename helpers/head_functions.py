@@ -55,31 +55,96 @@ class CopyScores:
     words: list[str]
 
 
-def copy_scores(model, cache, prompts: PromptSet, positions: dict[str, int], k: int = 5) -> CopyScores:
+def ov_outputs(model, resid: Float[Tensor, "batch word d_model"], layer: int, bias: bool = False) -> Float[Tensor, "batch word head d_model"]:
+    """What each head of ``layer`` writes if it attends fully to one position holding ``resid``: the head's norm,
+    its value map and ``W_O``. Under grouped-query attention each query head uses its key/value group's value map.
+
+    ``bias``: add the head's value bias and the layer's output bias (``b_V W_O + b_O``). A head attending to one
+    position outputs that position's value exactly, value bias included (attention weights sum to 1). TransformerLens
+    folds every head's ``b_V W_O`` into the layer's ``b_O`` (``b_V`` then reads 0), and after folding the heads'
+    shares cannot be told apart: adding ``b_O`` is how the value bias is included at all.
+    """
+    n_heads = model.cfg.n_heads
+    x = model.blocks[layer].ln1(resid)
+    W_V = model.W_V[layer]  # [n_kv, d_model, d_head]: one value map per key/value group under GQA
+    v = torch.einsum("bwd,hde->bwhe", x, W_V.repeat_interleave(n_heads // W_V.shape[0], dim=0))
+    out = torch.einsum("bwhe,hed->bwhd", v, model.W_O[layer])
+    return out + output_bias(model, layer) if bias else out
+
+
+def output_bias(model, layer: int) -> Float[Tensor, "head d_model"]:
+    """The constant part of a head's output when it attends to one position: ``b_V W_O + b_O`` (``ov_outputs``)."""
+    W_O = model.W_O[layer]
+    b_V, b_O = bias_or_none(model, "b_V"), bias_or_none(model, "b_O")
+    out = torch.zeros(W_O.shape[0], W_O.shape[-1], dtype=W_O.dtype, device=W_O.device)
+    if b_V is not None:
+        out = out + torch.einsum("he,hed->hd", b_V[layer].repeat_interleave(model.cfg.n_heads // b_V.shape[1], dim=0), W_O)
+    return out + b_O[layer] if b_O is not None else out
+
+
+def bias_or_none(model, name: str) -> Tensor | None:
+    """The stacked bias ``model.<name>`` (e.g. ``b_V``: [layer, head, d_head]), or None for a bias-free model (Llama,
+    Mistral, ...), where the bridge raises instead of returning zeros."""
+    try:
+        return getattr(model, name)
+    except AttributeError:
+        return None
+
+
+def top_k_hits(model, out: Float[Tensor, "... d_model"], targets: Int[Tensor, "..."], k: int) -> Float[Tensor, "..."]:
+    """1.0 where ``targets`` is among the top ``k`` logits of ``out`` read through the final norm and unembedding."""
+    top = model.unembed(model.ln_final(out)).topk(k, dim=-1).indices
+    return (top == targets[..., None]).any(-1).float()
+
+
+def copy_scores(model, cache, prompts: PromptSet, positions: dict[str, int], k: int = 5, bias: bool = False) -> CopyScores:
     """Copy score of every head (IOI paper §3.3).
 
     The residual stream after the first block at each named word's position, pushed through the head's
-    layer norm and OV circuit as if the head attended there fully, then the final layer norm and the
-    unembedding: is the word's own token among the top ``k`` logits? Also with the OV output negated.
+    layer norm and OV circuit as if the head attended there fully (``ov_outputs``; ``bias``: with the value and
+    output biases), then the final layer norm and the unembedding: is the word's own token among the top ``k``
+    logits? Also with the OV output negated (the bias is added after negating: it does not depend on the word).
     """
     pos = list(positions.values())
     resid = cache["blocks.0.hook_resid_post"][:, pos]  # [batch, word, d_model]
     targets: Int[Tensor, "batch word"] = prompts.clean_tokens[:, pos]
     rows = {1: [], -1: []}
-    n_heads = model.cfg.n_heads
     with torch.no_grad():
         for layer in range(model.cfg.n_layers):
-            x = model.blocks[layer].ln1(resid)
-            W_V = model.W_V[layer]  # [n_kv, d_model, d_head]: one value map per key/value group under GQA
-            W_V = W_V.repeat_interleave(n_heads // W_V.shape[0], dim=0)
-            v = torch.einsum("bwd,hde->bwhe", x, W_V)
-            out = torch.einsum("bwhe,hed->bwhd", v, model.W_O[layer])  # [batch, word, head, d_model]
+            out = ov_outputs(model, resid, layer)  # [batch, word, head, d_model]
+            constant = output_bias(model, layer) if bias else 0
             for sign in (1, -1):
-                logits = model.unembed(model.ln_final(sign * out))
-                top = logits.topk(k, dim=-1).indices  # [batch, word, head, k]
-                hit = (top == targets[:, :, None, None]).any(-1).float()
-                rows[sign].append(100 * hit.mean((0, 1)))
+                rows[sign].append(100 * top_k_hits(model, sign * out + constant, targets[:, :, None], k).mean((0, 1)))
     return CopyScores(torch.stack(rows[1]).cpu(), torch.stack(rows[-1]).cpu(), k, list(positions))
+
+
+@dataclass
+class AttendAndCopy:
+    """Copying through QK and OV together: what each head does with the word it attends to most from the end."""
+
+    score: Float[Tensor, "layer head"]  # % of prompts whose most-attended word is in the top k logits of the head's actual output
+    attention_to_words: Float[Tensor, "layer head"]  # mean attention from the end to the named words (sum over words)
+    k: int
+    words: list[str]
+
+
+def attend_and_copy(model, cache, prompts: PromptSet, positions: dict[str, int], k: int = 5, from_pos: int = -1) -> AttendAndCopy:
+    """Does the head attend to a name *and* copy it? Per prompt, the named word the head attends to most from
+    ``from_pos``; a hit when that word's token is among the top ``k`` logits of the head's actual output there
+    (``z @ W_O``, which weighs every position's value by the head's own attention: QK and OV together), read
+    through the final norm and the unembedding as in ``copy_scores``."""
+    pos = list(positions.values())
+    words = prompts.clean_tokens[:, pos]  # [batch, word]
+    n = model.cfg.n_layers
+    score, attention = [], []
+    with torch.no_grad():
+        for layer in range(n):
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, from_pos, pos]  # [batch, head, word]
+            target = words.gather(1, pattern.argmax(-1))  # [batch, head]
+            out = torch.einsum("bhe,hed->bhd", cache[f"blocks.{layer}.attn.hook_z"][:, from_pos], model.W_O[layer])
+            score.append(100 * top_k_hits(model, out, target, k).mean(0))
+            attention.append(pattern.sum(-1).mean(0))
+    return AttendAndCopy(torch.stack(score).cpu(), torch.stack(attention).cpu(), k, list(positions))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import (
@@ -57,6 +58,34 @@ class Analysis(BaseModel):
         return v
 
 
+NOISE_SLOT_RE = re.compile(r"^(?P<slot>[A-Za-z][A-Za-z0-9_]*)(?:#(?P<occ>[1-9][0-9]*))?$")
+
+
+class Corruption(BaseModel):
+    """Another corrupted form of the clean prompt, for analyses that compare several (position vs token signals,
+    causal tracing): a template over the task's slots, or Gaussian noise on some slots' token embeddings."""
+
+    model_config = ConfigDict(extra="forbid")
+    template: str | None = Field(None, description="the prompt with the task's slots rearranged, e.g. the two names flipped")
+    noise: list[str] | None = Field(None, description="slots ('S1', 'S2#2') whose token embeddings get Gaussian noise")
+    scale: float = Field(3.0, gt=0, le=100, description="noise std in units of the std of the clean token embeddings")
+    changes: Literal["position", "token", "both", "other"] = Field(
+        "other", description="what differs from the clean prompt where the answer is read: the position of a word, the word "
+        "(token) at a position, both, or something else; labels the position-vs-token reading")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Corruption":
+        if (self.template is None) == (self.noise is None):
+            raise ValueError("give exactly one of 'template' (a rearranged prompt) or 'noise' (a list of slots)")
+        if self.noise is not None:
+            if not self.noise:
+                raise ValueError("noise: list at least one slot, e.g. noise: [S2]")
+            bad = [n for n in self.noise if not NOISE_SLOT_RE.match(n)]
+            if bad:
+                raise ValueError(f"noise: {bad} are not 'SLOT' or 'SLOT#k'")
+        return self
+
+
 class CircuitSpec(BaseModel):
     """A hand-written circuit: heads grouped by role, and where each is kept (default: every position)."""
 
@@ -95,6 +124,9 @@ class TaskParams(BaseModel):
         default_factory=lambda: {"end": "end"},
         description="named positions: 'end', 'SLOT' (first occurrence), 'SLOT#k' (k-th), with optional +n/-n",
     )
+    corruptions: dict[str, Corruption] = Field(
+        default_factory=dict, description="named extra corruptions (flipped order, exchanged names, noise) for the "
+        "position-vs-token analysis; each a template or noise on slots")
     analysis: Analysis = Analysis()
     circuit: CircuitSpec | None = Field(None, description="a circuit for minimal_circuit; default: built from head_functions.json")
     _source: Path | None = PrivateAttr(default=None)
@@ -149,6 +181,18 @@ class TaskParams(BaseModel):
                 if slot not in self.slot_pools:
                     name = "corrupted_template" if field == "corrupted" else field
                     raise ValueError(f"{name}: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)}); add '{slot}: <pool>' to slots")
+        template_slots = SLOT_RE.findall(self.template)
+        for name, c in self.corruptions.items():
+            if not NAME_RE.fullmatch(name):
+                raise ValueError(f"corruptions: {name!r} is not a name (letters, digits, '_' or '-')")
+            for slot in SLOT_RE.findall(c.template or ""):
+                if slot not in self.slot_pools:
+                    raise ValueError(f"corruptions.{name}.template: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)})")
+            for spec in c.noise or []:
+                m = NOISE_SLOT_RE.match(spec)
+                if template_slots.count(m["slot"]) < int(m["occ"] or 1):
+                    raise ValueError(f"corruptions.{name}.noise: the template has {template_slots.count(m['slot'])} occurrence(s) of "
+                                     f"[{m['slot']}], so {spec!r} names no token; name a slot of the template")
         if not SLOT_RE.search(self.template):
             raise ValueError("template: has no [S1]-style slot, so every prompt would be the same")
         for name, spec in self.positions.items():

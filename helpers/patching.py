@@ -150,13 +150,17 @@ def patching_hook_names(model) -> list[str]:
     return resolve_hook_names(model, ["hook_embed", *sorted(per_layer)])
 
 
-def make_context(model, clean_tokens, corrupted_tokens, answer_tokens, extra_hooks: list[str] = ()) -> PatchingContext:
+def make_context(model, clean_tokens, corrupted_tokens, answer_tokens, extra_hooks: list[str] = (), clean_hooks: list = (),
+                 warn: bool = True) -> PatchingContext:
     """Run clean and corrupted once each, caching only the hooks the sweeps use (plus ``extra_hooks``, e.g. the
-    neuron activations ``neurons.neuron_patching`` patches)."""
+    neuron activations ``neurons.neuron_patching`` patches). ``clean_hooks``: forward hooks applied to the clean
+    run only (e.g. noise on its embeddings, when the "clean" run is a noised source); ``warn``: warn when the
+    clean - corrupted gap is too small to normalise by."""
     names = patching_hook_names(model)
     names += [n for n in (resolve_hook_names(model, list(extra_hooks)) if extra_hooks else []) if n not in names]
     with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
+        with model.hooks(fwd_hooks=list(clean_hooks)):
+            clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
         corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
     ctx = PatchingContext(
         model=model,
@@ -167,7 +171,8 @@ def make_context(model, clean_tokens, corrupted_tokens, answer_tokens, extra_hoo
         clean_logit_diff=logit_diff(clean_logits, answer_tokens).mean().item(),
         corrupted_logit_diff=logit_diff(corr_logits, answer_tokens).mean().item(),
     )
-    check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff)  # warns once, here, if the gap is too small
+    if warn:
+        check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff)  # warns once, here, if the gap is too small
     return ctx
 
 
@@ -252,10 +257,12 @@ def sweep(
 
 
 def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None, memory_mb: float = 1024,
-              max_variants: int | None = None, progress: bool = True, only: dict[int, Tensor] | None = None) -> Float[Tensor, "layer ..."]:
+              max_variants: int | None = None, progress: bool = True, only: dict[int, Tensor] | None = None,
+              raw: bool = False) -> Float[Tensor, "layer ..."]:
     """``sweep`` for any ``Sweep`` (also one not in ``SWEEPS``, e.g. ``neurons.NEURONS``), over ``layers`` (default
     all; result rows in that order). ``ctx`` must cache the sweep's hook for those layers. ``only``: per layer, the
-    flat indices of the variants to run; the others are NaN (not computed), never a made-up 0."""
+    flat indices of the variants to run; the others are NaN (not computed), never a made-up 0. ``raw``: the mean
+    logit difference of each variant instead of the normalised effect."""
     model = ctx.model
     check_supported(model, spec)
     batch, n_pos = ctx.corrupted_tokens.shape
@@ -274,9 +281,9 @@ def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None
             selected[only[layer]] = True
             ld[~selected] = float("nan")
             live = live[selected[live]]
-        for part in live.split(chunk):
+        for part in live.split(chunk) if len(live) else ():  # (an empty tensor splits into one empty part)
             ld[part] = run_patched_from_layer(ctx, layer, hook_name, variant_masks(spec, clean.shape, part)).mean(-1).cpu()
-        rows.append(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff).reshape(shape))
+        rows.append((ld if raw else normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff)).reshape(shape))
     return torch.stack(rows)
 
 

@@ -17,8 +17,30 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .params import POSITION_RE, SLOT_RE, ParamsError, TaskParams
+from .params import (
+    NOISE_SLOT_RE,
+    POSITION_RE,
+    SLOT_RE,
+    Corruption,
+    ParamsError,
+    TaskParams,
+)
 from .vocab import read_pool
+
+
+@dataclass
+class AlternativeRun:
+    """One of the task's extra corruptions (``params.corruptions``), built for the same slot words as the clean prompts.
+
+    A template corruption has its own tokens; a noise corruption reads the clean tokens and adds Gaussian noise
+    to the token embeddings at ``noise_positions`` (``interventions.EmbeddingNoise``).
+    """
+
+    name: str
+    spec: Corruption
+    prompts: list[str]
+    tokens: Int[Tensor, "batch pos"]
+    noise_positions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -35,6 +57,7 @@ class PromptSet:
     positions: dict[str, int]  # name -> token index, the same for every prompt
     position_labels: list[str]  # one per token index, slots shown as [S1]
     dropped_words: dict[str, list[str]] = field(default_factory=dict)
+    alternatives: dict[str, AlternativeRun] = field(default_factory=dict)  # params.corruptions, by name
 
     @property
     def n_pos(self) -> int:
@@ -49,6 +72,8 @@ class PromptSet:
         self.clean_tokens = self.clean_tokens.to(device)
         self.corrupted_tokens = self.corrupted_tokens.to(device)
         self.answer_tokens = self.answer_tokens.to(device)
+        for alt in self.alternatives.values():
+            alt.tokens = alt.tokens.to(device)
         return self
 
 
@@ -71,7 +96,8 @@ def unknown_id(tokenizer) -> int | None:
 def slot_forms(params: TaskParams) -> dict[str, set[str]]:
     """For each slot, the forms its words take: ``"{}"`` (no leading space) and/or ``" {}"``."""
     forms: dict[str, set[str]] = {s: set() for s in params.slot_pools}
-    for text in (params.template, params.corrupted, params.correct, params.incorrect):
+    extra = [c.template for c in params.corruptions.values() if c.template is not None]
+    for text in (params.template, params.corrupted, params.correct, params.incorrect, *extra):
         for m in SLOT_RE.finditer(text):
             spaced = m.start() > 0 and text[m.start() - 1] == " "
             forms[m.group(1)].add(" {}" if spaced else "{}")
@@ -241,6 +267,8 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
             wrong = [p for p, a, row in zip(clean, assignments, clean_ids) if tokenizer.decode([row[idx]]).strip() != a[slot]]
             if wrong:
                 raise ParamsError(f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens")
+    alternatives = {name: alternative_run(params, tokenizer, name, c, assignments, prefix, n_pos)
+                     for name, c in params.corruptions.items()}
     return PromptSet(
         params=params,
         clean_prompts=clean,
@@ -252,4 +280,27 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
         positions=positions,
         position_labels=labels,
         dropped_words={p: d for p, d in dropped.items() if d},
+        alternatives=alternatives,
     )
+
+
+def alternative_run(params: TaskParams, tokenizer, name: str, spec: Corruption, assignments: list[dict[str, str]],
+                    prefix: list[int], n_pos: int) -> AlternativeRun:
+    """The prompts of extra corruption ``name`` for the clean prompts' slot words; a ParamsError naming
+    ``corruptions.<name>`` when its prompts do not match the clean ones token for token."""
+    where = f"{params.source}: corruptions.{name}"
+    if spec.noise is not None:
+        positions = []
+        for slot_spec in spec.noise:
+            m = NOISE_SLOT_RE.match(slot_spec)
+            positions.append(slot_token_index(tokenizer, params.template, assignments[0], m["slot"], int(m["occ"] or 1), len(prefix)))
+        clean = [fill(params.template, a) for a in assignments]
+        return AlternativeRun(name, spec, clean, torch.tensor([prefix + token_ids(tokenizer, p) for p in clean]), sorted(set(positions)))
+    prompts = [fill(spec.template, a) for a in assignments]
+    ids = [prefix + token_ids(tokenizer, p) for p in prompts]
+    unk = unknown_id(tokenizer)
+    bad = [p for p, row in zip(prompts, ids) if len(row) != n_pos or (unk is not None and unk in row)]
+    if bad:
+        raise ParamsError(f"{where}.template: {bad[0]!r} is not {n_pos} known tokens like the clean prompt; make it mirror "
+                          "the clean template token for token")
+    return AlternativeRun(name, spec, prompts, torch.tensor(ids))

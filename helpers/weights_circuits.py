@@ -14,6 +14,12 @@ OV circuit (what it moves: ``W_V W_O``), both TransformerLens ``FactoredMatrix``
   position to each earlier one from position alone, and its average over destinations by offset. Previous-token
   heads peak at offset 1. Rotary models have no positional embedding to read: ``NotSupported``.
 
+- ``ov_singular_tokens`` / ``qk_singular_tokens``: the top singular directions of a head's OV circuit (read through
+  the unembedding with TransformerLens's ``SVDInterpreter``: which tokens each output direction promotes and
+  suppresses) and of its QK circuit (``FactoredMatrix.svd``, read through the embedding: which destination tokens
+  look for which source tokens), with the share of the circuit's squared singular values they hold (how low-rank
+  the head is). A singular direction's sign is arbitrary: both ends are shown.
+
 These are approximations by design (each reads one path through the model: token or position alone, the layer norm
 applied to that part only); the prompt-based scores (``head_functions``, ``induction_checks``) are the check.
 """
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens import SVDInterpreter
 from transformer_lens import utilities as utils
 
 from .hooks import recording_hook
@@ -128,5 +135,65 @@ def previous_token_offsets(model, n_pos: int = 32, max_offset: int = 4) -> Float
                                      for head in range(model.cfg.n_heads)]) for layer in range(model.cfg.n_layers)])
 
 
-__all__ = ["OVCopying", "ov_circuit", "ov_copying", "qk_tokens", "positional_qk", "attention_by_offset", "previous_token_offsets",
+@dataclass
+class SingularDirections:
+    """The top singular directions of one head's OV or QK circuit, each read as tokens at both ends."""
+
+    layer: int
+    head: int
+    circuit: str  # "OV" (read through the unembedding) or "QK" (destination and source sides, through the embedding)
+    singular_values: Float[Tensor, "n"]
+    share: float  # sum of the top n squared singular values over the total (1 = the circuit has rank <= n)
+    directions: list[dict]  # per direction: singular value and its tokens
+
+    @property
+    def label(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "head": self.head, "circuit": self.circuit, "singular_values": self.singular_values,
+                "share": self.share, "directions": self.directions}
+
+
+def _ends(tokenizer, values: Float[Tensor, "d_vocab"], k: int) -> tuple[list[str], list[str]]:
+    """The ``k`` tokens with the largest and the ``k`` with the smallest values."""
+    top, bottom = values.topk(k).indices, (-values).topk(k).indices
+    return [tokenizer.decode([int(t)]) for t in top], [tokenizer.decode([int(t)]) for t in bottom]
+
+
+def _share(s: Float[Tensor, "rank"], n: int) -> float:
+    squares = s.float() ** 2
+    return float(squares[:n].sum() / squares.sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def ov_singular_tokens(model, layer: int, head: int, n: int = 3, k: int = 8) -> SingularDirections:
+    """The top ``n`` singular directions of the head's OV circuit, each read through the unembedding
+    (``SVDInterpreter.get_singular_vectors``): the ``k`` tokens it promotes at one end and at the other."""
+    logits = SVDInterpreter(model).get_singular_vectors("OV", layer, n, head)[:, 0]  # [d_vocab, n]
+    s = model.OV[layer, head].S
+    directions = []
+    for i in range(n):
+        plus, minus = _ends(model.tokenizer, logits[:, i], k)
+        directions.append({"direction": i, "singular_value": float(s[i]), "one end": plus, "other end": minus})
+    return SingularDirections(layer, head, "OV", s[:n].detach().cpu(), _share(s, n), directions)
+
+
+@torch.no_grad()
+def qk_singular_tokens(model, layer: int, head: int, n: int = 3, k: int = 8) -> SingularDirections:
+    """The top ``n`` singular directions of the head's QK circuit (``FactoredMatrix.svd``): for each, the destination
+    tokens whose embedding points along it (query side) and the source tokens (key side), both ends; a destination
+    token at one end attends most to source tokens at the same end."""
+    U, s, V = model.QK[layer, head].svd()
+    query, key = model.W_E @ U[:, :n], model.W_E @ V[:, :n]  # [d_vocab, n]
+    directions = []
+    for i in range(n):
+        q_plus, q_minus = _ends(model.tokenizer, query[:, i], k)
+        k_plus, k_minus = _ends(model.tokenizer, key[:, i], k)
+        directions.append({"direction": i, "singular_value": float(s[i]), "destination, one end": q_plus, "source, one end": k_plus,
+                           "destination, other end": q_minus, "source, other end": k_minus})
+    return SingularDirections(layer, head, "QK", s[:n].detach().cpu(), _share(s, n), directions)
+
+
+__all__ = ["SingularDirections", "ov_singular_tokens", "qk_singular_tokens", "OVCopying", "ov_circuit", "ov_copying", "qk_tokens", "positional_qk", "attention_by_offset", "previous_token_offsets",
            "check_positional", "embeddings"]

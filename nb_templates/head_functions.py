@@ -57,13 +57,17 @@ words = None  # named positions holding words, e.g. ["IO", "S1"]; default: every
 copy_top_k = 5  # a copy counts when the word is among the top k logits
 attention_from = ["end"]  # named positions whose attention to the words is shown
 role_thresholds = {}  # overrides of helpers.roles.RoleThresholds, e.g. {"copy_score": 40}
+svd_heads = 2  # chosen heads (highest output patching first) whose OV and QK singular directions are shown
+svd_directions = 3  # singular directions per circuit
+signal_threshold = 0.1  # position-vs-token: least |relative change of the logit diff| that counts as a signal
+patching_memory_mb = 1024  # memory budget of one batched patching forward
 
 # %%
 import pandas as pd
 from IPython.display import display
 from scipy.stats import pearsonr
 
-from helpers import experiments, head_functions, plotting, roles, weights_circuits
+from helpers import experiments, head_functions, plotting, roles, signals, weights_circuits
 from helpers.heads import head_label
 from helpers.patching import NotSupported
 
@@ -85,18 +89,27 @@ print(f"task {s.params.task} | model {s.model_name} | heads {labels} | words {po
 # **How it works.** (IOI paper §3.3.) Take the residual stream after the first block at each word's position,
 # pass it through one head's OV circuit as if the head attended there fully, then the final LayerNorm and the
 # unembedding. The copy score is the percent of (prompt, word) pairs whose own token is among the top
-# `copy_top_k` logits. The negative copy score does the same with the OV output negated.
+# `copy_top_k` logits. The negative copy score does the same with the OV output negated. "With bias" adds the
+# constant a head writes whatever it attends to: its value bias and the layer's output bias (`b_V W_O + b_O`;
+# TransformerLens folds every head's value bias into `b_O`, so the two can only be added together).
+# "Attend and copy" reads QK and OV together: on each prompt, the word the head attends to most from the end,
+# and whether the head's *actual* output there puts that word in the top `copy_top_k`.
 #
 # **How to interpret.** A mover has a high positive copy score: whatever it attends to, it raises that word's
 # logit. A negative mover has a high negative one. Compare with the distribution over all heads (the
-# baseline row): a score is only "high" against it.
+# baseline row): a score is only "high" against it. A score that holds only without the bias is fragile; a
+# head that copies in the OV circuit but not in "attend and copy" attends elsewhere than to the words.
 
 # %%
 copy = head_functions.copy_scores(model, cache, prompts, positions, copy_top_k)
-copy_table = pd.DataFrame({"copy score (+)": [float(copy.positive[h["layer"], h["head"]]) for h in chosen],
-                           "copy score (-)": [float(copy.negative[h["layer"], h["head"]]) for h in chosen]}, index=labels)
-copy_table.loc["baseline: all heads, mean"] = [float(copy.positive.mean()), float(copy.negative.mean())]
-copy_table.loc["baseline: all heads, 90th percentile"] = [float(copy.positive.quantile(0.9)), float(copy.negative.quantile(0.9))]
+copy_bias = head_functions.copy_scores(model, cache, prompts, positions, copy_top_k, bias=True)
+attend_copy = head_functions.attend_and_copy(model, cache, prompts, positions, copy_top_k)
+copy_columns = {"copy score (+)": copy.positive, "copy score (-)": copy.negative, "(+) with bias": copy_bias.positive,
+                "(-) with bias": copy_bias.negative, "attend and copy": attend_copy.score,
+                "attention to the words": 100 * attend_copy.attention_to_words}
+copy_table = pd.DataFrame({name: [float(v[h["layer"], h["head"]]) for h in chosen] for name, v in copy_columns.items()}, index=labels)
+copy_table.loc["baseline: all heads, mean"] = [float(v.mean()) for v in copy_columns.values()]
+copy_table.loc["baseline: all heads, 90th percentile"] = [float(v.quantile(0.9)) for v in copy_columns.values()]
 display(copy_table.round(1))
 for sign, values in [("positive", copy.positive), ("negative", copy.negative)]:
     figs.show(plotting.heatmap(values, f"{sign} copy score (% of words in the top {copy_top_k})", "head", "layer", color_label="%",
@@ -181,7 +194,47 @@ display(role_table)
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
-# ## 5. The heads' circuits in the weights
+# ## 5. Position or token: what the heads' output says
+#
+# **How it works.** (IOI paper §3.3 and Appendix A.) Each head's output at the final position is taken from
+# the run of another corruption of the same prompts (the `corruptions:` of the params) and put into the clean
+# run; the effect is the relative change of the clean logit difference, `LD(patched) / LD(clean) - 1`
+# (0 = nothing changes, -1 = the logit difference is gone, below -1 it is reversed). A corruption that moves the
+# subject without renaming it (ABBA -> BABA, `changes: position`) changes what a *position* signal says; one
+# that renames it without moving it (names exchanged, `changes: token`) changes what a *token* signal says;
+# noise on the subject's embeddings (causal tracing) blurs the word itself.
+#
+# **How to interpret.** A head that "reads as position" tells later heads *where* the subject is; one that
+# "reads as token" tells them *which word* it is; the IOI paper's S-inhibition heads carry both. A name mover
+# copies the token: exchanging the names reverses its effect. "neither" is below `signal_threshold`.
+
+# %%
+signal_results = signals.patch_from_all(model, prompts, "end", patching_memory_mb, seed=s.params.seed)
+if not signal_results:
+    print("This task defines no extra corruptions; add them under `corruptions:` in its params file, e.g.\n"
+          "  flipped_order: {template: <the template with the first two slots swapped>, changes: position}\n"
+          "  exchanged_names: {template: <the names swapped everywhere>, changes: token}\n"
+          "  subject_noise: {noise: [<slot>], scale: 3.0}")
+for name, result in signal_results.items():
+    print(f"{name} ({result.changes}): logit diff of the corrupted run itself {result.logit_diff_source:.3f} "
+          f"(clean {result.logit_diff_clean:.3f})")
+    figs.show(plotting.heatmap(result.effect, f"Head output at the end from '{name}': relative change of the clean logit diff",
+                               "head", "layer", color_label="LD / LD clean - 1"), f"signal_{name}")
+by_kind = {r.changes: r for r in signal_results.values()}
+if "position" in by_kind and "token" in by_kind:
+    pos_run, tok_run = by_kind["position"], by_kind["token"]
+    figs.show(plotting.scatter(pos_run.effect, tok_run.effect, f"Position signal ({pos_run.corruption}) vs token signal ({tok_run.corruption})",
+                               f"effect of {pos_run.corruption}", f"effect of {tok_run.corruption}", hover=s.head_names, diagonal=True),
+              "signal_position_vs_token")
+signal_rows = signals.signal_table(signal_results, max(len(labels), 5), role_table["role"].to_dict(), signal_threshold)
+if signal_rows:
+    display(pd.DataFrame(signal_rows).set_index("head").round(3))
+
+# %% [markdown] tags=["notes"]
+# **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
+
+# %% [markdown]
+# ## 6. The heads' circuits in the weights
 #
 # **How it works.** (Elhage et al. 2021.) From the weights alone, no prompts: the full OV circuit
 # `W_E W_OV W_U` on the task's words (the tokens at the named word positions) says what a head writes when it
@@ -189,11 +242,16 @@ display(role_table)
 # own logit, 0 = top). Once through the token embedding alone and once with MLP0's output added (MLP0 acts as an
 # extended embedding in GPT-2-style models). The positional QK circuit (learned position embeddings through the
 # head's QK) gives the attention each position would pay to the one before it from position alone: previous-token
-# heads stand out. The full QK circuit of the first chosen head on the task's words is drawn too.
+# heads stand out. The full QK circuit of the first chosen head on the task's words is drawn too. Last, the top
+# singular directions of the `svd_heads` chosen heads that output patching ranks highest: their OV circuits (TransformerLens `SVDInterpreter`: the tokens
+# each output direction promotes at one end and at the other) and QK circuits (`FactoredMatrix.svd`: destination
+# tokens that look for source tokens along each direction), with the share of the circuit they hold.
 #
 # **How to interpret.** A mover should copy in the weights as well as on the prompts (section 1); compare with
 # the all-heads baseline row. These read one path through the model (token or position alone), so they support or
-# question a role; the prompt-based scores decide. Rotary models have no position embedding to read.
+# question a role; the prompt-based scores decide. Rotary models have no position embedding to read. A head whose
+# few top singular directions hold most of its circuit does one low-rank thing; names at the ends of an OV
+# direction say the head moves names (a copying head spreads over many directions: its OV is near the identity).
 
 # %%
 word_tokens = prompts.clean_tokens[:, list(positions.values())].unique()
@@ -214,6 +272,14 @@ try:
 except NotSupported as err:
     positional = None
     print(err)
+patch_out = circuit["patching"]["values"]["head_out"]
+svd_chosen = sorted(chosen, key=lambda h: -abs(patch_out[h["layer"]][h["head"]]))[:svd_heads]  # the heads patching ranks highest
+singular = [weights_circuits.ov_singular_tokens(model, h["layer"], h["head"], svd_directions) for h in svd_chosen]
+singular += [weights_circuits.qk_singular_tokens(model, h["layer"], h["head"], svd_directions) for h in svd_chosen]
+for result in singular:
+    print(f"{result.label} {result.circuit}: top {svd_directions} singular values {result.singular_values.numpy().round(2)} "
+          f"hold {100 * result.share:.0f}% of the circuit's squared singular values")
+    display(pd.DataFrame(result.directions).set_index("direction"))
 first = chosen[0]
 words_str = [model.tokenizer.decode([int(t)]) for t in word_tokens]
 figs.show(plotting.heatmap(weights_circuits.qk_tokens(model, first["layer"], first["head"], word_tokens),
@@ -224,7 +290,7 @@ figs.show(plotting.heatmap(weights_circuits.qk_tokens(model, first["layer"], fir
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
 
 # %% [markdown]
-# ## 6. Results for the next templates
+# ## 7. Results for the next templates
 #
 # Everything above, as data: `head_functions.json` next to this notebook.
 
@@ -235,12 +301,16 @@ results = {
     "model": s.model_name,
     "heads": chosen,
     "words": positions,
-    "copy_scores": {"k": copy_top_k, "positive": copy.positive, "negative": copy.negative,
+    "copy_scores": {"k": copy_top_k, "positive": copy.positive, "negative": copy.negative, "positive_with_bias": copy_bias.positive,
+                    "negative_with_bias": copy_bias.negative, "attend_and_copy": attend_copy.score,
+                    "attention_to_words": attend_copy.attention_to_words,
                     "table": copy_table.reset_index(names="head").to_dict("records")},
     "attention_vs_contribution": {"pearson_all_heads": corr, "table": corr_rows},
     "attention_between": {"from": list(from_positions), "to": list(positions), "values": between},
     "weights": {"n_words": len(word_tokens), "ov_copying": ov.top1, "ov_mean_rank": ov.mean_rank, "ov_copying_with_mlp0": ov_mlp0.top1,
-                "positional_previous_token": positional, "table": weights_table.reset_index(names="head").to_dict("records")},
+                "positional_previous_token": positional, "singular_directions": [r.to_json() for r in singular], "table": weights_table.reset_index(names="head").to_dict("records")},
+    "signals": {"threshold": signal_threshold, "results": {name: r.to_json() for name, r in signal_results.items()},
+                "table": signal_rows},
     "roles": {"thresholds": thresholds.model_dump(), "table": role_table.reset_index().to_dict("records"),
               "summary": roles.roles_summary(role_table, thresholds)},
     "figures": figs.saved,

@@ -10,6 +10,7 @@ import torch
 
 from helpers import PROJECT_ROOT, heads, roles
 from helpers import head_functions as HF
+from helpers.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,37 @@ def test_composition_scores_equal_transformer_lens(toy_induction, mode):
     ours = HF.composition_scores(toy_induction, mode)
     theirs = toy_induction.all_composition_scores(mode).scores.detach().cpu()
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ov_outputs_equal_a_head_attending_to_one_position(family, family_models):
+    """On a one-token prompt every head attends fully to that token: its output z W_O (+ b_O) is what ov_outputs says,
+    value bias included (TransformerLens folds it into b_O)."""
+    model, prompts = family_models(family)
+    tokens = prompts.clean_tokens[:, -1:]
+    names = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+        z = cache["blocks.0.attn.hook_z"][:, 0]  # [batch, head, d_head]
+        expected = torch.einsum("bhe,hed->bhd", z, model.W_O[0])
+        got = HF.ov_outputs(model, cache["blocks.0.hook_resid_pre"], 0)[:, 0]
+        assert torch.allclose(got, expected, atol=1e-4)
+        with_bias = HF.ov_outputs(model, cache["blocks.0.hook_resid_pre"], 0, bias=True)[:, 0]
+        b_O = HF.bias_or_none(model, "b_O")
+        assert torch.allclose(with_bias, expected + (0 if b_O is None else b_O[0]), atol=1e-4)
+
+
+def test_copy_scores_with_bias_and_attend_and_copy(toy_ioi, ioi_prompts, cache):
+    pos = HF.word_positions(ioi_prompts)
+    plain = HF.copy_scores(toy_ioi, cache, ioi_prompts, pos, k=5)
+    biased = HF.copy_scores(toy_ioi, cache, ioi_prompts, pos, k=5, bias=True)
+    assert float(toy_ioi.b_O.abs().max()) > 0 and not torch.equal(plain.positive, biased.positive)
+    assert float(biased.positive.min()) >= 0 and float(biased.positive.max()) <= 100
+    both = HF.attend_and_copy(toy_ioi, cache, ioi_prompts, pos, k=5)
+    assert both.score.shape == (toy_ioi.cfg.n_layers, toy_ioi.cfg.n_heads)
+    assert float(both.attention_to_words.max()) <= 1 + 1e-5
+    between = HF.attention_between(cache, toy_ioi.cfg.n_layers, {"end": ioi_prompts.n_pos - 1}, pos)  # [layer, head, from, to]
+    assert torch.allclose(both.attention_to_words, between[:, :, 0].sum(-1), atol=1e-5)
+    narrow = HF.attend_and_copy(toy_ioi, cache, ioi_prompts, pos, k=1)
+    assert bool((narrow.score <= both.score).all()) and float(both.score.max()) > float(both.score.min())
+    assert float(HF.attend_and_copy(toy_ioi, cache, ioi_prompts, pos, k=toy_ioi.cfg.d_vocab).score.min()) == 100

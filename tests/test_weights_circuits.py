@@ -44,3 +44,24 @@ def test_every_family_reads_its_ov_and_qk_circuits_or_refuses_positions(family, 
     else:
         with pytest.raises(NotSupported, match="positions"):
             W.positional_qk(model, 0, 0, 8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_singular_directions_equal_a_dense_svd(family, family_models):
+    """The OV directions (SVDInterpreter) and QK directions (FactoredMatrix) against torch.linalg.svd of the dense matrices."""
+    model, _ = family_models(family)
+    layer, head, n = model.cfg.n_layers - 1, model.cfg.n_heads - 1, 2
+    ov = W.ov_singular_tokens(model, layer, head, n=n, k=3)
+    with torch.no_grad():
+        _, s, vh = torch.linalg.svd(model.OV[layer, head].AB)
+        assert torch.allclose(ov.singular_values, s[:n], rtol=1e-4)
+        assert 0 < ov.share <= 1 and ov.share == pytest.approx(float((s[:n] ** 2).sum() / (s ** 2).sum()), rel=1e-4)
+        logits = model.W_U.T @ vh[0]  # the first output direction read as tokens (sign arbitrary)
+        ends = {model.tokenizer.decode([int(logits.argmax())]), model.tokenizer.decode([int(logits.argmin())])}
+        assert ends == {ov.directions[0]["one end"][0], ov.directions[0]["other end"][0]}
+        u, s_qk, vh_qk = torch.linalg.svd(model.QK[layer, head].AB)
+    qk = W.qk_singular_tokens(model, layer, head, n=n, k=3)
+    assert torch.allclose(qk.singular_values, s_qk[:n], rtol=1e-4)
+    query = model.W_E @ u[:, 0]
+    dest_ends = {model.tokenizer.decode([int(query.argmax())]), model.tokenizer.decode([int(query.argmin())])}
+    assert dest_ends == {qk.directions[0]["destination, one end"][0], qk.directions[0]["destination, other end"][0]}
