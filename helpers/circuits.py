@@ -21,7 +21,7 @@ from torch import Tensor
 from .heads import all_head_labels, head_label, parse_head_label
 from .hooks import resolve_hook_names
 from .interventions import Intervention, hooks_for, run_interventions
-from .metrics import check_normalisation, logit_diff
+from .metrics import check_normalisation, group_mean, logit_diff
 from .patching import variants_per_chunk
 
 # Where a head of each role is kept (IOI paper's circuit): named positions, or None for every position.
@@ -119,14 +119,17 @@ def keep_mask(circuit: Circuit, n_layers: int, n_heads: int, named: dict[str, in
         else:
             unknown = [p for p in where if p not in named]
             if unknown:
-                raise ValueError(f"circuit head {label}: position(s) {unknown} are not named by this task ({sorted(named)})")
+                raise ValueError(f"circuit head {label}: position(s) {unknown} are not named by this task, or differ between its "
+                                 f"templates (usable: {sorted(named)}); keep such a head at all positions")
             mask[h["layer"], [named[p] for p in where], h["head"]] = True
     return mask
 
 
-def reference_z(model, tokens: Int[Tensor, "batch pos"], ablation: str) -> Float[Tensor, "layer batch pos head d_head"]:
-    """Replacement values of every head's z for ``ablation``: the per-position mean over ``tokens`` or zero
-    (batch axis of size 1), or the per-prompt values (resample: prompt i takes reference prompt i)."""
+def reference_z(model, tokens: Int[Tensor, "batch pos"], ablation: str, groups: Int[Tensor, "batch"] | None = None
+                ) -> Float[Tensor, "layer batch pos head d_head"]:
+    """Replacement values of every head's z for ``ablation``: the per-position mean over ``tokens`` (within each of
+    ``groups``, e.g. the prompts' sentence templates: ``metrics.group_mean``) or zero (batch axis of size 1 when
+    it is the same for every prompt), or the per-prompt values (resample: prompt i takes reference prompt i)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, not {ablation!r}")
     names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)])
@@ -134,7 +137,7 @@ def reference_z(model, tokens: Int[Tensor, "batch pos"], ablation: str) -> Float
         _, cache = model.run_with_cache(tokens, names_filter=names)
     z = torch.stack([cache[n] for n in names])  # [layer, batch, pos, head, d_head]
     if ablation == "mean":
-        return z.mean(1, keepdim=True)  # batch axis of size 1: broadcasts over the evaluated prompts
+        return group_mean(z.transpose(0, 1), groups).transpose(0, 1)  # broadcasts over the evaluated prompts
     return torch.zeros_like(z[:, :1]) if ablation == "zero" else z
 
 
@@ -242,12 +245,14 @@ class Evaluator:
         return self.faithfulness([everything.without(k) for k in removed])
 
 
-def make_evaluator(model, tokens, answers, named: dict[str, int], reference_tokens, ablation: str = "mean") -> Evaluator:
-    """An ``Evaluator`` whose knocked-out heads take their ``ablation`` value on ``reference_tokens``."""
+def make_evaluator(model, tokens, answers, named: dict[str, int], reference_tokens, ablation: str = "mean",
+                   groups: Int[Tensor, "batch"] | None = None) -> Evaluator:
+    """An ``Evaluator`` whose knocked-out heads take their ``ablation`` value on ``reference_tokens`` (a mean within
+    each of ``groups``, the prompts' templates)."""
     with torch.no_grad():
         full = logit_diff(model(tokens), answers).mean().item()
     check_normalisation(full, 0.0)  # faithfulness divides by the full model's logit diff: warn if it is zero
-    return Evaluator(model, tokens, answers, named, reference_z(model, reference_tokens, ablation), full, ablation)
+    return Evaluator(model, tokens, answers, named, reference_z(model, reference_tokens, ablation, groups), full, ablation)
 
 
 def minimality(ev: Evaluator, circuit: Circuit, max_k: int = 3) -> dict[str, dict]:

@@ -32,7 +32,7 @@ from .heads import all_head_labels, parse_head_label, top_heads
 from .hooks import run_with_checked_cache
 from .interventions import Intervention, hooks_for
 from .layout import model_folder_name, owner
-from .metrics import TaskCheck, check_task, logit_diff
+from .metrics import TaskCheck, check_task, group_mean, logit_diff
 from .models import load_model, set_threads
 from .params import TaskParams, load_params
 from .plotting import Figures, choose_renderer
@@ -158,6 +158,7 @@ class DLAResult:
     logit_diff: float  # mean clean logit difference of the same forward pass
     layer_identity_error: float = 0.0  # the same for the per-layer decomposition (embeddings, attention, MLP outputs)
     caveats: dict[str, str] = field(default_factory=dict)  # why the decomposition is not exact here (empty: exact)
+    heads_per_prompt: Float[Tensor, "layer head batch"] | None = None  # per-head DLA of each prompt (``heads`` is its mean)
 
     @property
     def exact(self) -> bool:
@@ -186,7 +187,26 @@ def direct_logit_attribution(s: Session) -> DLAResult:
     error = (full.sum(0) + bias - ld).abs().max().item()
     layer_error = (layers.sum(0) + bias - ld).abs().max().item()
     return DLAResult(cache, lens.mean(-1).cpu(), lens_labels, layers.mean(-1).cpu(), layer_labels, heads.mean(-1).cpu(), error, ld.mean().item(),
-                     layer_error, decomposition_caveats(s.model))
+                     layer_error, decomposition_caveats(s.model), heads.detach().cpu())
+
+
+def template_breakdown(s: Session, ld: LogitDiffs, dla: DLAResult | None = None,
+                       head_out: Float[Tensor, "template layer head"] | None = None) -> pd.DataFrame:
+    """One row per sentence template of the task: its prompts' clean and corrupted logit differences and accuracy,
+    and (when given) its top DLA head and its top output-patching head (``patching.run_sweep(groups=...)``, each
+    normalised by that template's own baselines). A template that behaves unlike the others shows here."""
+    rows = []
+    for i, (name, mask) in enumerate(s.prompts.template_masks().items()):
+        row = {"template": name, "prompts": int(mask.sum()), "clean logit diff": float(ld.clean[mask].mean()),
+               "corrupted logit diff": float(ld.corrupted[mask].mean()), "accuracy (logit diff > 0)": float((ld.clean[mask] > 0).float().mean())}
+        if dla is not None and dla.heads_per_prompt is not None:
+            top = top_heads(dla.heads_per_prompt[..., mask].mean(-1), 1, "abs")[0]
+            row["top DLA head"] = f"L{top['layer']}H{top['head']} ({top['value']:+.2f})"
+        if head_out is not None:
+            top = top_heads(head_out[i], 1, "abs")[0]
+            row["top output-patching head"] = f"L{top['layer']}H{top['head']} ({top['value']:+.2f})"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("template")
 
 
 def layer_bands(s: Session) -> dict[str, list[int]]:
@@ -214,7 +234,7 @@ class BackupResult:
 
 @torch.no_grad()  # weights require grad; these numbers are read, never differentiated
 def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult:
-    """Mean-ablate ``head`` at the final position (mean over prompts) and recompute every head's DLA.
+    """Mean-ablate ``head`` at the final position (mean over the prompts of each template) and recompute every head's DLA.
 
     Heads whose DLA rises when the top head is gone are candidate backup heads (IOI paper §3.4). The final
     LN scale ratio shows how much of a change is only the LayerNorm re-normalising the residual stream.
@@ -225,7 +245,7 @@ def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult
     where = torch.zeros(1, *z.shape[1:3], 1, dtype=torch.bool)  # [variant, pos, head, d_head]
     where[0, end, head["head"]] = True
     ablation = Intervention(name, "mean", where)
-    with s.model.hooks(fwd_hooks=hooks_for([ablation], {"mean": {name: z.mean(0, keepdim=True)}}, 1)):
+    with s.model.hooks(fwd_hooks=hooks_for([ablation], {"mean": {name: group_mean(z, s.prompts.templates)}}, 1)):
         logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_names(s.model))
     direction = logit_diff_direction(s.model, s.prompts.answer_tokens)
     after = head_dla(s.model, cache, direction).mean(-1).cpu()

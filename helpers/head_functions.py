@@ -17,19 +17,40 @@ from .hooks import run_with_checked_cache
 from .interventions import Intervention, run_interventions
 from .prompts import PromptSet
 
+Positions = dict[str, "int | Int[Tensor, 'batch']"]  # named position -> token index, one for all prompts or one per prompt
 
-def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[str, int]:
-    """Named positions of words (default: every named position except ``end`` and ``±n`` offsets).
+
+def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[str, Int[Tensor, "batch"]]:
+    """Named positions of words, per prompt (default: every named position except ``end`` and ``±n`` offsets).
+    Per prompt because a task with several templates (ABBA and BABA) has its words at different indices.
 
     Raises ValueError naming the available positions when a requested name is not one of them.
     """
+    named = prompts.position_index or {n: torch.full((prompts.clean_tokens.shape[0],), i) for n, i in prompts.positions.items()}
     if names is None:
-        names = [n for n in prompts.positions if n != "end" and "+" not in n and "-" not in n]
-    unknown = [n for n in names if n not in prompts.positions]
+        names = [n for n in named if n != "end" and "+" not in n and "-" not in n]
+    unknown = [n for n in names if n not in named]
     if unknown or not names:
-        raise ValueError(f"named position(s) {unknown or names} not found; this task has: {sorted(prompts.positions)} "
+        raise ValueError(f"named position(s) {unknown or names} not found; this task has: {sorted(named)} "
                          f"(set them under `positions:` in the params file)")
-    return {n: prompts.positions[n] for n in names}
+    return {n: named[n] for n in names}
+
+
+def position_matrix(positions: Positions, batch: int, device=None) -> Int[Tensor, "batch word"]:
+    """The token index of each named word in each prompt (a shared index is repeated for every prompt)."""
+    cols = [p.to(device) if isinstance(p, Tensor) else torch.full((batch,), int(p), device=device) for p in positions.values()]
+    return torch.stack(cols, 1).long()
+
+
+def at_positions(x: Tensor, index: Int[Tensor, "batch word"], dim: int) -> Tensor:
+    """``x`` indexed along ``dim`` at each prompt's own positions (``x``'s axis 0 is the batch; dims between 0 and
+    ``dim`` are kept): ``x[b, ..., index[b, w], ...]`` with the word axis in place of ``dim``."""
+    shape = [index.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = index.shape[1]
+    expanded = index.reshape(index.shape[0], *([1] * (dim - 1)), index.shape[1], *([1] * (x.dim() - dim - 1)))
+    size = list(x.shape)
+    size[dim] = index.shape[1]
+    return x.gather(dim, expanded.expand(size).to(x.device))
 
 
 def head_function_hooks(model) -> list[str]:
@@ -97,7 +118,7 @@ def top_k_hits(model, out: Float[Tensor, "... d_model"], targets: Int[Tensor, ".
     return (top == targets[..., None]).any(-1).float()
 
 
-def copy_scores(model, cache, prompts: PromptSet, positions: dict[str, int], k: int = 5, bias: bool = False) -> CopyScores:
+def copy_scores(model, cache, prompts: PromptSet, positions: Positions, k: int = 5, bias: bool = False) -> CopyScores:
     """Copy score of every head (IOI paper §3.3).
 
     The residual stream after the first block at each named word's position, pushed through the head's
@@ -105,9 +126,9 @@ def copy_scores(model, cache, prompts: PromptSet, positions: dict[str, int], k: 
     output biases), then the final layer norm and the unembedding: is the word's own token among the top ``k``
     logits? Also with the OV output negated (the bias is added after negating: it does not depend on the word).
     """
-    pos = list(positions.values())
-    resid = cache["blocks.0.hook_resid_post"][:, pos]  # [batch, word, d_model]
-    targets: Int[Tensor, "batch word"] = prompts.clean_tokens[:, pos]
+    pos = position_matrix(positions, prompts.clean_tokens.shape[0])
+    resid = at_positions(cache["blocks.0.hook_resid_post"], pos, 1)  # [batch, word, d_model]
+    targets: Int[Tensor, "batch word"] = prompts.clean_tokens.gather(1, pos.to(prompts.clean_tokens.device))
     rows = {1: [], -1: []}
     with torch.no_grad():
         for layer in range(model.cfg.n_layers):
@@ -128,18 +149,18 @@ class AttendAndCopy:
     words: list[str]
 
 
-def attend_and_copy(model, cache, prompts: PromptSet, positions: dict[str, int], k: int = 5, from_pos: int = -1) -> AttendAndCopy:
+def attend_and_copy(model, cache, prompts: PromptSet, positions: Positions, k: int = 5, from_pos: int = -1) -> AttendAndCopy:
     """Does the head attend to a name *and* copy it? Per prompt, the named word the head attends to most from
     ``from_pos``; a hit when that word's token is among the top ``k`` logits of the head's actual output there
     (``z @ W_O``, which weighs every position's value by the head's own attention: QK and OV together), read
     through the final norm and the unembedding as in ``copy_scores``."""
-    pos = list(positions.values())
-    words = prompts.clean_tokens[:, pos]  # [batch, word]
+    pos = position_matrix(positions, prompts.clean_tokens.shape[0])
+    words = prompts.clean_tokens.gather(1, pos.to(prompts.clean_tokens.device))  # [batch, word]
     n = model.cfg.n_layers
     score, attention = [], []
     with torch.no_grad():
         for layer in range(n):
-            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, from_pos, pos]  # [batch, head, word]
+            pattern = at_positions(cache[f"blocks.{layer}.attn.hook_pattern"][:, :, from_pos], pos, 2)  # [batch, head, word]
             target = words.gather(1, pattern.argmax(-1))  # [batch, head]
             out = torch.einsum("bhe,hed->bhd", cache[f"blocks.{layer}.attn.hook_z"][:, from_pos], model.W_O[layer])
             score.append(100 * top_k_hits(model, out, target, k).mean(0))
@@ -163,16 +184,16 @@ class AttentionContribution:
         return (a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1)).clamp_min(1e-12)
 
 
-def attention_vs_contribution(model, cache, prompts: PromptSet, positions: dict[str, int], from_pos: int = -1) -> AttentionContribution:
+def attention_vs_contribution(model, cache, prompts: PromptSet, positions: Positions, from_pos: int = -1) -> AttentionContribution:
     """Attention from ``from_pos`` to each word, and the head's output there dotted with the word's unembedding.
 
     The output is divided by the final layer-norm scale at ``from_pos``, as in direct logit attribution
     (IOI paper fig. 3c).
     """
-    pos = list(positions.values())
-    targets = prompts.clean_tokens[:, pos]  # [batch, word]
+    pos = position_matrix(positions, prompts.clean_tokens.shape[0])
+    targets = prompts.clean_tokens.gather(1, pos.to(prompts.clean_tokens.device))  # [batch, word]
     n = model.cfg.n_layers
-    attention = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][:, :, from_pos, pos] for l in range(n)])  # [layer, batch, head, word]
+    attention = torch.stack([at_positions(cache[f"blocks.{l}.attn.hook_pattern"][:, :, from_pos], pos, 2) for l in range(n)])  # [layer, batch, head, word]
     z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][:, from_pos] for l in range(n)])  # [layer, batch, head, d_head]
     out = torch.einsum("lbhe,lhed->lbhd", z, model.W_O) / cache["ln_final.hook_scale"][:, from_pos][None, :, None]
     word_dirs = model.W_U[:, targets]  # [d_model, batch, word]
@@ -180,14 +201,17 @@ def attention_vs_contribution(model, cache, prompts: PromptSet, positions: dict[
     return AttentionContribution(attention.permute(0, 2, 1, 3).detach().cpu(), contribution.permute(0, 2, 1, 3).detach().cpu(), list(positions))
 
 
-def attention_between(cache, n_layers: int, from_positions: dict[str, int], to_positions: dict[str, int]) -> Float[Tensor, "layer head from to"]:
-    """Mean attention over prompts from each named position to each named position, for every head."""
-    src, dst = list(from_positions.values()), list(to_positions.values())
-    pats = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(n_layers)])  # [layer, batch, head, q, k]
-    return pats[:, :, :, src][..., dst].mean(1).detach().cpu()
+def attention_between(cache, n_layers: int, from_positions: Positions, to_positions: Positions) -> Float[Tensor, "layer head from to"]:
+    """Mean attention over prompts from each named position to each named position (each prompt's own), for every head."""
+    rows = []
+    for l in range(n_layers):
+        pattern = cache[f"blocks.{l}.attn.hook_pattern"]  # [batch, head, q, k]
+        src, dst = position_matrix(from_positions, pattern.shape[0]), position_matrix(to_positions, pattern.shape[0])
+        rows.append(at_positions(at_positions(pattern, src, 2), dst, 3).mean(0))
+    return torch.stack(rows).detach().cpu()
 
 
-def attention_shift(model, cache, prompts: PromptSet, candidates: list[dict], readers: list[dict], positions: dict[str, int],
+def attention_shift(model, cache, prompts: PromptSet, candidates: list[dict], readers: list[dict], positions: Positions,
                     from_pos: int = -1) -> Float[Tensor, "candidate reader word"]:
     """How much each candidate head moves each later reader head's attention (S-inhibition evidence).
 
@@ -209,12 +233,13 @@ def attention_shift(model, cache, prompts: PromptSet, candidates: list[dict], re
         interventions.append(Intervention(f"blocks.{layer}.attn.hook_z", "corrupted", masks))
     _, stored = run_interventions(model, prompts.clean_tokens, prompts.answer_tokens, interventions, {"corrupted": corrupted.cache_dict},
                                   n_var, record=pat_names)
-    pos = list(positions.values())
-    shift = torch.zeros(n_var, len(readers), len(pos))
+    pos = position_matrix(positions, prompts.clean_tokens.shape[0])
+    shift = torch.zeros(n_var, len(readers), pos.shape[1])
     for j, r in enumerate(readers):
         name = f"blocks.{r['layer']}.attn.hook_pattern"
-        patched = stored[name].reshape(n_var, -1, *stored[name].shape[1:])[:, :, r["head"], from_pos, pos]
-        base = cache[name][:, r["head"], from_pos, pos]
+        patched = stored[name].reshape(n_var, -1, *stored[name].shape[1:])[:, :, r["head"], from_pos]  # [variant, batch, k]
+        patched = at_positions(patched.transpose(0, 1), pos, 2).transpose(0, 1)  # [variant, batch, word]
+        base = at_positions(cache[name][:, r["head"], from_pos], pos, 1)
         later = torch.tensor([float(c["layer"] < r["layer"]) for c in candidates])[:, None]
         shift[:, j] = (patched - base[None]).mean(1).cpu() * later
     return shift

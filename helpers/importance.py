@@ -25,7 +25,7 @@ from tqdm.std import tqdm
 
 from .hooks import resolve_hook_names
 from .interventions import Intervention, hook_takes_effect, hooks_for
-from .metrics import logit_diff
+from .metrics import group_mean, logit_diff
 from .patching import NotSupported
 
 
@@ -72,8 +72,9 @@ def with_answers(tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2
 
 
 def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], memory_mb: float = 1024,
-                    progress: bool = True) -> HeadImportance:
-    """Mean-ablation importance of every head (see module docstring); ``memory_mb`` bounds one batched forward."""
+                    progress: bool = True, groups: Int[Tensor, "batch"] | None = None) -> HeadImportance:
+    """Mean-ablation importance of every head (see module docstring); ``memory_mb`` bounds one batched forward;
+    ``groups``: the prompts' sentence templates, each averaged on its own (``metrics.group_mean``)."""
     cfg = model.cfg
     full = with_answers(tokens, answers)
     z_names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)])
@@ -90,7 +91,7 @@ def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor
     rows: dict[str, list[Tensor]] = {"answer_loss": [], "sequence_loss": [], "logit_diff": []}
     for layer in tqdm(range(cfg.n_layers), desc="mean-ablate heads", disable=not progress, leave=False):
         z = cache[z_names[layer]]
-        mean = {"mean": {z_names[layer]: z.mean(0, keepdim=True)}}
+        mean = {"mean": {z_names[layer]: group_mean(z, groups)}}
         resid = cache[resid_names[layer]]
         out: dict[str, list[Tensor]] = {k: [] for k in rows}
         for heads in torch.arange(cfg.n_heads).split(chunk):

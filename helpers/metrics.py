@@ -12,6 +12,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -68,8 +69,13 @@ def check_normalisation(clean: float, corrupted: float, warn: bool = True) -> No
     return NormalisationCheck(clean, corrupted, status, message)
 
 
-def normalised(value: Tensor | float, clean: float, corrupted: float) -> Tensor | float:
-    """Rescale a logit difference so that the corrupted run is 0 and the clean run is 1 (NaN, not inf, if they are equal)."""
+def normalised(value: Tensor | float, clean: float | Tensor, corrupted: float | Tensor) -> Tensor | float:
+    """Rescale a logit difference so that the corrupted run is 0 and the clean run is 1 (NaN, not inf, if they are equal).
+    Baselines may be tensors (one per group, broadcasting against ``value``): each is checked on its own."""
+    if isinstance(clean, Tensor) or isinstance(corrupted, Tensor):
+        gap = torch.as_tensor(clean) - torch.as_tensor(corrupted)
+        usable = torch.isfinite(gap) & (gap.abs() > ZERO_GAP)
+        return torch.where(usable, (value - corrupted) / torch.where(usable, gap, 1.0), torch.nan)
     gap = clean - corrupted
     if not math.isfinite(gap) or abs(gap) <= ZERO_GAP:
         return value * math.nan
@@ -129,3 +135,16 @@ def check_task(clean_ld: Float[Tensor, "batch"], corrupted_ld: Float[Tensor, "ba
     """The TaskCheck of per-prompt clean and corrupted logit differences."""
     return TaskCheck(float((clean_ld > 0).float().mean()), float(top1), float(clean_ld.mean()), float(corrupted_ld.mean()),
                      float(min_accuracy), float(min_gap))
+
+
+def group_mean(x: Float[Tensor, "batch ..."], groups: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "batch_or_1 ..."]:
+    """The mean over the batch axis, for mean ablation: ``[1, ...]`` (the same for every prompt) when all prompts form
+    one group, else one row per prompt holding the mean of its own group (e.g. the prompts of its sentence template:
+    ABBA and BABA prompts have different words at the same index, so one mean over both would blend them)."""
+    if groups is None or int(groups.max()) == int(groups.min()):
+        return x.mean(0, keepdim=True)
+    groups = groups.to(x.device)
+    n = int(groups.max()) + 1
+    sums = torch.zeros(n, *x.shape[1:], dtype=x.dtype, device=x.device).index_add_(0, groups, x)
+    counts = torch.bincount(groups, minlength=n).to(x.dtype).reshape(n, *([1] * (x.dim() - 1)))
+    return (sums / counts.clamp_min(1))[groups]

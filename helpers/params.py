@@ -86,6 +86,22 @@ class Corruption(BaseModel):
         return self
 
 
+class TemplateVariant(BaseModel):
+    """One sentence template of a task that mixes several (e.g. IOI's ABBA and BABA orders), with its corrupted form."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="a short name shown in the per-template breakdown, e.g. ABBA")
+    template: str = Field(description="clean prompt with the task's [S1]..[Sn] slots")
+    corrupted_template: str | None = Field(None, description="its corrupted prompt; default: the task's named `corruption`")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v) or len(v) > 40:
+            raise ValueError(f"{v!r}: use letters, digits, '_' or '-' (at most 40)")
+        return v
+
+
 class CircuitSpec(BaseModel):
     """A hand-written circuit: heads grouped by role, and where each is kept (default: every position)."""
 
@@ -114,8 +130,11 @@ class TaskParams(BaseModel):
     model: str = Field("toy-ioi", description="bundled model name (models/<name>), local HF dir, or hub name")
     seed: int = Field(0, ge=0, lt=2**32, description="random seed of prompt sampling (0 <= seed < 2**32)")
     n_prompts: int = Field(32, ge=1, le=4096)
-    template: str = Field(description="clean prompt with [S1]..[Sn] slots")
+    template: str | None = Field(None, description="clean prompt with [S1]..[Sn] slots (or several under `templates`)")
     corrupted_template: str | None = Field(None, description="corrupted prompt; same slots plus optional new ones")
+    templates: list[TemplateVariant] | None = Field(
+        None, description="several sentence templates mixed in one task (prompts split evenly, results averaged over them "
+        "and broken down per template), instead of template/corrupted_template")
     corruption: str | None = Field(None, description="named corruption instead of corrupted_template: 'resample:SLOT#k'")
     slots: dict[str, str] = Field(description="slot name -> word pool (params/pools/<pool>.txt)")
     correct: str = Field(description="correct answer token, literal (' 5') or slot reference (' [S1]')")
@@ -164,24 +183,40 @@ class TaskParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TaskParams":
-        if (self.corrupted_template is None) == (self.corruption is None):
+        if self.template is None and self.templates is None:
+            raise ValueError("template: required field is missing; add 'template: ...' (see README, 'params format'), or "
+                             "'templates:' with a list of {name, template, corrupted_template} for several")
+        if self.template is not None and self.templates is not None:
+            raise ValueError("give one of 'template' (one sentence template) or 'templates' (a list of "
+                             "{name, template, corrupted_template}), not both")
+        if self.templates is not None:
+            self._check_templates()
+        elif (self.corrupted_template is None) == (self.corruption is None):
             raise ValueError("give exactly one of corrupted_template or corruption")
         if self.corruption is not None:
             m = CORRUPTION_RE.match(self.corruption)
             if not m:
                 raise ValueError(f"corruption {self.corruption!r}: the only named corruption is 'resample:SLOT' or 'resample:SLOT#k'")
-            count = SLOT_RE.findall(self.template).count(m["slot"])
+            count = min(SLOT_RE.findall(v.template).count(m["slot"]) for v in self._raw_variants())
             if count < int(m["occ"] or 1) or m["slot"] not in self.slots:
                 raise ValueError(f"corruption {self.corruption!r}: the template has {count} occurrence(s) of [{m['slot']}]"
                                  f"{'' if m['slot'] in self.slots else ' and slots has no pool for it'}; name a slot of the "
                                  f"template (slots: {sorted(self.slots)})")
-        for field in ("template", "corrupted", "correct", "incorrect"):
-            text = self.corrupted if field == "corrupted" else getattr(self, field)
+        for v in self.variants:
+            if not SLOT_RE.search(v.template):
+                raise ValueError(f"template{'' if self.templates is None else f' {v.name}'}: has no [S1]-style slot, so every prompt would be the same")
+        texts = [("correct", self.correct), ("incorrect", self.incorrect)]
+        for i, v in enumerate(self.variants):
+            where = "" if self.templates is None else f"templates[{i}] ({v.name}): "
+            texts += [(f"{where}template", v.template), (f"{where}corrupted_template", v.corrupted_template)]
+        for name, text in texts:
             for slot in SLOT_RE.findall(text):
                 if slot not in self.slot_pools:
-                    name = "corrupted_template" if field == "corrupted" else field
                     raise ValueError(f"{name}: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)}); add '{slot}: <pool>' to slots")
-        template_slots = SLOT_RE.findall(self.template)
+        if self.templates is not None and self.corruptions:
+            raise ValueError("corruptions: extra corruptions are defined on one template; a task with several `templates` "
+                             "cannot have them yet (put the position-vs-token corruptions in a one-template task)")
+        template_slots = SLOT_RE.findall(self.variants[0].template)
         for name, c in self.corruptions.items():
             if not NAME_RE.fullmatch(name):
                 raise ValueError(f"corruptions: {name!r} is not a name (letters, digits, '_' or '-')")
@@ -193,17 +228,16 @@ class TaskParams(BaseModel):
                 if template_slots.count(m["slot"]) < int(m["occ"] or 1):
                     raise ValueError(f"corruptions.{name}.noise: the template has {template_slots.count(m['slot'])} occurrence(s) of "
                                      f"[{m['slot']}], so {spec!r} names no token; name a slot of the template")
-        if not SLOT_RE.search(self.template):
-            raise ValueError("template: has no [S1]-style slot, so every prompt would be the same")
         for name, spec in self.positions.items():
             m = POSITION_RE.match(spec)
             if not m:
                 raise ValueError(f"positions.{name}: {spec!r} is not 'end', 'SLOT', 'SLOT#k' or those with +n/-n")
-            if m["slot"]:
-                count = SLOT_RE.findall(self.template).count(m["slot"])
+            for v in self.variants if m["slot"] else []:
+                count = SLOT_RE.findall(v.template).count(m["slot"])
                 occ = int(m["occ"] or 1)
                 if occ > count:
-                    raise ValueError(f"positions.{name}: template has {count} occurrence(s) of [{m['slot']}], not {occ}")
+                    which = "template" if self.templates is None else f"template {v.name}"
+                    raise ValueError(f"positions.{name}: {which} has {count} occurrence(s) of [{m['slot']}], not {occ}")
         if self.circuit:
             for head, where in self.circuit.positions.items():
                 unknown = [p for p in where if p not in self.positions]
@@ -233,17 +267,43 @@ class TaskParams(BaseModel):
         if problems:
             raise ParamsError("\n".join(f"{where}: {p}" for p in problems))
 
-    @property
-    def corrupted(self) -> str:
-        """The corrupted template, derived from ``corruption`` when that is given."""
+    def _check_templates(self) -> None:
         if self.corrupted_template is not None:
-            return self.corrupted_template
+            raise ValueError("corrupted_template: with `templates`, give each template's corrupted_template in its entry")
+        if not self.templates:
+            raise ValueError("templates: list at least one {name, template, corrupted_template}")
+        names = [v.name for v in self.templates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"templates: names must differ, got {names}")
+        missing = [v.name for v in self.templates if v.corrupted_template is None]
+        if missing and self.corruption is None:
+            raise ValueError(f"templates {missing}: no corrupted_template and no task-level `corruption` to derive it from")
+        if self.n_prompts < len(self.templates):
+            raise ValueError(f"n_prompts: {self.n_prompts} is fewer than the {len(self.templates)} templates; each template needs prompts")
+
+    def _raw_variants(self) -> list[TemplateVariant]:
+        if self.templates is not None:
+            return self.templates
+        return [TemplateVariant(name="template", template=self.template, corrupted_template=self.corrupted_template)]
+
+    @property
+    def variants(self) -> list[TemplateVariant]:
+        """Every sentence template of the task with its corrupted form filled in (one, unless ``templates`` is given)."""
+        return [v.model_copy(update={"corrupted_template": v.corrupted_template or self._derived_corruption(v.template)})
+                for v in self._raw_variants()]
+
+    def _derived_corruption(self, template: str) -> str:
         m = CORRUPTION_RE.match(self.corruption or "")
         slot, occ = m["slot"], int(m["occ"] or 1)
-        parts = self.template.split(f"[{slot}]")
+        parts = template.split(f"[{slot}]")
         if occ >= len(parts):
             raise ValueError(f"corruption: template has fewer than {occ} occurrence(s) of [{slot}]")
         return f"[{slot}]".join(parts[:occ]) + f"[{slot}_corrupt]" + f"[{slot}]".join(parts[occ:])
+
+    @property
+    def corrupted(self) -> str:
+        """The corrupted form of the first template (``variants`` has every template's)."""
+        return self.variants[0].corrupted_template
 
     @property
     def slot_pools(self) -> dict[str, str]:

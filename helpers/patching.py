@@ -92,6 +92,8 @@ class PatchingContext:
     answer_tokens: Int[Tensor, "batch 2"]
     clean_logit_diff: float
     corrupted_logit_diff: float
+    clean_per_prompt: Float[Tensor, "batch"] | None = None  # per-prompt baselines, for per-template breakdowns
+    corrupted_per_prompt: Float[Tensor, "batch"] | None = None
 
     @property
     def normalisation(self) -> NormalisationCheck:
@@ -162,14 +164,17 @@ def make_context(model, clean_tokens, corrupted_tokens, answer_tokens, extra_hoo
         with model.hooks(fwd_hooks=list(clean_hooks)):
             clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
         corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
+    clean_ld, corr_ld = logit_diff(clean_logits, answer_tokens).cpu(), logit_diff(corr_logits, answer_tokens).cpu()
     ctx = PatchingContext(
         model=model,
         corrupted_tokens=corrupted_tokens,
         clean_cache=clean_cache,
         corrupted_cache=corr_cache,
         answer_tokens=answer_tokens,
-        clean_logit_diff=logit_diff(clean_logits, answer_tokens).mean().item(),
-        corrupted_logit_diff=logit_diff(corr_logits, answer_tokens).mean().item(),
+        clean_logit_diff=clean_ld.mean().item(),
+        corrupted_logit_diff=corr_ld.mean().item(),
+        clean_per_prompt=clean_ld,
+        corrupted_per_prompt=corr_ld,
     )
     if warn:
         check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff)  # warns once, here, if the gap is too small
@@ -256,17 +261,31 @@ def sweep(
     return run_sweep(ctx, SWEEPS[name], None, memory_mb, max_variants, progress)
 
 
+def group_weights(batch: int, groups: Int[Tensor, "batch"] | None) -> Float[Tensor, "batch group"]:
+    """Columns that average over the prompts of each group (one column, the plain mean, without ``groups``)."""
+    if groups is None:
+        return torch.full((batch, 1), 1.0 / batch)
+    one_hot = torch.nn.functional.one_hot(groups.cpu().long(), int(groups.max()) + 1).float()
+    return one_hot / one_hot.sum(0, keepdim=True).clamp_min(1)
+
+
 def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None, memory_mb: float = 1024,
               max_variants: int | None = None, progress: bool = True, only: dict[int, Tensor] | None = None,
-              raw: bool = False) -> Float[Tensor, "layer ..."]:
+              raw: bool = False, groups: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "layer ..."]:
     """``sweep`` for any ``Sweep`` (also one not in ``SWEEPS``, e.g. ``neurons.NEURONS``), over ``layers`` (default
     all; result rows in that order). ``ctx`` must cache the sweep's hook for those layers. ``only``: per layer, the
     flat indices of the variants to run; the others are NaN (not computed), never a made-up 0. ``raw``: the mean
-    logit difference of each variant instead of the normalised effect."""
+    logit difference of each variant instead of the normalised effect. ``groups`` (e.g. ``PromptSet.templates``):
+    one result per group, ``[group, layer, ...]``, each averaged and normalised over its own prompts only."""
     model = ctx.model
     check_supported(model, spec)
     batch, n_pos = ctx.corrupted_tokens.shape
     chunk = variants_per_chunk(model, batch, n_pos, memory_mb, max_variants)
+    weights = group_weights(batch, groups)  # [batch, group]
+    if groups is None:
+        clean_base, corr_base = torch.tensor([ctx.clean_logit_diff]), torch.tensor([ctx.corrupted_logit_diff])
+    else:
+        clean_base, corr_base = ctx.clean_per_prompt @ weights, ctx.corrupted_per_prompt @ weights
     rows = []
     show = progress and os.environ.get("CIRCUIT_LAB_PROGRESS", "1") != "0"  # the batch runner sets 0 (quiet saved notebooks)
     for layer in tqdm(range(model.cfg.n_layers) if layers is None else layers, desc=f"patch {spec.name}", disable=not show, leave=False):
@@ -275,16 +294,18 @@ def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None
         shape = variant_shape(spec, clean.shape)
         variants = torch.arange(math.prod(shape))
         live = variants[changed_variants(spec, clean, corrupted, variants)]
-        ld = torch.full((len(variants),), ctx.corrupted_logit_diff)
+        ld = corr_base.repeat(len(variants), 1)  # [variant, group]
         if only is not None:
             selected = torch.zeros(len(variants), dtype=torch.bool)
             selected[only[layer]] = True
             ld[~selected] = float("nan")
             live = live[selected[live]]
         for part in live.split(chunk) if len(live) else ():  # (an empty tensor splits into one empty part)
-            ld[part] = run_patched_from_layer(ctx, layer, hook_name, variant_masks(spec, clean.shape, part)).mean(-1).cpu()
-        rows.append((ld if raw else normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff)).reshape(shape))
-    return torch.stack(rows)
+            ld[part] = run_patched_from_layer(ctx, layer, hook_name, variant_masks(spec, clean.shape, part)).cpu() @ weights
+        ld = ld if raw else normalised(ld, clean_base, corr_base)
+        rows.append(ld.T.reshape(-1, *shape))  # [group, *shape]
+    result = torch.stack(rows, 1)  # [group, layer, *shape]
+    return result[0] if groups is None else result
 
 
 def patch_everything_at(ctx: PatchingContext, name: str, layer: int, everything: bool) -> float:

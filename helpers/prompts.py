@@ -3,7 +3,9 @@
 Rules: slots that share a pool get distinct words within a prompt; pool words that are not a single known
 token in the form the template needs (``"Mary"`` at the start, ``" Mary"`` after a space) are dropped with a
 printed count; prompts are unique; every clean and corrupted prompt has the same token length (else a
-ParamsError naming the template); named positions resolve to one token index shared by all prompts.
+ParamsError naming the template). A task with several sentence templates (``templates:``, e.g. IOI's ABBA and
+BABA) fills them round robin; a named position may then sit at a different index in each template:
+``position_index`` has every named position per prompt, ``positions`` the ones shared by all prompts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from .params import (
@@ -54,14 +56,34 @@ class PromptSet:
     clean_tokens: Int[Tensor, "batch pos"]
     corrupted_tokens: Int[Tensor, "batch pos"]
     answer_tokens: Int[Tensor, "batch 2"]  # [:, 0] correct, [:, 1] incorrect
-    positions: dict[str, int]  # name -> token index, the same for every prompt
-    position_labels: list[str]  # one per token index, slots shown as [S1]
+    positions: dict[str, int]  # name -> token index, for the named positions that are the same in every prompt
+    position_labels: list[str]  # one per token index, slots shown as [S1] ("[S1]|[S2]" where templates differ)
     dropped_words: dict[str, list[str]] = field(default_factory=dict)
     alternatives: dict[str, AlternativeRun] = field(default_factory=dict)  # params.corruptions, by name
+    template_names: list[str] = field(default_factory=lambda: ["template"])  # the task's sentence templates
+    template_index: Int[Tensor, "batch"] | None = None  # which template each prompt was filled from (None: all the first)
+    position_index: dict[str, Int[Tensor, "batch"]] = field(default_factory=dict)  # every named position, per prompt
 
     @property
     def n_pos(self) -> int:
         return self.clean_tokens.shape[1]
+
+    @property
+    def templates(self) -> Int[Tensor, "batch"]:
+        """Which template each prompt was filled from (index into ``template_names``)."""
+        if self.template_index is None:
+            return torch.zeros(self.clean_tokens.shape[0], dtype=torch.long)
+        return self.template_index
+
+    @property
+    def varying_positions(self) -> list[str]:
+        """Named positions whose token index differs between the task's templates (not in ``positions``)."""
+        return [name for name in self.position_index if name not in self.positions]
+
+    def template_masks(self) -> dict[str, Bool[Tensor, "batch"]]:
+        """Template name -> which prompts were filled from it."""
+        index = self.templates.cpu()
+        return {name: index == i for i, name in enumerate(self.template_names)}
 
     @property
     def axis_labels(self) -> list[str]:
@@ -74,6 +96,7 @@ class PromptSet:
         self.answer_tokens = self.answer_tokens.to(device)
         for alt in self.alternatives.values():
             alt.tokens = alt.tokens.to(device)
+        self.position_index = {name: index.to(device) for name, index in self.position_index.items()}
         return self
 
 
@@ -97,7 +120,8 @@ def slot_forms(params: TaskParams) -> dict[str, set[str]]:
     """For each slot, the forms its words take: ``"{}"`` (no leading space) and/or ``" {}"``."""
     forms: dict[str, set[str]] = {s: set() for s in params.slot_pools}
     extra = [c.template for c in params.corruptions.values() if c.template is not None]
-    for text in (params.template, params.corrupted, params.correct, params.incorrect, *extra):
+    extra += [t for v in params.variants for t in (v.template, v.corrupted_template)]
+    for text in (params.correct, params.incorrect, *extra):
         for m in SLOT_RE.finditer(text):
             spaced = m.start() > 0 and text[m.start() - 1] == " "
             forms[m.group(1)].add(" {}" if spaced else "{}")
@@ -201,10 +225,12 @@ def slot_token_index(tokenizer, template: str, words: dict[str, str], slot: str,
     return n_prefix + len(token_ids(tokenizer, fill(template[:start], words).rstrip(" ")))
 
 
-def resolve_position(params: TaskParams, tokenizer, words: dict[str, str], n_pos: int, spec: str, n_prefix: int = 1) -> int:
-    """Token index of a named position spec (``end``, ``S2``, ``S2#2``, ``S1+1``)."""
+def resolve_position(params: TaskParams, tokenizer, words: dict[str, str], n_pos: int, spec: str, n_prefix: int = 1,
+                     template: str | None = None) -> int:
+    """Token index of a named position spec (``end``, ``S2``, ``S2#2``, ``S1+1``) in ``template`` (default: the first)."""
     m = POSITION_RE.match(spec)
-    base = n_pos - 1 if m["end"] else slot_token_index(tokenizer, params.template, words, m["slot"], int(m["occ"] or 1), n_prefix)
+    template = params.variants[0].template if template is None else template
+    base = n_pos - 1 if m["end"] else slot_token_index(tokenizer, template, words, m["slot"], int(m["occ"] or 1), n_prefix)
     idx = base + int(m["off"] or 0)
     if not 0 <= idx < n_pos:
         raise ParamsError(f"{params.source}: positions: {spec!r} resolves to token {idx}, outside 0..{n_pos - 1}")
@@ -224,8 +250,10 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
             if lost:
                 print(f"pool '{pool}': dropped {len(lost)} of {len(lost) + len(words[pool])} words that are not one token here: {lost[:8]}{' …' if len(lost) > 8 else ''}")
     assignments = sample_assignments(params, words, params.n_prompts, params.seed)
-    clean = [fill(params.template, a) for a in assignments]
-    corrupted = [fill(params.corrupted, a) for a in assignments]
+    variants = params.variants
+    template_index = [i % len(variants) for i in range(len(assignments))]  # round robin: balanced and deterministic
+    clean = [fill(variants[t].template, a) for t, a in zip(template_index, assignments)]
+    corrupted = [fill(variants[t].corrupted_template, a) for t, a in zip(template_index, assignments)]
     bos = tokenizer.bos_token_id
     if prepend_bos is None:
         prepend_bos = bos is not None
@@ -243,10 +271,11 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
     lengths = {len(r) for r in clean_ids + corr_ids}
     if len(lengths) != 1:
         i = next(i for i in range(len(clean)) if len(clean_ids[i]) != len(corr_ids[i]) or len(clean_ids[i]) != len(clean_ids[0]))
+        which = "template/corrupted_template" if params.templates is None else f"templates ({variants[template_index[i]].name} vs {variants[0].name})"
         raise ParamsError(
-            f"{src}: template/corrupted_template: prompts must all have the same token length, found lengths {sorted(lengths)}; "
-            f"e.g. clean {clean[i]!r} ({len(clean_ids[i])}) vs corrupted {corrupted[i]!r} ({len(corr_ids[i])}). "
-            "Make the corrupted template mirror the clean one token for token."
+            f"{src}: {which}: prompts must all have the same token length, found lengths {sorted(lengths)}; "
+            f"e.g. clean {clean[0]!r} ({len(clean_ids[0])}) vs clean {clean[i]!r} ({len(clean_ids[i])}) vs corrupted {corrupted[i]!r} "
+            f"({len(corr_ids[i])}). Make every template and corrupted template mirror the first token for token."
         )
     answers = []
     for a in assignments:
@@ -256,31 +285,42 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
             raise ParamsError(f"{src}: correct/incorrect: both resolve to {fill(params.correct, a)!r}; they must differ")
         answers.append([c, w])
     n_pos = lengths.pop()
-    first = assignments[0]
-    positions = {name: resolve_position(params, tokenizer, first, n_pos, spec, len(prefix)) for name, spec in params.positions.items()}
-    labels = [tokenizer.decode([t]) for t in clean_ids[0]]
-    clean_tokens = torch.tensor(clean_ids)
-    for slot in set(SLOT_RE.findall(params.template)):
-        for occ in range(1, params.template.count(f"[{slot}]") + 1):
-            idx = slot_token_index(tokenizer, params.template, first, slot, occ, len(prefix))
-            labels[idx] = f"[{slot}]"
-            wrong = [p for p, a, row in zip(clean, assignments, clean_ids) if tokenizer.decode([row[idx]]).strip() != a[slot]]
-            if wrong:
-                raise ParamsError(f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens")
+    first_of = {t: template_index.index(t) for t in range(len(variants))}
+    per_variant = [{name: resolve_position(params, tokenizer, assignments[first_of[t]], n_pos, spec, len(prefix), variants[t].template)
+                    for name, spec in params.positions.items()} for t in range(len(variants))]
+    position_index = {name: torch.tensor([per_variant[t][name] for t in template_index]) for name in params.positions}
+    positions = {name: per_variant[0][name] for name in params.positions if len({pv[name] for pv in per_variant}) == 1}
+    variant_labels = []
+    for t, v in enumerate(variants):
+        row = clean_ids[first_of[t]]
+        labels = [tokenizer.decode([tok]) for tok in row]
+        for slot in set(SLOT_RE.findall(v.template)):
+            for occ in range(1, v.template.count(f"[{slot}]") + 1):
+                idx = slot_token_index(tokenizer, v.template, assignments[first_of[t]], slot, occ, len(prefix))
+                labels[idx] = f"[{slot}]"
+                wrong = [p for p, a, row, ti in zip(clean, assignments, clean_ids, template_index)
+                         if ti == t and tokenizer.decode([row[idx]]).strip() != a[slot]]
+                if wrong:
+                    raise ParamsError(f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens")
+        variant_labels.append(labels)
+    labels = ["|".join(dict.fromkeys(vl[i] for vl in variant_labels)) for i in range(n_pos)]
     alternatives = {name: alternative_run(params, tokenizer, name, c, assignments, prefix, n_pos)
-                     for name, c in params.corruptions.items()}
+                    for name, c in params.corruptions.items()}
     return PromptSet(
         params=params,
         clean_prompts=clean,
         corrupted_prompts=corrupted,
         slot_words=assignments,
-        clean_tokens=clean_tokens,
+        clean_tokens=torch.tensor(clean_ids),
         corrupted_tokens=torch.tensor(corr_ids),
         answer_tokens=torch.tensor(answers),
         positions=positions,
         position_labels=labels,
         dropped_words={p: d for p, d in dropped.items() if d},
         alternatives=alternatives,
+        template_names=[v.name for v in variants],
+        template_index=torch.tensor(template_index),
+        position_index=position_index,
     )
 
 
@@ -293,8 +333,8 @@ def alternative_run(params: TaskParams, tokenizer, name: str, spec: Corruption, 
         positions = []
         for slot_spec in spec.noise:
             m = NOISE_SLOT_RE.match(slot_spec)
-            positions.append(slot_token_index(tokenizer, params.template, assignments[0], m["slot"], int(m["occ"] or 1), len(prefix)))
-        clean = [fill(params.template, a) for a in assignments]
+            positions.append(slot_token_index(tokenizer, params.variants[0].template, assignments[0], m["slot"], int(m["occ"] or 1), len(prefix)))
+        clean = [fill(params.variants[0].template, a) for a in assignments]
         return AlternativeRun(name, spec, clean, torch.tensor([prefix + token_ids(tokenizer, p) for p in clean]), sorted(set(positions)))
     prompts = [fill(spec.template, a) for a in assignments]
     ids = [prefix + token_ids(tokenizer, p) for p in prompts]

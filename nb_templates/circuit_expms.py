@@ -66,7 +66,10 @@ model, prompts, figs = s.model, s.prompts, s.figures
 top_k = s.params.analysis.top_k
 print(f"task {s.params.task} | model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) | "
       f"{len(prompts.clean_prompts)} prompts of {prompts.n_pos} tokens | outputs in {s.out_dir}")
-print("named positions:", {name: prompts.axis_labels[i] for name, i in prompts.positions.items()})
+print("named positions:", {name: prompts.axis_labels[i] for name, i in prompts.positions.items()},
+      f"| differ between templates: {prompts.varying_positions}" if prompts.varying_positions else "")
+if len(prompts.template_names) > 1:
+    print(f"{len(prompts.template_names)} sentence templates, prompts split evenly: {prompts.template_names}")
 
 # %% [markdown]
 # ## 1. Does the model do the task?
@@ -85,8 +88,12 @@ utilities.test_prompt(prompts.clean_prompts[0], model.to_string(prompts.answer_t
 ld = experiments.logit_diffs(s)
 print(f"clean logit diff {ld.clean.mean():.3f} (accuracy {ld.clean_accuracy:.2f}) | corrupted logit diff {ld.corrupted.mean():.3f}")
 display(ld.table(prompts).head(8))
+template_of = [prompts.template_names[t] for t in prompts.templates.tolist()]
 figs.show(plotting.scatter(ld.clean, ld.corrupted, "Logit difference per prompt", "clean logit diff", "corrupted logit diff",
-                           hover=prompts.clean_prompts), "logit_diff_per_prompt")
+                           hover=prompts.clean_prompts, color=template_of if len(prompts.template_names) > 1 else None),
+          "logit_diff_per_prompt")
+if len(prompts.template_names) > 1:
+    display(experiments.template_breakdown(s, ld).round(3))
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -248,7 +255,7 @@ print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in 
 # patching but not here has a backup that takes over when it is gone (section 7).
 
 # %%
-head_importance = importance.head_importance(model, prompts.clean_tokens, prompts.answer_tokens, patching_memory_mb)
+head_importance = importance.head_importance(model, prompts.clean_tokens, prompts.answer_tokens, patching_memory_mb, groups=prompts.templates)
 print(f"unablated: answer loss {head_importance.baseline['answer_loss']:.3f}, sequence loss {head_importance.baseline['sequence_loss']:.3f}, "
       f"logit diff {head_importance.baseline['logit_diff']:.3f}")
 figs.show(plotting.heatmap(head_importance.answer_loss, "Mean-ablating each head: increase in answer loss (nats)", "head", "layer",
@@ -259,6 +266,29 @@ figs.show(plotting.scatter(head_importance.answer_loss, head_importance.logit_di
                            "Δ answer loss (nats)", "Δ logit diff", hover=s.head_names), "importance_loss_vs_logit_diff")
 top_importance = heads.top_heads(head_importance.answer_loss, top_k, "pos")
 print("heads whose ablation costs the most answer loss:", [(heads.head_label(h), h["value"]) for h in top_importance])
+
+# %% [markdown]
+# ### 4e. Per sentence template
+#
+# **How it works.** When the task mixes several sentence templates (`templates:` in the params, e.g. ABBA and
+# BABA), everything above averages over all prompts. Here the logit difference, the top DLA head and output
+# patching of every head are computed for each template's prompts alone (patching normalised by that template's
+# own clean and corrupted logit differences).
+#
+# **How to interpret.** A circuit claimed for the task should hold in every template: a head that matters in
+# ABBA but not in BABA tracks the name order, not the task.
+
+# %%
+if len(prompts.template_names) > 1:
+    head_out_by_template = patching.run_sweep(ctx, patching.SWEEPS["head_out"], memory_mb=patching_memory_mb, groups=prompts.templates)
+    template_table = experiments.template_breakdown(s, ld, dla, head_out_by_template)
+    display(template_table.round(3))
+    for name, values in zip(prompts.template_names, head_out_by_template):
+        figs.show(plotting.heatmap(values, f"Patching head_out, template {name} only (normalised logit diff recovered)", "head", "layer",
+                                   color_label="recovered"), f"patch_head_out_{name}")
+else:
+    head_out_by_template, template_table = None, None
+    print("This task has one sentence template; list several under `templates:` in its params to compare them here.")
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -355,6 +385,9 @@ results = {
     "attribution_patching": {"values": estimates, "spearman_vs_exact": agreement, "ig_steps": attribution_ig_steps},
     "path_patching": {"to_logits": path_to_logits, "top_senders": top_paths},
     "importance": {**head_importance.to_json(), "top_answer_loss": top_importance},
+    "templates": {"names": prompts.template_names, "per_prompt": prompts.templates, "varying_positions": prompts.varying_positions,
+                  "head_out": head_out_by_template,
+                  "breakdown": None if template_table is None else template_table.reset_index().to_dict("records")},
     "head_scores": {"values": scores, "top": top_scores, "seq_len": induction_seq_len},
     "backup": {"ablated": backup.ablated, "logit_diff_before": backup.logit_diff_before, "logit_diff_after": backup.logit_diff_after,
                "ln_scale_ratio": backup.ln_scale_ratio, "risers": backup.risers},

@@ -81,7 +81,8 @@ positions = head_functions.word_positions(prompts, words)
 from_positions = head_functions.word_positions(prompts, attention_from)
 thresholds = roles.RoleThresholds(**role_thresholds)
 cache = head_functions.clean_cache(model, prompts)
-print(f"task {s.params.task} | model {s.model_name} | heads {labels} | words {positions}")
+where = {n: prompts.positions.get(n, "differs by template") for n in positions}
+print(f"task {s.params.task} | model {s.model_name} | heads {labels} | words at {where}")
 
 # %% [markdown]
 # ## 1. Copy scores through the OV circuit
@@ -254,7 +255,7 @@ if signal_rows:
 # direction say the head moves names (a copying head spreads over many directions: its OV is near the identity).
 
 # %%
-word_tokens = prompts.clean_tokens[:, list(positions.values())].unique()
+word_tokens = prompts.clean_tokens.gather(1, head_functions.position_matrix(positions, len(prompts.clean_tokens))).unique()
 ov = weights_circuits.ov_copying(model, word_tokens)
 ov_mlp0 = weights_circuits.ov_copying(model, word_tokens, effective_embedding=True)
 weights_table = pd.DataFrame({"OV copies (share of words)": [float(ov.top1[h["layer"], h["head"]]) for h in chosen],
@@ -300,7 +301,7 @@ results = {
     "params": s.params,
     "model": s.model_name,
     "heads": chosen,
-    "words": positions,
+    "words": {n: prompts.positions.get(n, "differs by template") for n in positions},
     "copy_scores": {"k": copy_top_k, "positive": copy.positive, "negative": copy.negative, "positive_with_bias": copy_bias.positive,
                     "negative_with_bias": copy_bias.negative, "attend_and_copy": attend_copy.score,
                     "attention_to_words": attend_copy.attention_to_words,

@@ -83,7 +83,7 @@ else:
     proposed = choice.circuit
     print("default circuit:", choice.message())
 ref_tokens = {"corrupted": prompts.corrupted_tokens, "clean": prompts.clean_tokens}[reference]
-ev = circuits.make_evaluator(model, prompts.clean_tokens, prompts.answer_tokens, prompts.positions, ref_tokens, ablation)
+ev = circuits.make_evaluator(model, prompts.clean_tokens, prompts.answer_tokens, prompts.positions, ref_tokens, ablation, prompts.templates)
 print(f"task {s.params.task} | model {s.model_name} | {len(proposed.heads)} heads | {ablation} ablation over {reference} prompts")
 display(pd.DataFrame([{"group": g, "head": h, "kept at": ", ".join(proposed.positions.get(h) or ["all positions"])}
                       for g, hs in proposed.groups.items() for h in hs]))

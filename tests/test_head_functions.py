@@ -39,7 +39,7 @@ def test_copy_scores_are_percentages_and_reproducible(toy_ioi, ioi_prompts, cach
 def test_attention_vs_contribution(toy_ioi, ioi_prompts, cache):
     pos = HF.word_positions(ioi_prompts)
     ac = HF.attention_vs_contribution(toy_ioi, cache, ioi_prompts, pos)
-    expected = cache["blocks.3.attn.hook_pattern"][:, 2, -1, list(pos.values())]
+    expected = cache["blocks.3.attn.hook_pattern"][:, 2, -1, [ioi_prompts.positions[n] for n in pos]]
     torch.testing.assert_close(ac.attention[3, 2], expected)
     corr = ac.correlation()
     assert corr.shape == (4, 4) and corr.abs().max() <= 1 + 1e-6
