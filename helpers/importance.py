@@ -58,11 +58,12 @@ class HeadImportance:
     logit_diff: Float[Tensor, "layer head"]  # < 0: the head helps the correct answer over the incorrect one
     baseline: dict[str, float]  # the unablated run's answer_loss, sequence_loss, logit_diff
     n_prompts: int
+    reference: str = "the same prompts"  # where the means come from
 
     def to_json(self) -> dict:
         return {"answer_loss": self.answer_loss, "sequence_loss": self.sequence_loss, "logit_diff": self.logit_diff,
                 "baseline": self.baseline, "n_prompts": self.n_prompts,
-                "ablation": "each head's z replaced at every position by its mean over the clean prompts at that position",
+                "ablation": f"each head's z replaced at every position by its mean over {self.reference} at that position",
                 "sign": "ablated minus unablated"}
 
 
@@ -72,13 +73,22 @@ def with_answers(tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2
 
 
 def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], memory_mb: float = 1024,
-                    progress: bool = True, groups: Int[Tensor, "batch"] | None = None) -> HeadImportance:
+                    progress: bool = True, groups: Int[Tensor, "batch"] | None = None,
+                    reference_tokens: Int[Tensor, "batch pos"] | None = None, reference_name: str = "reference") -> HeadImportance:
     """Mean-ablation importance of every head (see module docstring); ``memory_mb`` bounds one batched forward;
-    ``groups``: the prompts' sentence templates, each averaged on its own (``metrics.group_mean``)."""
+    ``groups``: the prompts' sentence templates, each averaged on its own (``metrics.group_mean``);
+    ``reference_tokens``: prompts the means come from (default ``tokens`` themselves; the corrupted prompts remove
+    what distinguishes the task's answer, as the IOI paper's mean over its ABC prompts does; a task whose answer is
+    the same in every prompt needs them, since a mean over its own prompts still carries that answer), called
+    ``reference_name`` in the result (e.g. "corrupted")."""
     cfg = model.cfg
     full = with_answers(tokens, answers)
     z_names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)])
     resid_names = resolve_hook_names(model, [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)])
+    reference = {}
+    if reference_tokens is not None:
+        with torch.no_grad():
+            _, reference = model.run_with_cache(with_answers(reference_tokens, answers), names_filter=z_names)
     if not hook_takes_effect(model, z_names[-1]):
         raise NotSupported(f"head importance is not supported for this architecture ({type(model.original_model).__name__}): "
                            "the bridge discards edits of attn.hook_z, so every ablation would be a silent zero")
@@ -90,7 +100,7 @@ def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor
     chunk = max(1, int(memory_mb * 2**20) // per_variant)
     rows: dict[str, list[Tensor]] = {"answer_loss": [], "sequence_loss": [], "logit_diff": []}
     for layer in tqdm(range(cfg.n_layers), desc="mean-ablate heads", disable=not progress, leave=False):
-        z = cache[z_names[layer]]
+        z = (reference or cache)[z_names[layer]]
         mean = {"mean": {z_names[layer]: group_mean(z, groups)}}
         resid = cache[resid_names[layer]]
         out: dict[str, list[Tensor]] = {k: [] for k in rows}
@@ -106,4 +116,5 @@ def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor
         for k in rows:
             rows[k].append(torch.cat(out[k]))
     return HeadImportance(*(torch.stack(rows[k]) for k in ("answer_loss", "sequence_loss", "logit_diff")),
-                          baseline={k: float(getattr(base, k)[0]) for k in rows}, n_prompts=batch)
+                          baseline={k: float(getattr(base, k)[0]) for k in rows}, n_prompts=batch,
+                          reference="the same prompts" if reference_tokens is None else f"the {reference_name} prompts")

@@ -52,6 +52,7 @@ static_images = True  # also save every figure as PNG next to the notebook
 induction_seq_len = 25  # length of the random sequence r in BOS, r, r (keep 2r+1 within the trained context)
 induction_batch = 16
 patching_memory_mb = 1024  # memory budget of one batched patching forward (variants are chunked to fit)
+importance_reference = "corrupted"  # head importance: means over the "corrupted" prompts (IOI's ABC) or the "clean" ones
 attribution_ig_steps = 8  # integrated-gradients steps for EAP-IG (0: plain attribution patching only)
 
 # %%
@@ -244,19 +245,25 @@ print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in 
 # %% [markdown]
 # ### 4d. Loss-based importance: mean-ablate each head
 #
-# **How it works.** Each head's output is replaced, at every position, by its mean over the clean prompts at
-# that position, and the run is compared with the unablated one: the increase in the answer's loss
+# **How it works.** Each head's output is replaced, at every position, by its mean at that position over the
+# `importance_reference` prompts (default the corrupted ones, as the IOI paper's mean over its ABC prompts and as
+# `minimal_circuit`; "clean" takes the mean over the task's own prompts), and the run on the clean prompts is
+# compared with the unablated one: the increase in the answer's loss
 # (`-log p(correct)` at the final position), in the mean next-token loss over the prompt and its answer, and
 # the change in logit difference. Unlike patching, this needs no corrupted prompt: it asks whether the model
 # needs the head at all on these prompts.
 #
 # **How to interpret.** Heads that cost answer loss but little logit difference help predict the answer's
 # *kind* (any name) rather than *which* name; heads high in both are the task's heads. A head that matters in
-# patching but not here has a backup that takes over when it is gone (section 7).
+# patching but not here has a backup that takes over when it is gone (section 7). With `importance_reference =
+# "clean"` on a task whose answer is the same in every prompt (numseq: always " 5"), the mean still carries the
+# answer and every head looks unimportant: that is the reference, not the model.
 
 # %%
-head_importance = importance.head_importance(model, prompts.clean_tokens, prompts.answer_tokens, patching_memory_mb, groups=prompts.templates)
-print(f"unablated: answer loss {head_importance.baseline['answer_loss']:.3f}, sequence loss {head_importance.baseline['sequence_loss']:.3f}, "
+head_importance = importance.head_importance(model, prompts.clean_tokens, prompts.answer_tokens, patching_memory_mb, groups=prompts.templates,
+                                             reference_tokens={"corrupted": prompts.corrupted_tokens, "clean": None}[importance_reference],
+                                             reference_name=importance_reference)
+print(f"means over {head_importance.reference}; unablated: answer loss {head_importance.baseline['answer_loss']:.3f}, sequence loss {head_importance.baseline['sequence_loss']:.3f}, "
       f"logit diff {head_importance.baseline['logit_diff']:.3f}")
 figs.show(plotting.heatmap(head_importance.answer_loss, "Mean-ablating each head: increase in answer loss (nats)", "head", "layer",
                            color_label="Δ loss"), "importance_answer_loss")

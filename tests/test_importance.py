@@ -59,3 +59,16 @@ def test_toy_ioi_heads_matter(toy_ioi, ioi_prompts):
     top = result.answer_loss.flatten().argmax()
     assert result.answer_loss.flatten()[top] > 0.1
     assert result.logit_diff.flatten()[top] < 0
+
+
+def test_reference_prompts_give_the_means(toy_ioi, ioi_prompts):
+    """Means from the same prompts given as reference equal the default; from the corrupted prompts they differ and the
+    name mover's ablation still costs answer loss."""
+    tokens, answers = ioi_prompts.clean_tokens, ioi_prompts.answer_tokens
+    default = importance.head_importance(toy_ioi, tokens, answers, progress=False)
+    same = importance.head_importance(toy_ioi, tokens, answers, progress=False, reference_tokens=tokens)
+    assert torch.allclose(default.answer_loss, same.answer_loss, atol=1e-5)
+    corrupted = importance.head_importance(toy_ioi, tokens, answers, progress=False, reference_tokens=ioi_prompts.corrupted_tokens,
+                                           reference_name="corrupted")
+    assert corrupted.reference == "the corrupted prompts" and not torch.allclose(default.answer_loss, corrupted.answer_loss)
+    assert float(corrupted.answer_loss[3, 2]) > 0.5
