@@ -66,7 +66,9 @@ class Corruption(BaseModel):
     causal tracing): a template over the task's slots, or Gaussian noise on some slots' token embeddings."""
 
     model_config = ConfigDict(extra="forbid")
-    template: str | None = Field(None, description="the prompt with the task's slots rearranged, e.g. the two names flipped")
+    template: str | dict[str, str] | None = Field(
+        None, description="the prompt with the task's slots rearranged, e.g. the two names flipped; in a task with several "
+        "`templates`, a mapping from each template's name to its rearranged form")
     noise: list[str] | None = Field(None, description="slots ('S1', 'S2#2') whose token embeddings get Gaussian noise")
     scale: float = Field(3.0, gt=0, le=100, description="noise std in units of the std of the clean token embeddings")
     changes: Literal["position", "token", "both", "other"] = Field(
@@ -213,21 +215,30 @@ class TaskParams(BaseModel):
             for slot in SLOT_RE.findall(text):
                 if slot not in self.slot_pools:
                     raise ValueError(f"{name}: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)}); add '{slot}: <pool>' to slots")
-        if self.templates is not None and self.corruptions:
-            raise ValueError("corruptions: extra corruptions are defined on one template; a task with several `templates` "
-                             "cannot have them yet (put the position-vs-token corruptions in a one-template task)")
-        template_slots = SLOT_RE.findall(self.variants[0].template)
+        names = [v.name for v in self.variants]
         for name, c in self.corruptions.items():
             if not NAME_RE.fullmatch(name):
                 raise ValueError(f"corruptions: {name!r} is not a name (letters, digits, '_' or '-')")
-            for slot in SLOT_RE.findall(c.template or ""):
-                if slot not in self.slot_pools:
-                    raise ValueError(f"corruptions.{name}.template: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)})")
-            for spec in c.noise or []:
-                m = NOISE_SLOT_RE.match(spec)
-                if template_slots.count(m["slot"]) < int(m["occ"] or 1):
-                    raise ValueError(f"corruptions.{name}.noise: the template has {template_slots.count(m['slot'])} occurrence(s) of "
-                                     f"[{m['slot']}], so {spec!r} names no token; name a slot of the template")
+            if isinstance(c.template, dict) and self.templates is None:
+                raise ValueError(f"corruptions.{name}.template: a mapping is for a task with several `templates`; give one template")
+            if isinstance(c.template, str) and self.templates is not None:
+                raise ValueError(f"corruptions.{name}.template: this task has several templates; map each to its form: "
+                                 f"{{{', '.join(f'{n}: ...' for n in names)}}}")
+            if isinstance(c.template, dict) and sorted(c.template) != sorted(names):
+                raise ValueError(f"corruptions.{name}.template: give a form for each template {names} and no other "
+                                 f"(missing {sorted(set(names) - set(c.template))}, unknown {sorted(set(c.template) - set(names))})")
+            for text in self.corruption_forms(name).values():
+                for slot in SLOT_RE.findall(text):
+                    if slot not in self.slot_pools:
+                        raise ValueError(f"corruptions.{name}.template: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)})")
+            for v in self.variants if c.noise else []:
+                template_slots = SLOT_RE.findall(v.template)
+                for spec in c.noise:
+                    m = NOISE_SLOT_RE.match(spec)
+                    if template_slots.count(m["slot"]) < int(m["occ"] or 1):
+                        which = "template" if self.templates is None else f"template {v.name}"
+                        raise ValueError(f"corruptions.{name}.noise: the {which} has {template_slots.count(m['slot'])} occurrence(s) of "
+                                         f"[{m['slot']}], so {spec!r} names no token; name a slot of the template")
         for name, spec in self.positions.items():
             m = POSITION_RE.match(spec)
             if not m:
@@ -299,6 +310,13 @@ class TaskParams(BaseModel):
         if occ >= len(parts):
             raise ValueError(f"corruption: template has fewer than {occ} occurrence(s) of [{slot}]")
         return f"[{slot}]".join(parts[:occ]) + f"[{slot}_corrupt]" + f"[{slot}]".join(parts[occ:])
+
+    def corruption_forms(self, name: str) -> dict[str, str]:
+        """Template name -> the rearranged prompt of extra corruption ``name`` (empty for a noise corruption)."""
+        c = self.corruptions[name]
+        if c.template is None:
+            return {}
+        return dict(c.template) if isinstance(c.template, dict) else {self.variants[0].name: c.template}
 
     @property
     def corrupted(self) -> str:

@@ -35,14 +35,25 @@ class AlternativeRun:
     """One of the task's extra corruptions (``params.corruptions``), built for the same slot words as the clean prompts.
 
     A template corruption has its own tokens; a noise corruption reads the clean tokens and adds Gaussian noise
-    to the token embeddings at ``noise_positions`` (``interventions.EmbeddingNoise``).
+    to the token embeddings where ``noise_mask`` is True (``signals.EmbeddingNoise``; per prompt, as a slot may sit
+    at another index in each of the task's templates).
     """
 
     name: str
     spec: Corruption
     prompts: list[str]
     tokens: Int[Tensor, "batch pos"]
-    noise_positions: list[int] = field(default_factory=list)
+    noise_mask: Bool[Tensor, "batch pos"] | None = None
+
+    @property
+    def noise_positions(self) -> list[int]:
+        """The noised token indices when they are the same in every prompt (else ValueError: use ``noise_mask``)."""
+        if self.noise_mask is None:
+            return []
+        rows = {tuple(row.nonzero().flatten().tolist()) for row in self.noise_mask}
+        if len(rows) != 1:
+            raise ValueError(f"corruption {self.name!r} noises different positions in different templates; use noise_mask")
+        return list(rows.pop())
 
 
 @dataclass
@@ -119,7 +130,7 @@ def unknown_id(tokenizer) -> int | None:
 def slot_forms(params: TaskParams) -> dict[str, set[str]]:
     """For each slot, the forms its words take: ``"{}"`` (no leading space) and/or ``" {}"``."""
     forms: dict[str, set[str]] = {s: set() for s in params.slot_pools}
-    extra = [c.template for c in params.corruptions.values() if c.template is not None]
+    extra = [text for name in params.corruptions for text in params.corruption_forms(name).values()]
     extra += [t for v in params.variants for t in (v.template, v.corrupted_template)]
     for text in (params.correct, params.incorrect, *extra):
         for m in SLOT_RE.finditer(text):
@@ -329,14 +340,18 @@ def alternative_run(params: TaskParams, tokenizer, name: str, spec: Corruption, 
     """The prompts of extra corruption ``name`` for the clean prompts' slot words; a ParamsError naming
     ``corruptions.<name>`` when its prompts do not match the clean ones token for token."""
     where = f"{params.source}: corruptions.{name}"
+    variants = params.variants
+    template_index = [i % len(variants) for i in range(len(assignments))]  # as make_prompts
     if spec.noise is not None:
-        positions = []
-        for slot_spec in spec.noise:
-            m = NOISE_SLOT_RE.match(slot_spec)
-            positions.append(slot_token_index(tokenizer, params.variants[0].template, assignments[0], m["slot"], int(m["occ"] or 1), len(prefix)))
-        clean = [fill(params.variants[0].template, a) for a in assignments]
-        return AlternativeRun(name, spec, clean, torch.tensor([prefix + token_ids(tokenizer, p) for p in clean]), sorted(set(positions)))
-    prompts = [fill(spec.template, a) for a in assignments]
+        clean = [fill(variants[t].template, a) for t, a in zip(template_index, assignments)]
+        mask = torch.zeros(len(clean), n_pos, dtype=torch.bool)
+        for b, (t, a) in enumerate(zip(template_index, assignments)):
+            for slot_spec in spec.noise:
+                m = NOISE_SLOT_RE.match(slot_spec)
+                mask[b, slot_token_index(tokenizer, variants[t].template, a, m["slot"], int(m["occ"] or 1), len(prefix))] = True
+        return AlternativeRun(name, spec, clean, torch.tensor([prefix + token_ids(tokenizer, p) for p in clean]), mask)
+    forms = params.corruption_forms(name)
+    prompts = [fill(forms[variants[t].name], a) for t, a in zip(template_index, assignments)]
     ids = [prefix + token_ids(tokenizer, p) for p in prompts]
     unk = unknown_id(tokenizer)
     bad = [p for p, row in zip(prompts, ids) if len(row) != n_pos or (unk is not None and unk in row)]

@@ -38,23 +38,21 @@ POSITIONS = ("end", "all")  # where a head's output is taken from the source run
 
 @dataclass(eq=False)
 class EmbeddingNoise:
-    """A forward hook (on ``hook_embed``) adding fixed Gaussian noise to the token embeddings at ``positions``."""
+    """A forward hook (on ``hook_embed``) adding fixed Gaussian noise to the token embeddings (zero where a prompt's
+    tokens are not noised)."""
 
-    noise: Float[Tensor, "batch n_positions d_model"]
-    positions: list[int]
+    noise: Float[Tensor, "batch pos d_model"]
 
     def __call__(self, embed: Tensor, hook=None) -> Tensor:
-        embed = embed.clone()
-        embed[:, self.positions] += self.noise.to(embed.device, embed.dtype)
-        return embed
+        return embed + self.noise.to(embed.device, embed.dtype)
 
     def __repr__(self) -> str:
-        return f"EmbeddingNoise(positions={self.positions}, std={float(self.noise.std()):.3g})"
+        return f"EmbeddingNoise({int((self.noise != 0).any(-1).sum())} noised tokens)"
 
 
 def embedding_noise(model, alt: AlternativeRun, seed: int) -> tuple[str, EmbeddingNoise]:
-    """(hook name, hook) adding noise of std ``alt.spec.scale`` x the std of the clean token embeddings at the
-    noised positions; deterministic in ``seed``. NotSupported where edits of the embeddings are discarded."""
+    """(hook name, hook) adding noise of std ``alt.spec.scale`` x the std of the clean token embeddings where
+    ``alt.noise_mask`` is True; deterministic in ``seed``. NotSupported where edits of the embeddings are discarded."""
     name = resolve_hook_names(model, "hook_embed")[0]
     if not hook_takes_effect(model, name):
         raise NotSupported(f"noise corruption {alt.name!r} is not supported for this architecture: the bridge discards edits of hook_embed")
@@ -62,14 +60,14 @@ def embedding_noise(model, alt: AlternativeRun, seed: int) -> tuple[str, Embeddi
         _, cache = model.run_with_cache(alt.tokens, names_filter=[name])
     sigma = float(cache[name].float().std())
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(alt.tokens.shape[0], len(alt.noise_positions), model.cfg.d_model, generator=generator)
-    return name, EmbeddingNoise(noise * alt.spec.scale * sigma, list(alt.noise_positions))
+    noise = torch.randn(*alt.noise_mask.shape, model.cfg.d_model, generator=generator) * alt.noise_mask[..., None]
+    return name, EmbeddingNoise(noise * alt.spec.scale * sigma)
 
 
 def source_context(model, prompts: PromptSet, alt: AlternativeRun, seed: int = 0) -> PatchingContext:
     """A patching context whose base run is the *clean* prompts and whose patch source is the run of ``alt``
     (in ``PatchingContext``'s words: "corrupted" = the clean prompts, "clean" = the source)."""
-    hooks = [embedding_noise(model, alt, seed)] if alt.noise_positions else []
+    hooks = [embedding_noise(model, alt, seed)] if alt.noise_mask is not None else []
     return make_context(model, alt.tokens, prompts.clean_tokens, prompts.answer_tokens, clean_hooks=hooks, warn=False)
 
 

@@ -37,6 +37,7 @@ def test_prompts_split_evenly_with_positions_per_prompt(toy_ioi, mixed):
 
 def _write(tmp_path, **changes):
     raw = yaml.safe_load(MIXED.source.read_text())
+    raw.pop("corruptions")  # they name the shipped templates; cases that test them give their own
     raw.update(changes)
     path = tmp_path / "mixed.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -49,7 +50,9 @@ def _write(tmp_path, **changes):
                     {"name": "a", "template": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"}]}, "names must differ"),
     ({"templates": [{"name": "a", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to"}], "corruption": None},
      "no corrupted_template"),
-    ({"corruptions": {"flip": {"noise": ["S1"]}}}, "several `templates`"),
+    ({"corruptions": {"flip": {"template": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"}}}, "map each to its form"),
+    ({"corruptions": {"flip": {"template": {"ABBA-when": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"}}}},
+     r"give a form for each template .* \(missing \['ABBA-after', 'BABA-after', 'BABA-when'\]"),
     ({"templates": [{"name": "a", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to", "colour": 1}]}, "colour"),
 ])
 def test_bad_template_lists_name_the_field(tmp_path, changes, message):
@@ -106,3 +109,18 @@ def test_mean_ablation_is_within_each_template(toy_ioi, mixed):
     result = importance.head_importance(toy_ioi, mixed.clean_tokens[:4], mixed.answer_tokens[:4], groups=mixed.templates[:4],
                                         progress=False)
     assert result.logit_diff.abs().max() < 1e-5  # one prompt per template: each is its own template's mean
+
+
+def test_extra_corruptions_follow_each_template(toy_ioi, mixed):
+    """Flipped order maps ABBA to BABA and back; subject noise marks each template's own subject positions."""
+    flipped, noise = mixed.alternatives["flipped_order"], mixed.alternatives["subject_noise"]
+    for b, words in enumerate(mixed.slot_words[:4]):
+        first = mixed.clean_prompts[b].split()[1]
+        assert flipped.prompts[b].split()[1] == (words["S2"] if first == words["S1"] else words["S1"])
+        subject = {int(mixed.position_index["S1"][b]), mixed.positions["S2"]}
+        assert set(noise.noise_mask[b].nonzero().flatten().tolist()) == subject
+    with pytest.raises(ValueError, match="different positions"):
+        noise.noise_positions
+    from helpers import signals
+    result = signals.patch_from(toy_ioi, mixed, "exchanged_names", progress=False)
+    assert float(result.effect[3, 2]) < -1  # the name mover copies the token in every template: exchanging names reverses it

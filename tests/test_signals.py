@@ -31,6 +31,7 @@ def test_ioi_corruptions_are_built_from_the_same_words(toy_ioi, ioi_prompts):
     noise = alts["subject_noise"]
     assert torch.equal(noise.tokens, ioi_prompts.clean_tokens)
     assert noise.noise_positions == sorted([ioi_prompts.positions["S1"], ioi_prompts.positions["S2"]])
+    assert noise.noise_mask.shape == ioi_prompts.clean_tokens.shape
 
 
 def _with_corruptions(tmp_path, corruptions: dict, n_prompts: int = 8):
