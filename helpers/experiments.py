@@ -28,7 +28,7 @@ from .attribution import (
     logit_lens,
     unembed_bias_diff,
 )
-from .heads import all_head_labels, parse_head_label, top_heads
+from .heads import all_head_labels, head_label, parse_head_label, top_heads
 from .hooks import run_with_checked_cache
 from .interventions import Intervention, hooks_for
 from .layout import model_folder_name, owner
@@ -201,10 +201,10 @@ def template_breakdown(s: Session, ld: LogitDiffs, dla: DLAResult | None = None,
                "corrupted logit diff": float(ld.corrupted[mask].mean()), "accuracy (logit diff > 0)": float((ld.clean[mask] > 0).float().mean())}
         if dla is not None and dla.heads_per_prompt is not None:
             top = top_heads(dla.heads_per_prompt[..., mask].mean(-1), 1, "abs")[0]
-            row["top DLA head"] = f"L{top['layer']}H{top['head']} ({top['value']:+.2f})"
+            row["top DLA head"] = f"{head_label(top)} ({top['value']:+.2f})"
         if head_out is not None:
             top = top_heads(head_out[i], 1, "abs")[0]
-            row["top output-patching head"] = f"L{top['layer']}H{top['head']} ({top['value']:+.2f})"
+            row["top output-patching head"] = f"{head_label(top)} ({top['value']:+.2f})"
         rows.append(row)
     return pd.DataFrame(rows).set_index("template")
 

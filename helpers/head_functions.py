@@ -26,7 +26,7 @@ def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[s
 
     Raises ValueError naming the available positions when a requested name is not one of them.
     """
-    named = prompts.position_index or {n: torch.full((prompts.clean_tokens.shape[0],), i) for n, i in prompts.positions.items()}
+    named = prompts.position_index
     if names is None:
         names = [n for n in named if n != "end" and "+" not in n and "-" not in n]
     unknown = [n for n in names if n not in named]

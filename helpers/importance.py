@@ -26,7 +26,7 @@ from tqdm.std import tqdm
 from .hooks import resolve_hook_names
 from .interventions import Intervention, hook_takes_effect, hooks_for
 from .metrics import group_mean, logit_diff
-from .patching import NotSupported
+from .patching import NotSupported, bytes_per_variant
 
 
 @dataclass
@@ -85,18 +85,18 @@ def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor
     full = with_answers(tokens, answers)
     z_names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)])
     resid_names = resolve_hook_names(model, [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)])
+    if not hook_takes_effect(model, z_names[-1]):
+        raise NotSupported(f"head importance is not supported for this architecture ({type(model.original_model).__name__}): "
+                           "the bridge discards edits of attn.hook_z, so every ablation would be a silent zero")
     reference = {}
     if reference_tokens is not None:
         with torch.no_grad():
             _, reference = model.run_with_cache(with_answers(reference_tokens, answers), names_filter=z_names)
-    if not hook_takes_effect(model, z_names[-1]):
-        raise NotSupported(f"head importance is not supported for this architecture ({type(model.original_model).__name__}): "
-                           "the bridge discards edits of attn.hook_z, so every ablation would be a silent zero")
     with torch.no_grad():
         logits, cache = model.run_with_cache(full, names_filter=z_names + resid_names)
     base = loss_metrics(logits, full, answers, 1)
     batch, n_pos = full.shape
-    per_variant = 4 * batch * n_pos * (cfg.d_vocab + 12 * cfg.d_model + (cfg.d_mlp or 4 * cfg.d_model))
+    per_variant = bytes_per_variant(model, batch, n_pos) + 4 * batch * n_pos * cfg.d_vocab  # + logits at every position
     chunk = max(1, int(memory_mb * 2**20) // per_variant)
     rows: dict[str, list[Tensor]] = {"answer_loss": [], "sequence_loss": [], "logit_diff": []}
     for layer in tqdm(range(cfg.n_layers), desc="mean-ablate heads", disable=not progress, leave=False):

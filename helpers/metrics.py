@@ -143,8 +143,14 @@ def group_mean(x: Float[Tensor, "batch ..."], groups: Int[Tensor, "batch"] | Non
     ABBA and BABA prompts have different words at the same index, so one mean over both would blend them)."""
     if groups is None or int(groups.max()) == int(groups.min()):
         return x.mean(0, keepdim=True)
-    groups = groups.to(x.device)
-    n = int(groups.max()) + 1
-    sums = torch.zeros(n, *x.shape[1:], dtype=x.dtype, device=x.device).index_add_(0, groups, x)
-    counts = torch.bincount(groups, minlength=n).to(x.dtype).reshape(n, *([1] * (x.dim() - 1)))
-    return (sums / counts.clamp_min(1))[groups]
+    weights = group_weights(x.shape[0], groups).to(x.device, x.dtype)  # [batch, group]
+    means = torch.einsum("bg,b...->g...", weights, x)
+    return means[groups.to(x.device)]
+
+
+def group_weights(batch: int, groups: Int[Tensor, "batch"] | None) -> Float[Tensor, "batch group"]:
+    """Columns that average over the prompts of each group (one column, the plain mean, without ``groups``)."""
+    if groups is None:
+        return torch.full((batch, 1), 1.0 / batch)
+    one_hot = torch.nn.functional.one_hot(groups.cpu().long(), int(groups.max()) + 1).float()
+    return one_hot / one_hot.sum(0, keepdim=True).clamp_min(1)

@@ -28,7 +28,13 @@ from transformer_lens.ActivationCache import ActivationCache
 
 from .hooks import resolve_hook_names
 from .interventions import Intervention, hook_takes_effect, run_interventions
-from .metrics import NormalisationCheck, check_normalisation, logit_diff, normalised
+from .metrics import (
+    NormalisationCheck,
+    check_normalisation,
+    group_weights,
+    logit_diff,
+    normalised,
+)
 
 
 class NotSupported(ValueError):
@@ -259,14 +265,6 @@ def sweep(
     if name not in SWEEPS:
         raise KeyError(f"unknown sweep {name!r}; choose from {sorted(SWEEPS)}")
     return run_sweep(ctx, SWEEPS[name], None, memory_mb, max_variants, progress)
-
-
-def group_weights(batch: int, groups: Int[Tensor, "batch"] | None) -> Float[Tensor, "batch group"]:
-    """Columns that average over the prompts of each group (one column, the plain mean, without ``groups``)."""
-    if groups is None:
-        return torch.full((batch, 1), 1.0 / batch)
-    one_hot = torch.nn.functional.one_hot(groups.cpu().long(), int(groups.max()) + 1).float()
-    return one_hot / one_hot.sum(0, keepdim=True).clamp_min(1)
 
 
 def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None, memory_mb: float = 1024,

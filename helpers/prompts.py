@@ -67,7 +67,6 @@ class PromptSet:
     clean_tokens: Int[Tensor, "batch pos"]
     corrupted_tokens: Int[Tensor, "batch pos"]
     answer_tokens: Int[Tensor, "batch 2"]  # [:, 0] correct, [:, 1] incorrect
-    positions: dict[str, int]  # name -> token index, for the named positions that are the same in every prompt
     position_labels: list[str]  # one per token index, slots shown as [S1] ("[S1]|[S2]" where templates differ)
     dropped_words: dict[str, list[str]] = field(default_factory=dict)
     alternatives: dict[str, AlternativeRun] = field(default_factory=dict)  # params.corruptions, by name
@@ -85,6 +84,11 @@ class PromptSet:
         if self.template_index is None:
             return torch.zeros(self.clean_tokens.shape[0], dtype=torch.long)
         return self.template_index
+
+    @property
+    def positions(self) -> dict[str, int]:
+        """Name -> token index of the named positions that are the same in every prompt (all of them with one template)."""
+        return {name: int(index[0]) for name, index in self.position_index.items() if bool((index == index[0]).all())}
 
     @property
     def varying_positions(self) -> list[str]:
@@ -300,7 +304,6 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
     per_variant = [{name: resolve_position(params, tokenizer, assignments[first_of[t]], n_pos, spec, len(prefix), variants[t].template)
                     for name, spec in params.positions.items()} for t in range(len(variants))]
     position_index = {name: torch.tensor([per_variant[t][name] for t in template_index]) for name in params.positions}
-    positions = {name: per_variant[0][name] for name in params.positions if len({pv[name] for pv in per_variant}) == 1}
     variant_labels = []
     for t, v in enumerate(variants):
         row = clean_ids[first_of[t]]
@@ -315,7 +318,7 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
                     raise ParamsError(f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens")
         variant_labels.append(labels)
     labels = ["|".join(dict.fromkeys(vl[i] for vl in variant_labels)) for i in range(n_pos)]
-    alternatives = {name: alternative_run(params, tokenizer, name, c, assignments, prefix, n_pos)
+    alternatives = {name: alternative_run(params, tokenizer, name, c, assignments, template_index, clean, clean_ids, prefix)
                     for name, c in params.corruptions.items()}
     return PromptSet(
         params=params,
@@ -325,7 +328,6 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
         clean_tokens=torch.tensor(clean_ids),
         corrupted_tokens=torch.tensor(corr_ids),
         answer_tokens=torch.tensor(answers),
-        positions=positions,
         position_labels=labels,
         dropped_words={p: d for p, d in dropped.items() if d},
         alternatives=alternatives,
@@ -336,20 +338,18 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
 
 
 def alternative_run(params: TaskParams, tokenizer, name: str, spec: Corruption, assignments: list[dict[str, str]],
-                    prefix: list[int], n_pos: int) -> AlternativeRun:
+                    template_index: list[int], clean: list[str], clean_ids: list[list[int]], prefix: list[int]) -> AlternativeRun:
     """The prompts of extra corruption ``name`` for the clean prompts' slot words; a ParamsError naming
     ``corruptions.<name>`` when its prompts do not match the clean ones token for token."""
     where = f"{params.source}: corruptions.{name}"
-    variants = params.variants
-    template_index = [i % len(variants) for i in range(len(assignments))]  # as make_prompts
+    variants, n_pos = params.variants, len(clean_ids[0])
     if spec.noise is not None:
-        clean = [fill(variants[t].template, a) for t, a in zip(template_index, assignments)]
         mask = torch.zeros(len(clean), n_pos, dtype=torch.bool)
         for b, (t, a) in enumerate(zip(template_index, assignments)):
             for slot_spec in spec.noise:
                 m = NOISE_SLOT_RE.match(slot_spec)
                 mask[b, slot_token_index(tokenizer, variants[t].template, a, m["slot"], int(m["occ"] or 1), len(prefix))] = True
-        return AlternativeRun(name, spec, clean, torch.tensor([prefix + token_ids(tokenizer, p) for p in clean]), mask)
+        return AlternativeRun(name, spec, clean, torch.tensor(clean_ids), mask)
     forms = params.corruption_forms(name)
     prompts = [fill(forms[variants[t].name], a) for t, a in zip(template_index, assignments)]
     ids = [prefix + token_ids(tokenizer, p) for p in prompts]

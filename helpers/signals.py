@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .heads import head_label
 from .hooks import resolve_hook_names
 from .interventions import hook_takes_effect
 from .patching import SWEEPS, NotSupported, PatchingContext, make_context, run_sweep
@@ -57,7 +58,7 @@ def embedding_noise(model, alt: AlternativeRun, seed: int) -> tuple[str, Embeddi
     if not hook_takes_effect(model, name):
         raise NotSupported(f"noise corruption {alt.name!r} is not supported for this architecture: the bridge discards edits of hook_embed")
     with torch.no_grad():
-        _, cache = model.run_with_cache(alt.tokens, names_filter=[name])
+        _, cache = model.run_with_cache(alt.tokens, names_filter=[name], stop_at_layer=0)
     sigma = float(cache[name].float().std())
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(*alt.noise_mask.shape, model.cfg.d_model, generator=generator) * alt.noise_mask[..., None]
@@ -141,7 +142,7 @@ def signal_table(results: dict[str, SignalPatching], k: int, roles: dict[str, st
     rows = []
     for flat in strongest.argsort(descending=True)[:k].tolist():
         layer, head = divmod(flat, n_heads)
-        label = f"L{layer}H{head}"
+        label = head_label({"layer": layer, "head": head})
         effects = {name: round(float(r.effect[layer, head]), 6) for name, r in results.items()}
         rows.append({"head": label, **effects, "reads as": reads_as(effects, changes, threshold), "role": (roles or {}).get(label, "")})
     return rows

@@ -34,6 +34,7 @@ from torch import Tensor
 from transformer_lens import SVDInterpreter
 from transformer_lens import utilities as utils
 
+from .heads import head_label
 from .hooks import recording_hook
 from .interventions import zero_activation
 from .patching import NotSupported
@@ -148,7 +149,7 @@ class SingularDirections:
 
     @property
     def label(self) -> str:
-        return f"L{self.layer}H{self.head}"
+        return head_label({"layer": self.layer, "head": self.head})
 
     def to_json(self) -> dict:
         return {"layer": self.layer, "head": self.head, "circuit": self.circuit, "singular_values": self.singular_values,
