@@ -40,32 +40,33 @@ class Attribution:
     corrupted_logit_diff: float
 
 
-def gradients_at_corrupted(
-    model, corrupted_tokens: Int[Tensor, "batch pos"], answer_tokens: Int[Tensor, "batch 2"], hook_names: list[str],
+def metric_gradients(
+    model, tokens: Int[Tensor, "batch pos"], answer_tokens: Int[Tensor, "batch 2"], hook_names: list[str],
     embed_path: tuple[Tensor, int] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, "batch"]]:
-    """One forward with gradients and one backward: (d mean logit diff / d activation, activations, logit diffs).
+    """One forward of ``tokens`` with gradients and one backward: (d mean logit diff / d activation, activations,
+    logit diffs). Attribution patching calls it on the corrupted run; edge attribution on the clean run.
 
     Gradients are taken only with respect to the hooked activations (no weight gradients). ``embed_path``
     = (clean token embeddings, steps) replaces the token embeddings by ``steps`` points on the straight
     path from corrupted to clean (midpoint rule, one batch of steps × batch) and averages the gradients.
     """
-    batch = corrupted_tokens.shape[0]
+    batch = tokens.shape[0]
     steps = embed_path[1] if embed_path else 1
     acts: dict[str, Tensor] = {}
 
-    hooks = [(name, recording_hook(acts, name)) for name in hook_names]
+    hooks = [(name, recording_hook(acts, name, fresh=True)) for name in hook_names]
     if embed_path:
         clean_embed = embed_path[0].repeat(steps, 1, 1)
         alpha = ((torch.arange(steps, dtype=torch.float) + 0.5) / steps).repeat_interleave(batch)
         alpha = alpha.to(clean_embed.device)[:, None, None]
 
-        def interpolate(act: Tensor, hook) -> Tensor:  # act: the corrupted token embeddings
+        def interpolate(act: Tensor, hook) -> Tensor:  # act: the token embeddings of ``tokens`` (the path's start)
             return act + alpha * (clean_embed - act)
 
         hooks = [(EMBED_HOOK, interpolate)] + hooks
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        ld = logit_diff(model(corrupted_tokens.repeat(steps, 1)), answer_tokens.repeat(steps, 1))
+        ld = logit_diff(model(tokens.repeat(steps, 1)), answer_tokens.repeat(steps, 1))
         missing = [n for n in hook_names if n not in acts]
         if missing:
             raise HookNameError(f"hooks {missing} did not fire in the forward pass")
@@ -112,12 +113,12 @@ def attribution_patch(
         clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=cache_names)
         clean_ld = logit_diff(clean_logits, answer_tokens).mean().item()
     if ig_steps:
-        grads, _, _ = gradients_at_corrupted(model, corrupted_tokens, answer_tokens, hook_names, (clean_cache[EMBED_HOOK], ig_steps))
+        grads, _, _ = metric_gradients(model, corrupted_tokens, answer_tokens, hook_names, (clean_cache[EMBED_HOOK], ig_steps))
         with torch.no_grad():
             corr_logits, corr_acts = model.run_with_cache(corrupted_tokens, names_filter=hook_names)
         corr_ld = logit_diff(corr_logits, answer_tokens).mean().item()
     else:
-        grads, corr_acts, lds = gradients_at_corrupted(model, corrupted_tokens, answer_tokens, hook_names)
+        grads, corr_acts, lds = metric_gradients(model, corrupted_tokens, answer_tokens, hook_names)
         corr_ld = lds.mean().item()
     scale = 1.0 / (clean_ld - corr_ld)  # d normalised / d logit diff
     values = {

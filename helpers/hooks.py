@@ -49,11 +49,18 @@ def run_with_checked_cache(model, tokens, spec: NameSpec, **kwargs) -> tuple:
     return logits, cache
 
 
-def recording_hook(store: dict, name: str) -> Callable:
+def recording_hook(store: dict, name: str, fresh: bool = False) -> Callable:
     """A forward hook that keeps its activation in ``store[name]`` (``name`` as requested: the bridge may call
-    the hook with a canonical alias in ``hook.name``) and leaves it unchanged."""
+    the hook with a canonical alias in ``hook.name``) and leaves it unchanged.
+
+    ``fresh``: record and pass on a copy, for gradients. Then d metric / d recorded activation covers exactly
+    what an edit of this hook reaches. Some bridge hooks see a tensor that other paths also use unhooked: the
+    hook's output at ``hook_resid_mid`` / ``hook_mlp_in`` feeds only the MLP, while the residual stream goes on
+    with the tensor the hook was given, so the gradient with respect to that tensor also counts the residual path."""
 
     def record(act, hook=None):
+        if fresh:
+            act = act.clone()
         store[name] = act
         return act
 

@@ -265,6 +265,29 @@ def hook_takes_effect(model, hook: str) -> bool:
     return verdicts[hook]
 
 
+def edit_reaches_residual(model, hook: str) -> bool:
+    """Whether an edit of a block's mid residual stream (``blocks.L.hook_resid_mid``) reaches the residual stream
+    itself, not only the MLP's input (cached per model and hook).
+
+    In the TransformerLens 4 bridge the edited tensor goes to the MLP only, and the residual stream goes on with
+    the unedited one: patching "resid_mid" there patches the MLP input, and patching all of it does not recover
+    the clean run (TransformerLens 4's own ``get_act_patch_resid_mid`` does the same)."""
+    verdicts: dict = model.__dict__.setdefault("_circuit_lab_reaches_residual", {})
+    if hook not in verdicts:
+        layer = int(hook.split(".")[1])
+        bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
+        tokens = torch.tensor([[bos, 5, 7, 9, 11]], device=model.cfg.device) % model.cfg.d_vocab
+        names = [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_mlp_out"]
+        runs = []
+        for hooks in ([], [(hook, lambda act, hook=None: act + 1.0)]):
+            store: dict = {}
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks + [(n, recording_hook(store, n)) for n in names]):
+                model(tokens)
+            runs.append(store[names[0]] - store[names[1]])  # the residual stream without the MLP's write
+        verdicts[hook] = bool((runs[1] - runs[0]).abs().max() > 1e-3)
+    return verdicts[hook]
+
+
 def zero_activation(act: Tensor, hook=None) -> Tensor:
     """A forward hook that sets its activation to zero."""
     return torch.zeros_like(act)

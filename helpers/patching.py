@@ -27,7 +27,12 @@ from tqdm.std import tqdm  # noqa: I001 - text bars: tqdm.auto warns (TqdmWarnin
 from transformer_lens.ActivationCache import ActivationCache
 
 from .hooks import resolve_hook_names
-from .interventions import Intervention, hook_takes_effect, run_interventions
+from .interventions import (
+    Intervention,
+    edit_reaches_residual,
+    hook_takes_effect,
+    run_interventions,
+)
 from .metrics import (
     NormalisationCheck,
     check_normalisation,
@@ -113,6 +118,11 @@ def check_supported(model, spec: Sweep) -> None:
         raise NotSupported(f"sweep {spec.name!r} is not supported for this architecture: attention and MLP run in parallel "
                            "(GPT-J, GPT-NeoX/Pythia), so there is no residual stream between them")
     hook = spec.hook_name(model.cfg.n_layers - 1)
+    if spec.hook == "hook_resid_mid" and not edit_reaches_residual(model, hook):
+        raise NotSupported(f"sweep {spec.name!r} is not supported for this architecture ({type(model.original_model).__name__}): "
+                           "the TransformerLens bridge passes an edited resid_mid to the MLP only and the residual stream "
+                           "goes on unedited, so this sweep would patch the MLP input under another name (patching all of "
+                           "it would not recover the clean run). Use attn_out, mlp_out or the next layer's resid_pre")
     if not hook_takes_effect(model, hook):
         raise NotSupported(f"sweep {spec.name!r} is not supported for this architecture ({type(model.original_model).__name__}): "
                            f"the TransformerLens bridge discards edits of {hook.rsplit('.', 1)[-1]} here (the attention runs inside "

@@ -24,7 +24,8 @@ def fam_ctx(request, family_models):
 
 
 # What the bridge cannot do per architecture (checked by probing, not by name): these must raise, not return zeros.
-UNSUPPORTED = {"resid_mid": {"gptj", "gpt_neox"}, "head_pattern": {"opt", "gptj"}}
+# resid_mid: the bridge passes an edited resid_mid to the MLP only (the residual stream goes on unedited), on every family
+UNSUPPORTED = {"resid_mid": set(FAMILIES), "head_pattern": {"opt", "gptj"}}
 
 
 def _unsupported(family, name):

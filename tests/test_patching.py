@@ -22,6 +22,10 @@ def random_ctx(random_two_layer, ioi_prompts):
 
 @pytest.mark.parametrize("name", FAST_TL_SWEEPS)
 def test_equals_transformer_lens_on_toy_ioi(ctx, name):
+    if name == "resid_mid":  # TL 4 agrees with the bridge here, and both are wrong: see the test below
+        with pytest.raises(P.NotSupported, match="MLP only"):
+            P.sweep(ctx, name, progress=False)
+        return
     ours = P.sweep(ctx, name, max_variants=5, progress=False)  # small chunks exercise the chunking too
     ref = P.tl_reference(ctx, name)
     assert ours.shape == ref.shape
@@ -73,6 +77,20 @@ def test_patching_nothing_gives_zero(ctx, name):
 def test_patching_the_whole_residual_stream_gives_one(ctx):
     for layer in range(ctx.model.cfg.n_layers):
         assert P.patch_everything_at(ctx, "resid_pre", layer, everything=True) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_resid_mid_is_refused_because_the_bridge_edits_only_the_mlp_input(ctx):
+    """Patching all of resid_mid through the bridge does not give the clean run (the edit reaches the MLP only):
+    measured here with a plain hook, the reason the sweep is refused instead of reported."""
+    from helpers.metrics import logit_diff, normalised
+
+    model, layer = ctx.model, 1
+    name = f"blocks.{layer}.hook_resid_mid"
+    clean = model.run_with_cache(ctx.clean_cache["blocks.0.hook_resid_pre"], start_at_layer=0, names_filter=name)[1][name]
+    logits = model.run_with_hooks(ctx.corrupted_tokens, fwd_hooks=[(name, lambda act, hook: clean)])
+    recovered = normalised(logit_diff(logits, ctx.answer_tokens).mean().item(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+    assert recovered < 0.9  # would be 1.0 if the edit reached the residual stream
+    assert "resid_mid" not in P.supported_sweeps(model)
 
 
 def test_positions_where_prompts_agree_have_no_effect_at_layer_0(ctx, ioi_prompts):
