@@ -1,0 +1,182 @@
+"""Edge-level circuits: exact evaluation against TransformerLens and plain hooks, attribution identities, pruning,
+serialisation, and an honest NotSupported on every family that lacks what exact edges need."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import patching as tl_patching
+
+from helpers import edges as E
+from helpers.attribution_patching import attribution_patch, metric_gradients
+from helpers.families import FAMILIES
+from helpers.metrics import logit_diff
+from helpers.patching import NotSupported
+
+UNSUPPORTED = {"opt", "gptj", "gemma2", "gemma3"}  # no q/k/v fork (OPT, GPT-J); post-attention norm (Gemma)
+
+
+@pytest.fixture(scope="module")
+def ioi_ectx(toy_ioi, ioi_prompts):
+    return E.edge_context(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.corrupted_tokens, ioi_prompts.answer_tokens)
+
+
+def _index(graph, name):
+    return [n.name for n in graph.senders].index(name)
+
+
+def _tl_metric(answers):
+    return lambda logits: logit_diff(logits, answers).mean()
+
+
+def _without_sender(graph, name):
+    mask = graph.allowed.clone()
+    mask[_index(graph, name)] = False
+    return mask
+
+
+def test_graph_of_toy_ioi(ioi_ectx, toy_ioi):
+    g = ioi_ectx.graph
+    L, H = toy_ioi.cfg.n_layers, toy_ioi.cfg.n_heads
+    assert len(g.senders) == 1 + L * (H + 1) and len(g.receivers) == L * (3 * H + 1) + 1
+    # input -> everything; a head -> q/k/v of later layers, its own layer's MLP and later ones, the logits
+    per_head_sender = [3 * H * (L - 1 - l) + (L - l) + 1 for l in range(L)]
+    per_mlp_sender = [3 * H * (L - 1 - l) + (L - 1 - l) + 1 for l in range(L)]
+    assert g.n_edges == len(g.receivers) + sum(H * a + b for a, b in zip(per_head_sender, per_mlp_sender))
+    assert g.names_of(g.mask_of(["L0H1->L2H3.k", "MLP0->logits"])) == ["L0H1->L2H3.k", "MLP0->logits"]
+    with pytest.raises(KeyError, match="L3H0->L1H0.q"):
+        g.mask_of(["L3H0->L1H0.q"])  # later to earlier is not an edge
+
+
+def test_all_edges_is_clean_and_none_is_corrupted(ioi_ectx):
+    g = ioi_ectx.graph
+    f = E.evaluate_masks(ioi_ectx, torch.stack([g.allowed, torch.zeros_like(g.allowed)]))
+    assert f.tolist() == pytest.approx([1.0, 0.0], abs=1e-5)
+
+
+def test_removing_a_senders_edges_equals_patching_its_output(ioi_ectx, toy_ioi, ioi_prompts):
+    """No edge out of head h = h's output corrupted for every reader = TL's head_out patch of corrupted z into clean."""
+    g = ioi_ectx.graph
+    _, corr_cache = toy_ioi.run_with_cache(ioi_prompts.corrupted_tokens)
+    ref = tl_patching.get_act_patch_attn_head_out_all_pos(toy_ioi, ioi_prompts.clean_tokens, corr_cache,
+                                                           _tl_metric(ioi_prompts.answer_tokens))
+    heads = ["L0H3", "L2H1", "L3H2"]
+    ours = E.evaluate_masks(ioi_ectx, torch.stack([_without_sender(g, h) for h in heads]), per_prompt=True).mean(-1)
+    for h, value in zip(heads, ours):
+        layer, head = (int(x) for x in h[1:].split("H"))
+        assert abs(float(value) - float(ref[layer, head])) < 1e-4
+
+
+def test_removing_an_mlps_edges_equals_patching_its_output(ioi_ectx, toy_ioi, ioi_prompts):
+    _, corr_cache = toy_ioi.run_with_cache(ioi_prompts.corrupted_tokens, names_filter="blocks.1.hook_mlp_out")
+    patched = toy_ioi.run_with_hooks(ioi_prompts.clean_tokens,
+                                     fwd_hooks=[("blocks.1.hook_mlp_out", lambda act, hook: corr_cache["blocks.1.hook_mlp_out"])])
+    ours = E.evaluate_masks(ioi_ectx, _without_sender(ioi_ectx.graph, "MLP1")[None], per_prompt=True)[0]
+    assert (ours - logit_diff(patched, ioi_prompts.answer_tokens)).abs().max() < 1e-4
+
+
+def direct_path_circuit(graph, sender: str, receiver: str):
+    """The circuit whose exact evaluation is TL's direct path patching from ``sender`` into ``receiver`` (q/k/v):
+    the sender sees only clean inputs (every edge into it and its ancestors), its one edge into the receiver, and
+    every edge out of nodes the receiver's change can reach (they carry that change on; everything else is
+    corrupted, as in TL's corrupted base run). Built independently of ``prune``."""
+    s = _index(graph, sender)
+    s_layer = graph.senders[s].layer
+    r_node = graph.receivers[[r.name for r in graph.receivers].index(receiver)]
+    mask = torch.zeros_like(graph.allowed)
+    for j, rec in enumerate(graph.receivers):
+        if rec.kind != "logits" and (rec.layer < s_layer or rec.name.startswith(sender + ".")):
+            mask[:, j] = True  # every edge into the sender and its ancestors
+    mask[s, [r.name for r in graph.receivers].index(receiver)] = True
+    for i, node in enumerate(graph.senders):
+        downstream = (node.kind == "head" and node.layer == r_node.layer and node.head in r_node.heads) or node.layer > r_node.layer \
+            or (node.kind == "mlp" and node.layer == r_node.layer)
+        if downstream:
+            mask[i] = True
+    return mask & graph.allowed
+
+
+@pytest.mark.parametrize("sender,receiver", [("L0H3", "L2H1.q"), ("L1H0", "L3H2.q"), ("L0H2", "L3H2.q")])
+def test_a_direct_path_circuit_equals_transformer_lens_direct_path(ioi_ectx, toy_ioi, ioi_prompts, sender, receiver):
+    clean_cache = toy_ioi.run_with_cache(ioi_prompts.clean_tokens)[1]
+    corr_cache = toy_ioi.run_with_cache(ioi_prompts.corrupted_tokens)[1]
+    s_layer, s_head = (int(x) for x in sender[1:].split("H"))
+    ref = tl_patching.get_act_patch_direct_path(toy_ioi, ioi_prompts.corrupted_tokens, clean_cache, corr_cache,
+                                                _tl_metric(ioi_prompts.answer_tokens), s_layer, s_head, component="q")
+    r_layer, r_head = (int(x) for x in receiver.split(".")[0][1:].split("H"))
+    ours = E.evaluate_masks(ioi_ectx, direct_path_circuit(ioi_ectx.graph, sender, receiver)[None], per_prompt=True)[0].mean()
+    assert abs(float(ours) - float(ref[r_layer, r_head])) < 1e-4
+
+
+def test_eap_sums_over_receivers_to_the_heads_attribution(ioi_ectx, toy_ioi, ioi_prompts):
+    """Every reader of a head's output is one of its edges, so its edge scores sum to d LD / d z · (z_clean - z_corr)
+    taken at the clean run on hook_z (no forks): an independent route through autograd."""
+    scores = E.edge_scores(ioi_ectx, "eap")
+    hooks = [f"blocks.{l}.attn.hook_z" for l in range(toy_ioi.cfg.n_layers)]
+    grads, clean_z, _ = metric_gradients(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.answer_tokens, hooks)
+    corr_z = toy_ioi.run_with_cache(ioi_prompts.corrupted_tokens, names_filter=hooks)[1]
+    gap = ioi_ectx.clean_logit_diff - ioi_ectx.corrupted_logit_diff
+    for l, h in [(0, 3), (1, 1), (2, 0), (3, 2)]:
+        node = ((clean_z[hooks[l]] - corr_z[hooks[l]])[:, :, h] * grads[hooks[l]][:, :, h]).sum() / gap
+        assert abs(float(scores[_index(ioi_ectx.graph, f"L{l}H{h}")].sum()) - float(node)) < 1e-4
+
+
+def test_eap_ig_sums_to_attribution_patching_with_ig(ioi_ectx, toy_ioi, ioi_prompts):
+    """EAP-IG over a head's outgoing edges = attribution patching's IG estimate of its head_out sweep cell."""
+    scores = E.edge_scores(ioi_ectx, "eap-ig", steps=4)
+    ref = attribution_patch(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.corrupted_tokens, ioi_prompts.answer_tokens,
+                            ["head_out"], ig_steps=4).values["head_out"]
+    per_head = torch.stack([scores[_index(ioi_ectx.graph, f"L{l}H{h}")].sum() for l in range(4) for h in range(4)]).reshape(4, 4)
+    assert (per_head - ref).abs().max() < 1e-4
+
+
+def test_prune_keeps_only_paths_from_input_to_logits(ioi_ectx):
+    g = ioi_ectx.graph
+    kept = E.prune(g, g.mask_of(["input->L0H3.v", "L0H3->L3H2.v", "L3H2->logits",  # a path
+                                 "L1H0->L2H0.q",  # L1H0 gets nothing from the input: dead
+                                 "input->L2H1.k"]))  # L2H1 writes nowhere: dead
+    assert g.names_of(kept) == ["input->L0H3.v", "L0H3->L3H2.v", "L3H2->logits"]
+    assert torch.equal(E.prune(g, g.allowed), g.allowed)
+    assert not E.prune(g, g.mask_of(["L0H3->L3H2.v"])).any()
+
+
+def test_circuit_round_trips_through_json(ioi_ectx, tmp_path):
+    c = E.Circuit(["input->L0H3.v", "L0H3->L3H2.v", "L3H2->logits"], "eap-ig", None, {"L3H2->logits": 0.5})
+    E.evaluate(ioi_ectx, [c])
+    c.save(tmp_path / "c.json")
+    import json
+
+    back = E.Circuit.from_json(json.loads((tmp_path / "c.json").read_text()))
+    assert back == c and back.heads == ["L0H3", "L3H2"] and "3 edges" in repr(back)
+
+
+def test_evaluation_is_independent_of_chunking(ioi_ectx):
+    g = ioi_ectx.graph
+    masks = torch.rand((5, *g.allowed.shape), generator=torch.Generator().manual_seed(0)) < 0.5
+    assert torch.allclose(E.evaluate_masks(ioi_ectx, masks), E.evaluate_masks(ioi_ectx, masks, memory_mb=0.001), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_exact_or_not_supported(family, family_models):
+    model, prompts = family_models(family)
+    if family in UNSUPPORTED:
+        with pytest.raises(NotSupported, match="not supported for this architecture"):
+            E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+        return
+    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    g = ectx.graph
+    head = f"L{model.cfg.n_layers - 1}H1"
+    lds = E.evaluate_masks(ectx, torch.stack([g.allowed, torch.zeros_like(g.allowed), _without_sender(g, head)]), per_prompt=True)
+    clean = logit_diff(model(prompts.clean_tokens), prompts.answer_tokens)
+    corrupted = logit_diff(model(prompts.corrupted_tokens), prompts.answer_tokens)
+    assert (lds[0] - clean).abs().max() < 1e-4 and (lds[1] - corrupted).abs().max() < 1e-4
+    _, corr_cache = model.run_with_cache(prompts.corrupted_tokens)
+    ref = tl_patching.get_act_patch_attn_head_out_all_pos(model, prompts.clean_tokens, corr_cache, _tl_metric(prompts.answer_tokens))
+    assert abs(float(lds[2].mean()) - float(ref[model.cfg.n_layers - 1, 1])) < 1e-4
+    # EAP: a head's edges sum to its node attribution, also under grouped-query k/v receivers
+    scores = E.edge_scores(ectx, "eap")
+    hook = f"blocks.{model.cfg.n_layers - 1}.attn.hook_z"
+    grads, clean_z, _ = metric_gradients(model, prompts.clean_tokens, prompts.answer_tokens, [hook])
+    gap = ectx.clean_logit_diff - ectx.corrupted_logit_diff
+    node = ((clean_z[hook] - corr_cache[hook])[:, :, 1] * grads[hook][:, :, 1]).sum() / gap
+    assert abs(float(scores[_index(g, head)].sum()) - float(node)) < 1e-4 * max(1.0, abs(float(node)))
