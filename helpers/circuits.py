@@ -76,28 +76,54 @@ def circuit_from_roles(role_rows: list[dict], available_positions: dict[str, int
 
 @dataclass
 class CircuitChoice:
-    """The default circuit: every head ``head_functions`` gave a role, plus the unclassified heads whose output
-    patching effect (the share of the clean−corrupted logit difference restored by patching that head's output
-    alone, from ``circuit_expms``) is at least ``min_patch_effect`` in size; if no head passes, the one with the
-    largest effect."""
+    """The default circuit, from one of two sources.
+
+    * ``discovery``: the core heads ``circuit_discovery`` found (the fewest heads whose edges, all others patched
+      from the corrupted run, reach its target faithfulness), grouped by their ``head_functions`` roles, kept at
+      every position; ``left_out`` lists the heads with a role that discovery did not keep.
+    * ``roles``: every head ``head_functions`` gave a role, plus the unclassified heads whose output patching effect
+      (the share of the clean−corrupted logit difference restored by patching that head's output alone, from
+      ``circuit_expms``) is at least ``min_patch_effect`` in size; if no head passes, the one with the largest effect.
+      ``left_out``: the unclassified heads below the threshold.
+    """
 
     circuit: Circuit
-    left_out: dict[str, float]  # unclassified heads below the threshold: label -> their patching effect
+    left_out: dict[str, float]  # label -> its output patching effect
     min_patch_effect: float
+    source: str = "roles"
+    discovery: dict | None = None  # circuit_discovery's core: heads, faithfulness, target
 
     def message(self) -> str:
-        kept = f"{len(self.circuit.heads)} heads: every head with a role, and unclassified heads with |output patching| ≥ {self.min_patch_effect:g}"
-        if not self.left_out:
-            return kept
         dropped = ", ".join(f"{h} ({v:+.2f})" for h, v in self.left_out.items())
-        return f"{kept}; left out (unclassified, patching below the threshold): {dropped}"
+        if self.source == "discovery":
+            d = self.discovery or {}
+            kept = (f"{len(self.circuit.heads)} heads: the fewest heads circuit_discovery found whose edges reach faithfulness "
+                    f"{d.get('target')} ({d.get('core_faithfulness', float('nan')):.3f}, everything else patched from the corrupted run), "
+                    "grouped by head_functions' roles")
+            return f"{kept}; heads with a role left out: {dropped}" if dropped else kept
+        kept = f"{len(self.circuit.heads)} heads: every head with a role, and unclassified heads with |output patching| ≥ {self.min_patch_effect:g}"
+        return f"{kept}; left out (unclassified, patching below the threshold): {dropped}" if dropped else kept
 
     def to_json(self) -> dict:
-        return {"circuit": self.circuit.to_json(), "left_out": self.left_out, "min_patch_effect": self.min_patch_effect}
+        return {"circuit": self.circuit.to_json(), "left_out": self.left_out, "min_patch_effect": self.min_patch_effect,
+                "source": self.source, "discovery": self.discovery}
 
 
-def default_circuit(role_rows: list[dict], available_positions: dict[str, int], min_patch_effect: float = 0.1) -> CircuitChoice:
-    """The circuit ``minimal_circuit`` tests when none is given (see ``CircuitChoice``)."""
+def default_circuit(role_rows: list[dict], available_positions: dict[str, int], min_patch_effect: float = 0.1,
+                    discovered: dict | None = None) -> CircuitChoice:
+    """The circuit ``minimal_circuit`` tests when none is given (see ``CircuitChoice``): from ``discovered``
+    (``circuit_discovery.json``'s ``smallest``) when it has core heads, else from the roles."""
+    if discovered and discovered.get("core_heads"):
+        core = discovered["core_heads"]
+        by_head = {row["head"]: row for row in role_rows}
+        rows = [{**by_head.get(h, {"head": h, "patch_head_out": 0.0}), "role": by_head.get(h, {}).get("role", "unclassified")} for h in core]
+        groups: dict[str, list[str]] = {}
+        for row in rows:
+            groups.setdefault(row["role"], []).append(row["head"])
+        left_out = {row["head"]: float(row["patch_head_out"]) for row in role_rows if row["role"] != "unclassified" and row["head"] not in core}
+        summary = {k: discovered.get(k) for k in ("core_heads", "core_faithfulness", "target")}
+        return CircuitChoice(Circuit(groups), left_out, min_patch_effect, "discovery", summary)
+
     def matters(row: dict) -> bool:
         return row["role"] != "unclassified" or abs(row["patch_head_out"]) >= min_patch_effect
 

@@ -8,7 +8,7 @@ into each later receiver input, which is a head's query, key or value input (``L
 attention a key/value group's ``L3KV0.k``), an MLP's input (``MLP2``) or the final residual stream (``logits``).
 Heads of a layer feed that layer's MLP unless attention and MLP run in parallel (GPT-J, NeoX/Pythia).
 
-**A circuit** is a set of edges (``Circuit``, JSON-serialisable). It is evaluated as ACDC and the MIB benchmark
+**A circuit** is a set of edges (``EdgeCircuit``, JSON-serialisable). It is evaluated as ACDC and the MIB benchmark
 do: the clean prompts run through the model, and every receiver input gets, from each sender *outside* the
 circuit, that sender's output on the corrupted prompt instead of its output in this run:
 ``input_r = clean-run input_r - sum over absent edges (s -> r) of (out_s(this run) - out_s(corrupted))``.
@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .attribution import decomposition_caveats
 from .attribution_patching import EMBED_HOOK, metric_gradients
+from .interventions import forward_from_layer
 from .metrics import logit_diff, normalised
 from .patching import NotSupported, variants_per_chunk
 from .path_patching import split_qkv_input
@@ -202,7 +203,7 @@ def _reaches(s: Node, r: Receiver, parallel: bool) -> bool:
 
 
 @dataclass
-class Circuit:
+class EdgeCircuit:
     """A set of edges (``sender->receiver`` names), how it was found, and its exact faithfulness if evaluated."""
 
     edges: list[str]
@@ -222,14 +223,14 @@ class Circuit:
 
     def __repr__(self) -> str:
         f = "" if self.faithfulness is None else f", faithfulness {self.faithfulness:.3f}"
-        return f"Circuit({len(self.edges)} edges, {len(self.heads)} heads: {', '.join(self.heads)}; {self.method}{f})"
+        return f"EdgeCircuit({len(self.edges)} edges, {len(self.heads)} heads: {', '.join(self.heads)}; {self.method}{f})"
 
     def to_json(self) -> dict:
         return {"method": self.method, "faithfulness": self.faithfulness, "n_edges": len(self.edges), "heads": self.heads,
                 "edges": [{"edge": e, **({"score": self.scores[e]} if e in self.scores else {})} for e in self.edges]}
 
     @classmethod
-    def from_json(cls, data: dict) -> Circuit:
+    def from_json(cls, data: dict) -> EdgeCircuit:
         edges = [e["edge"] if isinstance(e, dict) else e for e in data["edges"]]
         scores = {e["edge"]: e["score"] for e in data["edges"] if isinstance(e, dict) and "score" in e}
         return cls(edges, data.get("method", "given"), data.get("faithfulness"), scores)
@@ -288,29 +289,34 @@ def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeCo
 
 class _EdgeRun:
     """One batched circuit evaluation: variant ``i`` (a block of the batch) keeps the edges of circuit ``i``. Holds
-    each variant's sender outputs minus the corrupted ones, filled in as the forward pass computes them."""
+    each variant's sender outputs minus the corrupted ones ([variant, sender, batch, pos, d_model], sender-major so
+    that removing edges is one batched matrix product), filled in as the forward pass computes them."""
 
     def __init__(self, ectx: EdgeContext, absent: Bool[Tensor, "variant sender receiver"]):
         self.ectx, self.n_var = ectx, absent.shape[0]
         batch, pos, n_send, d = ectx.corrupted_outputs.shape
         self.absent = absent.to(ectx.corrupted_outputs.dtype)
-        self.delta = ectx.corrupted_outputs.new_zeros(self.n_var, batch, pos, n_send, d)
+        self.delta = ectx.corrupted_outputs.new_zeros(self.n_var, n_send, batch, pos, d)
+        self.delta[:, 0] = ectx.clean_outputs[:, :, 0] - ectx.corrupted_outputs[:, :, 0]  # the input: always clean
+        self.corrupted = ectx.corrupted_outputs.permute(2, 0, 1, 3)  # [sender, batch, pos, d_model]
 
-    def record(self, slots: slice, act: Tensor) -> None:
-        """Store senders ``slots``' outputs in this run ([variant * batch, pos, n, d_model]) minus the corrupted ones."""
-        act = act.reshape(self.n_var, -1, *act.shape[1:])
-        self.delta[:, :, :, slots] = act - self.ectx.corrupted_outputs[None, :, :, slots]
+    def record(self, slots: slice, act: Float[Tensor, "variant_batch pos n d_model"]) -> None:
+        """Store senders ``slots``' outputs in this run minus the corrupted ones."""
+        act = act.reshape(self.n_var, -1, *act.shape[1:]).permute(0, 3, 1, 2, 4)  # [variant, n, batch, pos, d_model]
+        self.delta[:, slots] = act - self.corrupted[None, slots]
 
     def update(self, receivers: list[int]) -> Float[Tensor, "variant_batch pos receiver d_model"]:
         """What the absent edges into ``receivers`` must take away from their inputs in this run."""
         upto = max(self.ectx.graph.sender_slots_before(r) for r in receivers)
-        absent = self.absent[:, :upto, receivers]  # [variant, sender, receiver]
-        out = torch.einsum("vbpsd,vsr->vbprd", self.delta[:, :, :, :upto], absent)
-        return out.reshape(-1, *out.shape[2:])
+        n_var, _, batch, pos, d = self.delta.shape
+        absent = self.absent[:, :upto, receivers].transpose(1, 2)  # [variant, receiver, sender]
+        out = torch.bmm(absent, self.delta[:, :upto].reshape(n_var, upto, -1))  # [variant, receiver, batch * pos * d]
+        out = out.reshape(n_var, len(receivers), batch, pos, d).permute(0, 2, 3, 1, 4)
+        return out.reshape(n_var * batch, pos, len(receivers), d)
 
 
 class _Record:
-    """Forward hook recording senders' outputs: the input, a layer's heads (from z) or a layer's MLP."""
+    """Forward hook recording senders' outputs: a layer's heads (from z) or a layer's MLP."""
 
     def __init__(self, run: _EdgeRun, slots: slice, layer: int | None = None):
         self.run, self.slots, self.layer = run, slots, layer
@@ -318,7 +324,7 @@ class _Record:
     def __call__(self, act: Tensor, hook=None) -> None:
         if self.layer is not None:  # hook_z: the heads' residual writes
             act = head_outputs(self.run.ectx.model, self.layer, act)
-        elif act.dim() == 3:
+        else:
             act = act[:, :, None]
         self.run.record(self.slots, act)
 
@@ -334,6 +340,8 @@ class _Receive:
         if not self.per_head:
             return act - update[:, :, 0]
         index = [self.run.ectx.graph.receivers[r].index for r in self.receivers]
+        if index == list(range(act.shape[2])):  # every head (or key/value group) of the fork, in order
+            return act - update
         out = act.clone()
         out[:, :, index] = act[:, :, index] - update
         return out
@@ -342,7 +350,7 @@ class _Receive:
 def _hooks(run: _EdgeRun) -> list[tuple[str, object]]:
     graph, model = run.ectx.graph, run.ectx.model
     n_heads = model.cfg.n_heads
-    hooks: list[tuple[str, object]] = [(INPUT_HOOK, _Record(run, slice(0, 1)))]
+    hooks: list[tuple[str, object]] = []
     for layer in range(model.cfg.n_layers):
         first = 1 + layer * (n_heads + 1)
         hooks += [(f"blocks.{layer}.attn.hook_z", _Record(run, slice(first, first + n_heads), layer)),
@@ -368,13 +376,14 @@ def evaluate_masks(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiv
         for start in range(0, len(masks), chunk):
             absent = ~masks[start:start + chunk]
             run = _EdgeRun(ectx, absent)
-            logits = model.run_with_hooks(ectx.clean_tokens.repeat(run.n_var, 1), fwd_hooks=_hooks(run))
+            embeddings = ectx.clean_outputs[:, :, 0].repeat(run.n_var, 1, 1)  # blocks.0.hook_resid_pre of the clean run
+            logits = forward_from_layer(model, embeddings, 0, _hooks(run))  # final position only
             out.append(logit_diff(logits, ectx.answer_tokens.repeat(run.n_var, 1)).reshape(run.n_var, batch).cpu())
     lds = torch.cat(out)
     return lds if per_prompt else normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff)
 
 
-def evaluate(ectx: EdgeContext, circuits: list[Circuit], memory_mb: float = 1024) -> list[float]:
+def evaluate(ectx: EdgeContext, circuits: list[EdgeCircuit], memory_mb: float = 1024) -> list[float]:
     """Exact faithfulness of each circuit (one batched evaluation); also stored on the circuits."""
     values = evaluate_masks(ectx, torch.stack([ectx.graph.mask_of(c.edges) for c in circuits]), memory_mb).tolist()
     for c, f in zip(circuits, values):

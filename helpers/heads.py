@@ -159,3 +159,20 @@ def composition_pairs(scores: Float[Tensor, "layer head layer head"], senders: l
     """Composition score of each sender into each later receiver, as ``{from, to, score}``."""
     return [{"from": head_label(a), "to": head_label(b), "score": round(float(scores[a["layer"], a["head"], b["layer"], b["head"]]), 6)}
             for a in senders for b in receivers if a["layer"] < b["layer"]]
+
+
+def induction_task(model, seq_len: int, batch: int, seed: int, copied: int | None = None
+                   ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch 2"]]:
+    """(clean, corrupted, answers) for induction as a patching task: clean is ``[BOS,] r, r[:copied]`` (the second copy
+    cut after ``copied`` words, default half), so the next word is ``r[copied]``; corrupted replaces the first copy by
+    other random words ``s`` (nothing to induct from); answers are ``(r[copied], s[copied])``."""
+    copied = seq_len // 2 if copied is None else copied
+    if not 0 < copied < seq_len:
+        raise ValueError(f"copied must be between 1 and seq_len - 1 ({seq_len - 1}), not {copied}")
+    both = repeated_random_tokens(model, 2 * seq_len, batch, seed)  # [BOS,] r s, r s: two independent word runs
+    first = n_prefix(model)
+    r, s = both[:, first:first + seq_len], both[:, first + seq_len:first + 2 * seq_len]
+    prefix = both[:, :first]
+    clean = torch.cat([prefix, r, r[:, :copied]], dim=1)
+    corrupted = torch.cat([prefix, s, r[:, :copied]], dim=1)
+    return clean, corrupted, torch.stack([r[:, copied], s[:, copied]], dim=1)

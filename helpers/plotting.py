@@ -255,7 +255,7 @@ def bars(values, labels: list[str], title: str, x_label: str, y_label: str, colo
     return fig
 
 
-def circuit_diagram(nodes: list[dict], edges: list[dict], title: str) -> go.Figure:
+def circuit_diagram(nodes: list[dict], edges: list[dict], title: str, x_title: str = "position where the head is kept") -> go.Figure:
     """Heads as nodes at (x, layer) coloured by role, weighted edges between them, the logits as the sink on top.
 
     ``nodes``: ``{label, x, layer, role}`` (one node labelled ``logits`` sits above the last layer);
@@ -275,7 +275,7 @@ def circuit_diagram(nodes: list[dict], edges: list[dict], title: str) -> go.Figu
         (x0, y0), (x1, y1) = where[e["source"]], where[e["target"]]
         strength = abs(e["weight"]) / biggest
         fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text", showlegend=False,
-                                 text=f"{e['source']} -> {e['target']}: {e['weight']:+.3f}",
+                                 text=f"{e['source']} -> {e['target']}{' (' + e['via'] + ')' if e.get('via') else ''}: {e['weight']:+.3f}",
                                  line={"width": 1 + 7 * strength, "color": f"rgba({'200,30,30' if e['weight'] < 0 else '30,80,200'},{0.15 + 0.85 * strength:.2f})"}))
     roles = sorted({n["role"] for n in nodes}, key=lambda r: (r == "logits", r))
     for i, role in enumerate(roles):
@@ -283,7 +283,7 @@ def circuit_diagram(nodes: list[dict], edges: list[dict], title: str) -> go.Figu
         fig.add_trace(go.Scatter(x=[where[n["label"]][0] for n in members], y=[n["layer"] for n in members], mode="markers+text", name=role,
                                  text=[n["label"] for n in members], textposition="top center",
                                  marker={"size": 22, "color": px.colors.qualitative.Set2[i % 8], "line": {"width": 1, "color": "black"}}))
-    fig.update_layout(title=title, xaxis_title="position where the head is kept", yaxis_title="layer", height=520, width=820,
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="layer", height=520, width=820,
                       template="plotly_white", legend_title="role")
     fig.update_xaxes(tickvals=list(range(len(columns))), ticktext=columns, range=[-0.6, len(columns) - 0.4])
     return fig

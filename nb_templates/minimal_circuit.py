@@ -18,9 +18,10 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/circuit-lab/circuit-lab/blob/main/nb_templates/minimal_circuit.ipynb)
 #
-# Ranking heads is not a circuit. This notebook takes a circuit (by default the heads `head_functions` gave a
-# role, grouped by role, plus the unclassified heads whose output patching effect is at least
-# `min_patch_effect`; or one given as the `circuit` parameter), knocks
+# Ranking heads is not a circuit. This notebook takes a circuit (by default the core heads `circuit_discovery`
+# found, grouped by the roles `head_functions` gave them; with `circuit_from = "roles"` every head with a role
+# plus the unclassified heads whose output patching effect is at least `min_patch_effect`; or one given as the
+# `circuit` parameter), knocks
 # out every head output outside it, and asks: how much of the logit difference does the circuit keep
 # (faithfulness), how does that compare with random circuits of the same shape, which role groups carry it,
 # is every head needed (minimality), and does removing heads hurt the circuit as it hurts the model
@@ -54,7 +55,8 @@ device = None  # default: CUDA if available, else CPU
 dtype = "float32"  # or "bfloat16" / "float16" for big models (half the memory; identities then hold to ~1e-2 only)
 threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG (and the diagram as SVG) next to the notebook
-circuit = None  # {"groups": {role: ["L3H2", ...]}, "positions": {"L3H2": ["end"]}}; default: the params' `circuit`, else head_functions.json
+circuit = None  # {"groups": {role: ["L3H2", ...]}, "positions": {"L3H2": ["end"]}}; default: the params' `circuit`, else as circuit_from says
+circuit_from = "discovery"  # default circuit: "discovery" (circuit_discovery's core heads, grouped by role) or "roles" (head_functions' roles)
 ablation = "mean"  # how heads outside the circuit are knocked out: "mean", "zero" or "resample"
 reference = "corrupted"  # prompts the means (or resamples) come from: "corrupted" (IOI's ABC) or "clean"
 min_patch_effect = 0.1  # default circuit: unclassified heads need |output patching effect| >= this (share of the gap)
@@ -79,7 +81,11 @@ choice = None
 if circuit is not None or s.params.circuit is not None:
     proposed = circuits.Circuit.from_json(circuit or s.params.circuit.model_dump())
 else:
-    choice = circuits.default_circuit(experiments.load_results(s, "head_functions")["roles"]["table"], prompts.positions, min_patch_effect)
+    discovery = experiments.load_results(s, "circuit_discovery") if circuit_from == "discovery" else {}
+    if discovery.get("not_supported"):
+        print("circuit_discovery:", discovery["not_supported"], "-> the circuit comes from head_functions' roles")
+    choice = circuits.default_circuit(experiments.load_results(s, "head_functions")["roles"]["table"], prompts.positions, min_patch_effect,
+                                      discovery.get("smallest"))
     proposed = choice.circuit
     print("default circuit:", choice.message())
 ref_tokens = {"corrupted": prompts.corrupted_tokens, "clean": prompts.clean_tokens}[reference]

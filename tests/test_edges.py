@@ -141,12 +141,12 @@ def test_prune_keeps_only_paths_from_input_to_logits(ioi_ectx):
 
 
 def test_circuit_round_trips_through_json(ioi_ectx, tmp_path):
-    c = E.Circuit(["input->L0H3.v", "L0H3->L3H2.v", "L3H2->logits"], "eap-ig", None, {"L3H2->logits": 0.5})
+    c = E.EdgeCircuit(["input->L0H3.v", "L0H3->L3H2.v", "L3H2->logits"], "eap-ig", None, {"L3H2->logits": 0.5})
     E.evaluate(ioi_ectx, [c])
     c.save(tmp_path / "c.json")
     import json
 
-    back = E.Circuit.from_json(json.loads((tmp_path / "c.json").read_text()))
+    back = E.EdgeCircuit.from_json(json.loads((tmp_path / "c.json").read_text()))
     assert back == c and back.heads == ["L0H3", "L3H2"] and "3 edges" in repr(back)
 
 

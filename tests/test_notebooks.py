@@ -223,7 +223,7 @@ def test_notes_survive_a_rerun_and_an_edited_notebook_is_kept(outputs):
 
 def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
     result = runner.run_template("ioi", "minimal_circuit", "toy-ioi", n_prompts=16, threads=2, progress=False,
-                                 extra_parameters={"n_random": 5, "completeness_subsets": 5, "minimality_max_k": 1})
+                                 extra_parameters={"n_random": 5, "completeness_subsets": 5, "minimality_max_k": 1, "circuit_from": "roles"})
     assert result.status == "ok", result.message
     out = outputs / "ioi" / "toy-ioi"
     assert not executed_errors(out / "minimal_circuit.ipynb")
@@ -238,6 +238,32 @@ def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
     assert data["backup"]["risers"] and all("in_circuit" in h for h in data["backup"]["risers"])  # read from circuit_expms
     if plotting.browser_found():
         assert (out / "minimal_circuit_figures" / "circuit_diagram.svg").stat().st_size > 1000
+
+
+def test_circuit_discovery_hands_its_circuit_to_minimal_circuit(head_functions_run, outputs):
+    from helpers.edges import EdgeCircuit
+
+    result = runner.run_template("ioi", "circuit_discovery", "toy-ioi", n_prompts=16, threads=2, progress=False,
+                                 extra_parameters={"n_random": 3, "fractions": [0.01, 0.05, 0.2, 1.0]})
+    assert result.status == "ok", result.message
+    out = outputs / "ioi" / "toy-ioi"
+    assert not executed_errors(out / "circuit_discovery.ipynb")
+    data = json.loads((out / "circuit_discovery.json").read_text())
+    assert data["not_supported"] is None and data["graph"]["edges"] == 479
+    for method in ("eap", "eap-ig"):
+        curve = data["curves"][method]
+        assert curve["cpr"] > curve["random_cpr"] and curve["cmd"] < curve["random_cmd"]
+        assert data["agreement_with_exact"][method] > 0.5  # Spearman with exact single-edge patching
+    smallest = data["smallest"]
+    assert smallest["reached"] and smallest["circuit"]["faithfulness"] >= 0.8 and smallest["core_heads"]
+    circuit = EdgeCircuit.from_json(json.loads((out / "edge_circuit.json").read_text()))
+    assert circuit.edges == [e["edge"] for e in smallest["circuit"]["edges"]]
+    result = runner.run_template("ioi", "minimal_circuit", "toy-ioi", n_prompts=16, threads=2, progress=False,
+                                 extra_parameters={"n_random": 5, "completeness_subsets": 3, "minimality_max_k": 1})
+    assert result.status == "ok", result.message
+    chosen = json.loads((out / "minimal_circuit.json").read_text())["circuit_choice"]
+    assert chosen["source"] == "discovery"
+    assert sorted(h for hs in chosen["circuit"]["groups"].values() for h in hs) == sorted(smallest["core_heads"])
 
 
 def chromium() -> str:

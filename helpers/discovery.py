@@ -1,0 +1,335 @@
+"""Circuit discovery scored by faithfulness curves (the MIB benchmark's circuit-localisation protocol).
+
+A method (EAP, EAP-IG: ``edges.edge_scores``) ranks every edge. Circuits of increasing size are the top-k
+edges by |score|, pruned to paths from the input to the logits (``edges.prune``), each evaluated *exactly*
+(``edges.evaluate_masks``; one batched call per size, with the random controls as extra variants of that call).
+The curve of faithfulness over circuit size (the fraction of the graph's edges kept) is summarised by two areas
+(Mueller et al. 2025):
+
+* **CPR** (circuit performance ratio): the area under faithfulness — higher is better;
+* **CMD** (circuit-model distance): the area under |1 − faithfulness| — lower is better (0: every circuit on
+  the curve behaves like the full model).
+
+Both are trapezoids over the kept fraction, with the empty circuit (0, 0) and the full model (1, 1) as the ends.
+Random circuits of the same number of edges give the chance curve. ``smallest_circuit`` bisects the ranking for
+the fewest top edges whose pruned circuit reaches a target faithfulness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from tqdm.std import tqdm  # noqa: I001 - text bars, as in patching
+
+from .edges import EdgeCircuit, EdgeContext, Graph, evaluate_masks, prune
+
+DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # as MIB's circuit-localisation track
+
+
+def top_edges(graph: Graph, scores: Float[Tensor, "sender receiver"], k: int) -> Bool[Tensor, "sender receiver"]:
+    """The ``k`` edges with the largest |score| (ties broken by the graph's edge order), pruned to input->logits paths."""
+    index = graph.edge_index
+    values = scores[index[:, 0], index[:, 1]].abs()
+    order = torch.sort(values, descending=True, stable=True).indices[:k]
+    mask = torch.zeros_like(graph.allowed)
+    mask[index[order, 0], index[order, 1]] = True
+    return prune(graph, mask)
+
+
+def random_edge_masks(graph: Graph, n_edges: int, n: int, generator: torch.Generator) -> Bool[Tensor, "n sender receiver"]:
+    """``n`` circuits of ``n_edges`` edges drawn uniformly from the graph (not pruned: exactly that many edges)."""
+    index = graph.edge_index
+    masks = torch.zeros((n, *graph.allowed.shape), dtype=torch.bool)
+    for i in range(n):
+        pick = torch.randperm(len(index), generator=generator)[:n_edges]
+        masks[i, index[pick, 0], index[pick, 1]] = True
+    return masks
+
+
+def head_closure(graph: Graph, heads: list[str]) -> Bool[Tensor, "sender receiver"]:
+    """The node-level circuit of ``heads``: every edge between the input, those heads, every MLP and the logits."""
+    keep = {"input", *heads} | {n.name for n in graph.senders if n.kind == "mlp"}
+    senders = torch.tensor([n.name in keep for n in graph.senders])
+    readers = torch.tensor([r.kind in ("logits", "mlp") or any(f"L{r.layer}H{h}" in keep for h in r.heads) for r in graph.receivers])
+    return graph.allowed & senders[:, None] & readers[None, :]
+
+
+def random_head_sets(graph: Graph, n_heads: int, n: int, generator: torch.Generator) -> list[list[str]]:
+    names = [s.name for s in graph.senders if s.kind == "head"]
+    return [[names[i] for i in torch.randperm(len(names), generator=generator)[:n_heads].tolist()] for _ in range(n)]
+
+
+def _trapezoid(points: dict[float, float]) -> float:
+    xy = sorted(points.items())
+    return float(sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(xy, xy[1:])))
+
+
+def area(fractions: list[float], values: list[float]) -> float:
+    """CPR: trapezoid area over [0, 1] of faithfulness ``values`` at kept ``fractions``, the empty circuit (0, 0) and
+    the full model (1, 1) as the ends."""
+    return _trapezoid({0.0: 0.0, **dict(zip(fractions, values)), 1.0: 1.0})
+
+
+@dataclass
+class CurvePoint:
+    """One circuit size: ``k`` top edges requested, ``n_edges`` kept after pruning (``fraction`` of the graph),
+    the heads they involve, the exact faithfulness, and that of random circuits with as many edges."""
+
+    k: int
+    n_edges: int
+    fraction: float
+    n_heads: int
+    faithfulness: float
+    random_mean: float
+    random_max: float
+
+
+@dataclass
+class FaithfulnessCurve:
+    """Faithfulness over circuit size for one scoring method, with its areas and the random baseline's."""
+
+    method: str
+    n_edges_total: int
+    points: list[CurvePoint] = field(default_factory=list)
+
+    def _column(self, key: str) -> tuple[list[float], list[float]]:
+        return [p.fraction for p in self.points], [getattr(p, key) for p in self.points]
+
+    @property
+    def cpr(self) -> float:
+        return area(*self._column("faithfulness"))
+
+    @property
+    def cmd(self) -> float:
+        return distance_area(*self._column("faithfulness"))
+
+    @property
+    def random_cpr(self) -> float:
+        return area(*self._column("random_mean"))
+
+    @property
+    def random_cmd(self) -> float:
+        return distance_area(*self._column("random_mean"))
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "n_edges_total": self.n_edges_total, "cpr": self.cpr, "cmd": self.cmd,
+                "random_cpr": self.random_cpr, "random_cmd": self.random_cmd, "points": [asdict(p) for p in self.points]}
+
+
+def distance_area(fractions: list[float], values: list[float]) -> float:
+    """CMD: trapezoid area over [0, 1] of |1 - faithfulness|, the empty circuit (distance 1) and the full model (0)
+    as the ends."""
+    return _trapezoid({0.0: 1.0, **{x: abs(1 - y) for x, y in zip(fractions, values)}, 1.0: 0.0})
+
+
+def faithfulness_curve(ectx: EdgeContext, scores: Float[Tensor, "sender receiver"], method: str,
+                       fractions: tuple[float, ...] = DEFAULT_FRACTIONS, n_random: int = 10, seed: int = 0,
+                       memory_mb: float = 1024, progress: bool = True) -> FaithfulnessCurve:
+    """Exact faithfulness of the top-k circuits at each fraction of the graph's edges (k at least 1), each in one
+    batched evaluation together with ``n_random`` random circuits of its pruned size."""
+    graph = ectx.graph
+    generator = torch.Generator().manual_seed(seed)
+    curve = FaithfulnessCurve(method, graph.n_edges)
+    for fraction in tqdm(fractions, desc=f"{method} curve", disable=not progress):
+        k = max(1, round(fraction * graph.n_edges))
+        mask = top_edges(graph, scores, k)
+        n_kept = int(mask.sum())
+        controls = random_edge_masks(graph, n_kept, n_random, generator)
+        values = evaluate_masks(ectx, torch.cat([mask[None], controls]), memory_mb)
+        heads = {graph.senders[s].name for s in mask.nonzero()[:, 0].tolist() if graph.senders[s].kind == "head"}
+        curve.points.append(CurvePoint(k, n_kept, n_kept / graph.n_edges, len(heads), float(values[0]),
+                                       float(values[1:].mean()) if n_random else float("nan"),
+                                       float(values[1:].max()) if n_random else float("nan")))
+    return curve
+
+
+def circuit_of(graph: Graph, mask: Bool[Tensor, "sender receiver"], scores: Float[Tensor, "sender receiver"], method: str) -> EdgeCircuit:
+    names = graph.names_of(mask)
+    pairs = (mask & graph.allowed).nonzero().tolist()
+    return EdgeCircuit(names, method, None, {n: float(scores[s, r]) for n, (s, r) in zip(names, pairs)})
+
+
+@dataclass
+class Discovered:
+    """The smallest top-k circuit reaching ``target`` and its controls.
+
+    * ``random_edges``: random edge sets with as many edges;
+    * ``heads_closure``: the node-level circuit of its heads (every edge among them, the MLPs, input and logits,
+      ``head_closure``), and ``random_heads``: random head sets of as many heads closed the same way;
+    * ``core_heads``: the fewest of those heads whose closure still reaches ``target`` (greedy removal, each step
+      one batched evaluation), its faithfulness ``core_faithfulness`` and ``random_core`` for random head sets of
+      that size.
+
+    ``evaluations``: circuits evaluated exactly in the bisection."""
+
+    circuit: EdgeCircuit
+    target: float
+    reached: bool
+    k: int
+    random_edges: list[float]
+    heads_closure: float
+    random_heads: list[float]
+    core_heads: list[str]
+    core_faithfulness: float
+    random_core: list[float]
+    evaluations: int
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "circuit"}
+        return {"circuit": self.circuit.to_json(), **out}
+
+    def message(self) -> str:
+        c = self.circuit
+        verdict = "reaches" if self.reached else "does NOT reach"
+        return (f"{len(c.edges)} edges ({c.method} top {self.k}, pruned) over {len(c.heads)} heads {verdict} faithfulness "
+                f"{self.target:g}: {c.faithfulness:.3f} (random sets of {len(c.edges)} edges: mean {_mean(self.random_edges):.3f}). "
+                f"Its heads with every edge among them and the MLPs: {self.heads_closure:.3f} (random sets of {len(c.heads)} heads: "
+                f"mean {_mean(self.random_heads):.3f}). Fewest of them still reaching {self.target:g}: {', '.join(self.core_heads)} "
+                f"({len(self.core_heads)} heads): {self.core_faithfulness:.3f} (random sets of {len(self.core_heads)} heads: "
+                f"mean {_mean(self.random_core):.3f}, max {max(self.random_core, default=float('nan')):.3f})")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def fewest_heads(ectx: EdgeContext, heads: list[str], target: float, memory_mb: float = 1024) -> tuple[list[str], float]:
+    """Greedily drop the head whose removal keeps the closure's faithfulness highest while it stays >= ``target``;
+    returns the remaining heads and their closure's faithfulness."""
+    graph = ectx.graph
+    current = list(heads)
+    value = float(evaluate_masks(ectx, head_closure(graph, current)[None], memory_mb)[0])
+    while len(current) > 1:
+        candidates = [[h for h in current if h != x] for x in current]
+        values = evaluate_masks(ectx, torch.stack([head_closure(graph, c) for c in candidates]), memory_mb)
+        best = int(values.argmax())
+        if float(values[best]) < target:
+            break
+        current, value = candidates[best], float(values[best])
+    return current, value
+
+
+def smallest_circuit(ectx: EdgeContext, scores: Float[Tensor, "sender receiver"], method: str, target: float = 0.8,
+                     n_random: int = 10, seed: int = 0, memory_mb: float = 1024) -> Discovered:
+    """The fewest top edges (by |score|, pruned) whose circuit's exact faithfulness reaches ``target``, found by
+    bisection over k (faithfulness is treated as rising with k; the returned circuit is always evaluated), with the
+    controls of ``Discovered``. If every edge together does not reach it, the full graph is returned, ``reached`` False."""
+    graph = ectx.graph
+    cache: dict[int, float] = {}
+
+    def faith(k: int) -> float:
+        if k not in cache:
+            cache[k] = float(evaluate_masks(ectx, top_edges(graph, scores, k)[None], memory_mb)[0])
+        return cache[k]
+
+    lo, hi = 1, graph.n_edges
+    if faith(hi) >= target:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if faith(mid) >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+    mask = top_edges(graph, scores, hi)
+    circuit = circuit_of(graph, mask, scores, method)
+    circuit.faithfulness = faith(hi)
+    generator = torch.Generator().manual_seed(seed)
+    random_edges = evaluate_masks(ectx, random_edge_masks(graph, int(mask.sum()), n_random, generator), memory_mb).tolist() if n_random else []
+    core, core_value = fewest_heads(ectx, circuit.heads, target, memory_mb) if circuit.heads else ([], 0.0)
+
+    def closures(head_sets: list[list[str]]) -> list[float]:
+        return evaluate_masks(ectx, torch.stack([head_closure(graph, hs) for hs in head_sets]), memory_mb).tolist() if head_sets else []
+
+    whole = closures([circuit.heads] + random_head_sets(graph, len(circuit.heads), n_random, generator))
+    random_core = closures(random_head_sets(graph, len(core), n_random, generator))
+    return Discovered(circuit, target, circuit.faithfulness >= target, hi, random_edges, whole[0], whole[1:], core, core_value,
+                      random_core, len(cache))
+
+
+def single_edge_effects(ectx: EdgeContext, memory_mb: float = 1024, progress: bool = True) -> Float[Tensor, "sender receiver"]:
+    """Exact effect of each edge alone, as EAP estimates it: 1 - faithfulness of the full graph minus that edge
+    (the share of the clean - corrupted gap lost when only this edge is corrupted). One batched evaluation per
+    chunk of edges; 0 where no edge exists."""
+    graph = ectx.graph
+    index = graph.edge_index
+    out = torch.zeros(graph.allowed.shape)
+    chunk = 64
+    for start in tqdm(range(0, len(index), chunk), desc="single edges", disable=not progress):
+        part = index[start:start + chunk]
+        masks = graph.allowed.repeat(len(part), 1, 1)
+        masks[torch.arange(len(part)), part[:, 0], part[:, 1]] = False
+        out[part[:, 0], part[:, 1]] = 1 - evaluate_masks(ectx, masks, memory_mb)
+    return out
+
+
+def roc_auc(scores: Float[Tensor, "n"], positive: Bool[Tensor, "n"]) -> float:
+    """Area under the ROC curve of ``scores`` for telling ``positive`` items from the rest: the chance that a random
+    positive outranks a random negative (ties count half; Mann-Whitney U)."""
+    from scipy.stats import rankdata
+
+    ranks = torch.tensor(rankdata(scores.numpy()))
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@dataclass
+class Recovery:
+    """How well a found circuit matches one known in advance: precision and recall of its edges, and the ROC AUC of
+    the method's |edge scores| for telling the known edges from the rest."""
+
+    found: int
+    known: int
+    precision: float
+    recall: float
+    auc: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def recovery(graph: Graph, scores: Float[Tensor, "sender receiver"], found: list[str], known: list[str]) -> Recovery:
+    hit = len(set(found) & set(known))
+    index = graph.edge_index
+    truth = graph.mask_of(list(known))[index[:, 0], index[:, 1]]
+    auc = roc_auc(scores[index[:, 0], index[:, 1]].abs(), truth)
+    return Recovery(len(found), len(known), hit / len(found) if found else float("nan"), hit / len(known), auc)
+
+
+def diagram_parts(graph: Graph, circuit: EdgeCircuit, roles: dict[str, str] | None = None) -> tuple[list[dict], list[dict]]:
+    """Nodes and edges for ``plotting.circuit_diagram``: the input, the circuit's heads (by head index and layer,
+    coloured by ``roles`` where given), MLPs and the logits; one edge per sender and receiving node, weighted by the
+    sum of its q/k/v edges' scores, ``via`` naming the inputs it enters."""
+    receivers = {r.name: r for r in graph.receivers}
+    senders = {s.name: s for s in graph.senders}
+    merged: dict[tuple[str, str], dict] = {}
+    for edge in circuit.edges:
+        source, target = edge.split("->")
+        rec = receivers[target]
+        targets = [f"L{rec.layer}H{h}" for h in rec.heads] if rec.kind in ("q", "k", "v") else [target]
+        for node in targets:
+            if rec.kind in ("q", "k", "v") and node not in circuit.heads and len(targets) > 1:
+                continue  # a shared key/value group: drawn into its query heads that are in the circuit
+            entry = merged.setdefault((source, node), {"source": source, "target": node, "weight": 0.0, "via": []})
+            entry["weight"] += circuit.scores.get(edge, 1.0)
+            entry["via"].append(rec.kind if rec.kind in ("q", "k", "v") else "resid")
+    names = {n for pair in merged for n in pair}
+    nodes = []
+    for name in sorted(names, key=lambda n: (senders[n].layer if n in senders else graph.senders[-1].layer + 1, n)):
+        node = senders.get(name)
+        if name == "logits":
+            nodes.append({"label": "logits", "layer": graph.senders[-1].layer + 1, "x": "logits", "role": "logits"})
+        elif node.kind == "input":
+            nodes.append({"label": "input", "layer": -1, "x": "input", "role": "input"})
+        elif node.kind == "mlp":
+            nodes.append({"label": name, "layer": node.layer, "x": "MLP", "role": "MLP"})
+        else:
+            nodes.append({"label": name, "layer": node.layer, "x": f"H{node.head}", "role": (roles or {}).get(name, "head")})
+    column = {"input": -1, "MLP": 10**6, "logits": 10**6 + 1}
+    nodes.sort(key=lambda n: (column.get(n["x"], int(n["x"][1:]) if n["x"].startswith("H") else 0), n["layer"]))
+    edges = [{**e, "via": "+".join(sorted(set(e["via"])))} for e in merged.values()]
+    return nodes, edges

@@ -1,0 +1,102 @@
+"""Circuit discovery: curves and their areas, the smallest circuit and its controls, and recovery of circuits known
+in advance (a planted-circuit model, toy-induction's K-composition)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import discovery as D
+from helpers import edges as E
+from helpers.heads import induction_task
+from helpers.planted import PLANTED_EDGES, build_planted_model, planted_task
+
+
+@pytest.fixture(scope="module")
+def ioi_ectx(toy_ioi, ioi_prompts):
+    return E.edge_context(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.corrupted_tokens, ioi_prompts.answer_tokens)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from helpers import MODELS_DIR
+    from helpers.models import load_model
+
+    tok = AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi")
+    model = load_model(str(build_planted_model(tok, tmp_path_factory.mktemp("planted"))), device="cpu")
+    return E.edge_context(model, *planted_task(model, batch=8))
+
+
+def test_areas_of_known_curves():
+    assert D.area([0.5], [1.0]) == pytest.approx(0.75)  # (0,0) -> (0.5,1) -> (1,1)
+    assert D.distance_area([0.5], [1.0]) == pytest.approx(0.25)
+    assert D.area([0.25, 0.5], [0.0, 0.0]) == pytest.approx(0.25)  # only the last segment up to (1,1)
+    assert D.distance_area([0.5], [1.5]) == pytest.approx(0.5)  # overshooting the model is a distance too
+
+
+def test_roc_auc():
+    pos = torch.tensor([True, True, False, False])
+    assert D.roc_auc(torch.tensor([4.0, 3.0, 2.0, 1.0]), pos) == 1.0
+    assert D.roc_auc(torch.tensor([1.0, 2.0, 3.0, 4.0]), pos) == 0.0
+    assert D.roc_auc(torch.tensor([1.0, 1.0, 1.0, 1.0]), pos) == 0.5
+
+
+def test_curve_one_batched_call_per_size_and_full_graph_is_one(ioi_ectx, monkeypatch):
+    calls = []
+    real = D.evaluate_masks
+    monkeypatch.setattr(D, "evaluate_masks", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    scores = E.edge_scores(ioi_ectx, "eap")
+    fractions = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+    curve = D.faithfulness_curve(ioi_ectx, scores, "eap", fractions, n_random=3, progress=False)
+    assert calls == [4] * len(fractions)  # the circuit and its 3 random controls, together
+    assert curve.points[-1].faithfulness == pytest.approx(1.0, abs=1e-5)
+    assert curve.points[-1].random_mean == pytest.approx(1.0, abs=1e-5)  # every edge: no randomness left
+    assert 0 < curve.random_cpr < curve.cpr <= 1.0 and 0 <= curve.cmd < curve.random_cmd
+    again = D.faithfulness_curve(ioi_ectx, scores, "eap", fractions, n_random=3, progress=False)
+    assert again.to_json() == curve.to_json()  # deterministic, random controls included
+
+
+def test_smallest_circuit_on_toy_ioi_beats_its_controls(ioi_ectx):
+    scores = E.edge_scores(ioi_ectx, "eap-ig")
+    found = D.smallest_circuit(ioi_ectx, scores, "eap-ig", target=0.8, n_random=5)
+    assert found.reached and found.circuit.faithfulness >= 0.8
+    assert E.evaluate(ioi_ectx, [E.EdgeCircuit(found.circuit.edges)])[0] == pytest.approx(found.circuit.faithfulness, abs=1e-6)
+    fewer = D.top_edges(ioi_ectx.graph, scores, found.k - 1)
+    assert E.evaluate_masks(ioi_ectx, fewer[None])[0] < 0.8  # the bisection's answer is the smallest k
+    assert max(found.random_edges) < 0.3 and found.core_faithfulness >= 0.8
+    assert sum(found.random_core) / len(found.random_core) < found.core_faithfulness
+    assert set(found.core_heads) <= set(found.circuit.heads) and "L3H2" in found.core_heads  # the name mover
+
+
+def test_single_edge_effects_are_what_removing_the_edge_does(ioi_ectx):
+    exact = D.single_edge_effects(ioi_ectx, progress=False)
+    g = ioi_ectx.graph
+    mask = g.allowed.clone()
+    s, r = g.edge_index[5].tolist()
+    mask[s, r] = False
+    assert float(exact[s, r]) == pytest.approx(1 - float(E.evaluate_masks(ioi_ectx, mask[None])[0]), abs=1e-6)
+    assert not exact[~g.allowed].any()
+
+
+def test_planted_circuit_is_recovered(planted):
+    g = planted.graph
+    truth = g.mask_of(list(PLANTED_EDGES))
+    assert float(E.evaluate_masks(planted, truth[None])[0]) > 0.95  # the planted edges carry the behaviour
+    exact = D.single_edge_effects(planted, progress=False)
+    assert exact[g.allowed & ~truth].abs().max() < 0.02 < exact[truth].abs().min()  # and nothing else does
+    for method in ("eap", "eap-ig"):
+        scores = E.edge_scores(planted, method)
+        found = D.smallest_circuit(planted, scores, method, target=0.95, n_random=3)
+        rec = D.recovery(g, scores, found.circuit.edges, list(PLANTED_EDGES))
+        assert rec.precision == 1.0 and rec.recall == 1.0 and rec.auc == 1.0
+        assert found.core_heads == ["L0H0", "L1H0", "L1H1"]
+
+
+def test_toy_induction_k_composition_is_found(toy_induction):
+    ectx = E.edge_context(toy_induction, *induction_task(toy_induction, 20, 8, seed=0))
+    for method in ("eap", "eap-ig"):
+        found = D.smallest_circuit(ectx, E.edge_scores(ectx, method), method, target=0.8, n_random=0)
+        assert found.reached
+        assert any(e.startswith("L0H0->L1H") and e.endswith(".k") for e in found.circuit.edges), found.circuit.edges
