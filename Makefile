@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run all report copy test test-all test-fast bench bench-templates install chromium toy-models sync lint clean-outputs help
+.PHONY: run all report copy test test-all test-fast bench bench-discovery bench-templates install chromium toy-models sync lint clean-outputs help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
@@ -29,6 +29,7 @@ help:
 	@echo "make test-all                  also the slow tests (every model family's notebooks)"
 	@echo "make test-fast                 the unit tests only (no executed notebooks), for the edit loop"
 	@echo "make bench [DEVICE=cuda]       time our patching sweeps against TransformerLens (bench/results.md)"
+	@echo "make bench-discovery           edge scoring cost and discovery quality: curves, CPR/CMD, planted circuit (bench/discovery.md)"
 	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
 	@echo "make sync                      re-pair nb_templates/*.py with their .ipynb (jupytext)"
 
@@ -81,6 +82,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_patching.py --device $(or $(DEVICE),cpu) --threads $(THREADS)
+
+bench-discovery: $(STAMP)
+	$(PY) bench/bench_discovery.py --threads $(THREADS)
 
 bench-templates: $(STAMP)
 	$(PY) bench/bench_templates.py --threads $(THREADS)
