@@ -16,7 +16,6 @@ Usage: ``make bench-discovery`` or ``python bench/bench_discovery.py [--threads 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,7 +29,7 @@ from scipy.stats import spearmanr
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from bench_patching import RANDOM_MODELS, random_prompts, timed  # noqa: E402
+from bench_patching import RANDOM_MODELS, random_prompts, timed, write_outputs  # noqa: E402
 
 from helpers import MODELS_DIR  # noqa: E402
 from helpers import discovery as D  # noqa: E402
@@ -172,10 +171,7 @@ def main() -> None:
         planted = load_model(str(build_planted_model(AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi"), Path(tmp) / "planted")), device="cpu")
         ectx = E.edge_context(planted, *planted_task(planted, batch=32))
         results["quality"].append(quality("planted / word two back (32 prompts)", ectx, 0.95, True, list(PLANTED_EDGES)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "discovery.json").write_text(json.dumps(results, indent=1))
-    (args.out / "discovery.md").write_text(markdown(results))
-    print(markdown(results))
+    write_outputs(args.out, "discovery", results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -294,10 +294,15 @@ def main() -> None:
             results["attribution"].append(bench_attribution(model, label, args.device, args.batch, args.n_pos, max(args.repeats, 3)))
             if label == "toy-ioi":
                 results["agreement"] = attribution_agreement(model, n_prompts=16 if args.quick else 64, ig_steps=8)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(markdown(results))
-    print(markdown(results))
+    write_outputs(args.out, "results", results, markdown(results))
+
+
+def write_outputs(out: Path, stem: str, results: dict, text: str) -> None:
+    """``<out>/<stem>.json`` and ``<out>/<stem>.md``; the markdown is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

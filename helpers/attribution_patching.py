@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .hooks import HookNameError, recording_hook, resolve_hook_names
+from .interventions import UNEMBED_LAST
 from .metrics import logit_diff
 from .patching import SWEEPS, Sweep
 
@@ -65,7 +66,7 @@ def metric_gradients(
             return act + alpha * (clean_embed - act)
 
         hooks = [(EMBED_HOOK, interpolate)] + hooks
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks + [UNEMBED_LAST]):  # the metric reads the final position only
         ld = logit_diff(model(tokens.repeat(steps, 1)), answer_tokens.repeat(steps, 1))
         missing = [n for n in hook_names if n not in acts]
         if missing:

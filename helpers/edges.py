@@ -412,7 +412,8 @@ def edge_scores(ectx: EdgeContext, method: str = "eap-ig", steps: int = 5) -> Fl
     for hook, rs in by_hook.items():
         g = grads[hook]
         g = g[:, :, [graph.receivers[r].index for r in rs]] if graph.receivers[rs[0]].index is not None else g[:, :, None]
-        scores[:, rs] = torch.einsum("bpsd,bprd->sr", delta, g.to(delta.dtype)).cpu()
+        upto = max(graph.sender_slots_before(r) for r in rs)  # only senders before this fork can reach it
+        scores[:upto, rs] = torch.einsum("bpsd,bprd->sr", delta[:, :, :upto], g.to(delta.dtype)).cpu()
     gap = ectx.clean_logit_diff - ectx.corrupted_logit_diff
     return torch.where(graph.allowed, scores / gap, torch.zeros(()))
 

@@ -165,7 +165,7 @@ def run_interventions(
 
 def forward_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list) -> Float[Tensor, "batch 1 d_vocab"]:
     """Final-position logits of the bridge's ``forward(resid, start_at_layer=layer)`` under ``hooks``, fast where verified."""
-    unembed_last = [("unembed.hook_in", _last_position)]
+    unembed_last = [UNEMBED_LAST]
     if _fast_start_ok(model, resid, layer):
         with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=hooks + unembed_last):
             return model(resid, start_at_layer=layer)
@@ -175,6 +175,9 @@ def forward_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: 
 
 def _last_position(x: Tensor, hook=None) -> Tensor:
     return x[:, -1:]
+
+
+UNEMBED_LAST = ("unembed.hook_in", _last_position)  # a forward hook: unembed the final position only (what metrics read)
 
 
 def _fast_start_ok(model, resid: Tensor, layer: int) -> bool:
@@ -187,7 +190,7 @@ def _fast_start_ok(model, resid: Tensor, layer: int) -> bool:
         probe = resid[:2]
         with torch.no_grad():
             plain = model(probe, start_at_layer=layer)[:, -1:]
-            with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=[("unembed.hook_in", _last_position)]):
+            with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=[UNEMBED_LAST]):
                 fast = model(probe, start_at_layer=layer)
         ok = fast.shape == plain.shape and bool((fast - plain).abs().max() <= 1e-5 * (1 + plain.abs().max()))
         verdicts[layer] = ok

@@ -45,7 +45,7 @@ def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
     model, prompts = llama
     _, cache = model.run_with_cache(prompts.clean_tokens)
     full = model(prompts.clean_tokens)[:, -1:]
-    monkeypatch.setattr(I, "_last_position", lambda x, hook=None: x[:, :1])  # a broken shortcut: the first position
+    monkeypatch.setattr(I, "UNEMBED_LAST", ("unembed.hook_in", lambda x, hook=None: x[:, :1]))  # a broken shortcut: the first position
     model.__dict__.pop("_circuit_lab_fast_start", None)
     with pytest.warns(UserWarning, match="falling back"):
         out = I.forward_from_layer(model, cache["blocks.1.hook_resid_pre"], 1, [])
