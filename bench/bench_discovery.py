@@ -40,8 +40,6 @@ from helpers.params import load_params  # noqa: E402
 from helpers.planted import PLANTED_EDGES, build_planted_model, planted_task  # noqa: E402
 from helpers.prompts import make_prompts  # noqa: E402
 
-METHODS = ("eap", "eap-ig")
-
 
 def cost(model, label: str, repeats: int, n_random: int = 10) -> dict:
     """Seconds and forward-pass equivalents of edge scoring and of one exact curve point."""
@@ -78,7 +76,7 @@ def quality(label: str, ectx: E.EdgeContext, target: float, single_edges: bool, 
         exact = D.single_edge_effects(ectx, progress=False)
         out["single_edges_s"] = round(time.perf_counter() - t0, 2)
     index = g.edge_index
-    for method in METHODS:
+    for method in E.METHODS:
         t0 = time.perf_counter()
         scores = E.edge_scores(ectx, method)
         score_s = time.perf_counter() - t0

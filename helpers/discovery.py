@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars, as in patching
 
-from .edges import EdgeCircuit, EdgeContext, Graph, evaluate_masks, prune
+from .edges import METHODS, EdgeCircuit, EdgeContext, Graph, evaluate_masks, prune
 
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # as MIB's circuit-localisation track
 
@@ -333,3 +333,19 @@ def diagram_parts(graph: Graph, circuit: EdgeCircuit, roles: dict[str, str] | No
     nodes.sort(key=lambda n: (column.get(n["x"], int(n["x"][1:]) if n["x"].startswith("H") else 0), n["layer"]))
     edges = [{**e, "via": "+".join(sorted(set(e["via"])))} for e in merged.values()]
     return nodes, edges
+
+
+def check_options(methods, fractions, target: float, n_random: int, ig_steps: int) -> None:
+    """Refuse bad ``circuit_discovery`` parameters before any work, naming the parameter and the fix."""
+    if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
+        raise ValueError(f"circuit_discovery parameter `methods` must be a non-empty list from {list(METHODS)}, not {methods!r}")
+    if fractions is not None and (isinstance(fractions, (str, int, float)) or not fractions
+                                  or any(not isinstance(f, (int, float)) or not 0 < f <= 1 for f in fractions)):
+        raise ValueError(f"circuit_discovery parameter `fractions` must be a list of edge fractions in (0, 1], or None for "
+                         f"MIB's sizes, not {fractions!r}")
+    if not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ValueError(f"circuit_discovery parameter `target` must be a faithfulness in (0, 1], not {target!r}")
+    if not isinstance(n_random, int) or n_random < 0:
+        raise ValueError(f"circuit_discovery parameter `n_random` must be a whole number >= 0, not {n_random!r}")
+    if not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"circuit_discovery parameter `ig_steps` must be a whole number >= 1, not {ig_steps!r}")

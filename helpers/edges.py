@@ -46,6 +46,7 @@ from .path_patching import split_qkv_input
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 COMPONENTS = ("q", "k", "v")
+METHODS = ("eap", "eap-ig")  # edge scoring methods of ``edge_scores``
 
 
 @dataclass(frozen=True)
@@ -395,8 +396,10 @@ def edge_scores(ectx: EdgeContext, method: str = "eap-ig", steps: int = 5) -> Fl
     """Attribution estimate of every edge's effect, normalised (the share of the clean - corrupted logit-diff gap the
     edge carries); 0 where no edge exists. ``method``: ``eap`` (gradient on the clean run) or ``eap-ig``
     (gradient averaged over ``steps`` points from the corrupted to the clean embeddings)."""
-    if method not in ("eap", "eap-ig"):
-        raise ValueError(f"method must be 'eap' or 'eap-ig', not {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, not {steps}")
     graph, model = ectx.graph, ectx.model
     by_hook: dict[str, list[int]] = {}
     for r, rec in enumerate(graph.receivers):

@@ -72,6 +72,7 @@ from IPython.display import display
 
 from helpers import discovery, edges, experiments, plotting
 
+discovery.check_options(methods, fractions, target, n_random, ig_steps)  # bad parameters stop here, before any work
 s = experiments.start_session("circuit_discovery", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
