@@ -40,6 +40,8 @@ from helpers.params import load_params  # noqa: E402
 from helpers.planted import PLANTED_EDGES, build_planted_model, planted_task  # noqa: E402
 from helpers.prompts import make_prompts  # noqa: E402
 
+ACDC_THRESHOLDS = (0.003, 0.01, 0.03, 0.1)
+
 
 def cost(model, label: str, repeats: int, n_random: int = 10) -> dict:
     """Seconds and forward-pass equivalents of edge scoring and of one exact curve point."""
@@ -108,6 +110,18 @@ def quality(label: str, ectx: E.EdgeContext, target: float, single_edges: bool, 
             row["k_composition_ranks"] = {n: ranked.index(names.index(n)) + 1 for n in k_comp}
         out["methods"][method] = row
         print(f"[{label}] {method}: {row}", flush=True)
+    t0 = time.perf_counter()
+    curve, circuits = D.acdc_curve(ectx, ACDC_THRESHOLDS, n_random=10, progress=False)
+    points = []
+    for threshold, circuit, point in zip(sorted(ACDC_THRESHOLDS, reverse=True), circuits, curve.points):
+        row = {"threshold": threshold, "edges": len(circuit.edges), "heads": len(circuit.heads),
+               "faithfulness": round(circuit.faithfulness, 4), "random_mean": round(point.random_mean, 4)}
+        if known:
+            found = set(circuit.edges) & set(known)
+            row.update(precision=len(found) / max(len(circuit.edges), 1), recall=len(found) / len(known))
+        points.append(row)
+    out["acdc"] = {"cpr": round(curve.cpr, 4), "cmd": round(curve.cmd, 4), "seconds": round(time.perf_counter() - t0, 1), "points": points}
+    print(f"[{label}] acdc: {out['acdc']}", flush=True)
     return out
 
 
@@ -133,6 +147,13 @@ def markdown(results: dict) -> str:
                          f"{r['random_cpr']:.3f} / {r['random_cmd']:.3f} | {r.get('spearman_vs_exact', '')} | "
                          f"{r['smallest_edges']} edges, {r['smallest_heads']} heads, {r['smallest_faithfulness']:.3f} (random edges {r['random_edges_mean']}) | "
                          f"{', '.join(r['core_heads'])} ({r['core_faithfulness']:.3f}; {r['random_core_mean']} / {r['random_core_max']}) | {known} |")
+    lines += ["\n## ACDC (exact greedy pass, one evaluation per edge in sequence)\n",
+              "| task | CPR ↑ | CMD ↓ | threshold: edges, heads, faithfulness (random same-size mean) | time |", "|---|---|---|---|---|"]
+    for q in results["quality"]:
+        a = q["acdc"]
+        pts = "; ".join(f"{p['threshold']}: {p['edges']} edges, {p['heads']} heads, {p['faithfulness']:.3f} ({p['random_mean']:.3f})"
+                        + (f", P/R {p['precision']:.2f}/{p['recall']:.2f}" if "precision" in p else "") for p in a["points"])
+        lines.append(f"| {q['task']} | {a['cpr']:.3f} | {a['cmd']:.3f} | {pts} | {a['seconds']} s |")
     lines += ["\nTimings (s): " + "; ".join(f"{q['task']} {m}: score {r['score_s']}, curve {r['curve_s']} ({r['curve_points']} sizes), "
                                             f"smallest {r['smallest_s']}" for q in results["quality"] for m, r in q["methods"].items())]
     lines += ["Single-edge exact patching (s): " + "; ".join(f"{q['task']}: {q['single_edges_s']}" for q in results["quality"] if "single_edges_s" in q)]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -192,7 +193,11 @@ class Graph:
     def sender_slots_before(self, r: int) -> int:
         """How many senders (in order) can reach receiver ``r``'s layer: the forward pass has computed them when
         the receiver's input is read."""
-        return int(self.allowed[:, r].nonzero().max()) + 1 if self.allowed[:, r].any() else 0
+        return self._slots_before[r]
+
+    @cached_property
+    def _slots_before(self) -> list[int]:
+        return [int(col.nonzero().max()) + 1 if col.any() else 0 for col in self.allowed.T]
 
 
 def _reaches(s: Node, r: Receiver, parallel: bool) -> bool:
@@ -296,7 +301,7 @@ class _EdgeRun:
     def __init__(self, ectx: EdgeContext, absent: Bool[Tensor, "variant sender receiver"]):
         self.ectx, self.n_var = ectx, absent.shape[0]
         batch, pos, n_send, d = ectx.corrupted_outputs.shape
-        self.absent = absent.to(ectx.corrupted_outputs.dtype)
+        self.absent = absent.to(device=ectx.corrupted_outputs.device, dtype=ectx.corrupted_outputs.dtype)
         self.delta = ectx.corrupted_outputs.new_zeros(self.n_var, n_send, batch, pos, d)
         self.delta[:, 0] = ectx.clean_outputs[:, :, 0] - ectx.corrupted_outputs[:, :, 0]  # the input: always clean
         self.corrupted = ectx.corrupted_outputs.permute(2, 0, 1, 3)  # [sender, batch, pos, d_model]

@@ -207,6 +207,17 @@ def lines(values, x, title: str, x_label: str, y_label: str, names: list[str] | 
     return fig
 
 
+def curves(series: dict[str, tuple[list[float], list[float]]], title: str, x_label: str, y_label: str, log_x: bool = True) -> go.Figure:
+    """One line per named ``(x, y)`` series, each at its own x (e.g. faithfulness over the fraction of edges kept)."""
+    fig = go.Figure()
+    for name, (x, y) in series.items():
+        fig.add_trace(go.Scatter(x=list(x), y=list(y), mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white")
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig
+
+
 def distribution(values, marker: float, title: str, x_label: str, marker_label: str) -> go.Figure:
     """The spread of ``values`` (a box with every point shown) and one ``marker`` value as a labelled line,
     e.g. random control circuits' faithfulness against the circuit's own."""

@@ -60,6 +60,7 @@ fractions = None  # circuit sizes on the curve (fractions of all edges); default
 n_random = 10  # random circuits per size (same number of edges) and per head count
 target = 0.8  # faithfulness the smallest circuit must reach
 max_single_edges = 5000  # exact single-edge patching (to check the scores) only for graphs with at most this many edges
+acdc_thresholds = []  # e.g. [0.003, 0.01, 0.03]: ACDC's greedy exact pass at each (one evaluation per edge, in sequence: small models)
 memory_mb = 1024  # memory for one batched evaluation (variants per chunk follow from it)
 seed = 0  # seed of the random controls
 
@@ -156,20 +157,22 @@ elif not not_supported:
 # |1 − faithfulness| (lower is better), both over the fraction of edges kept.
 #
 # **How to interpret.** A method that finds the circuit climbs to 1 at a small fraction; the random curve stays
-# near 0 until most edges are in.
+# near 0 until most edges are in. With `acdc_thresholds`, ACDC's exact greedy pass (Conmy et al. 2023) adds one
+# point per threshold: the reference the gradient methods approximate, at one forward pass per edge.
 
 # %%
-curves = {}
+curves, acdc_circuits = {}, []
 if not not_supported:
     sizes = tuple(fractions) if fractions else discovery.DEFAULT_FRACTIONS
     curves = {m: discovery.faithfulness_curve(ectx, scores[m], m, sizes, n_random, seed, memory_mb) for m in methods}
-    display(pd.DataFrame({m: {"CPR (higher is better)": c.cpr, "CMD (lower is better)": c.cmd} for m, c in curves.items()}
-                         | {"random": {"CPR (higher is better)": curves[methods[0]].random_cpr,
-                                       "CMD (lower is better)": curves[methods[0]].random_cmd}}).round(3))
+    if acdc_thresholds:
+        curves["acdc"], acdc_circuits = discovery.acdc_curve(ectx, tuple(acdc_thresholds), n_random, seed, memory_mb)
     first = curves[methods[0]]
-    series = [[p.faithfulness for p in c.points] for c in curves.values()] + [[p.random_mean for p in first.points]]
-    figs.show(plotting.lines(series, [p.k / g.n_edges for p in first.points], "Faithfulness of the top edges, by circuit size",
-                             "fraction of edges selected (before pruning)", "faithfulness", names=[*methods, "random (mean)"]),
+    display(pd.DataFrame({m: {"CPR (higher is better)": c.cpr, "CMD (lower is better)": c.cmd} for m, c in curves.items()}
+                         | {"random": {"CPR (higher is better)": first.random_cpr, "CMD (lower is better)": first.random_cmd}}).round(3))
+    series = {m: ([p.fraction for p in c.points], [p.faithfulness for p in c.points]) for m, c in curves.items()}
+    series["random (mean)"] = ([p.fraction for p in first.points], [p.random_mean for p in first.points])
+    figs.show(plotting.curves(series, "Faithfulness by circuit size", "fraction of edges kept (after pruning; log scale)", "faithfulness"),
               "faithfulness_curves", key=True)
     display(pd.DataFrame([{"method": m, **vars(p)} for m, c in curves.items() for p in c.points]).round(4))
 
@@ -237,6 +240,7 @@ results = {
     "timings": timings,
     "agreement_with_exact": agreement,
     "curves": {m: c.to_json() for m, c in curves.items()},
+    "acdc": [c.to_json() for c in acdc_circuits],
     "smallest": found.to_json() if found else None,
     "figures": figs.saved,
     "key_figures": figs.key,

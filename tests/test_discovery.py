@@ -110,3 +110,17 @@ def test_bad_options_are_refused_with_the_parameter_named(bad, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         D.check_options(**options)
     D.check_options(["eap"], [0.1, 1.0], 0.8, 0, 1)  # good options pass
+
+
+def test_acdc_recovers_the_planted_circuit(planted):
+    found = D.acdc(planted, 0.02, progress=False)
+    assert sorted(found.edges) == sorted(PLANTED_EDGES) and found.faithfulness > 0.95
+
+
+def test_acdc_curve_reports_exact_faithfulness(ioi_ectx):
+    curve, circuits = D.acdc_curve(ioi_ectx, (0.003, 0.03), n_random=2, progress=False)
+    assert [p.n_edges for p in curve.points] == [len(c.edges) for c in circuits]
+    assert curve.points[0].n_edges <= curve.points[1].n_edges  # a larger threshold keeps fewer edges
+    for c in circuits:
+        assert E.evaluate(ioi_ectx, [E.EdgeCircuit(c.edges)])[0] == pytest.approx(c.faithfulness, abs=1e-6)
+        assert abs(1 - c.faithfulness) < 0.5

@@ -244,7 +244,7 @@ def test_circuit_discovery_hands_its_circuit_to_minimal_circuit(head_functions_r
     from helpers.edges import EdgeCircuit
 
     result = runner.run_template("ioi", "circuit_discovery", "toy-ioi", n_prompts=16, threads=2, progress=False,
-                                 extra_parameters={"n_random": 3, "fractions": [0.01, 0.05, 0.2, 1.0]})
+                                 extra_parameters={"n_random": 3, "fractions": [0.01, 0.05, 0.2, 1.0], "acdc_thresholds": [0.1]})
     assert result.status == "ok", result.message
     out = outputs / "ioi" / "toy-ioi"
     assert not executed_errors(out / "circuit_discovery.ipynb")
@@ -254,6 +254,7 @@ def test_circuit_discovery_hands_its_circuit_to_minimal_circuit(head_functions_r
         curve = data["curves"][method]
         assert curve["cpr"] > curve["random_cpr"] and curve["cmd"] < curve["random_cmd"]
         assert data["agreement_with_exact"][method] > 0.5  # Spearman with exact single-edge patching
+    assert len(data["acdc"]) == 1 and data["curves"]["acdc"]["points"][0]["n_edges"] == data["acdc"][0]["n_edges"]
     smallest = data["smallest"]
     assert smallest["reached"] and smallest["circuit"]["faithfulness"] >= 0.8 and smallest["core_heads"]
     circuit = EdgeCircuit.from_json(json.loads((out / "edge_circuit.json").read_text()))
