@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .attribution import decomposition_caveats
 from .attribution_patching import EMBED_HOOK, metric_gradients
-from .interventions import forward_from_layer
+from .interventions import edit_reaches_residual, forward_from_layer, hook_takes_effect
 from .metrics import logit_diff, normalised
 from .patching import NotSupported, variants_per_chunk
 from .path_patching import split_qkv_input
@@ -91,18 +91,14 @@ def unsupported_reason(model) -> str | None:
             pass
     except (NotImplementedError, ValueError) as err:
         return f"edge-level circuits are not supported for this architecture ({arch}): {err}"
-    if getattr(model.cfg, "parallel_attn_mlp", False) and not _mlp_in_fires(model):
-        return (f"edge-level circuits are not supported for this architecture ({arch}): the MLP input fork (hook_mlp_in) "
-                "does not fire in its parallel blocks")
+    with receiver_forks(model):  # probed, not assumed: the MLP-input fork must take effect and feed the MLP only
+        if not hook_takes_effect(model, "blocks.0.hook_mlp_in"):
+            return (f"edge-level circuits are not supported for this architecture ({arch}): the bridge discards edits of "
+                    "the MLP input fork (hook_mlp_in)")
+        if edit_reaches_residual(model, "blocks.0.hook_mlp_in"):
+            return (f"edge-level circuits are not supported for this architecture ({arch}): hook_mlp_in is not a fork here "
+                    "(its edit reaches the residual stream)")
     return None
-
-
-def _mlp_in_fires(model) -> bool:
-    fired = []
-    with receiver_forks(model), torch.no_grad():
-        model.run_with_hooks(torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device),
-                             fwd_hooks=[("blocks.0.hook_mlp_in", lambda act, hook: fired.append(True))])
-    return bool(fired)
 
 
 @contextmanager

@@ -269,8 +269,8 @@ def hook_takes_effect(model, hook: str) -> bool:
 
 
 def edit_reaches_residual(model, hook: str) -> bool:
-    """Whether an edit of a block's mid residual stream (``blocks.L.hook_resid_mid``) reaches the residual stream
-    itself, not only the MLP's input (cached per model and hook).
+    """Whether an edit of ``hook`` in block L (its mid residual stream ``hook_resid_mid``, or the MLP-input fork
+    ``hook_mlp_in``) reaches the residual stream itself, not only the MLP's input (cached per model and hook).
 
     In the TransformerLens 4 bridge the edited tensor goes to the MLP only, and the residual stream goes on with
     the unedited one: patching "resid_mid" there patches the MLP input, and patching all of it does not recover
