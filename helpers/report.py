@@ -275,6 +275,7 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
                 ["DLA, negative", head_list(folder.get("circuit_expms", "dla", "top_negative"))],
                 ["output patching", head_list(folder.get("circuit_expms", "patching", "top_heads", "head_out"))]]
         parts.append(table(["top heads by", "heads (value)"], rows, cls="heads"))
+    parts.append(discovery_table(folder))
     parts.append(neuron_table(folder))
     parts.append(induction_table(folder))
     roles = role_rows(folder)
@@ -302,6 +303,28 @@ def neuron_table(folder: ResultFolder, k: int = TOP_K) -> str:
     return table(["top neurons by", "neurons (value)"],
                  [["neuron DLA", neuron_list(by_dla[:k], "dla")],
                   [f"neuron patching (MLP layers {', '.join(map(str, layers))})", neuron_list(by_patching[:k], "patching")]], cls="heads")
+
+
+def discovery_table(folder: ResultFolder) -> str:
+    """The circuit ``circuit_discovery`` found and its curves' areas ('' without its results; a line when the
+    architecture is not supported)."""
+    if "circuit_discovery" not in folder.results:
+        return ""
+    reason = folder.get("circuit_discovery", "not_supported")
+    if reason:
+        return f'<p class="muted"><b>Circuit discovery</b>: {html.escape(reason)}</p>'
+    smallest = folder.get("circuit_discovery", "smallest") or {}
+    circuit = smallest.get("circuit") or {}
+    rows = [[f"{m} curve", f"CPR {c['cpr']:.3f} (random {c['random_cpr']:.3f}), CMD {c['cmd']:.3f} (random {c['random_cmd']:.3f})"]
+            for m, c in (folder.get("circuit_discovery", "curves") or {}).items()]
+    if circuit:
+        random_core = smallest.get("random_core") or []
+        rows += [[f"smallest circuit ({circuit.get('method')})",
+                  f"{circuit.get('n_edges')} edges over {len(circuit.get('heads', []))} heads, faithfulness {circuit.get('faithfulness', float('nan')):.3f}"
+                  f" (target {smallest.get('target')}{'' if smallest.get('reached') else ', NOT reached'})"],
+                 ["core heads", f"{', '.join(smallest.get('core_heads', [])) or '—'}: {smallest.get('core_faithfulness', float('nan')):.3f}"
+                  + (f" (random head sets of that size: {sum(random_core) / len(random_core):.3f})" if random_core else "")]]
+    return "<h3>Circuit discovery</h3>" + table(["edges", "result"], rows, cls="heads") if rows else ""
 
 
 def induction_table(folder: ResultFolder) -> str:

@@ -73,3 +73,17 @@ def test_the_card_lists_the_top_neurons_when_mlp_neurons_ran(tmp_path):
     card = folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {"mlp_neurons": neurons}), tmp_path)
     assert "L3N17 (+0.52)" in card and "L0N5 (-0.21)" in card and "MLP layers 0, 3" in card
     assert "top neurons" not in folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {}), tmp_path)
+
+
+def test_the_card_shows_the_discovered_circuit_or_why_not(tmp_path):
+    from helpers.report import ResultFolder, folder_section
+
+    found = {"not_supported": None, "curves": {"eap-ig": {"cpr": 0.96, "random_cpr": 0.27, "cmd": 0.04, "random_cmd": 0.73}},
+             "smallest": {"circuit": {"method": "eap-ig", "n_edges": 17, "heads": ["L0H0", "L3H2"], "faithfulness": 0.871},
+                          "target": 0.8, "reached": True, "core_heads": ["L3H2"], "core_faithfulness": 0.8, "random_core": [0.0, 0.1]}}
+    card = folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {"circuit_discovery": found}), tmp_path)
+    assert "CPR 0.960 (random 0.270)" in card and "17 edges over 2 heads, faithfulness 0.871" in card
+    assert "L3H2: 0.800 (random head sets of that size: 0.050)" in card
+    refused = folder_section(ResultFolder("ioi", "m", tmp_path, {"circuit_discovery": {"not_supported": "no q/k/v fork"}}), tmp_path)
+    assert "Circuit discovery</b>: no q/k/v fork" in refused
+    assert "Circuit discovery" not in folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {}), tmp_path)
