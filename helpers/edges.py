@@ -92,13 +92,20 @@ def unsupported_reason(model) -> str | None:
     except (NotImplementedError, ValueError) as err:
         return f"edge-level circuits are not supported for this architecture ({arch}): {err}"
     with receiver_forks(model):  # probed, not assumed: the MLP-input fork must take effect and feed the MLP only
-        if not hook_takes_effect(model, "blocks.0.hook_mlp_in"):
+        if not hook_takes_effect(model, "blocks.0.hook_mlp_in") and not _writes_nothing(model.blocks[0].mlp):
             return (f"edge-level circuits are not supported for this architecture ({arch}): the bridge discards edits of "
                     "the MLP input fork (hook_mlp_in)")
         if edit_reaches_residual(model, "blocks.0.hook_mlp_in"):
             return (f"edge-level circuits are not supported for this architecture ({arch}): hook_mlp_in is not a fork here "
                     "(its edit reaches the residual stream)")
     return None
+
+
+def _writes_nothing(mlp) -> bool:
+    """An MLP whose output weights are all zero (a hand-built model): its input cannot matter, so an edit of it
+    that changes nothing is no sign of a discarded edit."""
+    w_out = getattr(mlp, "W_out", None)
+    return w_out is not None and not bool(w_out.detach().any())
 
 
 @contextmanager
