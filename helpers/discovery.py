@@ -136,15 +136,19 @@ def faithfulness_curve(ectx: EdgeContext, scores: Float[Tensor, "sender receiver
     curve = FaithfulnessCurve(method, graph.n_edges)
     for fraction in tqdm(fractions, desc=f"{method} curve", disable=not progress):
         k = max(1, round(fraction * graph.n_edges))
-        mask = top_edges(graph, scores, k)
-        n_kept = int(mask.sum())
-        controls = random_edge_masks(graph, n_kept, n_random, generator)
-        values = evaluate_masks(ectx, torch.cat([mask[None], controls]), memory_mb)
-        heads = {graph.senders[s].name for s in mask.nonzero()[:, 0].tolist() if graph.senders[s].kind == "head"}
-        curve.points.append(CurvePoint(k, n_kept, n_kept / graph.n_edges, len(heads), float(values[0]),
-                                       float(values[1:].mean()) if n_random else float("nan"),
-                                       float(values[1:].max()) if n_random else float("nan")))
+        curve.points.append(_curve_point(ectx, top_edges(graph, scores, k), k, n_random, generator, memory_mb))
     return curve
+
+
+def _curve_point(ectx: EdgeContext, mask: Bool[Tensor, "sender receiver"], k: int, n_random: int,
+                 generator: torch.Generator, memory_mb: float) -> CurvePoint:
+    """The circuit ``mask`` and ``n_random`` random circuits of as many edges, evaluated in one batched call."""
+    graph = ectx.graph
+    n_kept = int(mask.sum())
+    values = evaluate_masks(ectx, torch.cat([mask[None], random_edge_masks(graph, n_kept, n_random, generator)]), memory_mb)
+    heads = {graph.senders[s].name for s in mask.nonzero()[:, 0].tolist() if graph.senders[s].kind == "head"}
+    return CurvePoint(k, n_kept, n_kept / graph.n_edges, len(heads), float(values[0]),
+                      float(values[1:].mean()) if n_random else float("nan"), float(values[1:].max()) if n_random else float("nan"))
 
 
 def circuit_of(graph: Graph, mask: Bool[Tensor, "sender receiver"], scores: Float[Tensor, "sender receiver"] | None,
@@ -389,10 +393,6 @@ def acdc_curve(ectx: EdgeContext, thresholds: tuple[float, ...], n_random: int =
     curve, found = FaithfulnessCurve("acdc", graph.n_edges), []
     for threshold in sorted(thresholds, reverse=True):
         circuit = acdc(ectx, threshold, memory_mb, progress)
-        n_kept = len(circuit.edges)
-        controls = evaluate_masks(ectx, random_edge_masks(graph, n_kept, n_random, generator), memory_mb) if n_random else torch.zeros(0)
-        curve.points.append(CurvePoint(n_kept, n_kept, n_kept / graph.n_edges, len(circuit.heads), circuit.faithfulness,
-                                       float(controls.mean()) if n_random else float("nan"),
-                                       float(controls.max()) if n_random else float("nan")))
+        curve.points.append(_curve_point(ectx, graph.mask_of(circuit.edges), len(circuit.edges), n_random, generator, memory_mb))
         found.append(circuit)
     return curve, found

@@ -199,6 +199,14 @@ class Graph:
         return self._slots_before[r]
 
     @cached_property
+    def receivers_by_hook(self) -> dict[str, list[int]]:
+        """Receiver indices grouped by the bridge fork they are read at, in forward order."""
+        groups: dict[str, list[int]] = {}
+        for r, rec in enumerate(self.receivers):
+            groups.setdefault(rec.hook, []).append(r)
+        return groups
+
+    @cached_property
     def _slots_before(self) -> list[int]:
         return [int(col.nonzero().max()) + 1 if col.any() else 0 for col in self.allowed.T]
 
@@ -364,10 +372,7 @@ def _hooks(run: _EdgeRun) -> list[tuple[str, object]]:
         first = 1 + layer * (n_heads + 1)
         hooks += [(f"blocks.{layer}.attn.hook_z", _Record(run, slice(first, first + n_heads), layer)),
                   (f"blocks.{layer}.hook_mlp_out", _Record(run, slice(first + n_heads, first + n_heads + 1)))]
-    by_hook: dict[str, list[int]] = {}
-    for r, rec in enumerate(graph.receivers):
-        by_hook.setdefault(rec.hook, []).append(r)
-    hooks += [(hook, _Receive(run, rs, graph.receivers[rs[0]].index is not None)) for hook, rs in by_hook.items()]
+    hooks += [(hook, _Receive(run, rs, graph.receivers[rs[0]].index is not None)) for hook, rs in graph.receivers_by_hook.items()]
     return hooks
 
 
@@ -409,9 +414,7 @@ def edge_scores(ectx: EdgeContext, method: str = "eap-ig", steps: int = 5) -> Fl
     if steps < 1:
         raise ValueError(f"steps must be at least 1, not {steps}")
     graph, model = ectx.graph, ectx.model
-    by_hook: dict[str, list[int]] = {}
-    for r, rec in enumerate(graph.receivers):
-        by_hook.setdefault(rec.hook, []).append(r)
+    by_hook = graph.receivers_by_hook
     hooks = list(by_hook)
     with receiver_forks(model):
         if method == "eap":

@@ -256,8 +256,7 @@ def hook_takes_effect(model, hook: str) -> bool:
     """
     verdicts: dict = model.__dict__.setdefault("_circuit_lab_hook_effect", {})
     if hook not in verdicts:
-        bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
-        tokens = torch.tensor([[bos, 5, 7, 9, 11]], device=model.cfg.device) % model.cfg.d_vocab
+        tokens = _probe_tokens(model)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if "_circuit_lab_probe_output" not in model.__dict__:  # the unedited output, computed once per model
@@ -266,6 +265,12 @@ def hook_takes_effect(model, hook: str) -> bool:
                 edited = model(tokens)
         verdicts[hook] = bool((edited - model.__dict__["_circuit_lab_probe_output"]).abs().max() > 1e-6)
     return verdicts[hook]
+
+
+def _probe_tokens(model) -> Tensor:
+    """A short fixed prompt for the probes below: BOS (or id 0) and four other ids."""
+    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
+    return torch.tensor([[bos, 5, 7, 9, 11]], device=model.cfg.device) % model.cfg.d_vocab
 
 
 def edit_reaches_residual(model, hook: str) -> bool:
@@ -278,8 +283,7 @@ def edit_reaches_residual(model, hook: str) -> bool:
     verdicts: dict = model.__dict__.setdefault("_circuit_lab_reaches_residual", {})
     if hook not in verdicts:
         layer = int(hook.split(".")[1])
-        bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
-        tokens = torch.tensor([[bos, 5, 7, 9, 11]], device=model.cfg.device) % model.cfg.d_vocab
+        tokens = _probe_tokens(model)
         names = [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_mlp_out"]
         runs = []
         for hooks in ([], [(hook, lambda act, hook=None: act + 1.0)]):
