@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run all report copy test test-all test-fast bench bench-discovery bench-templates install chromium toy-models sync lint clean-outputs help
+.PHONY: run all report copy test test-all test-fast bench bench-discovery bench-templates install chromium toy-models sync lint clean-outputs format help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
@@ -31,6 +31,7 @@ help:
 	@echo "make bench [DEVICE=cuda]       time our patching sweeps against TransformerLens (bench/results.md)"
 	@echo "make bench-discovery           edge scoring cost and discovery quality: curves, CPR/CMD, planted circuit (bench/discovery.md)"
 	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
+	@echo "make lint                      ruff lint and format check (what CI runs before the tests); make format applies the formatter"
 	@echo "make sync                      re-pair nb_templates/*.py with their .ipynb (jupytext)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -95,6 +96,16 @@ toy-models: $(STAMP)
 sync: $(STAMP)
 	$(PY) -m helpers.badges
 	$(VENV)/bin/jupytext --sync nb_templates/*.py
+
+LINTED := helpers tests bench nb_templates
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)
 
 clean-outputs:
 	rm -rf nb_outputs/*/ nb_outputs/.failed nb_outputs/.staging-* nb_outputs/index.html nb_outputs/runs.json

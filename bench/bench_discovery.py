@@ -49,15 +49,21 @@ def cost(model, label: str, repeats: int, n_random: int = 10) -> dict:
     ectx = E.edge_context(model, clean, corrupted, answers)
     g = ectx.graph
     scores = E.edge_scores(ectx, "eap")
-    masks = torch.cat([D.top_edges(g, scores, g.n_edges // 20)[None], D.random_edge_masks(g, g.n_edges // 20, n_random, torch.Generator().manual_seed(0))])
+    masks = torch.cat(
+        [D.top_edges(g, scores, g.n_edges // 20)[None], D.random_edge_masks(g, g.n_edges // 20, n_random, torch.Generator().manual_seed(0))]
+    )
 
     def forward():
         with torch.no_grad():
             return model(clean)
 
     forward()
-    runs = {"forward": forward, "eap": lambda: E.edge_scores(ectx, "eap"), "eap-ig": lambda: E.edge_scores(ectx, "eap-ig", 5),
-            "curve point": lambda: E.evaluate_masks(ectx, masks)}
+    runs = {
+        "forward": forward,
+        "eap": lambda: E.edge_scores(ectx, "eap"),
+        "eap-ig": lambda: E.edge_scores(ectx, "eap-ig", 5),
+        "curve point": lambda: E.evaluate_masks(ectx, masks),
+    }
     times = {name: statistics.median(timed(fn, "cpu")[1] for _ in range(repeats)) for name, fn in runs.items()}
     row = {"model": label, "edges": g.n_edges, "forward_s": round(times["forward"], 4)}
     for name in ("eap", "eap-ig", "curve point"):
@@ -88,15 +94,25 @@ def quality(label: str, ectx: E.EdgeContext, target: float, single_edges: bool, 
         t0 = time.perf_counter()
         found = D.smallest_circuit(ectx, scores, method, target, n_random=20)
         found_s = time.perf_counter() - t0
-        row = {"cpr": round(curve.cpr, 4), "cmd": round(curve.cmd, 4), "random_cpr": round(curve.random_cpr, 4),
-               "random_cmd": round(curve.random_cmd, 4), "score_s": round(score_s, 3), "curve_s": round(curve_s, 2),
-               "curve_points": len(curve.points), "smallest_s": round(found_s, 2), "smallest": found.message(),
-               "smallest_edges": len(found.circuit.edges), "smallest_heads": len(found.circuit.heads),
-               "smallest_faithfulness": round(found.circuit.faithfulness, 4),
-               "random_edges_mean": round(statistics.mean(found.random_edges), 4) if found.random_edges else None,
-               "core_heads": found.core_heads, "core_faithfulness": round(found.core_faithfulness, 4),
-               "random_core_mean": round(statistics.mean(found.random_core), 4) if found.random_core else None,
-               "random_core_max": round(max(found.random_core), 4) if found.random_core else None}
+        row = {
+            "cpr": round(curve.cpr, 4),
+            "cmd": round(curve.cmd, 4),
+            "random_cpr": round(curve.random_cpr, 4),
+            "random_cmd": round(curve.random_cmd, 4),
+            "score_s": round(score_s, 3),
+            "curve_s": round(curve_s, 2),
+            "curve_points": len(curve.points),
+            "smallest_s": round(found_s, 2),
+            "smallest": found.message(),
+            "smallest_edges": len(found.circuit.edges),
+            "smallest_heads": len(found.circuit.heads),
+            "smallest_faithfulness": round(found.circuit.faithfulness, 4),
+            "random_edges_mean": round(statistics.mean(found.random_edges), 4) if found.random_edges else None,
+            "core_heads": found.core_heads,
+            "core_faithfulness": round(found.core_faithfulness, 4),
+            "random_core_mean": round(statistics.mean(found.random_core), 4) if found.random_core else None,
+            "random_core_max": round(max(found.random_core), 4) if found.random_core else None,
+        }
         if exact is not None:
             row["spearman_vs_exact"] = round(float(spearmanr(exact[index[:, 0], index[:, 1]], scores[index[:, 0], index[:, 1]])[0]), 4)
         if known:
@@ -114,8 +130,13 @@ def quality(label: str, ectx: E.EdgeContext, target: float, single_edges: bool, 
     curve, circuits = D.acdc_curve(ectx, ACDC_THRESHOLDS, n_random=10, progress=False)
     points = []
     for threshold, circuit, point in zip(sorted(ACDC_THRESHOLDS, reverse=True), circuits, curve.points):
-        row = {"threshold": threshold, "edges": len(circuit.edges), "heads": len(circuit.heads),
-               "faithfulness": round(circuit.faithfulness, 4), "random_mean": round(point.random_mean, 4)}
+        row = {
+            "threshold": threshold,
+            "edges": len(circuit.edges),
+            "heads": len(circuit.heads),
+            "faithfulness": round(circuit.faithfulness, 4),
+            "random_mean": round(point.random_mean, 4),
+        }
         if known:
             found = set(circuit.edges) & set(known)
             row.update(precision=len(found) / max(len(circuit.edges), 1), recall=len(found) / len(known))
@@ -126,37 +147,61 @@ def quality(label: str, ectx: E.EdgeContext, target: float, single_edges: bool, 
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Circuit discovery benchmark\n\n{results['machine']}; torch {results['torch']}, {results['threads']} threads.\n",
-             "## Cost (batch 8 × 20 tokens, random weights)\n",
-             "Forward-pass equivalents: time over one plain no-grad forward of the same batch (medians). A curve point is "
-             "one batched exact evaluation of the circuit and 10 random circuits.\n",
-             "| model | edges | forward | EAP | EAP-IG (5 steps) | curve point (11 circuits) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Circuit discovery benchmark\n\n{results['machine']}; torch {results['torch']}, {results['threads']} threads.\n",
+        "## Cost (batch 8 × 20 tokens, random weights)\n",
+        "Forward-pass equivalents: time over one plain no-grad forward of the same batch (medians). A curve point is "
+        "one batched exact evaluation of the circuit and 10 random circuits.\n",
+        "| model | edges | forward | EAP | EAP-IG (5 steps) | curve point (11 circuits) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results["cost"]:
-        lines.append(f"| {r['model']} | {r['edges']} | {r['forward_s']:.3f} s | {r['eap_s']:.2f} s = {r['eap_forward_equivalents']} | "
-                     f"{r['eap-ig_s']:.2f} s = {r['eap-ig_forward_equivalents']} | {r['curve point_s']:.2f} s = "
-                     f"{r['curve point_forward_equivalents']} |")
-    lines += ["\n## Quality on the bundled models (target faithfulness 0.8)\n",
-              "| task | method | CPR ↑ | CMD ↓ | random CPR / CMD | Spearman vs exact | smallest circuit | core heads (faithfulness; random same-size mean / max) | known circuit: precision / recall / AUC |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} | {r['edges']} | {r['forward_s']:.3f} s | {r['eap_s']:.2f} s = {r['eap_forward_equivalents']} | "
+            f"{r['eap-ig_s']:.2f} s = {r['eap-ig_forward_equivalents']} | {r['curve point_s']:.2f} s = "
+            f"{r['curve point_forward_equivalents']} |"
+        )
+    lines += [
+        "\n## Quality on the bundled models (target faithfulness 0.8)\n",
+        "| task | method | CPR ↑ | CMD ↓ | random CPR / CMD | Spearman vs exact | smallest circuit | core heads (faithfulness; random same-size mean / max) | known circuit: precision / recall / AUC |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for q in results["quality"]:
         for m, r in q["methods"].items():
             known = f"{r['precision']:.2f} / {r['recall']:.2f} / {r['auc']:.3f}" if "precision" in r else ""
             if "k_composition_in_circuit" in r:
                 known = f"K-composition edges in the circuit: {', '.join(r['k_composition_in_circuit']) or 'none'} (ranks {r['k_composition_ranks']})"
-            lines.append(f"| {q['task']} ({q['edges']} edges, {q['heads']} heads) | {m} | {r['cpr']:.3f} | {r['cmd']:.3f} | "
-                         f"{r['random_cpr']:.3f} / {r['random_cmd']:.3f} | {r.get('spearman_vs_exact', '')} | "
-                         f"{r['smallest_edges']} edges, {r['smallest_heads']} heads, {r['smallest_faithfulness']:.3f} (random edges {r['random_edges_mean']}) | "
-                         f"{', '.join(r['core_heads'])} ({r['core_faithfulness']:.3f}; {r['random_core_mean']} / {r['random_core_max']}) | {known} |")
-    lines += ["\n## ACDC (exact greedy pass, one evaluation per edge in sequence)\n",
-              "| task | CPR ↑ | CMD ↓ | threshold: edges, heads, faithfulness (random same-size mean) | time |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {q['task']} ({q['edges']} edges, {q['heads']} heads) | {m} | {r['cpr']:.3f} | {r['cmd']:.3f} | "
+                f"{r['random_cpr']:.3f} / {r['random_cmd']:.3f} | {r.get('spearman_vs_exact', '')} | "
+                f"{r['smallest_edges']} edges, {r['smallest_heads']} heads, {r['smallest_faithfulness']:.3f} (random edges {r['random_edges_mean']}) | "
+                f"{', '.join(r['core_heads'])} ({r['core_faithfulness']:.3f}; {r['random_core_mean']} / {r['random_core_max']}) | {known} |"
+            )
+    lines += [
+        "\n## ACDC (exact greedy pass, one evaluation per edge in sequence)\n",
+        "| task | CPR ↑ | CMD ↓ | threshold: edges, heads, faithfulness (random same-size mean) | time |",
+        "|---|---|---|---|---|",
+    ]
     for q in results["quality"]:
         a = q["acdc"]
-        pts = "; ".join(f"{p['threshold']}: {p['edges']} edges, {p['heads']} heads, {p['faithfulness']:.3f} ({p['random_mean']:.3f})"
-                        + (f", P/R {p['precision']:.2f}/{p['recall']:.2f}" if "precision" in p else "") for p in a["points"])
+        pts = "; ".join(
+            f"{p['threshold']}: {p['edges']} edges, {p['heads']} heads, {p['faithfulness']:.3f} ({p['random_mean']:.3f})"
+            + (f", P/R {p['precision']:.2f}/{p['recall']:.2f}" if "precision" in p else "")
+            for p in a["points"]
+        )
         lines.append(f"| {q['task']} | {a['cpr']:.3f} | {a['cmd']:.3f} | {pts} | {a['seconds']} s |")
-    lines += ["\nTimings (s): " + "; ".join(f"{q['task']} {m}: score {r['score_s']}, curve {r['curve_s']} ({r['curve_points']} sizes), "
-                                            f"smallest {r['smallest_s']}" for q in results["quality"] for m, r in q["methods"].items())]
-    lines += ["Single-edge exact patching (s): " + "; ".join(f"{q['task']}: {q['single_edges_s']}" for q in results["quality"] if "single_edges_s" in q)]
+    lines += [
+        "\nTimings (s): "
+        + "; ".join(
+            f"{q['task']} {m}: score {r['score_s']}, curve {r['curve_s']} ({r['curve_points']} sizes), smallest {r['smallest_s']}"
+            for q in results["quality"]
+            for m, r in q["methods"].items()
+        )
+    ]
+    lines += [
+        "Single-edge exact patching (s): "
+        + "; ".join(f"{q['task']}: {q['single_edges_s']}" for q in results["quality"] if "single_edges_s" in q)
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +213,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE, help="folder for discovery.json and discovery.md")
     args = parser.parse_args()
     set_threads(args.threads)
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                     "torch": torch.__version__, "threads": args.threads, "cost": [], "quality": []}
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cost": [],
+        "quality": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if not args.quick:
             for label, build in RANDOM_MODELS.items():
@@ -187,7 +237,9 @@ def main() -> None:
         results["quality"].append(quality("toy-induction / induction (32 prompts)", ectx, 0.8, True))
         from transformers import AutoTokenizer
 
-        planted = load_model(str(build_planted_model(AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi"), Path(tmp) / "planted")), device="cpu")
+        planted = load_model(
+            str(build_planted_model(AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi"), Path(tmp) / "planted")), device="cpu"
+        )
         ectx = E.edge_context(planted, *planted_task(planted, batch=32))
         results["quality"].append(quality("planted / word two back (32 prompts)", ectx, 0.95, True, list(PLANTED_EDGES)))
     write_outputs(args.out, "discovery", results, markdown(results))

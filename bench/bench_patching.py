@@ -116,8 +116,17 @@ def random_llama_small(folder: Path, device: str):
     from helpers.families import build_family_model
 
     tok = AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi")
-    build_family_model("llama", tok, folder, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                       intermediate_size=2048, max_position_embeddings=1024)
+    build_family_model(
+        "llama",
+        tok,
+        folder,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        max_position_embeddings=1024,
+    )
     return load_model(str(folder), device=device)
 
 
@@ -164,25 +173,38 @@ def bench_sweeps(model, label: str, sweeps: list[str], repeats: int, max_cells: 
         n_repeats = repeats if shape.numel() <= HEAVY_CELLS else 1
         tl_times, our_times, tl_mem, our_mem = [], [], [], []
         for r in range(n_repeats):
-            for who in (["tl", "ours"] if r % 2 == 0 else ["ours", "tl"]):
+            for who in ["tl", "ours"] if r % 2 == 0 else ["ours", "tl"]:
                 if who == "ours":
-                    ours, s, mb = timed(lambda: P.sweep(ctx, name, progress=False), device)
+                    ours, s, mb = timed(lambda name=name: P.sweep(ctx, name, progress=False), device)
                     our_times.append(s), our_mem.append(mb)
                 else:
-                    (ref, cells), s, mb = timed(lambda: tl_sweep(ctx, name, shape, max_cells), device)
+                    (ref, cells), s, mb = timed(lambda name=name, shape=shape: tl_sweep(ctx, name, shape, max_cells), device)
                     tl_times.append(s), tl_mem.append(mb)
         n_cells = ours.numel()
         scale = 1.0 if cells is None else n_cells / len(cells)
         diff = (ours.cpu() - ref.cpu()).abs().max() if cells is None else (ours.cpu()[tuple(cells.T)] - ref.cpu()).abs().max()
         tl_med, our_med = statistics.median(tl_times) * scale, statistics.median(our_times)
-        rows.append({
-            "model": label, "sweep": name, "cells": n_cells, "tl_cells_timed": n_cells if cells is None else len(cells),
-            "tl_extrapolated": cells is not None, "repeats": n_repeats,
-            "tl_median_s": round(tl_med, 4), "ours_median_s": round(our_med, 4), "speedup": round(tl_med / our_med, 2),
-            "tl_peak_mb": round(max(tl_mem), 1), "ours_peak_mb": round(max(our_mem), 1), "max_abs_diff": float(diff),
-        })
-        print(f"[{label}] {name}: TL {tl_med:.2f}s{' (extrapolated)' if cells is not None else ''}, ours {our_med:.3f}s, "
-              f"{tl_med / our_med:.1f}x, max|diff| {float(diff):.1e}", flush=True)
+        rows.append(
+            {
+                "model": label,
+                "sweep": name,
+                "cells": n_cells,
+                "tl_cells_timed": n_cells if cells is None else len(cells),
+                "tl_extrapolated": cells is not None,
+                "repeats": n_repeats,
+                "tl_median_s": round(tl_med, 4),
+                "ours_median_s": round(our_med, 4),
+                "speedup": round(tl_med / our_med, 2),
+                "tl_peak_mb": round(max(tl_mem), 1),
+                "ours_peak_mb": round(max(our_mem), 1),
+                "max_abs_diff": float(diff),
+            }
+        )
+        print(
+            f"[{label}] {name}: TL {tl_med:.2f}s{' (extrapolated)' if cells is not None else ''}, ours {our_med:.3f}s, "
+            f"{tl_med / our_med:.1f}x, max|diff| {float(diff):.1e}",
+            flush=True,
+        )
     return rows
 
 
@@ -238,15 +260,30 @@ def markdown(results: dict) -> str:
     for r in results["sweeps"]:
         tl = f"{r['tl_median_s']:.2f}" + (f" (from {r['tl_cells_timed']} cells)" if r["tl_extrapolated"] else "")
         peaks = ["—" if r.get(k) is None else f"{r[k]:.0f}" for k in ("tl_peak_mb", "ours_peak_mb")]
-        lines.append(f"| {r['model']} | {r['sweep']} | {r['cells']} | {tl} | {r['ours_median_s']:.3f} | **{r['speedup']:.1f}×** | "
-                     f"{peaks[0]} | {peaks[1]} | {r['max_abs_diff']:.1e} |")
-    lines += ["", "## Attribution patching (all heads × positions)", "",
-              "| model | attribution s | one forward s | forward equivalents |", "|---|---|---|---|"]
-    lines += [f"| {a['model']} | {a['attribution_s']:.3f} | {a['forward_s']:.4f} | {a['forward_equivalents']:.2f} |" for a in results["attribution"]]
+        lines.append(
+            f"| {r['model']} | {r['sweep']} | {r['cells']} | {tl} | {r['ours_median_s']:.3f} | **{r['speedup']:.1f}×** | "
+            f"{peaks[0]} | {peaks[1]} | {r['max_abs_diff']:.1e} |"
+        )
+    lines += [
+        "",
+        "## Attribution patching (all heads × positions)",
+        "",
+        "| model | attribution s | one forward s | forward equivalents |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {a['model']} | {a['attribution_s']:.3f} | {a['forward_s']:.4f} | {a['forward_equivalents']:.2f} |"
+        for a in results["attribution"]
+    ]
     agree = results.get("agreement")
     if agree:
-        lines += ["", f"Spearman against exact patching, toy-ioi on `ioi` ({agree['n_prompts']} prompts; EAP-IG with {agree['ig_steps']} steps):", "",
-                  "| estimate | " + " | ".join(agree["attribution"]) + " |", "|---|" + "---|" * len(agree["attribution"])]
+        lines += [
+            "",
+            f"Spearman against exact patching, toy-ioi on `ioi` ({agree['n_prompts']} prompts; EAP-IG with {agree['ig_steps']} steps):",
+            "",
+            "| estimate | " + " | ".join(agree["attribution"]) + " |",
+            "|---|" + "---|" * len(agree["attribution"]),
+        ]
         lines += [f"| {k} | " + " | ".join(f"{v:.3f}" for v in agree[k].values()) + " |" for k in ("attribution", "eap_ig")]
     return "\n".join(lines) + "\n"
 
@@ -264,8 +301,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--n-pos", type=int, default=20)
     parser.add_argument("--tl-max-cells", type=int, default=100, help="time TL on at most this many cells per sweep")
-    parser.add_argument("--sweeps", nargs="+", choices=sorted(P.SWEEPS),
-                        help=f"default: all on toy-ioi, {LARGE_MODEL_SWEEPS} on gpt2-small-random")
+    parser.add_argument(
+        "--sweeps", nargs="+", choices=sorted(P.SWEEPS), help=f"default: all on toy-ioi, {LARGE_MODEL_SWEEPS} on gpt2-small-random"
+    )
     parser.add_argument("--models", nargs="+", default=["gpt2-small-random", "llama-small-random", "toy-ioi"])
     parser.add_argument("--quick", action="store_true", help="toy-ioi, two sweeps, one repeat: checks the script runs")
     parser.add_argument("--out", type=Path, default=HERE)
@@ -277,13 +315,19 @@ def main() -> None:
         args.models, args.sweeps, args.repeats, args.tl_max_cells = ["toy-ioi"], QUICK_SWEEPS, 1, 40
     set_threads(args.threads)
 
-
     results = {
-        "environment": {"device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
-                        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "transformer_lens": version("transformer-lens"), "batch": args.batch,
-                        "n_pos": args.n_pos, "repeats": args.repeats, "tl_max_cells": args.tl_max_cells},
-        "sweeps": [], "attribution": [],
+        "environment": {
+            "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformer_lens": version("transformer-lens"),
+            "batch": args.batch,
+            "n_pos": args.n_pos,
+            "repeats": args.repeats,
+            "tl_max_cells": args.tl_max_cells,
+        },
+        "sweeps": [],
+        "attribution": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.models:

@@ -76,19 +76,36 @@ def main() -> None:
             with KernelPeak() as peak:
                 report = batch.run_batch(["ioi"], models=[str(model_dir)], templates=[template], options=options)
             result = next(r for r in report.results if r.template == template)
-            rows.append({"template": template, "status": result.status, "wall_s": round(result.seconds, 1),
-                         "peak_kernel_rss_mb": round(peak.peak), "message": result.message})
+            rows.append(
+                {
+                    "template": template,
+                    "status": result.status,
+                    "wall_s": round(result.seconds, 1),
+                    "peak_kernel_rss_mb": round(peak.peak),
+                    "message": result.message,
+                }
+            )
             print(rows[-1], flush=True)
             write(args, rows)  # after each template, so a stopped run keeps what it measured
 
 
 def write(args, rows: list[dict]) -> None:
-    out = {"model": "gpt2-small architecture (random weights), GPT-2 tokenizer", "n_prompts": args.n_prompts,
-           "threads": args.threads, "torch": torch.__version__, "rows": rows}
+    out = {
+        "model": "gpt2-small architecture (random weights), GPT-2 tokenizer",
+        "n_prompts": args.n_prompts,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "templates.json").write_text(json.dumps(out, indent=1))
-    lines = [f"Templates end to end on a gpt2-small-architecture model with GPT-2's tokenizer, task ioi, "
-             f"{args.n_prompts} prompts, {args.threads} CPU threads:", "", "| template | status | wall-clock s | peak kernel RSS MB |", "|---|---|---|---|"]
+    lines = [
+        f"Templates end to end on a gpt2-small-architecture model with GPT-2's tokenizer, task ioi, "
+        f"{args.n_prompts} prompts, {args.threads} CPU threads:",
+        "",
+        "| template | status | wall-clock s | peak kernel RSS MB |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['template']} | {r['status']} | {r['wall_s']} | {r['peak_kernel_rss_mb']} |" for r in rows]
     (args.out / "templates.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

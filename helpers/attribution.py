@@ -21,8 +21,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
-DLA_HOOK_SUFFIXES = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                     "hook_attn_out", "hook_mlp_out", "hook_z", "hook_pattern", "hook_scale")
+DLA_HOOK_SUFFIXES = (
+    "hook_embed",
+    "hook_pos_embed",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_z",
+    "hook_pattern",
+    "hook_scale",
+)
 
 
 def dla_hook_filter(name: str) -> bool:
@@ -47,11 +57,15 @@ def decomposition_caveats(model) -> dict[str, str]:
     caveats: dict[str, str] = {}
     cap = getattr(model.cfg, "output_logits_soft_cap", 0) or 0
     if cap > 0:
-        caveats["layers"] = (f"final logits are soft-capped (tanh, cap {cap}): the logit difference is not linear in the residual "
-                             "stream, so component contributions only approximate it")
+        caveats["layers"] = (
+            f"final logits are soft-capped (tanh, cap {cap}): the logit difference is not linear in the residual "
+            "stream, so component contributions only approximate it"
+        )
     if any(".ln1_post." in name for name in model.hook_dict):
-        caveats["heads"] = ("a norm follows the attention output (post-attention norm): per-head contributions are taken before it "
-                            "and do not add up to the attention output")
+        caveats["heads"] = (
+            "a norm follows the attention output (post-attention norm): per-head contributions are taken before it "
+            "and do not add up to the attention output"
+        )
     return caveats
 
 
@@ -61,7 +75,7 @@ def logit_diff_direction(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[
     return directions[:, 0] - directions[:, 1]
 
 
-def unembed_bias_diff(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch"]:
+def unembed_bias_diff(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, batch]:
     """``b_U[correct] - b_U[incorrect]``: the part of the logit difference no component writes."""
     b_U = model.b_U
     return b_U[answer_tokens[:, 0]] - b_U[answer_tokens[:, 1]]
@@ -97,9 +111,15 @@ def logit_lens_vocabulary(model, cache: ActivationCache, answer_tokens: Int[Tens
         top = layer_logits.argmax(-1)
         ids, counts = top.unique(return_counts=True)
         common = ids[counts.argsort(descending=True)][:k]
-        rows.append({"after": label, "rank correct": float(ranks[:, 0].mean()), "rank incorrect": float(ranks[:, 1].mean()),
-                     "correct is top": float((ranks[:, 0] == 0).float().mean()),
-                     "most frequent top tokens": [model.tokenizer.decode([int(t)]) for t in common]})
+        rows.append(
+            {
+                "after": label,
+                "rank correct": float(ranks[:, 0].mean()),
+                "rank incorrect": float(ranks[:, 1].mean()),
+                "correct is top": float((ranks[:, 0] == 0).float().mean()),
+                "most frequent top tokens": [model.tokenizer.decode([int(t)]) for t in common],
+            }
+        )
     return rows
 
 

@@ -42,9 +42,12 @@ class Attribution:
 
 
 def metric_gradients(
-    model, tokens: Int[Tensor, "batch pos"], answer_tokens: Int[Tensor, "batch 2"], hook_names: list[str],
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    answer_tokens: Int[Tensor, "batch 2"],
+    hook_names: list[str],
     embed_path: tuple[Tensor, int] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, "batch"]]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, batch]]:
     """One forward of ``tokens`` with gradients and one backward: (d mean logit diff / d activation, activations,
     logit diffs). Attribution patching calls it on the corrupted run; edge attribution on the clean run.
 
@@ -123,9 +126,7 @@ def attribution_patch(
         corr_ld = lds.mean().item()
     scale = 1.0 / (clean_ld - corr_ld)  # d normalised / d logit diff
     values = {
-        name: torch.stack(
-            [reduce_to_layout(specs[name], (clean_cache[h] - corr_acts[h]) * grads[h]) * scale for h in hooks]
-        ).cpu()
+        name: torch.stack([reduce_to_layout(specs[name], (clean_cache[h] - corr_acts[h]) * grads[h]) * scale for h in hooks]).cpu()
         for name, hooks in per_sweep.items()
     }
     return Attribution(values, clean_ld, corr_ld)

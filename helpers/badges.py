@@ -54,8 +54,10 @@ def readme_text(readme: Path, templates: list[str], repo: str) -> str:
     for template in templates:
         rows = [i for i, line in enumerate(lines) if line.startswith(f"| `{template}` |")]
         if not rows:
-            raise ValueError(f"{readme}: the template table has no row for `{template}`: add "
-                             f"'| `{template}` | what it does | badge |' (the badge is filled in by `make sync`)")
+            raise ValueError(
+                f"{readme}: the template table has no row for `{template}`: add "
+                f"'| `{template}` | what it does | badge |' (the badge is filled in by `make sync`)"
+            )
         for i in rows:
             cells = lines[i].rstrip("\n").rstrip().rstrip("|").split(" | ")
             lines[i] = " | ".join(cells[:-1] + [badge(template, repo)]) + " |\n"

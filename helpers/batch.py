@@ -79,6 +79,7 @@ class RunOptions:
 
 # ---------------------------------------------------------------- plan
 
+
 def template_reads(template: str) -> list[str]:
     """Templates whose JSON ``template`` reads: the string arguments of its ``load_results(...)`` calls."""
     tree = ast.parse((runner.templates_dir() / f"{template}.py").read_text())
@@ -103,8 +104,9 @@ def template_order(templates: list[str] | None = None) -> list[tuple[str, list[s
         graph[name] = template_reads(name)
         missing = [t for t in graph[name] if t not in available]
         if missing:
-            raise PlanError(f"{runner.templates_dir() / (name + '.py')}: load_results reads {missing}, which is not a template "
-                            f"(available: {available})")
+            raise PlanError(
+                f"{runner.templates_dir() / (name + '.py')}: load_results reads {missing}, which is not a template (available: {available})"
+            )
         wanted += graph[name]
     try:
         order = list(TopologicalSorter(graph).static_order())
@@ -120,8 +122,13 @@ def params_files(tasks: list[str] | None = None, params_dir: Path | None = None)
     return sorted(Path(params_dir or PARAMS_DIR).glob("*.yaml"))
 
 
-def plan_runs(tasks: list[str] | None = None, models: list[str] | None = None, templates: list[str] | None = None,
-              params_dir: Path | None = None, n_prompts: int | None = None) -> tuple[list[RunSpec], list[runner.RunResult]]:
+def plan_runs(
+    tasks: list[str] | None = None,
+    models: list[str] | None = None,
+    templates: list[str] | None = None,
+    params_dir: Path | None = None,
+    n_prompts: int | None = None,
+) -> tuple[list[RunSpec], list[runner.RunResult]]:
     """Runs in dependency order, and one bad-input result per params file (or params × model) that cannot run.
 
     Each params file is validated, and its prompts built with each model's tokenizer, before anything runs, so a
@@ -139,8 +146,17 @@ def plan_runs(tasks: list[str] | None = None, models: list[str] | None = None, t
                 rejected.append(runner.RunResult(path.stem, model or "?", what, "bad-input", 0.0, None, str(err)))
                 continue
             except Exception as err:  # an unforeseen failure of a check: one bad-input row, the batch goes on
-                rejected.append(runner.RunResult(path.stem, model or "?", "(params)", "bad-input", 0.0, None,
-                                                 f"{path}: could not check it ({type(err).__name__}: {err}); please report this"))
+                rejected.append(
+                    runner.RunResult(
+                        path.stem,
+                        model or "?",
+                        "(params)",
+                        "bad-input",
+                        0.0,
+                        None,
+                        f"{path}: could not check it ({type(err).__name__}: {err}); please report this",
+                    )
+                )
                 continue
             for t, reads in order:
                 spec = RunSpec(params.task, str(path), params.model, t, tuple(reads), scopes[t])
@@ -155,6 +171,7 @@ def plan_runs(tasks: list[str] | None = None, models: list[str] | None = None, t
 
 
 # ---------------------------------------------------------------- fingerprints
+
 
 def files_digest(paths: list[Path]) -> str:
     """SHA-256 over the relative names and bytes of ``paths`` (files, or folders taken recursively)."""
@@ -184,9 +201,14 @@ def fingerprints(runs: list[RunSpec], options: RunOptions) -> dict[str, str]:
     params = {f: files_digest([Path(f)]) for f in {r.params_file for r in runs}}
     result: dict[str, str] = {}
     for r in runs:
-        parts = {"template": templates[r.template], "params": params[r.params_file],
-                 "model": models[r.model], "code": code, "options": options.fingerprint_fields(),
-                 "reads": [result[k] for k in r.upstream_keys()]}
+        parts = {
+            "template": templates[r.template],
+            "params": params[r.params_file],
+            "model": models[r.model],
+            "code": code,
+            "options": options.fingerprint_fields(),
+            "reads": [result[k] for k in r.upstream_keys()],
+        }
         result[r.key] = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return result
 
@@ -206,22 +228,37 @@ def is_up_to_date(run: RunSpec, fingerprint: str) -> bool:
 def write_stamp(run: RunSpec, fingerprint: str, result: runner.RunResult) -> None:
     stamp = stamp_path(run)
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": fingerprint, "seconds": round(result.seconds, 1), "finished": time.time(),
-                                 "params_file": run.params_file}, indent=1))
+    stamp.write_text(
+        json.dumps(
+            {"fingerprint": fingerprint, "seconds": round(result.seconds, 1), "finished": time.time(), "params_file": run.params_file},
+            indent=1,
+        )
+    )
 
 
 # ---------------------------------------------------------------- execution
+
 
 def execute_run(run: RunSpec, fingerprint: str, options: RunOptions, *upstream: runner.RunResult) -> runner.RunResult:
     """Run one template (after the runs it reads); skipped when one of those did not succeed."""
     failed = [u for u in upstream if u.status not in OK_STATUSES]
     if failed:
-        return runner.RunResult(run.folder, run.model, run.template, "skipped", 0.0, None,
-                                f"not run: {failed[0].template} (which it reads) {failed[0].status}")
+        return runner.RunResult(
+            run.folder, run.model, run.template, "skipped", 0.0, None, f"not run: {failed[0].template} (which it reads) {failed[0].status}"
+        )
     options = replace(options, device=worker_device(options.device))
     extra = {**options.extra_parameters, **({"device": options.device} if options.device else {})}
-    result = runner.run_template(run.params_file, run.template, run.model, options.n_prompts, options.threads,
-                                 options.cell_timeout, options.progress, extra, options.log_output)
+    result = runner.run_template(
+        run.params_file,
+        run.template,
+        run.model,
+        options.n_prompts,
+        options.threads,
+        options.cell_timeout,
+        options.progress,
+        extra,
+        options.log_output,
+    )
     if result.status == "ok":
         write_stamp(run, fingerprint, result)
     return result
@@ -263,8 +300,10 @@ class BatchReport:
 
     def table(self) -> str:
         """One line per run: status, task, model, template, seconds, message (errors name the file)."""
-        rows = [(r.status, r.task, display_model(r.model), r.template, f"{r.seconds:.1f}s", r.message.replace("\n", " | "))
-                for r in self.results]
+        rows = [
+            (r.status, r.task, display_model(r.model), r.template, f"{r.seconds:.1f}s", r.message.replace("\n", " | "))
+            for r in self.results
+        ]
         widths = [max(len(row[i]) for row in rows + [("status", "task", "model", "template", "time", "")]) for i in range(5)]
         head = ["status", "task", "model", "template", "time"]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  message"]
@@ -279,13 +318,23 @@ class BatchReport:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"seconds": self.seconds, "finished": time.time(),
-                "runs": [{**asdict(r), "out_dir": str(r.out_dir) if r.out_dir else None} for r in self.results]}
+        return {
+            "seconds": self.seconds,
+            "finished": time.time(),
+            "runs": [{**asdict(r), "out_dir": str(r.out_dir) if r.out_dir else None} for r in self.results],
+        }
 
 
-def run_batch(tasks: list[str] | None = None, models: list[str] | None = None, templates: list[str] | None = None,
-              options: RunOptions | None = None, jobs: int = 1, scheduler: str | None = None, force: bool = False,
-              params_dir: Path | None = None) -> BatchReport:
+def run_batch(
+    tasks: list[str] | None = None,
+    models: list[str] | None = None,
+    templates: list[str] | None = None,
+    options: RunOptions | None = None,
+    jobs: int = 1,
+    scheduler: str | None = None,
+    force: bool = False,
+    params_dir: Path | None = None,
+) -> BatchReport:
     """Plan, skip what is up to date, execute the rest (in dependency order), and summarise.
 
     ``jobs > 1`` starts a local Dask cluster with ``jobs`` single-threaded worker processes; ``scheduler`` is a
@@ -295,9 +344,19 @@ def run_batch(tasks: list[str] | None = None, models: list[str] | None = None, t
     options = options or RunOptions()
     runs, results = plan_runs(tasks, models, templates, params_dir, options.n_prompts)
     prints = fingerprints(runs, options)
-    fresh = {r.key: runner.RunResult(r.folder, r.model, r.template, "up-to-date", 0.0, stamp_path(r).parent.parent,
-                                     runner.task_note(stamp_path(r).parent.parent / f"{r.template}.json"))
-             for r in runs if not force and is_up_to_date(r, prints[r.key])}
+    fresh = {
+        r.key: runner.RunResult(
+            r.folder,
+            r.model,
+            r.template,
+            "up-to-date",
+            0.0,
+            stamp_path(r).parent.parent,
+            runner.task_note(stamp_path(r).parent.parent / f"{r.template}.json"),
+        )
+        for r in runs
+        if not force and is_up_to_date(r, prints[r.key])
+    }
     todo = [r for r in runs if r.key not in fresh]
     jobs = jobs_for_device(jobs, options.device) if not scheduler else jobs
     if todo and (jobs > 1 or scheduler):
@@ -323,8 +382,9 @@ def jobs_for_device(jobs: int, device: str | None) -> int:
     return jobs
 
 
-def run_in_process(todo: list[RunSpec], prints: dict[str, str], options: RunOptions,
-                   fresh: dict[str, runner.RunResult]) -> dict[str, runner.RunResult]:
+def run_in_process(
+    todo: list[RunSpec], prints: dict[str, str], options: RunOptions, fresh: dict[str, runner.RunResult]
+) -> dict[str, runner.RunResult]:
     """Execute ``todo`` one after another (plan order is dependency order); papermill shows per-cell progress."""
     done: dict[str, runner.RunResult] = {}
     bar = tqdm(todo, desc="runs", unit="run", disable=not todo)
@@ -336,16 +396,16 @@ def run_in_process(todo: list[RunSpec], prints: dict[str, str], options: RunOpti
     return done
 
 
-def run_on_dask(todo: list[RunSpec], prints: dict[str, str], options: RunOptions, fresh: dict[str, runner.RunResult],
-                jobs: int, scheduler: str | None) -> dict[str, runner.RunResult]:
+def run_on_dask(
+    todo: list[RunSpec], prints: dict[str, str], options: RunOptions, fresh: dict[str, runner.RunResult], jobs: int, scheduler: str | None
+) -> dict[str, runner.RunResult]:
     """Submit ``todo`` as a Dask graph (each run gets the futures of the runs it reads) and gather the results."""
     from distributed import Client, LocalCluster, as_completed
 
     if scheduler and scheduler != "inprocess":
         client = Client(scheduler)
     else:
-        cluster = LocalCluster(n_workers=max(jobs, 1), threads_per_worker=1, processes=scheduler != "inprocess",
-                               dashboard_address=None)
+        cluster = LocalCluster(n_workers=max(jobs, 1), threads_per_worker=1, processes=scheduler != "inprocess", dashboard_address=None)
         client = Client(cluster)
     with client:
         futures = {}

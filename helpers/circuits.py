@@ -48,17 +48,19 @@ class Circuit:
     def heads(self) -> list[str]:
         return [h for hs in self.groups.values() for h in hs]
 
-    def without(self, removed: list[str]) -> "Circuit":
+    def without(self, removed: list[str]) -> Circuit:
         """The circuit minus the heads ``removed``."""
         gone = set(removed)
-        return Circuit({g: [h for h in hs if h not in gone] for g, hs in self.groups.items()},
-                       {h: p for h, p in self.positions.items() if h not in gone})
+        return Circuit(
+            {g: [h for h in hs if h not in gone] for g, hs in self.groups.items()},
+            {h: p for h, p in self.positions.items() if h not in gone},
+        )
 
     def to_json(self) -> dict:
         return {"groups": self.groups, "positions": self.positions}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Circuit":
+    def from_json(cls, data: dict) -> Circuit:
         return cls({g: list(hs) for g, hs in data["groups"].items()}, dict(data.get("positions", {})))
 
 
@@ -97,30 +99,42 @@ class CircuitChoice:
         dropped = ", ".join(f"{h} ({v:+.2f})" for h, v in self.left_out.items())
         if self.source == "discovery":
             d = self.discovery or {}
-            kept = (f"{len(self.circuit.heads)} heads: the fewest heads circuit_discovery found whose edges reach faithfulness "
-                    f"{d.get('target')} ({d.get('core_faithfulness', float('nan')):.3f}, everything else patched from the corrupted run), "
-                    "grouped by head_functions' roles")
+            kept = (
+                f"{len(self.circuit.heads)} heads: the fewest heads circuit_discovery found whose edges reach faithfulness "
+                f"{d.get('target')} ({d.get('core_faithfulness', float('nan')):.3f}, everything else patched from the corrupted run), "
+                "grouped by head_functions' roles"
+            )
             return f"{kept}; heads with a role left out: {dropped}" if dropped else kept
         kept = f"{len(self.circuit.heads)} heads: every head with a role, and unclassified heads with |output patching| ≥ {self.min_patch_effect:g}"
         return f"{kept}; left out (unclassified, patching below the threshold): {dropped}" if dropped else kept
 
     def to_json(self) -> dict:
-        return {"circuit": self.circuit.to_json(), "left_out": self.left_out, "min_patch_effect": self.min_patch_effect,
-                "source": self.source, "discovery": self.discovery}
+        return {
+            "circuit": self.circuit.to_json(),
+            "left_out": self.left_out,
+            "min_patch_effect": self.min_patch_effect,
+            "source": self.source,
+            "discovery": self.discovery,
+        }
 
 
-def default_circuit(role_rows: list[dict], available_positions: dict[str, int], min_patch_effect: float = 0.1,
-                    discovered: dict | None = None) -> CircuitChoice:
+def default_circuit(
+    role_rows: list[dict], available_positions: dict[str, int], min_patch_effect: float = 0.1, discovered: dict | None = None
+) -> CircuitChoice:
     """The circuit ``minimal_circuit`` tests when none is given (see ``CircuitChoice``): from ``discovered``
     (``circuit_discovery.json``'s ``smallest``) when it has core heads, else from the roles."""
     if discovered and discovered.get("core_heads"):
         core = discovered["core_heads"]
         by_head = {row["head"]: row for row in role_rows}
-        rows = [{**by_head.get(h, {"head": h, "patch_head_out": 0.0}), "role": by_head.get(h, {}).get("role", "unclassified")} for h in core]
+        rows = [
+            {**by_head.get(h, {"head": h, "patch_head_out": 0.0}), "role": by_head.get(h, {}).get("role", "unclassified")} for h in core
+        ]
         groups: dict[str, list[str]] = {}
         for row in rows:
             groups.setdefault(row["role"], []).append(row["head"])
-        left_out = {row["head"]: float(row["patch_head_out"]) for row in role_rows if row["role"] != "unclassified" and row["head"] not in core}
+        left_out = {
+            row["head"]: float(row["patch_head_out"]) for row in role_rows if row["role"] != "unclassified" and row["head"] not in core
+        }
         summary = {k: discovered.get(k) for k in ("core_heads", "core_faithfulness", "target")}
         return CircuitChoice(Circuit(groups), left_out, min_patch_effect, "discovery", summary)
 
@@ -145,14 +159,17 @@ def keep_mask(circuit: Circuit, n_layers: int, n_heads: int, named: dict[str, in
         else:
             unknown = [p for p in where if p not in named]
             if unknown:
-                raise ValueError(f"circuit head {label}: position(s) {unknown} are not named by this task, or differ between its "
-                                 f"templates (usable: {sorted(named)}); keep such a head at all positions")
+                raise ValueError(
+                    f"circuit head {label}: position(s) {unknown} are not named by this task, or differ between its "
+                    f"templates (usable: {sorted(named)}); keep such a head at all positions"
+                )
             mask[h["layer"], [named[p] for p in where], h["head"]] = True
     return mask
 
 
-def reference_z(model, tokens: Int[Tensor, "batch pos"], ablation: str, groups: Int[Tensor, "batch"] | None = None
-                ) -> Float[Tensor, "layer batch pos head d_head"]:
+def reference_z(
+    model, tokens: Int[Tensor, "batch pos"], ablation: str, groups: Int[Tensor, batch] | None = None
+) -> Float[Tensor, "layer batch pos head d_head"]:
     """Replacement values of every head's z for ``ablation``: the per-position mean over ``tokens`` (within each of
     ``groups``, e.g. the prompts' sentence templates: ``metrics.group_mean``) or zero (batch axis of size 1 when
     it is the same for every prompt), or the per-prompt values (resample: prompt i takes reference prompt i)."""
@@ -175,9 +192,15 @@ def knockout_interventions(keep: Bool[Tensor, "variant layer pos head"], ablatio
     return [Intervention(f"blocks.{l}.attn.hook_z", ABLATION_SOURCES[ablation], ~keep[:, l, :, :, None]) for l in range(keep.shape[1])]
 
 
-def knockout_logit_diffs(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], keep: Bool[Tensor, "variant layer pos head"],
-                         replacement: Float[Tensor, "layer batch pos head d_head"], ablation: str = "mean",
-                         memory_mb: float = 1024) -> Float[Tensor, "variant"]:
+def knockout_logit_diffs(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    answers: Int[Tensor, "batch 2"],
+    keep: Bool[Tensor, "variant layer pos head"],
+    replacement: Float[Tensor, "layer batch pos head d_head"],
+    ablation: str = "mean",
+    memory_mb: float = 1024,
+) -> Float[Tensor, variant]:
     """Mean logit diff of ``tokens`` with every head output outside each keep-mask replaced; variants batched to ``memory_mb``.
 
     Exact saving: the layers before the first one where the variants' masks differ are run once (their
@@ -189,8 +212,12 @@ def knockout_logit_diffs(model, tokens: Int[Tensor, "batch pos"], answers: Int[T
     for part in keep.split(chunk):
         first = first_differing_layer(part)
         if first == part.shape[1]:  # every variant is the same circuit: one run
-            out.append(run_interventions(model, tokens, answers, knockout_interventions(part[:1], ablation), values, 1)[0].mean(-1).cpu()
-                       .expand(part.shape[0]))
+            out.append(
+                run_interventions(model, tokens, answers, knockout_interventions(part[:1], ablation), values, 1)[0]
+                .mean(-1)
+                .cpu()
+                .expand(part.shape[0])
+            )
             continue
         base = None
         if first > 0:  # the shared layers once, stopping where the variants part (nothing after it is computed)
@@ -248,7 +275,7 @@ class Evaluator:
         cfg = self.model.cfg
         return torch.stack([keep_mask(c, cfg.n_layers, cfg.n_heads, self.named, self.tokens.shape[1]) for c in circuits])
 
-    def logit_diffs(self, circuits: list[Circuit]) -> Float[Tensor, "variant"]:
+    def logit_diffs(self, circuits: list[Circuit]) -> Float[Tensor, variant]:
         """Mean logit diff with only each circuit kept (distinct keep-masks run once, in one batch)."""
         if not circuits:
             return torch.zeros(0)
@@ -256,23 +283,25 @@ class Evaluator:
         keys = [k.numpy().tobytes() for k in keep]
         new = {key: i for i, key in enumerate(keys) if key not in self._known}
         if new:
-            fresh = knockout_logit_diffs(self.model, self.tokens, self.answers, keep[list(new.values())], self.replacement, self.ablation,
-                                         self.memory_mb)
+            fresh = knockout_logit_diffs(
+                self.model, self.tokens, self.answers, keep[list(new.values())], self.replacement, self.ablation, self.memory_mb
+            )
             self._known.update(zip(new, fresh.tolist()))
         return torch.tensor([self._known[key] for key in keys])
 
-    def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, "variant"]:
+    def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, variant]:
         """F(C) / F(M) for each circuit: its logit diff with everything else knocked out over the full model's."""
         return self.logit_diffs(circuits) / self.full_logit_diff
 
-    def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, "variant"]:
+    def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, variant]:
         """F(M \\ K) / F(M) for each set K: only the heads of K are knocked out (at every position)."""
         everything = Circuit({"all": all_head_labels(self.model.cfg.n_layers, self.model.cfg.n_heads)})
         return self.faithfulness([everything.without(k) for k in removed])
 
 
-def make_evaluator(model, tokens, answers, named: dict[str, int], reference_tokens, ablation: str = "mean",
-                   groups: Int[Tensor, "batch"] | None = None) -> Evaluator:
+def make_evaluator(
+    model, tokens, answers, named: dict[str, int], reference_tokens, ablation: str = "mean", groups: Int[Tensor, batch] | None = None
+) -> Evaluator:
     """An ``Evaluator`` whose knocked-out heads take their ``ablation`` value on ``reference_tokens`` (a mean within
     each of ``groups``, the prompts' templates)."""
     with torch.no_grad():
@@ -304,7 +333,7 @@ def minimality(ev: Evaluator, circuit: Circuit, max_k: int = 3) -> dict[str, dic
         scores = (with_v - without_v).abs()
         start = 0
         for v, hs in options.items():
-            i = int(scores[start:start + len(hs)].argmax())
+            i = int(scores[start : start + len(hs)].argmax())
             k[v] = k[v] + [hs[i]]
             if float(scores[start + i]) > best[v]["score"]:
                 best[v] = {"score": float(scores[start + i]), "K": list(k[v])}
@@ -332,8 +361,10 @@ def circuit_heads(circuit: Circuit, n_layers: int, n_heads: int) -> dict[str, di
 def circuit_edges(heads: dict[str, dict], to_logits: Tensor, effects: dict[tuple[str, str], Tensor]) -> list[dict]:
     """Diagram edges ``{source, target, weight, via}``: each head's path effect on the logits, and on every later
     head (the strongest of its q, k or v input; ``effects`` from ``path_patching.receiver_effects``)."""
-    edges = [{"source": label, "target": "logits", "weight": float(to_logits[h["layer"], h["head"]]), "via": "resid"}
-             for label, h in heads.items()]
+    edges = [
+        {"source": label, "target": "logits", "weight": float(to_logits[h["layer"], h["head"]]), "via": "resid"}
+        for label, h in heads.items()
+    ]
     for r_label, r in heads.items():
         for s_label, s in ((label, h) for label, h in heads.items() if h["layer"] < r["layer"]):
             via, value = max(((c, float(effects[(r_label, c)][s["layer"], s["head"]])) for c in ("q", "k", "v")), key=lambda cv: abs(cv[1]))
@@ -347,8 +378,14 @@ def circuit_nodes(circuit: Circuit, n_layers: int, n_heads: int) -> list[dict]:
     for group, labels in circuit.groups.items():
         for label in labels:
             where = circuit.positions.get(label)
-            nodes.append({"label": label, "layer": parse_head_label(label, n_layers, n_heads)["layer"],
-                          "x": "all positions" if where is None else "+".join(where), "role": group})
+            nodes.append(
+                {
+                    "label": label,
+                    "layer": parse_head_label(label, n_layers, n_heads)["layer"],
+                    "x": "all positions" if where is None else "+".join(where),
+                    "role": group,
+                }
+            )
     nodes.append({"label": "logits", "layer": n_layers, "x": "end", "role": "logits"})
     return nodes
 
@@ -375,24 +412,32 @@ class ControlComparison:
         return self.p_value <= self.alpha
 
     def message(self) -> str:
-        head = (f"The circuit (faithfulness {self.circuit:.3f}) is closer to the full model than random circuits of its shape "
-                f"(mean {self.random_mean:.3f} ± {self.random_std:.3f}, max {self.random_max:.3f}; p = {self.p_value:.3f})")
+        head = (
+            f"The circuit (faithfulness {self.circuit:.3f}) is closer to the full model than random circuits of its shape "
+            f"(mean {self.random_mean:.3f} ± {self.random_std:.3f}, max {self.random_max:.3f}; p = {self.p_value:.3f})"
+        )
         if self.beats_random:
             return head + "."
-        return (f"The circuit is NOT better than random circuits of its shape: faithfulness {self.circuit:.3f} against "
-                f"{self.random_mean:.3f} ± {self.random_std:.3f} (max {self.random_max:.3f}) for {self.n_random} random "
-                f"circuits; p = {self.p_value:.3f} > {self.alpha}. Its faithfulness is no evidence that these heads carry "
-                "the behaviour: the circuit is probably too large (most of the model) or built from the wrong heads.")
+        return (
+            f"The circuit is NOT better than random circuits of its shape: faithfulness {self.circuit:.3f} against "
+            f"{self.random_mean:.3f} ± {self.random_std:.3f} (max {self.random_max:.3f}) for {self.n_random} random "
+            f"circuits; p = {self.p_value:.3f} > {self.alpha}. Its faithfulness is no evidence that these heads carry "
+            "the behaviour: the circuit is probably too large (most of the model) or built from the wrong heads."
+        )
 
     def to_json(self) -> dict:
-        return {**{k: getattr(self, k) for k in ("circuit", "random_mean", "random_std", "random_max", "n_random", "p_value",
-                                                  "alpha")}, "beats_random": self.beats_random, "message": self.message()}
+        return {
+            **{k: getattr(self, k) for k in ("circuit", "random_mean", "random_std", "random_max", "n_random", "p_value", "alpha")},
+            "beats_random": self.beats_random,
+            "message": self.message(),
+        }
 
 
-def compare_with_controls(circuit: float, controls: Float[Tensor, "n"], alpha: float = 0.05) -> ControlComparison:
+def compare_with_controls(circuit: float, controls: Float[Tensor, n], alpha: float = 0.05) -> ControlComparison:
     """The ControlComparison of a circuit's faithfulness against random controls' (see its docstring)."""
     controls = torch.as_tensor(controls, dtype=torch.float64)
     closer = int(((1 - controls).abs() <= abs(1 - circuit)).sum())
     std = float(controls.std()) if len(controls) > 1 else 0.0
-    return ControlComparison(float(circuit), float(controls.mean()), std, float(controls.max()), len(controls),
-                             (1 + closer) / (1 + len(controls)), alpha)
+    return ControlComparison(
+        float(circuit), float(controls.mean()), std, float(controls.max()), len(controls), (1 + closer) / (1 + len(controls)), alpha
+    )

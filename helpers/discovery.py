@@ -116,8 +116,15 @@ class FaithfulnessCurve:
         return distance_area(*self._column("random_mean"))
 
     def to_json(self) -> dict:
-        return {"method": self.method, "n_edges_total": self.n_edges_total, "cpr": self.cpr, "cmd": self.cmd,
-                "random_cpr": self.random_cpr, "random_cmd": self.random_cmd, "points": [asdict(p) for p in self.points]}
+        return {
+            "method": self.method,
+            "n_edges_total": self.n_edges_total,
+            "cpr": self.cpr,
+            "cmd": self.cmd,
+            "random_cpr": self.random_cpr,
+            "random_cmd": self.random_cmd,
+            "points": [asdict(p) for p in self.points],
+        }
 
 
 def distance_area(fractions: list[float], values: list[float]) -> float:
@@ -126,9 +133,16 @@ def distance_area(fractions: list[float], values: list[float]) -> float:
     return _trapezoid({0.0: 1.0, **{x: abs(1 - y) for x, y in zip(fractions, values)}, 1.0: 0.0})
 
 
-def faithfulness_curve(ectx: EdgeContext, scores: Float[Tensor, "sender receiver"], method: str,
-                       fractions: tuple[float, ...] = DEFAULT_FRACTIONS, n_random: int = 10, seed: int = 0,
-                       memory_mb: float = 1024, progress: bool = True) -> FaithfulnessCurve:
+def faithfulness_curve(
+    ectx: EdgeContext,
+    scores: Float[Tensor, "sender receiver"],
+    method: str,
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    n_random: int = 10,
+    seed: int = 0,
+    memory_mb: float = 1024,
+    progress: bool = True,
+) -> FaithfulnessCurve:
     """Exact faithfulness of the top-k circuits at each fraction of the graph's edges (k at least 1), each in one
     batched evaluation together with ``n_random`` random circuits of its pruned size."""
     graph = ectx.graph
@@ -140,19 +154,28 @@ def faithfulness_curve(ectx: EdgeContext, scores: Float[Tensor, "sender receiver
     return curve
 
 
-def _curve_point(ectx: EdgeContext, mask: Bool[Tensor, "sender receiver"], k: int, n_random: int,
-                 generator: torch.Generator, memory_mb: float) -> CurvePoint:
+def _curve_point(
+    ectx: EdgeContext, mask: Bool[Tensor, "sender receiver"], k: int, n_random: int, generator: torch.Generator, memory_mb: float
+) -> CurvePoint:
     """The circuit ``mask`` and ``n_random`` random circuits of as many edges, evaluated in one batched call."""
     graph = ectx.graph
     n_kept = int(mask.sum())
     values = evaluate_masks(ectx, torch.cat([mask[None], random_edge_masks(graph, n_kept, n_random, generator)]), memory_mb)
     heads = {graph.senders[s].name for s in mask.nonzero()[:, 0].tolist() if graph.senders[s].kind == "head"}
-    return CurvePoint(k, n_kept, n_kept / graph.n_edges, len(heads), float(values[0]),
-                      float(values[1:].mean()) if n_random else float("nan"), float(values[1:].max()) if n_random else float("nan"))
+    return CurvePoint(
+        k,
+        n_kept,
+        n_kept / graph.n_edges,
+        len(heads),
+        float(values[0]),
+        float(values[1:].mean()) if n_random else float("nan"),
+        float(values[1:].max()) if n_random else float("nan"),
+    )
 
 
-def circuit_of(graph: Graph, mask: Bool[Tensor, "sender receiver"], scores: Float[Tensor, "sender receiver"] | None,
-               method: str) -> EdgeCircuit:
+def circuit_of(
+    graph: Graph, mask: Bool[Tensor, "sender receiver"], scores: Float[Tensor, "sender receiver"] | None, method: str
+) -> EdgeCircuit:
     """The edges of ``mask`` as an ``EdgeCircuit``, with their ``scores`` if given."""
     names = graph.names_of(mask)
     pairs = (mask & graph.allowed).nonzero().tolist()
@@ -191,12 +214,14 @@ class Discovered:
     def message(self) -> str:
         c = self.circuit
         verdict = "reaches" if self.reached else "does NOT reach"
-        return (f"{len(c.edges)} edges ({c.method} top {self.k}, pruned) over {len(c.heads)} heads {verdict} faithfulness "
-                f"{self.target:g}: {c.faithfulness:.3f} (random sets of {len(c.edges)} edges: mean {_mean(self.random_edges):.3f}). "
-                f"Its heads with every edge among them and the MLPs: {self.heads_closure:.3f} (random sets of {len(c.heads)} heads: "
-                f"mean {_mean(self.random_heads):.3f}). Fewest of them still reaching {self.target:g}: {', '.join(self.core_heads)} "
-                f"({len(self.core_heads)} heads): {self.core_faithfulness:.3f} (random sets of {len(self.core_heads)} heads: "
-                f"mean {_mean(self.random_core):.3f}, max {max(self.random_core, default=float('nan')):.3f})")
+        return (
+            f"{len(c.edges)} edges ({c.method} top {self.k}, pruned) over {len(c.heads)} heads {verdict} faithfulness "
+            f"{self.target:g}: {c.faithfulness:.3f} (random sets of {len(c.edges)} edges: mean {_mean(self.random_edges):.3f}). "
+            f"Its heads with every edge among them and the MLPs: {self.heads_closure:.3f} (random sets of {len(c.heads)} heads: "
+            f"mean {_mean(self.random_heads):.3f}). Fewest of them still reaching {self.target:g}: {', '.join(self.core_heads)} "
+            f"({len(self.core_heads)} heads): {self.core_faithfulness:.3f} (random sets of {len(self.core_heads)} heads: "
+            f"mean {_mean(self.random_core):.3f}, max {max(self.random_core, default=float('nan')):.3f})"
+        )
 
 
 def _mean(values: list[float]) -> float:
@@ -219,8 +244,15 @@ def fewest_heads(ectx: EdgeContext, heads: list[str], target: float, memory_mb: 
     return current, value
 
 
-def smallest_circuit(ectx: EdgeContext, scores: Float[Tensor, "sender receiver"], method: str, target: float = 0.8,
-                     n_random: int = 10, seed: int = 0, memory_mb: float = 1024) -> Discovered:
+def smallest_circuit(
+    ectx: EdgeContext,
+    scores: Float[Tensor, "sender receiver"],
+    method: str,
+    target: float = 0.8,
+    n_random: int = 10,
+    seed: int = 0,
+    memory_mb: float = 1024,
+) -> Discovered:
     """The fewest top edges (by |score|, pruned) whose circuit's exact faithfulness reaches ``target``, found by
     bisection over k (faithfulness is treated as rising with k; the returned circuit is always evaluated), with the
     controls of ``Discovered``. If every edge together does not reach it, the full graph is returned, ``reached`` False."""
@@ -244,7 +276,9 @@ def smallest_circuit(ectx: EdgeContext, scores: Float[Tensor, "sender receiver"]
     circuit = circuit_of(graph, mask, scores, method)
     circuit.faithfulness = faith(hi)
     generator = torch.Generator().manual_seed(seed)
-    random_edges = evaluate_masks(ectx, random_edge_masks(graph, int(mask.sum()), n_random, generator), memory_mb).tolist() if n_random else []
+    random_edges = (
+        evaluate_masks(ectx, random_edge_masks(graph, int(mask.sum()), n_random, generator), memory_mb).tolist() if n_random else []
+    )
     core, core_value = fewest_heads(ectx, circuit.heads, target, memory_mb) if circuit.heads else ([], 0.0)
 
     def closures(head_sets: list[list[str]]) -> list[float]:
@@ -252,8 +286,9 @@ def smallest_circuit(ectx: EdgeContext, scores: Float[Tensor, "sender receiver"]
 
     whole = closures([circuit.heads] + random_head_sets(graph, len(circuit.heads), n_random, generator))
     random_core = closures(random_head_sets(graph, len(core), n_random, generator))
-    return Discovered(circuit, target, circuit.faithfulness >= target, hi, random_edges, whole[0], whole[1:], core, core_value,
-                      random_core, len(cache))
+    return Discovered(
+        circuit, target, circuit.faithfulness >= target, hi, random_edges, whole[0], whole[1:], core, core_value, random_core, len(cache)
+    )
 
 
 def single_edge_effects(ectx: EdgeContext, memory_mb: float = 1024, progress: bool = True) -> Float[Tensor, "sender receiver"]:
@@ -265,14 +300,14 @@ def single_edge_effects(ectx: EdgeContext, memory_mb: float = 1024, progress: bo
     out = torch.zeros(graph.allowed.shape)
     chunk = 64
     for start in tqdm(range(0, len(index), chunk), desc="single edges", disable=not progress):
-        part = index[start:start + chunk]
+        part = index[start : start + chunk]
         masks = graph.allowed.repeat(len(part), 1, 1)
         masks[torch.arange(len(part)), part[:, 0], part[:, 1]] = False
         out[part[:, 0], part[:, 1]] = 1 - evaluate_masks(ectx, masks, memory_mb)
     return out
 
 
-def roc_auc(scores: Float[Tensor, "n"], positive: Bool[Tensor, "n"]) -> float:
+def roc_auc(scores: Float[Tensor, n], positive: Bool[Tensor, n]) -> float:
     """Area under the ROC curve of ``scores`` for telling ``positive`` items from the rest: the chance that a random
     positive outranks a random negative (ties count half; Mann-Whitney U)."""
     from scipy.stats import rankdata
@@ -346,10 +381,15 @@ def check_options(methods, fractions, target: float, n_random: int, ig_steps: in
     """Refuse bad ``circuit_discovery`` parameters before any work, naming the parameter and the fix."""
     if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
         raise ValueError(f"circuit_discovery parameter `methods` must be a non-empty list from {list(METHODS)}, not {methods!r}")
-    if fractions is not None and (isinstance(fractions, (str, int, float)) or not fractions
-                                  or any(not isinstance(f, (int, float)) or not 0 < f <= 1 for f in fractions)):
-        raise ValueError(f"circuit_discovery parameter `fractions` must be a list of edge fractions in (0, 1], or None for "
-                         f"MIB's sizes, not {fractions!r}")
+    if fractions is not None and (
+        isinstance(fractions, (str, int, float))
+        or not fractions
+        or any(not isinstance(f, (int, float)) or not 0 < f <= 1 for f in fractions)
+    ):
+        raise ValueError(
+            f"circuit_discovery parameter `fractions` must be a list of edge fractions in (0, 1], or None for "
+            f"MIB's sizes, not {fractions!r}"
+        )
     if not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"circuit_discovery parameter `target` must be a faithfulness in (0, 1], not {target!r}")
     if not isinstance(n_random, int) or n_random < 0:
@@ -384,8 +424,9 @@ def acdc(ectx: EdgeContext, threshold: float, memory_mb: float = 1024, progress:
     return circuit
 
 
-def acdc_curve(ectx: EdgeContext, thresholds: tuple[float, ...], n_random: int = 10, seed: int = 0,
-               memory_mb: float = 1024, progress: bool = True) -> tuple[FaithfulnessCurve, list[EdgeCircuit]]:
+def acdc_curve(
+    ectx: EdgeContext, thresholds: tuple[float, ...], n_random: int = 10, seed: int = 0, memory_mb: float = 1024, progress: bool = True
+) -> tuple[FaithfulnessCurve, list[EdgeCircuit]]:
     """ACDC at each threshold as the points of a faithfulness curve (largest threshold, smallest circuit, first), each
     with random circuits of its size; and the circuits."""
     graph = ectx.graph

@@ -93,11 +93,15 @@ def unsupported_reason(model) -> str | None:
         return f"edge-level circuits are not supported for this architecture ({arch}): {err}"
     with receiver_forks(model):  # probed, not assumed: the MLP-input fork must take effect and feed the MLP only
         if not hook_takes_effect(model, "blocks.0.hook_mlp_in") and not _writes_nothing(model.blocks[0].mlp):
-            return (f"edge-level circuits are not supported for this architecture ({arch}): the bridge discards edits of "
-                    "the MLP input fork (hook_mlp_in)")
+            return (
+                f"edge-level circuits are not supported for this architecture ({arch}): the bridge discards edits of "
+                "the MLP input fork (hook_mlp_in)"
+            )
         if edit_reaches_residual(model, "blocks.0.hook_mlp_in"):
-            return (f"edge-level circuits are not supported for this architecture ({arch}): hook_mlp_in is not a fork here "
-                    "(its edit reaches the residual stream)")
+            return (
+                f"edge-level circuits are not supported for this architecture ({arch}): hook_mlp_in is not a fork here "
+                "(its edit reaches the residual stream)"
+            )
     return None
 
 
@@ -148,8 +152,9 @@ class Graph:
                     receivers += [Receiver(f"L{layer}H{h}.{c}", c, layer, hook, h, (h,)) for h in range(n_heads)]
                 else:
                     per = n_heads // n_kv
-                    receivers += [Receiver(f"L{layer}KV{g}.{c}", c, layer, hook, g, tuple(range(g * per, (g + 1) * per)))
-                                  for g in range(n_kv)]
+                    receivers += [
+                        Receiver(f"L{layer}KV{g}.{c}", c, layer, hook, g, tuple(range(g * per, (g + 1) * per))) for g in range(n_kv)
+                    ]
             receivers.append(Receiver(f"MLP{layer}", "mlp", layer, f"blocks.{layer}.hook_mlp_in"))
         receivers.append(Receiver("logits", "logits", n_layers, f"blocks.{n_layers - 1}.hook_resid_post"))
         allowed = torch.zeros(len(senders), len(receivers), dtype=torch.bool)
@@ -243,8 +248,13 @@ class EdgeCircuit:
         return f"EdgeCircuit({len(self.edges)} edges, {len(self.heads)} heads: {', '.join(self.heads)}; {self.method}{f})"
 
     def to_json(self) -> dict:
-        return {"method": self.method, "faithfulness": self.faithfulness, "n_edges": len(self.edges), "heads": self.heads,
-                "edges": [{"edge": e, **({"score": self.scores[e]} if e in self.scores else {})} for e in self.edges]}
+        return {
+            "method": self.method,
+            "faithfulness": self.faithfulness,
+            "n_edges": len(self.edges),
+            "heads": self.heads,
+            "edges": [{"edge": e, **({"score": self.scores[e]} if e in self.scores else {})} for e in self.edges],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> EdgeCircuit:
@@ -300,8 +310,17 @@ def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeCo
         clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names + [EMBED_HOOK])
         corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
         outputs = sender_outputs(model, clean_cache), sender_outputs(model, corr_cache)
-    return EdgeContext(model, graph, clean_tokens, corrupted_tokens, answer_tokens, *outputs, clean_cache[EMBED_HOOK],
-                       logit_diff(clean_logits, answer_tokens).mean().item(), logit_diff(corr_logits, answer_tokens).mean().item())
+    return EdgeContext(
+        model,
+        graph,
+        clean_tokens,
+        corrupted_tokens,
+        answer_tokens,
+        *outputs,
+        clean_cache[EMBED_HOOK],
+        logit_diff(clean_logits, answer_tokens).mean().item(),
+        logit_diff(corr_logits, answer_tokens).mean().item(),
+    )
 
 
 class _EdgeRun:
@@ -370,14 +389,17 @@ def _hooks(run: _EdgeRun) -> list[tuple[str, object]]:
     hooks: list[tuple[str, object]] = []
     for layer in range(model.cfg.n_layers):
         first = 1 + layer * (n_heads + 1)
-        hooks += [(f"blocks.{layer}.attn.hook_z", _Record(run, slice(first, first + n_heads), layer)),
-                  (f"blocks.{layer}.hook_mlp_out", _Record(run, slice(first + n_heads, first + n_heads + 1)))]
+        hooks += [
+            (f"blocks.{layer}.attn.hook_z", _Record(run, slice(first, first + n_heads), layer)),
+            (f"blocks.{layer}.hook_mlp_out", _Record(run, slice(first + n_heads, first + n_heads + 1))),
+        ]
     hooks += [(hook, _Receive(run, rs, graph.receivers[rs[0]].index is not None)) for hook, rs in graph.receivers_by_hook.items()]
     return hooks
 
 
-def evaluate_masks(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float = 1024,
-                   per_prompt: bool = False) -> Float[Tensor, "variant"]:
+def evaluate_masks(
+    ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float = 1024, per_prompt: bool = False
+) -> Float[Tensor, variant]:
     """Exact faithfulness of each circuit in ``masks`` (True = edge kept), all in batched runs of the clean prompts.
     ``per_prompt``: raw logit differences [variant, batch] instead."""
     masks = masks & ectx.graph.allowed
@@ -388,7 +410,7 @@ def evaluate_masks(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiv
     out = []
     with receiver_forks(model), torch.no_grad():
         for start in range(0, len(masks), chunk):
-            absent = ~masks[start:start + chunk]
+            absent = ~masks[start : start + chunk]
             run = _EdgeRun(ectx, absent)
             embeddings = ectx.clean_outputs[:, :, 0].repeat(run.n_var, 1, 1)  # blocks.0.hook_resid_pre of the clean run
             logits = forward_from_layer(model, embeddings, 0, _hooks(run))  # final position only

@@ -65,9 +65,19 @@ class Session:
         return write_json(self.out_dir / f"{template}.json", {**results, **check})
 
 
-def start_session(template: str, task: str, params_file: str | None = None, model_name: str | None = None, n_prompts: int | None = None,
-                  output_dir: str | None = None, device: str | None = None, threads: int | None = None,
-                  static_images: bool = True, input_dir: str | None = None, dtype: str = "float32") -> Session:
+def start_session(
+    template: str,
+    task: str,
+    params_file: str | None = None,
+    model_name: str | None = None,
+    n_prompts: int | None = None,
+    output_dir: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    static_images: bool = True,
+    input_dir: str | None = None,
+    dtype: str = "float32",
+) -> Session:
     """Load params (with overrides), the model and the prompts; create the output folder.
 
     Figures of ``template`` go to ``<output folder>/<template>_figures/``. Earlier templates' JSON is read
@@ -80,11 +90,22 @@ def start_session(template: str, task: str, params_file: str | None = None, mode
     model = load_model(params.model, device=device, dtype=dtype)
     prompts = make_prompts(params, model.tokenizer, prepend_bos=model.cfg.default_prepend_bos).to(model.cfg.device)
     per_model = template_scope(template) == "model"  # runs once per model: no task check, results in _models/<model>/
-    out = Path(output_dir) if output_dir else OUTPUTS_DIR / owner(params.task, "model" if per_model else "task") / model_folder_name(params.model)
+    out = (
+        Path(output_dir)
+        if output_dir
+        else OUTPUTS_DIR / owner(params.task, "model" if per_model else "task") / model_folder_name(params.model)
+    )
     out.mkdir(parents=True, exist_ok=True)
     choose_renderer()
-    s = Session(params, model, prompts, out, Figures(out, folder=f"{template}_figures", static=static_images), params.model,
-                Path(input_dir) if input_dir else out)
+    s = Session(
+        params,
+        model,
+        prompts,
+        out,
+        Figures(out, folder=f"{template}_figures", static=static_images),
+        params.model,
+        Path(input_dir) if input_dir else out,
+    )
     if per_model:
         return s
     ld = logit_diffs(s)
@@ -100,18 +121,24 @@ def show_task_check(check: TaskCheck, params: TaskParams) -> None:
     if check.performed:
         print(f"Task check: {check.summary()}")
         return
-    text = (f"THE MODEL DOES NOT DO THIS TASK: {'; '.join(check.reasons())}. Every normalised number in this notebook "
-            "(patching 'recovered', faithfulness, head importance) divides by a clean - corrupted gap the model does not "
-            "produce, so it is not evidence of a mechanism whatever its size. Use a model trained on the task, or check the "
-            f"template and answers of {params.source.name}; the thresholds are analysis.min_accuracy "
-            f"({check.min_accuracy}) and analysis.min_gap ({check.min_gap}).")
+    text = (
+        f"THE MODEL DOES NOT DO THIS TASK: {'; '.join(check.reasons())}. Every normalised number in this notebook "
+        "(patching 'recovered', faithfulness, head importance) divides by a clean - corrupted gap the model does not "
+        "produce, so it is not evidence of a mechanism whatever its size. Use a model trained on the task, or check the "
+        f"template and answers of {params.source.name}; the thresholds are analysis.min_accuracy "
+        f"({check.min_accuracy}) and analysis.min_gap ({check.min_gap})."
+    )
     try:
         from IPython import get_ipython
         from IPython.display import HTML, display
 
         if get_ipython() is not None:
-            display(HTML('<div style="border:3px solid #c62828;background:#ffebee;color:#b71c1c;padding:12px;'
-                         f'font-size:1.1em"><b>&#9888; Task check failed.</b> {html.escape(text)}</div>'))
+            display(
+                HTML(
+                    '<div style="border:3px solid #c62828;background:#ffebee;color:#b71c1c;padding:12px;'
+                    f'font-size:1.1em"><b>&#9888; Task check failed.</b> {html.escape(text)}</div>'
+                )
+            )
             return
     except ImportError:
         pass
@@ -122,13 +149,19 @@ def show_task_check(check: TaskCheck, params: TaskParams) -> None:
 class LogitDiffs:
     """Per-prompt logit differences of the clean and corrupted runs."""
 
-    clean: Float[Tensor, "batch"]
-    corrupted: Float[Tensor, "batch"]
+    clean: Float[Tensor, batch]
+    corrupted: Float[Tensor, batch]
     clean_accuracy: float  # fraction of prompts where the correct answer is the top token
 
     def table(self, prompts: PromptSet) -> pd.DataFrame:
-        return pd.DataFrame({"clean prompt": prompts.clean_prompts, "corrupted prompt": prompts.corrupted_prompts,
-                             "clean logit diff": self.clean.cpu().numpy().round(3), "corrupted logit diff": self.corrupted.cpu().numpy().round(3)})
+        return pd.DataFrame(
+            {
+                "clean prompt": prompts.clean_prompts,
+                "corrupted prompt": prompts.corrupted_prompts,
+                "clean logit diff": self.clean.cpu().numpy().round(3),
+                "corrupted logit diff": self.corrupted.cpu().numpy().round(3),
+            }
+        )
 
 
 def logit_diffs(s: Session) -> LogitDiffs:
@@ -140,7 +173,9 @@ def logit_diffs(s: Session) -> LogitDiffs:
         corr_logits = s.model(s.prompts.corrupted_tokens)
     top = clean_logits[:, -1].argmax(-1)
     acc = (top == s.prompts.answer_tokens[:, 0]).float().mean().item()
-    s._logit_diffs = LogitDiffs(logit_diff(clean_logits, s.prompts.answer_tokens).cpu(), logit_diff(corr_logits, s.prompts.answer_tokens).cpu(), acc)
+    s._logit_diffs = LogitDiffs(
+        logit_diff(clean_logits, s.prompts.answer_tokens).cpu(), logit_diff(corr_logits, s.prompts.answer_tokens).cpu(), acc
+    )
     return s._logit_diffs
 
 
@@ -149,9 +184,9 @@ class DLAResult:
     """Direct logit attribution of the clean run, averaged over prompts."""
 
     cache: ActivationCache
-    lens: Float[Tensor, "component"]
+    lens: Float[Tensor, component]
     lens_labels: list[str]
-    layers: Float[Tensor, "component"]
+    layers: Float[Tensor, component]
     layer_labels: list[str]
     heads: Float[Tensor, "layer head"]
     identity_error: float  # max over prompts |sum of all components + bias diff - logit diff|
@@ -166,8 +201,10 @@ class DLAResult:
 
     def summary(self) -> str:
         """One honest line: the identity errors, and the architecture's caveats if any."""
-        line = (f"DLA identity: max |sum of components + bias diff - logit diff| = {self.identity_error:.2e} (per head), "
-                f"{self.layer_identity_error:.2e} (per layer), against a mean logit diff of {self.logit_diff:.3f}")
+        line = (
+            f"DLA identity: max |sum of components + bias diff - logit diff| = {self.identity_error:.2e} (per head), "
+            f"{self.layer_identity_error:.2e} (per layer), against a mean logit diff of {self.logit_diff:.3f}"
+        )
         if self.caveats:
             line += "\nNOT an exact decomposition on this architecture:\n" + "\n".join(f"  - {k}: {v}" for k, v in self.caveats.items())
         return line
@@ -186,19 +223,36 @@ def direct_logit_attribution(s: Session) -> DLAResult:
     ld = logit_diff(logits, s.prompts.answer_tokens)
     error = (full.sum(0) + bias - ld).abs().max().item()
     layer_error = (layers.sum(0) + bias - ld).abs().max().item()
-    return DLAResult(cache, lens.mean(-1).cpu(), lens_labels, layers.mean(-1).cpu(), layer_labels, heads.mean(-1).cpu(), error, ld.mean().item(),
-                     layer_error, decomposition_caveats(s.model), heads.detach().cpu())
+    return DLAResult(
+        cache,
+        lens.mean(-1).cpu(),
+        lens_labels,
+        layers.mean(-1).cpu(),
+        layer_labels,
+        heads.mean(-1).cpu(),
+        error,
+        ld.mean().item(),
+        layer_error,
+        decomposition_caveats(s.model),
+        heads.detach().cpu(),
+    )
 
 
-def template_breakdown(s: Session, ld: LogitDiffs, dla: DLAResult | None = None,
-                       head_out: Float[Tensor, "template layer head"] | None = None) -> pd.DataFrame:
+def template_breakdown(
+    s: Session, ld: LogitDiffs, dla: DLAResult | None = None, head_out: Float[Tensor, "template layer head"] | None = None
+) -> pd.DataFrame:
     """One row per sentence template of the task: its prompts' clean and corrupted logit differences and accuracy,
     and (when given) its top DLA head and its top output-patching head (``patching.run_sweep(groups=...)``, each
     normalised by that template's own baselines). A template that behaves unlike the others shows here."""
     rows = []
     for i, (name, mask) in enumerate(s.prompts.template_masks().items()):
-        row = {"template": name, "prompts": int(mask.sum()), "clean logit diff": float(ld.clean[mask].mean()),
-               "corrupted logit diff": float(ld.corrupted[mask].mean()), "accuracy (logit diff > 0)": float((ld.clean[mask] > 0).float().mean())}
+        row = {
+            "template": name,
+            "prompts": int(mask.sum()),
+            "clean logit diff": float(ld.clean[mask].mean()),
+            "corrupted logit diff": float(ld.corrupted[mask].mean()),
+            "accuracy (logit diff > 0)": float((ld.clean[mask] > 0).float().mean()),
+        }
         if dla is not None and dla.heads_per_prompt is not None:
             top = top_heads(dla.heads_per_prompt[..., mask].mean(-1), 1, "abs")[0]
             row["top DLA head"] = f"{head_label(top)} ({top['value']:+.2f})"
@@ -251,12 +305,26 @@ def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult
     after = head_dla(s.model, cache, direction).mean(-1).cpu()
     delta = after - dla.heads
     delta[head["layer"], head["head"]] = float("-inf")  # the ablated head is not its own backup
-    risers = [{"layer": h["layer"], "head": h["head"], "dla_before": round(float(dla.heads[h["layer"], h["head"]]), 6),
-               "dla_after": round(float(after[h["layer"], h["head"]]), 6)} for h in top_heads(delta, k, "pos")]
+    risers = [
+        {
+            "layer": h["layer"],
+            "head": h["head"],
+            "dla_before": round(float(dla.heads[h["layer"], h["head"]]), 6),
+            "dla_after": round(float(after[h["layer"], h["head"]]), 6),
+        }
+        for h in top_heads(delta, k, "pos")
+    ]
     scale_before = dla.cache["ln_final.hook_scale"][:, end].mean().item()
     scale_after = cache["ln_final.hook_scale"][:, end].mean().item()
-    return BackupResult(head, dla.heads, after, dla.logit_diff, logit_diff(logits, s.prompts.answer_tokens).mean().item(),
-                        scale_after / scale_before, risers)
+    return BackupResult(
+        head,
+        dla.heads,
+        after,
+        dla.logit_diff,
+        logit_diff(logits, s.prompts.answer_tokens).mean().item(),
+        scale_after / scale_before,
+        risers,
+    )
 
 
 class MissingResults(FileNotFoundError):
@@ -268,16 +336,20 @@ def load_results(s: Session, template: str) -> dict:
     session; a clear error naming the command that writes it when it is missing or was computed with others."""
     path = s.input_dir / f"{template}.json"
     if not path.exists():
-        raise MissingResults(f"{path} not found: run the {template} template for this task and model first "
-                             f"(make run TASK={s.params.task} MODEL={s.model_name} TEMPLATE={template}, or make all)")
+        raise MissingResults(
+            f"{path} not found: run the {template} template for this task and model first "
+            f"(make run TASK={s.params.task} MODEL={s.model_name} TEMPLATE={template}, or make all)"
+        )
     results = read_json(path)
     mine = to_jsonable(s.params)
     theirs = results.get("params")
     if isinstance(theirs, dict) and theirs != mine:  # e.g. another n_prompts or model: its numbers are for other prompts
         differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-        raise MissingResults(f"{path} was computed with other parameters ({', '.join(differing)} differ from this notebook's): "
-                             f"rerun the {template} template with these parameters first (make run TASK={s.params.task} "
-                             f"MODEL={s.model_name} TEMPLATE={template}, or make all)")
+        raise MissingResults(
+            f"{path} was computed with other parameters ({', '.join(differing)} differ from this notebook's): "
+            f"rerun the {template} template with these parameters first (make run TASK={s.params.task} "
+            f"MODEL={s.model_name} TEMPLATE={template}, or make all)"
+        )
     return results
 
 
@@ -293,4 +365,13 @@ def important_heads(s: Session, circuit: dict, override: list[str] | None = None
     return sorted(seen.values(), key=lambda h: (h["layer"], h["head"]))
 
 
-__all__ = ["Session", "start_session", "logit_diffs", "direct_logit_attribution", "layer_bands", "backup_heads", "load_results", "important_heads"]
+__all__ = [
+    "Session",
+    "start_session",
+    "logit_diffs",
+    "direct_logit_attribution",
+    "layer_bands",
+    "backup_heads",
+    "load_results",
+    "important_heads",
+]

@@ -19,22 +19,96 @@ import torch
 _COMMON = dict(tie_word_embeddings=False)
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2Config", dict(n_positions=64, n_embd=64, n_layer=2, n_head=4)),
-    "opt": ("OPTConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                              max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=True)),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+            do_layer_norm_before=True,
+        ),
+    ),
     "gptj": ("GPTJConfig", dict(n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
-    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                       max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True)),
-    "llama": ("LlamaConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  intermediate_size=128, max_position_embeddings=64, **_COMMON)),
-    "mistral": ("MistralConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=128, max_position_embeddings=64, sliding_window=None, **_COMMON)),
-    "qwen2": ("Qwen2Config", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  intermediate_size=128, max_position_embeddings=64, **_COMMON)),
-    "gemma2": ("Gemma2Config", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    head_dim=16, intermediate_size=128, max_position_embeddings=64, sliding_window=8,
-                                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0)),
-    "gemma3": ("Gemma3TextConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=16, intermediate_size=128, max_position_embeddings=64, sliding_window=8)),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+        ),
+    ),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            **_COMMON,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            sliding_window=None,
+            **_COMMON,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            **_COMMON,
+        ),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            sliding_window=8,
+        ),
+    ),
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_CONFIGS)
 
@@ -55,8 +129,14 @@ def build_family_model(family: str, tokenizer, out_dir: str | Path, seed: int = 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = family_config(family, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id, **overrides)
+    cfg = family_config(
+        family,
+        len(tokenizer),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **overrides,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     _spread_weights(model, seed)
     out = Path(out_dir)

@@ -20,7 +20,7 @@ from .prompts import PromptSet
 Positions = dict[str, "int | Int[Tensor, 'batch']"]  # named position -> token index, one for all prompts or one per prompt
 
 
-def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[str, Int[Tensor, "batch"]]:
+def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[str, Int[Tensor, batch]]:
     """Named positions of words, per prompt (default: every named position except ``end`` and ``±n`` offsets).
     Per prompt because a task with several templates (ABBA and BABA) has its words at different indices.
 
@@ -31,8 +31,10 @@ def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[s
         names = [n for n in named if n != "end" and "+" not in n and "-" not in n]
     unknown = [n for n in names if n not in named]
     if unknown or not names:
-        raise ValueError(f"named position(s) {unknown or names} not found; this task has: {sorted(named)} "
-                         f"(set them under `positions:` in the params file)")
+        raise ValueError(
+            f"named position(s) {unknown or names} not found; this task has: {sorted(named)} "
+            f"(set them under `positions:` in the params file)"
+        )
     return {n: named[n] for n in names}
 
 
@@ -56,8 +58,11 @@ def at_positions(x: Tensor, index: Int[Tensor, "batch word"], dim: int) -> Tenso
 def head_function_hooks(model) -> list[str]:
     """Hooks the head-function analyses read: resid after the first block, every z and pattern, final LN scale."""
     n = model.cfg.n_layers
-    return (["blocks.0.hook_resid_post", "ln_final.hook_scale"] + [f"blocks.{l}.attn.hook_z" for l in range(n)]
-            + [f"blocks.{l}.attn.hook_pattern" for l in range(n)])
+    return (
+        ["blocks.0.hook_resid_post", "ln_final.hook_scale"]
+        + [f"blocks.{l}.attn.hook_z" for l in range(n)]
+        + [f"blocks.{l}.attn.hook_pattern" for l in range(n)]
+    )
 
 
 def clean_cache(model, prompts: PromptSet):
@@ -76,7 +81,9 @@ class CopyScores:
     words: list[str]
 
 
-def ov_outputs(model, resid: Float[Tensor, "batch word d_model"], layer: int, bias: bool = False) -> Float[Tensor, "batch word head d_model"]:
+def ov_outputs(
+    model, resid: Float[Tensor, "batch word d_model"], layer: int, bias: bool = False
+) -> Float[Tensor, "batch word head d_model"]:
     """What each head of ``layer`` writes if it attends fully to one position holding ``resid``: the head's norm,
     its value map and ``W_O``. Under grouped-query attention each query head uses its key/value group's value map.
 
@@ -112,7 +119,7 @@ def bias_or_none(model, name: str) -> Tensor | None:
         return None
 
 
-def top_k_hits(model, out: Float[Tensor, "... d_model"], targets: Int[Tensor, "..."], k: int) -> Float[Tensor, "..."]:
+def top_k_hits(model, out: Float[Tensor, "... d_model"], targets: Int[Tensor, ...], k: int) -> Float[Tensor, ...]:
     """1.0 where ``targets`` is among the top ``k`` logits of ``out`` read through the final norm and unembedding."""
     top = model.unembed(model.ln_final(out)).topk(k, dim=-1).indices
     return (top == targets[..., None]).any(-1).float()
@@ -193,12 +200,16 @@ def attention_vs_contribution(model, cache, prompts: PromptSet, positions: Posit
     pos = position_matrix(positions, prompts.clean_tokens.shape[0])
     targets = prompts.clean_tokens.gather(1, pos.to(prompts.clean_tokens.device))  # [batch, word]
     n = model.cfg.n_layers
-    attention = torch.stack([at_positions(cache[f"blocks.{l}.attn.hook_pattern"][:, :, from_pos], pos, 2) for l in range(n)])  # [layer, batch, head, word]
+    attention = torch.stack(
+        [at_positions(cache[f"blocks.{l}.attn.hook_pattern"][:, :, from_pos], pos, 2) for l in range(n)]
+    )  # [layer, batch, head, word]
     z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][:, from_pos] for l in range(n)])  # [layer, batch, head, d_head]
     out = torch.einsum("lbhe,lhed->lbhd", z, model.W_O) / cache["ln_final.hook_scale"][:, from_pos][None, :, None]
     word_dirs = model.W_U[:, targets]  # [d_model, batch, word]
     contribution = torch.einsum("lbhd,dbw->lbhw", out, word_dirs)
-    return AttentionContribution(attention.permute(0, 2, 1, 3).detach().cpu(), contribution.permute(0, 2, 1, 3).detach().cpu(), list(positions))
+    return AttentionContribution(
+        attention.permute(0, 2, 1, 3).detach().cpu(), contribution.permute(0, 2, 1, 3).detach().cpu(), list(positions)
+    )
 
 
 def attention_between(cache, n_layers: int, from_positions: Positions, to_positions: Positions) -> Float[Tensor, "layer head from to"]:
@@ -211,8 +222,9 @@ def attention_between(cache, n_layers: int, from_positions: Positions, to_positi
     return torch.stack(rows).detach().cpu()
 
 
-def attention_shift(model, cache, prompts: PromptSet, candidates: list[dict], readers: list[dict], positions: Positions,
-                    from_pos: int = -1) -> Float[Tensor, "candidate reader word"]:
+def attention_shift(
+    model, cache, prompts: PromptSet, candidates: list[dict], readers: list[dict], positions: Positions, from_pos: int = -1
+) -> Float[Tensor, "candidate reader word"]:
     """How much each candidate head moves each later reader head's attention (S-inhibition evidence).
 
     Clean prompts; in variant i the candidate's output z (all positions) takes its corrupted-run value; the
@@ -231,8 +243,9 @@ def attention_shift(model, cache, prompts: PromptSet, candidates: list[dict], re
         for i, c in enumerate(candidates):
             masks[i, 0, c["head"]] = c["layer"] == layer
         interventions.append(Intervention(f"blocks.{layer}.attn.hook_z", "corrupted", masks))
-    _, stored = run_interventions(model, prompts.clean_tokens, prompts.answer_tokens, interventions, {"corrupted": corrupted.cache_dict},
-                                  n_var, record=pat_names)
+    _, stored = run_interventions(
+        model, prompts.clean_tokens, prompts.answer_tokens, interventions, {"corrupted": corrupted.cache_dict}, n_var, record=pat_names
+    )
     pos = position_matrix(positions, prompts.clean_tokens.shape[0])
     shift = torch.zeros(n_var, len(readers), pos.shape[1])
     for j, r in enumerate(readers):
@@ -261,5 +274,5 @@ def composition_scores(model, mode: str = "K") -> Float[Tensor, "layer head laye
         n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
         out = torch.zeros(n_layers, n_heads, n_layers, n_heads)
         for layer in range(n_layers - 1):
-            out[layer, :, layer + 1:] = tl_composition_scores(ov[layer], right[layer + 1:]).float().cpu()
+            out[layer, :, layer + 1 :] = tl_composition_scores(ov[layer], right[layer + 1 :]).float().cpu()
     return out

@@ -90,7 +90,9 @@ def pattern_scores(patterns: Float[Tensor, "layer batch head q k"], seq_len: int
     }
 
 
-def repeated_token_scores(model, seq_len: int, batch: int, seed: int, tokens: Tensor | None = None) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos"]]:
+def repeated_token_scores(
+    model, seq_len: int, batch: int, seed: int, tokens: Tensor | None = None
+) -> tuple[dict[str, Tensor], Float[Tensor, "batch pos"]]:
     """Head scores on repeated random tokens (or on given ``[BOS,] r, r`` ``tokens``) and the per-token loss."""
     tokens = repeated_random_tokens(model, seq_len, batch, seed) if tokens is None else tokens
     first = tokens.shape[1] - 2 * seq_len
@@ -157,12 +159,17 @@ def composition_baseline(scores: Float[Tensor, "layer head layer head"]) -> floa
 
 def composition_pairs(scores: Float[Tensor, "layer head layer head"], senders: list[dict], receivers: list[dict]) -> list[dict]:
     """Composition score of each sender into each later receiver, as ``{from, to, score}``."""
-    return [{"from": head_label(a), "to": head_label(b), "score": round(float(scores[a["layer"], a["head"], b["layer"], b["head"]]), 6)}
-            for a in senders for b in receivers if a["layer"] < b["layer"]]
+    return [
+        {"from": head_label(a), "to": head_label(b), "score": round(float(scores[a["layer"], a["head"], b["layer"], b["head"]]), 6)}
+        for a in senders
+        for b in receivers
+        if a["layer"] < b["layer"]
+    ]
 
 
-def induction_task(model, seq_len: int, batch: int, seed: int, copied: int | None = None
-                   ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch 2"]]:
+def induction_task(
+    model, seq_len: int, batch: int, seed: int, copied: int | None = None
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch 2"]]:
     """(clean, corrupted, answers) for induction as a patching task: clean is ``[BOS,] r, r[:copied]`` (the second copy
     cut after ``copied`` words, default half), so the next word is ``r[copied]``; corrupted replaces the first copy by
     other random words ``s`` (nothing to induct from); answers are ``(r[copied], s[copied])``."""
@@ -171,7 +178,7 @@ def induction_task(model, seq_len: int, batch: int, seed: int, copied: int | Non
         raise ValueError(f"copied must be between 1 and seq_len - 1 ({seq_len - 1}), not {copied}")
     both = repeated_random_tokens(model, 2 * seq_len, batch, seed)  # [BOS,] r s, r s: two independent word runs
     first = n_prefix(model)
-    r, s = both[:, first:first + seq_len], both[:, first + seq_len:first + 2 * seq_len]
+    r, s = both[:, first : first + seq_len], both[:, first + seq_len : first + 2 * seq_len]
     prefix = both[:, :first]
     clean = torch.cat([prefix, r, r[:, :copied]], dim=1)
     corrupted = torch.cat([prefix, s, r[:, :copied]], dim=1)

@@ -32,7 +32,11 @@ def resolve_hook_names(model, spec: NameSpec) -> list[str]:
     names = [spec] if isinstance(spec, str) else list(spec)
     unknown = [n for n in names if n not in available]
     if unknown or not names:
-        hint = "use 'hook_pattern' for attention patterns (there is no 'hook_attn')" if any("hook_attn" == n.rsplit(".", 1)[-1] for n in unknown) else "see model.hook_dict for valid names"
+        hint = (
+            "use 'hook_pattern' for attention patterns (there is no 'hook_attn')"
+            if any("hook_attn" == n.rsplit(".", 1)[-1] for n in unknown)
+            else "see model.hook_dict for valid names"
+        )
         raise HookNameError(f"unknown hook name(s) {unknown or names}: {hint}")
     return names
 

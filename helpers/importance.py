@@ -33,20 +33,24 @@ from .patching import NotSupported, bytes_per_variant
 class LossMetrics:
     """Per-variant task metrics of full-sequence logits (means over prompts)."""
 
-    answer_loss: Float[Tensor, "variant"]  # -log p(correct) at the final prompt position, nats
-    sequence_loss: Float[Tensor, "variant"]  # mean next-token cross-entropy over prompt + answer, nats
-    logit_diff: Float[Tensor, "variant"]  # correct - incorrect logit at the final prompt position
+    answer_loss: Float[Tensor, variant]  # -log p(correct) at the final prompt position, nats
+    sequence_loss: Float[Tensor, variant]  # mean next-token cross-entropy over prompt + answer, nats
+    logit_diff: Float[Tensor, variant]  # correct - incorrect logit at the final prompt position
 
 
-def loss_metrics(logits: Float[Tensor, "variant_batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
-                 answers: Int[Tensor, "batch 2"], n_var: int) -> LossMetrics:
+def loss_metrics(
+    logits: Float[Tensor, "variant_batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], n_var: int
+) -> LossMetrics:
     """The three metrics of ``logits`` of ``tokens`` = prompt followed by its correct answer (variant-major)."""
     reps = tokens.repeat(n_var, 1)
     logprobs = logits[:, :-1].float().log_softmax(-1)
     token_loss = -logprobs.gather(-1, reps[:, 1:, None])[..., 0]  # [variant*batch, pos-1]
     ld = logit_diff(logits[:, -2:-1], answers.repeat(n_var, 1))
-    return LossMetrics(token_loss[:, -1].reshape(n_var, -1).mean(-1).cpu(), token_loss.mean(-1).reshape(n_var, -1).mean(-1).cpu(),
-                       ld.reshape(n_var, -1).mean(-1).cpu())
+    return LossMetrics(
+        token_loss[:, -1].reshape(n_var, -1).mean(-1).cpu(),
+        token_loss.mean(-1).reshape(n_var, -1).mean(-1).cpu(),
+        ld.reshape(n_var, -1).mean(-1).cpu(),
+    )
 
 
 @dataclass
@@ -61,10 +65,15 @@ class HeadImportance:
     reference: str = "the same prompts"  # where the means come from
 
     def to_json(self) -> dict:
-        return {"answer_loss": self.answer_loss, "sequence_loss": self.sequence_loss, "logit_diff": self.logit_diff,
-                "baseline": self.baseline, "n_prompts": self.n_prompts,
-                "ablation": f"each head's z replaced at every position by its mean over {self.reference} at that position",
-                "sign": "ablated minus unablated"}
+        return {
+            "answer_loss": self.answer_loss,
+            "sequence_loss": self.sequence_loss,
+            "logit_diff": self.logit_diff,
+            "baseline": self.baseline,
+            "n_prompts": self.n_prompts,
+            "ablation": f"each head's z replaced at every position by its mean over {self.reference} at that position",
+            "sign": "ablated minus unablated",
+        }
 
 
 def with_answers(tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"]) -> Int[Tensor, "batch pos+1"]:
@@ -72,9 +81,16 @@ def with_answers(tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2
     return torch.cat([tokens, answers[:, :1].to(tokens.device)], dim=1)
 
 
-def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], memory_mb: float = 1024,
-                    progress: bool = True, groups: Int[Tensor, "batch"] | None = None,
-                    reference_tokens: Int[Tensor, "batch pos"] | None = None, reference_name: str = "reference") -> HeadImportance:
+def head_importance(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    answers: Int[Tensor, "batch 2"],
+    memory_mb: float = 1024,
+    progress: bool = True,
+    groups: Int[Tensor, batch] | None = None,
+    reference_tokens: Int[Tensor, "batch pos"] | None = None,
+    reference_name: str = "reference",
+) -> HeadImportance:
     """Mean-ablation importance of every head (see module docstring); ``memory_mb`` bounds one batched forward;
     ``groups``: the prompts' sentence templates, each averaged on its own (``metrics.group_mean``);
     ``reference_tokens``: prompts the means come from (default ``tokens`` themselves; the corrupted prompts remove
@@ -86,8 +102,10 @@ def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor
     z_names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)])
     resid_names = resolve_hook_names(model, [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)])
     if not hook_takes_effect(model, z_names[-1]):
-        raise NotSupported(f"head importance is not supported for this architecture ({type(model.original_model).__name__}): "
-                           "the bridge discards edits of attn.hook_z, so every ablation would be a silent zero")
+        raise NotSupported(
+            f"head importance is not supported for this architecture ({type(model.original_model).__name__}): "
+            "the bridge discards edits of attn.hook_z, so every ablation would be a silent zero"
+        )
     reference = {}
     if reference_tokens is not None:
         with torch.no_grad():
@@ -115,6 +133,9 @@ def head_importance(model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor
                 out[k].append(getattr(m, k) - getattr(base, k))
         for k in rows:
             rows[k].append(torch.cat(out[k]))
-    return HeadImportance(*(torch.stack(rows[k]) for k in ("answer_loss", "sequence_loss", "logit_diff")),
-                          baseline={k: float(getattr(base, k)[0]) for k in rows}, n_prompts=batch,
-                          reference="the same prompts" if reference_tokens is None else f"the {reference_name} prompts")
+    return HeadImportance(
+        *(torch.stack(rows[k]) for k in ("answer_loss", "sequence_loss", "logit_diff")),
+        baseline={k: float(getattr(base, k)[0]) for k in rows},
+        n_prompts=batch,
+        reference="the same prompts" if reference_tokens is None else f"the {reference_name} prompts",
+    )

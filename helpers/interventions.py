@@ -111,7 +111,9 @@ def source_value(sources: Mapping[str, Mapping[str, Tensor]], intervention: Inte
         if intervention.hook in sources.get("zero", {}):
             return sources["zero"][intervention.hook]
         if like is None:
-            like = next((sources[s][intervention.hook] for s in ("corrupted", "clean") if s in sources and intervention.hook in sources[s]), None)
+            like = next(
+                (sources[s][intervention.hook] for s in ("corrupted", "clean") if s in sources and intervention.hook in sources[s]), None
+            )
         if like is None:
             raise KeyError(f"zero source for {intervention.hook}: no cached activation of that hook to take the shape from")
         return torch.zeros_like(like[:1])
@@ -196,8 +198,11 @@ def _fast_start_ok(model, resid: Tensor, layer: int) -> bool:
         verdicts[layer] = ok
         if not ok:
             verdicts["all"] = False
-            warnings.warn(f"{type(model.original_model).__name__}: skipping the blocks before layer {layer} changed the output; "
-                          "falling back to the bridge's full start_at_layer forward (exact, slower)", stacklevel=3)
+            warnings.warn(
+                f"{type(model.original_model).__name__}: skipping the blocks before layer {layer} changed the output; "
+                "falling back to the bridge's full start_at_layer forward (exact, slower)",
+                stacklevel=3,
+            )
     return verdicts[layer]
 
 

@@ -125,8 +125,10 @@ def check_writable(root: Path, folder: Path) -> None:
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         if not os.access(probe, os.W_OK | os.X_OK):
-            raise OutputsError(f"{probe} is not writable (needed for {path}); fix its permissions "
-                               f"(chmod u+w {probe}) or write elsewhere with --outputs-dir")
+            raise OutputsError(
+                f"{probe} is not writable (needed for {path}); fix its permissions "
+                f"(chmod u+w {probe}) or write elsewhere with --outputs-dir"
+            )
 
 
 def staging_prefix(task: str, model_name: str, template: str) -> str:
@@ -162,8 +164,10 @@ def run_lock(root: Path, task: str, model_name: str, template: str):
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise OutputsError(f"another run of {task}/{model_folder_name(model_name)}/{template} is in progress "
-                               f"(pid {owner}); wait for it to finish, then run again") from None
+            raise OutputsError(
+                f"another run of {task}/{model_folder_name(model_name)}/{template} is in progress "
+                f"(pid {owner}); wait for it to finish, then run again"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield path

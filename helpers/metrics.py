@@ -17,9 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 
-def logit_diff(
-    logits: Float[Tensor, "batch pos d_vocab"], answer_tokens: Int[Tensor, "batch 2"], pos: int = -1
-) -> Float[Tensor, "batch"]:
+def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Float[Tensor, batch]:
     """Correct-answer logit minus incorrect-answer logit at ``pos`` (the final token by default), per prompt."""
     final = logits[:, pos].float()  # half-precision models: score in float32
     return (final.gather(-1, answer_tokens[:, :1]) - final.gather(-1, answer_tokens[:, 1:]))[:, 0]
@@ -56,12 +54,22 @@ def check_normalisation(clean: float, corrupted: float, warn: bool = True) -> No
     gap = clean - corrupted
     scale = max(abs(clean), abs(corrupted))
     if not math.isfinite(gap) or abs(gap) <= ZERO_GAP:
-        status, message = "zero", (f"clean and corrupted logit differences are equal ({clean:.4g} vs {corrupted:.4g}): normalised "
-                                   "effects are undefined (null); the model does not distinguish the prompts")
+        status, message = (
+            "zero",
+            (
+                f"clean and corrupted logit differences are equal ({clean:.4g} vs {corrupted:.4g}): normalised "
+                "effects are undefined (null); the model does not distinguish the prompts"
+            ),
+        )
     elif abs(gap) < SMALL_GAP_FRACTION * scale:
-        status, message = "small", (f"clean - corrupted logit-difference gap is only {gap:.4g} ({clean:.4g} vs {corrupted:.4g}): "
-                                    f"normalised effects divide by it and amplify noise {1 / abs(gap):.0f}x; "
-                                    "the model barely does this task, so read them with care")
+        status, message = (
+            "small",
+            (
+                f"clean - corrupted logit-difference gap is only {gap:.4g} ({clean:.4g} vs {corrupted:.4g}): "
+                f"normalised effects divide by it and amplify noise {1 / abs(gap):.0f}x; "
+                "the model barely does this task, so read them with care"
+            ),
+        )
     else:
         status, message = "ok", ""
     if warn and status != "ok":
@@ -113,31 +121,43 @@ class TaskCheck:
         """Why the task does not count as performed (empty when it does)."""
         out = []
         if self.accuracy < self.min_accuracy:
-            out.append(f"the correct answer beats the incorrect one on {self.accuracy:.0%} of clean prompts "
-                       f"(threshold {self.min_accuracy:.0%})")
+            out.append(
+                f"the correct answer beats the incorrect one on {self.accuracy:.0%} of clean prompts (threshold {self.min_accuracy:.0%})"
+            )
         if self.gap < self.min_gap:
-            out.append(f"the clean - corrupted logit-difference gap is {self.gap:.3f} "
-                       f"({self.clean_logit_diff:.3f} vs {self.corrupted_logit_diff:.3f}; threshold {self.min_gap})")
+            out.append(
+                f"the clean - corrupted logit-difference gap is {self.gap:.3f} "
+                f"({self.clean_logit_diff:.3f} vs {self.corrupted_logit_diff:.3f}; threshold {self.min_gap})"
+            )
         return out
 
     def summary(self) -> str:
         """One line for tables and logs."""
         verdict = "performed" if self.performed else "NOT performed: " + "; ".join(self.reasons())
-        return (f"task {verdict} (accuracy {self.accuracy:.2f}, top-1 {self.top1:.2f}, logit diff clean "
-                f"{self.clean_logit_diff:.3f} vs corrupted {self.corrupted_logit_diff:.3f})")
+        return (
+            f"task {verdict} (accuracy {self.accuracy:.2f}, top-1 {self.top1:.2f}, logit diff clean "
+            f"{self.clean_logit_diff:.3f} vs corrupted {self.corrupted_logit_diff:.3f})"
+        )
 
     def to_json(self) -> dict:
         return {"task_performed": self.performed, **asdict(self), "gap": self.gap, "reasons": self.reasons()}
 
 
-def check_task(clean_ld: Float[Tensor, "batch"], corrupted_ld: Float[Tensor, "batch"], top1: float,
-               min_accuracy: float, min_gap: float) -> TaskCheck:
+def check_task(
+    clean_ld: Float[Tensor, batch], corrupted_ld: Float[Tensor, batch], top1: float, min_accuracy: float, min_gap: float
+) -> TaskCheck:
     """The TaskCheck of per-prompt clean and corrupted logit differences."""
-    return TaskCheck(float((clean_ld > 0).float().mean()), float(top1), float(clean_ld.mean()), float(corrupted_ld.mean()),
-                     float(min_accuracy), float(min_gap))
+    return TaskCheck(
+        float((clean_ld > 0).float().mean()),
+        float(top1),
+        float(clean_ld.mean()),
+        float(corrupted_ld.mean()),
+        float(min_accuracy),
+        float(min_gap),
+    )
 
 
-def group_mean(x: Float[Tensor, "batch ..."], groups: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "batch_or_1 ..."]:
+def group_mean(x: Float[Tensor, "batch ..."], groups: Int[Tensor, batch] | None = None) -> Float[Tensor, "batch_or_1 ..."]:
     """The mean over the batch axis, for mean ablation: ``[1, ...]`` (the same for every prompt) when all prompts form
     one group, else one row per prompt holding the mean of its own group (e.g. the prompts of its sentence template:
     ABBA and BABA prompts have different words at the same index, so one mean over both would blend them)."""
@@ -148,7 +168,7 @@ def group_mean(x: Float[Tensor, "batch ..."], groups: Int[Tensor, "batch"] | Non
     return means[groups.to(x.device)]
 
 
-def group_weights(batch: int, groups: Int[Tensor, "batch"] | None) -> Float[Tensor, "batch group"]:
+def group_weights(batch: int, groups: Int[Tensor, batch] | None) -> Float[Tensor, "batch group"]:
     """Columns that average over the prompts of each group (one column, the plain mean, without ``groups``)."""
     if groups is None:
         return torch.full((batch, 1), 1.0 / batch)

@@ -76,13 +76,21 @@ HUB_SHAPES: dict[str, tuple[int, int]] = {"gpt2": (12, 12), "gpt2-medium": (24, 
 
 def check_model_folder(folder: Path) -> None:
     """A local model folder has a config, weights and a tokenizer; ModelNotAvailable names what is missing."""
-    missing = [what for what, names in (("config.json", ("config.json",)), ("weights (" + " or ".join(WEIGHT_FILES[::2]) + ")", WEIGHT_FILES),
-                                        ("a tokenizer (tokenizer.json)", TOKENIZER_FILES),
-                                        ("tokenizer_config.json", ("tokenizer_config.json",)))
-               if not any((folder / n).is_file() for n in names)]
+    missing = [
+        what
+        for what, names in (
+            ("config.json", ("config.json",)),
+            ("weights (" + " or ".join(WEIGHT_FILES[::2]) + ")", WEIGHT_FILES),
+            ("a tokenizer (tokenizer.json)", TOKENIZER_FILES),
+            ("tokenizer_config.json", ("tokenizer_config.json",)),
+        )
+        if not any((folder / n).is_file() for n in names)
+    ]
     if missing:
-        raise ModelNotAvailable(f"model folder {folder} lacks {', '.join(missing)}; a model folder is what "
-                                "save_pretrained writes for the model and its tokenizer")
+        raise ModelNotAvailable(
+            f"model folder {folder} lacks {', '.join(missing)}; a model folder is what "
+            "save_pretrained writes for the model and its tokenizer"
+        )
 
 
 def model_shape(name: str) -> tuple[int, int]:

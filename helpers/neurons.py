@@ -47,8 +47,10 @@ def neuron_hook_names(model, layers: list[int] | None = None) -> list[str]:
 def caveats(model) -> dict[str, str]:
     """Why neuron DLA does not sum to the MLP's DLA on this architecture; empty when it does."""
     if any(".ln2_post." in name for name in model.hook_dict):
-        return {"neurons": "a norm follows the MLP output (post-feedforward norm): neuron writes are taken before it and do not "
-                           "add up to the MLP output"}
+        return {
+            "neurons": "a norm follows the MLP output (post-feedforward norm): neuron writes are taken before it and do not "
+            "add up to the MLP output"
+        }
     return {}
 
 
@@ -88,8 +90,12 @@ def neuron_dla(model, cache: ActivationCache, direction: Float[Tensor, "batch d_
     batch = direction.shape[0]
     for layer in range(model.cfg.n_layers):
         d_mlp = cache[post_hook(layer)].shape[-1]
-        parts = [project_stack(cache, cache.get_neuron_results(layer, neuron_slice=slice(start, start + chunk), pos_slice=-1).transpose(0, 1),
-                               direction) for start in range(0, d_mlp, chunk)]
+        parts = [
+            project_stack(
+                cache, cache.get_neuron_results(layer, neuron_slice=slice(start, start + chunk), pos_slice=-1).transpose(0, 1), direction
+            )
+            for start in range(0, d_mlp, chunk)
+        ]
         rows.append(torch.cat(parts))
         b_out = getattr(model.blocks[layer].mlp, "b_out", None)
         b_out = torch.zeros(model.cfg.d_model, device=direction.device) if b_out is None else b_out
@@ -100,8 +106,9 @@ def neuron_dla(model, cache: ActivationCache, direction: Float[Tensor, "batch d_
     return NeuronDLA(per_prompt.cpu(), bias.cpu(), mlp.cpu(), error, caveats(model))
 
 
-def neuron_patching(ctx: PatchingContext, layers: list[int], memory_mb: float = 1024,
-                    only: dict[int, Tensor] | None = None) -> Float[Tensor, "layer neuron"]:
+def neuron_patching(
+    ctx: PatchingContext, layers: list[int], memory_mb: float = 1024, only: dict[int, Tensor] | None = None
+) -> Float[Tensor, "layer neuron"]:
     """Normalised effect of patching each neuron of ``layers`` (all positions) from clean into corrupted; rows in
     the order of ``layers``. ``ctx`` must cache their ``hook_post`` (``make_context(..., extra_hooks=neuron_hook_names(...))``).
     ``only``: per layer, the neurons to patch (e.g. ``candidates``); the others are NaN."""
@@ -144,8 +151,9 @@ def top_activating(cache: ActivationCache, tokens: Tensor, to_str, layer: int, n
     for value, index in zip(top.values.tolist(), top.indices.tolist()):
         prompt, pos = divmod(index, n_pos)
         words = to_str(tokens[prompt])
-        rows.append({"prompt": prompt, "pos": pos, "token": words[pos], "context": "".join(words[max(0, pos - 8):pos + 1]),
-                     "activation": value})
+        rows.append(
+            {"prompt": prompt, "pos": pos, "token": words[pos], "context": "".join(words[max(0, pos - 8) : pos + 1]), "activation": value}
+        )
     return rows
 
 
@@ -155,9 +163,25 @@ def output_tokens(model, layer: int, neuron: int, k: int = 8) -> dict[str, list[
     logits = model.blocks[layer].mlp.W_out[neuron] @ model.W_U
     up, down = logits.topk(k), (-logits).topk(k)
     decode = model.tokenizer.decode
-    return {"promoted": [(decode([int(i)]), float(v)) for v, i in zip(up.values, up.indices)],
-            "suppressed": [(decode([int(i)]), float(-v)) for v, i in zip(down.values, down.indices)]}
+    return {
+        "promoted": [(decode([int(i)]), float(v)) for v, i in zip(up.values, up.indices)],
+        "suppressed": [(decode([int(i)]), float(-v)) for v, i in zip(down.values, down.indices)],
+    }
 
 
-__all__ = ["NEURONS", "NeuronDLA", "neuron_dla", "neuron_patching", "all_neurons_patched", "mlp_layer_scores", "neuron_attribution", "candidates", "top_activating", "output_tokens",
-           "top_neurons", "neuron_hook_names", "post_hook", "caveats"]
+__all__ = [
+    "NEURONS",
+    "NeuronDLA",
+    "neuron_dla",
+    "neuron_patching",
+    "all_neurons_patched",
+    "mlp_layer_scores",
+    "neuron_attribution",
+    "candidates",
+    "top_activating",
+    "output_tokens",
+    "top_neurons",
+    "neuron_hook_names",
+    "post_hook",
+    "caveats",
+]

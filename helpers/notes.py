@@ -48,8 +48,11 @@ class CarryReport:
         """One line for the run summary ('' when there was nothing to carry)."""
         parts = []
         if self.notes or self.inserted or self.orphaned:
-            parts.append(f"notes carried over ({len(self.notes)} notes cells, {self.inserted} inserted cells"
-                         + (f", {self.orphaned} at the end: their section is gone" if self.orphaned else "") + ")")
+            parts.append(
+                f"notes carried over ({len(self.notes)} notes cells, {self.inserted} inserted cells"
+                + (f", {self.orphaned} at the end: their section is gone" if self.orphaned else "")
+                + ")"
+            )
         if self.edited_copy is not None:
             parts.append(f"edited notebook kept as {self.edited_copy}")
         return "; ".join(parts)
@@ -162,7 +165,8 @@ def carry_over(old: nbformat.NotebookNode, new: nbformat.NotebookNode) -> CarryR
     if orphans:
         heading = nbformat.v4.new_markdown_cell(
             "## Notes carried over from an earlier run\n\nTheir section is no longer in this template (renamed or removed): "
-            "kept here rather than dropped.")
+            "kept here rather than dropped."
+        )
         heading.metadata[META] = {"cell": ORPHANS_ID}
         cells += [heading, *orphans]
         report.orphaned = len(orphans)
@@ -198,5 +202,17 @@ def carry_into(published: Path, fresh: Path) -> CarryReport:
     return report
 
 
-__all__ = ["CarryReport", "mark_template_cells", "carry_over", "carry_into", "keep_edited_copy", "was_edited",
-           "write_fingerprint", "fingerprint_path", "section_id", "NOTES_TAG", "CARRIED_TAG", "EDITED_DIR"]
+__all__ = [
+    "CarryReport",
+    "mark_template_cells",
+    "carry_over",
+    "carry_into",
+    "keep_edited_copy",
+    "was_edited",
+    "write_fingerprint",
+    "fingerprint_path",
+    "section_id",
+    "NOTES_TAG",
+    "CARRIED_TAG",
+    "EDITED_DIR",
+]

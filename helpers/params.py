@@ -45,8 +45,13 @@ class Analysis(BaseModel):
     layer_groups: dict[str, list[int]] | None = Field(
         None, description="named layer bands, e.g. {early: [0, 1], late: [2, 3]}; default: three equal bands"
     )
-    min_accuracy: float = Field(0.75, ge=0, le=1, description="task-sanity gate: fraction of clean prompts whose correct "
-                                "answer must beat the incorrect one for the task to count as performed")
+    min_accuracy: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="task-sanity gate: fraction of clean prompts whose correct "
+        "answer must beat the incorrect one for the task to count as performed",
+    )
     min_gap: float = Field(1.0, ge=0, description="task-sanity gate: least clean - corrupted logit-difference gap (nats)")
 
     @field_validator("layer_groups")
@@ -67,16 +72,20 @@ class Corruption(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     template: str | dict[str, str] | None = Field(
-        None, description="the prompt with the task's slots rearranged, e.g. the two names flipped; in a task with several "
-        "`templates`, a mapping from each template's name to its rearranged form")
+        None,
+        description="the prompt with the task's slots rearranged, e.g. the two names flipped; in a task with several "
+        "`templates`, a mapping from each template's name to its rearranged form",
+    )
     noise: list[str] | None = Field(None, description="slots ('S1', 'S2#2') whose token embeddings get Gaussian noise")
     scale: float = Field(3.0, gt=0, le=100, description="noise std in units of the std of the clean token embeddings")
     changes: Literal["position", "token", "both", "other"] = Field(
-        "other", description="what differs from the clean prompt where the answer is read: the position of a word, the word "
-        "(token) at a position, both, or something else; labels the position-vs-token reading")
+        "other",
+        description="what differs from the clean prompt where the answer is read: the position of a word, the word "
+        "(token) at a position, both, or something else; labels the position-vs-token reading",
+    )
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "Corruption":
+    def _one_kind(self) -> Corruption:
         if (self.template is None) == (self.noise is None):
             raise ValueError("give exactly one of 'template' (a rearranged prompt) or 'noise' (a list of slots)")
         if self.noise is not None:
@@ -112,7 +121,7 @@ class CircuitSpec(BaseModel):
     positions: dict[str, list[str]] = Field(default_factory=dict, description="head -> named positions where it is kept")
 
     @model_validator(mode="after")
-    def _heads_and_positions(self) -> "CircuitSpec":
+    def _heads_and_positions(self) -> CircuitSpec:
         heads = [h for hs in self.groups.values() for h in hs]
         bad = [h for h in heads if not re.fullmatch(r"L\d+H\d+", h)]
         if bad:
@@ -135,8 +144,10 @@ class TaskParams(BaseModel):
     template: str | None = Field(None, description="clean prompt with [S1]..[Sn] slots (or several under `templates`)")
     corrupted_template: str | None = Field(None, description="corrupted prompt; same slots plus optional new ones")
     templates: list[TemplateVariant] | None = Field(
-        None, description="several sentence templates mixed in one task (prompts split evenly, results averaged over them "
-        "and broken down per template), instead of template/corrupted_template")
+        None,
+        description="several sentence templates mixed in one task (prompts split evenly, results averaged over them "
+        "and broken down per template), instead of template/corrupted_template",
+    )
     corruption: str | None = Field(None, description="named corruption instead of corrupted_template: 'resample:SLOT#k'")
     slots: dict[str, str] = Field(description="slot name -> word pool (params/pools/<pool>.txt)")
     correct: str = Field(description="correct answer token, literal (' 5') or slot reference (' [S1]')")
@@ -146,8 +157,10 @@ class TaskParams(BaseModel):
         description="named positions: 'end', 'SLOT' (first occurrence), 'SLOT#k' (k-th), with optional +n/-n",
     )
     corruptions: dict[str, Corruption] = Field(
-        default_factory=dict, description="named extra corruptions (flipped order, exchanged names, noise) for the "
-        "position-vs-token analysis; each a template or noise on slots")
+        default_factory=dict,
+        description="named extra corruptions (flipped order, exchanged names, noise) for the "
+        "position-vs-token analysis; each a template or noise on slots",
+    )
     analysis: Analysis = Analysis()
     circuit: CircuitSpec | None = Field(None, description="a circuit for minimal_circuit; default: built from head_functions.json")
     _source: Path | None = PrivateAttr(default=None)
@@ -176,21 +189,25 @@ class TaskParams(BaseModel):
     def _pools_exist(cls, v: dict[str, str]) -> dict[str, str]:
         for slot, pool in v.items():
             if not NAME_RE.fullmatch(pool):
-                raise ValueError(f"slot {slot}: pool {pool!r} is not a pool name (letters, digits, '_' or '-'; "
-                                 f"the file is params/pools/<name>.txt)")
+                raise ValueError(
+                    f"slot {slot}: pool {pool!r} is not a pool name (letters, digits, '_' or '-'; the file is params/pools/<name>.txt)"
+                )
             if not (POOLS_DIR / f"{pool}.txt").is_file():
                 available = sorted(p.stem for p in POOLS_DIR.glob("*.txt"))
                 raise ValueError(f"slot {slot}: pool '{pool}' does not exist; use one of {available} or add params/pools/{pool}.txt")
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TaskParams":
+    def _consistent(self) -> TaskParams:
         if self.template is None and self.templates is None:
-            raise ValueError("template: required field is missing; add 'template: ...' (see README, 'params format'), or "
-                             "'templates:' with a list of {name, template, corrupted_template} for several")
+            raise ValueError(
+                "template: required field is missing; add 'template: ...' (see README, 'params format'), or "
+                "'templates:' with a list of {name, template, corrupted_template} for several"
+            )
         if self.template is not None and self.templates is not None:
-            raise ValueError("give one of 'template' (one sentence template) or 'templates' (a list of "
-                             "{name, template, corrupted_template}), not both")
+            raise ValueError(
+                "give one of 'template' (one sentence template) or 'templates' (a list of {name, template, corrupted_template}), not both"
+            )
         if self.templates is not None:
             self._check_templates()
         elif (self.corrupted_template is None) == (self.corruption is None):
@@ -201,12 +218,16 @@ class TaskParams(BaseModel):
                 raise ValueError(f"corruption {self.corruption!r}: the only named corruption is 'resample:SLOT' or 'resample:SLOT#k'")
             count = min(SLOT_RE.findall(v.template).count(m["slot"]) for v in self._raw_variants())
             if count < int(m["occ"] or 1) or m["slot"] not in self.slots:
-                raise ValueError(f"corruption {self.corruption!r}: the template has {count} occurrence(s) of [{m['slot']}]"
-                                 f"{'' if m['slot'] in self.slots else ' and slots has no pool for it'}; name a slot of the "
-                                 f"template (slots: {sorted(self.slots)})")
+                raise ValueError(
+                    f"corruption {self.corruption!r}: the template has {count} occurrence(s) of [{m['slot']}]"
+                    f"{'' if m['slot'] in self.slots else ' and slots has no pool for it'}; name a slot of the "
+                    f"template (slots: {sorted(self.slots)})"
+                )
         for v in self.variants:
             if not SLOT_RE.search(v.template):
-                raise ValueError(f"template{'' if self.templates is None else f' {v.name}'}: has no [S1]-style slot, so every prompt would be the same")
+                raise ValueError(
+                    f"template{'' if self.templates is None else f' {v.name}'}: has no [S1]-style slot, so every prompt would be the same"
+                )
         texts = [("correct", self.correct), ("incorrect", self.incorrect)]
         for i, v in enumerate(self.variants):
             where = "" if self.templates is None else f"templates[{i}] ({v.name}): "
@@ -214,7 +235,9 @@ class TaskParams(BaseModel):
         for name, text in texts:
             for slot in SLOT_RE.findall(text):
                 if slot not in self.slot_pools:
-                    raise ValueError(f"{name}: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)}); add '{slot}: <pool>' to slots")
+                    raise ValueError(
+                        f"{name}: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)}); add '{slot}: <pool>' to slots"
+                    )
         names = [v.name for v in self.variants]
         for name, c in self.corruptions.items():
             if not NAME_RE.fullmatch(name):
@@ -222,11 +245,15 @@ class TaskParams(BaseModel):
             if isinstance(c.template, dict) and self.templates is None:
                 raise ValueError(f"corruptions.{name}.template: a mapping is for a task with several `templates`; give one template")
             if isinstance(c.template, str) and self.templates is not None:
-                raise ValueError(f"corruptions.{name}.template: this task has several templates; map each to its form: "
-                                 f"{{{', '.join(f'{n}: ...' for n in names)}}}")
+                raise ValueError(
+                    f"corruptions.{name}.template: this task has several templates; map each to its form: "
+                    f"{{{', '.join(f'{n}: ...' for n in names)}}}"
+                )
             if isinstance(c.template, dict) and sorted(c.template) != sorted(names):
-                raise ValueError(f"corruptions.{name}.template: give a form for each template {names} and no other "
-                                 f"(missing {sorted(set(names) - set(c.template))}, unknown {sorted(set(c.template) - set(names))})")
+                raise ValueError(
+                    f"corruptions.{name}.template: give a form for each template {names} and no other "
+                    f"(missing {sorted(set(names) - set(c.template))}, unknown {sorted(set(c.template) - set(names))})"
+                )
             for text in self.corruption_forms(name).values():
                 for slot in SLOT_RE.findall(text):
                     if slot not in self.slot_pools:
@@ -237,8 +264,10 @@ class TaskParams(BaseModel):
                     m = NOISE_SLOT_RE.match(spec)
                     if template_slots.count(m["slot"]) < int(m["occ"] or 1):
                         which = "template" if self.templates is None else f"template {v.name}"
-                        raise ValueError(f"corruptions.{name}.noise: the {which} has {template_slots.count(m['slot'])} occurrence(s) of "
-                                         f"[{m['slot']}], so {spec!r} names no token; name a slot of the template")
+                        raise ValueError(
+                            f"corruptions.{name}.noise: the {which} has {template_slots.count(m['slot'])} occurrence(s) of "
+                            f"[{m['slot']}], so {spec!r} names no token; name a slot of the template"
+                        )
         for name, spec in self.positions.items():
             m = POSITION_RE.match(spec)
             if not m:
@@ -266,15 +295,19 @@ class TaskParams(BaseModel):
                 for h in hs:
                     layer, head = map(int, re.fullmatch(r"L(\d+)H(\d+)", h).groups())
                     if layer >= n_layers or head >= n_heads:
-                        problems.append(f"circuit.groups.{role}: head {h} is outside {model} ({n_layers} layers L0-L{n_layers - 1}, "
-                                        f"{n_heads} heads H0-H{n_heads - 1} per layer)")
+                        problems.append(
+                            f"circuit.groups.{role}: head {h} is outside {model} ({n_layers} layers L0-L{n_layers - 1}, "
+                            f"{n_heads} heads H0-H{n_heads - 1} per layer)"
+                        )
         for name, layers in (self.analysis.layer_groups or {}).items():
             bad = [lay for lay in layers if not 0 <= lay < n_layers]
             if bad:
                 problems.append(f"analysis.layer_groups.{name}: layers {bad} do not exist in {model} (layers 0-{n_layers - 1})")
         if self.analysis.top_k > n_layers * n_heads:
-            problems.append(f"analysis.top_k: {self.analysis.top_k} is more than the {n_layers * n_heads} heads of {model}; "
-                            f"use at most {n_layers * n_heads}")
+            problems.append(
+                f"analysis.top_k: {self.analysis.top_k} is more than the {n_layers * n_heads} heads of {model}; "
+                f"use at most {n_layers * n_heads}"
+            )
         if problems:
             raise ParamsError("\n".join(f"{where}: {p}" for p in problems))
 
@@ -300,8 +333,10 @@ class TaskParams(BaseModel):
     @property
     def variants(self) -> list[TemplateVariant]:
         """Every sentence template of the task with its corrupted form filled in (one, unless ``templates`` is given)."""
-        return [v.model_copy(update={"corrupted_template": v.corrupted_template or self._derived_corruption(v.template)})
-                for v in self._raw_variants()]
+        return [
+            v.model_copy(update={"corrupted_template": v.corrupted_template or self._derived_corruption(v.template)})
+            for v in self._raw_variants()
+        ]
 
     def _derived_corruption(self, template: str) -> str:
         m = CORRUPTION_RE.match(self.corruption or "")
@@ -339,8 +374,9 @@ def params_path(task_or_path: str | Path) -> Path:
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
     if not NAME_RE.fullmatch(str(task_or_path)):
-        raise ParamsError(f"{task_or_path!r}: not a task name (letters, digits, '_' or '-': params/<task>.yaml) "
-                          "nor an existing params file")
+        raise ParamsError(
+            f"{task_or_path!r}: not a task name (letters, digits, '_' or '-': params/<task>.yaml) nor an existing params file"
+        )
     return PARAMS_DIR / f"{task_or_path}.yaml"
 
 
@@ -369,8 +405,9 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.constructor.ConstructorError(None, None, "anchors and aliases (&name / *name) are not allowed in "
-                                                    "params files; write the value out", event.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, "anchors and aliases (&name / *name) are not allowed in params files; write the value out", event.start_mark
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -379,8 +416,11 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark,
-                    f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one", key_node.start_mark)
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
@@ -397,8 +437,7 @@ def parse_yaml(path: Path, text: str) -> dict:
     except RecursionError:
         raise ParamsError(f"{path}: nested too deeply to be a params file") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of fields at the top level (task: ..., template: ...), "
-                          f"not {type(raw).__name__}")
+        raise ParamsError(f"{path}: expected a mapping of fields at the top level (task: ..., template: ...), not {type(raw).__name__}")
     bad = [k for k in raw if not isinstance(k, str)]
     if bad:
         raise ParamsError(f"{path}: field names must be text, not {bad}")

@@ -86,8 +86,12 @@ SWEEPS: dict[str, Sweep] = {
         Sweep("head_k_by_pos", "attn.hook_k", (("pos", 0), ("head", 1)), "get_act_patch_attn_head_k_by_pos"),
         Sweep("head_v_by_pos", "attn.hook_v", (("pos", 0), ("head", 1)), "get_act_patch_attn_head_v_by_pos"),
         Sweep("head_pattern_by_pos", "attn.hook_pattern", (("head", 0), ("dest", 1)), "get_act_patch_attn_head_pattern_by_pos"),
-        Sweep("head_pattern_dest_src", "attn.hook_pattern", (("head", 0), ("dest", 1), ("src", 2)),
-              "get_act_patch_attn_head_pattern_dest_src_pos"),
+        Sweep(
+            "head_pattern_dest_src",
+            "attn.hook_pattern",
+            (("head", 0), ("dest", 1), ("src", 2)),
+            "get_act_patch_attn_head_pattern_dest_src_pos",
+        ),
     ]
 }
 
@@ -103,8 +107,8 @@ class PatchingContext:
     answer_tokens: Int[Tensor, "batch 2"]
     clean_logit_diff: float
     corrupted_logit_diff: float
-    clean_per_prompt: Float[Tensor, "batch"] | None = None  # per-prompt baselines, for per-template breakdowns
-    corrupted_per_prompt: Float[Tensor, "batch"] | None = None
+    clean_per_prompt: Float[Tensor, batch] | None = None  # per-prompt baselines, for per-template breakdowns
+    corrupted_per_prompt: Float[Tensor, batch] | None = None
 
     @property
     def normalisation(self) -> NormalisationCheck:
@@ -115,18 +119,24 @@ class PatchingContext:
 def check_supported(model, spec: Sweep) -> None:
     """Raise ``NotSupported`` for sweeps whose activation this architecture does not have."""
     if spec.hook == "hook_resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):
-        raise NotSupported(f"sweep {spec.name!r} is not supported for this architecture: attention and MLP run in parallel "
-                           "(GPT-J, GPT-NeoX/Pythia), so there is no residual stream between them")
+        raise NotSupported(
+            f"sweep {spec.name!r} is not supported for this architecture: attention and MLP run in parallel "
+            "(GPT-J, GPT-NeoX/Pythia), so there is no residual stream between them"
+        )
     hook = spec.hook_name(model.cfg.n_layers - 1)
     if spec.hook == "hook_resid_mid" and not edit_reaches_residual(model, hook):
-        raise NotSupported(f"sweep {spec.name!r} is not supported for this architecture ({type(model.original_model).__name__}): "
-                           "the TransformerLens bridge passes an edited resid_mid to the MLP only and the residual stream "
-                           "goes on unedited, so this sweep would patch the MLP input under another name (patching all of "
-                           "it would not recover the clean run). Use attn_out, mlp_out or the next layer's resid_pre")
+        raise NotSupported(
+            f"sweep {spec.name!r} is not supported for this architecture ({type(model.original_model).__name__}): "
+            "the TransformerLens bridge passes an edited resid_mid to the MLP only and the residual stream "
+            "goes on unedited, so this sweep would patch the MLP input under another name (patching all of "
+            "it would not recover the clean run). Use attn_out, mlp_out or the next layer's resid_pre"
+        )
     if not hook_takes_effect(model, hook):
-        raise NotSupported(f"sweep {spec.name!r} is not supported for this architecture ({type(model.original_model).__name__}): "
-                           f"the TransformerLens bridge discards edits of {hook.rsplit('.', 1)[-1]} here (the attention runs inside "
-                           "the Hugging Face module), so patching it would report a silent zero")
+        raise NotSupported(
+            f"sweep {spec.name!r} is not supported for this architecture ({type(model.original_model).__name__}): "
+            f"the TransformerLens bridge discards edits of {hook.rsplit('.', 1)[-1]} here (the attention runs inside "
+            "the Hugging Face module), so patching it would report a silent zero"
+        )
 
 
 def layout(model, name: str) -> tuple[str, ...]:
@@ -143,8 +153,13 @@ def layout(model, name: str) -> tuple[str, ...]:
 def describe(model, name: str) -> dict:
     """What sweep ``name`` patches, for result files: base run, hook, source, one variant per cell of ``layout``."""
     spec = SWEEPS[name]
-    return {"base_run": "corrupted", "hook": f"blocks.{{layer}}.{spec.hook}", "source": "clean",
-            "one_variant_per": list(layout(model, name)), "equals": f"transformer_lens.patching.{spec.tl_function}"}
+    return {
+        "base_run": "corrupted",
+        "hook": f"blocks.{{layer}}.{spec.hook}",
+        "source": "clean",
+        "one_variant_per": list(layout(model, name)),
+        "equals": f"transformer_lens.patching.{spec.tl_function}",
+    }
 
 
 def unsupported_reason(model, name: str) -> str | None:
@@ -168,8 +183,9 @@ def patching_hook_names(model) -> list[str]:
     return resolve_hook_names(model, ["hook_embed", *sorted(per_layer)])
 
 
-def make_context(model, clean_tokens, corrupted_tokens, answer_tokens, extra_hooks: list[str] = (), clean_hooks: list = (),
-                 warn: bool = True) -> PatchingContext:
+def make_context(
+    model, clean_tokens, corrupted_tokens, answer_tokens, extra_hooks: list[str] = (), clean_hooks: list = (), warn: bool = True
+) -> PatchingContext:
     """Run clean and corrupted once each, caching only the hooks the sweeps use (plus ``extra_hooks``, e.g. the
     neuron activations ``neurons.neuron_patching`` patches). ``clean_hooks``: forward hooks applied to the clean
     run only (e.g. noise on its embeddings, when the "clean" run is a noised source); ``warn``: warn when the
@@ -202,7 +218,7 @@ def variant_shape(sweep: Sweep, act_shape: torch.Size) -> tuple[int, ...]:
     return tuple(act_shape[1 + axis] for _, axis in sweep.axes)
 
 
-def variant_masks(sweep: Sweep, act_shape: torch.Size, variants: Int[Tensor, "variant"]) -> Bool[Tensor, "variant ..."]:
+def variant_masks(sweep: Sweep, act_shape: torch.Size, variants: Int[Tensor, variant]) -> Bool[Tensor, "variant ..."]:
     """Masks (broadcastable over the activation's non-batch axes) that are True where variant ``i`` takes the clean value."""
     coords = torch.unravel_index(variants, variant_shape(sweep, act_shape))
     n_dims = len(act_shape) - 1
@@ -241,8 +257,16 @@ def sources(ctx: PatchingContext) -> dict[str, dict[str, Tensor]]:
 def run_patched(ctx: PatchingContext, interventions: list[Intervention], n_var: int, record: list[str] = ()) -> tuple[Tensor, dict]:
     """Per-prompt logit difference [variant, batch] of the corrupted run under ``interventions``, and recorded hooks;
     starts at the earliest intervened layer from the cached corrupted residual stream."""
-    return run_interventions(ctx.model, ctx.corrupted_tokens, ctx.answer_tokens, interventions, sources(ctx), n_var,
-                             base_cache=ctx.corrupted_cache.cache_dict, record=record)
+    return run_interventions(
+        ctx.model,
+        ctx.corrupted_tokens,
+        ctx.answer_tokens,
+        interventions,
+        sources(ctx),
+        n_var,
+        base_cache=ctx.corrupted_cache.cache_dict,
+        record=record,
+    )
 
 
 def run_patched_from_layer(
@@ -252,7 +276,7 @@ def run_patched_from_layer(
     return run_patched(ctx, [Intervention(hook_name, "clean", masks)], masks.shape[0])[0]
 
 
-def changed_variants(sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, "variant"]) -> Bool[Tensor, "variant"]:
+def changed_variants(sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, variant]) -> Bool[Tensor, variant]:
     """Variants whose masked entries differ between clean and corrupted in some prompt (the others change nothing)."""
     differs = (clean != corrupted).any(0)
     masks = variant_masks(sweep, clean.shape, variants).to(differs.device)
@@ -277,9 +301,17 @@ def sweep(
     return run_sweep(ctx, SWEEPS[name], None, memory_mb, max_variants, progress)
 
 
-def run_sweep(ctx: PatchingContext, spec: Sweep, layers: list[int] | None = None, memory_mb: float = 1024,
-              max_variants: int | None = None, progress: bool = True, only: dict[int, Tensor] | None = None,
-              raw: bool = False, groups: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "layer ..."]:
+def run_sweep(
+    ctx: PatchingContext,
+    spec: Sweep,
+    layers: list[int] | None = None,
+    memory_mb: float = 1024,
+    max_variants: int | None = None,
+    progress: bool = True,
+    only: dict[int, Tensor] | None = None,
+    raw: bool = False,
+    groups: Int[Tensor, batch] | None = None,
+) -> Float[Tensor, "layer ..."]:
     """``sweep`` for any ``Sweep`` (also one not in ``SWEEPS``, e.g. ``neurons.NEURONS``), over ``layers`` (default
     all; result rows in that order). ``ctx`` must cache the sweep's hook for those layers. ``only``: per layer, the
     flat indices of the variants to run; the others are NaN (not computed), never a made-up 0. ``raw``: the mean
@@ -346,8 +378,15 @@ def tl_reference(ctx: PatchingContext, name: str, cells: Int[Tensor, "cell index
         ("head", "dest", "src"): tlp.layer_head_dest_src_pos_pattern_patch_setter,
     }[spec.layout[1:]]
     activation = spec.hook.rsplit(".", 1)[-1].removeprefix("hook_")  # "attn.hook_z" -> "z", "hook_resid_pre" -> "resid_pre"
-    return tlp.generic_activation_patch(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, tl_metric(ctx), patch_setter=setter,
-                                        activation_name=activation, index_df=pd.DataFrame(cells.cpu().numpy()))
+    return tlp.generic_activation_patch(
+        ctx.model,
+        ctx.corrupted_tokens,
+        ctx.clean_cache,
+        tl_metric(ctx),
+        patch_setter=setter,
+        activation_name=activation,
+        index_df=pd.DataFrame(cells.cpu().numpy()),
+    )
 
 
 def tl_metric(ctx: PatchingContext) -> Callable[[Tensor], Tensor]:

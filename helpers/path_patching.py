@@ -82,8 +82,15 @@ def _receiver_run(ctx: PatchingContext, sender_layer: int, recorded: dict[str, T
         mask = torch.zeros(1, 1, shape[2], 1, dtype=torch.bool)
         mask[0, 0, [input_index(cfg, component, r["head"]) for r in reachable if r["layer"] == layer]] = True
         interventions.append(Intervention(name, "recorded", mask))
-    logit_diffs, _ = run_interventions(ctx.model, ctx.corrupted_tokens, ctx.answer_tokens, interventions, {"recorded": recorded},
-                                       cfg.n_heads, base_cache=ctx.corrupted_cache.cache_dict)
+    logit_diffs, _ = run_interventions(
+        ctx.model,
+        ctx.corrupted_tokens,
+        ctx.answer_tokens,
+        interventions,
+        {"recorded": recorded},
+        cfg.n_heads,
+        base_cache=ctx.corrupted_cache.cache_dict,
+    )
     return logit_diffs.mean(-1).cpu()
 
 
@@ -134,8 +141,9 @@ def split_qkv_input(model):
             model.set_use_attn_in(True)
 
 
-def direct_path_effects(ctx: PatchingContext, sender: dict, component: str = "q",
-                        layers: list[int] | None = None) -> Float[Tensor, "layer head"]:
+def direct_path_effects(
+    ctx: PatchingContext, sender: dict, component: str = "q", layers: list[int] | None = None
+) -> Float[Tensor, "layer head"]:
     """Normalised effect of the direct edge from ``sender`` into every later head's ``component`` input (the
     quantity of TransformerLens's ``get_act_patch_direct_path``, Wang et al. 2022): in the corrupted run, the
     sender's clean-minus-corrupted write (``z @ W_O``) is added to one receiver's own pre-norm copy of the
@@ -149,8 +157,10 @@ def direct_path_effects(ctx: PatchingContext, sender: dict, component: str = "q"
     _receiver_hook_name(0, component)
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     if component != "q" and n_kv != cfg.n_heads:
-        raise ValueError(f"direct path into {component} is not defined per head under grouped-query attention "
-                         f"({cfg.n_heads} query heads share {n_kv} key/value inputs)")
+        raise ValueError(
+            f"direct path into {component} is not defined per head under grouped-query attention "
+            f"({cfg.n_heads} query heads share {n_kv} key/value inputs)"
+        )
     obstruction = decomposition_caveats(model).get("heads")
     if obstruction:  # e.g. Gemma-2's post-attention norm: a head's residual write is not z @ W_O
         raise ValueError(f"direct path patching is not defined on this architecture: {obstruction}")
@@ -165,14 +175,22 @@ def direct_path_effects(ctx: PatchingContext, sender: dict, component: str = "q"
             if name not in model.hook_dict:
                 raise NotImplementedError(f"{name} does not exist: this attention has no pre-q/k/v fork")
             fork = ctx.corrupted_cache[f"blocks.{l}.hook_resid_pre"] + delta  # the receiver's own copy, with the edge
-            diffs, _ = run_interventions(model, ctx.corrupted_tokens, ctx.answer_tokens, [Intervention(name, "recorded", mask)],
-                                         {"recorded": {name: fork[:, :, None, :]}}, cfg.n_heads, base_cache=ctx.corrupted_cache.cache_dict)
+            diffs, _ = run_interventions(
+                model,
+                ctx.corrupted_tokens,
+                ctx.answer_tokens,
+                [Intervention(name, "recorded", mask)],
+                {"recorded": {name: fork[:, :, None, :]}},
+                cfg.n_heads,
+                base_cache=ctx.corrupted_cache.cache_dict,
+            )
             out[l] = normalised(diffs.mean(-1).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
     return out
 
 
-def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor],
-                             max_senders: int | None = None) -> tuple[list[dict], str | None]:
+def compare_with_direct_path(
+    ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor], max_senders: int | None = None
+) -> tuple[list[dict], str | None]:
     """For each pair of ``heads`` (sender earlier than receiver) and each of q/k/v: the exact path effect (from
     ``receiver_effects``) next to the direct edge alone (``direct_path_effects``, equal to TransformerLens's
     ``get_act_patch_direct_path``); their difference is what reaches the receiver through MLPs and other heads.
@@ -191,14 +209,23 @@ def compare_with_direct_path(ctx: PatchingContext, heads: dict[str, dict], effec
             for r_label, r in receivers.items():
                 exact = float(effects[(r_label, component)][s["layer"], s["head"]])
                 edge = float(direct[r["layer"], r["head"]])
-                rows.append({"sender": s_label, "receiver": r_label, "input": component, "exact path": exact,
-                             "direct edge": edge, "through other paths": exact - edge})
+                rows.append(
+                    {
+                        "sender": s_label,
+                        "receiver": r_label,
+                        "input": component,
+                        "exact path": exact,
+                        "direct edge": edge,
+                        "through other paths": exact - edge,
+                    }
+                )
     note = "; ".join(f"{c}: {why}" for c, why in skipped.items()) or None
     return rows, note
 
 
 def strongest_senders(heads: dict[str, dict], effects: dict[tuple[str, str], Tensor], n: int | None) -> dict[str, dict]:
     """The ``n`` heads (all if None) with the largest |exact path effect| into a later head of ``heads``."""
+
     def strength(label: str) -> float:
         s = heads[label]
         return max((abs(float(e[s["layer"], s["head"]])) for (r, _), e in effects.items() if heads[r]["layer"] > s["layer"]), default=-1.0)

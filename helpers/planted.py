@@ -47,9 +47,17 @@ def build_planted_model(tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
 
     gen = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=N_POSITIONS, n_embd=D_MODEL, n_layer=2, n_head=N_HEADS,
-                     tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=N_POSITIONS,
+        n_embd=D_MODEL,
+        n_layer=2,
+        n_head=N_HEADS,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = GPT2LMHeadModel(cfg)
     codes = torch.randn(vocab, D_HEAD, generator=gen)
     codes = codes / codes.norm(dim=-1, keepdim=True)
@@ -75,7 +83,7 @@ def build_planted_model(tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
                     w[_POS.start + pos, q.start + pos] = shift
                     w[_POS.start + pos, k.start + pos + 1] = shift
                 w[read, v] = torch.eye(D_HEAD)
-                w_out[h * D_HEAD:(h + 1) * D_HEAD, write] = strength * scale * torch.eye(D_HEAD)
+                w_out[h * D_HEAD : (h + 1) * D_HEAD, write] = strength * scale * torch.eye(D_HEAD)
             for h in range(len(circuit[layer]), N_HEADS):  # distractors: random attention and values, written into the junk space
                 cols = [slice(i * D_MODEL + h * D_HEAD, i * D_MODEL + (h + 1) * D_HEAD) for i in range(3)]
                 for c in cols[:2]:
@@ -84,7 +92,7 @@ def build_planted_model(tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
                 w[_T, cols[2]] = torch.randn(D_HEAD, D_HEAD, generator=gen)
                 if layer == 1:
                     w[_P, cols[2]] = torch.randn(D_HEAD, D_HEAD, generator=gen)
-                w_out[h * D_HEAD:(h + 1) * D_HEAD, _J] = torch.randn(D_HEAD, _J.stop - _J.start, generator=gen)
+                w_out[h * D_HEAD : (h + 1) * D_HEAD, _J] = torch.randn(D_HEAD, _J.stop - _J.start, generator=gen)
         model.lm_head.weight[:, _O] = 8 * scale * codes
     out = Path(out_dir)
     model.save_pretrained(out)
@@ -92,7 +100,9 @@ def build_planted_model(tokenizer, out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def planted_task(model, n_words: int = 8, batch: int = 16, seed: int = 0) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch 2"]]:
+def planted_task(
+    model, n_words: int = 8, batch: int = 16, seed: int = 0
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch 2"]]:
     """(clean, corrupted, answers) for the word-two-back task: ``BOS w1..wn``; the corrupted prompt has another word
     at position n-2; answers are (clean word, corrupted word) at that position."""
     from .heads import random_word_ids
@@ -101,7 +111,7 @@ def planted_task(model, n_words: int = 8, batch: int = 16, seed: int = 0) -> tup
         raise ValueError(f"n_words must be at most {N_POSITIONS - 1} (the planted model's positions)")
     words = torch.tensor(random_word_ids(model.tokenizer))
     gen = torch.Generator().manual_seed(seed)
-    picks = torch.stack([torch.randperm(len(words), generator=gen)[:n_words + 1] for _ in range(batch)])  # distinct per prompt
+    picks = torch.stack([torch.randperm(len(words), generator=gen)[: n_words + 1] for _ in range(batch)])  # distinct per prompt
     clean = torch.cat([torch.full((batch, 1), model.tokenizer.bos_token_id or 0), words[picks[:, :n_words]]], dim=1)
     target = n_words - 2  # position of the word two back from the final position n_words
     corrupted = clean.clone()

@@ -126,8 +126,10 @@ class Figures:
         with one warning. ``key`` figures are the report's thumbnails (``key_figures``). Under the runner the files
         are written after the notebook ran (``render_pending``)."""
         if self.note:
-            fig.update_layout(title_text=f"{fig.layout.title.text or ''}<br><sup><span style='color:#c62828'>&#9888; {self.note}</span></sup>",
-                              margin_t=max(fig.layout.margin.t or 0, 110))
+            fig.update_layout(
+                title_text=f"{fig.layout.title.text or ''}<br><sup><span style='color:#c62828'>&#9888; {self.note}</span></sup>",
+                margin_t=max(fig.layout.margin.t or 0, 110),
+            )
         fig.show()
         if not self.static or self.skipped_reason is not None:
             return
@@ -139,9 +141,12 @@ class Figures:
                     write_image_retried(fig, self.dir / f"{name}.{fmt}")
                 except Exception as err:  # kaleido without Chromium, no kaleido, or a browser error twice
                     self.skipped_reason = failure_line(err)
-                    warnings.warn(f"static images are skipped from {name} on (figures still show inline): "
-                                  f"{self.skipped_reason}. Install Chromium (apt-get install chromium) or run "
-                                  "plotly_get_chrome.", stacklevel=2)
+                    warnings.warn(
+                        f"static images are skipped from {name} on (figures still show inline): "
+                        f"{self.skipped_reason}. Install Chromium (apt-get install chromium) or run "
+                        "plotly_get_chrome.",
+                        stacklevel=2,
+                    )
                     return
             self.saved.append(f"{self.folder}/{name}.{fmt}")
             if key and fmt == "png":
@@ -171,10 +176,10 @@ def render_pending(folder: Path) -> tuple[int, str | None]:
         for path in pending:
             if failure is None:
                 try:
-                    write_image_retried(pio.read_json(path), path.with_name(path.name[:-len(PENDING_SUFFIX)]))
+                    write_image_retried(pio.read_json(path), path.with_name(path.name[: -len(PENDING_SUFFIX)]))
                     written += 1
                 except Exception as err:  # noqa: BLE001 - reported as one line by the runner
-                    failure = f"{path.name[:-len(PENDING_SUFFIX)]}: {failure_line(err)}"
+                    failure = f"{path.name[: -len(PENDING_SUFFIX)]}: {failure_line(err)}"
             path.unlink()
     return written, failure
 
@@ -183,16 +188,28 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def heatmap(values, title: str, x_label: str, y_label: str, x=None, y=None, color_label: str = "value", zmid: float = 0.0,
-            sequential: tuple[float, float] | None = None) -> go.Figure:
+def heatmap(
+    values,
+    title: str,
+    x_label: str,
+    y_label: str,
+    x=None,
+    y=None,
+    color_label: str = "value",
+    zmid: float = 0.0,
+    sequential: tuple[float, float] | None = None,
+) -> go.Figure:
     """A heatmap with labelled, categorical axes: diverging (red-blue, centred on ``zmid``) for signed effects, or
     ``sequential=(low, high)`` (white to blue over that fixed range) for magnitudes such as scores, attention or
     percentages, where the low end means "nothing" and must not look like a strong signal."""
     arr = _np(values)
     x = [str(i) for i in range(arr.shape[1])] if x is None else x
     y = [str(i) for i in range(arr.shape[0])] if y is None else y
-    colours = ({"color_continuous_scale": "Blues", "range_color": sequential} if sequential is not None
-               else {"color_continuous_scale": "RdBu", "color_continuous_midpoint": zmid})
+    colours = (
+        {"color_continuous_scale": "Blues", "range_color": sequential}
+        if sequential is not None
+        else {"color_continuous_scale": "RdBu", "color_continuous_midpoint": zmid}
+    )
     return px.imshow(arr, x=x, y=y, labels={"x": x_label, "y": y_label, "color": color_label}, title=title, aspect="auto", **colours)
 
 
@@ -221,16 +238,32 @@ def curves(series: dict[str, tuple[list[float], list[float]]], title: str, x_lab
 def distribution(values, marker: float, title: str, x_label: str, marker_label: str) -> go.Figure:
     """The spread of ``values`` (a box with every point shown) and one ``marker`` value as a labelled line,
     e.g. random control circuits' faithfulness against the circuit's own."""
-    fig = go.Figure(go.Box(x=_np(values), boxpoints="all", jitter=0.4, pointpos=0, name="random", orientation="h",
-                           marker_color="#90a4ae", line_color="#607d8b"))
-    fig.add_vline(x=float(marker), line_color="#c62828", line_width=3,
-                  annotation_text=f"{marker_label} {float(marker):.3f}", annotation_position="top")
+    fig = go.Figure(
+        go.Box(
+            x=_np(values),
+            boxpoints="all",
+            jitter=0.4,
+            pointpos=0,
+            name="random",
+            orientation="h",
+            marker_color="#90a4ae",
+            line_color="#607d8b",
+        )
+    )
+    fig.add_vline(
+        x=float(marker),
+        line_color="#c62828",
+        line_width=3,
+        annotation_text=f"{marker_label} {float(marker):.3f}",
+        annotation_position="top",
+    )
     fig.update_layout(title=title, xaxis_title=x_label, showlegend=False, height=320)
     return fig
 
 
-def scatter(x, y, title: str, x_label: str, y_label: str, hover: list[str] | None = None, color=None, diagonal: bool = False,
-            n_labels: int = 5) -> go.Figure:
+def scatter(
+    x, y, title: str, x_label: str, y_label: str, hover: list[str] | None = None, color=None, diagonal: bool = False, n_labels: int = 5
+) -> go.Figure:
     """Labelled scatter plot; ``diagonal`` draws y = x for before/after comparisons. The ``n_labels`` most notable
     points (farthest out, or farthest from the diagonal) carry their ``hover`` name as a text label, so the static
     image names them too (only for short names such as head labels)."""
@@ -242,14 +275,16 @@ def scatter(x, y, title: str, x_label: str, y_label: str, hover: list[str] | Non
         fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line={"dash": "dot", "color": "grey"})
     if hover is not None and n_labels and all(len(str(h)) <= 12 for h in hover):
         for i in notable_points(xs, ys, n_labels, diagonal):
-            fig.add_annotation(x=float(xs[i]), y=float(ys[i]), text=str(hover[i]), showarrow=True, arrowhead=0, ax=18, ay=-18,
-                               font={"size": 11})
+            fig.add_annotation(
+                x=float(xs[i]), y=float(ys[i]), text=str(hover[i]), showarrow=True, arrowhead=0, ax=18, ay=-18, font={"size": 11}
+            )
     return fig
 
 
 def notable_points(x: np.ndarray, y: np.ndarray, k: int, diagonal: bool = False) -> list[int]:
     """Indices of the ``k`` points farthest out: by |x| + |y| (each scaled by its largest value), or with
     ``diagonal`` by that plus the distance from y = x (scaled the same way)."""
+
     def scaled(v: np.ndarray) -> np.ndarray:
         top = np.nanmax(np.abs(v)) if v.size else 0.0
         return np.abs(v) / top if top > 0 else np.zeros_like(v, dtype=float)
@@ -285,17 +320,37 @@ def circuit_diagram(nodes: list[dict], edges: list[dict], title: str, x_title: s
     for e in sorted(edges, key=lambda e: abs(e["weight"])):
         (x0, y0), (x1, y1) = where[e["source"]], where[e["target"]]
         strength = abs(e["weight"]) / biggest
-        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text", showlegend=False,
-                                 text=f"{e['source']} -> {e['target']}{' (' + e['via'] + ')' if e.get('via') else ''}: {e['weight']:+.3f}",
-                                 line={"width": 1 + 7 * strength, "color": f"rgba({'200,30,30' if e['weight'] < 0 else '30,80,200'},{0.15 + 0.85 * strength:.2f})"}))
+        fig.add_trace(
+            go.Scatter(
+                x=[x0, x1],
+                y=[y0, y1],
+                mode="lines",
+                hoverinfo="text",
+                showlegend=False,
+                text=f"{e['source']} -> {e['target']}{' (' + e['via'] + ')' if e.get('via') else ''}: {e['weight']:+.3f}",
+                line={
+                    "width": 1 + 7 * strength,
+                    "color": f"rgba({'200,30,30' if e['weight'] < 0 else '30,80,200'},{0.15 + 0.85 * strength:.2f})",
+                },
+            )
+        )
     roles = sorted({n["role"] for n in nodes}, key=lambda r: (r == "logits", r))
     for i, role in enumerate(roles):
         members = [n for n in nodes if n["role"] == role]
-        fig.add_trace(go.Scatter(x=[where[n["label"]][0] for n in members], y=[n["layer"] for n in members], mode="markers+text", name=role,
-                                 text=[n["label"] for n in members], textposition="top center",
-                                 marker={"size": 22, "color": px.colors.qualitative.Set2[i % 8], "line": {"width": 1, "color": "black"}}))
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title="layer", height=520, width=820,
-                      template="plotly_white", legend_title="role")
+        fig.add_trace(
+            go.Scatter(
+                x=[where[n["label"]][0] for n in members],
+                y=[n["layer"] for n in members],
+                mode="markers+text",
+                name=role,
+                text=[n["label"] for n in members],
+                textposition="top center",
+                marker={"size": 22, "color": px.colors.qualitative.Set2[i % 8], "line": {"width": 1, "color": "black"}},
+            )
+        )
+    fig.update_layout(
+        title=title, xaxis_title=x_title, yaxis_title="layer", height=520, width=820, template="plotly_white", legend_title="role"
+    )
     fig.update_xaxes(tickvals=list(range(len(columns))), ticktext=columns, range=[-0.6, len(columns) - 0.4])
     return fig
 
@@ -305,5 +360,6 @@ def attention_view(model, cache, tokens, chosen: list[dict], prompt_index: int =
     import circuitsvis as cv
 
     patterns = torch.stack([cache[f"blocks.{h['layer']}.attn.hook_pattern"][prompt_index, h["head"]] for h in chosen])
-    return cv.attention.attention_heads(attention=patterns.cpu(), tokens=model.to_str_tokens(tokens[prompt_index]),
-                                        attention_head_names=[head_label(h) for h in chosen])
+    return cv.attention.attention_heads(
+        attention=patterns.cpu(), tokens=model.to_str_tokens(tokens[prompt_index]), attention_head_names=[head_label(h) for h in chosen]
+    )

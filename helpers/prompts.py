@@ -71,15 +71,15 @@ class PromptSet:
     dropped_words: dict[str, list[str]] = field(default_factory=dict)
     alternatives: dict[str, AlternativeRun] = field(default_factory=dict)  # params.corruptions, by name
     template_names: list[str] = field(default_factory=lambda: ["template"])  # the task's sentence templates
-    template_index: Int[Tensor, "batch"] | None = None  # which template each prompt was filled from (None: all the first)
-    position_index: dict[str, Int[Tensor, "batch"]] = field(default_factory=dict)  # every named position, per prompt
+    template_index: Int[Tensor, batch] | None = None  # which template each prompt was filled from (None: all the first)
+    position_index: dict[str, Int[Tensor, batch]] = field(default_factory=dict)  # every named position, per prompt
 
     @property
     def n_pos(self) -> int:
         return self.clean_tokens.shape[1]
 
     @property
-    def templates(self) -> Int[Tensor, "batch"]:
+    def templates(self) -> Int[Tensor, batch]:
         """Which template each prompt was filled from (index into ``template_names``)."""
         if self.template_index is None:
             return torch.zeros(self.clean_tokens.shape[0], dtype=torch.long)
@@ -95,7 +95,7 @@ class PromptSet:
         """Named positions whose token index differs between the task's templates (not in ``positions``)."""
         return [name for name in self.position_index if name not in self.positions]
 
-    def template_masks(self) -> dict[str, Bool[Tensor, "batch"]]:
+    def template_masks(self) -> dict[str, Bool[Tensor, batch]]:
         """Template name -> which prompts were filled from it."""
         index = self.templates.cpu()
         return {name: index == i for i, name in enumerate(self.template_names)}
@@ -105,7 +105,7 @@ class PromptSet:
         """Unique per-position labels for plot axes, e.g. ``3:[S2]``."""
         return [f"{i}:{lab}" for i, lab in enumerate(self.position_labels)]
 
-    def to(self, device: str) -> "PromptSet":
+    def to(self, device: str) -> PromptSet:
         self.clean_tokens = self.clean_tokens.to(device)
         self.corrupted_tokens = self.corrupted_tokens.to(device)
         self.answer_tokens = self.answer_tokens.to(device)
@@ -161,9 +161,11 @@ def usable_words(params: TaskParams, tokenizer) -> tuple[dict[str, list[str]], d
         dropped[pool] = [w for w in words if w not in ok]
         if not ok:
             slots = sorted(s for s, p in params.slot_pools.items() if p == pool)
-            raise ParamsError(f"{params.source}: slots ({', '.join(slots)}): none of the {len(words)} words of pool '{pool}' is one "
-                              f"known token for this tokenizer in the form the template needs ({' and '.join(repr(f.format('w')) for f in sorted(forms))}), "
-                              f"e.g. {words[:3]}; use a pool of single-token words")
+            raise ParamsError(
+                f"{params.source}: slots ({', '.join(slots)}): none of the {len(words)} words of pool '{pool}' is one "
+                f"known token for this tokenizer in the form the template needs ({' and '.join(repr(f.format('w')) for f in sorted(forms))}), "
+                f"e.g. {words[:3]}; use a pool of single-token words"
+            )
     return kept, dropped
 
 
@@ -205,8 +207,9 @@ def sample_assignments(params: TaskParams, words: dict[str, list[str]], n: int, 
         return out
 
     if possible <= 4 * n:  # small space: enumerate and sample without rejection
-        per_pool = [[dict(zip(members, combo)) for combo in itertools.permutations(words[pool], len(members))]
-                    for pool, members in groups.items()]
+        per_pool = [
+            [dict(zip(members, combo)) for combo in itertools.permutations(words[pool], len(members))] for pool, members in groups.items()
+        ]
         every = [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*per_pool)]
         return rng.sample(every, n)
     seen, out = set(), []
@@ -240,8 +243,9 @@ def slot_token_index(tokenizer, template: str, words: dict[str, str], slot: str,
     return n_prefix + len(token_ids(tokenizer, fill(template[:start], words).rstrip(" ")))
 
 
-def resolve_position(params: TaskParams, tokenizer, words: dict[str, str], n_pos: int, spec: str, n_prefix: int = 1,
-                     template: str | None = None) -> int:
+def resolve_position(
+    params: TaskParams, tokenizer, words: dict[str, str], n_pos: int, spec: str, n_prefix: int = 1, template: str | None = None
+) -> int:
     """Token index of a named position spec (``end``, ``S2``, ``S2#2``, ``S1+1``) in ``template`` (default: the first)."""
     m = POSITION_RE.match(spec)
     template = params.variants[0].template if template is None else template
@@ -263,7 +267,9 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
     if verbose:
         for pool, lost in dropped.items():
             if lost:
-                print(f"pool '{pool}': dropped {len(lost)} of {len(lost) + len(words[pool])} words that are not one token here: {lost[:8]}{' …' if len(lost) > 8 else ''}")
+                print(
+                    f"pool '{pool}': dropped {len(lost)} of {len(lost) + len(words[pool])} words that are not one token here: {lost[:8]}{' …' if len(lost) > 8 else ''}"
+                )
     assignments = sample_assignments(params, words, params.n_prompts, params.seed)
     variants = params.variants
     template_index = [i % len(variants) for i in range(len(assignments))]  # round robin: balanced and deterministic
@@ -282,11 +288,17 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
         if unk is not None:
             bad = [p for p, row in zip(prompts, ids) if unk in row]
             if bad:
-                raise ParamsError(f"{src}: {name}: contains words unknown to this tokenizer, e.g. {bad[0]!r}; use vocabulary words with their exact spacing (' ,' vs ',')")
+                raise ParamsError(
+                    f"{src}: {name}: contains words unknown to this tokenizer, e.g. {bad[0]!r}; use vocabulary words with their exact spacing (' ,' vs ',')"
+                )
     lengths = {len(r) for r in clean_ids + corr_ids}
     if len(lengths) != 1:
         i = next(i for i in range(len(clean)) if len(clean_ids[i]) != len(corr_ids[i]) or len(clean_ids[i]) != len(clean_ids[0]))
-        which = "template/corrupted_template" if params.templates is None else f"templates ({variants[template_index[i]].name} vs {variants[0].name})"
+        which = (
+            "template/corrupted_template"
+            if params.templates is None
+            else f"templates ({variants[template_index[i]].name} vs {variants[0].name})"
+        )
         raise ParamsError(
             f"{src}: {which}: prompts must all have the same token length, found lengths {sorted(lengths)}; "
             f"e.g. clean {clean[0]!r} ({len(clean_ids[0])}) vs clean {clean[i]!r} ({len(clean_ids[i])}) vs corrupted {corrupted[i]!r} "
@@ -301,8 +313,13 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
         answers.append([c, w])
     n_pos = lengths.pop()
     first_of = {t: template_index.index(t) for t in range(len(variants))}
-    per_variant = [{name: resolve_position(params, tokenizer, assignments[first_of[t]], n_pos, spec, len(prefix), variants[t].template)
-                    for name, spec in params.positions.items()} for t in range(len(variants))]
+    per_variant = [
+        {
+            name: resolve_position(params, tokenizer, assignments[first_of[t]], n_pos, spec, len(prefix), variants[t].template)
+            for name, spec in params.positions.items()
+        }
+        for t in range(len(variants))
+    ]
     position_index = {name: torch.tensor([per_variant[t][name] for t in template_index]) for name in params.positions}
     variant_labels = []
     for t, v in enumerate(variants):
@@ -312,14 +329,21 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
             for occ in range(1, v.template.count(f"[{slot}]") + 1):
                 idx = slot_token_index(tokenizer, v.template, assignments[first_of[t]], slot, occ, len(prefix))
                 labels[idx] = f"[{slot}]"
-                wrong = [p for p, a, row, ti in zip(clean, assignments, clean_ids, template_index)
-                         if ti == t and tokenizer.decode([row[idx]]).strip() != a[slot]]
+                wrong = [
+                    p
+                    for p, a, row, ti in zip(clean, assignments, clean_ids, template_index)
+                    if ti == t and tokenizer.decode([row[idx]]).strip() != a[slot]
+                ]
                 if wrong:
-                    raise ParamsError(f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens")
+                    raise ParamsError(
+                        f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens"
+                    )
         variant_labels.append(labels)
     labels = ["|".join(dict.fromkeys(vl[i] for vl in variant_labels)) for i in range(n_pos)]
-    alternatives = {name: alternative_run(params, tokenizer, name, c, assignments, template_index, clean, clean_ids, prefix)
-                    for name, c in params.corruptions.items()}
+    alternatives = {
+        name: alternative_run(params, tokenizer, name, c, assignments, template_index, clean, clean_ids, prefix)
+        for name, c in params.corruptions.items()
+    }
     return PromptSet(
         params=params,
         clean_prompts=clean,
@@ -337,8 +361,17 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
     )
 
 
-def alternative_run(params: TaskParams, tokenizer, name: str, spec: Corruption, assignments: list[dict[str, str]],
-                    template_index: list[int], clean: list[str], clean_ids: list[list[int]], prefix: list[int]) -> AlternativeRun:
+def alternative_run(
+    params: TaskParams,
+    tokenizer,
+    name: str,
+    spec: Corruption,
+    assignments: list[dict[str, str]],
+    template_index: list[int],
+    clean: list[str],
+    clean_ids: list[list[int]],
+    prefix: list[int],
+) -> AlternativeRun:
     """The prompts of extra corruption ``name`` for the clean prompts' slot words; a ParamsError naming
     ``corruptions.<name>`` when its prompts do not match the clean ones token for token."""
     where = f"{params.source}: corruptions.{name}"
@@ -356,6 +389,8 @@ def alternative_run(params: TaskParams, tokenizer, name: str, spec: Corruption, 
     unk = unknown_id(tokenizer)
     bad = [p for p, row in zip(prompts, ids) if len(row) != n_pos or (unk is not None and unk in row)]
     if bad:
-        raise ParamsError(f"{where}.template: {bad[0]!r} is not {n_pos} known tokens like the clean prompt; make it mirror "
-                          "the clean template token for token")
+        raise ParamsError(
+            f"{where}.template: {bad[0]!r} is not {n_pos} known tokens like the clean prompt; make it mirror "
+            "the clean template token for token"
+        )
     return AlternativeRun(name, spec, prompts, torch.tensor(ids))

@@ -37,7 +37,7 @@ class ResultFolder:
     model: str
     path: Path
     results: dict[str, dict]  # template name -> its JSON
-    per_model: "ResultFolder | None" = None  # the model's once-per-model results (``_models/<model>/``)
+    per_model: ResultFolder | None = None  # the model's once-per-model results (``_models/<model>/``)
 
     def get(self, template: str, *keys, default=None):
         """A value of a template's JSON by key path (the per-model folder's for a per-model template)."""
@@ -87,6 +87,7 @@ def collect(root: Path) -> list[ResultFolder]:
 
 # ---------------------------------------------------------------- cross-task numbers
 
+
 def head_importance(folder: ResultFolder) -> dict[str, float]:
     """Each head's output-patching effect (fraction of the logit difference recovered); {} without circuit_expms."""
     values = folder.get("circuit_expms", "patching", "values", "head_out")
@@ -131,8 +132,7 @@ def cross_task(folders: list[ResultFolder], k: int = TOP_K) -> list[CrossTask]:
     Tasks the model does not do (task check failed) are left out: their head importances are noise."""
     views = []
     for model in sorted({f.model for f in folders}):
-        per_task = {f.task: head_importance(f) for f in folders
-                    if f.model == model and (task_check(f) or {}).get("task_performed", True)}
+        per_task = {f.task: head_importance(f) for f in folders if f.model == model and (task_check(f) or {}).get("task_performed", True)}
         per_task = {t: values for t, values in per_task.items() if values}
         if not per_task:
             continue
@@ -146,6 +146,7 @@ def cross_task(folders: list[ResultFolder], k: int = TOP_K) -> list[CrossTask]:
 
 
 # ---------------------------------------------------------------- HTML pieces
+
 
 def colour(value: float, scale: float) -> str:
     """Background for a signed value: blue positive, red negative, white at 0 (like the notebooks' RdBu maps)."""
@@ -195,8 +196,10 @@ def figure_links(folder: ResultFolder, root: Path, template: str, limit: int = 3
         png = folder.path / rel
         if png.suffix == ".png" and png.exists():
             full = html.escape(str(png.relative_to(root)))
-            items.append(f'<a href="{full}" title="{html.escape(png.stem)}: open full size"><img src="{thumbnail(png)}" '
-                         f'alt="{html.escape(png.stem)}"></a>')
+            items.append(
+                f'<a href="{full}" title="{html.escape(png.stem)}: open full size"><img src="{thumbnail(png)}" '
+                f'alt="{html.escape(png.stem)}"></a>'
+            )
     items = items or ['<span class="muted">(no static images: Chromium missing when it ran)</span>']
     return f'<div class="fig"><h4><a href="{link}">{html.escape(template)}</a></h4>{"".join(items)}</div>'
 
@@ -215,11 +218,15 @@ def runs_table(folder: ResultFolder, root: Path) -> str:
     for template in folder.results:
         seconds = run_seconds(folder, template)
         total += seconds or 0.0
-        rows.append(f"<tr><td>{html.escape(template)}</td><td>{'' if seconds is None else f'{seconds:.0f} s'}</td>"
-                    f'<td><a href="{html.escape(str((folder.path / f"{template}.html").relative_to(root)))}">html</a> · '
-                    f'<a href="{html.escape(str((folder.path / f"{template}.ipynb").relative_to(root)))}">ipynb</a></td></tr>')
-    return (f'<table class="runs"><thead><tr><th>notebook</th><th>run time</th><th>open</th></tr></thead><tbody>{"".join(rows)}'
-            f'<tr><td><b>total</b></td><td><b>{total:.0f} s</b></td><td></td></tr></tbody></table>')
+        rows.append(
+            f"<tr><td>{html.escape(template)}</td><td>{'' if seconds is None else f'{seconds:.0f} s'}</td>"
+            f'<td><a href="{html.escape(str((folder.path / f"{template}.html").relative_to(root)))}">html</a> · '
+            f'<a href="{html.escape(str((folder.path / f"{template}.ipynb").relative_to(root)))}">ipynb</a></td></tr>'
+        )
+    return (
+        f'<table class="runs"><thead><tr><th>notebook</th><th>run time</th><th>open</th></tr></thead><tbody>{"".join(rows)}'
+        f"<tr><td><b>total</b></td><td><b>{total:.0f} s</b></td><td></td></tr></tbody></table>"
+    )
 
 
 def head_list(heads: list[dict] | None) -> str:
@@ -229,12 +236,14 @@ def head_list(heads: list[dict] | None) -> str:
 def key_numbers(folder: ResultFolder) -> list[list]:
     """Rows (quantity, value) of the numbers a reader checks first."""
     rows = []
-    for name, keys in [("clean logit diff", ("circuit_expms", "logit_diff", "clean")),
-                       ("corrupted logit diff", ("circuit_expms", "logit_diff", "corrupted")),
-                       ("clean accuracy", ("circuit_expms", "logit_diff", "clean_accuracy")),
-                       ("DLA identity error", ("circuit_expms", "dla", "identity_error")),
-                       ("faithfulness of the circuit", ("minimal_circuit", "faithfulness", "circuit")),
-                       ("loss on the repeat (induction)", ("induction_checks", "loss", "second_half"))]:
+    for name, keys in [
+        ("clean logit diff", ("circuit_expms", "logit_diff", "clean")),
+        ("corrupted logit diff", ("circuit_expms", "logit_diff", "corrupted")),
+        ("clean accuracy", ("circuit_expms", "logit_diff", "clean_accuracy")),
+        ("DLA identity error", ("circuit_expms", "dla", "identity_error")),
+        ("faithfulness of the circuit", ("minimal_circuit", "faithfulness", "circuit")),
+        ("loss on the repeat (induction)", ("induction_checks", "loss", "second_half")),
+    ]:
         value = folder.get(*keys)
         if value is not None:
             rows.append([name, float(value)])
@@ -251,16 +260,20 @@ def role_rows(folder: ResultFolder) -> list[list]:
 
 def folder_section(folder: ResultFolder, root: Path) -> str:
     """The card of one task × model."""
-    parts = [f'<section class="card" id="{html.escape(folder.task)}-{html.escape(folder.model)}">',
-             f"<h2>{html.escape(folder.task)} · {html.escape(folder.model)}</h2>"]
+    parts = [
+        f'<section class="card" id="{html.escape(folder.task)}-{html.escape(folder.model)}">',
+        f"<h2>{html.escape(folder.task)} · {html.escape(folder.model)}</h2>",
+    ]
     description = folder.get("circuit_expms", "params", "description") or folder.get("head_functions", "params", "description")
     if description:
         parts.append(f'<p class="muted">{html.escape(description)}</p>')
     check = task_check(folder)
     if check and not check.get("task_performed", True):
-        parts.append('<p class="failed"><b>&#9888; The model does not do this task</b>: '
-                     f'{html.escape("; ".join(check.get("reasons", [])))}. Normalised numbers below (patching, faithfulness, '
-                     'head importance) are not meaningful.</p>')
+        parts.append(
+            '<p class="failed"><b>&#9888; The model does not do this task</b>: '
+            f"{html.escape('; '.join(check.get('reasons', [])))}. Normalised numbers below (patching, faithfulness, "
+            "head importance) are not meaningful.</p>"
+        )
     versus = folder.get("minimal_circuit", "versus_random")
     if versus and not versus.get("beats_random", True):
         parts.append(f'<p class="failed"><b>&#9888; Circuit no better than chance</b>: {html.escape(versus["message"])}</p>')
@@ -271,9 +284,11 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
     if numbers:
         parts.append(table(["quantity", "value"], numbers, cls="numbers"))
     if "circuit_expms" in folder.results:
-        rows = [["DLA, positive", head_list(folder.get("circuit_expms", "dla", "top_positive"))],
-                ["DLA, negative", head_list(folder.get("circuit_expms", "dla", "top_negative"))],
-                ["output patching", head_list(folder.get("circuit_expms", "patching", "top_heads", "head_out"))]]
+        rows = [
+            ["DLA, positive", head_list(folder.get("circuit_expms", "dla", "top_positive"))],
+            ["DLA, negative", head_list(folder.get("circuit_expms", "dla", "top_negative"))],
+            ["output patching", head_list(folder.get("circuit_expms", "patching", "top_heads", "head_out"))],
+        ]
         parts.append(table(["top heads by", "heads (value)"], rows, cls="heads"))
     parts.append(discovery_table(folder))
     parts.append(neuron_table(folder))
@@ -283,8 +298,10 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
         parts.append("<h3>Head roles</h3>" + table(["head", "role", "evidence"], roles, cls="roles"))
     parts.append(runs_table(folder, root))
     if folder.per_model:
-        parts.append(f'<p class="muted">Per-model notebooks ({", ".join(folder.per_model.results)}): see '
-                     f'<a href="#{MODEL_SCOPE}-{html.escape(folder.model)}">{html.escape(folder.model)}</a>.</p>')
+        parts.append(
+            f'<p class="muted">Per-model notebooks ({", ".join(folder.per_model.results)}): see '
+            f'<a href="#{MODEL_SCOPE}-{html.escape(folder.model)}">{html.escape(folder.model)}</a>.</p>'
+        )
     parts.append('<div class="figs">' + "".join(figure_links(folder, root, t) for t in folder.results) + "</div>")
     return "\n".join(parts + ["</section>"])
 
@@ -300,9 +317,14 @@ def neuron_table(folder: ResultFolder, k: int = TOP_K) -> str:
         return ""
     by_patching = folder.get("mlp_neurons", "neuron_patching", "top") or []
     layers = folder.get("mlp_neurons", "layers_patched") or []
-    return table(["top neurons by", "neurons (value)"],
-                 [["neuron DLA", neuron_list(by_dla[:k], "dla")],
-                  [f"neuron patching (MLP layers {', '.join(map(str, layers))})", neuron_list(by_patching[:k], "patching")]], cls="heads")
+    return table(
+        ["top neurons by", "neurons (value)"],
+        [
+            ["neuron DLA", neuron_list(by_dla[:k], "dla")],
+            [f"neuron patching (MLP layers {', '.join(map(str, layers))})", neuron_list(by_patching[:k], "patching")],
+        ],
+        cls="heads",
+    )
 
 
 def discovery_table(folder: ResultFolder) -> str:
@@ -315,15 +337,24 @@ def discovery_table(folder: ResultFolder) -> str:
         return f'<p class="muted"><b>Circuit discovery</b>: {html.escape(reason)}</p>'
     smallest = folder.get("circuit_discovery", "smallest") or {}
     circuit = smallest.get("circuit") or {}
-    rows = [[f"{m} curve", f"CPR {c['cpr']:.3f} (random {c['random_cpr']:.3f}), CMD {c['cmd']:.3f} (random {c['random_cmd']:.3f})"]
-            for m, c in (folder.get("circuit_discovery", "curves") or {}).items()]
+    rows = [
+        [f"{m} curve", f"CPR {c['cpr']:.3f} (random {c['random_cpr']:.3f}), CMD {c['cmd']:.3f} (random {c['random_cmd']:.3f})"]
+        for m, c in (folder.get("circuit_discovery", "curves") or {}).items()
+    ]
     if circuit:
         random_core = smallest.get("random_core") or []
-        rows += [[f"smallest circuit ({circuit.get('method')})",
-                  f"{circuit.get('n_edges')} edges over {len(circuit.get('heads', []))} heads, faithfulness {circuit.get('faithfulness', float('nan')):.3f}"
-                  f" (target {smallest.get('target')}{'' if smallest.get('reached') else ', NOT reached'})"],
-                 ["core heads", f"{', '.join(smallest.get('core_heads', [])) or '—'}: {smallest.get('core_faithfulness', float('nan')):.3f}"
-                  + (f" (random head sets of that size: {sum(random_core) / len(random_core):.3f})" if random_core else "")]]
+        rows += [
+            [
+                f"smallest circuit ({circuit.get('method')})",
+                f"{circuit.get('n_edges')} edges over {len(circuit.get('heads', []))} heads, faithfulness {circuit.get('faithfulness', float('nan')):.3f}"
+                f" (target {smallest.get('target')}{'' if smallest.get('reached') else ', NOT reached'})",
+            ],
+            [
+                "core heads",
+                f"{', '.join(smallest.get('core_heads', [])) or '—'}: {smallest.get('core_faithfulness', float('nan')):.3f}"
+                + (f" (random head sets of that size: {sum(random_core) / len(random_core):.3f})" if random_core else ""),
+            ],
+        ]
     return "<h3>Circuit discovery</h3>" + table(["edges", "result"], rows, cls="heads") if rows else ""
 
 
@@ -335,9 +366,11 @@ def induction_table(folder: ResultFolder) -> str:
 
 def model_section(folder: ResultFolder, root: Path) -> str:
     """The card of one model's once-per-model notebooks (e.g. induction checks)."""
-    parts = [f'<section class="card" id="{MODEL_SCOPE}-{html.escape(folder.model)}">',
-             f"<h2>{html.escape(folder.model)} · every task</h2>",
-             '<p class="muted">Notebooks that do not depend on the task: run once per model.</p>']
+    parts = [
+        f'<section class="card" id="{MODEL_SCOPE}-{html.escape(folder.model)}">',
+        f"<h2>{html.escape(folder.model)} · every task</h2>",
+        '<p class="muted">Notebooks that do not depend on the task: run once per model.</p>',
+    ]
     parts.append(induction_table(folder))
     parts.append(runs_table(folder, root))
     parts.append('<div class="figs">' + "".join(figure_links(folder, root, t) for t in folder.results) + "</div>")
@@ -350,18 +383,23 @@ def cross_task_section(view: CrossTask) -> str:
     colours = [[None] + [colour(v, scale) for v in row] for row in view.importance]
     overlap_rows = [[t] + [float(v) for v in row] for t, row in zip(view.tasks, view.overlap)]
     overlap_colours = [[None] + [colour(v, 1.0) for v in row] for row in view.overlap]
-    return (f'<section class="card"><h2>Shared heads across tasks · {html.escape(view.model)}</h2>'
-            f'<p class="muted">Importance = output-patching effect of each head (fraction of the logit difference it recovers); '
-            f"heads shown are in some task's top {TOP_K} by |importance|. Overlap = Jaccard index of the tasks' top-{TOP_K} sets.</p>"
-            f'<div class="row">{table(["head"] + view.tasks, rows, colours, cls="matrix")}'
-            f'{table(["Jaccard"] + view.tasks, overlap_rows, overlap_colours, cls="matrix")}</div></section>')
+    return (
+        f'<section class="card"><h2>Shared heads across tasks · {html.escape(view.model)}</h2>'
+        f'<p class="muted">Importance = output-patching effect of each head (fraction of the logit difference it recovers); '
+        f"heads shown are in some task's top {TOP_K} by |importance|. Overlap = Jaccard index of the tasks' top-{TOP_K} sets.</p>"
+        f'<div class="row">{table(["head"] + view.tasks, rows, colours, cls="matrix")}'
+        f"{table(['Jaccard'] + view.tasks, overlap_rows, overlap_colours, cls='matrix')}</div></section>"
+    )
 
 
 def runs_section(runs: list[dict]) -> str:
     rows = [[r["status"], r["task"], Path(r["model"]).name, r["template"], f"{r['seconds']:.1f}s", r["message"]] for r in runs]
     colours = [[{"ok": "#d9f2d9", "up-to-date": "#e8f0fb"}.get(r["status"], "#f8d7da")] + [None] * 5 for r in runs]
-    return '<section class="card"><h2>Runs of the last batch</h2>' + table(["status", "task", "model", "template", "time", "message"],
-                                                                         rows, colours, cls="runs") + "</section>"
+    return (
+        '<section class="card"><h2>Runs of the last batch</h2>'
+        + table(["status", "task", "model", "template", "time", "message"], rows, colours, cls="runs")
+        + "</section>"
+    )
 
 
 CSS = """
@@ -375,13 +413,19 @@ nav a{margin-right:12px}
 """
 
 
-def render(folders: list[ResultFolder], root: Path, runs: list[dict] | None = None, per_model: dict[str, ResultFolder] | None = None) -> str:
+def render(
+    folders: list[ResultFolder], root: Path, runs: list[dict] | None = None, per_model: dict[str, ResultFolder] | None = None
+) -> str:
     """The whole page."""
     per_model = per_model or {}
-    nav = " ".join([f'<a href="#{html.escape(f.task)}-{html.escape(f.model)}">{html.escape(f.task)} · {html.escape(f.model)}</a>' for f in folders]
-                   + [f'<a href="#{MODEL_SCOPE}-{html.escape(m)}">{html.escape(m)} · every task</a>' for m in per_model])
-    body = [f"<h1>circuit-lab results</h1><p class='muted'>{len(folders)} task × model folders under {html.escape(str(root))} · "
-            f"built {time.strftime('%Y-%m-%d %H:%M')}</p><nav>{nav}</nav>"]
+    nav = " ".join(
+        [f'<a href="#{html.escape(f.task)}-{html.escape(f.model)}">{html.escape(f.task)} · {html.escape(f.model)}</a>' for f in folders]
+        + [f'<a href="#{MODEL_SCOPE}-{html.escape(m)}">{html.escape(m)} · every task</a>' for m in per_model]
+    )
+    body = [
+        f"<h1>circuit-lab results</h1><p class='muted'>{len(folders)} task × model folders under {html.escape(str(root))} · "
+        f"built {time.strftime('%Y-%m-%d %H:%M')}</p><nav>{nav}</nav>"
+    ]
     body += [cross_task_section(v) for v in cross_task(folders)]
     body += [folder_section(f, root) for f in folders]
     body += [model_section(f, root) for f in per_model.values()]
@@ -389,8 +433,10 @@ def render(folders: list[ResultFolder], root: Path, runs: list[dict] | None = No
         body.append(runs_section(runs))
     if not folders:
         body.append("<p>No results yet: run <code>make all</code>.</p>")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>circuit-lab results</title>'
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>circuit-lab results</title>'
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 def write_report(root: Path, batch=None) -> Path:

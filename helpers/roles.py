@@ -45,7 +45,9 @@ def _met(row: dict, t: RoleThresholds, logit_diff: float) -> dict[str, str]:
         roles["negative mover"] = f"DLA {dla:+.2f} (<= -{limit:.2f}); negative copy score {row['copy_negative']:.0f}%"
     shift = row.get("attention_shift", 0.0)
     if abs(shift) >= t.attention_shift:
-        roles["inhibition-like"] = f"moves {row['shifted_reader']}'s attention to {row['shifted_word']} by {shift:+.2f} (|.| >= {t.attention_shift:.2f})"
+        roles["inhibition-like"] = (
+            f"moves {row['shifted_reader']}'s attention to {row['shifted_word']} by {shift:+.2f} (|.| >= {t.attention_shift:.2f})"
+        )
     for role, key in [("induction", "induction"), ("duplicate-token", "duplicate_token"), ("previous-token", "prev_token")]:
         score, thr = row.get(key, math.nan), getattr(t, key if key != "prev_token" else "previous_token")
         if score >= thr:
@@ -58,8 +60,10 @@ def _nearest_miss(row: dict, t: RoleThresholds, logit_diff: float) -> str:
     dla, limit = row.get("dla", math.nan), t.dla_fraction * abs(logit_diff)
     if abs(dla) >= limit:
         copy = row.get("copy_positive" if dla > 0 else "copy_negative", math.nan)
-        return (f"writes {'for' if dla > 0 else 'against'} the answer (DLA {dla:+.2f}) but its {'' if dla > 0 else 'negative '}"
-                f"copy score is {copy:.0f}% (< {t.copy_score:.0f}%): it does not copy the word it attends to")
+        return (
+            f"writes {'for' if dla > 0 else 'against'} the answer (DLA {dla:+.2f}) but its {'' if dla > 0 else 'negative '}"
+            f"copy score is {copy:.0f}% (< {t.copy_score:.0f}%): it does not copy the word it attends to"
+        )
     scores = {k: row.get(k, math.nan) for k in ("prev_token", "duplicate_token", "induction")}
     best = max(scores, key=lambda k: -math.inf if math.isnan(scores[k]) else scores[k])
     return f"no rule met: |DLA| {abs(dla):.2f} < {limit:.2f}, highest pattern score {best} {scores[best]:.2f}"
@@ -87,18 +91,32 @@ def head_evidence(circuit: dict, chosen: list[dict], copy, attention_corr) -> pd
     rows = []
     for h in chosen:
         l, i = h["layer"], h["head"]
-        rows.append({"head": head_label(h), "layer": l, "head_index": i, "dla": dla[l][i], "patch_head_out": patch[l][i],
-                     "copy_positive": float(copy.positive[l, i]), "copy_negative": float(copy.negative[l, i]),
-                     "attention_corr": float(attention_corr[l, i]), "prev_token": scores["prev_token"][l][i],
-                     "duplicate_token": scores["duplicate_token"][l][i], "induction": scores["induction"][l][i]})
+        rows.append(
+            {
+                "head": head_label(h),
+                "layer": l,
+                "head_index": i,
+                "dla": dla[l][i],
+                "patch_head_out": patch[l][i],
+                "copy_positive": float(copy.positive[l, i]),
+                "copy_negative": float(copy.negative[l, i]),
+                "attention_corr": float(attention_corr[l, i]),
+                "prev_token": scores["prev_token"][l][i],
+                "duplicate_token": scores["duplicate_token"][l][i],
+                "induction": scores["induction"][l][i],
+            }
+        )
     return pd.DataFrame(rows).set_index("head")
 
 
 def heads_meeting(evidence: pd.DataFrame, role: str, logit_diff: float, thresholds: RoleThresholds | None = None) -> list[dict]:
     """``{layer, head}`` of every head in ``evidence`` whose rule for ``role`` is met."""
     t = thresholds or RoleThresholds()
-    return [{"layer": int(row["layer"]), "head": int(row["head_index"])}
-            for _, row in evidence.iterrows() if role in _met(row.to_dict(), t, logit_diff)]
+    return [
+        {"layer": int(row["layer"]), "head": int(row["head_index"])}
+        for _, row in evidence.iterrows()
+        if role in _met(row.to_dict(), t, logit_diff)
+    ]
 
 
 def add_attention_shift(evidence: pd.DataFrame, shift, candidates: list[dict], readers: list[dict], words: list[str]) -> pd.DataFrame:
@@ -107,7 +125,11 @@ def add_attention_shift(evidence: pd.DataFrame, shift, candidates: list[dict], r
     for i, c in enumerate(candidates):
         flat = shift[i].abs().flatten()
         j, w = divmod(int(flat.argmax()), len(words))
-        out.loc[head_label(c), ["attention_shift", "shifted_reader", "shifted_word"]] = [float(shift[i, j, w]), head_label(readers[j]), words[w]]
+        out.loc[head_label(c), ["attention_shift", "shifted_reader", "shifted_word"]] = [
+            float(shift[i, j, w]),
+            head_label(readers[j]),
+            words[w],
+        ]
     out["attention_shift"] = out["attention_shift"].astype(float)
     return out
 
@@ -118,9 +140,13 @@ def roles_summary(role_table: pd.DataFrame, thresholds: RoleThresholds | None = 
     counts = role_table["role"].value_counts()
     classified = {r: int(n) for r, n in counts.items() if r != "unclassified"}
     if classified:
-        return (f"Roles proposed: {', '.join(f'{n} {r}' for r, n in classified.items())}; "
-                f"{int(counts.get('unclassified', 0))} of {len(role_table)} heads unclassified.")
-    return (f"No head met any role rule: all {len(role_table)} heads are 'unclassified' (thresholds: "
-            f"{', '.join(f'{k} {v}' for k, v in t.model_dump().items())}). The evidence column shows each head's nearest "
-            "miss. A circuit built from these heads is a list of heads that DLA or patching ranked highly, not a "
-            "mechanism; check the plots above, or adjust role_thresholds if the rules do not fit this task.")
+        return (
+            f"Roles proposed: {', '.join(f'{n} {r}' for r, n in classified.items())}; "
+            f"{int(counts.get('unclassified', 0))} of {len(role_table)} heads unclassified."
+        )
+    return (
+        f"No head met any role rule: all {len(role_table)} heads are 'unclassified' (thresholds: "
+        f"{', '.join(f'{k} {v}' for k, v in t.model_dump().items())}). The evidence column shows each head's nearest "
+        "miss. A circuit built from these heads is a list of heads that DLA or patching ranked highly, not a "
+        "mechanism; check the plots above, or adjust role_thresholds if the rules do not fit this task."
+    )

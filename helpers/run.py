@@ -108,7 +108,9 @@ def template_notebook(template: str, dest: Path) -> Path:
     return dest
 
 
-REMOTE_SCRIPT = re.compile(r"""<script\b[^>]*\bsrc=["'](?:https?:)?//[^"']*["'][^>]*>\s*</script>|<script\b[^>]*\bsrc=["']["'][^>]*>\s*</script>""")
+REMOTE_SCRIPT = re.compile(
+    r"""<script\b[^>]*\bsrc=["'](?:https?:)?//[^"']*["'][^>]*>\s*</script>|<script\b[^>]*\bsrc=["']["'][^>]*>\s*</script>"""
+)
 
 
 def export_html(notebook: Path) -> Path:
@@ -117,8 +119,7 @@ def export_html(notebook: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(template_name="lab", require_js_url="", mathjax_url="", mermaid_js_url="",
-                            mermaid_layout_elk_js_url="")
+    exporter = HTMLExporter(template_name="lab", require_js_url="", mathjax_url="", mermaid_js_url="", mermaid_layout_elk_js_url="")
     body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
     body = REMOTE_SCRIPT.sub("", body)
     html = notebook.with_suffix(".html")
@@ -140,9 +141,17 @@ def in_own_thread(fn, *args, **kwargs):
         return pool.submit(fn, *args, **kwargs).result()
 
 
-def run_template(task: str, template: str = "circuit_expms", model: str | None = None, n_prompts: int | None = None,
-                 threads: int | None = None, cell_timeout: int | None = None, progress: bool = True,
-                 extra_parameters: dict | None = None, log_output: bool = False) -> RunResult:
+def run_template(
+    task: str,
+    template: str = "circuit_expms",
+    model: str | None = None,
+    n_prompts: int | None = None,
+    threads: int | None = None,
+    cell_timeout: int | None = None,
+    progress: bool = True,
+    extra_parameters: dict | None = None,
+    log_output: bool = False,
+) -> RunResult:
     """Execute one template for one task and model (see module docstring); never raises for bad input.
 
     Bad input (params, model, template, an output folder that cannot be written, another run of the same
@@ -159,21 +168,41 @@ def run_template(task: str, template: str = "circuit_expms", model: str | None =
     except BAD_INPUT as err:
         return RunResult(task, model or "?", template, "bad-input", time.time() - t0, None, str(err))
     except Exception as err:  # a check that failed in a way we did not foresee: still one line, still bad input
-        return RunResult(task, model or "?", template, "bad-input", time.time() - t0, None,
-                         f"{task}: could not check the inputs ({type(err).__name__}: {err}); please report this")
+        return RunResult(
+            task,
+            model or "?",
+            template,
+            "bad-input",
+            time.time() - t0,
+            None,
+            f"{task}: could not check the inputs ({type(err).__name__}: {err}); please report this",
+        )
     root.mkdir(parents=True, exist_ok=True)
     try:
         with layout.run_lock(root, where, params.model, template):
             layout.recover(final, template)  # a run of this template killed mid-publish: put the old result back
             layout.remove_stale_staging(root, where, params.model, template)
-            return _execute(params, template, root, final, n_prompts, threads, cell_timeout, progress,
-                            extra_parameters, log_output, t0, where)
+            return _execute(
+                params, template, root, final, n_prompts, threads, cell_timeout, progress, extra_parameters, log_output, t0, where
+            )
     except layout.OutputsError as err:
         return RunResult(params.task, params.model, template, "bad-input", time.time() - t0, None, str(err))
 
 
-def _execute(params: TaskParams, template: str, root: Path, final: Path, n_prompts, threads, cell_timeout, progress,
-             extra_parameters, log_output, t0: float, where: str) -> RunResult:
+def _execute(
+    params: TaskParams,
+    template: str,
+    root: Path,
+    final: Path,
+    n_prompts,
+    threads,
+    cell_timeout,
+    progress,
+    extra_parameters,
+    log_output,
+    t0: float,
+    where: str,
+) -> RunResult:
     """Execute into a staging folder, export HTML and publish (the caller holds the run lock). ``where``: the
     first folder level (the task, or ``layout.MODEL_SCOPE``)."""
     import papermill as pm
@@ -182,8 +211,16 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
     staging = layout.new_staging(root, task_name, model_name, template)
     source_nb = template_notebook(template, staging / f".{template}.src.ipynb")
     out_nb = staging / f"{template}.ipynb"
-    parameters = {"task": params.task, "params_file": params_file, "model_name": model_name, "output_dir": str(staging),
-                  "input_dir": str(final), "n_prompts": n_prompts, "threads": threads, **(extra_parameters or {})}
+    parameters = {
+        "task": params.task,
+        "params_file": params_file,
+        "model_name": model_name,
+        "output_dir": str(staging),
+        "input_dir": str(final),
+        "n_prompts": n_prompts,
+        "threads": threads,
+        **(extra_parameters or {}),
+    }
     declared = pm.inspect_notebook(str(source_nb))  # pass only what the template declares (input_dir: where earlier JSON is)
     parameters = {k: v for k, v in parameters.items() if k in declared}
     # Kernel quiet: no per-layer progress bars in the saved notebook unless streamed (--log-output); no ipykernel
@@ -194,9 +231,18 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
     os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*filters, "ignore:IProgress not found"]))
     try:
         with images_rendered_here():
-            in_own_thread(pm.execute_notebook, str(source_nb), str(out_nb), parameters=parameters, kernel_name="python3",
-                          cwd=str(PROJECT_ROOT), progress_bar=progress, execution_timeout=cell_timeout, log_output=log_output,
-                          extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            in_own_thread(
+                pm.execute_notebook,
+                str(source_nb),
+                str(out_nb),
+                parameters=parameters,
+                kernel_name="python3",
+                cwd=str(PROJECT_ROOT),
+                progress_bar=progress,
+                execution_timeout=cell_timeout,
+                log_output=log_output,
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            )
     except Exception as err:  # PapermillExecutionError or a kernel failure: keep the executed notebook
         failed_dir = root / ".failed" / task_name / layout.model_folder_name(model_name)
         failed_dir.mkdir(parents=True, exist_ok=True)
@@ -204,8 +250,15 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
             shutil.copy(out_nb, failed_dir / f"{template}.ipynb")
         shutil.rmtree(staging, ignore_errors=True)
         summary = getattr(err, "evalue", None) or str(err).strip().splitlines()[-1]
-        return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir,
-                         f"{getattr(err, 'ename', type(err).__name__)}: {summary} (executed notebook: {failed_dir / (template + '.ipynb')})")
+        return RunResult(
+            task_name,
+            model_name,
+            template,
+            "failed",
+            time.time() - t0,
+            failed_dir,
+            f"{getattr(err, 'ename', type(err).__name__)}: {summary} (executed notebook: {failed_dir / (template + '.ipynb')})",
+        )
     source_nb.unlink()
     images, image_failure = plotting.render_pending(staging)
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
@@ -218,11 +271,25 @@ def _execute(params: TaskParams, template: str, root: Path, final: Path, n_promp
     except OSError as err:
         layout.recover(final, template)
         shutil.rmtree(staging, ignore_errors=True)
-        return RunResult(task_name, model_name, template, "failed", time.time() - t0, None,
-                         f"could not publish into {final} ({err}); the previous result is unchanged")
+        return RunResult(
+            task_name,
+            model_name,
+            template,
+            "failed",
+            time.time() - t0,
+            None,
+            f"could not publish into {final} ({err}); the previous result is unchanged",
+        )
     staging.rmdir()
-    note = "; ".join(n for n in (task_note(final / f"{template}.json"), carried.message(),
-                                 f"static images skipped after {images} ({image_failure})" if image_failure else "") if n)
+    note = "; ".join(
+        n
+        for n in (
+            task_note(final / f"{template}.json"),
+            carried.message(),
+            f"static images skipped after {images} ({image_failure})" if image_failure else "",
+        )
+        if n
+    )
     return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, note)
 
 
@@ -281,8 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: cores / jobs)")
     parser.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell before a run fails")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA if available); with -j, one run per GPU")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="model dtype (default float32; half precision halves memory, identities then hold to ~1e-2)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="model dtype (default float32; half precision halves memory, identities then hold to ~1e-2)",
+    )
     parser.add_argument("--log-output", action="store_true", help="stream each cell's output (e.g. the sweeps' tqdm bars) to stderr")
     parser.add_argument("--outputs-dir", type=Path, default=None, help="instead of nb_outputs/")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite <outputs>/index.html")
@@ -292,8 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_output:
         logging.basicConfig(format="%(message)s")
         logging.getLogger("papermill").setLevel(logging.INFO)
-    options = RunOptions(args.n_prompts, args.threads, args.cell_timeout, args.device, log_output=args.log_output,
-                         extra_parameters={"dtype": args.dtype} if args.dtype else {})
+    options = RunOptions(
+        args.n_prompts,
+        args.threads,
+        args.cell_timeout,
+        args.device,
+        log_output=args.log_output,
+        extra_parameters={"dtype": args.dtype} if args.dtype else {},
+    )
     try:
         batch = run_batch(args.task, args.model, args.template, options, args.jobs, args.scheduler, args.force, args.params_dir)
     except PlanError as err:

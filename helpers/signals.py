@@ -84,13 +84,20 @@ class SignalPatching:
     logit_diff_source: float  # the source run's mean logit difference on the clean answers
 
     def to_json(self) -> dict:
-        return {"corruption": self.corruption, "changes": self.changes, "position": self.position, "effect": self.effect,
-                "logit_diff_clean": self.logit_diff_clean, "logit_diff_source": self.logit_diff_source,
-                "effect_is": "LD(clean, head output from the source) / LD(clean) - 1"}
+        return {
+            "corruption": self.corruption,
+            "changes": self.changes,
+            "position": self.position,
+            "effect": self.effect,
+            "logit_diff_clean": self.logit_diff_clean,
+            "logit_diff_source": self.logit_diff_source,
+            "effect_is": "LD(clean, head output from the source) / LD(clean) - 1",
+        }
 
 
-def patch_from(model, prompts: PromptSet, name: str, position: str = "end", memory_mb: float = 1024, seed: int = 0,
-               progress: bool = True) -> SignalPatching:
+def patch_from(
+    model, prompts: PromptSet, name: str, position: str = "end", memory_mb: float = 1024, seed: int = 0, progress: bool = True
+) -> SignalPatching:
     """Patch each head's output (``z``; at the final position or everywhere) from extra corruption ``name``."""
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, not {position!r}")
@@ -108,8 +115,9 @@ def patch_from(model, prompts: PromptSet, name: str, position: str = "end", memo
     return SignalPatching(name, alt.spec.changes, position, ld / base - 1, base, ctx.clean_logit_diff)
 
 
-def patch_from_all(model, prompts: PromptSet, position: str = "end", memory_mb: float = 1024, seed: int = 0,
-                   progress: bool = True) -> dict[str, SignalPatching]:
+def patch_from_all(
+    model, prompts: PromptSet, position: str = "end", memory_mb: float = 1024, seed: int = 0, progress: bool = True
+) -> dict[str, SignalPatching]:
     """``patch_from`` for every extra corruption of the task (an empty dict when it defines none)."""
     return {name: patch_from(model, prompts, name, position, memory_mb, seed, progress) for name in prompts.alternatives}
 
@@ -129,8 +137,7 @@ def reads_as(effects: dict[str, float], changes: dict[str, str], threshold: floa
     return "both" if pos >= threshold and tok >= threshold else "neither"
 
 
-def signal_table(results: dict[str, SignalPatching], k: int, roles: dict[str, str] | None = None,
-                 threshold: float = 0.1) -> list[dict]:
+def signal_table(results: dict[str, SignalPatching], k: int, roles: dict[str, str] | None = None, threshold: float = 0.1) -> list[dict]:
     """The ``k`` heads with the largest effect of any corruption: per head its effect under each, what it reads
     as (``reads_as`` with ``threshold``) and its proposed role (``roles``: head label -> role)."""
     if not results:

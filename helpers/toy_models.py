@@ -150,9 +150,7 @@ class Corpus:
     def ioi_text(self, template: str) -> tuple[str, str, str]:
         """(prompt without the answer, IO name, S name) for one template, ABBA or BABA at random."""
         a, b = self.rng.sample(self.names, 2)
-        filled = (
-            template.replace("[PLACE]", self.rng.choice(self.places)).replace("[OBJECT]", self.rng.choice(self.objects))
-        )
+        filled = template.replace("[PLACE]", self.rng.choice(self.places)).replace("[OBJECT]", self.rng.choice(self.objects))
         if self.rng.random() < 0.5:  # ABBA: the first mention is the IO
             filled = filled.replace("[B] and [A]", "[A] and [B]", 1)
         filled = filled.replace("[A]", a).replace("[B]", b)
@@ -336,11 +334,26 @@ def architecture_config(cfg: ToyConfig, tokenizer):
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if cfg.architecture == "llama":
-        return LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                           num_key_value_heads=cfg.n_kv_head or cfg.n_head, intermediate_size=4 * cfg.n_embd,
-                           max_position_embeddings=cfg.n_positions, tie_word_embeddings=True, **ids)
-    return GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_inner=4 * cfg.n_embd, **ids)
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.n_embd,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+            intermediate_size=4 * cfg.n_embd,
+            max_position_embeddings=cfg.n_positions,
+            tie_word_embeddings=True,
+            **ids,
+        )
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=4 * cfg.n_embd,
+        **ids,
+    )
 
 
 def train(cfg: ToyConfig, out_dir: Path, log_every: int = 100) -> dict:
@@ -400,24 +413,34 @@ def train(cfg: ToyConfig, out_dir: Path, log_every: int = 100) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
-    report = {"config": asdict(cfg), "train_wall_clock_s": round(wall, 1), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "n_random_words": len(corpus.random_word_ids), "final": final, "history": history}
+    report = {
+        "config": asdict(cfg),
+        "train_wall_clock_s": round(wall, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "n_random_words": len(corpus.random_word_ids),
+        "final": final,
+        "history": history,
+    }
     final["head_scores"] = template_head_scores(out_dir)
     (out_dir / "training_metrics.json").write_text(json.dumps(report, indent=1))
     (out_dir / "README.md").write_text(model_card(cfg, report))
     return report
 
 
-ARCHITECTURE_NAMES = {"gpt2": "GPT-2 (learned positions, LayerNorm, GELU MLP)",
-                      "llama": "Llama (rotary positions, RMSNorm, SwiGLU MLP)"}
+ARCHITECTURE_NAMES = {"gpt2": "GPT-2 (learned positions, LayerNorm, GELU MLP)", "llama": "Llama (rotary positions, RMSNorm, SwiGLU MLP)"}
 
 
 def head_score_lines(scores: dict | None) -> list[str]:
     """Model-card lines for the scores the ``induction_checks`` template reports (BOS, r, r)."""
     if not scores:
         return []
-    lines = ["", f"Scores as the `induction_checks` template computes them (BOS, r, r; |r| = {scores['seq_len']}, "
-             f"{scores['batch']} sequences, seed {scores['seed']}), heads >= 0.4:", ""]
+    lines = [
+        "",
+        f"Scores as the `induction_checks` template computes them (BOS, r, r; |r| = {scores['seq_len']}, "
+        f"{scores['batch']} sequences, seed {scores['seed']}), heads >= 0.4:",
+        "",
+    ]
     for kind in ("prev_token", "duplicate_token", "induction"):
         hits = [f"L{l}H{h} ({s:.2f})" for l, row in enumerate(scores[kind]) for h, s in enumerate(row) if s >= 0.4]
         lines.append(f"- {kind.replace('_', '-')}: {', '.join(hits) or 'none'}")
@@ -443,8 +466,11 @@ def model_card(cfg: ToyConfig, report: dict) -> str:
         + f", d_mlp {4 * cfg.n_embd}, n_ctx {cfg.n_positions}, tied embeddings",
         f"- Data mixture per step: {cfg.mixture}; loss weight 1 on answers, {ANSWER_CONTEXT_WEIGHT} on other prompt tokens; random-sequence length {cfg.repeat_seq_len}; skip-pattern fraction {cfg.skip_fraction}; "
         f"{'prefix + tiled segment' if cfg.tile else 'one segment copied to a random later offset'}"
-        + ("; `bigram`: in-context bigrams (8-20 random words, each with a successor fixed for that sequence only, followed 80% of the time)"
-           if "bigram" in cfg.mixture else ""),
+        + (
+            "; `bigram`: in-context bigrams (8-20 random words, each with a successor fixed for that sequence only, followed 80% of the time)"
+            if "bigram" in cfg.mixture
+            else ""
+        ),
         *(["- Position embeddings (learned) initialised to a sinusoidal table × 0.05"] if cfg.sinusoidal_positions else []),
         f"- Optimiser: AdamW lr {cfg.lr}, betas (0.9, 0.98), weight decay {cfg.weight_decay} on matrices, {cfg.warmup_steps} warm-up steps, cosine decay",
         f"- Steps: {cfg.steps}; seed {cfg.seed}; wall-clock {report['train_wall_clock_s']} s on {report['threads']} CPU threads (torch {report['torch']})",
@@ -460,7 +486,9 @@ def model_card(cfg: ToyConfig, report: dict) -> str:
     lines += [
         "",
         "IOI accuracy per template (40 prompts each): "
-        + "; ".join(f"`{t}` {a:.2f}" for t, a in {**f["ioi_train_templates_per_template"], **f["ioi_heldout_templates_per_template"]}.items()),
+        + "; ".join(
+            f"`{t}` {a:.2f}" for t, a in {**f["ioi_train_templates_per_template"], **f["ioi_heldout_templates_per_template"]}.items()
+        ),
         "",
         "## Induction evidence (BOS, random prefix, r, r: 20-word r, all within the trained 64 positions)",
         "",

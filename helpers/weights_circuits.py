@@ -45,7 +45,7 @@ def _normed(model, x: Float[Tensor, "n d_model"], layer: int) -> Float[Tensor, "
     return model.blocks[layer].ln1(x[None])[0]
 
 
-def embeddings(model, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> Float[Tensor, "n d_model"]:
+def embeddings(model, tokens: Int[Tensor, n], effective_embedding: bool = False) -> Float[Tensor, "n d_model"]:
     """Token embeddings (``W_E`` rows); with ``effective_embedding``, plus MLP0's output on each token: the model's
     own forward on the token alone (one position, no BOS) with layer 0's attention output silenced, so MLP0 sees the
     token as the first position would (its positional embedding included)."""
@@ -55,8 +55,11 @@ def embeddings(model, tokens: Int[Tensor, "n"], effective_embedding: bool = Fals
     store: dict = {}
     mlp0 = utils.get_act_name("mlp_out", 0)
     with torch.no_grad():
-        model.run_with_hooks(tokens[:, None], fwd_hooks=[(utils.get_act_name("attn_out", 0), zero_activation), (mlp0, recording_hook(store, mlp0))],
-                             stop_at_layer=1)
+        model.run_with_hooks(
+            tokens[:, None],
+            fwd_hooks=[(utils.get_act_name("attn_out", 0), zero_activation), (mlp0, recording_hook(store, mlp0))],
+            stop_at_layer=1,
+        )
     return emb + store[mlp0][:, 0]
 
 
@@ -69,19 +72,19 @@ class OVCopying:
     n_tokens: int
 
 
-def _ov_rows(model, x: Float[Tensor, "n d_model"], layer: int, head: int, tokens: Int[Tensor, "n"]) -> Float[Tensor, "n n"]:
+def _ov_rows(model, x: Float[Tensor, "n d_model"], layer: int, head: int, tokens: Int[Tensor, n]) -> Float[Tensor, "n n"]:
     return (x @ model.OV[layer, head]).AB @ model.W_U[:, tokens]
 
 
 @torch.no_grad()
-def ov_circuit(model, layer: int, head: int, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> Float[Tensor, "n n"]:
+def ov_circuit(model, layer: int, head: int, tokens: Int[Tensor, n], effective_embedding: bool = False) -> Float[Tensor, "n n"]:
     """Full OV circuit on ``tokens``: row i is the logits (over the same tokens) the head writes when it attends
     fully to token i."""
     return _ov_rows(model, _normed(model, embeddings(model, tokens, effective_embedding), layer), layer, head, tokens)
 
 
 @torch.no_grad()
-def ov_copying(model, tokens: Int[Tensor, "n"], effective_embedding: bool = False) -> OVCopying:
+def ov_copying(model, tokens: Int[Tensor, n], effective_embedding: bool = False) -> OVCopying:
     """``OVCopying`` of every head on ``tokens`` (module docstring). The embeddings (and MLP0's forward) are computed
     once, the norm once per layer."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -98,7 +101,7 @@ def ov_copying(model, tokens: Int[Tensor, "n"], effective_embedding: bool = Fals
 
 
 @torch.no_grad()
-def qk_tokens(model, layer: int, head: int, tokens: Int[Tensor, "n"]) -> Float[Tensor, "dest src"]:
+def qk_tokens(model, layer: int, head: int, tokens: Int[Tensor, n]) -> Float[Tensor, "dest src"]:
     """Full QK circuit on ``tokens`` (attention scores from token identity alone, before the softmax and scaling)."""
     x = _normed(model, model.W_E[tokens], layer)
     return (x @ model.QK[layer, head]).AB @ x.T
@@ -108,8 +111,10 @@ def check_positional(model) -> None:
     """Raise ``NotSupported`` unless the model adds learned or sinusoidal position embeddings to the residual stream."""
     kind = getattr(model.cfg, "positional_embedding_type", "standard")
     if kind != "standard":
-        raise NotSupported(f"positional QK circuits read the positional embeddings; this model has {kind!r} positions "
-                           "(no embedding to read): use the previous-token score on repeated random tokens (induction_checks)")
+        raise NotSupported(
+            f"positional QK circuits read the positional embeddings; this model has {kind!r} positions "
+            "(no embedding to read): use the previous-token score on repeated random tokens (induction_checks)"
+        )
 
 
 @torch.no_grad()
@@ -118,22 +123,27 @@ def positional_qk(model, layer: int, head: int, n_pos: int) -> Float[Tensor, "de
     embeddings alone through the head's QK circuit (scaled and causally masked as the model does)."""
     check_positional(model)
     x = _normed(model, model.W_pos[:n_pos], layer)
-    scores = (x @ model.QK[layer, head]).AB @ x.T / model.cfg.d_head ** 0.5
+    scores = (x @ model.QK[layer, head]).AB @ x.T / model.cfg.d_head**0.5
     mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=scores.device).tril()
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
-def attention_by_offset(pattern: Float[Tensor, "dest src"], max_offset: int) -> Float[Tensor, "offset"]:
+def attention_by_offset(pattern: Float[Tensor, "dest src"], max_offset: int) -> Float[Tensor, offset]:
     """Mean attention at each offset ``dest - src`` in 0..max_offset, over destinations that have that offset."""
     n = pattern.shape[0]
-    return torch.stack([pattern.diagonal(-k)[max(0, max_offset - k):].mean() if k < n else torch.tensor(float("nan"))
-                        for k in range(max_offset + 1)])
+    return torch.stack(
+        [pattern.diagonal(-k)[max(0, max_offset - k) :].mean() if k < n else torch.tensor(float("nan")) for k in range(max_offset + 1)]
+    )
 
 
 def previous_token_offsets(model, n_pos: int = 32, max_offset: int = 4) -> Float[Tensor, "layer head offset"]:
     """``attention_by_offset`` of every head's positional pattern (``positional_qk``)."""
-    return torch.stack([torch.stack([attention_by_offset(positional_qk(model, layer, head, n_pos), max_offset)
-                                     for head in range(model.cfg.n_heads)]) for layer in range(model.cfg.n_layers)])
+    return torch.stack(
+        [
+            torch.stack([attention_by_offset(positional_qk(model, layer, head, n_pos), max_offset) for head in range(model.cfg.n_heads)])
+            for layer in range(model.cfg.n_layers)
+        ]
+    )
 
 
 @dataclass
@@ -143,7 +153,7 @@ class SingularDirections:
     layer: int
     head: int
     circuit: str  # "OV" (read through the unembedding) or "QK" (destination and source sides, through the embedding)
-    singular_values: Float[Tensor, "n"]
+    singular_values: Float[Tensor, n]
     share: float  # sum of the top n squared singular values over the total (1 = the circuit has rank <= n)
     directions: list[dict]  # per direction: singular value and its tokens
 
@@ -152,17 +162,23 @@ class SingularDirections:
         return head_label({"layer": self.layer, "head": self.head})
 
     def to_json(self) -> dict:
-        return {"layer": self.layer, "head": self.head, "circuit": self.circuit, "singular_values": self.singular_values,
-                "share": self.share, "directions": self.directions}
+        return {
+            "layer": self.layer,
+            "head": self.head,
+            "circuit": self.circuit,
+            "singular_values": self.singular_values,
+            "share": self.share,
+            "directions": self.directions,
+        }
 
 
-def _ends(tokenizer, values: Float[Tensor, "d_vocab"], k: int) -> tuple[list[str], list[str]]:
+def _ends(tokenizer, values: Float[Tensor, d_vocab], k: int) -> tuple[list[str], list[str]]:
     """The ``k`` tokens with the largest and the ``k`` with the smallest values."""
     top, bottom = values.topk(k).indices, (-values).topk(k).indices
     return [tokenizer.decode([int(t)]) for t in top], [tokenizer.decode([int(t)]) for t in bottom]
 
 
-def _share(s: Float[Tensor, "rank"], n: int) -> float:
+def _share(s: Float[Tensor, rank], n: int) -> float:
     squares = s.float() ** 2
     return float(squares[:n].sum() / squares.sum().clamp_min(1e-30))
 
@@ -191,10 +207,30 @@ def qk_singular_tokens(model, layer: int, head: int, n: int = 3, k: int = 8) -> 
     for i in range(n):
         q_plus, q_minus = _ends(model.tokenizer, query[:, i], k)
         k_plus, k_minus = _ends(model.tokenizer, key[:, i], k)
-        directions.append({"direction": i, "singular_value": float(s[i]), "destination, one end": q_plus, "source, one end": k_plus,
-                           "destination, other end": q_minus, "source, other end": k_minus})
+        directions.append(
+            {
+                "direction": i,
+                "singular_value": float(s[i]),
+                "destination, one end": q_plus,
+                "source, one end": k_plus,
+                "destination, other end": q_minus,
+                "source, other end": k_minus,
+            }
+        )
     return SingularDirections(layer, head, "QK", s[:n].detach().cpu(), _share(s, n), directions)
 
 
-__all__ = ["SingularDirections", "ov_singular_tokens", "qk_singular_tokens", "OVCopying", "ov_circuit", "ov_copying", "qk_tokens", "positional_qk", "attention_by_offset", "previous_token_offsets",
-           "check_positional", "embeddings"]
+__all__ = [
+    "SingularDirections",
+    "ov_singular_tokens",
+    "qk_singular_tokens",
+    "OVCopying",
+    "ov_circuit",
+    "ov_copying",
+    "qk_tokens",
+    "positional_qk",
+    "attention_by_offset",
+    "previous_token_offsets",
+    "check_positional",
+    "embeddings",
+]

@@ -41,11 +41,23 @@ def working_copy(task: str, template: str, model: str | None = None, to: Path | 
     folder.mkdir(parents=True, exist_ok=True)
     source = template_notebook(template, folder / f".{template}.src.ipynb")
     try:
-        parameters = {"task": params.task, "params_file": str(params.source), "model_name": params.model, "n_prompts": n_prompts,
-                      "output_dir": str(folder), "input_dir": str(layout.run_folder(outputs_dir(), owner, params.model))}
+        parameters = {
+            "task": params.task,
+            "params_file": str(params.source),
+            "model_name": params.model,
+            "n_prompts": n_prompts,
+            "output_dir": str(folder),
+            "input_dir": str(layout.run_folder(outputs_dir(), owner, params.model)),
+        }
         declared = pm.inspect_notebook(str(source))
-        pm.execute_notebook(str(source), str(dest), parameters={k: v for k, v in parameters.items() if k in declared},
-                            prepare_only=True, kernel_name="python3", progress_bar=False)
+        pm.execute_notebook(
+            str(source),
+            str(dest),
+            parameters={k: v for k, v in parameters.items() if k in declared},
+            prepare_only=True,
+            kernel_name="python3",
+            progress_bar=False,
+        )
     finally:
         source.unlink(missing_ok=True)
     return dest

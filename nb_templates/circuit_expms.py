@@ -175,7 +175,7 @@ print(f"baselines: clean logit diff {ctx.clean_logit_diff:.3f}, corrupted {ctx.c
 if ctx.normalisation.status != "ok":
     print("WARNING:", ctx.normalisation.message)
 skipped_sweeps = {name: str(err) for name, err in unsupported.items()}
-for name, why in skipped_sweeps.items():
+for why in skipped_sweeps.values():
     print("skipped:", why)
 for name in ["resid_pre", "attn_out", "mlp_out"]:
     figs.show(plotting.heatmap(sweeps[name], f"Patching {name} (normalised logit diff recovered)", "position", "layer",

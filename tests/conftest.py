@@ -41,8 +41,7 @@ def random_two_layer(tmp_path_factory):
 
     torch.manual_seed(1)
     tok = AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi")
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     out = tmp_path_factory.mktemp("random2l")
     GPT2LMHeadModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -88,8 +87,9 @@ def family_models(family_dirs):
     def get(family: str):
         if family not in loaded:
             model = load_model(str(family_dirs(family)), device="cpu")
-            prompts = make_prompts(load_params("ioi", n_prompts=6), model.tokenizer, verbose=False,
-                                   prepend_bos=model.cfg.default_prepend_bos)
+            prompts = make_prompts(
+                load_params("ioi", n_prompts=6), model.tokenizer, verbose=False, prepend_bos=model.cfg.default_prepend_bos
+            )
             loaded[family] = (model, prompts)
         return loaded[family]
 

@@ -14,7 +14,7 @@ import pytest
 from helpers import batch
 from helpers import run as runner
 
-HEADER = '''\
+HEADER = """\
 # %% tags=["parameters"]
 task = "ioi"
 params_file = None
@@ -23,21 +23,29 @@ n_prompts = None
 output_dir = None
 input_dir = None
 threads = None
-'''
+"""
 SESSION = 's = experiments.start_session("{name}", task, params_file, model_name, n_prompts, output_dir, None, threads, False, input_dir)\n'
 TEMPLATES = {
-    "first": HEADER + "\n# %%\nfrom helpers import artifacts, experiments\n" + SESSION.format(name="first") +
-    'artifacts.write_json(s.out_dir / "first.json", {"template": "first", "task": s.params.task, "n": len(s.prompts.clean_tokens)})\n',
-    "second": HEADER + "\n# %%\nfrom helpers import artifacts, experiments\n" + SESSION.format(name="second") +
-    'first = experiments.load_results(s, "first")\n'
+    "first": HEADER
+    + "\n# %%\nfrom helpers import artifacts, experiments\n"
+    + SESSION.format(name="first")
+    + 'artifacts.write_json(s.out_dir / "first.json", {"template": "first", "task": s.params.task, "n": len(s.prompts.clean_tokens)})\n',
+    "second": HEADER
+    + "\n# %%\nfrom helpers import artifacts, experiments\n"
+    + SESSION.format(name="second")
+    + 'first = experiments.load_results(s, "first")\n'
     'artifacts.write_json(s.out_dir / "second.json", {"template": "second", "read": first["task"], "n": first["n"]})\n',
     "boom": HEADER + '\n# %%\nraise RuntimeError("boom: deliberate failure")\n',
-    "after_boom": HEADER + "\n# %%\nfrom helpers import experiments\n" + SESSION.format(name="after_boom") +
-    'experiments.load_results(s, "boom")\n',
+    "after_boom": HEADER
+    + "\n# %%\nfrom helpers import experiments\n"
+    + SESSION.format(name="after_boom")
+    + 'experiments.load_results(s, "boom")\n',
     "slow": HEADER + "\n# %%\nimport time\ntime.sleep(120)\n",
-    "per_model": "# ---\n# jupyter:\n#   circuit_lab:\n#     scope: model\n# ---\n\n" + HEADER +
-    "\n# %%\nfrom helpers import experiments\n" + SESSION.format(name="per_model") +
-    'print("wrote", s.write_results("per_model", {"template": "per_model", "task": s.params.task}))\n',
+    "per_model": "# ---\n# jupyter:\n#   circuit_lab:\n#     scope: model\n# ---\n\n"
+    + HEADER
+    + "\n# %%\nfrom helpers import experiments\n"
+    + SESSION.format(name="per_model")
+    + 'print("wrote", s.write_results("per_model", {"template": "per_model", "task": s.params.task}))\n',
 }
 
 
@@ -66,7 +74,12 @@ def test_real_templates_are_ordered_by_what_they_read():
     assert names.index("circuit_discovery") < names.index("minimal_circuit")
     assert dict(order)["induction_checks"] == [] and dict(order)["circuit_discovery"] == []
     # asking for one template brings in what it reads, and nothing else
-    assert [t for t, _ in batch.template_order(["minimal_circuit"])] == ["circuit_discovery", "circuit_expms", "head_functions", "minimal_circuit"]
+    assert [t for t, _ in batch.template_order(["minimal_circuit"])] == [
+        "circuit_discovery",
+        "circuit_expms",
+        "head_functions",
+        "minimal_circuit",
+    ]
 
 
 def test_plan_errors_name_the_problem(sandbox):
@@ -101,8 +114,11 @@ def test_fingerprint_follows_params_template_model_and_upstream(sandbox, tmp_pat
 def test_dask_in_process_cluster_isolates_failures_then_reruns_skip(sandbox):
     opts = batch.RunOptions(n_prompts=4, threads=1)
     report = batch.run_batch(["ioi", "numseq"], templates=["second", "after_boom"], options=opts, jobs=2, scheduler="inprocess")
-    assert statuses(report) == {f"{t}/{name}": s for t in ("ioi", "numseq") for name, s in
-                                [("first", "ok"), ("boom", "failed"), ("second", "ok"), ("after_boom", "skipped")]}
+    assert statuses(report) == {
+        f"{t}/{name}": s
+        for t in ("ioi", "numseq")
+        for name, s in [("first", "ok"), ("boom", "failed"), ("second", "ok"), ("after_boom", "skipped")]
+    }
     assert report.exit_code == 1
     out = sandbox / "out"
     for task in ("ioi", "numseq"):
@@ -114,8 +130,9 @@ def test_dask_in_process_cluster_isolates_failures_then_reruns_skip(sandbox):
     assert "boom: deliberate failure" in table and "not run: boom (which it reads) failed" in table
 
     again = batch.run_batch(["ioi", "numseq"], templates=["second", "after_boom"], options=opts)
-    assert {k: s for k, s in statuses(again).items() if "boom" not in k} == {f"{t}/{n}": "up-to-date" for t in ("ioi", "numseq")
-                                                                          for n in ("first", "second")}
+    assert {k: s for k, s in statuses(again).items() if "boom" not in k} == {
+        f"{t}/{n}": "up-to-date" for t in ("ioi", "numseq") for n in ("first", "second")
+    }
     assert statuses(again)["ioi/boom"] == "failed", "a failed run is never up to date"
 
     quiet = batch.run_batch(["ioi", "numseq"], templates=["second"], options=opts)
@@ -157,7 +174,6 @@ def test_cli_runs_the_batch_and_writes_the_report(sandbox, capsys):
     assert runner.main(["--task", "ioi", "--template", "first", "--n-prompts", "4"]) == 0
     assert "nothing executed" in capsys.readouterr().out
     assert runner.main(["--template", "no_such_template"]) == 2
-
 
 
 def test_one_local_job_per_gpu(monkeypatch):

@@ -10,8 +10,12 @@ from helpers import PROJECT_ROOT
 
 
 def test_bench_quick_mode_writes_results(tmp_path):
-    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "bench" / "bench_patching.py"), "--quick", "--threads", "1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "bench" / "bench_patching.py"), "--quick", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert {r["sweep"] for r in results["sweeps"]} == {"resid_pre", "head_out"}

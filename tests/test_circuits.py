@@ -25,8 +25,13 @@ def test_all_heads_circuit_is_the_full_model(ev):
 def test_empty_circuit_is_every_head_mean_ablated(ev, toy_ioi, ioi_prompts):
     """Independent check: replace every head's z by its per-position mean over the corrupted prompts."""
     _, cache = toy_ioi.run_with_cache(ioi_prompts.corrupted_tokens, names_filter=lambda n: n.endswith("hook_z"))
-    hooks = [(f"blocks.{l}.attn.hook_z", (lambda m: lambda z, hook=None: m.expand_as(z).contiguous())(cache[f"blocks.{l}.attn.hook_z"].mean(0, keepdim=True)))
-             for l in range(4)]
+    hooks = [
+        (
+            f"blocks.{l}.attn.hook_z",
+            (lambda m: lambda z, hook=None: m.expand_as(z).contiguous())(cache[f"blocks.{l}.attn.hook_z"].mean(0, keepdim=True)),
+        )
+        for l in range(4)
+    ]
     with torch.no_grad(), toy_ioi.hooks(fwd_hooks=hooks):
         ablated = logit_diff(toy_ioi(ioi_prompts.clean_tokens), ioi_prompts.answer_tokens).mean().item()
     assert ev.faithfulness([C.Circuit({})])[0].item() == pytest.approx(ablated / ev.full_logit_diff, abs=1e-5)
@@ -71,10 +76,13 @@ def test_minimality_and_completeness(ev):
 
 def _independent_knockout(model, prompts, keep, reference):
     """Mean logit diff with z outside ``keep`` [layer, pos, head] replaced by ``reference`` [layer, 1, pos, head, d_head], via plain hooks."""
+
     def hook_for(layer):
         def hook(z, hook=None):
             return torch.where(keep[layer][None, :, :, None], z, reference[layer].expand_as(z))
+
         return hook
+
     hooks = [(f"blocks.{l}.attn.hook_z", hook_for(l)) for l in range(keep.shape[0])]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         return logit_diff(model(prompts.clean_tokens), prompts.answer_tokens).mean().item()
@@ -96,9 +104,11 @@ def test_knockout_shares_the_layers_where_variants_agree(ev, toy_ioi, ioi_prompt
 
 def _minimality_one_at_a_time(ev, circuit, max_k):
     """The IOI paper's greedy minimality written plainly: one circuit per forward pass, nothing remembered."""
+
     def f(c):
         fresh = C.Evaluator(ev.model, ev.tokens, ev.answers, ev.named, ev.replacement, ev.full_logit_diff)  # nothing remembered
         return fresh.faithfulness([c])[0].item()
+
     full, out = f(circuit), {}
     for group, members in circuit.groups.items():
         for v in members:
@@ -150,8 +160,12 @@ def test_knockout_on_every_family_equals_plain_hooks(family, family_models):
 
 
 def test_default_circuit_keeps_roles_and_unclassified_heads_that_matter_by_patching():
-    rows = [{"head": "L0H0", "role": "unclassified", "patch_head_out": 0.02}, {"head": "L1H1", "role": "unclassified", "patch_head_out": -0.3},
-            {"head": "L2H0", "role": "mover", "patch_head_out": 0.01}, {"head": "L2H1", "role": "unclassified", "patch_head_out": 0.1}]
+    rows = [
+        {"head": "L0H0", "role": "unclassified", "patch_head_out": 0.02},
+        {"head": "L1H1", "role": "unclassified", "patch_head_out": -0.3},
+        {"head": "L2H0", "role": "mover", "patch_head_out": 0.01},
+        {"head": "L2H1", "role": "unclassified", "patch_head_out": 0.1},
+    ]
     choice = C.default_circuit(rows, {"end": 5}, min_patch_effect=0.1)
     assert choice.circuit.groups == {"unclassified": ["L1H1", "L2H1"], "mover": ["L2H0"]}
     assert choice.circuit.positions["L2H0"] == ["end"] and choice.left_out == {"L0H0": 0.02}

@@ -102,9 +102,18 @@ def test_toy_induction_k_composition_is_found(toy_induction):
         assert any(e.startswith("L0H0->L1H") and e.endswith(".k") for e in found.circuit.edges), found.circuit.edges
 
 
-@pytest.mark.parametrize("bad,field", [({"methods": ["acdc"]}, "methods"), ({"methods": "eap"}, "methods"),
-                                       ({"fractions": [0.0, 0.5]}, "fractions"), ({"fractions": [2]}, "fractions"),
-                                       ({"target": 1.5}, "target"), ({"n_random": -1}, "n_random"), ({"ig_steps": 0}, "ig_steps")])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ({"methods": ["acdc"]}, "methods"),
+        ({"methods": "eap"}, "methods"),
+        ({"fractions": [0.0, 0.5]}, "fractions"),
+        ({"fractions": [2]}, "fractions"),
+        ({"target": 1.5}, "target"),
+        ({"n_random": -1}, "n_random"),
+        ({"ig_steps": 0}, "ig_steps"),
+    ],
+)
 def test_bad_options_are_refused_with_the_parameter_named(bad, field):
     options = {"methods": ["eap", "eap-ig"], "fractions": None, "target": 0.8, "n_random": 10, "ig_steps": 5} | bad
     with pytest.raises(ValueError, match=f"`{field}`"):

@@ -58,8 +58,9 @@ def test_removing_a_senders_edges_equals_patching_its_output(ioi_ectx, toy_ioi, 
     """No edge out of head h = h's output corrupted for every reader = TL's head_out patch of corrupted z into clean."""
     g = ioi_ectx.graph
     _, corr_cache = toy_ioi.run_with_cache(ioi_prompts.corrupted_tokens)
-    ref = tl_patching.get_act_patch_attn_head_out_all_pos(toy_ioi, ioi_prompts.clean_tokens, corr_cache,
-                                                           _tl_metric(ioi_prompts.answer_tokens))
+    ref = tl_patching.get_act_patch_attn_head_out_all_pos(
+        toy_ioi, ioi_prompts.clean_tokens, corr_cache, _tl_metric(ioi_prompts.answer_tokens)
+    )
     heads = ["L0H3", "L2H1", "L3H2"]
     ours = E.evaluate_masks(ioi_ectx, torch.stack([_without_sender(g, h) for h in heads]), per_prompt=True).mean(-1)
     for h, value in zip(heads, ours):
@@ -69,8 +70,9 @@ def test_removing_a_senders_edges_equals_patching_its_output(ioi_ectx, toy_ioi, 
 
 def test_removing_an_mlps_edges_equals_patching_its_output(ioi_ectx, toy_ioi, ioi_prompts):
     _, corr_cache = toy_ioi.run_with_cache(ioi_prompts.corrupted_tokens, names_filter="blocks.1.hook_mlp_out")
-    patched = toy_ioi.run_with_hooks(ioi_prompts.clean_tokens,
-                                     fwd_hooks=[("blocks.1.hook_mlp_out", lambda act, hook: corr_cache["blocks.1.hook_mlp_out"])])
+    patched = toy_ioi.run_with_hooks(
+        ioi_prompts.clean_tokens, fwd_hooks=[("blocks.1.hook_mlp_out", lambda act, hook: corr_cache["blocks.1.hook_mlp_out"])]
+    )
     ours = E.evaluate_masks(ioi_ectx, _without_sender(ioi_ectx.graph, "MLP1")[None], per_prompt=True)[0]
     assert (ours - logit_diff(patched, ioi_prompts.answer_tokens)).abs().max() < 1e-4
 
@@ -89,8 +91,11 @@ def direct_path_circuit(graph, sender: str, receiver: str):
             mask[:, j] = True  # every edge into the sender and its ancestors
     mask[s, [r.name for r in graph.receivers].index(receiver)] = True
     for i, node in enumerate(graph.senders):
-        downstream = (node.kind == "head" and node.layer == r_node.layer and node.head in r_node.heads) or node.layer > r_node.layer \
+        downstream = (
+            (node.kind == "head" and node.layer == r_node.layer and node.head in r_node.heads)
+            or node.layer > r_node.layer
             or (node.kind == "mlp" and node.layer == r_node.layer)
+        )
         if downstream:
             mask[i] = True
     return mask & graph.allowed
@@ -101,8 +106,16 @@ def test_a_direct_path_circuit_equals_transformer_lens_direct_path(ioi_ectx, toy
     clean_cache = toy_ioi.run_with_cache(ioi_prompts.clean_tokens)[1]
     corr_cache = toy_ioi.run_with_cache(ioi_prompts.corrupted_tokens)[1]
     s_layer, s_head = (int(x) for x in sender[1:].split("H"))
-    ref = tl_patching.get_act_patch_direct_path(toy_ioi, ioi_prompts.corrupted_tokens, clean_cache, corr_cache,
-                                                _tl_metric(ioi_prompts.answer_tokens), s_layer, s_head, component="q")
+    ref = tl_patching.get_act_patch_direct_path(
+        toy_ioi,
+        ioi_prompts.corrupted_tokens,
+        clean_cache,
+        corr_cache,
+        _tl_metric(ioi_prompts.answer_tokens),
+        s_layer,
+        s_head,
+        component="q",
+    )
     r_layer, r_head = (int(x) for x in receiver.split(".")[0][1:].split("H"))
     ours = E.evaluate_masks(ioi_ectx, direct_path_circuit(ioi_ectx.graph, sender, receiver)[None], per_prompt=True)[0].mean()
     assert abs(float(ours) - float(ref[r_layer, r_head])) < 1e-4
@@ -124,17 +137,27 @@ def test_eap_sums_over_receivers_to_the_heads_attribution(ioi_ectx, toy_ioi, ioi
 def test_eap_ig_sums_to_attribution_patching_with_ig(ioi_ectx, toy_ioi, ioi_prompts):
     """EAP-IG over a head's outgoing edges = attribution patching's IG estimate of its head_out sweep cell."""
     scores = E.edge_scores(ioi_ectx, "eap-ig", steps=4)
-    ref = attribution_patch(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.corrupted_tokens, ioi_prompts.answer_tokens,
-                            ["head_out"], ig_steps=4).values["head_out"]
+    ref = attribution_patch(
+        toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.corrupted_tokens, ioi_prompts.answer_tokens, ["head_out"], ig_steps=4
+    ).values["head_out"]
     per_head = torch.stack([scores[_index(ioi_ectx.graph, f"L{l}H{h}")].sum() for l in range(4) for h in range(4)]).reshape(4, 4)
     assert (per_head - ref).abs().max() < 1e-4
 
 
 def test_prune_keeps_only_paths_from_input_to_logits(ioi_ectx):
     g = ioi_ectx.graph
-    kept = E.prune(g, g.mask_of(["input->L0H3.v", "L0H3->L3H2.v", "L3H2->logits",  # a path
-                                 "L1H0->L2H0.q",  # L1H0 gets nothing from the input: dead
-                                 "input->L2H1.k"]))  # L2H1 writes nowhere: dead
+    kept = E.prune(
+        g,
+        g.mask_of(
+            [
+                "input->L0H3.v",
+                "L0H3->L3H2.v",
+                "L3H2->logits",  # a path
+                "L1H0->L2H0.q",  # L1H0 gets nothing from the input: dead
+                "input->L2H1.k",
+            ]
+        ),
+    )  # L2H1 writes nowhere: dead
     assert g.names_of(kept) == ["input->L0H3.v", "L0H3->L3H2.v", "L3H2->logits"]
     assert torch.equal(E.prune(g, g.allowed), g.allowed)
     assert not E.prune(g, g.mask_of(["L0H3->L3H2.v"])).any()

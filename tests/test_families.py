@@ -89,7 +89,7 @@ def test_path_into_every_receiver_head(fam_ctx, component):
     for head in range(cfg.n_heads):
         paths = PP.path_patch_to_receivers(fam_ctx, [{"layer": cfg.n_layers - 1, "head": head}], component)
         assert paths.shape == (cfg.n_layers, cfg.n_heads)
-        assert paths[cfg.n_layers - 1:].abs().max() <= 1e-5
+        assert paths[cfg.n_layers - 1 :].abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -124,8 +124,17 @@ def test_direct_edge_equals_transformer_lens_or_both_refuse(fam_ctx, component):
 
     sender = {"layer": 0, "head": fam_ctx.model.cfg.n_heads - 1}
     try:
-        tl = get_act_patch_direct_path(fam_ctx.model, fam_ctx.corrupted_tokens, fam_ctx.clean_cache, fam_ctx.corrupted_cache,
-                                       P.tl_metric(fam_ctx), sender["layer"], sender["head"], component, verbose=False)
+        tl = get_act_patch_direct_path(
+            fam_ctx.model,
+            fam_ctx.corrupted_tokens,
+            fam_ctx.clean_cache,
+            fam_ctx.corrupted_cache,
+            P.tl_metric(fam_ctx),
+            sender["layer"],
+            sender["head"],
+            component,
+            verbose=False,
+        )
     except (ValueError, NotImplementedError):
         with pytest.raises((ValueError, NotImplementedError)):
             PP.direct_path_effects(fam_ctx, sender, component)

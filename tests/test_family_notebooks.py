@@ -24,7 +24,9 @@ TEMPLATES = sorted(p.stem for p in runner.templates_dir().glob("*.py"))  # every
 def test_every_template_executes(family, family_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "OUTPUTS_DIR", tmp_path)
     model_dir = family_dirs(family)
-    options = batch.RunOptions(n_prompts=4, threads=2, progress=False, extra_parameters={"static_images": False})  # PNG export: test_notebooks
+    options = batch.RunOptions(
+        n_prompts=4, threads=2, progress=False, extra_parameters={"static_images": False}
+    )  # PNG export: test_notebooks
     report = batch.run_batch(["ioi"], models=[str(model_dir)], options=options)
     assert {r.template: r.status for r in report.results} == dict.fromkeys(TEMPLATES, "ok"), report.table()
     out = tmp_path / "ioi" / model_dir.name

@@ -26,13 +26,16 @@ from helpers import MODELS_DIR, PARAMS_DIR, POOLS_DIR, layout
 from helpers import run as runner
 
 GOOD = yaml.safe_load((PARAMS_DIR / "ioi.yaml").read_text())
-TEMPLATE = HEADER + '''
+TEMPLATE = (
+    HEADER
+    + """
 # %%
 import json, pathlib, time
 pathlib.Path(output_dir, "first.json").write_text(json.dumps({"task": task, "t": time.time()}))
 (pathlib.Path(output_dir) / "first_figures").mkdir()
 pathlib.Path(output_dir, "first_figures", "a.txt").write_text("figure")
-'''
+"""
+)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -122,17 +125,31 @@ CASES = {
     "pool binary": (with_pool("binpool", b"\x00\x01\x02garbage"), "binpool", "binary"),
     "pool of multi-token words": (with_pool("longpool", b"supercalifragilistic\nantidisestablishment\n"), "longpool", "single-token"),
     # consistency and the model's shape
-    "corruption names an absent slot": ({"text": params_text(corrupted_template=None, corruption="resample:S9")}, "corruption", "name a slot"),
+    "corruption names an absent slot": (
+        {"text": params_text(corrupted_template=None, corruption="resample:S9")},
+        "corruption",
+        "name a slot",
+    ),
     "circuit head outside the model": ({"text": params_text(circuit={"groups": {"mover": ["L9H0"]}})}, "circuit.groups.mover", "L0-L3"),
     "circuit head index too large": ({"text": params_text(circuit={"groups": {"mover": ["L1H7"]}})}, "circuit.groups.mover", "H0-H3"),
     "top_k above the head count": ({"text": params_text(analysis={"top_k": 40})}, "analysis.top_k", "at most 16"),
-    "layer group outside the model": ({"text": params_text(analysis={"layer_groups": {"late": [3, 7]}})}, "analysis.layer_groups.late", "layers 0-3"),
+    "layer group outside the model": (
+        {"text": params_text(analysis={"layer_groups": {"late": [3, 7]}})},
+        "analysis.layer_groups.late",
+        "layers 0-3",
+    ),
     "layer group empty": ({"text": params_text(analysis={"layer_groups": {"late": []}})}, "layer_groups", "at least one"),
     "two-token answer": ({"text": params_text(correct=" [S1] and")}, "correct", "one known token"),
-    "more prompts than the pools allow": ({"text": params_text(n_prompts=3000, slots={s: "days" for s in GOOD["slots"]})},
-                                          "n_prompts", "add words"),
-    "corrupted length differs": ({"text": params_text(corrupted_template="When [S1] went to the [S3], [S5] gave a [S4] to")},
-                                 "same token length", "mirror"),
+    "more prompts than the pools allow": (
+        {"text": params_text(n_prompts=3000, slots={s: "days" for s in GOOD["slots"]})},
+        "n_prompts",
+        "add words",
+    ),
+    "corrupted length differs": (
+        {"text": params_text(corrupted_template="When [S1] went to the [S3], [S5] gave a [S4] to")},
+        "same token length",
+        "mirror",
+    ),
 }
 
 
@@ -216,7 +233,7 @@ def test_output_names_cannot_escape():
 
 # ---------------------------------------------------------------- crash safety and exclusion
 
-PUBLISHER = textwrap.dedent('''
+PUBLISHER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from helpers import layout
@@ -228,7 +245,7 @@ PUBLISHER = textwrap.dedent('''
     layout.os.replace = slow_replace
     print(os.getpid(), flush=True)
     layout.publish(staging, final, "first")
-''')
+""")
 
 
 def make_result(folder: Path, version: str, n_files: int = 6) -> None:
@@ -251,8 +268,12 @@ def test_kill_mid_publish_keeps_the_previous_result(tmp_path, delay):
     make_result(final, "old")
     staging = tmp_path / "out" / ".staging-ioi-toy-ioi-first-1-x"
     make_result(staging, "new", n_files=8)
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(staging), str(final)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(staging), str(final)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     pid = int(proc.stdout.readline())
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)  # the runner's own PID, at a point somewhere in the publish
@@ -285,8 +306,10 @@ def test_two_runner_processes_at_once_give_one_complete_result(world):
     path.write_text(params_text())
     env = {**os.environ}
     cmd = [sys.executable, "-m", "helpers.run", "--task", str(path), "--template", "first", "--force", "--no-report"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
     final = world / "out" / "ioi" / "toy-ioi"

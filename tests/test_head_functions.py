@@ -63,16 +63,54 @@ def test_head_labels():
 
 
 def test_roles_follow_the_rules_and_allow_unclassified():
-    evidence = pd.DataFrame([
-        {"head": "L3H2", "layer": 3, "head_index": 2, "dla": 5.0, "copy_positive": 95.0, "copy_negative": 0.0,
-         "prev_token": 0.0, "duplicate_token": 0.0, "induction": 0.1},
-        {"head": "L2H0", "layer": 2, "head_index": 0, "dla": -2.0, "copy_positive": 0.0, "copy_negative": 80.0,
-         "prev_token": 0.0, "duplicate_token": 0.0, "induction": 0.0},
-        {"head": "L1H1", "layer": 1, "head_index": 1, "dla": 0.0, "copy_positive": 0.0, "copy_negative": 0.0,
-         "prev_token": 0.1, "duplicate_token": 0.0, "induction": 0.7},
-        {"head": "L0H0", "layer": 0, "head_index": 0, "dla": 0.3, "copy_positive": 10.0, "copy_negative": 0.0,
-         "prev_token": 0.2, "duplicate_token": 0.1, "induction": 0.0},
-    ]).set_index("head")
+    evidence = pd.DataFrame(
+        [
+            {
+                "head": "L3H2",
+                "layer": 3,
+                "head_index": 2,
+                "dla": 5.0,
+                "copy_positive": 95.0,
+                "copy_negative": 0.0,
+                "prev_token": 0.0,
+                "duplicate_token": 0.0,
+                "induction": 0.1,
+            },
+            {
+                "head": "L2H0",
+                "layer": 2,
+                "head_index": 0,
+                "dla": -2.0,
+                "copy_positive": 0.0,
+                "copy_negative": 80.0,
+                "prev_token": 0.0,
+                "duplicate_token": 0.0,
+                "induction": 0.0,
+            },
+            {
+                "head": "L1H1",
+                "layer": 1,
+                "head_index": 1,
+                "dla": 0.0,
+                "copy_positive": 0.0,
+                "copy_negative": 0.0,
+                "prev_token": 0.1,
+                "duplicate_token": 0.0,
+                "induction": 0.7,
+            },
+            {
+                "head": "L0H0",
+                "layer": 0,
+                "head_index": 0,
+                "dla": 0.3,
+                "copy_positive": 10.0,
+                "copy_negative": 0.0,
+                "prev_token": 0.2,
+                "duplicate_token": 0.1,
+                "induction": 0.0,
+            },
+        ]
+    ).set_index("head")
     table = roles.assign_roles(evidence, logit_diff=6.0)
     assert table["role"].to_dict() == {"L3H2": "mover", "L2H0": "negative mover", "L1H1": "induction", "L0H0": "unclassified"}
     assert "no rule met" in table.loc["L0H0", "evidence"]

@@ -47,5 +47,5 @@ def test_repeated_tokens_repeat_exactly(toy_ioi):
     tokens = repeated_tokens(toy_ioi, text)
     once = toy_ioi.to_tokens(text, prepend_bos=False)[0]
     n = once.shape[0]
-    assert tokens[0, -2 * n:-n].tolist() == tokens[0, -n:].tolist() == once.tolist()
+    assert tokens[0, -2 * n : -n].tolist() == tokens[0, -n:].tolist() == once.tolist()
     assert tokens.shape[1] - 2 * n == int(toy_ioi.cfg.default_prepend_bos)

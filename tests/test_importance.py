@@ -28,8 +28,11 @@ def _plain_ablation(model, tokens, answers, layer: int, head: int) -> dict[str, 
         logits = model.run_with_hooks(full, fwd_hooks=[(name, ablate)])
         loss = model.run_with_hooks(full, fwd_hooks=[(name, ablate)], return_type="loss")
     answer_loss = -logits[:, -2].log_softmax(-1).gather(-1, answers[:, :1]).mean()
-    return {"sequence_loss": float(loss), "answer_loss": float(answer_loss),
-            "logit_diff": float(logit_diff(logits[:, -2:-1], answers).mean())}
+    return {
+        "sequence_loss": float(loss),
+        "answer_loss": float(answer_loss),
+        "logit_diff": float(logit_diff(logits[:, -2:-1], answers).mean()),
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,7 +71,8 @@ def test_reference_prompts_give_the_means(toy_ioi, ioi_prompts):
     default = importance.head_importance(toy_ioi, tokens, answers, progress=False)
     same = importance.head_importance(toy_ioi, tokens, answers, progress=False, reference_tokens=tokens)
     assert torch.allclose(default.answer_loss, same.answer_loss, atol=1e-5)
-    corrupted = importance.head_importance(toy_ioi, tokens, answers, progress=False, reference_tokens=ioi_prompts.corrupted_tokens,
-                                           reference_name="corrupted")
+    corrupted = importance.head_importance(
+        toy_ioi, tokens, answers, progress=False, reference_tokens=ioi_prompts.corrupted_tokens, reference_name="corrupted"
+    )
     assert corrupted.reference == "the corrupted prompts" and not torch.allclose(default.answer_loss, corrupted.answer_loss)
     assert float(corrupted.answer_loss[3, 2]) > 0.5

@@ -54,8 +54,13 @@ def test_compat_mode_and_eval(toy_ioi):
 
 def test_training_script_smoke(tmp_path):
     """A few steps of the real training loop, saved and loaded through the bridge."""
-    out = subprocess.run([sys.executable, "-m", "helpers.toy_models", "--model", "toy-induction", "--steps", "3",
-                          "--out", str(tmp_path), "--threads", "1"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "helpers.toy_models", "--model", "toy-induction", "--steps", "3", "--out", str(tmp_path), "--threads", "1"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "toy-induction" / "README.md").exists()
     model = load_model(str(tmp_path / "toy-induction"), device="cpu")
@@ -107,7 +112,6 @@ def test_every_shipped_task_validates_against_gpt2_offline(capsys):
     assert capsys.readouterr().out.count("gpt2-small's tokenizer") >= 4
 
 
-
 @pytest.fixture(scope="module")
 def toy_ioi_llama():
     return load_model("toy-ioi-llama", device="cpu")
@@ -119,7 +123,11 @@ def test_toy_ioi_llama_is_a_llama_that_does_ioi(toy_ioi_llama):
 
     m = toy_ioi_llama
     assert type(m.original_model).__name__ == "LlamaForCausalLM"
-    assert m.cfg.n_key_value_heads < m.cfg.n_heads and m.cfg.positional_embedding_type == "rotary" and m.cfg.normalization_type.startswith("RMS")
+    assert (
+        m.cfg.n_key_value_heads < m.cfg.n_heads
+        and m.cfg.positional_embedding_type == "rotary"
+        and m.cfg.normalization_type.startswith("RMS")
+    )
     ps = make_prompts(load_params("ioi", n_prompts=16), m.tokenizer, verbose=False, prepend_bos=m.cfg.default_prepend_bos)
     ctx = make_context(m, ps.clean_tokens, ps.corrupted_tokens, ps.answer_tokens)
     assert ctx.clean_logit_diff > 2.0 and check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff).status == "ok"

@@ -44,25 +44,44 @@ def _write(tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"template": "When [S1] and [S2] went"}, "not both"),
-    ({"templates": [{"name": "a", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to"},
-                    {"name": "a", "template": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"}]}, "names must differ"),
-    ({"templates": [{"name": "a", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to"}], "corruption": None},
-     "no corrupted_template"),
-    ({"corruptions": {"flip": {"template": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"}}}, "map each to its form"),
-    ({"corruptions": {"flip": {"template": {"ABBA-when": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"}}}},
-     r"give a form for each template .* \(missing \['ABBA-after', 'BABA-after', 'BABA-when'\]"),
-    ({"templates": [{"name": "a", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to", "colour": 1}]}, "colour"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"template": "When [S1] and [S2] went"}, "not both"),
+        (
+            {
+                "templates": [
+                    {"name": "a", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to"},
+                    {"name": "a", "template": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"},
+                ]
+            },
+            "names must differ",
+        ),
+        (
+            {"templates": [{"name": "a", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to"}], "corruption": None},
+            "no corrupted_template",
+        ),
+        ({"corruptions": {"flip": {"template": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"}}}, "map each to its form"),
+        (
+            {"corruptions": {"flip": {"template": {"ABBA-when": "When [S2] and [S1] went to the [S3], [S2] gave a [S4] to"}}}},
+            r"give a form for each template .* \(missing \['ABBA-after', 'BABA-after', 'BABA-when'\]",
+        ),
+        ({"templates": [{"name": "a", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to", "colour": 1}]}, "colour"),
+    ],
+)
 def test_bad_template_lists_name_the_field(tmp_path, changes, message):
     with pytest.raises(ParamsError, match=message):
         load_params(_write(tmp_path, **changes))
 
 
 def test_templates_of_another_length_are_refused_naming_them(toy_ioi, tmp_path):
-    path = _write(tmp_path, templates=[{"name": "short", "template": "When [S1] and [S2] went, [S2] gave a [S4] to"},
-                                       {"name": "long", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to"}])
+    path = _write(
+        tmp_path,
+        templates=[
+            {"name": "short", "template": "When [S1] and [S2] went, [S2] gave a [S4] to"},
+            {"name": "long", "template": "When [S1] and [S2] went to the [S3], [S2] gave a [S4] to"},
+        ],
+    )
     with pytest.raises(ParamsError, match=r"templates \(long vs short\)"):
         make_prompts(load_params(path), toy_ioi.tokenizer, verbose=False)
 
@@ -91,7 +110,9 @@ def test_word_positions_follow_each_prompt(toy_ioi, mixed):
     cache = HF.clean_cache(toy_ioi, mixed)
     pos = HF.word_positions(mixed)
     between = HF.attention_between(cache, toy_ioi.cfg.n_layers, {"end": mixed.n_pos - 1}, pos)  # [layer, head, from, word]
-    pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][:, :, -1] for l in range(toy_ioi.cfg.n_layers)])  # [layer, batch, head, k]
+    pattern = torch.stack(
+        [cache[f"blocks.{l}.attn.hook_pattern"][:, :, -1] for l in range(toy_ioi.cfg.n_layers)]
+    )  # [layer, batch, head, k]
     expected = torch.stack([pattern[:, b, :, [int(pos[n][b]) for n in pos]] for b in range(pattern.shape[1])]).mean(0)
     assert torch.allclose(between[:, :, 0], expected, atol=1e-6)
     assert float(expected[..., :2].max()) > 0.3  # some head attends to IO or S1, so a wrong index would show
@@ -106,8 +127,9 @@ def test_mean_ablation_is_within_each_template(toy_ioi, mixed):
     babas = mixed.template_masks()["BABA-when"]
     _, cache = toy_ioi.run_with_cache(mixed.corrupted_tokens[babas], names_filter=["blocks.1.attn.hook_z"])
     assert torch.allclose(z[1, babas], cache["blocks.1.attn.hook_z"].mean(0, keepdim=True).expand_as(z[1, babas]), atol=1e-5)
-    result = importance.head_importance(toy_ioi, mixed.clean_tokens[:4], mixed.answer_tokens[:4], groups=mixed.templates[:4],
-                                        progress=False)
+    result = importance.head_importance(
+        toy_ioi, mixed.clean_tokens[:4], mixed.answer_tokens[:4], groups=mixed.templates[:4], progress=False
+    )
     assert result.logit_diff.abs().max() < 1e-5  # one prompt per template: each is its own template's mean
 
 
@@ -120,7 +142,8 @@ def test_extra_corruptions_follow_each_template(toy_ioi, mixed):
         subject = {int(mixed.position_index["S1"][b]), mixed.positions["S2"]}
         assert set(noise.noise_mask[b].nonzero().flatten().tolist()) == subject
     with pytest.raises(ValueError, match="different positions"):
-        noise.noise_positions
+        _ = noise.noise_positions
     from helpers import signals
+
     result = signals.patch_from(toy_ioi, mixed, "exchanged_names", progress=False)
     assert float(result.effect[3, 2]) < -1  # the name mover copies the token in every template: exchanging names reverses it

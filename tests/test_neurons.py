@@ -14,8 +14,9 @@ from helpers.metrics import logit_diff, normalised
 
 
 def _context(model, prompts):
-    return patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens,
-                                 extra_hooks=neurons.neuron_hook_names(model))
+    return patching.make_context(
+        model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, extra_hooks=neurons.neuron_hook_names(model)
+    )
 
 
 def _dla(model, prompts):

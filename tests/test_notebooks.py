@@ -79,12 +79,21 @@ def test_run_succeeds_with_artifacts(ioi_run, outputs):
     nb = nbformat.read(out / "circuit_expms.ipynb", as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
-    stderr = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                     if o.output_type == "stream" and o.name == "stderr")
+    stderr = "".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.output_type == "stream" and o.name == "stderr"
+    )
     assert "TqdmWarning" not in stderr and "helpers/" not in stderr, f"warnings in the saved notebook:\n{stderr[:2000]}"
     assert "patch head_out" not in stderr, "progress bars of the sweeps saved into the notebook"
     for cell in nb.cells:  # each figure shown once (figs.show returns nothing, so a cell's last value is not a repeat)
-        figures = [UUID.sub("", o["data"]["text/html"]) for o in cell.get("outputs", []) if "Plotly.newPlot" in o.get("data", {}).get("text/html", "")]
+        figures = [
+            UUID.sub("", o["data"]["text/html"])
+            for o in cell.get("outputs", [])
+            if "Plotly.newPlot" in o.get("data", {}).get("text/html", "")
+        ]
         assert len(figures) == len(set(figures)), f"a figure is displayed twice in cell:\n{cell.source[:300]}"
     assert sum("Plotly.newPlot" in o.get("data", {}).get("text/html", "") for c in nb.cells for o in c.get("outputs", [])) >= 10
     assert ".staging-" not in (out / "circuit_expms.ipynb").read_text(), "the published notebook names the staging folder"
@@ -163,18 +172,25 @@ def test_head_functions_reads_the_circuit_json(head_functions_run, outputs):
     assert not executed_errors(out / "head_functions.ipynb")
     circuit = json.loads((out / "circuit_expms.json").read_text())
     data = json.loads((out / "head_functions.json").read_text())
-    expected = {(h["layer"], h["head"]) for group in (circuit["dla"]["top_positive"], circuit["dla"]["top_negative"],
-                                                      circuit["patching"]["top_heads"]["head_out"]) for h in group}
+    expected = {
+        (h["layer"], h["head"])
+        for group in (circuit["dla"]["top_positive"], circuit["dla"]["top_negative"], circuit["patching"]["top_heads"]["head_out"])
+        for h in group
+    }
     assert {(h["layer"], h["head"]) for h in data["heads"]} == expected
     copy = data["copy_scores"]
     assert all(0 <= v <= 100 for row in copy["positive"] + copy["negative"] for v in row)
     weights = data["weights"]  # from the weights alone: OV copying on the task's words, positional previous-token attention
     assert weights["n_words"] > 10 and len(weights["ov_copying"]) == 4 and len(weights["positional_previous_token"]) == 4
-    assert all(0 <= v <= 1 for row in weights["ov_copying"] + weights["ov_copying_with_mlp0"] + weights["positional_previous_token"] for v in row)
+    assert all(
+        0 <= v <= 1 for row in weights["ov_copying"] + weights["ov_copying_with_mlp0"] + weights["positional_previous_token"] for v in row
+    )
     table = {row["head"]: row for row in data["roles"]["table"]}
     assert set(table) == {f"L{l}H{h}" for l, h in expected}
-    assert all(row["role"] in {"mover", "negative mover", "inhibition-like", "induction", "duplicate-token",
-                               "previous-token", "unclassified"} for row in table.values())
+    assert all(
+        row["role"] in {"mover", "negative mover", "inhibition-like", "induction", "duplicate-token", "previous-token", "unclassified"}
+        for row in table.values()
+    )
     # toy-ioi's dominant head writes the answer (DLA 5.3 of 6.0) from the S2 position without copying the word there
     assert table["L3H2"]["dla"] > 3 and "copy" in table["L3H2"]["evidence"]
 
@@ -222,8 +238,15 @@ def test_notes_survive_a_rerun_and_an_edited_notebook_is_kept(outputs):
 
 
 def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
-    result = runner.run_template("ioi", "minimal_circuit", "toy-ioi", n_prompts=16, threads=2, progress=False,
-                                 extra_parameters={"n_random": 5, "completeness_subsets": 5, "minimality_max_k": 1, "circuit_from": "roles"})
+    result = runner.run_template(
+        "ioi",
+        "minimal_circuit",
+        "toy-ioi",
+        n_prompts=16,
+        threads=2,
+        progress=False,
+        extra_parameters={"n_random": 5, "completeness_subsets": 5, "minimality_max_k": 1, "circuit_from": "roles"},
+    )
     assert result.status == "ok", result.message
     out = outputs / "ioi" / "toy-ioi"
     assert not executed_errors(out / "minimal_circuit.ipynb")
@@ -243,8 +266,15 @@ def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
 def test_circuit_discovery_hands_its_circuit_to_minimal_circuit(head_functions_run, outputs):
     from helpers.edges import EdgeCircuit
 
-    result = runner.run_template("ioi", "circuit_discovery", "toy-ioi", n_prompts=16, threads=2, progress=False,
-                                 extra_parameters={"n_random": 3, "fractions": [0.01, 0.05, 0.2, 1.0], "acdc_thresholds": [0.1]})
+    result = runner.run_template(
+        "ioi",
+        "circuit_discovery",
+        "toy-ioi",
+        n_prompts=16,
+        threads=2,
+        progress=False,
+        extra_parameters={"n_random": 3, "fractions": [0.01, 0.05, 0.2, 1.0], "acdc_thresholds": [0.1]},
+    )
     assert result.status == "ok", result.message
     out = outputs / "ioi" / "toy-ioi"
     assert not executed_errors(out / "circuit_discovery.ipynb")
@@ -259,8 +289,15 @@ def test_circuit_discovery_hands_its_circuit_to_minimal_circuit(head_functions_r
     assert smallest["reached"] and smallest["circuit"]["faithfulness"] >= 0.8 and smallest["core_heads"]
     circuit = EdgeCircuit.from_json(json.loads((out / "edge_circuit.json").read_text()))
     assert circuit.edges == [e["edge"] for e in smallest["circuit"]["edges"]]
-    result = runner.run_template("ioi", "minimal_circuit", "toy-ioi", n_prompts=16, threads=2, progress=False,
-                                 extra_parameters={"n_random": 5, "completeness_subsets": 3, "minimality_max_k": 1})
+    result = runner.run_template(
+        "ioi",
+        "minimal_circuit",
+        "toy-ioi",
+        n_prompts=16,
+        threads=2,
+        progress=False,
+        extra_parameters={"n_random": 5, "completeness_subsets": 3, "minimality_max_k": 1},
+    )
     assert result.status == "ok", result.message
     chosen = json.loads((out / "minimal_circuit.json").read_text())["circuit_choice"]
     assert chosen["source"] == "discovery"
@@ -277,7 +314,7 @@ def chromium() -> str:
 def test_report_is_self_contained_with_cross_task_view(first_batch, outputs):
     page = write_report(outputs, first_batch)
     text = page.read_text()
-    assert "<script" not in text and 'src="http' not in text and "href=\"http" not in text, "the report must work offline"
+    assert "<script" not in text and 'src="http' not in text and 'href="http' not in text, "the report must work offline"
     assert "Shared heads across tasks · toy-ioi" in text and text.count("<img") >= 4 and "data:image/png;base64," in text
     for task in ("ioi", "numseq"):
         assert f"{task}/toy-ioi/circuit_expms.html" in text and (outputs / task / "toy-ioi" / "circuit_expms.html").exists()
@@ -311,8 +348,13 @@ def test_mlp_neurons_opens_up_the_top_mlp_layers(ioi_run, outputs):
     out = outputs / "ioi" / "toy-ioi"
     nb = nbformat.read(out / "mlp_neurons.ipynb", as_version=4)
     assert not executed_errors(out / "mlp_neurons.ipynb")
-    stderr = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                     if o.output_type == "stream" and o.name == "stderr")
+    stderr = "".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.output_type == "stream" and o.name == "stderr"
+    )
     assert "Warning" not in stderr and "helpers/" not in stderr, stderr[:2000]
     data = json.loads((out / "mlp_neurons.json").read_text())
     scores = {int(k): v for k, v in data["layer_scores"].items()}

@@ -13,8 +13,11 @@ PLACEHOLDER = "**Your notes.**"
 def template(*extra_sections: str) -> nbformat.NotebookNode:
     cells = [new_markdown_cell("# Title"), new_code_cell("x = 1", metadata={"tags": ["parameters"]})]
     for title in ("1. Faithfulness", "2. Minimality", *extra_sections):
-        cells += [new_markdown_cell(f"## {title}\n\nHow it works."), new_code_cell(f"print('{title}')"),
-                  new_markdown_cell(PLACEHOLDER, metadata={"tags": [notes.NOTES_TAG]})]
+        cells += [
+            new_markdown_cell(f"## {title}\n\nHow it works."),
+            new_code_cell(f"print('{title}')"),
+            new_markdown_cell(PLACEHOLDER, metadata={"tags": [notes.NOTES_TAG]}),
+        ]
     return notes.mark_template_cells(new_notebook(cells=cells))
 
 

@@ -86,9 +86,11 @@ def test_circuit_in_params_is_validated(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(data))
     assert load_params(str(good)).circuit.groups == {"mover": ["L3H2"]}
-    for bad_circuit, message in [({"groups": {"mover": ["3.2"]}}, "L<layer>H<head>"),
-                                 ({"groups": {"mover": ["L3H2"]}, "positions": {"L3H2": ["nowhere"]}}, "not named under positions"),
-                                 ({"groups": {"mover": ["L3H2"]}, "positions": {"L0H0": ["end"]}}, "in no group")]:
+    for bad_circuit, message in [
+        ({"groups": {"mover": ["3.2"]}}, "L<layer>H<head>"),
+        ({"groups": {"mover": ["L3H2"]}, "positions": {"L3H2": ["nowhere"]}}, "not named under positions"),
+        ({"groups": {"mover": ["L3H2"]}, "positions": {"L0H0": ["end"]}}, "in no group"),
+    ]:
         data["circuit"] = bad_circuit
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump(data))

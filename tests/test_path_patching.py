@@ -39,7 +39,12 @@ def test_unknown_component_raises(ctx):
 
 
 def test_strongest_senders_ranks_by_effect_into_later_heads():
-    heads = {"L0H0": {"layer": 0, "head": 0}, "L0H1": {"layer": 0, "head": 1}, "L1H0": {"layer": 1, "head": 0}, "L2H0": {"layer": 2, "head": 0}}
+    heads = {
+        "L0H0": {"layer": 0, "head": 0},
+        "L0H1": {"layer": 0, "head": 1},
+        "L1H0": {"layer": 1, "head": 0},
+        "L2H0": {"layer": 2, "head": 0},
+    }
     into_l2 = torch.zeros(3, 2)
     into_l2[0, 1], into_l2[1, 0], into_l2[0, 0] = -0.9, 0.5, 0.1
     effects = {("L2H0", "q"): into_l2, ("L1H0", "v"): torch.zeros(3, 2)}
@@ -59,8 +64,17 @@ def test_direct_edge_equals_transformer_lens_direct_path(ctx, component):
 
     for sender in ({"layer": 0, "head": 1}, {"layer": 2, "head": 2}):
         ours = PP.direct_path_effects(ctx, sender, component)
-        tl = get_act_patch_direct_path(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, ctx.corrupted_cache, P.tl_metric(ctx),
-                                       sender["layer"], sender["head"], component, verbose=False)
+        tl = get_act_patch_direct_path(
+            ctx.model,
+            ctx.corrupted_tokens,
+            ctx.clean_cache,
+            ctx.corrupted_cache,
+            P.tl_metric(ctx),
+            sender["layer"],
+            sender["head"],
+            component,
+            verbose=False,
+        )
         torch.testing.assert_close(ours, tl.cpu(), atol=1e-5, rtol=0)
         assert ours[: sender["layer"] + 1].abs().max() == 0
 

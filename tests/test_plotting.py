@@ -57,7 +57,9 @@ def test_a_shared_browser_that_does_not_answer_is_given_up_not_waited_for(tmp_pa
 
 def test_under_the_runner_figures_are_left_pending_then_rendered_once(tmp_path, monkeypatch):
     written = []
-    monkeypatch.setattr(plotting, "write_image", lambda fig, path, scale=1.5: (written.append(fig.layout.title.text), path.write_bytes(b"png")))
+    monkeypatch.setattr(
+        plotting, "write_image", lambda fig, path, scale=1.5: (written.append(fig.layout.title.text), path.write_bytes(b"png"))
+    )
     monkeypatch.setattr(plotting, "browser_found", lambda: True)
     monkeypatch.setenv(plotting.DEFER_ENV, "defer")
     figs = plotting.Figures(tmp_path)

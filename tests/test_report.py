@@ -52,8 +52,13 @@ def test_unknown_template_gets_a_card_and_non_results_are_ignored(tmp_path):
 def test_per_model_results_are_shared_by_every_task_and_run_times_shown(tmp_path):
     write_result(tmp_path, "a", "m", "circuit_expms", patching([[0.9, 0.0, 0.1], [0.0, 0.05, -0.5]]))
     write_result(tmp_path, "b", "m", "circuit_expms", patching([[0.0, 0.4, 0.0], [0.0, 0.0, 0.8]]))
-    shared = write_result(tmp_path, "_models", "m", "induction_checks",
-                          {"heads": {"induction": [{"layer": 1, "head": 2, "value": 0.9}]}, "loss": {"second_half": 0.25}})
+    shared = write_result(
+        tmp_path,
+        "_models",
+        "m",
+        "induction_checks",
+        {"heads": {"induction": [{"layer": 1, "head": 2, "value": 0.9}]}, "loss": {"second_half": 0.25}},
+    )
     (shared / "induction_checks.ipynb").write_text(json.dumps({"metadata": {"papermill": {"duration": 41.6}}, "cells": []}))
     folders = report.collect(tmp_path)
     assert [f.task for f in folders] == ["a", "b"]  # _models is not a task
@@ -68,8 +73,11 @@ def test_per_model_results_are_shared_by_every_task_and_run_times_shown(tmp_path
 def test_the_card_lists_the_top_neurons_when_mlp_neurons_ran(tmp_path):
     from helpers.report import ResultFolder, folder_section
 
-    neurons = {"layers_patched": [0, 3], "neuron_dla": {"top": [{"layer": 3, "neuron": 17, "dla": 0.52}]},
-               "neuron_patching": {"top": [{"layer": 0, "neuron": 5, "patching": -0.21}]}}
+    neurons = {
+        "layers_patched": [0, 3],
+        "neuron_dla": {"top": [{"layer": 3, "neuron": 17, "dla": 0.52}]},
+        "neuron_patching": {"top": [{"layer": 0, "neuron": 5, "patching": -0.21}]},
+    }
     card = folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {"mlp_neurons": neurons}), tmp_path)
     assert "L3N17 (+0.52)" in card and "L0N5 (-0.21)" in card and "MLP layers 0, 3" in card
     assert "top neurons" not in folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {}), tmp_path)
@@ -78,9 +86,18 @@ def test_the_card_lists_the_top_neurons_when_mlp_neurons_ran(tmp_path):
 def test_the_card_shows_the_discovered_circuit_or_why_not(tmp_path):
     from helpers.report import ResultFolder, folder_section
 
-    found = {"not_supported": None, "curves": {"eap-ig": {"cpr": 0.96, "random_cpr": 0.27, "cmd": 0.04, "random_cmd": 0.73}},
-             "smallest": {"circuit": {"method": "eap-ig", "n_edges": 17, "heads": ["L0H0", "L3H2"], "faithfulness": 0.871},
-                          "target": 0.8, "reached": True, "core_heads": ["L3H2"], "core_faithfulness": 0.8, "random_core": [0.0, 0.1]}}
+    found = {
+        "not_supported": None,
+        "curves": {"eap-ig": {"cpr": 0.96, "random_cpr": 0.27, "cmd": 0.04, "random_cmd": 0.73}},
+        "smallest": {
+            "circuit": {"method": "eap-ig", "n_edges": 17, "heads": ["L0H0", "L3H2"], "faithfulness": 0.871},
+            "target": 0.8,
+            "reached": True,
+            "core_heads": ["L3H2"],
+            "core_faithfulness": 0.8,
+            "random_core": [0.0, 0.1],
+        },
+    }
     card = folder_section(ResultFolder("ioi", "toy-ioi", tmp_path, {"circuit_discovery": found}), tmp_path)
     assert "CPR 0.960 (random 0.270)" in card and "17 edges over 2 heads, faithfulness 0.871" in card
     assert "L3H2: 0.800 (random head sets of that size: 0.050)" in card

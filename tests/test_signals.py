@@ -75,9 +75,15 @@ def test_effects_equal_transformer_lens_patching(family, family_models):
         def metric(logits, clean=clean):
             return logit_diff(logits, prompts.answer_tokens).mean() / clean - 1
 
-        expected = tlp.generic_activation_patch(model, prompts.clean_tokens, ctx.clean_cache, metric,
-                                                patch_setter=tlp.layer_pos_head_vector_patch_setter, activation_name="z",
-                                                index_df=pd.DataFrame(cells.numpy()))
+        expected = tlp.generic_activation_patch(
+            model,
+            prompts.clean_tokens,
+            ctx.clean_cache,
+            metric,
+            patch_setter=tlp.layer_pos_head_vector_patch_setter,
+            activation_name="z",
+            index_df=pd.DataFrame(cells.numpy()),
+        )
         got = torch.stack([result.effect[l, h] for l, _, h in cells.tolist()])
         assert torch.allclose(got, expected.to(got), atol=1e-4), (name, got, expected)
 
@@ -91,12 +97,15 @@ def test_reads_as():
     assert signals.reads_as({"noise": 2}, {"noise": "other"}) == "n/a"
 
 
-@pytest.mark.parametrize("corruption, message", [
-    ({"template": IOI.template, "noise": ["S1"]}, "exactly one of 'template'"),
-    ({"noise": ["S9"]}, "corruptions.bad.noise"),
-    ({"template": "When [S1] and [S7] went"}, "corruptions.bad.template: slot [S7]"),
-    ({"noise": ["S1"], "changes": "colour"}, "corruptions.bad.changes"),
-])
+@pytest.mark.parametrize(
+    "corruption, message",
+    [
+        ({"template": IOI.template, "noise": ["S1"]}, "exactly one of 'template'"),
+        ({"noise": ["S9"]}, "corruptions.bad.noise"),
+        ({"template": "When [S1] and [S7] went"}, "corruptions.bad.template: slot [S7]"),
+        ({"noise": ["S1"], "changes": "colour"}, "corruptions.bad.changes"),
+    ],
+)
 def test_bad_corruptions_name_the_field(tmp_path, corruption, message):
     with pytest.raises(ParamsError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _with_corruptions(tmp_path, {"bad": corruption})

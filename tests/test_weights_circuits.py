@@ -55,7 +55,7 @@ def test_singular_directions_equal_a_dense_svd(family, family_models):
     with torch.no_grad():
         _, s, vh = torch.linalg.svd(model.OV[layer, head].AB)
         assert torch.allclose(ov.singular_values, s[:n], rtol=1e-4)
-        assert 0 < ov.share <= 1 and ov.share == pytest.approx(float((s[:n] ** 2).sum() / (s ** 2).sum()), rel=1e-4)
+        assert 0 < ov.share <= 1 and ov.share == pytest.approx(float((s[:n] ** 2).sum() / (s**2).sum()), rel=1e-4)
         logits = model.W_U.T @ vh[0]  # the first output direction read as tokens (sign arbitrary)
         ends = {model.tokenizer.decode([int(logits.argmax())]), model.tokenizer.decode([int(logits.argmin())])}
         assert ends == {ov.directions[0]["one end"][0], ov.directions[0]["other end"][0]}
