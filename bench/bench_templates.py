@@ -21,8 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
-import helpers.run as runner
-from helpers import MODELS_DIR, batch
+from helpers import MODELS_DIR, batch, layout
 
 HERE = Path(__file__).parent
 TEMPLATES = ["induction_checks", "circuit_expms", "head_functions", "minimal_circuit"]  # dependency order, quickest first
@@ -70,7 +69,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = gpt2_small_with_real_tokenizer(Path(tmp) / "gpt2-small-arch")
-        runner.OUTPUTS_DIR = Path(tmp) / "outputs"
+        layout.OUTPUTS_DIR = Path(tmp) / "outputs"
         options = batch.RunOptions(n_prompts=args.n_prompts, threads=args.threads, progress=False)
         for template in TEMPLATES:
             with KernelPeak() as peak:

@@ -6,6 +6,7 @@ Strict JSON: a value that is not finite (an undefined normalisation) is written 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if hasattr(value, "model_dump"):
         return to_jsonable(value.model_dump())
+    if hasattr(value, "to_json") and type(value).__module__.startswith("helpers."):  # our typed values say how they are written
+        return to_jsonable(value.to_json())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
     return value
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import PARAMS_DIR, POOLS_DIR, PROJECT_ROOT
+from . import PARAMS_DIR, POOLS_DIR, PROJECT_ROOT, layout
 from . import run as runner
 from .layout import display_model, model_folder_name, owner
 from .models import ModelNotAvailable, resolve_model
@@ -58,7 +58,7 @@ class RunSpec:
         return f"{self.folder}/{model_folder_name(self.model)}/{self.template}"
 
     def upstream_keys(self) -> list[str]:
-        return [replace(self, template=t, reads=(), scope=runner.template_scope(t)).key for t in self.reads]
+        return [replace(self, template=t, reads=(), scope=layout.scope_of(t)).key for t in self.reads]
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class RunOptions:
 
 def template_reads(template: str) -> list[str]:
     """Templates whose JSON ``template`` reads: the string arguments of its ``load_results(...)`` calls."""
-    tree = ast.parse((runner.templates_dir() / f"{template}.py").read_text())
+    tree = ast.parse((layout.templates_dir() / f"{template}.py").read_text())
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "load_results":
@@ -92,7 +92,7 @@ def template_reads(template: str) -> list[str]:
 
 def template_order(templates: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """``templates`` plus every template they read, each after the ones it reads: [(template, reads), ...]."""
-    available = runner.available_templates()
+    available = layout.available_templates()
     wanted = list(templates or available)
     graph: dict[str, list[str]] = {}
     while wanted:
@@ -100,12 +100,12 @@ def template_order(templates: list[str] | None = None) -> list[tuple[str, list[s
         if name in graph:
             continue
         if name not in available:
-            raise PlanError(f"template {name!r} not found in {runner.templates_dir()}; available: {available}")
+            raise PlanError(f"template {name!r} not found in {layout.templates_dir()}; available: {available}")
         graph[name] = template_reads(name)
         missing = [t for t in graph[name] if t not in available]
         if missing:
             raise PlanError(
-                f"{runner.templates_dir() / (name + '.py')}: load_results reads {missing}, which is not a template (available: {available})"
+                f"{layout.templates_dir() / (name + '.py')}: load_results reads {missing}, which is not a template (available: {available})"
             )
         wanted += graph[name]
     try:
@@ -135,7 +135,7 @@ def plan_runs(
     broken file is one red row naming the file and field, not one per template.
     """
     order = template_order(templates)
-    scopes = {t: runner.template_scope(t) for t, _ in order}
+    scopes = {t: layout.scope_of(t) for t, _ in order}
     runs, rejected, planned = [], [], {}
     for path in params_files(tasks, params_dir):
         for model in models or [None]:  # None: the params file's own model
@@ -197,7 +197,7 @@ def fingerprints(runs: list[RunSpec], options: RunOptions) -> dict[str, str]:
     """Each run's fingerprint; a run's includes the fingerprints of the runs it reads (plan order)."""
     code = files_digest(sorted((PROJECT_ROOT / "helpers").glob("*.py")) + [POOLS_DIR])
     models = {m: model_digest(m) for m in {r.model for r in runs}}
-    templates = {t: files_digest([runner.templates_dir() / f"{t}.py"]) for t in {r.template for r in runs}}
+    templates = {t: files_digest([layout.templates_dir() / f"{t}.py"]) for t in {r.template for r in runs}}
     params = {f: files_digest([Path(f)]) for f in {r.params_file for r in runs}}
     result: dict[str, str] = {}
     for r in runs:
@@ -214,7 +214,7 @@ def fingerprints(runs: list[RunSpec], options: RunOptions) -> dict[str, str]:
 
 
 def stamp_path(run: RunSpec) -> Path:
-    return runner.outputs_dir() / run.folder / model_folder_name(run.model) / ".runs" / f"{run.template}.json"
+    return layout.outputs_dir() / run.folder / model_folder_name(run.model) / ".runs" / f"{run.template}.json"
 
 
 def is_up_to_date(run: RunSpec, fingerprint: str) -> bool:

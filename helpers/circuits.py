@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
-from .heads import all_head_labels, head_label, parse_head_label
+from .components import Head
 from .hooks import resolve_hook_names
 from .interventions import Intervention, hooks_for, run_interventions
 from .metrics import check_normalisation, group_mean, logit_diff
 from .patching import variants_per_chunk
+from .results import SmallestResult
 
 # Where a head of each role is kept (IOI paper's circuit): named positions, or None for every position.
 ROLE_POSITIONS: dict[str, list[str] | None] = {
@@ -119,12 +121,16 @@ class CircuitChoice:
 
 
 def default_circuit(
-    role_rows: list[dict], available_positions: dict[str, int], min_patch_effect: float = 0.1, discovered: dict | None = None
+    role_rows: list[dict],
+    available_positions: dict[str, int],
+    min_patch_effect: float = 0.1,
+    discovered: SmallestResult | None = None,
 ) -> CircuitChoice:
     """The circuit ``minimal_circuit`` tests when none is given (see ``CircuitChoice``): from ``discovered``
-    (``circuit_discovery.json``'s ``smallest``) when it has core heads, else from the roles."""
-    if discovered and discovered.get("core_heads"):
-        core = discovered["core_heads"]
+    (``circuit_discovery.json``'s ``smallest``) when it has core heads, else from the roles (``role_rows``: the
+    records of ``head_functions``' role table)."""
+    if discovered and discovered.core_heads:
+        core = discovered.core_heads
         by_head = {row["head"]: row for row in role_rows}
         rows = [
             {**by_head.get(h, {"head": h, "patch_head_out": 0.0}), "role": by_head.get(h, {}).get("role", "unclassified")} for h in core
@@ -135,7 +141,7 @@ def default_circuit(
         left_out = {
             row["head"]: float(row["patch_head_out"]) for row in role_rows if row["role"] != "unclassified" and row["head"] not in core
         }
-        summary = {k: discovered.get(k) for k in ("core_heads", "core_faithfulness", "target")}
+        summary = {"core_heads": core, "core_faithfulness": discovered.core_faithfulness, "target": discovered.target}
         return CircuitChoice(Circuit(groups), left_out, min_patch_effect, "discovery", summary)
 
     def matters(row: dict) -> bool:
@@ -152,10 +158,10 @@ def keep_mask(circuit: Circuit, n_layers: int, n_heads: int, named: dict[str, in
     """True where a head's output is kept (in the circuit, at one of its positions)."""
     mask = torch.zeros(n_layers, n_pos, n_heads, dtype=torch.bool)
     for label in circuit.heads:
-        h = parse_head_label(label, n_layers, n_heads)
+        h = Head.parse(label, n_layers, n_heads)
         where = circuit.positions.get(label)
         if where is None:
-            mask[h["layer"], :, h["head"]] = True
+            mask[h.layer, :, h.head] = True
         else:
             unknown = [p for p in where if p not in named]
             if unknown:
@@ -163,7 +169,7 @@ def keep_mask(circuit: Circuit, n_layers: int, n_heads: int, named: dict[str, in
                     f"circuit head {label}: position(s) {unknown} are not named by this task, or differ between its "
                     f"templates (usable: {sorted(named)}); keep such a head at all positions"
                 )
-            mask[h["layer"], [named[p] for p in where], h["head"]] = True
+            mask[h.layer, [named[p] for p in where], h.head] = True
     return mask
 
 
@@ -175,10 +181,10 @@ def reference_z(
     it is the same for every prompt), or the per-prompt values (resample: prompt i takes reference prompt i)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, not {ablation!r}")
-    names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)])
+    names = resolve_hook_names(model, [get_act_name("z", l) for l in range(model.cfg.n_layers)])
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=names)
-    z = torch.stack([cache[n] for n in names])  # [layer, batch, pos, head, d_head]
+    z = cache.stack_activation("z")  # [layer, batch, pos, head, d_head]
     if ablation == "mean":
         return group_mean(z.transpose(0, 1), groups).transpose(0, 1)  # broadcasts over the evaluated prompts
     return torch.zeros_like(z[:, :1]) if ablation == "zero" else z
@@ -189,7 +195,7 @@ ABLATION_SOURCES = {"mean": "mean", "zero": "zero", "resample": "corrupted"}  # 
 
 def knockout_interventions(keep: Bool[Tensor, "variant layer pos head"], ablation: str) -> list[Intervention]:
     """One intervention per layer: head outputs outside each variant's keep-mask take the ``ablation`` source."""
-    return [Intervention(f"blocks.{l}.attn.hook_z", ABLATION_SOURCES[ablation], ~keep[:, l, :, :, None]) for l in range(keep.shape[1])]
+    return [Intervention(get_act_name("z", l), ABLATION_SOURCES[ablation], ~keep[:, l, :, :, None]) for l in range(keep.shape[1])]
 
 
 def knockout_logit_diffs(
@@ -206,7 +212,7 @@ def knockout_logit_diffs(
     Exact saving: the layers before the first one where the variants' masks differ are run once (their
     knockout is the same in every variant) and the variants start from that run's residual stream.
     """
-    values = {ABLATION_SOURCES[ablation]: {f"blocks.{l}.attn.hook_z": replacement[l] for l in range(replacement.shape[0])}}
+    values = {ABLATION_SOURCES[ablation]: {get_act_name("z", l): replacement[l] for l in range(replacement.shape[0])}}
     chunk = variants_per_chunk(model, *tokens.shape, memory_mb)
     out = []
     for part in keep.split(chunk):
@@ -222,7 +228,7 @@ def knockout_logit_diffs(
         base = None
         if first > 0:  # the shared layers once, stopping where the variants part (nothing after it is computed)
             with torch.no_grad(), model.hooks(fwd_hooks=hooks_for(knockout_interventions(part[:1, :first], ablation), values, 1)):
-                base = {f"blocks.{first}.hook_resid_pre": model(tokens, stop_at_layer=first)}
+                base = {get_act_name("resid_pre", first): model(tokens, stop_at_layer=first)}
         later = knockout_interventions(part, ablation)[first:]
         out.append(run_interventions(model, tokens, answers, later, values, part.shape[0], base_cache=base)[0].mean(-1).cpu())
     return torch.cat(out)
@@ -239,14 +245,14 @@ def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int, seed:
     rng = random.Random(seed)
     per_layer: dict[int, list[str]] = {}
     for label in circuit.heads:
-        per_layer.setdefault(parse_head_label(label, n_layers, n_heads)["layer"], []).append(label)
+        per_layer.setdefault(Head.parse(label, n_layers, n_heads).layer, []).append(label)
     controls = []
     for _ in range(n):
         groups, positions = {"random": []}, {}
         for layer, labels in per_layer.items():
             picks = rng.sample(range(n_heads), len(labels))
             for original, h in zip(labels, picks):
-                new = head_label({"layer": layer, "head": h})
+                new = Head(layer, h).label
                 groups["random"].append(new)
                 positions[new] = circuit.positions.get(original)
         controls.append(Circuit(groups, positions))
@@ -295,7 +301,7 @@ class Evaluator:
 
     def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, variant]:
         """F(M \\ K) / F(M) for each set K: only the heads of K are knocked out (at every position)."""
-        everything = Circuit({"all": all_head_labels(self.model.cfg.n_layers, self.model.cfg.n_heads)})
+        everything = Circuit({"all": [h.label for h in Head.all(self.model.cfg.n_layers, self.model.cfg.n_heads)]})
         return self.faithfulness([everything.without(k) for k in removed])
 
 
@@ -353,21 +359,18 @@ def completeness(ev: Evaluator, circuit: Circuit, n_subsets: int, seed: int) -> 
     return [{"K": k, "circuit": float(a), "model": float(b)} for k, a, b in zip(subsets, in_circuit, in_model)]
 
 
-def circuit_heads(circuit: Circuit, n_layers: int, n_heads: int) -> dict[str, dict]:
-    """``{label: {layer, head}}`` of the circuit's heads."""
-    return {label: parse_head_label(label, n_layers, n_heads) for label in circuit.heads}
+def circuit_heads(circuit: Circuit, n_layers: int, n_heads: int) -> dict[str, Head]:
+    """``{label: Head}`` of the circuit's heads (checked against the model's shape)."""
+    return {label: Head.parse(label, n_layers, n_heads) for label in circuit.heads}
 
 
-def circuit_edges(heads: dict[str, dict], to_logits: Tensor, effects: dict[tuple[str, str], Tensor]) -> list[dict]:
+def circuit_edges(heads: dict[str, Head], to_logits: Tensor, effects: dict[tuple[str, str], Tensor]) -> list[dict]:
     """Diagram edges ``{source, target, weight, via}``: each head's path effect on the logits, and on every later
     head (the strongest of its q, k or v input; ``effects`` from ``path_patching.receiver_effects``)."""
-    edges = [
-        {"source": label, "target": "logits", "weight": float(to_logits[h["layer"], h["head"]]), "via": "resid"}
-        for label, h in heads.items()
-    ]
+    edges = [{"source": label, "target": "logits", "weight": float(to_logits[h.index]), "via": "resid"} for label, h in heads.items()]
     for r_label, r in heads.items():
-        for s_label, s in ((label, h) for label, h in heads.items() if h["layer"] < r["layer"]):
-            via, value = max(((c, float(effects[(r_label, c)][s["layer"], s["head"]])) for c in ("q", "k", "v")), key=lambda cv: abs(cv[1]))
+        for s_label, s in ((label, h) for label, h in heads.items() if h.layer < r.layer):
+            via, value = max(((c, float(effects[(r_label, c)][s.index])) for c in ("q", "k", "v")), key=lambda cv: abs(cv[1]))
             edges.append({"source": s_label, "target": r_label, "weight": value, "via": via})
     return edges
 
@@ -381,7 +384,7 @@ def circuit_nodes(circuit: Circuit, n_layers: int, n_heads: int) -> list[dict]:
             nodes.append(
                 {
                     "label": label,
-                    "layer": parse_head_label(label, n_layers, n_heads)["layer"],
+                    "layer": Head.parse(label, n_layers, n_heads).layer,
                     "x": "all positions" if where is None else "+".join(where),
                     "role": group,
                 }

@@ -37,6 +37,7 @@ from functools import cached_property
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from .attribution import decomposition_caveats
 from .attribution_patching import EMBED_HOOK, metric_gradients
@@ -155,8 +156,8 @@ class Graph:
                     receivers += [
                         Receiver(f"L{layer}KV{g}.{c}", c, layer, hook, g, tuple(range(g * per, (g + 1) * per))) for g in range(n_kv)
                     ]
-            receivers.append(Receiver(f"MLP{layer}", "mlp", layer, f"blocks.{layer}.hook_mlp_in"))
-        receivers.append(Receiver("logits", "logits", n_layers, f"blocks.{n_layers - 1}.hook_resid_post"))
+            receivers.append(Receiver(f"MLP{layer}", "mlp", layer, get_act_name("mlp_in", layer)))
+        receivers.append(Receiver("logits", "logits", n_layers, get_act_name("resid_post", n_layers - 1)))
         allowed = torch.zeros(len(senders), len(receivers), dtype=torch.bool)
         for i, s in enumerate(senders):
             for j, r in enumerate(receivers):
@@ -298,7 +299,7 @@ def sender_outputs(model, cache) -> Float[Tensor, "batch pos sender d_model"]:
     """Every sender's output from a cache of ``_sender_hooks``, in the graph's sender order."""
     parts = [cache[INPUT_HOOK][:, :, None]]
     for layer in range(model.cfg.n_layers):
-        parts += [head_outputs(model, layer, cache[f"blocks.{layer}.attn.hook_z"]), cache[f"blocks.{layer}.hook_mlp_out"][:, :, None]]
+        parts += [head_outputs(model, layer, cache[get_act_name("z", layer)]), cache[get_act_name("mlp_out", layer)][:, :, None]]
     return torch.cat(parts, dim=2)
 
 
@@ -390,8 +391,8 @@ def _hooks(run: _EdgeRun) -> list[tuple[str, object]]:
     for layer in range(model.cfg.n_layers):
         first = 1 + layer * (n_heads + 1)
         hooks += [
-            (f"blocks.{layer}.attn.hook_z", _Record(run, slice(first, first + n_heads), layer)),
-            (f"blocks.{layer}.hook_mlp_out", _Record(run, slice(first + n_heads, first + n_heads + 1))),
+            (get_act_name("z", layer), _Record(run, slice(first, first + n_heads), layer)),
+            (get_act_name("mlp_out", layer), _Record(run, slice(first + n_heads, first + n_heads + 1))),
         ]
     hooks += [(hook, _Receive(run, rs, graph.receivers[rs[0]].index is not None)) for hook, rs in graph.receivers_by_hook.items()]
     return hooks

@@ -15,9 +15,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.utilities import get_act_name
 
 from . import OUTPUTS_DIR
-from .artifacts import read_json, to_jsonable, write_json
+from .artifacts import to_jsonable, write_json
 from .attribution import (
     decomposition_caveats,
     dla_hook_names,
@@ -28,16 +29,16 @@ from .attribution import (
     logit_lens,
     unembed_bias_diff,
 )
-from .heads import all_head_labels, head_label, parse_head_label, top_heads
+from .components import Head, rank_heads
+from .figures import Figures, choose_renderer
 from .hooks import run_with_checked_cache
 from .interventions import Intervention, hooks_for
-from .layout import model_folder_name, owner
+from .layout import model_folder_name, owner, scope_of
 from .metrics import TaskCheck, check_task, group_mean, logit_diff
 from .models import load_model, set_threads
 from .params import TaskParams, load_params
-from .plotting import Figures, choose_renderer
 from .prompts import PromptSet, make_prompts
-from .run import template_scope
+from .results import SCHEMA_VERSION, CircuitExpmsResults, TemplateResults, read_results, validate_results
 
 
 @dataclass
@@ -56,13 +57,16 @@ class Session:
 
     @property
     def head_names(self) -> list[str]:
-        return all_head_labels(self.model.cfg.n_layers, self.model.cfg.n_heads)
+        return [h.label for h in Head.all(self.model.cfg.n_layers, self.model.cfg.n_heads)]
 
     def write_results(self, template: str, results: dict) -> Path:
         """Write ``<output folder>/<template>.json`` with the task check added (``task_check.task_performed``; none
-        for a per-model template, whose results do not depend on the task)."""
+        for a per-model template, whose results do not depend on the task), after validating it against the
+        template's schema (``helpers.results``): a key the schema does not know, or a missing one, fails here."""
         check = {"task_check": self.task_check.to_json()} if self.task_check else {}
-        return write_json(self.out_dir / f"{template}.json", {**results, **check})
+        data = to_jsonable({**results, **check})
+        validate_results(template, data, where=f"the results of {template}")
+        return write_json(self.out_dir / f"{template}.json", {"schema_version": SCHEMA_VERSION, **data})
 
 
 def start_session(
@@ -89,7 +93,7 @@ def start_session(
     params = load_params(params_file or task, model=model_name, n_prompts=n_prompts)
     model = load_model(params.model, device=device, dtype=dtype)
     prompts = make_prompts(params, model.tokenizer, prepend_bos=model.cfg.default_prepend_bos).to(model.cfg.device)
-    per_model = template_scope(template) == "model"  # runs once per model: no task check, results in _models/<model>/
+    per_model = scope_of(template) == "model"  # runs once per model: no task check, results in _models/<model>/
     out = (
         Path(output_dir)
         if output_dir
@@ -254,11 +258,9 @@ def template_breakdown(
             "accuracy (logit diff > 0)": float((ld.clean[mask] > 0).float().mean()),
         }
         if dla is not None and dla.heads_per_prompt is not None:
-            top = top_heads(dla.heads_per_prompt[..., mask].mean(-1), 1, "abs")[0]
-            row["top DLA head"] = f"{head_label(top)} ({top['value']:+.2f})"
+            row["top DLA head"] = str(rank_heads(dla.heads_per_prompt[..., mask].mean(-1), 1, "abs")[0])
         if head_out is not None:
-            top = top_heads(head_out[i], 1, "abs")[0]
-            row["top output-patching head"] = f"{head_label(top)} ({top['value']:+.2f})"
+            row["top output-patching head"] = str(rank_heads(head_out[i], 1, "abs")[0])
         rows.append(row)
     return pd.DataFrame(rows).set_index("template")
 
@@ -273,47 +275,51 @@ def layer_bands(s: Session) -> dict[str, list[int]]:
     return {names[i]: list(range(cuts[i], cuts[i + 1])) for i in range(3) if cuts[i] < cuts[i + 1]}
 
 
+@dataclass(frozen=True, order=True)
+class BackupRiser(Head):
+    """A head whose DLA rose when another head was ablated: a candidate backup head."""
+
+    dla_before: float = 0.0
+    dla_after: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "head": self.head, "dla_before": round(self.dla_before, 6), "dla_after": round(self.dla_after, 6)}
+
+
 @dataclass
 class BackupResult:
     """Per-head DLA before and after mean-ablating one head at the final position."""
 
-    ablated: dict
+    ablated: Head
     dla_before: Float[Tensor, "layer head"]
     dla_after: Float[Tensor, "layer head"]
     logit_diff_before: float
     logit_diff_after: float
     ln_scale_ratio: float  # mean final-LN scale after / before at the final position
-    risers: list[dict] = field(default_factory=list)
+    risers: list[BackupRiser] = field(default_factory=list)
 
 
 @torch.no_grad()  # weights require grad; these numbers are read, never differentiated
-def backup_heads(s: Session, dla: DLAResult, head: dict, k: int) -> BackupResult:
+def backup_heads(s: Session, dla: DLAResult, head: Head, k: int) -> BackupResult:
     """Mean-ablate ``head`` at the final position (mean over the prompts of each template) and recompute every head's DLA.
 
     Heads whose DLA rises when the top head is gone are candidate backup heads (IOI paper §3.4). The final
     LN scale ratio shows how much of a change is only the LayerNorm re-normalising the residual stream.
     """
     end = s.prompts.n_pos - 1
-    name = f"blocks.{head['layer']}.attn.hook_z"
+    head = Head.of(head)
+    name = get_act_name("z", head.layer)
     z = dla.cache[name]
     where = torch.zeros(1, *z.shape[1:3], 1, dtype=torch.bool)  # [variant, pos, head, d_head]
-    where[0, end, head["head"]] = True
+    where[0, end, head.head] = True
     ablation = Intervention(name, "mean", where)
     with s.model.hooks(fwd_hooks=hooks_for([ablation], {"mean": {name: group_mean(z, s.prompts.templates)}}, 1)):
         logits, cache = run_with_checked_cache(s.model, s.prompts.clean_tokens, dla_hook_names(s.model))
     direction = logit_diff_direction(s.model, s.prompts.answer_tokens)
     after = head_dla(s.model, cache, direction).mean(-1).cpu()
     delta = after - dla.heads
-    delta[head["layer"], head["head"]] = float("-inf")  # the ablated head is not its own backup
-    risers = [
-        {
-            "layer": h["layer"],
-            "head": h["head"],
-            "dla_before": round(float(dla.heads[h["layer"], h["head"]]), 6),
-            "dla_after": round(float(after[h["layer"], h["head"]]), 6),
-        }
-        for h in top_heads(delta, k, "pos")
-    ]
+    delta[head.index] = float("-inf")  # the ablated head is not its own backup
+    risers = [BackupRiser(h.layer, h.head, float(dla.heads[h.index]), float(after[h.index])) for h in rank_heads(delta, k, "pos")]
     scale_before = dla.cache["ln_final.hook_scale"][:, end].mean().item()
     scale_after = cache["ln_final.hook_scale"][:, end].mean().item()
     return BackupResult(
@@ -331,18 +337,19 @@ class MissingResults(FileNotFoundError):
     """A template's input JSON (written by an earlier template) is missing."""
 
 
-def load_results(s: Session, template: str) -> dict:
-    """The JSON ``template`` wrote next to this notebook, for the same parameters (task, model, prompts, …) as this
-    session; a clear error naming the command that writes it when it is missing or was computed with others."""
+def load_results(s: Session, template: str) -> TemplateResults:
+    """The typed results ``template`` wrote next to this notebook (``helpers.results``), for the same parameters
+    (task, model, prompts, …) as this session; a clear error naming the command that writes it when it is
+    missing, does not match its schema, or was computed with other parameters."""
     path = s.input_dir / f"{template}.json"
     if not path.exists():
         raise MissingResults(
             f"{path} not found: run the {template} template for this task and model first "
             f"(make run TASK={s.params.task} MODEL={s.model_name} TEMPLATE={template}, or make all)"
         )
-    results = read_json(path)
+    results = read_results(path, template)
     mine = to_jsonable(s.params)
-    theirs = results.get("params")
+    theirs = getattr(results, "params", None)
     if isinstance(theirs, dict) and theirs != mine:  # e.g. another n_prompts or model: its numbers are for other prompts
         differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         raise MissingResults(
@@ -353,16 +360,11 @@ def load_results(s: Session, template: str) -> dict:
     return results
 
 
-def important_heads(s: Session, circuit: dict, override: list[str] | None = None) -> list[dict]:
+def important_heads(s: Session, circuit: CircuitExpmsResults, override: list[str] | None = None) -> list[Head]:
     """Heads to analyse: ``override`` labels, else the union of the top DLA (both signs) and output-patching heads."""
-    n_layers, n_heads = s.model.cfg.n_layers, s.model.cfg.n_heads
     if override:
-        return [parse_head_label(h, n_layers, n_heads) for h in override]
-    ranked = circuit["dla"]["top_positive"] + circuit["dla"]["top_negative"] + circuit["patching"]["top_heads"]["head_out"]
-    seen: dict[tuple[int, int], dict] = {}
-    for h in ranked:
-        seen.setdefault((h["layer"], h["head"]), {"layer": h["layer"], "head": h["head"]})
-    return sorted(seen.values(), key=lambda h: (h["layer"], h["head"]))
+        return [Head.parse(h, s.model.cfg.n_layers, s.model.cfg.n_heads) for h in override]
+    return circuit.important_heads()
 
 
 __all__ = [

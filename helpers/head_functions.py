@@ -1,5 +1,6 @@
 """What a head does with the words of a prompt: copy scores, attention vs contribution, attention to
-named positions, and how patching one head moves a later head's attention (IOI paper §3).
+named positions, how patching one head moves a later head's attention (IOI paper §3), and composition scores
+between heads from the weights (Elhage et al. 2021).
 
 All functions take the clean-run cache of ``head_function_hooks`` and work on every head at once; the
 templates pick the important heads out of the ``[layer, head]`` results.
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
+from .components import Head
 from .hooks import run_with_checked_cache
 from .interventions import Intervention, run_interventions
 from .prompts import PromptSet
@@ -60,8 +63,8 @@ def head_function_hooks(model) -> list[str]:
     n = model.cfg.n_layers
     return (
         ["blocks.0.hook_resid_post", "ln_final.hook_scale"]
-        + [f"blocks.{l}.attn.hook_z" for l in range(n)]
-        + [f"blocks.{l}.attn.hook_pattern" for l in range(n)]
+        + [get_act_name("z", l) for l in range(n)]
+        + [get_act_name("pattern", l) for l in range(n)]
     )
 
 
@@ -167,9 +170,9 @@ def attend_and_copy(model, cache, prompts: PromptSet, positions: Positions, k: i
     score, attention = [], []
     with torch.no_grad():
         for layer in range(n):
-            pattern = at_positions(cache[f"blocks.{layer}.attn.hook_pattern"][:, :, from_pos], pos, 2)  # [batch, head, word]
+            pattern = at_positions(cache[get_act_name("pattern", layer)][:, :, from_pos], pos, 2)  # [batch, head, word]
             target = words.gather(1, pattern.argmax(-1))  # [batch, head]
-            out = torch.einsum("bhe,hed->bhd", cache[f"blocks.{layer}.attn.hook_z"][:, from_pos], model.W_O[layer])
+            out = torch.einsum("bhe,hed->bhd", cache[get_act_name("z", layer)][:, from_pos], model.W_O[layer])
             score.append(100 * top_k_hits(model, out, target, k).mean(0))
             attention.append(pattern.sum(-1).mean(0))
     return AttendAndCopy(torch.stack(score).cpu(), torch.stack(attention).cpu(), k, list(positions))
@@ -199,11 +202,9 @@ def attention_vs_contribution(model, cache, prompts: PromptSet, positions: Posit
     """
     pos = position_matrix(positions, prompts.clean_tokens.shape[0])
     targets = prompts.clean_tokens.gather(1, pos.to(prompts.clean_tokens.device))  # [batch, word]
-    n = model.cfg.n_layers
-    attention = torch.stack(
-        [at_positions(cache[f"blocks.{l}.attn.hook_pattern"][:, :, from_pos], pos, 2) for l in range(n)]
-    )  # [layer, batch, head, word]
-    z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][:, from_pos] for l in range(n)])  # [layer, batch, head, d_head]
+    from_end = cache.stack_activation("pattern")[:, :, :, from_pos]  # [layer, batch, head, k]
+    attention = torch.stack([at_positions(p, pos, 2) for p in from_end])  # [layer, batch, head, word]
+    z = cache.stack_activation("z")[:, :, from_pos]  # [layer, batch, head, d_head]
     out = torch.einsum("lbhe,lhed->lbhd", z, model.W_O) / cache["ln_final.hook_scale"][:, from_pos][None, :, None]
     word_dirs = model.W_U[:, targets]  # [d_model, batch, word]
     contribution = torch.einsum("lbhd,dbw->lbhw", out, word_dirs)
@@ -216,45 +217,44 @@ def attention_between(cache, n_layers: int, from_positions: Positions, to_positi
     """Mean attention over prompts from each named position to each named position (each prompt's own), for every head."""
     rows = []
     for l in range(n_layers):
-        pattern = cache[f"blocks.{l}.attn.hook_pattern"]  # [batch, head, q, k]
+        pattern = cache[get_act_name("pattern", l)]  # [batch, head, q, k]
         src, dst = position_matrix(from_positions, pattern.shape[0]), position_matrix(to_positions, pattern.shape[0])
         rows.append(at_positions(at_positions(pattern, src, 2), dst, 3).mean(0))
     return torch.stack(rows).detach().cpu()
 
 
 def attention_shift(
-    model, cache, prompts: PromptSet, candidates: list[dict], readers: list[dict], positions: Positions, from_pos: int = -1
+    model, cache, prompts: PromptSet, candidates: list[Head], readers: list[Head], positions: Positions, from_pos: int = -1
 ) -> Float[Tensor, "candidate reader word"]:
     """How much each candidate head moves each later reader head's attention (S-inhibition evidence).
 
     Clean prompts; in variant i the candidate's output z (all positions) takes its corrupted-run value; the
     change of each reader's attention from ``from_pos`` to each word against the clean patterns in ``cache``
     (``clean_cache``), averaged over prompts. All candidates run as one batch. Readers at or before a
-    candidate's layer cannot move and get 0.
+    candidate's layer cannot move (causality: nothing forces their 0, a test checks it).
     """
     n_var, n_heads = len(candidates), model.cfg.n_heads
-    cand_layers = sorted({c["layer"] for c in candidates})
-    pat_names = sorted({f"blocks.{r['layer']}.attn.hook_pattern" for r in readers})
+    cand_layers = sorted({c.layer for c in candidates})
+    pat_names = sorted({get_act_name("pattern", r.layer) for r in readers})
     with torch.no_grad():
-        _, corrupted = run_with_checked_cache(model, prompts.corrupted_tokens, [f"blocks.{l}.attn.hook_z" for l in cand_layers])
+        _, corrupted = run_with_checked_cache(model, prompts.corrupted_tokens, [get_act_name("z", l) for l in cand_layers])
     interventions = []
     for layer in cand_layers:  # variant i swaps in candidate i's corrupted z (a mask over [pos, head, d_head])
         masks = torch.zeros(n_var, 1, n_heads, 1, dtype=torch.bool)
         for i, c in enumerate(candidates):
-            masks[i, 0, c["head"]] = c["layer"] == layer
-        interventions.append(Intervention(f"blocks.{layer}.attn.hook_z", "corrupted", masks))
+            masks[i, 0, c.head] = c.layer == layer
+        interventions.append(Intervention(get_act_name("z", layer), "corrupted", masks))
     _, stored = run_interventions(
         model, prompts.clean_tokens, prompts.answer_tokens, interventions, {"corrupted": corrupted.cache_dict}, n_var, record=pat_names
     )
     pos = position_matrix(positions, prompts.clean_tokens.shape[0])
     shift = torch.zeros(n_var, len(readers), pos.shape[1])
     for j, r in enumerate(readers):
-        name = f"blocks.{r['layer']}.attn.hook_pattern"
-        patched = stored[name].reshape(n_var, -1, *stored[name].shape[1:])[:, :, r["head"], from_pos]  # [variant, batch, k]
+        name = get_act_name("pattern", r.layer)
+        patched = stored[name].reshape(n_var, -1, *stored[name].shape[1:])[:, :, r.head, from_pos]  # [variant, batch, k]
         patched = at_positions(patched.transpose(0, 1), pos, 2).transpose(0, 1)  # [variant, batch, word]
-        base = at_positions(cache[name][:, r["head"], from_pos], pos, 1)
-        later = torch.tensor([float(c["layer"] < r["layer"]) for c in candidates])[:, None]
-        shift[:, j] = (patched - base[None]).mean(1).cpu() * later
+        base = at_positions(cache[name][:, r.head, from_pos], pos, 1)
+        shift[:, j] = (patched - base[None]).mean(1).cpu()
     return shift
 
 
@@ -276,3 +276,20 @@ def composition_scores(model, mode: str = "K") -> Float[Tensor, "layer head laye
         for layer in range(n_layers - 1):
             out[layer, :, layer + 1 :] = tl_composition_scores(ov[layer], right[layer + 1 :]).float().cpu()
     return out
+
+
+def composition_baseline(scores: Float[Tensor, "layer head layer head"]) -> float:
+    """Mean composition score over all pairs of an earlier and a later head (the others are zero)."""
+    n_layers = scores.shape[0]
+    later = torch.arange(n_layers)[:, None, None, None] < torch.arange(n_layers)[None, None, :, None]
+    return float(scores[later.expand_as(scores)].mean())
+
+
+def composition_pairs(scores: Float[Tensor, "layer head layer head"], senders: list[Head], receivers: list[Head]) -> list[dict]:
+    """Composition score of each sender into each later receiver, as ``{from, to, score}``."""
+    return [
+        {"from": a.label, "to": b.label, "score": round(float(scores[(*a.index, *b.index)]), 6)}
+        for a in senders
+        for b in receivers
+        if a.layer < b.layer
+    ]

@@ -1,4 +1,4 @@
-"""Head-level quantities: ranking, pattern scores on repeated random tokens, and single-head ablation.
+"""Repeated random tokens and the attention-pattern scores of every head on them (and tasks built from them).
 
 Scores on a sequence ``BOS, r, r`` (r = ``seq_len`` random tokens), from the attention pattern [q, k]:
 * previous-token score: mean attention from each token to the token just before it;
@@ -10,43 +10,13 @@ from __future__ import annotations
 
 import math
 import random
-import re
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from .hooks import resolve_hook_names
-
-
-def top_heads(values: Float[Tensor, "layer head"], k: int, sign: str = "abs") -> list[dict]:
-    """The ``k`` heads with the largest ``values`` (``sign`` = 'pos', 'neg' or 'abs'), as ``{layer, head, value}``."""
-    values = torch.as_tensor(values).detach()  # attribution estimates can carry autograd history
-    key = {"pos": values, "neg": -values, "abs": values.abs()}[sign]
-    order = key.flatten().argsort(descending=True)[:k]
-    n_heads = values.shape[1]
-    return [{"layer": int(i) // n_heads, "head": int(i) % n_heads, "value": round(float(values.flatten()[i]), 6)} for i in order]
-
-
-def head_label(head: dict) -> str:
-    """``L3H2`` for ``{layer: 3, head: 2}``."""
-    return f"L{head['layer']}H{head['head']}"
-
-
-def parse_head_label(label: str, n_layers: int, n_heads: int) -> dict:
-    """``{layer, head}`` of a label such as ``L3H2``; ValueError if malformed or not in this model."""
-    match = re.fullmatch(r"L(\d+)H(\d+)", label.strip())
-    if not match:
-        raise ValueError(f"head label {label!r} is not of the form 'L<layer>H<head>', e.g. 'L3H2'")
-    layer, head = int(match[1]), int(match[2])
-    if layer >= n_layers or head >= n_heads:
-        raise ValueError(f"head {label} does not exist: the model has {n_layers} layers x {n_heads} heads")
-    return {"layer": layer, "head": head}
-
-
-def all_head_labels(n_layers: int, n_heads: int) -> list[str]:
-    """Labels of every head in flattened (layer, head) order, as ``values.flatten()`` lists them."""
-    return [head_label({"layer": l, "head": h}) for l in range(n_layers) for h in range(n_heads)]
 
 
 def random_word_ids(tokenizer) -> list[int]:
@@ -96,10 +66,10 @@ def repeated_token_scores(
     """Head scores on repeated random tokens (or on given ``[BOS,] r, r`` ``tokens``) and the per-token loss."""
     tokens = repeated_random_tokens(model, seq_len, batch, seed) if tokens is None else tokens
     first = tokens.shape[1] - 2 * seq_len
-    names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)])
+    names = resolve_hook_names(model, [get_act_name("pattern", l) for l in range(model.cfg.n_layers)])
     with torch.no_grad():
         loss, cache = model.run_with_cache(tokens, names_filter=names, return_type="loss", loss_per_token=True)
-    patterns = torch.stack([cache[n] for n in names])
+    patterns = cache.stack_activation("pattern")  # [layer, batch, head, q, k]
     return {k: v.cpu() for k, v in pattern_scores(patterns, seq_len, first).items()}, loss.cpu()
 
 
@@ -148,23 +118,6 @@ def repeated_tokens(model, text: str) -> Int[Tensor, "1 pos"]:
 def uniform_loss(model) -> float:
     """Loss of a uniform guess over the random words that ``repeated_random_tokens`` draws from."""
     return math.log(len(random_word_ids(model.tokenizer)))
-
-
-def composition_baseline(scores: Float[Tensor, "layer head layer head"]) -> float:
-    """Mean composition score over all pairs of an earlier and a later head (the others are zero)."""
-    n_layers = scores.shape[0]
-    later = torch.arange(n_layers)[:, None, None, None] < torch.arange(n_layers)[None, None, :, None]
-    return float(scores[later.expand_as(scores)].mean())
-
-
-def composition_pairs(scores: Float[Tensor, "layer head layer head"], senders: list[dict], receivers: list[dict]) -> list[dict]:
-    """Composition score of each sender into each later receiver, as ``{from, to, score}``."""
-    return [
-        {"from": head_label(a), "to": head_label(b), "score": round(float(scores[a["layer"], a["head"], b["layer"], b["head"]]), 6)}
-        for a in senders
-        for b in receivers
-        if a["layer"] < b["layer"]
-    ]
 
 
 def induction_task(

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.std import tqdm
+from transformer_lens.utilities import get_act_name
 
 from .hooks import resolve_hook_names
 from .interventions import Intervention, hook_takes_effect, hooks_for
@@ -99,8 +100,8 @@ def head_importance(
     ``reference_name`` in the result (e.g. "corrupted")."""
     cfg = model.cfg
     full = with_answers(tokens, answers)
-    z_names = resolve_hook_names(model, [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)])
-    resid_names = resolve_hook_names(model, [f"blocks.{l}.hook_resid_pre" for l in range(cfg.n_layers)])
+    z_names = resolve_hook_names(model, [get_act_name("z", l) for l in range(cfg.n_layers)])
+    resid_names = resolve_hook_names(model, [get_act_name("resid_pre", l) for l in range(cfg.n_layers)])
     if not hook_takes_effect(model, z_names[-1]):
         raise NotSupported(
             f"head importance is not supported for this architecture ({type(model.original_model).__name__}): "

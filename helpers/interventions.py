@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from .hooks import recording_hook
 from .metrics import logit_diff
@@ -160,7 +161,7 @@ def run_interventions(
             with model.hooks(fwd_hooks=hooks):
                 logits = model(tokens.repeat(n_var, 1))[:, -1:]
         else:
-            resid = base_cache[f"blocks.{layer}.hook_resid_pre"]
+            resid = base_cache[get_act_name("resid_pre", layer)]
             logits = forward_from_layer(model, resid.repeat(n_var, *([1] * (resid.dim() - 1))), layer, hooks)
     return logit_diff(logits, answers.repeat(n_var, 1)).reshape(n_var, -1), recorded
 
@@ -289,7 +290,7 @@ def edit_reaches_residual(model, hook: str) -> bool:
     if hook not in verdicts:
         layer = int(hook.split(".")[1])
         tokens = _probe_tokens(model)
-        names = [f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.hook_mlp_out"]
+        names = [get_act_name("resid_post", layer), get_act_name("mlp_out", layer)]
         runs = []
         for hooks in ([], [(hook, lambda act, hook=None: act + 1.0)]):
             store: dict = {}

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from . import OUTPUTS_DIR, TEMPLATES_DIR
+
 FOLDER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MODEL_SCOPE = "_models"  # folder of the per-model runs; not a valid task name, so no task can collide with it
 JOURNAL = ".publish-{template}"  # folder in the run folder: journal.json and prev/ (the items being replaced)
@@ -63,6 +65,28 @@ def display_model(model_name: str) -> str:
         return model_folder_name(model_name)
     except OutputsError:
         return model_name
+
+
+def templates_dir() -> Path:
+    """Where templates are read from: ``$CIRCUIT_LAB_TEMPLATES`` or ``nb_templates/``."""
+    return Path(os.environ.get("CIRCUIT_LAB_TEMPLATES") or TEMPLATES_DIR)
+
+
+def outputs_dir() -> Path:
+    """Where results are published: ``$CIRCUIT_LAB_OUTPUTS`` or ``nb_outputs/`` (seen by Dask worker processes too)."""
+    return Path(os.environ.get("CIRCUIT_LAB_OUTPUTS") or OUTPUTS_DIR)
+
+
+def available_templates() -> list[str]:
+    """Template names (``<templates dir>/*.py``)."""
+    return sorted(p.stem for p in templates_dir().glob("*.py"))
+
+
+def scope_of(template: str) -> str:
+    """``"model"`` for a template that runs once per model (see ``template_scope``), else ``"task"`` (also
+    for a name that is not a template here, e.g. a renamed copy)."""
+    source = templates_dir() / f"{template}.py"
+    return template_scope(source) if source.is_file() else "task"
 
 
 def template_scope(template_source: Path) -> str:

@@ -5,6 +5,9 @@ directory, then a hub name (with aliases such as ``gpt2-small`` -> ``gpt2``). It
 ``TransformerBridge.boot_transformers`` and calls ``enable_compatibility_mode()``, which DLA and the logit
 lens need (without it resid values and logits differ from HookedTransformer's). Hub names that are not in
 the local cache fail within seconds when the hub cannot be reached, naming the bundled models.
+
+Nothing is imported from torch, transformers or TransformerLens until a function needs it: the batch runner
+resolves model names through this module for every run it plans.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ import os
 import re
 import socket
 from pathlib import Path
-
-import torch
 
 from . import MODELS_DIR
 
@@ -41,12 +42,16 @@ def bundled_models() -> list[str]:
 
 def pick_device(device: str | None = None) -> str:
     """``device`` if given, else CUDA when present, else CPU."""
+    import torch
+
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def set_threads(n_threads: int | None) -> None:
     """Limit torch CPU threads (match processes × threads to the cores; oversubscription is 10-20× slower)."""
     if n_threads:
+        import torch
+
         torch.set_num_threads(n_threads)
 
 
@@ -142,7 +147,7 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
 def load_model(name: str, device: str | None = None, dtype: str = "float32", n_devices: int | None = None):
@@ -154,6 +159,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", n_d
     ``n_devices``: split the model over this many GPUs through the bridge's ``n_devices`` (accelerate's dispatch);
     rule of thumb: parameters x bytes per dtype x ~1.5 for activations and caches must fit in their memory.
     """
+    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
     if dtype not in DTYPES:
@@ -164,11 +170,11 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", n_d
 
         hf_logging.disable_progress_bar()
     placement = {"n_devices": n_devices} if n_devices and n_devices > 1 else {"device": pick_device(device)}
-    model = TransformerBridge.boot_transformers(source, dtype=DTYPES[dtype], **placement)
+    model = TransformerBridge.boot_transformers(source, dtype=getattr(torch, dtype), **placement)
     model.enable_compatibility_mode()
     model.eval()
     tok = model.tokenizer
-    # Without tokenizer_config.json the bridge silently loads a tokenizer that maps all text to id 0 (TL4 trap T5).
+    # Without tokenizer_config.json the bridge silently loads a tokenizer that maps all text to id 0 (TransformerLens 4.x; measured).
     if tok is None or len(set(tok(" the and to", add_special_tokens=False)["input_ids"])) == 1:
         raise ModelNotAvailable(f"{source}: the tokenizer maps different words to one id; is tokenizer_config.json missing?")
     return model

@@ -30,6 +30,7 @@ from .attribution import project_stack
 from .attribution_patching import attribution_patch
 from .metrics import normalised
 from .patching import PatchingContext, Sweep, run_patched_from_layer, run_sweep
+from .results import CircuitExpmsResults
 
 NEURONS = Sweep("neuron", "mlp.hook_post", (("neuron", 1),), None)  # one variant per neuron, all positions
 
@@ -134,10 +135,10 @@ def all_neurons_patched(ctx: PatchingContext, layer: int, hook: str | None = Non
     return float(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
 
 
-def mlp_layer_scores(circuit_expms: dict) -> dict[int, float]:
+def mlp_layer_scores(circuit_expms: CircuitExpmsResults) -> dict[int, float]:
     """Per MLP layer, from ``circuit_expms.json``: the largest |mlp_out patching effect| over positions (how much of the
     logit difference patching that layer's output at one position restores), for choosing layers to open up."""
-    values = circuit_expms["patching"]["values"]["mlp_out"]
+    values = circuit_expms.patching.values["mlp_out"]
     return {layer: max(abs(v) for v in row if v is not None) for layer, row in enumerate(values)}
 
 

@@ -477,34 +477,7 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Check params files with every check a run makes before its first cell; exit 1 on any error.
+if __name__ == "__main__":  # `python -m helpers.params FILES`: the command line lives in helpers.cli
+    from helpers.cli import check_params
 
-    For each file: the schema and pools, the model (the file's own, or ``--model``) available here and complete,
-    circuit heads / layer groups / top_k against the model's shape, and the prompts built with its tokenizer
-    (single-token answers, equal lengths, pool words kept). GPT-2 hub names use the shipped tokenizer, so
-    ``python -m helpers.params params/*.yaml --model gpt2-small`` works offline. ``--schema-only`` skips the model.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Check params files as a run would, before its first cell.")
-    parser.add_argument("files", nargs="*")
-    parser.add_argument("--model", default=None, help="check against this model instead of each file's own")
-    parser.add_argument("--schema-only", action="store_true", help="only the schema and pools (no model, no tokenizer)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from .run import BAD_INPUT, check_inputs
-
-    status = 0
-    for f in args.files or sorted(str(p) for p in PARAMS_DIR.glob("*.yaml")):
-        try:
-            p = load_params(f, model=args.model) if args.schema_only else check_inputs(f, args.model, need_weights=False)
-            how = "schema" if args.schema_only else f"prompts built with {p.model}'s tokenizer"
-            print(f"{f}: ok (task {p.task}, model {p.model}, {p.n_prompts} prompts; {how})")
-        except BAD_INPUT as err:
-            print(err, file=sys.stderr)
-            status = 1
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(check_params())

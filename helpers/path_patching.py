@@ -25,8 +25,10 @@ from contextlib import contextmanager
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.utilities import get_act_name
 
 from .attribution import decomposition_caveats
+from .components import Head
 from .hooks import resolve_hook_names
 from .interventions import Intervention, run_interventions
 from .metrics import normalised
@@ -36,7 +38,7 @@ QKV_HOOKS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}
 
 
 def _z(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
+    return get_act_name("z", layer)
 
 
 def _sender_run(ctx: PatchingContext, layer: int, record: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -68,19 +70,19 @@ def input_index(cfg, component: str, head: int) -> int:
     return head if component == "q" else head // (cfg.n_heads // n_kv)
 
 
-def _receiver_run(ctx: PatchingContext, sender_layer: int, recorded: dict[str, Tensor], receivers: list[dict], component: str) -> Tensor:
+def _receiver_run(ctx: PatchingContext, sender_layer: int, recorded: dict[str, Tensor], receivers: list[Head], component: str) -> Tensor:
     """Step 2: mean logit diff per sender head of ``sender_layer`` when the reachable receivers' ``component``
     inputs take their step-1 values in an otherwise normal corrupted run."""
-    reachable = [r for r in receivers if r["layer"] > sender_layer]
+    reachable = [r for r in receivers if r.layer > sender_layer]
     cfg = ctx.model.cfg
     if not reachable:  # a sender at or after every receiver cannot reach them
         return torch.full((cfg.n_heads,), ctx.corrupted_logit_diff)
     interventions = []
-    for layer in sorted({r["layer"] for r in reachable}):
+    for layer in sorted({r.layer for r in reachable}):
         name = _receiver_hook_name(layer, component)
         shape = ctx.corrupted_cache[name].shape  # [batch, pos, head or kv group, d_head]
         mask = torch.zeros(1, 1, shape[2], 1, dtype=torch.bool)
-        mask[0, 0, [input_index(cfg, component, r["head"]) for r in reachable if r["layer"] == layer]] = True
+        mask[0, 0, [input_index(cfg, component, r.head) for r in reachable if r.layer == layer]] = True
         interventions.append(Intervention(name, "recorded", mask))
     logit_diffs, _ = run_interventions(
         ctx.model,
@@ -98,7 +100,7 @@ def receiver_sweeps(ctx: PatchingContext, targets: dict) -> dict:
     """For each ``key: (receivers, component)`` of ``targets``, the normalised effect [layer, head] of every sender
     along its paths into those receivers' q, k or v input. Step 1 runs once per sender layer for all targets."""
     model = ctx.model
-    needed = {(r["layer"], c) for receivers, c in targets.values() for r in receivers}
+    needed = {(r.layer, c) for receivers, c in targets.values() for r in receivers}
     if not targets:
         return {}
     resolve_hook_names(model, sorted({_receiver_hook_name(l, c) for l, c in needed}))
@@ -111,18 +113,18 @@ def receiver_sweeps(ctx: PatchingContext, targets: dict) -> dict:
     return {key: normalised(torch.stack(r), ctx.clean_logit_diff, ctx.corrupted_logit_diff) for key, r in rows.items()}
 
 
-def path_patch_to_receivers(ctx: PatchingContext, receivers: list[dict], component: str = "v") -> Float[Tensor, "layer head"]:
+def path_patch_to_receivers(ctx: PatchingContext, receivers: list[Head], component: str = "v") -> Float[Tensor, "layer head"]:
     """Normalised effect of each sender head along its paths into the ``component`` input of ``receivers``.
 
-    ``receivers``: ``{layer, head}`` dicts; their q/k/v inputs are replaced together (as in the IOI paper).
+    ``receivers``: heads; their q/k/v inputs are replaced together (as in the IOI paper).
     """
     _receiver_hook_name(0, component)  # validate before any forward pass
     return receiver_sweeps(ctx, {"receivers": (receivers, component)})["receivers"]
 
 
-def receiver_effects(ctx: PatchingContext, receivers: dict[str, dict]) -> dict[tuple[str, str], Float[Tensor, "layer head"]]:
+def receiver_effects(ctx: PatchingContext, receivers: dict[str, Head]) -> dict[tuple[str, str], Float[Tensor, "layer head"]]:
     """Path effect of every sender into each receiver's q, k and v input alone, keyed (receiver, input)."""
-    return receiver_sweeps(ctx, {(label, c): ([r], c) for label, r in receivers.items() if r["layer"] > 0 for c in QKV_HOOKS})
+    return receiver_sweeps(ctx, {(label, c): ([r], c) for label, r in receivers.items() if r.layer > 0 for c in QKV_HOOKS})
 
 
 @contextmanager
@@ -142,7 +144,7 @@ def split_qkv_input(model):
 
 
 def direct_path_effects(
-    ctx: PatchingContext, sender: dict, component: str = "q", layers: list[int] | None = None
+    ctx: PatchingContext, sender: Head, component: str = "q", layers: list[int] | None = None
 ) -> Float[Tensor, "layer head"]:
     """Normalised effect of the direct edge from ``sender`` into every later head's ``component`` input (the
     quantity of TransformerLens's ``get_act_patch_direct_path``, Wang et al. 2022): in the corrupted run, the
@@ -164,7 +166,7 @@ def direct_path_effects(
     obstruction = decomposition_caveats(model).get("heads")
     if obstruction:  # e.g. Gemma-2's post-attention norm: a head's residual write is not z @ W_O
         raise ValueError(f"direct path patching is not defined on this architecture: {obstruction}")
-    layer, head = sender["layer"], sender["head"]
+    layer, head = sender.layer, sender.head
     z = ctx.clean_cache[_z(layer)][:, :, head] - ctx.corrupted_cache[_z(layer)][:, :, head]  # [batch, pos, d_head]
     delta = z @ model.blocks[layer].attn.W_O[head]  # [batch, pos, d_model]
     out = torch.zeros(cfg.n_layers, cfg.n_heads)
@@ -174,7 +176,7 @@ def direct_path_effects(
             name = f"blocks.{l}.attn.hook_{component}_input"
             if name not in model.hook_dict:
                 raise NotImplementedError(f"{name} does not exist: this attention has no pre-q/k/v fork")
-            fork = ctx.corrupted_cache[f"blocks.{l}.hook_resid_pre"] + delta  # the receiver's own copy, with the edge
+            fork = ctx.corrupted_cache[get_act_name("resid_pre", l)] + delta  # the receiver's own copy, with the edge
             diffs, _ = run_interventions(
                 model,
                 ctx.corrupted_tokens,
@@ -189,7 +191,7 @@ def direct_path_effects(
 
 
 def compare_with_direct_path(
-    ctx: PatchingContext, heads: dict[str, dict], effects: dict[tuple[str, str], Tensor], max_senders: int | None = None
+    ctx: PatchingContext, heads: dict[str, Head], effects: dict[tuple[str, str], Tensor], max_senders: int | None = None
 ) -> tuple[list[dict], str | None]:
     """For each pair of ``heads`` (sender earlier than receiver) and each of q/k/v: the exact path effect (from
     ``receiver_effects``) next to the direct edge alone (``direct_path_effects``, equal to TransformerLens's
@@ -199,16 +201,16 @@ def compare_with_direct_path(
     grouped-query attention), else None."""
     rows, skipped = [], {}
     for s_label, s in strongest_senders(heads, effects, max_senders).items():
-        receivers = {label: r for label, r in heads.items() if r["layer"] > s["layer"]}
+        receivers = {label: r for label, r in heads.items() if r.layer > s.layer}
         for component in ("q", "k", "v"):
             try:
-                direct = direct_path_effects(ctx, s, component, sorted({r["layer"] for r in receivers.values()}))
+                direct = direct_path_effects(ctx, s, component, sorted({r.layer for r in receivers.values()}))
             except (ValueError, NotImplementedError) as err:
                 skipped[component] = str(err)
                 continue
             for r_label, r in receivers.items():
-                exact = float(effects[(r_label, component)][s["layer"], s["head"]])
-                edge = float(direct[r["layer"], r["head"]])
+                exact = float(effects[(r_label, component)][s.index])
+                edge = float(direct[r.index])
                 rows.append(
                     {
                         "sender": s_label,
@@ -223,13 +225,13 @@ def compare_with_direct_path(
     return rows, note
 
 
-def strongest_senders(heads: dict[str, dict], effects: dict[tuple[str, str], Tensor], n: int | None) -> dict[str, dict]:
+def strongest_senders(heads: dict[str, Head], effects: dict[tuple[str, str], Tensor], n: int | None) -> dict[str, Head]:
     """The ``n`` heads (all if None) with the largest |exact path effect| into a later head of ``heads``."""
 
     def strength(label: str) -> float:
         s = heads[label]
-        return max((abs(float(e[s["layer"], s["head"]])) for (r, _), e in effects.items() if heads[r]["layer"] > s["layer"]), default=-1.0)
+        return max((abs(float(e[s.index])) for (r, _), e in effects.items() if heads[r].layer > s.layer), default=-1.0)
 
-    senders = [label for label in heads if any(r["layer"] > heads[label]["layer"] for r in heads.values())]
+    senders = [label for label in heads if any(r.layer > heads[label].layer for r in heads.values())]
     ranked = sorted(senders, key=strength, reverse=True)
     return {label: heads[label] for label in (ranked if n is None else ranked[:n])}

@@ -32,6 +32,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .heads import random_word_ids
+
 PLANTED_EDGES = ("input->L0H0.v", "L0H0->L1H0.v", "L1H0->logits", "L0H0->L1H1.v", "L1H1->logits")
 BACKUP_STRENGTH = 0.3  # L1H1 writes the answer too, at this fraction of L1H0's strength
 N_POSITIONS = 16
@@ -105,8 +107,6 @@ def planted_task(
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch 2"]]:
     """(clean, corrupted, answers) for the word-two-back task: ``BOS w1..wn``; the corrupted prompt has another word
     at position n-2; answers are (clean word, corrupted word) at that position."""
-    from .heads import random_word_ids
-
     if n_words + 1 > N_POSITIONS:
         raise ValueError(f"n_words must be at most {N_POSITIONS - 1} (the planted model's positions)")
     words = torch.tensor(random_word_ids(model.tokenizer))

@@ -16,47 +16,67 @@ import base64
 import html
 import io
 import json
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from .heads import head_label
-from .layout import MODEL_SCOPE
+from .components import HeadScore, rank_heads
+from .layout import MODEL_SCOPE, outputs_dir
+from .results import (
+    CircuitDiscoveryResults,
+    CircuitExpmsResults,
+    HeadFunctionsResults,
+    InductionChecksResults,
+    MinimalCircuitResults,
+    MlpNeuronsResults,
+    ResultsSchemaError,
+    TaskCheckResult,
+    TemplateResults,
+    read_results,
+)
 
 TOP_K = 5  # heads per task in the overlap view
+T = TypeVar("T", bound=TemplateResults)
 THUMB_WIDTH = 520  # px: axis labels and head names stay readable; each thumbnail opens the full-size PNG
 
 
 @dataclass
 class ResultFolder:
-    """The JSON results of every template run for one task and model (``nb_outputs/<task>/<model>/``)."""
+    """The typed results of every template run for one task and model (``nb_outputs/<task>/<model>/``)."""
 
     task: str
     model: str
     path: Path
-    results: dict[str, dict]  # template name -> its JSON
+    results: dict[str, TemplateResults]  # template name -> its results (``helpers.results``)
+    errors: dict[str, str] = field(default_factory=dict)  # template name -> why its JSON could not be read
     per_model: ResultFolder | None = None  # the model's once-per-model results (``_models/<model>/``)
 
-    def get(self, template: str, *keys, default=None):
-        """A value of a template's JSON by key path (the per-model folder's for a per-model template)."""
-        source = self.results if template in self.results or self.per_model is None else self.per_model.results
-        node = source.get(template, {})
-        for k in keys:
-            if not isinstance(node, dict) or k not in node:
-                return default
-            node = node[k]
-        return node
+    def of(self, template: str) -> TemplateResults | None:
+        """A template's results (the per-model folder's for a per-model template), or None when it did not run."""
+        if template in self.results or self.per_model is None:
+            return self.results.get(template)
+        return self.per_model.results.get(template)
 
 
 def _folder(task: str, model_dir: Path) -> ResultFolder | None:
-    results = {}
+    results, errors = {}, {}
     for f in sorted(model_dir.glob("*.json")):
-        data = json.loads(f.read_text())
-        if isinstance(data, dict) and data.get("template") == f.stem:
-            results[f.stem] = data
-    return ResultFolder(task, model_dir.name, model_dir, results) if results else None
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as err:
+            errors[f.stem] = f"{f}: not readable JSON ({err})"
+            continue
+        if not (isinstance(data, dict) and data.get("template") == f.stem):
+            continue  # not a template's results (e.g. circuit.json, edge_circuit.json)
+        try:
+            results[f.stem] = read_results(f)
+        except ResultsSchemaError as err:
+            errors[f.stem] = str(err)
+    return ResultFolder(task, model_dir.name, model_dir, results, errors) if results or errors else None
 
 
 def _subfolders(path: Path) -> list[Path]:
@@ -88,17 +108,18 @@ def collect(root: Path) -> list[ResultFolder]:
 # ---------------------------------------------------------------- cross-task numbers
 
 
-def head_importance(folder: ResultFolder) -> dict[str, float]:
-    """Each head's output-patching effect (fraction of the logit difference recovered); {} without circuit_expms."""
-    values = folder.get("circuit_expms", "patching", "values", "head_out")
-    if values is None:
-        return {}
-    return {head_label({"layer": l, "head": h}): float(v) for l, row in enumerate(values) for h, v in enumerate(row)}
+def _typed(folder: ResultFolder, cls: type[T]) -> T | None:
+    """The folder's results of the template ``cls`` is the schema of, or None when that template did not run."""
+    found = folder.of(cls.model_fields["template"].annotation.__args__[0])
+    return found if isinstance(found, cls) else None
 
 
-def top_heads(importance: dict[str, float], k: int = TOP_K) -> set[str]:
-    """The ``k`` heads with the largest |importance|."""
-    return set(sorted(importance, key=lambda h: -abs(importance[h]))[:k])
+def head_importance(folder: ResultFolder) -> list[HeadScore]:
+    """Every head's output-patching effect (fraction of the logit difference recovered), largest |effect| first;
+    [] without circuit_expms (or when its head_out sweep was not supported)."""
+    circuit = _typed(folder, CircuitExpmsResults)
+    values = circuit.patching.head_out() if circuit else None
+    return rank_heads(values, None, "abs") if values is not None else []
 
 
 def jaccard(a: set, b: set) -> float:
@@ -118,13 +139,19 @@ class CrossTask:
     top: dict[str, list[str]]
 
 
-def task_check(folder: ResultFolder) -> dict | None:
+def task_check(folder: ResultFolder) -> TaskCheckResult | None:
     """The task check recorded by any template of the folder (``task_performed``, reasons), or None."""
     for template in ("circuit_expms", *sorted(folder.results)):
-        check = folder.get(template, "task_check")
+        check = getattr(folder.of(template), "task_check", None)
         if check:
             return check
     return None
+
+
+def performed(folder: ResultFolder) -> bool:
+    """False only when a template recorded that the model does not do the task."""
+    check = task_check(folder)
+    return check is None or check.task_performed
 
 
 def cross_task(folders: list[ResultFolder], k: int = TOP_K) -> list[CrossTask]:
@@ -132,12 +159,12 @@ def cross_task(folders: list[ResultFolder], k: int = TOP_K) -> list[CrossTask]:
     Tasks the model does not do (task check failed) are left out: their head importances are noise."""
     views = []
     for model in sorted({f.model for f in folders}):
-        per_task = {f.task: head_importance(f) for f in folders if f.model == model and (task_check(f) or {}).get("task_performed", True)}
-        per_task = {t: values for t, values in per_task.items() if values}
+        ranked = {f.task: head_importance(f) for f in folders if f.model == model and performed(f)}
+        per_task = {t: {h.label: h.value for h in heads} for t, heads in ranked.items() if heads}
         if not per_task:
             continue
         tasks = sorted(per_task)
-        top = {t: sorted(top_heads(per_task[t], k), key=lambda h: -abs(per_task[t][h])) for t in tasks}
+        top = {t: [h.label for h in ranked[t][:k]] for t in tasks}
         heads = sorted(set().union(*top.values()), key=lambda h: -max(abs(per_task[t].get(h, 0.0)) for t in tasks))
         importance = np.array([[per_task[t].get(h, np.nan) for t in tasks] for h in heads])
         overlap = np.array([[jaccard(set(top[a]), set(top[b])) for b in tasks] for a in tasks])
@@ -189,7 +216,7 @@ def figure_links(folder: ResultFolder, root: Path, template: str, limit: int = 3
     """Thumbnails of a template's key figures (else its first ones), each opening the full-size PNG; the title
     links to the notebook's HTML."""
     data = folder.results[template]
-    figs = data.get("key_figures") or data.get("figures", [])[:limit]
+    figs = data.key_figures or data.figures[:limit]
     link = html.escape(str((folder.path / f"{template}.html").relative_to(root)))
     items = []
     for rel in figs:
@@ -229,33 +256,48 @@ def runs_table(folder: ResultFolder, root: Path) -> str:
     )
 
 
-def head_list(heads: list[dict] | None) -> str:
-    return ", ".join(f"{head_label(h)} ({h['value']:+.2f})" for h in heads or []) or "—"
+def head_list(heads: list[HeadScore] | None) -> str:
+    return ", ".join(f"{h.label} ({h.value:+.2f})" for h in heads or []) or "—"
+
+
+def _number(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def key_numbers(folder: ResultFolder) -> list[list]:
     """Rows (quantity, value) of the numbers a reader checks first."""
-    rows = []
-    for name, keys in [
-        ("clean logit diff", ("circuit_expms", "logit_diff", "clean")),
-        ("corrupted logit diff", ("circuit_expms", "logit_diff", "corrupted")),
-        ("clean accuracy", ("circuit_expms", "logit_diff", "clean_accuracy")),
-        ("DLA identity error", ("circuit_expms", "dla", "identity_error")),
-        ("faithfulness of the circuit", ("minimal_circuit", "faithfulness", "circuit")),
-        ("loss on the repeat (induction)", ("induction_checks", "loss", "second_half")),
-    ]:
-        value = folder.get(*keys)
-        if value is not None:
-            rows.append([name, float(value)])
-    for name, value in (folder.get("minimal_circuit", "faithfulness") or {}).items():
-        if name.startswith("random"):
-            rows.append([f"faithfulness, {name}", float(value)])
+    circuit, minimal = _typed(folder, CircuitExpmsResults), _typed(folder, MinimalCircuitResults)
+    induction = _typed(folder, InductionChecksResults)
+    named = []
+    if circuit:
+        named += [
+            ("clean logit diff", circuit.logit_diff.clean),
+            ("corrupted logit diff", circuit.logit_diff.corrupted),
+            ("clean accuracy", circuit.logit_diff.clean_accuracy),
+            ("DLA identity error", circuit.dla.identity_error),
+        ]
+    if minimal:
+        named.append(("faithfulness of the circuit", minimal.faithfulness.get("circuit")))
+    if induction:
+        named.append(("loss on the repeat (induction)", induction.loss.get("second_half")))
+    rows = [[name, float(value)] for name, value in named if value is not None]
+    if minimal:
+        rows += [[f"faithfulness, {name}", _number(v)] for name, v in minimal.faithfulness.items() if name.startswith("random")]
     return rows
 
 
 def role_rows(folder: ResultFolder) -> list[list]:
-    table_ = folder.get("head_functions", "roles", "table") or []
-    return [[r["head"], r["role"], r["evidence"]] for r in sorted(table_, key=lambda r: r["role"] == "unclassified")]
+    functions = _typed(folder, HeadFunctionsResults)
+    rows = functions.roles.table if functions else []
+    return [[r.head, r.role, r.evidence] for r in sorted(rows, key=lambda r: r.role == "unclassified")]
+
+
+def errors_section(folder: ResultFolder) -> str:
+    """A prominent box per results file that could not be read (schema mismatch, old version, broken JSON)."""
+    return "".join(
+        f'<p class="failed"><b>&#9888; {html.escape(t)}.json could not be read</b>: <code>{html.escape(why)}</code></p>'
+        for t, why in folder.errors.items()
+    )
 
 
 def folder_section(folder: ResultFolder, root: Path) -> str:
@@ -263,31 +305,32 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
     parts = [
         f'<section class="card" id="{html.escape(folder.task)}-{html.escape(folder.model)}">',
         f"<h2>{html.escape(folder.task)} · {html.escape(folder.model)}</h2>",
+        errors_section(folder),
     ]
-    description = folder.get("circuit_expms", "params", "description") or folder.get("head_functions", "params", "description")
+    circuit, functions = _typed(folder, CircuitExpmsResults), _typed(folder, HeadFunctionsResults)
+    minimal = _typed(folder, MinimalCircuitResults)
+    description = (circuit and circuit.description) or (functions and functions.description)
     if description:
         parts.append(f'<p class="muted">{html.escape(description)}</p>')
     check = task_check(folder)
-    if check and not check.get("task_performed", True):
+    if check and not check.task_performed:
         parts.append(
             '<p class="failed"><b>&#9888; The model does not do this task</b>: '
-            f"{html.escape('; '.join(check.get('reasons', [])))}. Normalised numbers below (patching, faithfulness, "
+            f"{html.escape('; '.join(check.reasons))}. Normalised numbers below (patching, faithfulness, "
             "head importance) are not meaningful.</p>"
         )
-    versus = folder.get("minimal_circuit", "versus_random")
-    if versus and not versus.get("beats_random", True):
-        parts.append(f'<p class="failed"><b>&#9888; Circuit no better than chance</b>: {html.escape(versus["message"])}</p>')
-    no_roles = folder.get("head_functions", "roles", "summary")
-    if no_roles and no_roles.startswith("No head met"):
-        parts.append(f'<p class="muted"><b>No head roles</b>: {html.escape(no_roles)}</p>')
+    if minimal and not minimal.versus_random.beats_random:
+        parts.append(f'<p class="failed"><b>&#9888; Circuit no better than chance</b>: {html.escape(minimal.versus_random.message)}</p>')
+    if functions and functions.roles.summary.startswith("No head met"):
+        parts.append(f'<p class="muted"><b>No head roles</b>: {html.escape(functions.roles.summary)}</p>')
     numbers = key_numbers(folder)
     if numbers:
         parts.append(table(["quantity", "value"], numbers, cls="numbers"))
-    if "circuit_expms" in folder.results:
+    if circuit:
         rows = [
-            ["DLA, positive", head_list(folder.get("circuit_expms", "dla", "top_positive"))],
-            ["DLA, negative", head_list(folder.get("circuit_expms", "dla", "top_negative"))],
-            ["output patching", head_list(folder.get("circuit_expms", "patching", "top_heads", "head_out"))],
+            ["DLA, positive", head_list(circuit.dla.top_positive)],
+            ["DLA, negative", head_list(circuit.dla.top_negative)],
+            ["output patching", head_list(circuit.patching.top_heads.get("head_out"))],
         ]
         parts.append(table(["top heads by", "heads (value)"], rows, cls="heads"))
     parts.append(discovery_table(folder))
@@ -306,22 +349,21 @@ def folder_section(folder: ResultFolder, root: Path) -> str:
     return "\n".join(parts + ["</section>"])
 
 
-def neuron_list(neurons: list[dict] | None, key: str) -> str:
-    return ", ".join(f"L{n['layer']}N{n['neuron']} ({n[key]:+.2f})" for n in neurons or []) or "—"
+def neuron_list(neurons: list, key: str) -> str:
+    return ", ".join(f"L{n.layer}N{n.neuron} ({_number(getattr(n, key, None)):+.2f})" for n in neurons) or "—"
 
 
 def neuron_table(folder: ResultFolder, k: int = TOP_K) -> str:
     """Top neurons by DLA and by patching ('' without mlp_neurons results)."""
-    by_dla = folder.get("mlp_neurons", "neuron_dla", "top")
-    if by_dla is None:
+    found = _typed(folder, MlpNeuronsResults)
+    if found is None:
         return ""
-    by_patching = folder.get("mlp_neurons", "neuron_patching", "top") or []
-    layers = folder.get("mlp_neurons", "layers_patched") or []
+    layers = found.layers_patched
     return table(
         ["top neurons by", "neurons (value)"],
         [
-            ["neuron DLA", neuron_list(by_dla[:k], "dla")],
-            [f"neuron patching (MLP layers {', '.join(map(str, layers))})", neuron_list(by_patching[:k], "patching")],
+            ["neuron DLA", neuron_list(found.neuron_dla.top[:k], "dla")],
+            [f"neuron patching (MLP layers {', '.join(map(str, layers))})", neuron_list(found.neuron_patching.top[:k], "patching")],
         ],
         cls="heads",
     )
@@ -330,28 +372,31 @@ def neuron_table(folder: ResultFolder, k: int = TOP_K) -> str:
 def discovery_table(folder: ResultFolder) -> str:
     """The circuit ``circuit_discovery`` found and its curves' areas ('' without its results; a line when the
     architecture is not supported)."""
-    if "circuit_discovery" not in folder.results:
+    found = _typed(folder, CircuitDiscoveryResults)
+    if found is None:
         return ""
-    reason = folder.get("circuit_discovery", "not_supported")
-    if reason:
-        return f'<p class="muted"><b>Circuit discovery</b>: {html.escape(reason)}</p>'
-    smallest = folder.get("circuit_discovery", "smallest") or {}
-    circuit = smallest.get("circuit") or {}
+    if found.not_supported:
+        return f'<p class="muted"><b>Circuit discovery</b>: {html.escape(found.not_supported)}</p>'
     rows = [
-        [f"{m} curve", f"CPR {c['cpr']:.3f} (random {c['random_cpr']:.3f}), CMD {c['cmd']:.3f} (random {c['random_cmd']:.3f})"]
-        for m, c in (folder.get("circuit_discovery", "curves") or {}).items()
+        [
+            f"{m} curve",
+            f"CPR {_number(c.cpr):.3f} (random {_number(c.random_cpr):.3f}), CMD {_number(c.cmd):.3f} (random {_number(c.random_cmd):.3f})",
+        ]
+        for m, c in found.curves.items()
     ]
-    if circuit:
-        random_core = smallest.get("random_core") or []
+    smallest = found.smallest
+    if smallest:
+        circuit = smallest.circuit
+        random_core = [v for v in smallest.random_core if v is not None]
         rows += [
             [
-                f"smallest circuit ({circuit.get('method')})",
-                f"{circuit.get('n_edges')} edges over {len(circuit.get('heads', []))} heads, faithfulness {circuit.get('faithfulness', float('nan')):.3f}"
-                f" (target {smallest.get('target')}{'' if smallest.get('reached') else ', NOT reached'})",
+                f"smallest circuit ({circuit.method})",
+                f"{circuit.n_edges} edges over {len(circuit.heads)} heads, faithfulness {_number(circuit.faithfulness):.3f}"
+                f" (target {smallest.target}{'' if smallest.reached else ', NOT reached'})",
             ],
             [
                 "core heads",
-                f"{', '.join(smallest.get('core_heads', [])) or '—'}: {smallest.get('core_faithfulness', float('nan')):.3f}"
+                f"{', '.join(smallest.core_heads) or '—'}: {_number(smallest.core_faithfulness):.3f}"
                 + (f" (random head sets of that size: {sum(random_core) / len(random_core):.3f})" if random_core else ""),
             ],
         ]
@@ -359,9 +404,12 @@ def discovery_table(folder: ResultFolder) -> str:
 
 
 def induction_table(folder: ResultFolder) -> str:
-    """Heads above the induction_checks threshold per pattern ('' without induction_checks results)."""
-    induction = folder.get("induction_checks", "heads")
-    return table(["pattern", "heads above threshold"], [[k, head_list(v)] for k, v in induction.items()], cls="heads") if induction else ""
+    """Heads at or above the induction_checks thresholds per pattern ('' without induction_checks results)."""
+    found = _typed(folder, InductionChecksResults)
+    if not found or not found.heads:
+        return ""
+    rows = [[f"{kind} (>= {found.thresholds.get(kind, float('nan')):.2f})", head_list(heads)] for kind, heads in found.heads.items()]
+    return table(["pattern", "heads at or above threshold"], rows, cls="heads")
 
 
 def model_section(folder: ResultFolder, root: Path) -> str:
@@ -370,6 +418,7 @@ def model_section(folder: ResultFolder, root: Path) -> str:
         f'<section class="card" id="{MODEL_SCOPE}-{html.escape(folder.model)}">',
         f"<h2>{html.escape(folder.model)} · every task</h2>",
         '<p class="muted">Notebooks that do not depend on the task: run once per model.</p>',
+        errors_section(folder),
     ]
     parts.append(induction_table(folder))
     parts.append(runs_table(folder, root))
@@ -452,13 +501,15 @@ def write_report(root: Path, batch=None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .run import outputs_dir
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--outputs", type=Path, default=None, help="results folder (default nb_outputs/)")
     args = parser.parse_args(argv)
-    print(write_report(args.outputs or outputs_dir()))
-    return 0
+    root = args.outputs or outputs_dir()
+    print(write_report(root))
+    unreadable = [why for f in [*collect(root), *collect_per_model(root).values()] for why in f.errors.values()]
+    for why in unreadable:  # also shown on the page; a non-zero exit so that a script notices
+        print(f"error: {why}", file=sys.stderr)
+    return 1 if unreadable else 0
 
 
 if __name__ == "__main__":

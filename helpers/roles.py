@@ -17,7 +17,8 @@ import math
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from .heads import head_label
+from .components import Head
+from .results import CircuitExpmsResults
 
 ROLE_ORDER = ["mover", "negative mover", "inhibition-like", "induction", "duplicate-token", "previous-token"]
 
@@ -30,9 +31,20 @@ class RoleThresholds(BaseModel):
     dla_fraction: float = Field(0.1, ge=0, description="|DLA| as a fraction of the clean logit diff")
     copy_score: float = Field(50.0, ge=0, le=100, description="copy score, percent of words in the top k")
     attention_shift: float = Field(0.1, ge=0, le=1, description="change of a later mover's attention to a word")
-    induction: float = Field(0.4, ge=0, le=1)
-    duplicate_token: float = Field(0.4, ge=0, le=1)
-    previous_token: float = Field(0.4, ge=0, le=1)
+    induction: float = Field(0.4, ge=0, le=1, description="induction score on repeated random tokens")
+    duplicate_token: float = Field(0.4, ge=0, le=1, description="duplicate-token score on repeated random tokens")
+    previous_token: float = Field(0.4, ge=0, le=1, description="previous-token score on repeated random tokens")
+
+    def for_score(self, kind: str) -> float:
+        """The threshold of a repeated-token pattern score (``heads.pattern_scores``' keys: ``prev_token``,
+        ``duplicate_token``, ``induction``): the one place every template and report reads it from."""
+        if kind not in PATTERN_SCORE_ROLES:
+            raise ValueError(f"no threshold for score {kind!r}; pattern scores are {sorted(PATTERN_SCORE_ROLES)}")
+        return getattr(self, PATTERN_SCORE_ROLES[kind])
+
+
+# pattern score (``heads.pattern_scores``) -> its field in RoleThresholds (the role is the field with '-' for '_')
+PATTERN_SCORE_ROLES = {"induction": "induction", "duplicate_token": "duplicate_token", "prev_token": "previous_token"}
 
 
 def _met(row: dict, t: RoleThresholds, logit_diff: float) -> dict[str, str]:
@@ -48,8 +60,8 @@ def _met(row: dict, t: RoleThresholds, logit_diff: float) -> dict[str, str]:
         roles["inhibition-like"] = (
             f"moves {row['shifted_reader']}'s attention to {row['shifted_word']} by {shift:+.2f} (|.| >= {t.attention_shift:.2f})"
         )
-    for role, key in [("induction", "induction"), ("duplicate-token", "duplicate_token"), ("previous-token", "prev_token")]:
-        score, thr = row.get(key, math.nan), getattr(t, key if key != "prev_token" else "previous_token")
+    for key, field in PATTERN_SCORE_ROLES.items():
+        role, score, thr = field.replace("_", "-"), row.get(key, math.nan), t.for_score(key)
         if score >= thr:
             roles[role] = f"{role} score {score:.2f} (>= {thr:.2f})"
     return roles
@@ -83,17 +95,16 @@ def assign_roles(evidence: pd.DataFrame, logit_diff: float, thresholds: RoleThre
     return pd.DataFrame(rows).set_index("head").join(evidence)
 
 
-def head_evidence(circuit: dict, chosen: list[dict], copy, attention_corr) -> pd.DataFrame:
+def head_evidence(circuit: CircuitExpmsResults, chosen: list[Head], copy, attention_corr) -> pd.DataFrame:
     """Evidence table, one row per chosen head: DLA and output patching (from ``circuit_expms.json``), copy
     scores, attention-contribution correlation, and the repeated-token scores."""
-    dla, patch = circuit["dla"]["heads"], circuit["patching"]["values"]["head_out"]
-    scores = circuit["head_scores"]["values"]
+    dla, patch, scores = circuit.dla.heads, circuit.patching.head_out(), circuit.head_scores.values
     rows = []
     for h in chosen:
-        l, i = h["layer"], h["head"]
+        l, i = h.index
         rows.append(
             {
-                "head": head_label(h),
+                "head": h.label,
                 "layer": l,
                 "head_index": i,
                 "dla": dla[l][i],
@@ -109,25 +120,21 @@ def head_evidence(circuit: dict, chosen: list[dict], copy, attention_corr) -> pd
     return pd.DataFrame(rows).set_index("head")
 
 
-def heads_meeting(evidence: pd.DataFrame, role: str, logit_diff: float, thresholds: RoleThresholds | None = None) -> list[dict]:
-    """``{layer, head}`` of every head in ``evidence`` whose rule for ``role`` is met."""
+def heads_meeting(evidence: pd.DataFrame, role: str, logit_diff: float, thresholds: RoleThresholds | None = None) -> list[Head]:
+    """Every head in ``evidence`` whose rule for ``role`` is met."""
     t = thresholds or RoleThresholds()
-    return [
-        {"layer": int(row["layer"]), "head": int(row["head_index"])}
-        for _, row in evidence.iterrows()
-        if role in _met(row.to_dict(), t, logit_diff)
-    ]
+    return [Head(int(row["layer"]), int(row["head_index"])) for _, row in evidence.iterrows() if role in _met(row.to_dict(), t, logit_diff)]
 
 
-def add_attention_shift(evidence: pd.DataFrame, shift, candidates: list[dict], readers: list[dict], words: list[str]) -> pd.DataFrame:
+def add_attention_shift(evidence: pd.DataFrame, shift, candidates: list[Head], readers: list[Head], words: list[str]) -> pd.DataFrame:
     """Add, per candidate head, its largest |shift| of a reader's attention (``head_functions.attention_shift``)."""
     out = evidence.copy()
     for i, c in enumerate(candidates):
         flat = shift[i].abs().flatten()
         j, w = divmod(int(flat.argmax()), len(words))
-        out.loc[head_label(c), ["attention_shift", "shifted_reader", "shifted_word"]] = [
+        out.loc[c.label, ["attention_shift", "shifted_reader", "shifted_word"]] = [
             float(shift[i, j, w]),
-            head_label(readers[j]),
+            readers[j].label,
             words[w],
         ]
     out["attention_shift"] = out["attention_shift"].astype(float)

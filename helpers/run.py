@@ -1,14 +1,14 @@
-"""Execute templates headlessly: ``python -m helpers.run`` runs every template for every params file (``make all``);
-``--task ioi --template head_functions`` runs one template (and, if not up to date, the ones it reads). Runs
-that are up to date are skipped (see ``helpers.batch``), a summary table lists every run, and
-``<outputs>/index.html`` is rewritten (``helpers.report``).
+"""One template run, headless: check the inputs, execute the notebook, publish it (``run_template``).
+
+The command line (``python -m helpers.run``: every template for every params file, ``make all``) is in
+``helpers.cli``; planning many runs in dependency order and skipping up-to-date ones is ``helpers.batch``.
 
 Steps of one run (``run_template``): every check that can be made before the first cell (``check_inputs``: the
 params file, the model folder or hub name, the params against the model's shape, the prompts with the model's
 tokenizer, names and writable output folders), so bad input is one line and exit 2 with nothing written; then,
 holding the lock of this task × model × template (``helpers.layout``), convert the jupytext ``.py`` template to a
 notebook, execute it with papermill into a staging folder, render its figures' PNG/SVG files (one browser per
-runner process, ``plotting.render_pending``), carry the researcher's notes over from the notebook it replaces (and
+runner process, ``figures.render_pending``), carry the researcher's notes over from the notebook it replaces (and
 keep that notebook whole if it was edited, ``helpers.notes``), export a static HTML copy, and publish it into
 ``nb_outputs/<task>/<model>/`` atomically (a run killed mid-publish is rolled back by the next). A failure leaves
 that folder untouched and keeps the executed notebook (with papermill's error cell) under ``nb_outputs/.failed/``.
@@ -17,9 +17,6 @@ Exit code 0 when every run succeeded or was up to date, 1 when one failed, 2 on 
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import re
 import shutil
@@ -30,9 +27,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import OUTPUTS_DIR, PROJECT_ROOT, TEMPLATES_DIR, layout, notes, plotting
+from . import PROJECT_ROOT, figures, layout, notes
 from .models import ModelNotAvailable
 from .params import ParamsError, TaskParams, load_params
+from .results import ResultsSchemaError, read_results
 
 BAD_INPUT = (ParamsError, ModelNotAvailable, layout.OutputsError, FileNotFoundError)
 
@@ -48,28 +46,6 @@ class RunResult:
     seconds: float
     out_dir: Path | None
     message: str = ""
-
-
-def templates_dir() -> Path:
-    """Where templates are read from: ``$CIRCUIT_LAB_TEMPLATES`` or ``nb_templates/``."""
-    return Path(os.environ.get("CIRCUIT_LAB_TEMPLATES") or TEMPLATES_DIR)
-
-
-def outputs_dir() -> Path:
-    """Where results are published: ``$CIRCUIT_LAB_OUTPUTS`` or ``nb_outputs/`` (seen by Dask worker processes too)."""
-    return Path(os.environ.get("CIRCUIT_LAB_OUTPUTS") or OUTPUTS_DIR)
-
-
-def available_templates() -> list[str]:
-    """Template names (``<templates dir>/*.py``)."""
-    return sorted(p.stem for p in templates_dir().glob("*.py"))
-
-
-def template_scope(template: str) -> str:
-    """``"model"`` for a template that runs once per model (see ``layout.template_scope``), else ``"task"`` (also
-    for a name that is not a template here, e.g. a renamed copy)."""
-    source = templates_dir() / f"{template}.py"
-    return layout.template_scope(source) if source.is_file() else "task"
 
 
 def check_inputs(task: str, model: str | None, n_prompts: int | None = None, need_weights: bool = True) -> TaskParams:
@@ -99,9 +75,9 @@ def template_notebook(template: str, dest: Path) -> Path:
     """Convert ``nb_templates/<template>.py`` (jupytext percent format) to an ``.ipynb`` at ``dest``."""
     import jupytext
 
-    src = templates_dir() / f"{template}.py"
+    src = layout.templates_dir() / f"{template}.py"
     if not src.exists():
-        raise FileNotFoundError(f"template {template!r} not found; available: {available_templates()}")
+        raise FileNotFoundError(f"template {template!r} not found; available: {layout.available_templates()}")
     nb = notes.mark_template_cells(jupytext.read(src))  # stable cell ids: a rerun carries the researcher's notes by them
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     jupytext.write(nb, dest)
@@ -159,10 +135,10 @@ def run_template(
     t0 = time.time()
     try:
         params = check_inputs(task, model, n_prompts)
-        root = outputs_dir()
-        if not (templates_dir() / f"{template}.py").is_file():
-            raise FileNotFoundError(f"template {template!r} not found; available: {available_templates()}")
-        where = layout.owner(params.task, template_scope(template))  # the task, or _models for a per-model template
+        root = layout.outputs_dir()
+        if not (layout.templates_dir() / f"{template}.py").is_file():
+            raise FileNotFoundError(f"template {template!r} not found; available: {layout.available_templates()}")
+        where = layout.owner(params.task, layout.scope_of(template))  # the task, or _models for a per-model template
         final = layout.run_folder(root, where, params.model)
         layout.check_writable(root, final)
     except BAD_INPUT as err:
@@ -260,7 +236,7 @@ def _execute(
             f"{getattr(err, 'ename', type(err).__name__)}: {summary} (executed notebook: {failed_dir / (template + '.ipynb')})",
         )
     source_nb.unlink()
-    images, image_failure = plotting.render_pending(staging)
+    images, image_failure = figures.render_pending(staging)
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
     out_nb.write_text(out_nb.read_text().replace(str(staging), str(final)))
     carried = notes.carry_into(final / f"{template}.ipynb", out_nb)  # the researcher's notes; an edited notebook kept whole
@@ -300,13 +276,13 @@ _DEFERRING_LOCK = threading.Lock()
 @contextmanager
 def images_rendered_here():
     """While kernels of this process start and run, ask them to leave their figures as pending JSON
-    (``plotting.DEFER_ENV``): this process renders them after each run (``plotting.render_pending``) through one
+    (``figures.DEFER_ENV``): this process renders them after each run (``figures.render_pending``) through one
     browser kept for every run. The variable is restored when the last run in flight ends (runs in threads share
     it), so figures made later in this process are written at once."""
     with _DEFERRING_LOCK:
         if _DEFERRING["runs"] == 0:
-            _DEFERRING["before"] = os.environ.get(plotting.DEFER_ENV)
-            os.environ[plotting.DEFER_ENV] = "defer"
+            _DEFERRING["before"] = os.environ.get(figures.DEFER_ENV)
+            os.environ[figures.DEFER_ENV] = "defer"
         _DEFERRING["runs"] += 1
     try:
         yield
@@ -315,73 +291,27 @@ def images_rendered_here():
             _DEFERRING["runs"] -= 1
             if _DEFERRING["runs"] == 0:
                 if _DEFERRING["before"] is None:
-                    os.environ.pop(plotting.DEFER_ENV, None)
+                    os.environ.pop(figures.DEFER_ENV, None)
                 else:
-                    os.environ[plotting.DEFER_ENV] = _DEFERRING["before"]
+                    os.environ[figures.DEFER_ENV] = _DEFERRING["before"]
 
 
 def task_note(results_json: Path) -> str:
-    """'task NOT performed: …' when the template's JSON records a failed task check, else ''."""
-    try:
-        check = json.loads(results_json.read_text()).get("task_check") or {}
-    except (OSError, ValueError, AttributeError):
+    """'task NOT performed: …' when the template's results record a failed task check; the schema error when they
+    cannot be read; else ''."""
+    if not results_json.exists():
         return ""
-    if check.get("task_performed", True):
-        return ""
-    return "task NOT performed: " + "; ".join(check.get("reasons", [])) + " (normalised numbers are not meaningful)"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m helpers.run``: every template for every params file by default (what ``make all`` runs)."""
-    from .batch import PlanError, RunOptions, run_batch
-    from .report import write_report
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", action="append", help="task name (params/<task>.yaml) or params file; repeat; default: all")
-    parser.add_argument("--params-dir", type=Path, default=None, help="folder of params files (default params/)")
-    parser.add_argument("--model", action="append", help="model(s) instead of each params file's own (bundled name, dir, hub name)")
-    parser.add_argument("--template", action="append", help="template(s) to run, plus the ones they read; default: all")
-    parser.add_argument("-j", "--jobs", type=int, default=1, help="runs at once (a local Dask cluster of N processes)")
-    parser.add_argument("--scheduler", default=None, help="address of a Dask scheduler to run on (e.g. one dask-jobqueue started)")
-    parser.add_argument("--force", action="store_true", help="rerun runs that are up to date")
-    parser.add_argument("--n-prompts", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: cores / jobs)")
-    parser.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell before a run fails")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: CUDA if available); with -j, one run per GPU")
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="model dtype (default float32; half precision halves memory, identities then hold to ~1e-2)",
-    )
-    parser.add_argument("--log-output", action="store_true", help="stream each cell's output (e.g. the sweeps' tqdm bars) to stderr")
-    parser.add_argument("--outputs-dir", type=Path, default=None, help="instead of nb_outputs/")
-    parser.add_argument("--no-report", action="store_true", help="do not rewrite <outputs>/index.html")
-    args = parser.parse_args(argv)
-    if args.outputs_dir:
-        os.environ["CIRCUIT_LAB_OUTPUTS"] = str(args.outputs_dir.resolve())
-    if args.log_output:
-        logging.basicConfig(format="%(message)s")
-        logging.getLogger("papermill").setLevel(logging.INFO)
-    options = RunOptions(
-        args.n_prompts,
-        args.threads,
-        args.cell_timeout,
-        args.device,
-        log_output=args.log_output,
-        extra_parameters={"dtype": args.dtype} if args.dtype else {},
-    )
     try:
-        batch = run_batch(args.task, args.model, args.template, options, args.jobs, args.scheduler, args.force, args.params_dir)
-    except PlanError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(batch.table())
-    if not args.no_report and batch.ran:  # a batch that executed nothing writes nothing
-        print("report:", write_report(outputs_dir(), batch))
-    return batch.exit_code
+        check = getattr(read_results(results_json), "task_check", None)
+    except ResultsSchemaError as err:
+        return str(err).splitlines()[0]
+    if check is None or check.task_performed:
+        return ""
+    return "task NOT performed: " + "; ".join(check.reasons) + " (normalised numbers are not meaningful)"
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m helpers.run`, the documented command: the command line lives in helpers.cli
+    from helpers.cli import main
+
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     sys.exit(main())

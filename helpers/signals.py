@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .heads import head_label
+from .components import Head
 from .hooks import resolve_hook_names
 from .interventions import hook_takes_effect
 from .patching import SWEEPS, NotSupported, PatchingContext, make_context, run_sweep
@@ -149,7 +149,7 @@ def signal_table(results: dict[str, SignalPatching], k: int, roles: dict[str, st
     rows = []
     for flat in strongest.argsort(descending=True)[:k].tolist():
         layer, head = divmod(flat, n_heads)
-        label = head_label({"layer": layer, "head": head})
+        label = Head(layer, head).label
         effects = {name: round(float(r.effect[layer, head]), 6) for name, r in results.items()}
         rows.append({"head": label, **effects, "reads as": reads_as(effects, changes, threshold), "role": (roles or {}).get(label, "")})
     return rows

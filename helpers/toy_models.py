@@ -15,8 +15,8 @@ Three models in HF format, loaded later through the very same TransformerLens br
   without the bigram task and the sinusoidal start did not form them in 8,000).
 
 Induction is claimed only when (a) the loss on a repeat shifted by a random prefix stays low and (b) a
-previous-token head and an induction head each score > 0.5 (see ``../shared/TOY_MODELS.md``: low loss on a
-plain repeat is a positional shortcut, not evidence).
+previous-token head and an induction head each score >= ``ACCEPTANCE_SCORE`` (0.5): low loss on a plain repeat
+can be a positional shortcut, not evidence of induction.
 
 Usage: ``python -m helpers.toy_models --model toy-ioi --steps 3500`` (``--smoke`` trains a few steps into a
 temporary directory, which is what the test does).
@@ -29,7 +29,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,8 +37,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import MODELS_DIR
-from .heads import random_word_ids, repeated_token_scores
+from .components import heads_above
+from .heads import pattern_scores, random_word_ids, repeated_token_scores
 from .models import load_model
+from .roles import RoleThresholds
 from .vocab import build_tokenizer, build_vocab, read_pool, save_tokenizer, words_of
 
 # IOI templates in BABA form: [B] is the subject (mentioned twice), [A] the indirect object (the answer).
@@ -288,9 +290,8 @@ def induction_evidence(model, corpus: Corpus, n: int = 64, seg_len: int = 20, ma
     """Loss on a repeat shifted by a random prefix, plus per-head previous-token and induction scores.
 
     Sequence: BOS, random prefix (5 words up to what fits in ``max_len``, the trained length), r (``seg_len``
-    words), r again. Previous-token score = mean attention from each token to the one before it; induction
-    score = mean attention from each token of the second r to the token after its earlier occurrence; both
-    over the second r.
+    words), r again. The scores are ``heads.pattern_scores`` (the one definition every template uses), with r
+    starting after the prefix.
     """
     prefix = corpus.rng.randint(5, max_len - 1 - 2 * seg_len)
     rows = []
@@ -304,12 +305,12 @@ def induction_evidence(model, corpus: Corpus, n: int = 64, seg_len: int = 20, ma
     mask = torch.zeros_like(tokens, dtype=torch.float)
     mask[:, start2 + 1 :] = 1
     loss_repeat = masked_lm_loss(out.logits, tokens, mask).item()
-    prev, induction = [], []
-    q = torch.arange(start2, tokens.shape[1])
-    for attn in out.attentions:  # [batch, head, q, k]
-        prev.append(attn[:, :, q, q - 1].mean((0, 2)).tolist())
-        induction.append(attn[:, :, q, q - seg_len + 1].mean((0, 2)).tolist())
-    return {"loss_shifted_repeat": loss_repeat, "prev_token_scores": prev, "induction_scores": induction}
+    scores = pattern_scores(torch.stack(out.attentions), seg_len, first=1 + prefix)  # attentions: [layer][batch, head, q, k]
+    return {
+        "loss_shifted_repeat": loss_repeat,
+        "prev_token_scores": scores["prev_token"].tolist(),
+        "induction_scores": scores["induction"].tolist(),
+    }
 
 
 def evaluate(model, corpus: Corpus, n: int = 200) -> dict:
@@ -438,23 +439,28 @@ def head_score_lines(scores: dict | None) -> list[str]:
     lines = [
         "",
         f"Scores as the `induction_checks` template computes them (BOS, r, r; |r| = {scores['seq_len']}, "
-        f"{scores['batch']} sequences, seed {scores['seed']}), heads >= 0.4:",
+        f"{scores['batch']} sequences, seed {scores['seed']}), heads at or above the role thresholds (``roles.RoleThresholds``):",
         "",
     ]
     for kind in ("prev_token", "duplicate_token", "induction"):
-        hits = [f"L{l}H{h} ({s:.2f})" for l, row in enumerate(scores[kind]) for h, s in enumerate(row) if s >= 0.4]
-        lines.append(f"- {kind.replace('_', '-')}: {', '.join(hits) or 'none'}")
+        threshold = RoleThresholds().for_score(kind)
+        lines.append(f"- {kind.replace('_', '-')} (>= {threshold}): {_listed(heads_above(scores[kind], threshold))}")
     return lines
+
+
+def _listed(heads) -> str:
+    return ", ".join(f"{h.label} ({h.value:.2f})" for h in heads) or "none"
+
+
+# The bar a trained toy's induction evidence must pass (random prefix, r, r): a previous-token and
+# an induction head each at or above it. Higher than the role thresholds: it certifies training, not a role.
+ACCEPTANCE_SCORE = 0.5
 
 
 def model_card(cfg: ToyConfig, report: dict) -> str:
     """Markdown model card: config, data mixture, steps, wall-clock, held-out accuracies, induction evidence."""
     f = report["final"]
     ind = f["induction"]
-
-    def heads_over(scores: list[list[float]], thr: float = 0.5) -> str:
-        hits = [f"L{l}H{h} ({s:.2f})" for l, row in enumerate(scores) for h, s in enumerate(row) if s > thr]
-        return ", ".join(hits) or "none"
 
     lines = [
         f"# {cfg.name}",
@@ -493,8 +499,8 @@ def model_card(cfg: ToyConfig, report: dict) -> str:
         "## Induction evidence (BOS, random prefix, r, r: 20-word r, all within the trained 64 positions)",
         "",
         f"- Loss on the repeated half: {ind['loss_shifted_repeat']:.3f} (uniform over the random words: {math.log(report['n_random_words']):.2f})",
-        f"- Previous-token heads (score > 0.5): {heads_over(ind['prev_token_scores'])}",
-        f"- Induction heads (score > 0.5): {heads_over(ind['induction_scores'])}",
+        f"- Previous-token heads (score >= {ACCEPTANCE_SCORE}): {_listed(heads_above(ind['prev_token_scores'], ACCEPTANCE_SCORE))}",
+        f"- Induction heads (score >= {ACCEPTANCE_SCORE}): {_listed(heads_above(ind['induction_scores'], ACCEPTANCE_SCORE))}",
         "- Induction is claimed only if both lists are non-empty and the shifted-repeat loss is low.",
         *head_score_lines(f.get("head_scores")),
         "",
@@ -544,10 +550,9 @@ def main() -> None:
             evaluate_saved(name, args.out / name)
             continue
         cfg = CONFIGS[name]
-        if args.steps or args.smoke:
-            cfg.steps = args.steps or 5
-            cfg.eval_every = max(cfg.steps, 1)
-            cfg.warmup_steps = min(cfg.warmup_steps, cfg.steps)
+        if args.steps or args.smoke:  # a copy: CONFIGS stays the shipped models' record
+            steps = args.steps or 5
+            cfg = replace(cfg, steps=steps, eval_every=max(steps, 1), warmup_steps=min(cfg.warmup_steps, steps))
         train(cfg, args.out / name)
 
 

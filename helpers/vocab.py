@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from . import POOLS_DIR
+from .params import NAME_RE, ParamsError, read_text_file
 
 BOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
@@ -26,8 +27,6 @@ def read_pool(name: str) -> list[str]:
 
     Raises ParamsError (naming the file and the fix) for a name that is not a pool name, a missing, binary,
     non-UTF-8 or oversized file, and a pool with no words."""
-    from .params import NAME_RE, ParamsError, read_text_file
-
     if not NAME_RE.fullmatch(name):
         raise ParamsError(f"pool {name!r}: not a pool name (letters, digits, '_' or '-'; the file is params/pools/<name>.txt)")
     path = POOLS_DIR / f"{name}.txt"

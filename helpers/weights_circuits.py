@@ -34,7 +34,7 @@ from torch import Tensor
 from transformer_lens import SVDInterpreter
 from transformer_lens import utilities as utils
 
-from .heads import head_label
+from .components import Head
 from .hooks import recording_hook
 from .interventions import zero_activation
 from .patching import NotSupported
@@ -159,7 +159,7 @@ class SingularDirections:
 
     @property
     def label(self) -> str:
-        return head_label({"layer": self.layer, "head": self.head})
+        return Head(self.layer, self.head).label
 
     def to_json(self) -> dict:
         return {

@@ -15,14 +15,8 @@ import sys
 from pathlib import Path
 
 from . import layout
-from .run import (
-    BAD_INPUT,
-    check_inputs,
-    outputs_dir,
-    template_notebook,
-    template_scope,
-    templates_dir,
-)
+from .layout import outputs_dir, scope_of, templates_dir
+from .run import BAD_INPUT, check_inputs, template_notebook
 
 
 def working_copy(task: str, template: str, model: str | None = None, to: Path | str = "work", n_prompts: int | None = None) -> Path:
@@ -33,7 +27,7 @@ def working_copy(task: str, template: str, model: str | None = None, to: Path | 
     if not (templates_dir() / f"{template}.py").is_file():
         raise FileNotFoundError(f"template {template!r} not found in {templates_dir()}")
     params = check_inputs(task, model, n_prompts)
-    owner = layout.owner(params.task, template_scope(template))
+    owner = layout.owner(params.task, scope_of(template))
     folder = layout.run_folder(Path(to).resolve(), owner, params.model)
     dest = folder / f"{template}.ipynb"
     if dest.exists():

@@ -61,6 +61,7 @@ from IPython.display import display
 from transformer_lens import utilities
 
 from helpers import attribution, attribution_patching, experiments, heads, importance, patching, path_patching, plotting
+from helpers.components import rank_heads
 
 s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
@@ -126,10 +127,10 @@ figs.show(plotting.lines(dla.layers, dla.layer_labels, "DLA per layer component"
           "dla_layers")
 figs.show(plotting.heatmap(dla.heads, "DLA per head (clean prompts, final position)", "head", "layer",
                            color_label="logit diff contribution"), "dla_heads", key=True)
-top_dla_pos = heads.top_heads(dla.heads, top_k, "pos")
-top_dla_neg = heads.top_heads(dla.heads, top_k, "neg")
-print("top positive DLA heads:", [(heads.head_label(h), h["value"]) for h in top_dla_pos])
-print("top negative DLA heads:", [(heads.head_label(h), h["value"]) for h in top_dla_neg])
+top_dla_pos = rank_heads(dla.heads, top_k, "pos")
+top_dla_neg = rank_heads(dla.heads, top_k, "neg")
+print("top positive DLA heads:", [str(h) for h in top_dla_pos])
+print("top negative DLA heads:", [str(h) for h in top_dla_neg])
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -145,7 +146,7 @@ print("top negative DLA heads:", [(heads.head_label(h), h["value"]) for h in top
 
 # %%
 for group, chosen in [("positive", top_dla_pos), ("negative", top_dla_neg)]:
-    print(f"top {group} DLA heads:", [heads.head_label(h) for h in chosen])
+    print(f"top {group} DLA heads:", [h.label for h in chosen])
     display(plotting.attention_view(model, dla.cache, prompts.clean_tokens, chosen))
 
 # %% [markdown] tags=["notes"]
@@ -177,14 +178,29 @@ if ctx.normalisation.status != "ok":
 skipped_sweeps = {name: str(err) for name, err in unsupported.items()}
 for why in skipped_sweeps.values():
     print("skipped:", why)
+
+# %% [markdown]
+# The residual stream and each layer's attention and MLP output, by layer and position:
+
+# %%
 for name in ["resid_pre", "attn_out", "mlp_out"]:
     figs.show(plotting.heatmap(sweeps[name], f"Patching {name} (normalised logit diff recovered)", "position", "layer",
                                x=prompts.axis_labels, color_label="recovered"), f"patch_{name}", key=name == "resid_pre")
+
+# %% [markdown]
+# Each head's output, value and attention pattern, patched at every position at once:
+
+# %%
 head_sweeps = [name for name in ["head_out", "head_v", "head_pattern"] if name in sweeps]
 for name in head_sweeps:  # under grouped-query attention, v is patched per key/value group (shared by several heads)
     axis = patching.layout(model, name)[-1].replace("_", " ")
     figs.show(plotting.heatmap(sweeps[name], f"Patching {name}, all positions (normalised logit diff recovered)", axis, "layer",
                                color_label="recovered"), f"patch_{name}", key=name == "head_out")
+
+# %% [markdown]
+# Each head's output at one position at a time (rows: heads, columns: positions):
+
+# %%
 figs.show(plotting.heatmap(sweeps["head_out_by_pos"].permute(0, 2, 1).flatten(0, 1), "Patching head output at one position",
                            "position", "head", x=prompts.axis_labels, y=s.head_names, color_label="recovered"), "patch_head_out_by_pos")
 
@@ -194,8 +210,8 @@ for name, label in [("head_v", "value"), ("head_pattern", "pattern")]:
     if name in per_head:
         figs.show(plotting.scatter(sweeps["head_out"], sweeps[name], f"Head output vs {label} patching", "output patching effect",
                                    f"{label} patching effect", hover=s.head_names, diagonal=True), f"scatter_out_vs_{label}")
-top_patch = {name: heads.top_heads(sweeps[name], top_k, "abs") for name in per_head}
-print("top heads by output patching:", [(heads.head_label(h), h["value"]) for h in top_patch["head_out"]])
+top_patch = {name: rank_heads(sweeps[name], top_k, "abs") for name in per_head}
+print("top heads by output patching:", [str(h) for h in top_patch["head_out"]])
 
 # %% [markdown]
 # ### 4b. Attribution patching: the same sweeps from one backward pass
@@ -239,8 +255,8 @@ for label, est in estimates.items():
 path_to_logits = path_patching.path_patch_to_logits(ctx)
 figs.show(plotting.heatmap(path_to_logits, "Path patching: each sender to the final residual stream", "head", "layer",
                            color_label="recovered"), "path_to_logits")
-top_paths = heads.top_heads(path_to_logits, top_k, "abs")
-print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in top_paths])
+top_paths = rank_heads(path_to_logits, top_k, "abs")
+print("top senders to the logits:", [str(h) for h in top_paths])
 
 # %% [markdown]
 # ### 4d. Loss-based importance: mean-ablate each head
@@ -271,8 +287,8 @@ figs.show(plotting.heatmap(head_importance.logit_diff, "Mean-ablating each head:
                            color_label="Δ logit diff"), "importance_logit_diff")
 figs.show(plotting.scatter(head_importance.answer_loss, head_importance.logit_diff, "Loss-based vs logit-difference importance",
                            "Δ answer loss (nats)", "Δ logit diff", hover=s.head_names), "importance_loss_vs_logit_diff")
-top_importance = heads.top_heads(head_importance.answer_loss, top_k, "pos")
-print("heads whose ablation costs the most answer loss:", [(heads.head_label(h), h["value"]) for h in top_importance])
+top_importance = rank_heads(head_importance.answer_loss, top_k, "pos")
+print("heads whose ablation costs the most answer loss:", [str(h) for h in top_importance])
 
 # %% [markdown]
 # ### 4e. Per sentence template
@@ -312,8 +328,8 @@ else:
 # %%
 bands = experiments.layer_bands(s)
 for band, layers in bands.items():
-    in_band = [h for h in heads.top_heads(sweeps["head_out"], model.cfg.n_layers * model.cfg.n_heads, "abs") if h["layer"] in layers][:4]
-    print(f"{band} layers {layers}:", [(heads.head_label(h), h["value"]) for h in in_band])
+    in_band = [h for h in rank_heads(sweeps["head_out"], model.cfg.n_layers * model.cfg.n_heads, "abs") if h.layer in layers][:4]
+    print(f"{band} layers {layers}:", [str(h) for h in in_band])
     display(plotting.attention_view(model, dla.cache, prompts.clean_tokens, in_band))
 
 # %% [markdown] tags=["notes"]
@@ -339,7 +355,7 @@ half = induction_seq_len
 print(f"mean loss: first r {loss_per_token[:, :half].mean():.3f}, second r {loss_per_token[:, half:].mean():.3f}")
 figs.show(plotting.lines(loss_per_token.mean(0), list(range(1, loss_per_token.shape[1] + 1)), "Loss per position on BOS, r, r",
                          "position", "loss (nats)"), "repeated_tokens_loss")
-top_scores = {name: heads.top_heads(values, top_k, "pos") for name, values in scores.items()}
+top_scores = {name: rank_heads(values, top_k, "pos") for name, values in scores.items()}
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -357,10 +373,10 @@ top_scores = {name: heads.top_heads(values, top_k, "pos") for name, values in sc
 
 # %%
 backup = experiments.backup_heads(s, dla, top_dla_pos[0], top_k)
-print(f"ablated {heads.head_label(backup.ablated)}: logit diff {backup.logit_diff_before:.3f} -> {backup.logit_diff_after:.3f}; "
+print(f"ablated {backup.ablated.label}: logit diff {backup.logit_diff_before:.3f} -> {backup.logit_diff_after:.3f}; "
       f"final LN scale ratio (after/before) {backup.ln_scale_ratio:.3f}")
-print("heads whose DLA rose most:", [(heads.head_label(h), h["dla_before"], h["dla_after"]) for h in backup.risers])
-figs.show(plotting.scatter(backup.dla_before, backup.dla_after, f"DLA per head before vs after ablating {heads.head_label(backup.ablated)}",
+print("heads whose DLA rose most:", [(h.label, round(h.dla_before, 3), round(h.dla_after, 3)) for h in backup.risers])
+figs.show(plotting.scatter(backup.dla_before, backup.dla_after, f"DLA per head before vs after ablating {backup.ablated.label}",
                            "DLA before", "DLA after", hover=s.head_names, diagonal=True), "backup_dla_scatter")
 
 # %% [markdown] tags=["notes"]

@@ -68,7 +68,6 @@ from IPython.display import display
 from scipy.stats import pearsonr
 
 from helpers import experiments, head_functions, plotting, roles, signals, weights_circuits
-from helpers.heads import head_label
 from helpers.patching import NotSupported
 
 s = experiments.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
@@ -76,7 +75,7 @@ s = experiments.start_session("head_functions", task, params_file, model_name, n
 model, prompts, figs = s.model, s.prompts, s.figures
 circuit = experiments.load_results(s, "circuit_expms")
 chosen = experiments.important_heads(s, circuit, heads)
-labels = [head_label(h) for h in chosen]
+labels = [h.label for h in chosen]
 positions = head_functions.word_positions(prompts, words)
 from_positions = head_functions.word_positions(prompts, attention_from)
 thresholds = roles.RoleThresholds(**role_thresholds)
@@ -108,7 +107,7 @@ attend_copy = head_functions.attend_and_copy(model, cache, prompts, positions, c
 copy_columns = {"copy score (+)": copy.positive, "copy score (-)": copy.negative, "(+) with bias": copy_bias.positive,
                 "(-) with bias": copy_bias.negative, "attend and copy": attend_copy.score,
                 "attention to the words": 100 * attend_copy.attention_to_words}
-copy_table = pd.DataFrame({name: [float(v[h["layer"], h["head"]]) for h in chosen] for name, v in copy_columns.items()}, index=labels)
+copy_table = pd.DataFrame({name: [float(v[h.index]) for h in chosen] for name, v in copy_columns.items()}, index=labels)
 copy_table.loc["baseline: all heads, mean"] = [float(v.mean()) for v in copy_columns.values()]
 copy_table.loc["baseline: all heads, 90th percentile"] = [float(v.quantile(0.9)) for v in copy_columns.values()]
 display(copy_table.round(1))
@@ -135,7 +134,7 @@ ac = head_functions.attention_vs_contribution(model, cache, prompts, positions)
 corr = ac.correlation()
 corr_rows = []
 for h, label in zip(chosen, labels):
-    a, c = ac.attention[h["layer"], h["head"]].flatten(), ac.contribution[h["layer"], h["head"]].flatten()
+    a, c = ac.attention[h.index].flatten(), ac.contribution[h.index].flatten()
     r, p = pearsonr(a.numpy(), c.numpy())
     corr_rows.append({"head": label, "pearson r": r, "p-value": p})
     word_of_point = [w for _ in range(ac.attention.shape[2]) for w in ac.words]
@@ -182,12 +181,12 @@ for i, src in enumerate(from_positions):
 
 # %%
 evidence = roles.head_evidence(circuit, chosen, copy, corr)
-movers = roles.heads_meeting(evidence, "mover", circuit["logit_diff"]["clean"], thresholds)
+movers = roles.heads_meeting(evidence, "mover", circuit.logit_diff.clean, thresholds)
 if movers:
     shift = head_functions.attention_shift(model, cache, prompts, chosen, movers, positions)
     evidence = roles.add_attention_shift(evidence, shift, chosen, movers, list(positions))
-role_table = roles.assign_roles(evidence, circuit["logit_diff"]["clean"], thresholds)
-print("movers:", [head_label(h) for h in movers] or "none")
+role_table = roles.assign_roles(evidence, circuit.logit_diff.clean, thresholds)
+print("movers:", [h.label for h in movers] or "none")
 print(roles.roles_summary(role_table, thresholds))
 display(role_table)
 
@@ -258,9 +257,9 @@ if signal_rows:
 word_tokens = prompts.clean_tokens.gather(1, head_functions.position_matrix(positions, len(prompts.clean_tokens))).unique()
 ov = weights_circuits.ov_copying(model, word_tokens)
 ov_mlp0 = weights_circuits.ov_copying(model, word_tokens, effective_embedding=True)
-weights_table = pd.DataFrame({"OV copies (share of words)": [float(ov.top1[h["layer"], h["head"]]) for h in chosen],
-                              "own-logit mean rank": [float(ov.mean_rank[h["layer"], h["head"]]) for h in chosen],
-                              "with MLP0: copies": [float(ov_mlp0.top1[h["layer"], h["head"]]) for h in chosen]}, index=labels)
+weights_table = pd.DataFrame({"OV copies (share of words)": [float(ov.top1[h.index]) for h in chosen],
+                              "own-logit mean rank": [float(ov.mean_rank[h.index]) for h in chosen],
+                              "with MLP0: copies": [float(ov_mlp0.top1[h.index]) for h in chosen]}, index=labels)
 weights_table.loc["baseline: all heads, mean"] = [float(ov.top1.mean()), float(ov.mean_rank.mean()), float(ov_mlp0.top1.mean())]
 print(f"{len(word_tokens)} distinct words at the named positions")
 display(weights_table.round(3))
@@ -273,17 +272,17 @@ try:
 except NotSupported as err:
     positional = None
     print(err)
-patch_out = circuit["patching"]["values"]["head_out"]
-svd_chosen = sorted(chosen, key=lambda h: -abs(patch_out[h["layer"]][h["head"]]))[:svd_heads]  # the heads patching ranks highest
-singular = [weights_circuits.ov_singular_tokens(model, h["layer"], h["head"], svd_directions) for h in svd_chosen]
-singular += [weights_circuits.qk_singular_tokens(model, h["layer"], h["head"], svd_directions) for h in svd_chosen]
+patch_out = circuit.patching.head_out()
+svd_chosen = sorted(chosen, key=lambda h: -abs(patch_out[h.layer][h.head]))[:svd_heads]  # the heads patching ranks highest
+singular = [weights_circuits.ov_singular_tokens(model, h.layer, h.head, svd_directions) for h in svd_chosen]
+singular += [weights_circuits.qk_singular_tokens(model, h.layer, h.head, svd_directions) for h in svd_chosen]
 for result in singular:
     print(f"{result.label} {result.circuit}: top {svd_directions} singular values {result.singular_values.numpy().round(2)} "
           f"hold {100 * result.share:.0f}% of the circuit's squared singular values")
     display(pd.DataFrame(result.directions).set_index("direction"))
 first = chosen[0]
 words_str = [model.tokenizer.decode([int(t)]) for t in word_tokens]
-figs.show(plotting.heatmap(weights_circuits.qk_tokens(model, first["layer"], first["head"], word_tokens),
+figs.show(plotting.heatmap(weights_circuits.qk_tokens(model, first.layer, first.head, word_tokens),
                            f"{labels[0]}: full QK circuit on the task's words (score, before softmax)", "source word",
                            "destination word", x=words_str, y=words_str, color_label="score"), "qk_words")
 

@@ -60,13 +60,15 @@ static_images = True  # also save every figure as PNG next to the notebook
 seq_len = 25  # length of the random sequence r in BOS, r, r (keep 2r+1 within the model's trained context)
 batch = 16  # number of random sequences
 seed = 0  # seed of the random sequences
-score_threshold = 0.4  # a head with a score at or above this is reported as that kind of head
+role_thresholds = {}  # overrides of helpers.roles.RoleThresholds (the one place thresholds live), e.g. {"induction": 0.5}
 sentence = None  # the natural sentence shown repeated; default: the task's first clean prompt
 
 # %%
 from IPython.display import display
+from transformer_lens.utilities import get_act_name
 
-from helpers import experiments, head_functions, heads, plotting
+from helpers import experiments, head_functions, heads, plotting, roles
+from helpers.components import heads_above, rank_heads
 
 s = experiments.start_session("induction_checks", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, figs = s.model, s.figures
@@ -87,9 +89,10 @@ scores, loss = heads.repeated_token_scores(model, seq_len, batch, seed)
 for kind, values in scores.items():
     figs.show(plotting.heatmap(values, f"{kind.replace('_', '-')} score per head", "head", "layer", color_label="score", sequential=(0, 1)),
               f"score_{kind}", key=True)
-found = {kind: [h for h in heads.top_heads(values, values.numel(), "pos") if h["value"] >= score_threshold] for kind, values in scores.items()}
+thresholds = {kind: roles.RoleThresholds(**role_thresholds).for_score(kind) for kind in scores}
+found = {kind: heads_above(values, thresholds[kind]) for kind, values in scores.items()}
 for kind, hs in found.items():
-    print(f"{kind} heads (score >= {score_threshold}):", [(heads.head_label(h), h["value"]) for h in hs] or "none")
+    print(f"{kind} heads (score >= {thresholds[kind]}):", [str(h) for h in hs] or "none")
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -139,8 +142,8 @@ print("max |ours - head_detector| per score:", {k: f"{v:.1e}" for k, v in agreem
 # %%
 text = sentence or s.prompts.clean_prompts[0]
 tokens = heads.repeated_tokens(model, text)
-shown = (found["prev_token"] + found["induction"])[:6] or heads.top_heads(scores["induction"], 2, "pos")
-_, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{h['layer']}.attn.hook_pattern" for h in shown])
+shown = (found["prev_token"] + found["induction"])[:6] or rank_heads(scores["induction"], 2, "pos")
+_, cache = model.run_with_cache(tokens, names_filter=[get_act_name("pattern", h.layer) for h in shown])
 display(plotting.attention_view(model, cache, tokens, shown))
 
 # %% [markdown] tags=["notes"]
@@ -158,8 +161,8 @@ display(plotting.attention_view(model, cache, tokens, shown))
 
 # %%
 comp = head_functions.composition_scores(model, "K")
-baseline = heads.composition_baseline(comp)
-pairs = heads.composition_pairs(comp, found["prev_token"], found["induction"])
+baseline = head_functions.composition_baseline(comp)
+pairs = head_functions.composition_pairs(comp, found["prev_token"], found["induction"])
 print(f"K-composition baseline (mean over all earlier->later head pairs): {baseline:.3f}")
 for p in pairs:
     print(f"  {p['from']} -> {p['to']}: {p['score']:.3f}")
@@ -181,7 +184,7 @@ results = {
     "sequences": {"seq_len": seq_len, "batch": batch, "seed": seed},
     "scores": scores,
     "heads": found,
-    "threshold": score_threshold,
+    "thresholds": thresholds,
     "loss": {"first_half": first, "second_half": second, "uniform": heads.uniform_loss(model)},
     "head_detector_max_abs_diff": agreement,
     "k_composition": {"baseline": baseline, "pairs": pairs, "values": comp},

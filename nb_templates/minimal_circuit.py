@@ -71,7 +71,8 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from helpers import artifacts, circuits, experiments, heads, patching, path_patching, plotting
+from helpers import artifacts, circuits, experiments, patching, path_patching, plotting
+from helpers.components import Head, rank_heads
 
 s = experiments.start_session("minimal_circuit", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
@@ -81,11 +82,11 @@ choice = None
 if circuit is not None or s.params.circuit is not None:
     proposed = circuits.Circuit.from_json(circuit or s.params.circuit.model_dump())
 else:
-    discovery = experiments.load_results(s, "circuit_discovery") if circuit_from == "discovery" else {}
-    if discovery.get("not_supported"):
-        print("circuit_discovery:", discovery["not_supported"], "-> the circuit comes from head_functions' roles")
-    choice = circuits.default_circuit(experiments.load_results(s, "head_functions")["roles"]["table"], prompts.positions, min_patch_effect,
-                                      discovery.get("smallest"))
+    discovery = experiments.load_results(s, "circuit_discovery") if circuit_from == "discovery" else None
+    if discovery and discovery.not_supported:
+        print("circuit_discovery:", discovery.not_supported, "-> the circuit comes from head_functions' roles")
+    role_rows = [row.model_dump() for row in experiments.load_results(s, "head_functions").roles.table]
+    choice = circuits.default_circuit(role_rows, prompts.positions, min_patch_effect, discovery.smallest if discovery else None)
     proposed = choice.circuit
     print("default circuit:", choice.message())
 ref_tokens = {"corrupted": prompts.corrupted_tokens, "clean": prompts.clean_tokens}[reference]
@@ -109,7 +110,7 @@ artifacts.write_json(s.out_dir / "circuit.json", proposed.to_json())
 # not belong in the circuit.
 
 # %%
-everyone = circuits.Circuit({"all": heads.all_head_labels(n_layers, n_heads)})
+everyone = circuits.Circuit({"all": [h.label for h in Head.all(n_layers, n_heads)]})
 empty = circuits.Circuit({})
 groups_removed = {f"without {g}": proposed.without(hs) for g, hs in proposed.groups.items()}
 rows = {"full model (all heads)": everyone, "circuit": proposed, **groups_removed, "empty circuit": empty}
@@ -183,11 +184,11 @@ if complete:
 # %%
 upstream = experiments.load_results(s, "circuit_expms")  # path patching to the logits and backup heads: computed there once
 ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-to_logits = torch.tensor(upstream["path_patching"]["to_logits"])
+to_logits = torch.tensor(upstream.path_patching.to_logits)
 figs.show(plotting.heatmap(to_logits, "Path patching: each sender to the final residual stream", "head", "layer", color_label="recovered"),
           "path_to_logits")
-top_senders = heads.top_heads(to_logits, 5, "abs")
-print("top senders to the logits:", [(heads.head_label(h), h["value"]) for h in top_senders])
+top_senders = rank_heads(to_logits, s.params.analysis.top_k, "abs")
+print("top senders to the logits:", [str(h) for h in top_senders])
 members = circuits.circuit_heads(proposed, n_layers, n_heads)
 effects = path_patching.receiver_effects(ctx, members)
 direct, direct_note = path_patching.compare_with_direct_path(ctx, members, effects, direct_path_senders)
@@ -209,10 +210,11 @@ if direct_note:
 # them underestimates what the model can do when a head is missing (completeness, §3, shows the same gap).
 
 # %%
-backup = upstream["backup"]
-print(f"ablated {heads.head_label(backup['ablated'])}: logit diff {backup['logit_diff_before']:.3f} -> {backup['logit_diff_after']:.3f}")
-display(pd.DataFrame([{"head": heads.head_label(h), "DLA before": h["dla_before"], "DLA after": h["dla_after"],
-                       "in the circuit": heads.head_label(h) in proposed.heads} for h in backup["risers"]]).round(3))
+backup = upstream.backup
+risers = [h.model_copy(update={"in_circuit": h.unit.label in proposed.heads}) for h in backup.risers]
+print(f"ablated {backup.ablated}: logit diff {backup.logit_diff_before:.3f} -> {backup.logit_diff_after:.3f}")
+display(pd.DataFrame([{"head": h.unit.label, "DLA before": h.dla_before, "DLA after": h.dla_after, "in the circuit": h.in_circuit}
+                      for h in risers]).round(3))
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -258,8 +260,7 @@ results = {
     "minimality": minimal,
     "completeness": complete,
     "path_patching": {"to_logits": to_logits, "top_senders": top_senders, "direct_path_comparison": direct, "direct_path_note": direct_note, "edges": edges},
-    "backup": {"ablated": backup["ablated"], "logit_diff_after": backup["logit_diff_after"],
-               "risers": [{**h, "in_circuit": heads.head_label(h) in proposed.heads} for h in backup["risers"]]},
+    "backup": {"ablated": backup.ablated, "logit_diff_after": backup.logit_diff_after, "risers": risers},
     "figures": figs.saved,
     "key_figures": figs.key,
 }

@@ -63,6 +63,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 from scipy.stats import spearmanr
+from transformer_lens.utilities import get_act_name
 
 from helpers import attribution, experiments, neurons, patching, plotting
 from helpers.hooks import run_with_checked_cache
@@ -87,9 +88,9 @@ print(f"task {s.params.task} | model {s.model_name} | MLP layers opened up: {cho
 # effect are opened up neuron by neuron below (the `layers` parameter chooses others).
 
 # %%
-mlp_dla = {int(k.split("_")[0]): v for k, v in circuit["dla"]["layers"].items() if k.endswith("_mlp_out")}
+mlp_dla = {int(k.split("_")[0]): v for k, v in circuit.dla.layers.items() if k.endswith("_mlp_out")}
 display(pd.DataFrame({"MLP DLA": mlp_dla, "max |mlp_out patching| over positions": layer_scores}).rename_axis("layer").round(3))
-figs.show(plotting.heatmap(circuit["patching"]["values"]["mlp_out"], "Patching mlp_out by position (from circuit_expms)", "position",
+figs.show(plotting.heatmap(circuit.patching.values["mlp_out"], "Patching mlp_out by position (from circuit_expms)", "position",
                            "layer", x=prompts.position_labels, color_label="recovered"), "mlp_out_patching")
 
 # %% [markdown] tags=["notes"]
@@ -144,7 +145,7 @@ effects = neurons.neuron_patching(ctx, chosen, patching_memory_mb, only=patched)
 exact_cells = ~effects.isnan()
 agreement = float(spearmanr(effects[exact_cells], estimate[chosen][exact_cells])[0])
 checks = pd.DataFrame([{"layer": layer, "all neurons patched": neurons.all_neurons_patched(ctx, layer),
-                        "mlp_out patched (all positions)": neurons.all_neurons_patched(ctx, layer, f"blocks.{layer}.hook_mlp_out"),
+                        "mlp_out patched (all positions)": neurons.all_neurons_patched(ctx, layer, get_act_name("mlp_out", layer)),
                         "neurons patched exactly": int(exact_cells[i].sum())} for i, layer in enumerate(chosen)])
 display(checks.round(4))
 print(f"attribution estimate vs exact patching on the {int(exact_cells.sum())} neurons patched: Spearman {agreement:.3f}")

@@ -11,7 +11,7 @@ import json
 import nbformat
 import pytest
 
-from helpers import batch
+from helpers import batch, cli, layout, results
 from helpers import run as runner
 
 HEADER = """\
@@ -34,7 +34,7 @@ TEMPLATES = {
     + "\n# %%\nfrom helpers import artifacts, experiments\n"
     + SESSION.format(name="second")
     + 'first = experiments.load_results(s, "first")\n'
-    'artifacts.write_json(s.out_dir / "second.json", {"template": "second", "read": first["task"], "n": first["n"]})\n',
+    'artifacts.write_json(s.out_dir / "second.json", {"template": "second", "read": first.task, "n": first.n})\n',
     "boom": HEADER + '\n# %%\nraise RuntimeError("boom: deliberate failure")\n',
     "after_boom": HEADER
     + "\n# %%\nfrom helpers import experiments\n"
@@ -147,13 +147,13 @@ def test_dask_in_process_cluster_isolates_failures_then_reruns_skip(sandbox):
 def test_a_per_model_template_runs_once_per_model(sandbox):
     """``circuit_lab: {scope: model}`` in a template's metadata: one run per model whatever the tasks, into
     ``_models/<model>/``, with no task check (its results do not depend on the task)."""
-    assert runner.template_scope("per_model") == "model" and runner.template_scope("first") == "task"
+    assert layout.scope_of("per_model") == "model" and layout.scope_of("first") == "task"
     runs, _ = batch.plan_runs(["ioi", "numseq"], templates=["per_model", "first"])
     assert sorted(r.key for r in runs) == ["_models/toy-ioi/per_model", "ioi/toy-ioi/first", "numseq/toy-ioi/first"]
     report = batch.run_batch(["ioi", "numseq"], templates=["per_model"], options=batch.RunOptions(n_prompts=4, threads=1, progress=False))
     assert statuses(report) == {"_models/per_model": "ok"}
     written = json.loads((sandbox / "out" / "_models" / "toy-ioi" / "per_model.json").read_text())
-    assert written == {"template": "per_model", "task": "ioi"}
+    assert written == {"schema_version": results.SCHEMA_VERSION, "template": "per_model", "task": "ioi"}
     assert not (sandbox / "out" / "ioi" / "toy-ioi").exists()
     again = batch.run_batch(["numseq", "ioi"], templates=["per_model"], options=batch.RunOptions(n_prompts=4, threads=1, progress=False))
     assert statuses(again) == {"_models/per_model": "up-to-date"}
@@ -167,13 +167,13 @@ def test_cell_timeout_fails_the_run(sandbox):
 
 
 def test_cli_runs_the_batch_and_writes_the_report(sandbox, capsys):
-    code = runner.main(["--task", "ioi", "--template", "first", "--n-prompts", "4"])
+    code = cli.main(["--task", "ioi", "--template", "first", "--n-prompts", "4"])
     out = capsys.readouterr().out
     assert code == 0 and "1 runs: 1 ok" in out, out
     assert (sandbox / "out" / "index.html").exists() and (sandbox / "out" / "runs.json").exists()
-    assert runner.main(["--task", "ioi", "--template", "first", "--n-prompts", "4"]) == 0
+    assert cli.main(["--task", "ioi", "--template", "first", "--n-prompts", "4"]) == 0
     assert "nothing executed" in capsys.readouterr().out
-    assert runner.main(["--template", "no_such_template"]) == 2
+    assert cli.main(["--template", "no_such_template"]) == 2
 
 
 def test_one_local_job_per_gpu(monkeypatch):
@@ -190,9 +190,9 @@ def test_template_metadata_is_read_as_jupytext_reads_it(tmp_path):
 
     from helpers import layout
 
-    for source in sorted(runner.templates_dir().glob("*.py")):
+    for source in sorted(layout.templates_dir().glob("*.py")):
         assert layout.notebook_metadata(source) == jupytext.read(source).metadata, source.name
-    assert layout.template_scope(runner.templates_dir() / "induction_checks.py") == "model"
+    assert layout.template_scope(layout.templates_dir() / "induction_checks.py") == "model"
     plain = tmp_path / "plain.py"
     plain.write_text("# %%\nx = 1\n")
     assert layout.notebook_metadata(plain) == {} and layout.template_scope(plain) == "task"

@@ -1,4 +1,4 @@
-"""Circuit knockout: the all-heads circuit is the model, the empty one is everything ablated, minimality >= 0."""
+"""Circuit knockout: the all-heads circuit is the model, the empty one is everything ablated, minimality recomputes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import circuits as C
+from helpers.components import Head
 from helpers.families import FAMILIES
-from helpers.heads import all_head_labels
 from helpers.metrics import logit_diff
 
 
@@ -18,7 +18,7 @@ def ev(toy_ioi, ioi_prompts):
 
 
 def test_all_heads_circuit_is_the_full_model(ev):
-    everyone = C.Circuit({"all": all_head_labels(4, 4)})
+    everyone = C.Circuit({"all": [h.label for h in Head.all(4, 4)]})
     assert ev.faithfulness([everyone])[0].item() == pytest.approx(1.0, abs=1e-5)
 
 
@@ -68,8 +68,17 @@ def test_toy_ioi_circuit_beats_random_circuits(ev):
 def test_minimality_and_completeness(ev):
     small = C.Circuit({"a": ["L3H2", "L0H1"], "b": ["L0H3"]})
     scores = C.minimality(ev, small, max_k=1)
-    assert set(scores) == {"L3H2", "L0H1", "L0H3"} and all(v["score"] >= 0 for v in scores.values())
+    assert set(scores) == {"L3H2", "L0H1", "L0H3"}
     assert scores["L3H2"]["score"] > scores["L0H3"]["score"]
+    f = lambda circuit: float(ev.faithfulness([circuit])[0])
+    wide = C.Circuit({"a": ["L3H2", "L0H1", "L0H3", "L1H2"]})  # one group of 4: the greedy K grows (measured: all K non-empty)
+    wide_scores = C.minimality(ev, wide, max_k=2)
+    assert any(m["K"] for m in wide_scores.values())
+    for circuit, found in ((small, scores), (wide, wide_scores)):
+        for v, m in found.items():  # each score is what its reported K gives, and at least what K = {} gives
+            assert set(m["K"]) <= set(circuit.groups[m["group"]]) - {v}
+            assert m["score"] == pytest.approx(abs(f(circuit.without(m["K"] + [v])) - f(circuit.without(m["K"]))), abs=1e-5)
+            assert m["score"] >= abs(f(circuit.without([v])) - f(circuit)) - 1e-6
     rows = C.completeness(ev, small, n_subsets=4, seed=0)
     assert len(rows) == 4 and all(set(r) == {"K", "circuit", "model"} for r in rows)
 

@@ -11,6 +11,7 @@ import torch
 
 from helpers import patching as P
 from helpers import path_patching as PP
+from helpers.components import Head
 from helpers.families import FAMILIES
 
 ALL_POS_SWEEPS = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "head_q", "head_k", "head_v", "head_pattern"]
@@ -87,7 +88,7 @@ def test_path_into_every_receiver_head(fam_ctx, component):
     """Receivers of every head index, including those past the number of key/value groups (GQA)."""
     cfg = fam_ctx.model.cfg
     for head in range(cfg.n_heads):
-        paths = PP.path_patch_to_receivers(fam_ctx, [{"layer": cfg.n_layers - 1, "head": head}], component)
+        paths = PP.path_patch_to_receivers(fam_ctx, [Head(cfg.n_layers - 1, head)], component)
         assert paths.shape == (cfg.n_layers, cfg.n_heads)
         assert paths[cfg.n_layers - 1 :].abs().max() <= 1e-5
 
@@ -122,7 +123,7 @@ def test_direct_edge_equals_transformer_lens_or_both_refuse(fam_ctx, component):
     under grouped-query attention), ours refuses too instead of returning a number."""
     from transformer_lens.patching import get_act_patch_direct_path
 
-    sender = {"layer": 0, "head": fam_ctx.model.cfg.n_heads - 1}
+    sender = Head(0, fam_ctx.model.cfg.n_heads - 1)
     try:
         tl = get_act_patch_direct_path(
             fam_ctx.model,
@@ -130,8 +131,8 @@ def test_direct_edge_equals_transformer_lens_or_both_refuse(fam_ctx, component):
             fam_ctx.clean_cache,
             fam_ctx.corrupted_cache,
             P.tl_metric(fam_ctx),
-            sender["layer"],
-            sender["head"],
+            sender.layer,
+            sender.head,
             component,
             verbose=False,
         )

@@ -1,6 +1,6 @@
 """Bad input is one clear line before any work; outputs are never damaged; runs are crash-safe and exclusive.
 
-Every case of the table goes through the command line's entry point (``helpers.run.main``) with an outputs
+Every case of the table goes through the command line's entry point (``helpers.cli.main``) with an outputs
 folder that already holds a published result: the exit code must be 2, the message must name the file, the
 field and a fix, nothing may raise, and the outputs folder must be byte-identical afterwards.
 """
@@ -22,7 +22,7 @@ import pytest
 import yaml
 from test_batch import HEADER  # the stand-in templates' parameters cell
 
-from helpers import MODELS_DIR, PARAMS_DIR, POOLS_DIR, layout
+from helpers import MODELS_DIR, PARAMS_DIR, POOLS_DIR, cli, layout
 from helpers import run as runner
 
 GOOD = yaml.safe_load((PARAMS_DIR / "ioi.yaml").read_text())
@@ -172,7 +172,7 @@ def test_bad_input_is_one_clear_line_and_outputs_stay_identical(world, case, cap
     for name, content in spec.get("pools", {}).items():
         (world / "pools" / f"{name}.txt").write_bytes(content)
     before = tree_digest(world / "out")
-    code = runner.main(["--task", str(path), "--template", "first"])
+    code = cli.main(["--task", str(path), "--template", "first"])
     out, err = capsys.readouterr()
     text = out + err
     assert code == 2, text
@@ -183,7 +183,7 @@ def test_bad_input_is_one_clear_line_and_outputs_stay_identical(world, case, cap
 
 
 def test_check_command_runs_every_check_a_run_makes(world, capsys):
-    from helpers.params import main
+    from helpers.cli import check_params as main
 
     bad = world / "bad.yaml"
     bad.write_text(params_text(circuit={"groups": {"mover": ["L9H0"]}}))
@@ -201,7 +201,7 @@ def test_batch_with_one_bad_file_runs_the_good_ones(world, capsys):
     (folder / "good.yaml").write_text(params_text())
     (folder / "broken.yaml").write_text(params_text(corrupted_template=None, corruption="resample:S9"))
     (folder / "latin.yaml").write_bytes((params_text(task="latin", description=None) + "description: café\n").encode("latin-1"))
-    code = runner.main(["--params-dir", str(folder), "--template", "first"])
+    code = cli.main(["--params-dir", str(folder), "--template", "first"])
     out = capsys.readouterr().out
     assert code == 2 and "Traceback" not in out, out
     rows = [line.split() for line in out.splitlines()]
@@ -216,7 +216,7 @@ def test_read_only_outputs_fail_before_running(world, monkeypatch, capsys):
     path = world / "case.yaml"
     path.write_text(params_text())
     before = tree_digest(world / "out")
-    code = runner.main(["--task", str(path), "--template", "first"])
+    code = cli.main(["--task", str(path), "--template", "first"])
     out = capsys.readouterr().out
     assert code == 2 and "is not writable" in out and "--outputs-dir" in out, out
     assert tree_digest(world / "out") == before

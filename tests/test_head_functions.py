@@ -10,6 +10,7 @@ import torch
 
 from helpers import PROJECT_ROOT, heads, roles
 from helpers import head_functions as HF
+from helpers.components import Head
 from helpers.families import FAMILIES
 
 
@@ -46,20 +47,21 @@ def test_attention_vs_contribution(toy_ioi, ioi_prompts, cache):
 
 
 def test_attention_shift_is_zero_for_non_earlier_heads(toy_ioi, ioi_prompts, cache):
+    """By causality alone: a head of the reader's own layer cannot move its pattern (nothing in the code zeroes it)."""
     pos = HF.word_positions(ioi_prompts)
-    readers = [{"layer": 3, "head": 2}]
-    candidates = [{"layer": 0, "head": 1}, {"layer": 3, "head": 0}]
+    readers = [Head(3, 2)]
+    candidates = [Head(0, 1), Head(3, 0)]
     shift = HF.attention_shift(toy_ioi, cache, ioi_prompts, candidates, readers, pos)
     assert shift.shape == (2, 1, 3)
-    assert torch.all(shift[1] == 0)
+    assert shift[1].abs().max() < 1e-6 and shift[0].abs().max() > 1e-4
 
 
 def test_head_labels():
-    assert heads.parse_head_label("L3H2", 4, 4) == {"layer": 3, "head": 2}
+    assert Head.parse("L3H2", 4, 4) == Head(3, 2)
     with pytest.raises(ValueError, match="form"):
-        heads.parse_head_label("3.2", 4, 4)
+        Head.parse("3.2", 4, 4)
     with pytest.raises(ValueError, match="does not exist"):
-        heads.parse_head_label("L9H0", 4, 4)
+        Head.parse("L9H0", 4, 4)
 
 
 def test_roles_follow_the_rules_and_allow_unclassified():
@@ -117,7 +119,7 @@ def test_roles_follow_the_rules_and_allow_unclassified():
     assert "copy score 95%" in table.loc["L3H2", "evidence"]
     looser = roles.assign_roles(evidence, logit_diff=6.0, thresholds=roles.RoleThresholds(previous_token=0.15))
     assert looser.loc["L0H0", "role"] == "previous-token"
-    assert roles.heads_meeting(evidence, "mover", 6.0) == [{"layer": 3, "head": 2}]
+    assert roles.heads_meeting(evidence, "mover", 6.0) == [Head(3, 2)]
     with pytest.raises(ValueError):
         roles.RoleThresholds(copy_score=150)
 
@@ -141,8 +143,8 @@ def test_toy_induction_heads_match_the_model_card(toy_induction):
 def test_attention_shift_batched_equals_one_candidate_at_a_time(toy_ioi, ioi_prompts, cache):
     """All candidates in one batch give the same shifts as separate runs (no cross-talk between variants)."""
     pos = HF.word_positions(ioi_prompts)
-    readers = [{"layer": 3, "head": 2}]
-    candidates = [{"layer": 0, "head": 1}, {"layer": 1, "head": 2}, {"layer": 2, "head": 2}]
+    readers = [Head(3, 2)]
+    candidates = [Head(0, 1), Head(1, 2), Head(2, 2)]
     together = HF.attention_shift(toy_ioi, cache, ioi_prompts, candidates, readers, pos)
     for i, c in enumerate(candidates):
         alone = HF.attention_shift(toy_ioi, cache, ioi_prompts, [c], readers, pos)

@@ -5,14 +5,36 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.heads import head_detector_agreement, pattern_scores, top_heads
+from helpers.components import Head, HeadScore, heads_above, rank_heads
+from helpers.heads import head_detector_agreement, pattern_scores
 
 
-def test_top_heads_orders_by_sign():
+def test_rank_heads_orders_by_sign():
     values = torch.tensor([[0.1, -0.9], [0.5, 0.0]])
-    assert [(h["layer"], h["head"]) for h in top_heads(values, 2, "pos")] == [(1, 0), (0, 0)]
-    assert top_heads(values, 1, "neg")[0]["value"] == pytest.approx(-0.9)
-    assert top_heads(values, 1, "abs")[0]["head"] == 1
+    assert [h.index for h in rank_heads(values, 2, "pos")] == [(1, 0), (0, 0)]
+    assert rank_heads(values, 1, "neg")[0].value == pytest.approx(-0.9)
+    assert rank_heads(values, 1, "abs")[0].head == 1
+    assert [h.label for h in rank_heads(values.tolist(), None, "abs")] == ["L0H1", "L1H0", "L0H0", "L1H1"]  # lists too, all heads
+    nan = torch.tensor([[float("nan"), 0.2]])
+    assert rank_heads(nan, None, "abs") == [HeadScore(0, 1, pytest.approx(0.2))]  # an undefined value ranks nowhere
+    with pytest.raises(ValueError, match="sign"):
+        rank_heads(values, 1, "max")
+
+
+def test_heads_above_keeps_the_heads_at_or_over_the_threshold_highest_first():
+    values = [[0.4, 0.39], [0.9, -1.0]]
+    assert [h.label for h in heads_above(values, 0.4)] == ["L1H0", "L0H0"]
+    assert heads_above(values, 2.0) == []
+
+
+def test_a_head_reads_back_from_every_form_it_is_written_in():
+    h = Head(3, 2)
+    assert str(h) == h.label == "L3H2" and h.index == (3, 2)
+    assert Head.of("L3H2") == Head.of({"layer": 3, "head": 2, "value": 0.1}) == Head.of((3, 2)) == Head.of(h) == h
+    assert Head.of(HeadScore(3, 2, 0.5)) == h and HeadScore(3, 2, 0.5).unit == h and HeadScore(3, 2, 0.5) != h
+    assert HeadScore(3, 2, 0.1234567).to_json() == {"layer": 3, "head": 2, "value": 0.123457}
+    assert [x.label for x in Head.all(2, 2)] == ["L0H0", "L0H1", "L1H0", "L1H1"]
+    assert sorted([Head(1, 0), Head(0, 3)]) == [Head(0, 3), Head(1, 0)]
 
 
 def test_pattern_scores_on_synthetic_patterns():

@@ -36,7 +36,7 @@ def test_bad_local_dir(tmp_path):
 
 
 def test_missing_tokenizer_config_is_an_error(tmp_path):
-    """Without tokenizer_config.json the bridge would silently map all text to id 0 (TL4 trap T5)."""
+    """Without tokenizer_config.json the bridge would silently map all text to id 0 (TransformerLens 4.x)."""
     import shutil
 
     src = PROJECT_ROOT / "models" / "toy-induction"
@@ -47,6 +47,10 @@ def test_missing_tokenizer_config_is_an_error(tmp_path):
 
 
 def test_compat_mode_and_eval(toy_ioi):
+    """load_model turns compatibility mode on (DLA and the logit lens need it) and the model is in eval mode."""
+    assert toy_ioi.compatibility_mode is True
+    assert all(getattr(block, "compatibility_mode", True) for block in toy_ioi.blocks)  # every component, not only the top
+    assert "blocks.0.hook_resid_pre" in toy_ioi.hook_dict  # the HookedTransformer names it provides
     assert not toy_ioi.training
     assert toy_ioi.cfg.n_layers == 4
     assert toy_ioi.tokenizer.unk_token_id != toy_ioi.tokenizer.bos_token_id
@@ -106,7 +110,7 @@ def test_shipped_gpt2_tokenizer_reproduces_gpt2_ids():
 
 
 def test_every_shipped_task_validates_against_gpt2_offline(capsys):
-    from helpers.params import main
+    from helpers.cli import check_params as main
 
     assert main(["--model", "gpt2-small"]) == 0
     assert capsys.readouterr().out.count("gpt2-small's tokenizer") >= 4

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from helpers import PARAMS_DIR
-from helpers.params import ParamsError, load_params, main
+from helpers.cli import check_params as main
+from helpers.params import ParamsError, load_params
 from helpers.prompts import make_prompts
 
 

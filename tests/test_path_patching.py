@@ -7,6 +7,7 @@ import torch
 
 from helpers import patching as P
 from helpers import path_patching as PP
+from helpers.components import Head
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,21 @@ def test_last_layer_sender_to_logits_equals_activation_patching(ctx):
 
 
 @pytest.mark.parametrize("component", ["q", "k", "v"])
+def test_a_sender_leaves_the_inputs_of_its_own_and_earlier_layers_unchanged(ctx, component):
+    """The premise of ``_receiver_run``'s shortcut (a sender at or after every receiver has effect 0, without a run),
+    checked on the engine itself: step 1 with the senders of layer 2 records layer 2's q/k/v inputs exactly as in
+    the corrupted run; with the senders of layer 1 it does not (so the comparison can fail)."""
+    name = PP._receiver_hook_name(2, component)
+    n_heads, base = ctx.model.cfg.n_heads, ctx.corrupted_cache[name]
+    for layer, same in ((2, True), (1, False)):
+        recorded = PP._sender_run(ctx, layer, [name])[1][name].reshape(n_heads, *base.shape)
+        close = torch.allclose(recorded, base.expand_as(recorded), atol=1e-6)
+        assert close == same, f"senders of layer {layer} into {name}"
+
+
+@pytest.mark.parametrize("component", ["q", "k", "v"])
 def test_senders_at_or_after_the_receiver_have_no_effect(ctx, component):
-    receiver = {"layer": 2, "head": 1}
+    receiver = Head(2, 1)
     paths = PP.path_patch_to_receivers(ctx, [receiver], component)
     assert paths.shape == (4, 4)
     assert paths[2:].abs().max() <= 1e-5
@@ -35,15 +49,15 @@ def test_senders_at_or_after_the_receiver_have_no_effect(ctx, component):
 
 def test_unknown_component_raises(ctx):
     with pytest.raises(ValueError, match="component"):
-        PP.path_patch_to_receivers(ctx, [{"layer": 3, "head": 2}], "z")
+        PP.path_patch_to_receivers(ctx, [Head(3, 2)], "z")
 
 
 def test_strongest_senders_ranks_by_effect_into_later_heads():
     heads = {
-        "L0H0": {"layer": 0, "head": 0},
-        "L0H1": {"layer": 0, "head": 1},
-        "L1H0": {"layer": 1, "head": 0},
-        "L2H0": {"layer": 2, "head": 0},
+        "L0H0": Head(0, 0),
+        "L0H1": Head(0, 1),
+        "L1H0": Head(1, 0),
+        "L2H0": Head(2, 0),
     }
     into_l2 = torch.zeros(3, 2)
     into_l2[0, 1], into_l2[1, 0], into_l2[0, 0] = -0.9, 0.5, 0.1
@@ -54,15 +68,15 @@ def test_strongest_senders_ranks_by_effect_into_later_heads():
 
 def test_a_circuit_with_no_later_head_has_no_receiver_paths(ctx):
     """Receivers in layer 0 cannot be reached by any sender: no sweep runs, and nothing fails."""
-    assert PP.receiver_effects(ctx, {"L0H1": {"layer": 0, "head": 1}, "L0H3": {"layer": 0, "head": 3}}) == {}
-    assert PP.compare_with_direct_path(ctx, {"L0H1": {"layer": 0, "head": 1}}, {}) == ([], None)
+    assert PP.receiver_effects(ctx, {"L0H1": Head(0, 1), "L0H3": Head(0, 3)}) == {}
+    assert PP.compare_with_direct_path(ctx, {"L0H1": Head(0, 1)}, {}) == ([], None)
 
 
 @pytest.mark.parametrize("component", ["q", "k", "v"])
 def test_direct_edge_equals_transformer_lens_direct_path(ctx, component):
     from transformer_lens.patching import get_act_patch_direct_path
 
-    for sender in ({"layer": 0, "head": 1}, {"layer": 2, "head": 2}):
+    for sender in (Head(0, 1), Head(2, 2)):
         ours = PP.direct_path_effects(ctx, sender, component)
         tl = get_act_patch_direct_path(
             ctx.model,
@@ -70,17 +84,17 @@ def test_direct_edge_equals_transformer_lens_direct_path(ctx, component):
             ctx.clean_cache,
             ctx.corrupted_cache,
             P.tl_metric(ctx),
-            sender["layer"],
-            sender["head"],
+            sender.layer,
+            sender.head,
             component,
             verbose=False,
         )
         torch.testing.assert_close(ours, tl.cpu(), atol=1e-5, rtol=0)
-        assert ours[: sender["layer"] + 1].abs().max() == 0
+        assert ours[: sender.layer + 1].abs().max() == 0
 
 
 def test_exact_path_next_to_its_direct_edge(ctx):
-    heads = {"L0H1": {"layer": 0, "head": 1}, "L3H2": {"layer": 3, "head": 2}}
+    heads = {"L0H1": Head(0, 1), "L3H2": Head(3, 2)}
     effects = PP.receiver_effects(ctx, heads)
     rows, note = PP.compare_with_direct_path(ctx, heads, effects)
     assert note is None and [(r["sender"], r["receiver"], r["input"]) for r in rows] == [("L0H1", "L3H2", c) for c in "qkv"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from helpers import plotting
+from helpers import figures, plotting
 
 
 def test_magnitudes_use_a_fixed_sequential_scale():
@@ -33,9 +33,9 @@ def test_without_a_browser_figures_show_and_one_warning_says_why(tmp_path, monke
         raise RuntimeError("Kaleido requires Google Chrome to be installed.\nInstall it with plotly_get_chrome")
 
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))
-    monkeypatch.setattr(plotting, "_IMAGE_SERVER", {})  # as in a fresh kernel: nothing started yet
-    monkeypatch.setattr(plotting.go.Figure, "write_image", no_chrome)  # what kaleido does without a browser
-    figs = plotting.Figures(tmp_path)
+    monkeypatch.setattr(figures, "_IMAGE_SERVER", {})  # as in a fresh kernel: nothing started yet
+    monkeypatch.setattr(figures.go.Figure, "write_image", no_chrome)  # what kaleido does without a browser
+    figs = figures.Figures(tmp_path)
     with pytest.warns(UserWarning, match="static images are skipped from a on.*Chrom"):
         figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a")
     figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "b")  # no second warning, no hang
@@ -45,34 +45,34 @@ def test_without_a_browser_figures_show_and_one_warning_says_why(tmp_path, monke
 def test_a_shared_browser_that_does_not_answer_is_given_up_not_waited_for(tmp_path, monkeypatch):
     import time
 
-    monkeypatch.setattr(plotting, "_IMAGE_SERVER", {"started": True})
-    monkeypatch.setattr(plotting, "SERVER_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(plotting, "_server_write", lambda fig, path, scale: time.sleep(3))
-    monkeypatch.setattr(plotting.go.Figure, "write_image", lambda fig, path, scale=1: path.write_bytes(b"png"))
-    figs = plotting.Figures(tmp_path)
+    monkeypatch.setattr(figures, "_IMAGE_SERVER", {"started": True})
+    monkeypatch.setattr(figures, "SERVER_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(figures, "_server_write", lambda fig, path, scale: time.sleep(3))
+    monkeypatch.setattr(figures.go.Figure, "write_image", lambda fig, path, scale=1: path.write_bytes(b"png"))
+    figs = figures.Figures(tmp_path)
     start = time.time()
     figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a")  # times out, then the retry starts its own browser
-    assert time.time() - start < 2 and figs.saved == ["figures/a.png"] and plotting._IMAGE_SERVER["started"] is False
+    assert time.time() - start < 2 and figs.saved == ["figures/a.png"] and figures._IMAGE_SERVER["started"] is False
 
 
 def test_under_the_runner_figures_are_left_pending_then_rendered_once(tmp_path, monkeypatch):
     written = []
     monkeypatch.setattr(
-        plotting, "write_image", lambda fig, path, scale=1.5: (written.append(fig.layout.title.text), path.write_bytes(b"png"))
+        figures, "write_image", lambda fig, path, scale=1.5: (written.append(fig.layout.title.text), path.write_bytes(b"png"))
     )
-    monkeypatch.setattr(plotting, "browser_found", lambda: True)
-    monkeypatch.setenv(plotting.DEFER_ENV, "defer")
-    figs = plotting.Figures(tmp_path)
+    monkeypatch.setattr(figures, "browser_found", lambda: True)
+    monkeypatch.setenv(figures.DEFER_ENV, "defer")
+    figs = figures.Figures(tmp_path)
     figs.note = "model does not do this task"
     figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a", formats=("png", "svg"))
     assert written == [] and figs.saved == ["figures/a.png", "figures/a.svg"]
     assert sorted(p.name for p in figs.dir.iterdir()) == ["a.png.pending.json", "a.svg.pending.json"]
-    assert plotting.render_pending(tmp_path) == (2, None)
+    assert figures.render_pending(tmp_path) == (2, None)
     assert sorted(p.name for p in figs.dir.iterdir()) == ["a.png", "a.svg"]
     assert all("does not do this task" in title for title in written)  # rendered as shown, with the figure's note
 
-    monkeypatch.delenv(plotting.DEFER_ENV)
-    direct = plotting.Figures(tmp_path, folder="direct")
+    monkeypatch.delenv(figures.DEFER_ENV)
+    direct = figures.Figures(tmp_path, folder="direct")
     direct.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "b")
     assert (direct.dir / "b.png").exists() and len(written) == 3  # outside the runner: written at once
 
@@ -81,13 +81,13 @@ def test_a_pending_figure_that_cannot_be_rendered_is_one_line_and_leaves_nothing
     def fail(fig, path, scale=1.5):
         raise RuntimeError("Chrome crashed\nlong trace")
 
-    monkeypatch.setattr(plotting, "browser_found", lambda: True)
-    monkeypatch.setenv(plotting.DEFER_ENV, "defer")
-    figs = plotting.Figures(tmp_path)
+    monkeypatch.setattr(figures, "browser_found", lambda: True)
+    monkeypatch.setenv(figures.DEFER_ENV, "defer")
+    figs = figures.Figures(tmp_path)
     for name in ("a", "b"):
         figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), name)
-    monkeypatch.setattr(plotting, "write_image", fail)
-    assert plotting.render_pending(tmp_path) == (0, "a.png: RuntimeError: Chrome crashed")
+    monkeypatch.setattr(figures, "write_image", fail)
+    assert figures.render_pending(tmp_path) == (0, "a.png: RuntimeError: Chrome crashed")
     assert list(figs.dir.iterdir()) == []
 
 
@@ -99,9 +99,9 @@ def test_the_renderer_is_the_one_colab_shows_in_colab_and_offline_elsewhere(monk
 
     monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)  # restored after the test
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
-    assert plotting.choose_renderer() == "notebook" == pio.renderers.default
+    assert figures.choose_renderer() == "notebook" == pio.renderers.default
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    assert plotting.choose_renderer() == "colab" == pio.renderers.default
+    assert figures.choose_renderer() == "colab" == pio.renderers.default
     fig = plotting.heatmap(np.eye(2), "t", "x", "y")
     html = pio.renderers[pio.renderers.default].to_mimebundle(fig.to_dict())["text/html"]
     assert "cdn.plot.ly" in html or "plotly-" in html  # each output loads plotly.js itself, as Colab's frames need
