@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import html
 import io
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import pandas as pd
 
 from .components import HeadScore, rank_heads
 from .layout import MODEL_SCOPE, outputs_dir
@@ -186,18 +188,16 @@ def colour(value: float, scale: float) -> str:
 
 
 def table(header: list[str], rows: list[list], colours: list[list[str | None]] | None = None, cls: str = "") -> str:
-    """An HTML table; cells are escaped, floats shown to 3 decimals, optional per-cell backgrounds."""
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cells = []
-        for j, v in enumerate(row):
-            bg = colours[i][j] if colours and colours[i][j] else None
-            style = f' style="background:{bg}"' if bg else ""
-            cells.append(f"<td{style}>{html.escape(fmt(v))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    """An HTML table (pandas' Styler): cells escaped, floats shown to 3 decimals, optional per-cell backgrounds."""
+    frame = pd.DataFrame(rows, columns=header, dtype=object)
+    styler = frame.style.hide(axis="index").format(
+        lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v)), escape="html"
+    )
+    if colours:
+        css = [[f"background-color: {c}" if c else "" for c in row] for row in colours]
+        styler = styler.apply(lambda _: pd.DataFrame(css, index=frame.index, columns=frame.columns), axis=None)
+    uid = hashlib.sha1(repr((header, rows, colours, cls)).encode()).hexdigest()[:10]  # ids unique per table, stable per content
+    return styler.set_uuid(uid).set_table_attributes(f'class="{cls}"').to_html()
 
 
 def thumbnail(png: Path, width: int = THUMB_WIDTH) -> str:

@@ -71,10 +71,10 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from helpers import discovery, edges, experiments, plotting
+from helpers import discovery, edges, plotting, session
 
 discovery.check_options(methods, fractions, target, n_random, ig_steps)  # bad parameters stop here, before any work
-s = experiments.start_session("circuit_discovery", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
+s = session.start_session("circuit_discovery", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
 not_supported = edges.unsupported_reason(model)

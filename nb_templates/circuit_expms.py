@@ -54,16 +54,17 @@ induction_batch = 16
 patching_memory_mb = 1024  # memory budget of one batched patching forward (variants are chunked to fit)
 importance_reference = "corrupted"  # head importance: means over the "corrupted" prompts (IOI's ABC) or the "clean" ones
 attribution_ig_steps = 8  # integrated-gradients steps for EAP-IG (0: plain attribution patching only)
+heads_per_band = 4  # attention patterns shown per layer band (its heads with the largest |output patching effect|)
 
 # %%
 import pandas as pd
 from IPython.display import display
 from transformer_lens import utilities
 
-from helpers import attribution, attribution_patching, experiments, heads, importance, patching, path_patching, plotting
+from helpers import attribution, attribution_patching, experiments, heads, importance, patching, path_patching, plotting, session
 from helpers.components import rank_heads
 
-s = experiments.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
+s = session.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
 top_k = s.params.analysis.top_k
 print(f"task {s.params.task} | model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) | "
@@ -84,10 +85,10 @@ if len(prompts.template_names) > 1:
 # corrupted one near zero or negative; the gap between them is what patching tries to restore.
 
 # %%
-utilities.test_prompt(prompts.clean_prompts[0], model.to_string(prompts.answer_tokens[0, :1]), model, top_k=5)
+utilities.test_prompt(prompts.clean_prompts[0], model.to_string(prompts.answer_tokens[0, :1]), model, top_k=top_k)
 
 # %%
-ld = experiments.logit_diffs(s)
+ld = session.logit_diffs(s)
 print(f"clean logit diff {ld.clean.mean():.3f} (accuracy {ld.clean_accuracy:.2f}) | corrupted logit diff {ld.corrupted.mean():.3f}")
 display(ld.table(prompts).head(8))
 template_of = [prompts.template_names[t] for t in prompts.templates.tolist()]
@@ -328,7 +329,7 @@ else:
 # %%
 bands = experiments.layer_bands(s)
 for band, layers in bands.items():
-    in_band = [h for h in rank_heads(sweeps["head_out"], model.cfg.n_layers * model.cfg.n_heads, "abs") if h.layer in layers][:4]
+    in_band = [h for h in rank_heads(sweeps["head_out"], None, "abs") if h.layer in layers][:heads_per_band]
     print(f"{band} layers {layers}:", [str(h) for h in in_band])
     display(plotting.attention_view(model, dla.cache, prompts.clean_tokens, in_band))
 

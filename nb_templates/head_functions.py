@@ -67,13 +67,13 @@ import pandas as pd
 from IPython.display import display
 from scipy.stats import pearsonr
 
-from helpers import experiments, head_functions, plotting, roles, signals, weights_circuits
+from helpers import experiments, head_functions, plotting, roles, session, signals, weights_circuits
 from helpers.patching import NotSupported
 
-s = experiments.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
+s = session.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
-circuit = experiments.load_results(s, "circuit_expms")
+circuit = session.load_results(s, "circuit_expms")
 chosen = experiments.important_heads(s, circuit, heads)
 labels = [h.label for h in chosen]
 positions = head_functions.word_positions(prompts, words)

@@ -62,15 +62,16 @@ batch = 16  # number of random sequences
 seed = 0  # seed of the random sequences
 role_thresholds = {}  # overrides of helpers.roles.RoleThresholds (the one place thresholds live), e.g. {"induction": 0.5}
 sentence = None  # the natural sentence shown repeated; default: the task's first clean prompt
+heads_shown = 6  # attention patterns shown on the repeated sentence (previous-token heads, then induction heads)
 
 # %%
 from IPython.display import display
 from transformer_lens.utilities import get_act_name
 
-from helpers import experiments, head_functions, heads, plotting, roles
+from helpers import head_functions, heads, plotting, roles, session
 from helpers.components import heads_above, rank_heads
 
-s = experiments.start_session("induction_checks", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
+s = session.start_session("induction_checks", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, figs = s.model, s.figures
 print(f"model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads) | sequences BOS, r, r with |r| = {seq_len}")
 
@@ -142,7 +143,7 @@ print("max |ours - head_detector| per score:", {k: f"{v:.1e}" for k, v in agreem
 # %%
 text = sentence or s.prompts.clean_prompts[0]
 tokens = heads.repeated_tokens(model, text)
-shown = (found["prev_token"] + found["induction"])[:6] or rank_heads(scores["induction"], 2, "pos")
+shown = (found["prev_token"] + found["induction"])[:heads_shown] or rank_heads(scores["induction"], 2, "pos")  # else the 2 best
 _, cache = model.run_with_cache(tokens, names_filter=[get_act_name("pattern", h.layer) for h in shown])
 display(plotting.attention_view(model, cache, tokens, shown))
 

@@ -71,10 +71,10 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from helpers import artifacts, circuits, experiments, patching, path_patching, plotting
+from helpers import artifacts, circuits, patching, path_patching, plotting, session
 from helpers.components import Head, rank_heads
 
-s = experiments.start_session("minimal_circuit", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
+s = session.start_session("minimal_circuit", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
 n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -82,10 +82,10 @@ choice = None
 if circuit is not None or s.params.circuit is not None:
     proposed = circuits.Circuit.from_json(circuit or s.params.circuit.model_dump())
 else:
-    discovery = experiments.load_results(s, "circuit_discovery") if circuit_from == "discovery" else None
+    discovery = session.load_results(s, "circuit_discovery") if circuit_from == "discovery" else None
     if discovery and discovery.not_supported:
         print("circuit_discovery:", discovery.not_supported, "-> the circuit comes from head_functions' roles")
-    role_rows = [row.model_dump() for row in experiments.load_results(s, "head_functions").roles.table]
+    role_rows = [row.model_dump() for row in session.load_results(s, "head_functions").roles.table]
     choice = circuits.default_circuit(role_rows, prompts.positions, min_patch_effect, discovery.smallest if discovery else None)
     proposed = choice.circuit
     print("default circuit:", choice.message())
@@ -182,7 +182,7 @@ if complete:
 # direct paths; senders into a mover's query or key change where it attends (S-inhibition-like).
 
 # %%
-upstream = experiments.load_results(s, "circuit_expms")  # path patching to the logits and backup heads: computed there once
+upstream = session.load_results(s, "circuit_expms")  # path patching to the logits and backup heads: computed there once
 ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
 to_logits = torch.tensor(upstream.path_patching.to_logits)
 figs.show(plotting.heatmap(to_logits, "Path patching: each sender to the final residual stream", "head", "layer", color_label="recovered"),

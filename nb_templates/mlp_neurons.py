@@ -56,6 +56,7 @@ n_layers_patched = 2  # how many MLP layers are opened up by default
 top_k = 10  # neurons listed (by |DLA| and by |patching effect|)
 n_exact = 64  # per opened-up layer, the neurons patched exactly: those with the largest attribution estimate (None: every neuron)
 n_examples = 5  # top-activating prompt positions shown per top neuron
+neurons_examined = 3  # from each list (by DLA, by patching), the top neurons whose examples and output tokens are shown
 patching_memory_mb = 1024  # working memory of one batched patching forward
 
 # %%
@@ -65,13 +66,13 @@ from IPython.display import display
 from scipy.stats import spearmanr
 from transformer_lens.utilities import get_act_name
 
-from helpers import attribution, experiments, neurons, patching, plotting
+from helpers import attribution, neurons, patching, plotting, session
 from helpers.hooks import run_with_checked_cache
 
-s = experiments.start_session("mlp_neurons", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
+s = session.start_session("mlp_neurons", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
-circuit = experiments.load_results(s, "circuit_expms")
+circuit = session.load_results(s, "circuit_expms")
 layer_scores = neurons.mlp_layer_scores(circuit)
 chosen = sorted(layers if layers is not None else sorted(layer_scores, key=layer_scores.get, reverse=True)[:n_layers_patched])
 print(f"task {s.params.task} | model {s.model_name} | MLP layers opened up: {chosen}")
@@ -172,7 +173,7 @@ figs.show(plotting.scatter(torch.cat([ndla.values[layer, patched[layer]] for lay
 # sample: a neuron's role in general text needs a wider corpus.
 
 # %%
-top_both = list({(n["layer"], n["neuron"]): n for n in top_dla[:3] + by_patching[:3]})
+top_both = list({(n["layer"], n["neuron"]): n for n in top_dla[:neurons_examined] + by_patching[:neurons_examined]})
 examples = {f"L{layer}N{neuron}": neurons.top_activating(cache, prompts.clean_tokens, model.to_str_tokens, layer, neuron, n_examples)
             for layer, neuron in top_both}
 for name, rows in examples.items():

@@ -24,26 +24,26 @@ output_dir = None
 input_dir = None
 threads = None
 """
-SESSION = 's = experiments.start_session("{name}", task, params_file, model_name, n_prompts, output_dir, None, threads, False, input_dir)\n'
+SESSION = 's = session.start_session("{name}", task, params_file, model_name, n_prompts, output_dir, None, threads, False, input_dir)\n'
 TEMPLATES = {
     "first": HEADER
-    + "\n# %%\nfrom helpers import artifacts, experiments\n"
+    + "\n# %%\nfrom helpers import artifacts, session\n"
     + SESSION.format(name="first")
     + 'artifacts.write_json(s.out_dir / "first.json", {"template": "first", "task": s.params.task, "n": len(s.prompts.clean_tokens)})\n',
     "second": HEADER
-    + "\n# %%\nfrom helpers import artifacts, experiments\n"
+    + "\n# %%\nfrom helpers import artifacts, session\n"
     + SESSION.format(name="second")
-    + 'first = experiments.load_results(s, "first")\n'
+    + 'first = session.load_results(s, "first")\n'
     'artifacts.write_json(s.out_dir / "second.json", {"template": "second", "read": first.task, "n": first.n})\n',
     "boom": HEADER + '\n# %%\nraise RuntimeError("boom: deliberate failure")\n',
     "after_boom": HEADER
-    + "\n# %%\nfrom helpers import experiments\n"
+    + "\n# %%\nfrom helpers import session\n"
     + SESSION.format(name="after_boom")
-    + 'experiments.load_results(s, "boom")\n',
+    + 'session.load_results(s, "boom")\n',
     "slow": HEADER + "\n# %%\nimport time\ntime.sleep(120)\n",
     "per_model": "# ---\n# jupyter:\n#   circuit_lab:\n#     scope: model\n# ---\n\n"
     + HEADER
-    + "\n# %%\nfrom helpers import experiments\n"
+    + "\n# %%\nfrom helpers import session\n"
     + SESSION.format(name="per_model")
     + 'print("wrote", s.write_results("per_model", {"template": "per_model", "task": s.params.task}))\n',
 }
@@ -83,9 +83,9 @@ def test_real_templates_are_ordered_by_what_they_read():
 
 
 def test_plan_errors_name_the_problem(sandbox):
-    (sandbox / "templates" / "loop_a.py").write_text(HEADER + 'experiments.load_results(s, "loop_b")\n')
-    (sandbox / "templates" / "loop_b.py").write_text(HEADER + 'experiments.load_results(s, "loop_a")\n')
-    (sandbox / "templates" / "orphan.py").write_text(HEADER + 'experiments.load_results(s, "nowhere")\n')
+    (sandbox / "templates" / "loop_a.py").write_text(HEADER + 'session.load_results(s, "loop_b")\n')
+    (sandbox / "templates" / "loop_b.py").write_text(HEADER + 'session.load_results(s, "loop_a")\n')
+    (sandbox / "templates" / "orphan.py").write_text(HEADER + 'session.load_results(s, "nowhere")\n')
     with pytest.raises(batch.PlanError, match="cycle"):
         batch.template_order(["loop_a"])
     with pytest.raises(batch.PlanError, match="orphan.py.*nowhere"):

@@ -8,20 +8,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import experiments
+from helpers import session
 from helpers.artifacts import to_jsonable, write_json
 from helpers.params import load_params
 
 
 def test_results_of_other_parameters_are_refused_by_name(tmp_path):
     params = load_params("ioi")
-    session = SimpleNamespace(params=params, model_name=params.model, input_dir=tmp_path)
+    s = SimpleNamespace(params=params, model_name=params.model, input_dir=tmp_path)
     real = json.loads((Path(__file__).parent / "data" / "results" / "circuit_expms.json").read_text())  # a template's output
     write_json(tmp_path / "circuit_expms.json", {**real, "params": to_jsonable(params), "model": "m1"})
-    assert experiments.load_results(session, "circuit_expms").model == "m1"
+    assert session.load_results(s, "circuit_expms").model == "m1"
     other = load_params("ioi", n_prompts=params.n_prompts + 1)
     write_json(tmp_path / "circuit_expms.json", {**real, "params": to_jsonable(other)})
-    with pytest.raises(experiments.MissingResults, match=r"other parameters \(n_prompts differ.*rerun the circuit_expms template"):
-        experiments.load_results(session, "circuit_expms")
-    with pytest.raises(experiments.MissingResults, match="head_functions.json not found"):
-        experiments.load_results(session, "head_functions")
+    with pytest.raises(session.MissingResults, match=r"other parameters \(n_prompts differ.*rerun the circuit_expms template"):
+        session.load_results(s, "circuit_expms")
+    with pytest.raises(session.MissingResults, match="head_functions.json not found"):
+        session.load_results(s, "head_functions")

@@ -184,7 +184,7 @@ def test_results_are_validated_before_they_are_written(tmp_path):
     """A template's last cell fails on a key its schema does not know, naming it, and writes nothing."""
     from types import SimpleNamespace
 
-    from helpers.experiments import Session
+    from helpers.session import Session
 
     s = SimpleNamespace(task_check=None, out_dir=tmp_path)
     data = fixture("induction_checks")
