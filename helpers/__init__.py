@@ -1,9 +1,11 @@
 """circuit-lab helpers: the one importable package every notebook template calls.
 
-Modules, one concept each: ``params`` (task YAML schema), ``prompts`` (clean/corrupted prompt batches),
-``models`` (loading through the TransformerLens 4 bridge), ``vocab`` and ``toy_models`` (the bundled
-models and how they were trained), ``metrics``, ``attribution`` (DLA), ``patching``, ``heads``
-(head scores, ablations), ``plotting``, ``artifacts`` (JSON results) and ``run`` (papermill driver).
+One concept per module, imports one way (the README's Architecture section; ``tests/test_architecture.py``):
+``params`` → ``prompts`` → ``models`` → the engine (``hooks``, ``interventions``, ``patching``,
+``attribution_patching``, ``path_patching``, ``edges``) → the analyses (``attribution``, ``heads``,
+``head_functions``, ``roles``, ``circuits``, ``discovery``, ``neurons``, ``weights_circuits``, ``importance``,
+``signals``) → ``session`` / ``experiments`` (what template cells call) → ``results`` (typed JSON) → ``report``;
+``cli`` → ``batch`` → ``run`` → ``layout`` for running templates. ``components`` (Head) is shared by all.
 Submodules are imported lazily so that ``import helpers`` stays cheap.
 """
 

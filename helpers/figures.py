@@ -24,9 +24,10 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import plotly.graph_objects as go
-import plotly.io as pio
+if TYPE_CHECKING:  # plotly is imported where a figure is rendered: the batch runner plans runs without it
+    import plotly.graph_objects as go
 
 
 def in_colab() -> bool:
@@ -39,6 +40,8 @@ def choose_renderer() -> str:
     displays, as plotly's documentation advises: its output frames do not run the notebook renderer's shared
     plotly.js); elsewhere ``"notebook"``, which embeds plotly.js once, so executed notebooks and their HTML work
     offline. (circuitsvis views load their JavaScript from a CDN: Colab shows them; an offline HTML copy does not.)"""
+    import plotly.io as pio
+
     pio.renderers.default = "colab" if in_colab() else "notebook"
     return pio.renderers.default
 
@@ -168,6 +171,8 @@ def render_pending(folder: Path) -> tuple[int, str | None]:
     """Render every figure a notebook left under ``folder`` as ``<name>.<fmt>.pending.json`` into ``<name>.<fmt>``
     (through this process's shared browser) and remove the JSON. Returns (figures written, the first failure as one
     line or None); after a failure the remaining pending files are removed unrendered."""
+    import plotly.io as pio
+
     pending = sorted(Path(folder).rglob(f"*{PENDING_SUFFIX}"))
     written, failure = 0, None
     with _RENDER_LOCK:

@@ -226,15 +226,8 @@ def _execute(
             shutil.copy(out_nb, failed_dir / f"{template}.ipynb")
         shutil.rmtree(staging, ignore_errors=True)
         summary = getattr(err, "evalue", None) or str(err).strip().splitlines()[-1]
-        return RunResult(
-            task_name,
-            model_name,
-            template,
-            "failed",
-            time.time() - t0,
-            failed_dir,
-            f"{getattr(err, 'ename', type(err).__name__)}: {summary} (executed notebook: {failed_dir / (template + '.ipynb')})",
-        )
+        message = f"{getattr(err, 'ename', type(err).__name__)}: {summary} (executed notebook: {failed_dir / (template + '.ipynb')})"
+        return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir, message)
     source_nb.unlink()
     images, image_failure = figures.render_pending(staging)
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
@@ -247,15 +240,8 @@ def _execute(
     except OSError as err:
         layout.recover(final, template)
         shutil.rmtree(staging, ignore_errors=True)
-        return RunResult(
-            task_name,
-            model_name,
-            template,
-            "failed",
-            time.time() - t0,
-            None,
-            f"could not publish into {final} ({err}); the previous result is unchanged",
-        )
+        message = f"could not publish into {final} ({err}); the previous result is unchanged"
+        return RunResult(task_name, model_name, template, "failed", time.time() - t0, None, message)
     staging.rmdir()
     note = "; ".join(
         n

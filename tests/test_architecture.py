@@ -81,10 +81,10 @@ def test_the_command_line_is_on_top():
     assert not [m for m, deps in graph.items() if "cli" in deps], "nothing imports helpers.cli: it sits on top"
 
 
-@pytest.mark.parametrize("module", ["layout", "models", "batch", "notes", "params", "results", "components", "report"])
+@pytest.mark.parametrize("module", ["layout", "models", "batch", "notes", "params", "results", "components", "report", "cli"])
 def test_planning_and_reporting_modules_do_not_import_torch(module):
-    """The batch planner, the report and the result schemas run for every run and every page: no torch, no
-    TransformerLens (seconds of import each) until a model is loaded."""
-    code = f"import sys, helpers.{module}; print(sorted(m for m in ('torch', 'transformer_lens') if m in sys.modules))"
+    """The batch planner, the command line, the report and the result schemas run for every run and every page: no
+    torch, no TransformerLens, no plotly (seconds of import between them) until a model is loaded or a figure drawn."""
+    code = f"import sys, helpers.{module}; print(sorted(m for m in ('torch', 'transformer_lens', 'plotly') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, check=True).stdout
     assert out.strip() == "[]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import plotly.graph_objects as go
 
 from helpers import figures, plotting
 
@@ -34,7 +35,7 @@ def test_without_a_browser_figures_show_and_one_warning_says_why(tmp_path, monke
 
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))
     monkeypatch.setattr(figures, "_IMAGE_SERVER", {})  # as in a fresh kernel: nothing started yet
-    monkeypatch.setattr(figures.go.Figure, "write_image", no_chrome)  # what kaleido does without a browser
+    monkeypatch.setattr(go.Figure, "write_image", no_chrome)  # what kaleido does without a browser
     figs = figures.Figures(tmp_path)
     with pytest.warns(UserWarning, match="static images are skipped from a on.*Chrom"):
         figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a")
@@ -48,7 +49,7 @@ def test_a_shared_browser_that_does_not_answer_is_given_up_not_waited_for(tmp_pa
     monkeypatch.setattr(figures, "_IMAGE_SERVER", {"started": True})
     monkeypatch.setattr(figures, "SERVER_TIMEOUT_S", 0.2)
     monkeypatch.setattr(figures, "_server_write", lambda fig, path, scale: time.sleep(3))
-    monkeypatch.setattr(figures.go.Figure, "write_image", lambda fig, path, scale=1: path.write_bytes(b"png"))
+    monkeypatch.setattr(go.Figure, "write_image", lambda fig, path, scale=1: path.write_bytes(b"png"))
     figs = figures.Figures(tmp_path)
     start = time.time()
     figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a")  # times out, then the retry starts its own browser
