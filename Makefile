@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run all report copy test test-all test-fast bench bench-discovery bench-templates install chromium toy-models sync lint clean-outputs format help
+.PHONY: run all report copy test test-all test-fast bench bench-discovery bench-templates install chromium toy-models sync lint clean-outputs format mutation-check help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
@@ -32,6 +32,7 @@ help:
 	@echo "make bench-discovery           edge scoring cost and discovery quality: curves, CPR/CMD, planted circuit (bench/discovery.md)"
 	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
 	@echo "make lint                      ruff lint and format check (what CI runs before the tests); make format applies the formatter"
+	@echo "make mutation-check            break the code each guarded test covers, check the test fails (tests/mutations.py)"
 	@echo "make sync                      re-pair nb_templates/*.py with their .ipynb (jupytext)"
 
 $(STAMP): requirements.txt pyproject.toml
@@ -106,6 +107,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix $(LINTED)
 	$(VENV)/bin/ruff format $(LINTED)
+
+# Break the code each guarded test covers and check that the test fails (tests/mutations.py; a few minutes)
+mutation-check: $(STAMP)
+	$(PY) tests/mutations.py
 
 clean-outputs:
 	rm -rf nb_outputs/*/ nb_outputs/.failed nb_outputs/.staging-* nb_outputs/index.html nb_outputs/runs.json

@@ -1,0 +1,129 @@
+"""Mutation checks: break the code a test guards, run that test, expect it to fail; the code is restored after each.
+
+``make mutation-check`` (``python tests/mutations.py [NAME-SUBSTRING]``) prints one row per mutation: "caught" when the
+test failed on the broken code. A mutation whose text no longer occurs in its file is reported as "stale" (the code
+moved on: update the mutation). Not collected by pytest; a few minutes (the figure mutation runs a notebook).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (what breaks, file, text, replacement, the test that must fail)
+MUTATIONS = [
+    (
+        "path patching premise (sender run)",
+        "helpers/path_patching.py",
+        'return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], n_heads, record)',
+        'return run_patched(ctx, [Intervention(_z(max(layer - 1, 0)), "clean", senders), *frozen], n_heads, record)',
+        "tests/test_path_patching.py::test_a_sender_leaves_the_inputs_of_its_own_and_earlier_layers_unchanged",
+    ),
+    (
+        "minimality reports the wrong K",
+        "helpers/circuits.py",
+        'best[v] = {"score": float(scores[start + i]), "K": list(k[v])}',
+        'best[v] = {"score": float(scores[start + i]), "K": list(k[v][:-1])}',
+        "tests/test_circuits.py::test_minimality_and_completeness",
+    ),
+    (
+        "attention shift patches the candidate in every layer",
+        "helpers/head_functions.py",
+        "masks[i, 0, c.head] = c.layer == layer",
+        "masks[i, 0, c.head] = True",
+        "tests/test_head_functions.py::test_attention_shift_is_zero_for_non_earlier_heads",
+    ),
+    (
+        "compatibility mode not enabled",
+        "helpers/models.py",
+        "    model.enable_compatibility_mode()\n",
+        "",
+        "tests/test_models.py::test_compat_mode_and_eval",
+    ),
+    (
+        "report swallows a schema error",
+        "helpers/report.py",
+        "            errors[f.stem] = str(err)\n",
+        "            continue\n",
+        "tests/test_report.py::test_a_renamed_key_is_a_clear_error_on_the_page_and_in_the_exit_code_not_a_missing_row",
+    ),
+    (
+        "results written without validation",
+        "helpers/session.py",
+        '        validate_results(template, data, where=f"the results of {template}")\n',
+        "",
+        "tests/test_report.py::test_results_are_validated_before_they_are_written",
+    ),
+    (
+        "an import cycle hidden in a function",
+        "helpers/params.py",
+        "def load_params(",
+        "def _cycle():\n    from .cli import main\n\n    return main\n\n\ndef load_params(",
+        "tests/test_architecture.py::test_the_module_graph_has_no_cycle",
+    ),
+    (
+        "rank_heads 'neg' ranks by the value",
+        "helpers/components.py",
+        '"neg": lambda v: -v',
+        '"neg": lambda v: v',
+        "tests/test_heads.py::test_rank_heads_orders_by_sign",
+    ),
+    (
+        "heads_above drops heads at the threshold",
+        "helpers/components.py",
+        "if s.value >= threshold",
+        "if s.value > threshold",
+        "tests/test_heads.py::test_heads_above_keeps_the_heads_at_or_over_the_threshold_highest_first",
+    ),
+    (
+        "a role threshold read from the wrong field",
+        "helpers/roles.py",
+        '"prev_token": "previous_token"}',
+        '"prev_token": "duplicate_token"}',
+        "tests/test_head_functions.py::test_roles_follow_the_rules_and_allow_unclassified",
+    ),
+    (
+        "the runner renders no pending figure (PNGs never written)",
+        "helpers/figures.py",
+        "write_image_retried(pio.read_json(path), path.with_name(path.name[: -len(PENDING_SUFFIX)]))",
+        "pio.read_json(path)",
+        "tests/test_notebooks.py::test_json_artifact_contents",
+    ),
+    (
+        "figures imports plotly at module level",
+        "helpers/figures.py",
+        "from typing import TYPE_CHECKING\n",
+        "from typing import TYPE_CHECKING\n\nimport plotly.io  # noqa: F401\n",
+        "tests/test_architecture.py::test_planning_and_reporting_modules_do_not_import_torch",
+    ),
+]
+
+
+def run(selected: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for name, rel, old, new, test in MUTATIONS:
+        if selected not in name:
+            continue
+        path = ROOT / rel
+        source = path.read_text()
+        if old not in source:
+            rows.append((name, "stale"))
+            print(f"{'stale':>10}  {name}  ({rel} no longer holds the text it breaks)", flush=True)
+            continue
+        path.write_text(source.replace(old, new, 1))
+        try:
+            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test]
+            failed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode != 0
+        finally:
+            path.write_text(source)
+        rows.append((name, "caught" if failed else "NOT CAUGHT"))
+        print(f"{rows[-1][1]:>10}  {name}  ({test})", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    results = run(sys.argv[1] if len(sys.argv) > 1 else "")
+    sys.exit(0 if all(status == "caught" for _, status in results) else 1)
