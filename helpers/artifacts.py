@@ -36,8 +36,6 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if hasattr(value, "model_dump"):
         return to_jsonable(value.model_dump())
-    if hasattr(value, "to_json") and type(value).__module__.startswith("helpers."):  # our typed values say how they are written
-        return to_jsonable(value.to_json())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(dataclasses.asdict(value))
     return value

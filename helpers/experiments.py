@@ -31,7 +31,7 @@ from .components import Head, rank_heads
 from .hooks import run_with_checked_cache
 from .interventions import Intervention, hooks_for
 from .metrics import group_mean, logit_diff
-from .results import CircuitExpmsResults
+from .results import BackupRiser, CircuitExpmsResults
 from .session import Session
 
 
@@ -127,17 +127,6 @@ def layer_bands(s: Session) -> dict[str, list[int]]:
     return {names[i]: list(range(cuts[i], cuts[i + 1])) for i in range(3) if cuts[i] < cuts[i + 1]}
 
 
-@dataclass(frozen=True, order=True)
-class BackupRiser(Head):
-    """A head whose DLA rose when another head was ablated: a candidate backup head."""
-
-    dla_before: float = 0.0
-    dla_after: float = 0.0
-
-    def to_json(self) -> dict:
-        return {"layer": self.layer, "head": self.head, "dla_before": round(self.dla_before, 6), "dla_after": round(self.dla_after, 6)}
-
-
 @dataclass
 class BackupResult:
     """Per-head DLA before and after mean-ablating one head at the final position."""
@@ -171,7 +160,10 @@ def backup_heads(s: Session, dla: DLAResult, head: Head, k: int) -> BackupResult
     after = head_dla(s.model, cache, direction).mean(-1).cpu()
     delta = after - dla.heads
     delta[head.index] = float("-inf")  # the ablated head is not its own backup
-    risers = [BackupRiser(h.layer, h.head, float(dla.heads[h.index]), float(after[h.index])) for h in rank_heads(delta, k, "pos")]
+    risers = [
+        BackupRiser(layer=h.layer, head=h.head, dla_before=float(dla.heads[h.index]), dla_after=float(after[h.index]))
+        for h in rank_heads(delta, k, "pos")
+    ]
     scale_before = dla.cache["ln_final.hook_scale"][:, end].mean().item()
     scale_after = cache["ln_final.hook_scale"][:, end].mean().item()
     return BackupResult(

@@ -29,6 +29,7 @@ import pandas as pd
 from .components import HeadScore, rank_heads
 from .layout import MODEL_SCOPE, outputs_dir
 from .results import (
+    TEMPLATE_OF,
     CircuitDiscoveryResults,
     CircuitExpmsResults,
     HeadFunctionsResults,
@@ -112,7 +113,7 @@ def collect(root: Path) -> list[ResultFolder]:
 
 def _typed(folder: ResultFolder, cls: type[T]) -> T | None:
     """The folder's results of the template ``cls`` is the schema of, or None when that template did not run."""
-    found = folder.of(cls.model_fields["template"].annotation.__args__[0])
+    found = folder.of(TEMPLATE_OF[cls])
     return found if isinstance(found, cls) else None
 
 

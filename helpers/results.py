@@ -46,8 +46,8 @@ class Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class BackupRiserResult(Strict):
-    """A head whose DLA rose when the top head was ablated (``experiments.BackupRiser``)."""
+class BackupRiser(Strict):
+    """A head whose DLA rose when the top head was ablated: a candidate backup head (``experiments.backup_heads``)."""
 
     layer: int
     head: int
@@ -58,6 +58,10 @@ class BackupRiserResult(Strict):
     @property
     def unit(self) -> Head:
         return Head(self.layer, self.head)
+
+    @property
+    def label(self) -> str:
+        return self.unit.label
 
 
 class TaskCheckResult(Loose):
@@ -147,7 +151,7 @@ class BackupResultJson(Strict):
     logit_diff_before: float | None
     logit_diff_after: float | None
     ln_scale_ratio: float | None
-    risers: list[BackupRiserResult]
+    risers: list[BackupRiser]
 
 
 class CircuitExpmsResults(TaskResults):
@@ -272,7 +276,7 @@ class VersusRandomResult(Loose):
 class MinimalBackupResult(Strict):
     ablated: Head
     logit_diff_after: float | None
-    risers: list[BackupRiserResult]
+    risers: list[BackupRiser]
 
 
 class MinimalCircuitResults(TaskResults):
@@ -335,6 +339,9 @@ SCHEMAS: dict[str, type[TemplateResults]] = {
 }
 
 
+TEMPLATE_OF: dict[type[TemplateResults], str] = {schema: template for template, schema in SCHEMAS.items()}
+
+
 def schema_of(template: str) -> type[TemplateResults]:
     """The schema of ``template``'s results (``TemplateResults`` for a template without one)."""
     return SCHEMAS.get(template, TemplateResults)
@@ -357,7 +364,7 @@ def validate_results(template: str, data: dict, where: str = "results") -> Templ
     each wrong key otherwise. Used on write: a template's last cell fails here instead of writing a file no
     reader understands."""
     try:
-        return schema_of(template).model_validate({"schema_version": SCHEMA_VERSION, **data})
+        return schema_of(template).model_validate(data)
     except ValidationError as err:
         raise _mismatch(
             where, template, err, f"Fix the results the {template} template writes, or its schema in helpers/results.py."

@@ -52,9 +52,9 @@ class Session:
         for a per-model template, whose results do not depend on the task), after validating it against the
         template's schema (``helpers.results``): a key the schema does not know, or a missing one, fails here."""
         check = {"task_check": self.task_check.to_json()} if self.task_check else {}
-        data = to_jsonable({**results, **check})
+        data = to_jsonable({"schema_version": SCHEMA_VERSION, **results, **check})
         validate_results(template, data, where=f"the results of {template}")
-        return write_json(self.out_dir / f"{template}.json", {"schema_version": SCHEMA_VERSION, **data})
+        return write_json(self.out_dir / f"{template}.json", data)
 
 
 def start_session(

@@ -211,9 +211,9 @@ if direct_note:
 
 # %%
 backup = upstream.backup
-risers = [h.model_copy(update={"in_circuit": h.unit.label in proposed.heads}) for h in backup.risers]
+risers = [h.model_copy(update={"in_circuit": h.label in proposed.heads}) for h in backup.risers]
 print(f"ablated {backup.ablated}: logit diff {backup.logit_diff_before:.3f} -> {backup.logit_diff_after:.3f}")
-display(pd.DataFrame([{"head": h.unit.label, "DLA before": h.dla_before, "DLA after": h.dla_after, "in the circuit": h.in_circuit}
+display(pd.DataFrame([{"head": h.label, "DLA before": h.dla_before, "DLA after": h.dla_after, "in the circuit": h.in_circuit}
                       for h in risers]).round(3))
 
 # %% [markdown] tags=["notes"]
