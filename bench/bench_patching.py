@@ -7,6 +7,12 @@ Prompts: batch 8 of 20 random-word tokens; the corrupted batch differs at 3 posi
 repeat, TransformerLens and ours run back to back (the order alternates per repeat); we report medians,
 the ratio, the peak extra memory of each, and the max |difference| between the two results.
 
+Against the physical limit: for each sweep, the minimal FLOPs the exact algorithm needs (``helpers.flops``: the
+live variants' runs from their layer and first patched position, the last block's query and MLP and the
+unembedding at the final position only), our achieved FLOP/s, and that as a fraction of this machine's dense
+matmul throughput measured in the same run (``torch.matmul`` of the model's projection shapes at the token
+counts of one to sixteen variants; the best of them is the limit).
+
 TransformerLens runs one forward pass per cell. Sweeps with more cells than ``--tl-max-cells`` time TL on a
 random subset of cells (its own ``index_df`` option) and scale the time by cells / subset; the row says so.
 
@@ -34,6 +40,7 @@ import torch
 
 from helpers import MODELS_DIR
 from helpers import attribution_patching as A
+from helpers import flops as F
 from helpers import patching as P
 from helpers.heads import random_word_ids
 from helpers.models import load_model, set_threads
@@ -42,7 +49,7 @@ from helpers.prompts import make_prompts
 
 HERE = Path(__file__).parent
 SWEEPS = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern", "head_out_by_pos", "head_pattern_dest_src"]
-LARGE_MODEL_SWEEPS = ["resid_pre", "head_out", "head_v", "head_out_by_pos"]  # TL is ~0.45 s a cell on 2 cores
+LARGE_MODEL_SWEEPS = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_out_by_pos"]  # TL is ~0.5 s a cell on 2 cores
 HEAVY_CELLS = 1000  # sweeps with more cells than this run one repeat (ours takes minutes on gpt2-small, CPU)
 QUICK_SWEEPS = ["resid_pre", "head_out"]
 
@@ -162,11 +169,39 @@ def sweep_shape(ctx: P.PatchingContext, name: str) -> torch.Size:
     return torch.Size([ctx.model.cfg.n_layers, *P.variant_shape(spec, act)])
 
 
+def matmul_limit(model, batch: int, n_pos: int, device: str, repeats: int = 5) -> dict:
+    """This machine's dense matmul throughput (FLOP/s) on the model's projection shapes ([tokens, d_model] @ [d_model, d]
+    for d = d_model and d_mlp), at the token counts of 1, 4 and 16 variants of the batch: the best median is the limit."""
+    shape = F.ModelShape.of(model.cfg)
+    dtype = next(model.parameters()).dtype
+    best, measured = 0.0, {}
+    for n_var in (1, 4, 16):
+        for width in (shape.d_model, shape.d_mlp):
+            x = torch.randn(n_var * batch * n_pos, shape.d_model, device=device, dtype=dtype)
+            w = torch.randn(shape.d_model, width, device=device, dtype=dtype)
+            torch.matmul(x, w)  # warm-up
+            times = [timed(lambda x=x, w=w: torch.matmul(x, w), device)[1] for _ in range(repeats)]
+            rate = 2 * x.shape[0] * shape.d_model * width / statistics.median(times)
+            measured[f"{x.shape[0]}x{shape.d_model}x{width}"] = round(rate / 1e9, 2)
+            best = max(best, rate)
+    return {"gflops": round(best / 1e9, 2), "shapes_gflops": measured}
+
+
+def sweep_flops(ctx: P.PatchingContext, name: str) -> int:
+    """Minimal FLOPs of sweep ``name`` on this context: every live variant from its own layer and first patched
+    position (``patching.sweep_plan(minimal=True)``); what merged runs recompute on top counts against us."""
+    shape, (batch, n_pos) = F.ModelShape.of(ctx.model.cfg), ctx.corrupted_tokens.shape
+    return sum(F.run_flops(shape, run.layer, run.start, n_pos, run.n_variants * batch) for run in P.sweep_plan(ctx, name, minimal=True))
+
+
 def bench_sweeps(model, label: str, sweeps: list[str], repeats: int, max_cells: int, device: str, batch: int, n_pos: int) -> list[dict]:
     """Interleaved repeats of TL vs ours for each sweep; medians, ratio, memory, max |difference|."""
     clean, corrupted, answers = (t.to(device) for t in random_prompts(model, batch, n_pos))
     ctx = P.make_context(model, clean, corrupted, answers)
-    P.sweep(ctx, "head_out", progress=False)  # warm-up
+    for warm_up in ("head_out", "resid_pre"):  # also verifies each saving once per model and start layer (not timed)
+        P.sweep(ctx, warm_up, progress=False)
+    limit = matmul_limit(model, batch, n_pos, device)
+    print(f"[{label}] dense matmul limit: {limit['gflops']:.1f} GFLOP/s ({limit['shapes_gflops']})", flush=True)
     rows = []
     for name in sweeps:
         shape = sweep_shape(ctx, name)
@@ -184,6 +219,7 @@ def bench_sweeps(model, label: str, sweeps: list[str], repeats: int, max_cells: 
         scale = 1.0 if cells is None else n_cells / len(cells)
         diff = (ours.cpu() - ref.cpu()).abs().max() if cells is None else (ours.cpu()[tuple(cells.T)] - ref.cpu()).abs().max()
         tl_med, our_med = statistics.median(tl_times) * scale, statistics.median(our_times)
+        minimal = sweep_flops(ctx, name)
         rows.append(
             {
                 "model": label,
@@ -198,11 +234,17 @@ def bench_sweeps(model, label: str, sweeps: list[str], repeats: int, max_cells: 
                 "tl_peak_mb": round(max(tl_mem), 1),
                 "ours_peak_mb": round(max(our_mem), 1),
                 "max_abs_diff": float(diff),
+                "minimal_gflop": round(minimal / 1e9, 3),
+                "ours_gflops": round(minimal / our_med / 1e9, 2),
+                "matmul_gflops": limit["gflops"],
+                "fraction_of_matmul": round(minimal / our_med / 1e9 / limit["gflops"], 3),
+                "matmul_shapes_gflops": limit["shapes_gflops"],
             }
         )
         print(
             f"[{label}] {name}: TL {tl_med:.2f}s{' (extrapolated)' if cells is not None else ''}, ours {our_med:.3f}s, "
-            f"{tl_med / our_med:.1f}x, max|diff| {float(diff):.1e}",
+            f"{tl_med / our_med:.1f}x, {minimal / 1e9:.2f} GFLOP at {minimal / our_med / 1e9:.1f} GFLOP/s "
+            f"({minimal / our_med / 1e9 / limit['gflops']:.0%} of matmul), max|diff| {float(diff):.1e}",
             flush=True,
         )
     return rows
@@ -254,15 +296,23 @@ def markdown(results: dict) -> str:
         "Generated by `make bench`.",
         *(["", env["note"]] if env.get("note") else []),
         "",
-        "| model | sweep | cells | TL s | ours s | speed-up | TL peak MB | ours peak MB | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Minimal GFLOP: what the exact algorithm needs for the sweep (`helpers.flops`; live variants only). "
+        "GFLOP/s: minimal GFLOP / our time. Limit: the best dense `torch.matmul` throughput on the model's projection "
+        "shapes, measured in the same run (per model, in the row).",
+        "",
+        "| model | sweep | cells | TL s | ours s | speed-up | minimal GFLOP | ours GFLOP/s | matmul limit GFLOP/s | of the limit "
+        "| TL peak MB | ours peak MB | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["sweeps"]:
         tl = f"{r['tl_median_s']:.2f}" + (f" (from {r['tl_cells_timed']} cells)" if r["tl_extrapolated"] else "")
         peaks = ["—" if r.get(k) is None else f"{r[k]:.0f}" for k in ("tl_peak_mb", "ours_peak_mb")]
+        limit = ["—"] * 4
+        if "minimal_gflop" in r:
+            limit = [f"{r['minimal_gflop']:.3f}", f"{r['ours_gflops']:.1f}", f"{r['matmul_gflops']:.1f}", f"{r['fraction_of_matmul']:.0%}"]
         lines.append(
             f"| {r['model']} | {r['sweep']} | {r['cells']} | {tl} | {r['ours_median_s']:.3f} | **{r['speedup']:.1f}×** | "
-            f"{peaks[0]} | {peaks[1]} | {r['max_abs_diff']:.1e} |"
+            f"{' | '.join(limit)} | {peaks[0]} | {peaks[1]} | {r['max_abs_diff']:.1e} |"
         )
     lines += [
         "",

@@ -10,22 +10,30 @@ these values, so what was patched can be printed and stored with the results (``
 batch, stacked along the batch axis (variant-major). It starts at the earliest intervened layer from the
 base run's cached residual stream, through the bridge's own ``forward(resid, start_at_layer=L)`` — RoPE,
 causal and sliding-window masks, parallel blocks, post-norms and soft-capping are whatever the model
-itself does; no code here steps through blocks by hand. Two exact savings make it fast:
+itself does; no code here steps through blocks by hand. It computes only what a patch can change:
 
-* the blocks before ``L`` are not computed: their outputs would be discarded by ``start_at_layer``
-  anyway, so they are stood in for by a pass-through for the duration of the call (the model's layer loop,
-  with its per-layer masks and position embeddings, is unchanged);
-* only the final position is unembedded (the metric reads nothing else).
+* **layers**: the blocks before ``L`` are not computed: their outputs would be discarded by
+  ``start_at_layer`` anyway, so they are stood in for by a pass-through for the duration of the call (the
+  model's layer loop, with its per-layer masks and position embeddings, is unchanged);
+* **positions**: attention is causal, so a patch whose earliest patched position is ``p`` changes nothing
+  at positions before ``p``. With the base run's keys and values (``KVPrefix``, the model's own Hugging Face
+  KV cache) only positions ``>= p`` are recomputed, the way generation extends a prompt: the model derives
+  the rotary offsets, causal and sliding-window masks from the cache length, and grouped-query caches keep
+  their key/value groups;
+* **the last block** runs its MLP at the final position only (its other positions are read by nothing),
+  unless a hook acts on or after that MLP;
+* **the unembedding** reads the final position only (the metric reads nothing else).
 
-Both are checked the first time a model starts at each layer: the fast result must equal the bridge's plain
-``start_at_layer`` forward (which does run the early blocks) to 1e-5; otherwise the model falls back to the
-plain forward for good, with a warning (exact, only slower).
+Each saving is checked the first time a model uses it (per start layer): the fast result must equal the
+plain computation (the bridge's own ``start_at_layer`` forward, all positions, every block) to 1e-5;
+otherwise that model falls back to the plain computation for good, with a warning (exact, only slower).
+``fast_paths(model)`` lists the verdicts.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -81,6 +89,26 @@ class Intervention:
             out["entries_set_per_variant"] = self.mask.flatten(1).sum(1).tolist()
         return out
 
+    def first_position(self, n_pos: int, changes: Bool[Tensor, "*axes"] | None = None) -> int:
+        """The earliest position this intervention changes in any variant (``n_pos`` if none): nothing it does can
+        change an activation at an earlier position. ``changes`` (activation axes without batch): where its source
+        differs from the activation it replaces in some prompt; setting an entry to the value it already has changes
+        nothing. Without it, every entry the mask selects counts as changed."""
+        sets = torch.ones(1, dtype=torch.bool) if self.mask is None else self.mask
+        if changes is not None:
+            sets = sets & changes[None].to(sets.device)
+        axis = position_axis(self.hook)
+        if sets.dim() <= axis or sets.shape[axis] == 1:  # broadcast over positions: every position
+            return 0 if bool(sets.any()) else n_pos
+        hit = sets.movedim(axis, 0).flatten(1).any(1).nonzero()
+        return int(hit[0]) if len(hit) else n_pos
+
+    def from_position(self, start: int) -> Intervention:
+        """This intervention on a run that computes positions ``>= start`` only (its mask cut to those positions)."""
+        if start == 0 or self.mask is None:
+            return self
+        return Intervention(self.hook, self.source, from_position(self.mask, self.hook, start))
+
     def apply(self, act: Tensor, value: Tensor, n_var: int) -> Tensor:
         """``act`` ([n_var * batch, ...], variant-major) with this intervention's entries taken from ``value``."""
         batch = act.shape[0] // n_var
@@ -94,6 +122,48 @@ class Intervention:
             mask = mask.reshape(mask.shape[0], 1, *mask.shape[1:])
             out = torch.where(mask, value, act)
         return out.reshape(n_var * batch, *act.shape[2:])
+
+
+def position_axis(hook: str) -> int:
+    """The axis of ``hook``'s activation (batch first) indexed by the position it is computed at: the destination
+    (query) axis of attention patterns and scores ``[batch, head, dest, src]``, axis 1 of everything else."""
+    return 2 if hook.endswith(("hook_pattern", "hook_attn_scores")) else 1
+
+
+def from_position(values: Tensor, hook: str, start: int) -> Tensor:
+    """``values`` of activation ``hook`` (or a mask over it, variant-first) at positions ``>= start`` only; an axis of
+    size 1 broadcasts over positions and is kept."""
+    axis = position_axis(hook)
+    if start == 0 or values.dim() <= axis or values.shape[axis] == 1:
+        return values
+    return values.narrow(axis, start, values.shape[axis] - start)
+
+
+def suffix_start(
+    interventions: Sequence[Intervention],
+    n_pos: int,
+    sources: Mapping[str, Mapping[str, Tensor]] | None = None,
+    base_cache: Mapping[str, Tensor] | None = None,
+) -> int:
+    """The earliest position any of ``interventions`` changes (at most ``n_pos - 1``): positions before it are unchanged.
+
+    With ``sources`` and ``base_cache`` (the unintervened run), an entry set to the value it has in the base run does
+    not count: e.g. a head's clean output patched at every position changes nothing before the first corrupted token.
+    (Exact: positions before the earliest change keep their base values in every activation, so there each
+    intervention sets an entry to the value it already has.)"""
+    return min([iv.first_position(n_pos, _changes(iv, sources, base_cache)) for iv in interventions] + [n_pos - 1])
+
+
+def _changes(iv: Intervention, sources, base_cache) -> Tensor | None:
+    """Where ``iv``'s source differs from the base run's activation in some prompt (None where that is not known: the
+    hook is not cached, or the source is recorded per variant)."""
+    if sources is None or base_cache is None or iv.hook not in base_cache:
+        return None
+    base = base_cache[iv.hook]
+    value = source_value(sources, iv, like=base)
+    if value.shape[0] not in (1, base.shape[0]) or value.shape[1:] != base.shape[1:]:
+        return None
+    return (value != base).any(0)
 
 
 class _Apply:
@@ -124,9 +194,14 @@ def source_value(sources: Mapping[str, Mapping[str, Tensor]], intervention: Inte
         raise KeyError(f"no {intervention.source!r} values for hook {intervention.hook}") from None
 
 
-def hooks_for(interventions: Sequence[Intervention], sources: Mapping[str, Mapping[str, Tensor]], n_var: int) -> list[tuple[str, _Apply]]:
-    """(hook name, hook) pairs applying ``interventions`` to ``n_var`` variants (for ``model.hooks`` or ``run_with_hooks``)."""
-    return [(iv.hook, _Apply(iv, source_value(sources, iv), n_var)) for iv in interventions]
+def hooks_for(
+    interventions: Sequence[Intervention], sources: Mapping[str, Mapping[str, Tensor]], n_var: int, start: int = 0
+) -> list[tuple[str, _Apply]]:
+    """(hook name, hook) pairs applying ``interventions`` to ``n_var`` variants (for ``model.hooks`` or ``run_with_hooks``);
+    ``start``: the run computes positions ``>= start`` only (masks and source values are cut to match)."""
+    return [
+        (iv.hook, _Apply(iv.from_position(start), from_position(source_value(sources, iv), iv.hook, start), n_var)) for iv in interventions
+    ]
 
 
 def start_layer(interventions: Sequence[Intervention], record: Sequence[str] = ()) -> int | None:
@@ -135,6 +210,58 @@ def start_layer(interventions: Sequence[Intervention], record: Sequence[str] = (
     if any(layer is None for layer in layers):
         return None
     return min(layers) if layers else None
+
+
+@dataclass(eq=False)
+class KVPrefix:
+    """The keys and values every attention layer computed in a base run, as the model's own Hugging Face KV cache
+    holds them (per layer ``[batch, kv_head, pos, d_head]``: after rotary embeddings, one per key/value group).
+
+    A run that changes nothing before position ``start`` takes positions ``< start`` from here and recomputes
+    positions ``>= start`` only (``cache``): exact, because attention is causal.
+    """
+
+    keys: list[Float[Tensor, "batch kv_head pos d_head"]]
+    values: list[Float[Tensor, "batch kv_head pos d_head"]]
+
+    @property
+    def n_pos(self) -> int:
+        return self.keys[0].shape[2]
+
+    def __repr__(self) -> str:
+        batch, n_kv, n_pos, d_head = self.keys[0].shape
+        return f"KVPrefix({len(self.keys)} layers x {batch} prompts x {n_pos} positions, {n_kv} key/value heads of {d_head})"
+
+    def cache(self, start: int, n_var: int = 1, n_prompts: int | None = None):
+        """A fresh Hugging Face cache of positions ``< start`` of every layer, for ``n_var`` copies of the batch
+        (variant-major; ``n_prompts``: of its first prompts only); the forward that receives it extends it in place,
+        so every run gets its own."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            k, v = k[:n_prompts, :, :start], v[:n_prompts, :, :start]
+            cache.update(k.repeat(n_var, 1, 1, 1), v.repeat(n_var, 1, 1, 1), layer)
+        return cache
+
+
+def kv_prefix(model, tokens: Int[Tensor, "batch pos"]) -> KVPrefix | None:
+    """The keys and values of the run of ``tokens`` (one forward through the bridge with a Hugging Face cache);
+    None, with a warning, where the model returns no usable cache (runs then recompute every position)."""
+    from transformers import DynamicCache
+
+    try:
+        with torch.no_grad():
+            _, cache = model(tokens, return_type="logits_and_cache", past_key_values=DynamicCache())
+        prefix = KVPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        if len(prefix.keys) != model.cfg.n_layers or any(
+            k.shape[2] != tokens.shape[1] or k.shape[0] != tokens.shape[0] for k in prefix.keys
+        ):
+            raise ValueError(f"cache of {len(prefix.keys)} layers, shapes {[tuple(k.shape) for k in prefix.keys]}")
+    except Exception as err:  # an architecture whose cache the bridge does not hand back: exact, only slower
+        warnings.warn(f"{_arch(model)}: no key/value cache ({err}); patches recompute every position", stacklevel=2)
+        return None
+    return prefix
 
 
 def run_interventions(
@@ -146,34 +273,51 @@ def run_interventions(
     n_var: int,
     base_cache: Mapping[str, Tensor] | None = None,
     record: Sequence[str] = (),
+    prefix: KVPrefix | None = None,
 ) -> tuple[Float[Tensor, "variant batch"], dict[str, Tensor]]:
     """Per-prompt logit difference of ``n_var`` copies of ``tokens`` under ``interventions``, and the recorded hooks.
 
     With ``base_cache`` (the unintervened run of ``tokens``, holding ``blocks.L.hook_resid_pre``) the run starts
     at the earliest intervened layer L from the cached residual stream (exact: nothing before L changes);
-    otherwise it runs from the tokens. ``record``: hook names whose activations (variant-major) are returned.
+    otherwise it runs from the tokens. With ``prefix`` (the same run's keys and values) it also recomputes only
+    the positions from the earliest one any intervention changes (exact by causality), unless hooks are recorded
+    (they are returned for every position). ``record``: hook names whose activations (variant-major) are returned.
     """
     recorded: dict[str, Tensor] = {}
-    hooks = hooks_for(interventions, sources, n_var) + [(name, recording_hook(recorded, name)) for name in record]
+    record_hooks = [(name, recording_hook(recorded, name)) for name in record]
     layer = start_layer(interventions, record)
+    resid_name = None if layer is None else get_act_name("resid_pre", layer)
     with torch.no_grad():
-        if layer is None or layer == 0 or base_cache is None:
-            with model.hooks(fwd_hooks=hooks):
+        if base_cache is None or resid_name not in base_cache:
+            with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks):
                 logits = model(tokens.repeat(n_var, 1))[:, -1:]
         else:
-            resid = base_cache[get_act_name("resid_pre", layer)]
-            logits = forward_from_layer(model, resid.repeat(n_var, *([1] * (resid.dim() - 1))), layer, hooks)
+            resid = base_cache[resid_name]
+            start = 0 if prefix is None or record else suffix_start(interventions, resid.shape[1], sources, base_cache)
+            if start and not _suffix_ok(model, resid, layer, prefix):
+                start = 0
+            hooks = hooks_for(interventions, sources, n_var, start) + record_hooks
+            past = prefix.cache(start, n_var) if start else None
+            logits = forward_from_layer(model, resid[:, start:].repeat(n_var, 1, 1), layer, hooks, past)
     return logit_diff(logits, answers.repeat(n_var, 1)).reshape(n_var, -1), recorded
 
 
-def forward_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list) -> Float[Tensor, "batch 1 d_vocab"]:
-    """Final-position logits of the bridge's ``forward(resid, start_at_layer=layer)`` under ``hooks``, fast where verified."""
-    unembed_last = [UNEMBED_LAST]
-    if _fast_start_ok(model, resid, layer):
-        with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=hooks + unembed_last):
-            return model(resid, start_at_layer=layer)
-    with model.hooks(fwd_hooks=hooks):
-        return model(resid, start_at_layer=layer)[:, -1:]
+def forward_from_layer(
+    model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list, past=None
+) -> Float[Tensor, "batch 1 d_vocab"]:
+    """Final-position logits of the bridge's ``forward(resid, start_at_layer=layer)`` under ``hooks``, fast where verified.
+
+    ``past``: a Hugging Face cache of the positions before ``resid`` (``KVPrefix.cache``); ``resid`` then holds the
+    residual stream of the later positions only."""
+    kwargs = {} if past is None else {"past_key_values": past}
+    if not _fast_start_ok(model, resid, layer):
+        with model.hooks(fwd_hooks=hooks):
+            return model(resid, start_at_layer=layer, **kwargs)[:, -1:]
+    shortcuts = [UNEMBED_LAST]
+    if not _acts_on_last_mlp_or_later(model, hooks) and _last_mlp_ok(model):
+        shortcuts.append(_last_mlp_at_final_position(model))
+    with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=hooks + shortcuts):
+        return model(resid, start_at_layer=layer, **kwargs)
 
 
 def _last_position(x: Tensor, hook=None) -> Tensor:
@@ -183,28 +327,98 @@ def _last_position(x: Tensor, hook=None) -> Tensor:
 UNEMBED_LAST = ("unembed.hook_in", _last_position)  # a forward hook: unembed the final position only (what metrics read)
 
 
+def fast_paths(model) -> dict:
+    """The savings checked on this model so far and whether each was exact (key: saving, start layer)."""
+    return dict(model.__dict__.get("_circuit_lab_fast_paths", {}))
+
+
+def _verified(model, key: tuple, fast: Callable[[], Tensor], plain: Callable[[], Tensor], what: str, warn: bool = True) -> bool:
+    """Whether ``fast()`` equals ``plain()`` (to 1e-5 of its scale in float32) on this model, checked once per ``key``; a failure
+    (or an error in ``fast``) switches that saving off for good, with a warning that says ``what`` changed."""
+    verdicts: dict = model.__dict__.setdefault("_circuit_lab_fast_paths", {})
+    if key not in verdicts:
+        with torch.no_grad():
+            reference = plain()
+            try:
+                out = fast()
+                tolerance = max(1e-5, 16 * torch.finfo(reference.dtype).eps)  # float32: 1e-5; half precision: its own rounding
+                ok = out.shape == reference.shape and bool((out - reference).abs().max() <= tolerance * (1 + reference.abs().max()))
+            except Exception:  # e.g. a block that reshapes with the full sequence length
+                ok = False
+        verdicts[key] = ok
+        if not ok and warn:
+            warnings.warn(f"{_arch(model)}: {what}; falling back to the plain computation (exact, slower)", stacklevel=4)
+    return verdicts[key]
+
+
+def _arch(model) -> str:
+    return type(getattr(model, "original_model", model)).__name__
+
+
 def _fast_start_ok(model, resid: Tensor, layer: int) -> bool:
     """Whether skipping the blocks before ``layer`` and unembedding one position is exact on this model
     (checked once per model and layer against the plain ``start_at_layer`` forward)."""
-    verdicts: dict = model.__dict__.setdefault("_circuit_lab_fast_start", {})
-    if "all" in verdicts:
-        return verdicts["all"]
-    if layer not in verdicts:
-        probe = resid[:2]
-        with torch.no_grad():
-            plain = model(probe, start_at_layer=layer)[:, -1:]
-            with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=[UNEMBED_LAST]):
-                fast = model(probe, start_at_layer=layer)
-        ok = fast.shape == plain.shape and bool((fast - plain).abs().max() <= 1e-5 * (1 + plain.abs().max()))
-        verdicts[layer] = ok
-        if not ok:
-            verdicts["all"] = False
-            warnings.warn(
-                f"{type(model.original_model).__name__}: skipping the blocks before layer {layer} changed the output; "
-                "falling back to the bridge's full start_at_layer forward (exact, slower)",
-                stacklevel=3,
-            )
-    return verdicts[layer]
+    probe = resid[:2]
+
+    def fast() -> Tensor:
+        with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=[UNEMBED_LAST]):
+            return model(probe, start_at_layer=layer)
+
+    return _verified(
+        model,
+        ("skip_blocks", layer),
+        fast,
+        lambda: model(probe, start_at_layer=layer)[:, -1:],
+        f"skipping the blocks before layer {layer} changed the output",
+    )
+
+
+def _suffix_ok(model, resid: Float[Tensor, "batch pos d_model"], layer: int, prefix: KVPrefix) -> bool:
+    """Whether recomputing only the later positions, with the earlier ones' cached keys and values, equals
+    recomputing every position on this model (checked once per model and start layer, on two prompts from the
+    middle position)."""
+    probe, start = resid[:2], resid.shape[1] // 2
+    return _verified(
+        model,
+        ("suffix", layer),
+        lambda: forward_from_layer(model, probe[:, start:], layer, [], prefix.cache(start, 1, len(probe))),
+        lambda: forward_from_layer(model, probe, layer, []),
+        f"recomputing only the positions after a patch (earlier keys and values cached) from layer {layer} changed the output",
+    )
+
+
+_BEFORE_THE_MLP = ("hook_resid_pre", "hook_in", "hook_attn_out", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
+
+
+def _acts_on_last_mlp_or_later(model, hooks: list) -> bool:
+    """Whether any of ``hooks`` acts on the last block's MLP or anything after it (then that MLP runs at every position)."""
+    last = f"blocks.{model.cfg.n_layers - 1}."
+    for name, _ in hooks:
+        if not isinstance(name, str) or name.startswith(("ln_final", "unembed")):
+            return True
+        if name.startswith(last):
+            rest = name[len(last) :]
+            if rest not in _BEFORE_THE_MLP and not rest.startswith(("attn.", "ln1.")):
+                return True
+    return False
+
+
+def _last_mlp_at_final_position(model) -> tuple[str, Callable]:
+    """A forward hook: the last block's MLP reads its final position only (its write broadcasts onto the residual
+    stream; the other positions of the last block's output are read by nothing)."""
+    return (f"blocks.{model.cfg.n_layers - 1}.mlp.hook_in", _last_position)
+
+
+def _last_mlp_ok(model) -> bool:
+    """Whether the last block's MLP at the final position only leaves the final logits exact (checked once per model;
+    no warning: some blocks reshape by the full sequence length, e.g. OPT, and keep the full MLP)."""
+    tokens = _probe_tokens(model)
+
+    def fast() -> Tensor:
+        with model.hooks(fwd_hooks=[_last_mlp_at_final_position(model), UNEMBED_LAST]):
+            return model(tokens)
+
+    return _verified(model, ("last_mlp",), fast, lambda: model(tokens)[:, -1:], "", warn=False)
 
 
 @contextmanager
@@ -274,9 +488,10 @@ def hook_takes_effect(model, hook: str) -> bool:
 
 
 def _probe_tokens(model) -> Tensor:
-    """A short fixed prompt for the probes below: BOS (or id 0) and four other ids."""
+    """Two short fixed prompts for the probes: BOS (or id 0) and four other ids. Two, so that a probe also catches
+    code that only works for one prompt (e.g. a reshape that broadcasts correctly for a batch of one)."""
     bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
-    return torch.tensor([[bos, 5, 7, 9, 11]], device=model.cfg.device) % model.cfg.d_vocab
+    return torch.tensor([[bos, 5, 7, 9, 11], [bos, 6, 8, 10, 12]], device=model.cfg.device) % model.cfg.d_vocab
 
 
 def edit_reaches_residual(model, hook: str) -> bool:

@@ -3,18 +3,21 @@ logit difference comes back (normalised: 0 = corrupted run, 1 = clean run).
 
 One engine serves every sweep. For a layer L, each *variant* (a position, a head, a head at a position, an
 attention-pattern entry) is one copy of the corrupted batch; a boolean mask says which entries of the
-activation are taken from the clean cache in that copy. Two levers make it fast, both exact:
+activation are taken from the clean cache in that copy. Three levers make it fast, all exact:
 
 1. start from the cached corrupted residual stream at layer L (nothing before layer L changes), and unembed
    only the final position;
-2. run many variants as one batch, chunked to a memory budget; variants whose clean and corrupted entries
-   are equal are exactly 0 and are skipped.
+2. recompute only the positions from the first one a variant changes, with the corrupted run's keys and values
+   for the earlier ones (nothing before it changes; ``interventions.KVPrefix``);
+3. run many variants as one batch, cut by first changed position and a memory budget (``variant_chunks``);
+   variants whose clean and corrupted entries are equal are exactly 0 and are skipped.
 
 Results equal ``transformer_lens.patching`` (tested to 1e-4) in the same layouts (``SWEEPS[name].layout``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable
@@ -29,8 +32,11 @@ from transformer_lens.ActivationCache import ActivationCache
 from .hooks import resolve_hook_names
 from .interventions import (
     Intervention,
+    KVPrefix,
     edit_reaches_residual,
     hook_takes_effect,
+    kv_prefix,
+    position_axis,
     run_interventions,
 )
 from .metrics import (
@@ -109,6 +115,7 @@ class PatchingContext:
     corrupted_logit_diff: float
     clean_per_prompt: Float[Tensor, batch] | None = None  # per-prompt baselines, for per-template breakdowns
     corrupted_per_prompt: Float[Tensor, batch] | None = None
+    corrupted_kv: KVPrefix | None = None  # the corrupted run's keys and values: patches recompute only later positions
 
     @property
     def normalisation(self) -> NormalisationCheck:
@@ -207,6 +214,7 @@ def make_context(
         corrupted_logit_diff=corr_ld.mean().item(),
         clean_per_prompt=clean_ld,
         corrupted_per_prompt=corr_ld,
+        corrupted_kv=kv_prefix(model, corrupted_tokens),
     )
     if warn:
         check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff)  # warns once, here, if the gap is too small
@@ -229,6 +237,72 @@ def variant_masks(sweep: Sweep, act_shape: torch.Size, variants: Int[Tensor, var
         one_hot = torch.arange(act_shape[1 + axis])[None] == coord[:, None]
         mask = mask & one_hot.reshape(shape)
     return mask
+
+
+def first_changed_positions(
+    sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, variant], block: int = 4096
+) -> Int[Tensor, variant]:
+    """The earliest position at which each variant's patch changes the activation: the first position (destination,
+    for patterns) where its mask selects an entry whose clean and corrupted values differ in some prompt; ``n_pos``
+    where it changes nothing. Nothing before it changes, so a run recomputes only the later positions (a head patched
+    at every position still changes nothing before the first corrupted token). ``block``: variants per step (memory)."""
+    differs = (clean != corrupted).any(0)
+    axis = position_axis(sweep.hook) - 1  # among the axes after batch
+    n_pos = differs.shape[axis]
+    out = []
+    for part in variants.split(block):
+        changes = variant_masks(sweep, clean.shape, part).to(differs.device) & differs[None]
+        per_position = changes.movedim(1 + axis, 1).flatten(2).any(2)  # [variant, pos]
+        out.append(torch.where(per_position.any(1), per_position.int().argmax(1), n_pos).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+RUN_COST_ROWS = 96
+"""What one batched forward costs beyond its token rows, in token rows: reading every weight matrix once and the
+per-call overhead (measured on 2 CPU cores at gpt2-small's size: a forward of 8 rows took as long as 90 more rows).
+``variant_chunks`` weighs it against recomputing positions that a merged run does not need."""
+
+
+def variant_chunks(
+    model,
+    variants: Int[Tensor, variant],
+    starts: Int[Tensor, variant],
+    n_pos: int,
+    batch: int,
+    memory_mb: float,
+    max_variants: int | None,
+) -> list[Int[Tensor, variant]]:
+    """``variants`` in batched runs, each recomputing the positions from the earliest one its variants change
+    (``starts``, from ``first_changed_positions``).
+
+    Variants are taken in order of their first patched position and cut into runs of consecutive starts so that
+    the estimated cost is least: each run costs ``RUN_COST_ROWS`` plus the token rows it computes (its variants x
+    batch x positions from its earliest start), within ``memory_mb`` and ``max_variants``. A run per start recomputes
+    nothing needlessly but reads the weights once per start; one run for all reads them once but recomputes
+    positions that later-starting variants do not need."""
+    order = torch.argsort(starts, stable=True)
+    variants, starts = variants[order], starts[order]
+    values, counts = torch.unique_consecutive(starts, return_counts=True)
+    values, counts = values.tolist(), counts.tolist()
+    best, cut = [0.0] + [math.inf] * len(values), [0] * (len(values) + 1)  # best[i]: least cost of the first i starts
+    for i in range(1, len(values) + 1):
+        n_var = 0
+        for j in range(i - 1, -1, -1):  # a run of the starts j..i-1 recomputes from values[j]
+            n_var += counts[j]
+            runs = math.ceil(n_var / variants_per_chunk(model, batch, n_pos - values[j], memory_mb, max_variants))
+            cost = best[j] + runs * RUN_COST_ROWS + n_var * batch * (n_pos - values[j])
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    bounds, i = [], len(values)
+    while i > 0:
+        bounds.append((cut[i], i))
+        i = cut[i]
+    offsets = [0, *itertools.accumulate(counts)]
+    return [
+        part
+        for j, i in reversed(bounds)
+        for part in variants[offsets[j] : offsets[i]].split(variants_per_chunk(model, batch, n_pos - values[j], memory_mb, max_variants))
+    ]
 
 
 def bytes_per_variant(model, batch: int, n_pos: int) -> int:
@@ -256,7 +330,8 @@ def sources(ctx: PatchingContext) -> dict[str, dict[str, Tensor]]:
 
 def run_patched(ctx: PatchingContext, interventions: list[Intervention], n_var: int, record: list[str] = ()) -> tuple[Tensor, dict]:
     """Per-prompt logit difference [variant, batch] of the corrupted run under ``interventions``, and recorded hooks;
-    starts at the earliest intervened layer from the cached corrupted residual stream."""
+    starts at the earliest intervened layer from the cached corrupted residual stream, and at the earliest patched
+    position from the corrupted run's keys and values."""
     return run_interventions(
         ctx.model,
         ctx.corrupted_tokens,
@@ -266,6 +341,7 @@ def run_patched(ctx: PatchingContext, interventions: list[Intervention], n_var: 
         n_var,
         base_cache=ctx.corrupted_cache.cache_dict,
         record=record,
+        prefix=ctx.corrupted_kv,
     )
 
 
@@ -274,13 +350,6 @@ def run_patched_from_layer(
 ) -> Float[Tensor, "variant batch"]:
     """Per-prompt logit difference of each variant: corrupted run with ``hook_name`` (in block ``layer``) patched from clean by mask."""
     return run_patched(ctx, [Intervention(hook_name, "clean", masks)], masks.shape[0])[0]
-
-
-def changed_variants(sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, variant]) -> Bool[Tensor, variant]:
-    """Variants whose masked entries differ between clean and corrupted in some prompt (the others change nothing)."""
-    differs = (clean != corrupted).any(0)
-    masks = variant_masks(sweep, clean.shape, variants).to(differs.device)
-    return (masks & differs[None]).flatten(1).any(1).cpu()
 
 
 def sweep(
@@ -319,8 +388,7 @@ def run_sweep(
     one result per group, ``[group, layer, ...]``, each averaged and normalised over its own prompts only."""
     model = ctx.model
     check_supported(model, spec)
-    batch, n_pos = ctx.corrupted_tokens.shape
-    chunk = variants_per_chunk(model, batch, n_pos, memory_mb, max_variants)
+    batch = ctx.corrupted_tokens.shape[0]
     weights = group_weights(batch, groups)  # [batch, group]
     if groups is None:
         clean_base, corr_base = torch.tensor([ctx.clean_logit_diff]), torch.tensor([ctx.corrupted_logit_diff])
@@ -329,23 +397,63 @@ def run_sweep(
     rows = []
     show = progress and os.environ.get("CIRCUIT_LAB_PROGRESS", "1") != "0"  # the batch runner sets 0 (quiet saved notebooks)
     for layer in tqdm(range(model.cfg.n_layers) if layers is None else layers, desc=f"patch {spec.name}", disable=not show, leave=False):
-        hook_name = resolve_hook_names(model, spec.hook_name(layer))[0]
-        clean, corrupted = ctx.clean_cache[hook_name], ctx.corrupted_cache[hook_name]
+        hook_name, clean, variants, live, starts = _layer_variants(ctx, spec, layer)
         shape = variant_shape(spec, clean.shape)
-        variants = torch.arange(math.prod(shape))
-        live = variants[changed_variants(spec, clean, corrupted, variants)]
         ld = corr_base.repeat(len(variants), 1)  # [variant, group]
         if only is not None:
             selected = torch.zeros(len(variants), dtype=torch.bool)
             selected[only[layer]] = True
             ld[~selected] = float("nan")
-            live = live[selected[live]]
-        for part in live.split(chunk) if len(live) else ():  # (an empty tensor splits into one empty part)
+            live, starts = live[selected[live]], starts[selected[live]]
+        for part in variant_chunks(model, live, starts, _n_pos(spec, clean), batch, memory_mb, max_variants):
             ld[part] = run_patched_from_layer(ctx, layer, hook_name, variant_masks(spec, clean.shape, part)).cpu() @ weights
         ld = ld if raw else normalised(ld, clean_base, corr_base)
         rows.append(ld.T.reshape(-1, *shape))  # [group, *shape]
     result = torch.stack(rows, 1)  # [group, layer, *shape]
     return result[0] if groups is None else result
+
+
+def _layer_variants(ctx: PatchingContext, spec: Sweep, layer: int) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
+    """Sweep ``spec`` at ``layer``: the hook, its clean activation, every variant, the live ones (those whose patch
+    changes something; the others are exactly the corrupted run) and the first position each live one changes."""
+    hook_name = resolve_hook_names(ctx.model, spec.hook_name(layer))[0]
+    clean, corrupted = ctx.clean_cache[hook_name], ctx.corrupted_cache[hook_name]
+    variants = torch.arange(math.prod(variant_shape(spec, clean.shape)))
+    first = first_changed_positions(spec, clean, corrupted, variants)
+    live = first < _n_pos(spec, clean)
+    return hook_name, clean, variants, variants[live], first[live]
+
+
+def _n_pos(spec: Sweep, act: Tensor) -> int:
+    return act.shape[position_axis(spec.hook)]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One batched forward of a sweep: ``n_variants`` copies of the corrupted batch from block ``layer``, recomputing
+    positions ``>= start`` (the earliest position its variants patch)."""
+
+    layer: int
+    start: int
+    n_variants: int
+
+
+def sweep_plan(
+    ctx: PatchingContext, name: str, memory_mb: float = 1024, max_variants: int | None = None, minimal: bool = False
+) -> list[PlannedRun]:
+    """The batched runs ``sweep(ctx, name)`` makes (live variants only); ``minimal``: instead, one entry per layer and
+    first patched position, each variant from its own start (what the exact algorithm needs, for ``flops.run_flops``)."""
+    spec, batch = SWEEPS[name], ctx.corrupted_tokens.shape[0]
+    plan = []
+    for layer in range(ctx.model.cfg.n_layers):
+        _, clean, _, live, starts = _layer_variants(ctx, spec, layer)
+        if minimal:
+            values, counts = starts.unique(return_counts=True)
+            plan += [PlannedRun(layer, start, count) for start, count in zip(values.tolist(), counts.tolist())]
+            continue
+        for part in variant_chunks(ctx.model, live, starts, _n_pos(spec, clean), batch, memory_mb, max_variants):
+            plan.append(PlannedRun(layer, int(starts[torch.isin(live, part)].min()), len(part)))
+    return plan
 
 
 def patch_everything_at(ctx: PatchingContext, name: str, layer: int, everything: bool) -> float:

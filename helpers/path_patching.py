@@ -92,6 +92,7 @@ def _receiver_run(ctx: PatchingContext, sender_layer: int, recorded: dict[str, T
         {"recorded": recorded},
         cfg.n_heads,
         base_cache=ctx.corrupted_cache.cache_dict,
+        prefix=ctx.corrupted_kv,
     )
     return logit_diffs.mean(-1).cpu()
 
@@ -185,6 +186,7 @@ def direct_path_effects(
                 {"recorded": {name: fork[:, :, None, :]}},
                 cfg.n_heads,
                 base_cache=ctx.corrupted_cache.cache_dict,
+                prefix=ctx.corrupted_kv,
             )
             out[l] = normalised(diffs.mean(-1).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
     return out

@@ -99,6 +99,41 @@ MUTATIONS = [
         "from typing import TYPE_CHECKING\n\nimport plotly.io  # noqa: F401\n",
         "tests/test_architecture.py::test_planning_and_reporting_modules_do_not_import_torch",
     ),
+    (
+        "cached keys and values one position short",
+        "helpers/interventions.py",
+        "k, v = k[:n_prompts, :, :start], v[:n_prompts, :, :start]",
+        "k, v = k[:n_prompts, :, : start - 1], v[:n_prompts, :, : start - 1]",
+        "tests/test_recompute.py::test_suffix_runs_equal_full_recompute_on_every_family",
+    ),
+    (
+        "a suffix run takes uncut source values",
+        "helpers/interventions.py",
+        "from_position(source_value(sources, iv), iv.hook, start)",
+        "source_value(sources, iv)",
+        "tests/test_recompute.py::test_suffix_runs_equal_full_recompute_on_every_family",
+    ),
+    (
+        "the fast-path verifier accepts anything",
+        "helpers/interventions.py",
+        "                ok = out.shape == reference.shape and bool(",
+        "                ok = True or bool(",
+        "tests/test_recompute.py::test_a_wrong_suffix_falls_back_to_the_full_recompute",
+    ),
+    (
+        "sweeps recompute every position",
+        "helpers/patching.py",
+        "    return next((coord for coord, (_, a) in zip(coords, sweep.axes) if a == axis), torch.zeros_like(variants))",
+        "    return torch.zeros_like(variants)",
+        "tests/test_recompute.py::test_by_position_sweeps_run_each_start_on_its_suffix",
+    ),
+    (
+        "the last MLP cut to one position under a hook that reads it",
+        "helpers/interventions.py",
+        '            if rest not in _BEFORE_THE_MLP and not rest.startswith(("attn.", "ln1.")):\n                return True',
+        "            pass",
+        "tests/test_recompute.py::test_hooks_on_the_last_mlp_keep_it_at_every_position",
+    ),
 ]
 
 

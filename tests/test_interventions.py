@@ -37,7 +37,7 @@ def test_fast_start_equals_the_bridge_forward(family, family_models):
     for layer in range(model.cfg.n_layers):
         fast = I.forward_from_layer(model, cache[f"blocks.{layer}.hook_resid_pre"], layer, [])
         assert (fast - full).abs().max() <= 1e-5
-    assert model.__dict__["_circuit_lab_fast_start"] == dict.fromkeys(range(1, model.cfg.n_layers), True) | {0: True}
+    assert all(I.fast_paths(model)[("skip_blocks", layer)] for layer in range(model.cfg.n_layers))
 
 
 def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
@@ -46,11 +46,12 @@ def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
     _, cache = model.run_with_cache(prompts.clean_tokens)
     full = model(prompts.clean_tokens)[:, -1:]
     monkeypatch.setattr(I, "UNEMBED_LAST", ("unembed.hook_in", lambda x, hook=None: x[:, :1]))  # a broken shortcut: the first position
-    model.__dict__.pop("_circuit_lab_fast_start", None)
+    model.__dict__.pop("_circuit_lab_fast_paths", None)
     with pytest.warns(UserWarning, match="falling back"):
         out = I.forward_from_layer(model, cache["blocks.1.hook_resid_pre"], 1, [])
     assert (out - full).abs().max() <= 1e-5
-    model.__dict__.pop("_circuit_lab_fast_start", None)
+    assert I.fast_paths(model)[("skip_blocks", 1)] is False
+    model.__dict__.pop("_circuit_lab_fast_paths", None)
 
 
 def test_grouped_query_sweeps_are_per_key_value_group(llama):

@@ -1,0 +1,140 @@
+"""Recompute only what a patch can change: later positions from cached keys and values, the last block's MLP at the
+final position, on every model family; each saving equals the plain computation or is switched off with a warning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import flops as F
+from helpers import interventions as I
+from helpers import patching as P
+from helpers.families import FAMILIES
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request, family_models):
+    model, prompts = family_models(request.param)
+    return request.param, P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
+
+
+def _patch_from(ctx, hook: str, start: int, n_pos: int) -> I.Intervention:
+    """Two variants: patch ``hook`` from clean at position ``start`` only, and at every position >= start."""
+    mask = torch.zeros(2, n_pos, dtype=torch.bool)
+    mask[0, start] = True
+    mask[1, start:] = True
+    return I.Intervention(hook, "clean", mask.reshape(2, n_pos, *[1] * (ctx.clean_cache[hook].dim() - 2)))
+
+
+def test_suffix_runs_equal_full_recompute_on_every_family(fam):
+    """A patch from position p: recomputing positions >= p with the corrupted run's cached keys and values equals
+    recomputing every position (RoPE offsets, GQA, sliding windows, parallel blocks), at every layer and p."""
+    family, ctx = fam
+    model, n_pos = ctx.model, ctx.corrupted_tokens.shape[1]
+    assert isinstance(ctx.corrupted_kv, I.KVPrefix) and ctx.corrupted_kv.n_pos == n_pos
+    for layer in range(model.cfg.n_layers):
+        for hook in (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"):
+            for start in (1, n_pos // 2, n_pos - 1):
+                iv = [_patch_from(ctx, hook, start, n_pos)]
+                assert I.suffix_start(iv, n_pos) == start
+                args = (model, ctx.corrupted_tokens, ctx.answer_tokens, iv, P.sources(ctx), 2, ctx.corrupted_cache.cache_dict)
+                full, _ = I.run_interventions(*args)
+                suffix, _ = I.run_interventions(*args, prefix=ctx.corrupted_kv)
+                assert (suffix - full).abs().max() <= 1e-4, (family, hook, start)
+    paths = I.fast_paths(model)
+    assert all(paths[("suffix", layer)] for layer in range(model.cfg.n_layers)), paths  # used, not silently switched off
+    assert all(paths[("skip_blocks", layer)] for layer in range(model.cfg.n_layers)), paths
+    # the last block's MLP at the final position only: exact everywhere except where a block reshapes by the sequence length
+    assert paths[("last_mlp",)] == (family != "opt"), paths
+
+
+@pytest.mark.parametrize("name", ["resid_pre", "head_out"])
+def test_sweeps_run_each_variant_from_the_first_position_it_changes(fam, name, monkeypatch):
+    """Variants run grouped by the first position their patch changes, each run on the positions from its earliest:
+    a by-position patch at its position, a head patched at every position from the first corrupted token."""
+    _, ctx = fam
+    n_pos, seen = ctx.corrupted_tokens.shape[1], []
+    P.sweep(ctx, name, progress=False)  # the savings are verified on first use (those runs are not counted below)
+    plain = I.forward_from_layer
+
+    def spy(model, resid, layer, hooks, past=None):
+        seen.append((layer, resid.shape[1], 0 if past is None else past.get_seq_length()))
+        return plain(model, resid, layer, hooks, past)
+
+    monkeypatch.setattr(I, "forward_from_layer", spy)
+    ours = P.sweep(ctx, name, progress=False)
+    starts = {(run.layer, run.start) for run in P.sweep_plan(ctx, name)}
+    assert {(layer, n_pos - length) for layer, length, _ in seen} == starts
+    assert all(cached == n_pos - length for _, length, cached in seen)  # the cache holds exactly the positions not recomputed
+    embedded = [cache["blocks.0.hook_resid_pre"] for cache in (ctx.clean_cache, ctx.corrupted_cache)]
+    first_corrupted = int((embedded[0] != embedded[1]).any(0).any(-1).nonzero()[0])
+    assert min(start for _, start in starts) == first_corrupted > 0  # nothing before the first corrupted token changes
+    assert ours.shape[0] == ctx.model.cfg.n_layers
+
+
+def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypatch):
+    """If cached keys and values gave another output (a new architecture), the engine must notice and recompute all."""
+    model, prompts = family_models("llama")
+    ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
+    reference = P.sweep(ctx, "resid_pre", progress=False)
+    good = I.KVPrefix.cache
+    monkeypatch.setattr(I.KVPrefix, "cache", lambda self, start, n_var=1: good(self, max(start - 1, 0), n_var))  # one position short
+    paths = model.__dict__.pop("_circuit_lab_fast_paths")
+    try:
+        with pytest.warns(UserWarning, match="falling back"):
+            ours = P.sweep(ctx, "resid_pre", progress=False)
+        assert not any(v for k, v in I.fast_paths(model).items() if k[0] == "suffix")
+        assert (ours - reference).abs().max() <= 1e-4
+    finally:
+        model.__dict__["_circuit_lab_fast_paths"] = paths
+
+
+def test_hooks_on_the_last_mlp_keep_it_at_every_position(family_models):
+    model, prompts = family_models("gpt2")
+    last = model.cfg.n_layers - 1
+    assert not I._acts_on_last_mlp_or_later(model, [(f"blocks.{last}.hook_resid_pre", None), (f"blocks.{last}.attn.hook_z", None)])
+    for name in (f"blocks.{last}.hook_mlp_out", f"blocks.{last}.mlp.hook_post", f"blocks.{last}.hook_resid_post", "ln_final.hook_scale"):
+        assert I._acts_on_last_mlp_or_later(model, [(name, None)])
+    assert I._acts_on_last_mlp_or_later(model, [(lambda name: True, None)])  # a filter may match anything
+    ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
+    torch.testing.assert_close(P.sweep(ctx, "mlp_out", progress=False), P.tl_reference(ctx, "mlp_out"), atol=1e-4, rtol=0)
+
+
+def test_intervention_positions():
+    mask = torch.zeros(3, 5, 4, 1, dtype=torch.bool)
+    mask[1, 3, 2] = True
+    mask[2, 2:] = True
+    iv = I.Intervention("blocks.1.attn.hook_z", "clean", mask)
+    assert iv.first_position(5) == 2 and I.suffix_start([iv], 5) == 2
+    changes = torch.zeros(5, 4, 1, dtype=torch.bool)
+    changes[3:, 2] = True  # the source differs from the base only from position 3, head 2
+    assert iv.first_position(5, changes) == 3
+    clean, base = torch.zeros(1, 5, 4, 1), torch.zeros(1, 5, 4, 1)
+    clean[0, 4, 0] = 1.0  # differs at position 4, head 0 only
+    sources, cache = {"clean": {iv.hook: clean}}, {iv.hook: base}
+    assert I.suffix_start([iv], 5, sources, cache) == 4  # variant 2 sets position 4 of every head
+    assert iv.from_position(2).mask.shape == (3, 3, 4, 1) and iv.from_position(2).mask[1, 1, 2]
+    pattern = I.Intervention(
+        "blocks.0.attn.hook_pattern", "clean", torch.zeros(1, 4, 5, 5, dtype=torch.bool).index_fill(2, torch.tensor([4]), True)
+    )
+    assert pattern.first_position(5) == 4 and pattern.from_position(4).mask.shape == (1, 4, 1, 5)  # the destination axis
+    assert I.Intervention("blocks.0.hook_resid_pre", "zero", torch.ones(2, 1, 1, dtype=torch.bool)).first_position(5) == 0  # broadcast
+    assert I.Intervention("blocks.0.hook_resid_pre", "zero").first_position(5) == 0
+    assert I.suffix_start([I.Intervention("blocks.0.hook_resid_pre", "clean", torch.zeros(1, 5, 1, dtype=torch.bool))], 5) == 4
+    values = torch.arange(2 * 5 * 3).reshape(2, 5, 3)
+    assert torch.equal(I.from_position(values, "blocks.0.hook_resid_pre", 3), values[:, 3:])
+
+
+def test_flop_counts_by_hand():
+    shape = F.ModelShape(n_layers=2, d_model=8, n_heads=2, n_kv_heads=1, d_head=4, d_mlp=16, gated_mlp=False, d_vocab=10)
+    kv, qom = 2 * 2 * 8 * 1 * 4, 2 * 2 * 8 * 2 * 4 + 2 * 2 * 8 * 16
+    assert (shape.key_value(), shape.query_output_mlp(), shape.attention(2)) == (kv, qom, 2 * 2 * 2 * 4 * 3)
+    block_all = 3 * kv + sum(qom + shape.attention(p) for p in range(3))
+    assert shape.block(0, 3) == block_all
+    assert shape.block(1, 3, final_only=True) == 2 * kv + qom + shape.attention(2)
+    # from layer 0, start 1, 3 positions, 5 prompts: block 0 at positions 1-2, the last block's keys/values at 1-2 and the rest at 2
+    expected = 5 * (shape.block(1, 3) + shape.block(1, 3, final_only=True) + 2 * 8 * 10)
+    assert F.run_flops(shape, 0, 1, 3, 5) == expected
+    assert F.forward_flops(shape, 3, 5) == 5 * (2 * block_all + 3 * 2 * 8 * 10) > F.run_flops(shape, 0, 0, 3, 5)
+    gated = F.ModelShape(**{**shape.__dict__, "gated_mlp": True})
+    assert gated.query_output_mlp() - shape.query_output_mlp() == 2 * 8 * 16
