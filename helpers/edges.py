@@ -41,7 +41,7 @@ from transformer_lens.utilities import get_act_name
 
 from .attribution import decomposition_caveats
 from .attribution_patching import EMBED_HOOK, metric_gradients
-from .interventions import edit_reaches_residual, forward_from_layer, hook_takes_effect
+from .interventions import KVPrefix, edit_reaches_residual, forward_from_layer, hook_takes_effect, kv_prefix, suffix_ok
 from .metrics import logit_diff, normalised
 from .patching import NotSupported, variants_per_chunk
 from .path_patching import split_qkv_input
@@ -284,6 +284,14 @@ class EdgeContext:
     clean_embed: Float[Tensor, "batch pos d_model"]
     clean_logit_diff: float
     corrupted_logit_diff: float
+    clean_kv: KVPrefix | None = None  # the clean run's keys and values: evaluations recompute from the first difference on
+
+    @property
+    def first_difference(self) -> int:
+        """The first position where some sender's clean and corrupted outputs differ (at most the last position).
+        Before it every evaluation equals the clean run, whatever edges it keeps (their removal changes nothing)."""
+        differs = (self.clean_outputs != self.corrupted_outputs).flatten(2).any(2).any(0).nonzero()
+        return min(int(differs[0]) if len(differs) else self.clean_outputs.shape[1], self.clean_outputs.shape[1] - 1)
 
 
 def _sender_hooks(n_layers: int) -> list[str]:
@@ -321,6 +329,7 @@ def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeCo
         clean_cache[EMBED_HOOK],
         logit_diff(clean_logits, answer_tokens).mean().item(),
         logit_diff(corr_logits, answer_tokens).mean().item(),
+        kv_prefix(model, clean_tokens),
     )
 
 
@@ -329,13 +338,15 @@ class _EdgeRun:
     each variant's sender outputs minus the corrupted ones ([variant, sender, batch, pos, d_model], sender-major so
     that removing edges is one batched matrix product), filled in as the forward pass computes them."""
 
-    def __init__(self, ectx: EdgeContext, absent: Bool[Tensor, "variant sender receiver"]):
+    def __init__(self, ectx: EdgeContext, absent: Bool[Tensor, "variant sender receiver"], start: int = 0):
+        """``start``: the run computes positions ``>= start`` only (before it nothing differs from the clean run)."""
         self.ectx, self.n_var = ectx, absent.shape[0]
-        batch, pos, n_send, d = ectx.corrupted_outputs.shape
-        self.absent = absent.to(device=ectx.corrupted_outputs.device, dtype=ectx.corrupted_outputs.dtype)
-        self.delta = ectx.corrupted_outputs.new_zeros(self.n_var, n_send, batch, pos, d)
-        self.delta[:, 0] = ectx.clean_outputs[:, :, 0] - ectx.corrupted_outputs[:, :, 0]  # the input: always clean
-        self.corrupted = ectx.corrupted_outputs.permute(2, 0, 1, 3)  # [sender, batch, pos, d_model]
+        clean, corrupted = ectx.clean_outputs[:, start:], ectx.corrupted_outputs[:, start:]
+        batch, pos, n_send, d = corrupted.shape
+        self.absent = absent.to(device=corrupted.device, dtype=corrupted.dtype)
+        self.delta = corrupted.new_zeros(self.n_var, n_send, batch, pos, d)
+        self.delta[:, 0] = clean[:, :, 0] - corrupted[:, :, 0]  # the input: always clean
+        self.corrupted = corrupted.permute(2, 0, 1, 3)  # [sender, batch, pos, d_model]
 
     def record(self, slots: slice, act: Float[Tensor, "variant_batch pos n d_model"]) -> None:
         """Store senders ``slots``' outputs in this run minus the corrupted ones."""
@@ -405,16 +416,19 @@ def evaluate_masks(
     ``per_prompt``: raw logit differences [variant, batch] instead."""
     masks = masks & ectx.graph.allowed
     model = ectx.model
-    batch, pos, n_send, d = ectx.corrupted_outputs.shape
-    delta_bytes = batch * pos * n_send * d * ectx.corrupted_outputs.element_size()  # per variant, held for the whole run
-    chunk = max(1, min(variants_per_chunk(model, batch, pos, memory_mb, len(masks)), int(memory_mb * 2**20 // delta_bytes)))
     out = []
     with receiver_forks(model), torch.no_grad():
-        for start in range(0, len(masks), chunk):
-            absent = ~masks[start : start + chunk]
-            run = _EdgeRun(ectx, absent)
-            embeddings = ectx.clean_outputs[:, :, 0].repeat(run.n_var, 1, 1)  # blocks.0.hook_resid_pre of the clean run
-            logits = forward_from_layer(model, embeddings, 0, _hooks(run))  # final position only
+        start = 0
+        if ectx.clean_kv is not None and suffix_ok(model, ectx.clean_outputs[:, :, 0], 0, ectx.clean_kv, "receiver forks"):
+            start = ectx.first_difference  # earlier positions: the clean run's keys and values
+        batch, pos, n_send, d = ectx.corrupted_outputs[:, start:].shape
+        delta_bytes = batch * pos * n_send * d * ectx.corrupted_outputs.element_size()  # per variant, held for the whole run
+        chunk = max(1, min(variants_per_chunk(model, batch, pos, memory_mb, len(masks)), int(memory_mb * 2**20 // delta_bytes)))
+        for first in range(0, len(masks), chunk):
+            run = _EdgeRun(ectx, ~masks[first : first + chunk], start)
+            embeddings = ectx.clean_outputs[:, start:, 0].repeat(run.n_var, 1, 1)  # blocks.0.hook_resid_pre of the clean run
+            past = ectx.clean_kv.cache(start, run.n_var) if start else None
+            logits = forward_from_layer(model, embeddings, 0, _hooks(run), past)  # final position only
             out.append(logit_diff(logits, ectx.answer_tokens.repeat(run.n_var, 1)).reshape(run.n_var, batch).cpu())
     lds = torch.cat(out)
     return lds if per_prompt else normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff)

@@ -294,7 +294,7 @@ def run_interventions(
         else:
             resid = base_cache[resid_name]
             start = 0 if prefix is None or record else suffix_start(interventions, resid.shape[1], sources, base_cache)
-            if start and not _suffix_ok(model, resid, layer, prefix):
+            if start and not suffix_ok(model, resid, layer, prefix):
                 start = 0
             hooks = hooks_for(interventions, sources, n_var, start) + record_hooks
             past = prefix.cache(start, n_var) if start else None
@@ -373,14 +373,14 @@ def _fast_start_ok(model, resid: Tensor, layer: int) -> bool:
     )
 
 
-def _suffix_ok(model, resid: Float[Tensor, "batch pos d_model"], layer: int, prefix: KVPrefix) -> bool:
+def suffix_ok(model, resid: Float[Tensor, "batch pos d_model"], layer: int, prefix: KVPrefix, setting: str = "") -> bool:
     """Whether recomputing only the later positions, with the earlier ones' cached keys and values, equals
     recomputing every position on this model (checked once per model and start layer, on two prompts from the
-    middle position)."""
+    middle position); ``setting`` names a context the caller runs in (e.g. receiver forks), verified separately."""
     probe, start = resid[:2], resid.shape[1] // 2
     return _verified(
         model,
-        ("suffix", layer),
+        ("suffix", layer, setting) if setting else ("suffix", layer),
         lambda: forward_from_layer(model, probe[:, start:], layer, [], prefix.cache(start, 1, len(probe))),
         lambda: forward_from_layer(model, probe, layer, []),
         f"recomputing only the positions after a patch (earlier keys and values cached) from layer {layer} changed the output",

@@ -138,3 +138,22 @@ def test_flop_counts_by_hand():
     assert F.forward_flops(shape, 3, 5) == 5 * (2 * block_all + 3 * 2 * 8 * 10) > F.run_flops(shape, 0, 0, 3, 5)
     gated = F.ModelShape(**{**shape.__dict__, "gated_mlp": True})
     assert gated.query_output_mlp() - shape.query_output_mlp() == 2 * 8 * 16
+
+
+def test_edge_evaluations_recompute_from_the_first_difference(family_models, request):
+    """Circuit evaluations (edges kept or removed) start at the first position where clean and corrupted differ, with
+    the clean run's keys and values before it: equal to recomputing every position, on each family edges support."""
+    import dataclasses
+
+    from helpers import edges as E
+
+    for family in ("gpt2", "llama", "gpt_neox", "qwen2"):
+        model, prompts = family_models(family)
+        ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+        assert 0 < ectx.first_difference < prompts.clean_tokens.shape[1] - 1
+        masks = torch.rand(5, *ectx.graph.allowed.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+        masks[0], masks[1] = True, False  # every edge (the clean run) and none (the corrupted run)
+        fast = E.evaluate_masks(ectx, masks, per_prompt=True)
+        full = E.evaluate_masks(dataclasses.replace(ectx, clean_kv=None), masks, per_prompt=True)
+        assert (fast - full).abs().max() <= 1e-4, family
+        assert I.fast_paths(model)[("suffix", 0, "receiver forks")], family
