@@ -123,9 +123,9 @@ MUTATIONS = [
     (
         "sweeps recompute every position",
         "helpers/patching.py",
-        "    return next((coord for coord, (_, a) in zip(coords, sweep.axes) if a == axis), torch.zeros_like(variants))",
-        "    return torch.zeros_like(variants)",
-        "tests/test_recompute.py::test_by_position_sweeps_run_each_start_on_its_suffix",
+        "torch.where(per_position.any(1), per_position.int().argmax(1), n_pos)",
+        "torch.where(per_position.any(1), 0, n_pos)",
+        "tests/test_recompute.py::test_sweeps_run_each_variant_from_the_first_position_it_changes",
     ),
     (
         "the last MLP cut to one position under a hook that reads it",
@@ -133,6 +133,13 @@ MUTATIONS = [
         '            if rest not in _BEFORE_THE_MLP and not rest.startswith(("attn.", "ln1.")):\n                return True',
         "            pass",
         "tests/test_recompute.py::test_hooks_on_the_last_mlp_keep_it_at_every_position",
+    ),
+    (
+        "edge evaluations start one position after the first difference",
+        "helpers/edges.py",
+        "return min(int(differs[0]) if len(differs)",
+        "return min(int(differs[0]) + 1 if len(differs)",
+        "tests/test_recompute.py::test_edge_evaluations_recompute_from_the_first_difference",
     ),
 ]
 

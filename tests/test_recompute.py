@@ -78,7 +78,14 @@ def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypa
     ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
     reference = P.sweep(ctx, "resid_pre", progress=False)
     good = I.KVPrefix.cache
-    monkeypatch.setattr(I.KVPrefix, "cache", lambda self, start, n_var=1: good(self, max(start - 1, 0), n_var))  # one position short
+
+    def wrong(self, start, n_var=1, n_prompts=None):  # the right shapes, wrong keys (e.g. another prompt's, or no RoPE)
+        cache = good(self, start, n_var, n_prompts)
+        for layer in cache.layers:
+            layer.keys = layer.keys * 1.5
+        return cache
+
+    monkeypatch.setattr(I.KVPrefix, "cache", wrong)
     paths = model.__dict__.pop("_circuit_lab_fast_paths")
     try:
         with pytest.warns(UserWarning, match="falling back"):
