@@ -251,7 +251,7 @@ def kv_prefix(model, tokens: Int[Tensor, "batch pos"]) -> KVPrefix | None:
     from transformers import DynamicCache
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_cache_rename():
             _, cache = model(tokens, return_type="logits_and_cache", past_key_values=DynamicCache())
         prefix = KVPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
         if len(prefix.keys) != model.cfg.n_layers or any(
@@ -311,13 +311,22 @@ def forward_from_layer(
     residual stream of the later positions only."""
     kwargs = {} if past is None else {"past_key_values": past}
     if not _fast_start_ok(model, resid, layer):
-        with model.hooks(fwd_hooks=hooks):
+        with model.hooks(fwd_hooks=hooks), _quiet_cache_rename():
             return model(resid, start_at_layer=layer, **kwargs)[:, -1:]
     shortcuts = [UNEMBED_LAST]
     if not _acts_on_last_mlp_or_later(model, hooks) and _last_mlp_ok(model):
         shortcuts.append(_last_mlp_at_final_position(model))
-    with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=hooks + shortcuts):
+    with _skip_blocks_before(model, layer), model.hooks(fwd_hooks=hooks + shortcuts), _quiet_cache_rename():
         return model(resid, start_at_layer=layer, **kwargs)
+
+
+@contextmanager
+def _quiet_cache_rename():
+    """Silence transformers' notice that ``past_key_values`` is renamed ``cache`` (5.24+): the bridge passes it on under
+    the old name, and whether the cache takes effect is checked by ``suffix_ok``, not assumed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        yield
 
 
 def _last_position(x: Tensor, hook=None) -> Tensor:
