@@ -41,7 +41,7 @@ from transformer_lens.utilities import get_act_name
 
 from .attribution import decomposition_caveats
 from .attribution_patching import EMBED_HOOK, metric_gradients
-from .interventions import KVPrefix, edit_reaches_residual, forward_from_layer, hook_takes_effect, kv_prefix, suffix_ok
+from .interventions import KVPrefix, edit_reaches_residual, forward_from_layer, hook_takes_effect, run_with_kv, suffix_ok
 from .metrics import logit_diff, normalised
 from .patching import NotSupported, variants_per_chunk
 from .path_patching import split_qkv_input
@@ -316,7 +316,7 @@ def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeCo
     graph = Graph.from_model(model)
     names = _sender_hooks(model.cfg.n_layers)
     with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names + [EMBED_HOOK])
+        clean_logits, clean_cache, clean_kv = run_with_kv(model, clean_tokens, names_filter=names + [EMBED_HOOK])
         corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
         outputs = sender_outputs(model, clean_cache), sender_outputs(model, corr_cache)
     return EdgeContext(
@@ -329,7 +329,7 @@ def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeCo
         clean_cache[EMBED_HOOK],
         logit_diff(clean_logits, answer_tokens).mean().item(),
         logit_diff(corr_logits, answer_tokens).mean().item(),
-        kv_prefix(model, clean_tokens),
+        clean_kv,
     )
 
 

@@ -245,23 +245,21 @@ class KVPrefix:
         return cache
 
 
-def kv_prefix(model, tokens: Int[Tensor, "batch pos"]) -> KVPrefix | None:
-    """The keys and values of the run of ``tokens`` (one forward through the bridge with a Hugging Face cache);
-    None, with a warning, where the model returns no usable cache (runs then recompute every position)."""
+def run_with_kv(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> tuple[Tensor, object, KVPrefix | None]:
+    """``model.run_with_cache(tokens, **kwargs)`` that also keeps the run's keys and values (the model fills the Hugging
+    Face cache it is handed, in the same forward): logits, activation cache, and the ``KVPrefix`` (None, with a
+    warning, where the model leaves the cache empty; patches then recompute every position)."""
     from transformers import DynamicCache
 
-    try:
-        with torch.no_grad(), _quiet_cache_rename():
-            _, cache = model(tokens, return_type="logits_and_cache", past_key_values=DynamicCache())
-        prefix = KVPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
-        if len(prefix.keys) != model.cfg.n_layers or any(
-            k.shape[2] != tokens.shape[1] or k.shape[0] != tokens.shape[0] for k in prefix.keys
-        ):
-            raise ValueError(f"cache of {len(prefix.keys)} layers, shapes {[tuple(k.shape) for k in prefix.keys]}")
-    except Exception as err:  # an architecture whose cache the bridge does not hand back: exact, only slower
-        warnings.warn(f"{_arch(model)}: no key/value cache ({err}); patches recompute every position", stacklevel=2)
-        return None
-    return prefix
+    cache = DynamicCache()
+    with _quiet_cache_rename():
+        logits, activations = model.run_with_cache(tokens, past_key_values=cache, **kwargs)
+    prefix = KVPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]) if cache.layers else None
+    if prefix is None or len(prefix.keys) != model.cfg.n_layers or any(k.shape[:3:2] != tokens.shape for k in prefix.keys):
+        shapes = [] if prefix is None else [tuple(k.shape) for k in prefix.keys]
+        warnings.warn(f"{_arch(model)}: no usable key/value cache ({shapes}); patches recompute every position", stacklevel=2)
+        return logits, activations, None
+    return logits, activations, prefix
 
 
 def run_interventions(

@@ -35,9 +35,9 @@ from .interventions import (
     KVPrefix,
     edit_reaches_residual,
     hook_takes_effect,
-    kv_prefix,
     position_axis,
     run_interventions,
+    run_with_kv,
 )
 from .metrics import (
     NormalisationCheck,
@@ -202,7 +202,7 @@ def make_context(
     with torch.no_grad():
         with model.hooks(fwd_hooks=list(clean_hooks)):
             clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
-        corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
+        corr_logits, corr_cache, corr_kv = run_with_kv(model, corrupted_tokens, names_filter=names)
     clean_ld, corr_ld = logit_diff(clean_logits, answer_tokens).cpu(), logit_diff(corr_logits, answer_tokens).cpu()
     ctx = PatchingContext(
         model=model,
@@ -214,7 +214,7 @@ def make_context(
         corrupted_logit_diff=corr_ld.mean().item(),
         clean_per_prompt=clean_ld,
         corrupted_per_prompt=corr_ld,
-        corrupted_kv=kv_prefix(model, corrupted_tokens),
+        corrupted_kv=corr_kv,
     )
     if warn:
         check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff)  # warns once, here, if the gap is too small
