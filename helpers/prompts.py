@@ -24,6 +24,7 @@ from .params import (
     POSITION_RE,
     SLOT_RE,
     Corruption,
+    NotExpressible,
     ParamsError,
     TaskParams,
 )
@@ -161,7 +162,7 @@ def usable_words(params: TaskParams, tokenizer) -> tuple[dict[str, list[str]], d
         dropped[pool] = [w for w in words if w not in ok]
         if not ok:
             slots = sorted(s for s, p in params.slot_pools.items() if p == pool)
-            raise ParamsError(
+            raise NotExpressible(
                 f"{params.source}: slots ({', '.join(slots)}): none of the {len(words)} words of pool '{pool}' is one "
                 f"known token for this tokenizer in the form the template needs ({' and '.join(repr(f.format('w')) for f in sorted(forms))}), "
                 f"e.g. {words[:3]}; use a pool of single-token words"
@@ -227,7 +228,7 @@ def answer_token(tokenizer, text: str, field_name: str, params: TaskParams) -> i
     ids = token_ids(tokenizer, text)
     unk = unknown_id(tokenizer)
     if len(ids) != 1 or ids[0] == unk:
-        raise ParamsError(
+        raise NotExpressible(
             f"{params.source}: {field_name}: answer {text!r} is {len(ids)} token(s) {ids} for this tokenizer"
             f"{' (unknown word)' if unk in ids else ''}; answers must be one known token (mind the leading space)"
         )
@@ -288,7 +289,7 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
         if unk is not None:
             bad = [p for p, row in zip(prompts, ids) if unk in row]
             if bad:
-                raise ParamsError(
+                raise NotExpressible(
                     f"{src}: {name}: contains words unknown to this tokenizer, e.g. {bad[0]!r}; use vocabulary words with their exact spacing (' ,' vs ',')"
                 )
     lengths = {len(r) for r in clean_ids + corr_ids}
@@ -299,7 +300,7 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
             if params.templates is None
             else f"templates ({variants[template_index[i]].name} vs {variants[0].name})"
         )
-        raise ParamsError(
+        raise NotExpressible(
             f"{src}: {which}: prompts must all have the same token length, found lengths {sorted(lengths)}; "
             f"e.g. clean {clean[0]!r} ({len(clean_ids[0])}) vs clean {clean[i]!r} ({len(clean_ids[i])}) vs corrupted {corrupted[i]!r} "
             f"({len(corr_ids[i])}). Make every template and corrupted template mirror the first token for token."
@@ -335,7 +336,7 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
                     if ti == t and tokenizer.decode([row[idx]]).strip() != a[slot]
                 ]
                 if wrong:
-                    raise ParamsError(
+                    raise NotExpressible(
                         f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens"
                     )
         variant_labels.append(labels)

