@@ -317,13 +317,21 @@ class BatchReport:
     def table(self) -> str:
         """One line per run: status, task, model, template, seconds, message (errors name the file)."""
         rows = [
-            (r.status, r.task, display_model(r.model), r.template, f"{r.seconds:.1f}s", r.message.replace("\n", " | "))
+            (
+                r.status,
+                r.task,
+                display_model(r.model),
+                r.template,
+                f"{r.seconds:.1f}s",
+                "" if r.peak_rss_mb is None else f"{r.peak_rss_mb / 1024:.2f} GB",
+                r.message.replace("\n", " | "),
+            )
             for r in self.results
         ]
-        widths = [max(len(row[i]) for row in rows + [("status", "task", "model", "template", "time", "")]) for i in range(5)]
-        head = ["status", "task", "model", "template", "time"]
+        head = ["status", "task", "model", "template", "time", "peak RSS"]
+        widths = [max(len(row[i]) for row in rows + [(*head, "")]) for i in range(len(head))]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  message"]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
         counts = {s: sum(r.status == s for r in self.results) for s in ("ok", "up-to-date", "failed", "bad-input", "skipped", "refused")}
         lines.append(f"{len(self.results)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" · wall {self.seconds:.1f}s")
         unperformed = sorted({f"{r.task}/{display_model(r.model)}" for r in self.results if r.message.startswith("task NOT performed")})

@@ -232,28 +232,32 @@ def figure_links(folder: ResultFolder, root: Path, template: str, limit: int = 3
     return f'<div class="fig"><h4><a href="{link}">{html.escape(template)}</a></h4>{"".join(items)}</div>'
 
 
-def run_seconds(folder: ResultFolder, template: str) -> float | None:
-    """How long the template's notebook took to execute (papermill's record in the published notebook)."""
+def run_resources(folder: ResultFolder, template: str) -> tuple[float | None, float | None]:
+    """How long the template's notebook took to execute (papermill's record in the published notebook) and its kernel's
+    peak resident memory in MB (the runner's, ``circuit_lab.peak_rss_mb``); None where not recorded."""
     try:
-        return float(json.loads((folder.path / f"{template}.ipynb").read_text())["metadata"]["papermill"]["duration"])
+        meta = json.loads((folder.path / f"{template}.ipynb").read_text())["metadata"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, None
+    seconds, peak = meta.get("papermill", {}).get("duration"), meta.get("circuit_lab", {}).get("peak_rss_mb")
+    return (None if seconds is None else float(seconds)), (None if peak is None else float(peak))
 
 
 def runs_table(folder: ResultFolder, root: Path) -> str:
-    """One row per template run in the folder: its execution time and links to the notebook."""
-    rows, total = [], 0.0
+    """One row per template run in the folder: its execution time, its kernel's peak memory and links to the notebook."""
+    rows, total, most = [], 0.0, 0.0
     for template in folder.results:
-        seconds = run_seconds(folder, template)
-        total += seconds or 0.0
+        seconds, peak = run_resources(folder, template)
+        total, most = total + (seconds or 0.0), max(most, peak or 0.0)
         rows.append(
             f"<tr><td>{html.escape(template)}</td><td>{'' if seconds is None else f'{seconds:.0f} s'}</td>"
+            f"<td>{'' if peak is None else f'{peak / 1024:.2f} GB'}</td>"
             f'<td><a href="{html.escape(str((folder.path / f"{template}.html").relative_to(root)))}">html</a> · '
             f'<a href="{html.escape(str((folder.path / f"{template}.ipynb").relative_to(root)))}">ipynb</a></td></tr>'
         )
     return (
-        f'<table class="runs"><thead><tr><th>notebook</th><th>run time</th><th>open</th></tr></thead><tbody>{"".join(rows)}'
-        f"<tr><td><b>total</b></td><td><b>{total:.0f} s</b></td><td></td></tr></tbody></table>"
+        f'<table class="runs"><thead><tr><th>notebook</th><th>run time</th><th>peak memory</th><th>open</th></tr></thead><tbody>{"".join(rows)}'
+        f"<tr><td><b>total</b></td><td><b>{total:.0f} s</b></td><td><b>{f'{most / 1024:.2f} GB' if most else ''}</b></td><td></td></tr></tbody></table>"
     )
 
 

@@ -42,10 +42,63 @@ class RunResult:
     task: str
     model: str
     template: str
-    status: str  # "ok", "bad-input" or "failed"
+    status: str  # "ok", "bad-input", "refused" (the model's tokenizer cannot write the task), "failed" or "skipped"
     seconds: float
     out_dir: Path | None
     message: str = ""
+    peak_rss_mb: float | None = None  # the notebook kernel's peak resident memory (sampled), when a notebook ran
+
+
+class PeakRSS:
+    """The peak resident memory of this process's child processes (the notebook kernel), sampled every ``interval``
+    seconds while the block runs: what a run needs from the machine, for the summary and the report card. Under
+    several runs in threads of one process (the in-process scheduler) their kernels are summed."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak_bytes = interval, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:  # a process that ended between listing and reading
+                    pass
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+
+def dead_kernel_message(err: Exception, peak_mb: float) -> str | None:
+    """What to tell the researcher when the kernel died mid-run (nbclient's DeadKernelError), or None for other errors.
+    A kernel does not die of a Python error; on a real model it is almost always the system's out-of-memory killer."""
+    if type(err).__name__ != "DeadKernelError":
+        return None
+    import psutil
+
+    total = psutil.virtual_memory().total / 2**30
+    return (
+        f"the notebook's kernel was killed by the system, probably out of memory (it held {peak_mb / 1024:.1f} GB at the "
+        f"last sample; this machine has {total:.0f} GB): lower n_prompts (--n-prompts) or the memory budget "
+        "(patching_memory_mb), or run on a machine with more memory"
+    )
 
 
 def check_inputs(task: str, model: str | None, n_prompts: int | None = None, need_weights: bool = True) -> TaskParams:
@@ -205,8 +258,9 @@ def _execute(
     # tqdm.auto (imported by transformer_lens before helpers) warns in kernels without ipywidgets; its bars work as text.
     filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
     os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*filters, "ignore:IProgress not found"]))
+    memory = PeakRSS()
     try:
-        with images_rendered_here():
+        with images_rendered_here(), memory:
             in_own_thread(
                 pm.execute_notebook,
                 str(source_nb),
@@ -225,10 +279,13 @@ def _execute(
         if out_nb.exists():
             shutil.copy(out_nb, failed_dir / f"{template}.ipynb")
         shutil.rmtree(staging, ignore_errors=True)
-        summary = getattr(err, "evalue", None) or str(err).strip().splitlines()[-1]
-        message = f"{getattr(err, 'ename', type(err).__name__)}: {summary} (executed notebook: {failed_dir / (template + '.ipynb')})"
-        return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir, message)
+        summary = getattr(err, "evalue", None) or (str(err).strip().splitlines() or [""])[-1]
+        killed = dead_kernel_message(err, memory.mb)
+        what = killed or f"{getattr(err, 'ename', type(err).__name__)}: {summary}"
+        message = f"{what} (executed notebook: {failed_dir / (template + '.ipynb')})"
+        return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir, message, memory.mb)
     source_nb.unlink()
+    record_resources(out_nb, memory.mb)
     images, image_failure = figures.render_pending(staging)
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
     out_nb.write_text(out_nb.read_text().replace(str(staging), str(final)))
@@ -252,7 +309,17 @@ def _execute(
         )
         if n
     )
-    return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, note)
+    return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, note, memory.mb)
+
+
+def record_resources(notebook: Path, peak_rss_mb: float) -> None:
+    """Write the kernel's peak memory into the notebook's metadata (``circuit_lab.peak_rss_mb``), next to papermill's
+    duration: the report card reads both from the published notebook."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    nb.metadata.setdefault("circuit_lab", {})["peak_rss_mb"] = peak_rss_mb
+    nbformat.write(nb, notebook)
 
 
 _DEFERRING = {"runs": 0, "before": None}

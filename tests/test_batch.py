@@ -41,6 +41,8 @@ TEMPLATES = {
     + SESSION.format(name="after_boom")
     + 'session.load_results(s, "boom")\n',
     "slow": HEADER + "\n# %%\nimport time\ntime.sleep(120)\n",
+    # the system's out-of-memory killer, as it ends a kernel: SIGKILL after the kernel grew
+    "oom": HEADER + "\n# %%\nimport os, signal\nballast = bytearray(300 * 2**20)\nos.kill(os.getpid(), signal.SIGKILL)\n",
     "per_model": "# ---\n# jupyter:\n#   circuit_lab:\n#     scope: model\n# ---\n\n"
     + HEADER
     + "\n# %%\nfrom helpers import session\n"
@@ -196,3 +198,18 @@ def test_template_metadata_is_read_as_jupytext_reads_it(tmp_path):
     plain = tmp_path / "plain.py"
     plain.write_text("# %%\nx = 1\n")
     assert layout.notebook_metadata(plain) == {} and layout.template_scope(plain) == "task"
+
+
+def test_a_killed_kernel_is_reported_as_killed_with_its_memory(sandbox):
+    """A kernel the system kills (out of memory) is named as such, with the memory it held, not a bare 'Kernel died';
+    every run that executes records its kernel's peak memory."""
+    result = runner.run_template("ioi", "oom", progress=False)
+    assert result.status == "failed"
+    assert "killed by the system, probably out of memory" in result.message and "lower n_prompts" in result.message
+    assert result.peak_rss_mb is not None and result.peak_rss_mb > 300
+    ok = runner.run_template("ioi", "first", progress=False)
+    assert ok.status == "ok" and ok.peak_rss_mb > 50
+    import nbformat
+
+    published = nbformat.read(ok.out_dir / "first.ipynb", as_version=4)
+    assert published.metadata["circuit_lab"]["peak_rss_mb"] == ok.peak_rss_mb

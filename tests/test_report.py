@@ -93,8 +93,8 @@ def test_per_model_results_are_shared_by_every_task_and_run_times_shown(tmp_path
     folders = report.collect(tmp_path)
     assert [f.task for f in folders] == ["a", "b"]  # _models is not a task
     assert all(f.of("induction_checks").loss["second_half"] == 0.25 for f in folders)
-    assert report.run_seconds(folders[0].per_model, "induction_checks") == pytest.approx(41.6)
-    assert report.run_seconds(folders[0], "circuit_expms") is None  # no notebook: no time, no error
+    assert report.run_resources(folders[0].per_model, "induction_checks")[0] == pytest.approx(41.6)
+    assert report.run_resources(folders[0], "circuit_expms") == (None, None)  # no notebook: no time, no error
     page = report.write_report(tmp_path).read_text()
     assert page.count('id="_models-m"') == 1 and "m · every task" in page and "42 s" in page
     assert page.count("loss on the repeat (induction)") == 2  # in each task's key numbers
