@@ -167,3 +167,36 @@ def rank_agreement(exact: dict[str, Tensor], estimates: dict[str, Tensor]) -> di
     from scipy.stats import spearmanr
 
     return {name: float(spearmanr(exact[name].flatten(), est.flatten())[0]) for name, est in estimates.items()}
+
+
+DIRECTIONS = ("denoising", "noising", "mean of both")
+
+
+def agreement_by_direction(
+    estimates: dict[str, Float[Tensor, "layer ..."]], denoising: Float[Tensor, "layer ..."], noising: Float[Tensor, "layer ..."]
+) -> dict[str, dict[str, float]]:
+    """Spearman of each estimate with exact patching in each direction: ``denoising`` (one component's clean value into
+    the corrupted run, ``patching.sweep``), ``noising`` (its corrupted value into the clean run, as a share of the gap
+    lost) and their mean. Plain attribution is the first-order estimate of denoising at the corrupted run; integrated
+    gradients share the total effect among components that all move together along the path, which lies between the
+    two directions (exactly the mean for a metric quadratic in the components)."""
+    from scipy.stats import spearmanr
+
+    references = dict(zip(DIRECTIONS, (denoising, noising, (denoising + noising) / 2)))
+    return {
+        label: {ref: float(spearmanr(values.flatten(), est.flatten())[0]) for ref, values in references.items()}
+        for label, est in estimates.items()
+    }
+
+
+def direction_reading(by_direction: dict[str, dict[str, float]]) -> str:
+    """One sentence per estimate: which exact quantity it ranks like best, and by how much."""
+    lines = []
+    for label, row in by_direction.items():
+        best = max(row, key=row.get)
+        lines.append(
+            f"{label}: closest to exact {best} patching (Spearman {row[best]:.3f}; "
+            + ", ".join(f"{ref} {v:.3f}" for ref, v in row.items() if ref != best)
+            + ")"
+        )
+    return "\n".join(lines)

@@ -6,7 +6,15 @@ are not kept — by a reference value: its mean over reference prompts at that p
 corrupted prompts, as the IOI paper's ABC distribution), zero, or its value on the corresponding corrupted
 prompt (resample). Many circuits are evaluated as one batch: one boolean keep-mask per circuit.
 
-Faithfulness = logit diff with the circuit only / logit diff of the full model (IOI paper: F(C) / F(M)).
+Faithfulness has two normalisations (``NORMALISATIONS``), named wherever a number is shown:
+
+* ``ratio``: logit diff with the circuit only / logit diff of the full model (IOI paper: F(C) / F(M)); the natural
+  zero is a logit difference of 0. Used with mean or zero ablation.
+* ``gap``: (LD(C) - LD(corrupted run)) / (LD(M) - LD(corrupted run)), as every patching number here and as
+  ``circuit_discovery`` and MIB: with everything outside the circuit patched from the corrupted prompts (``resample``
+  over the corrupted prompts), the empty circuit is the corrupted run, 0. A head-level circuit knocked out this way is
+  exactly ``circuit_discovery``'s closure of those heads (every edge among them, the MLPs, input and logits; heads
+  outside send their corrupted output to every reader), so the two templates give the same number (tested).
 """
 
 from __future__ import annotations
@@ -37,6 +45,17 @@ ROLE_POSITIONS: dict[str, list[str] | None] = {
     "unclassified": None,
 }
 ABLATIONS = ("mean", "zero", "resample")
+NORMALISATIONS = ("ratio", "gap")
+NORMALISATION_TEXT = {
+    "ratio": "F(C) / F(M): the circuit's logit diff over the full model's",
+    "gap": "(LD(C) - LD(corrupted)) / (LD(M) - LD(corrupted)): the share of the clean - corrupted gap, as circuit_discovery",
+}
+
+
+def normalisation_for(ablation: str, reference: str) -> str:
+    """Patching from the corrupted prompts has the corrupted run as its natural zero ("gap"); mean and zero ablation,
+    or resampling clean prompts, the IOI paper's ratio F(C) / F(M)."""
+    return "gap" if ablation == "resample" and reference == "corrupted" else "ratio"
 
 
 @dataclass
@@ -275,6 +294,7 @@ class Evaluator:
     full_logit_diff: float
     ablation: str = "mean"
     memory_mb: float = 1024
+    baseline: float = 0.0  # the logit diff that counts as faithfulness 0: 0 (ratio) or the corrupted run's (gap)
     _known: dict[bytes, float] = field(default_factory=dict, repr=False)
 
     def keep(self, circuits: list[Circuit]) -> Bool[Tensor, "variant layer pos head"]:
@@ -296,8 +316,13 @@ class Evaluator:
         return torch.tensor([self._known[key] for key in keys])
 
     def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, variant]:
-        """F(C) / F(M) for each circuit: its logit diff with everything else knocked out over the full model's."""
-        return self.logit_diffs(circuits) / self.full_logit_diff
+        """Each circuit's logit diff with everything else knocked out, normalised: (LD(C) - baseline) / (LD(M) - baseline),
+        F(C) / F(M) with the ratio normalisation (baseline 0), the share of the clean - corrupted gap with ``gap``."""
+        return (self.logit_diffs(circuits) - self.baseline) / (self.full_logit_diff - self.baseline)
+
+    @property
+    def normalisation(self) -> str:
+        return "ratio" if self.baseline == 0.0 else "gap"
 
     def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, variant]:
         """F(M \\ K) / F(M) for each set K: only the heads of K are knocked out (at every position)."""
@@ -306,14 +331,27 @@ class Evaluator:
 
 
 def make_evaluator(
-    model, tokens, answers, named: dict[str, int], reference_tokens, ablation: str = "mean", groups: Int[Tensor, batch] | None = None
+    model,
+    tokens,
+    answers,
+    named: dict[str, int],
+    reference_tokens,
+    ablation: str = "mean",
+    groups: Int[Tensor, batch] | None = None,
+    normalisation: str = "ratio",
 ) -> Evaluator:
     """An ``Evaluator`` whose knocked-out heads take their ``ablation`` value on ``reference_tokens`` (a mean within
-    each of ``groups``, the prompts' templates)."""
+    each of ``groups``, the prompts' templates); ``normalisation`` (module docstring): "ratio" or "gap" (the baseline is
+    the run on ``reference_tokens``)."""
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, not {normalisation!r}")
     with torch.no_grad():
         full = logit_diff(model(tokens), answers).mean().item()
-    check_normalisation(full, 0.0)  # faithfulness divides by the full model's logit diff: warn if it is zero
-    return Evaluator(model, tokens, answers, named, reference_z(model, reference_tokens, ablation, groups), full, ablation)
+        baseline = logit_diff(model(reference_tokens), answers).mean().item() if normalisation == "gap" else 0.0
+    check_normalisation(full, baseline)  # faithfulness divides by LD(M) - baseline: warn if it is near zero
+    return Evaluator(
+        model, tokens, answers, named, reference_z(model, reference_tokens, ablation, groups), full, ablation, baseline=baseline
+    )
 
 
 def minimality(ev: Evaluator, circuit: Circuit, max_k: int = 3) -> dict[str, dict]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars, as in patching
 
@@ -341,13 +341,16 @@ def smallest_circuit(
     )
 
 
-def single_edge_effects(ectx: EdgeContext, memory_mb: float = 1024, progress: bool = True) -> Float[Tensor, "sender receiver"]:
+def single_edge_effects(
+    ectx: EdgeContext, memory_mb: float = 1024, progress: bool = True, edges: Int[Tensor, "edge 2"] | None = None
+) -> Float[Tensor, "sender receiver"]:
     """Exact effect of each edge alone, as EAP estimates it: 1 - faithfulness of the full graph minus that edge
     (the share of the clean - corrupted gap lost when only this edge is corrupted). One batched evaluation per
-    chunk of edges; 0 where no edge exists."""
+    chunk of edges; 0 where no edge exists. ``edges`` ([n, 2] sender, receiver indices, e.g. ``check_sample``):
+    only those (NaN elsewhere), for graphs too large to patch every edge."""
     graph = ectx.graph
-    index = graph.edge_index
-    out = torch.zeros(graph.allowed.shape)
+    index = graph.edge_index if edges is None else edges
+    out = torch.zeros(graph.allowed.shape) if edges is None else torch.full(graph.allowed.shape, float("nan"))
     chunk = 64
     for start in tqdm(range(0, len(index), chunk), desc="single edges", disable=not progress):
         part = index[start : start + chunk]
@@ -355,6 +358,21 @@ def single_edge_effects(ectx: EdgeContext, memory_mb: float = 1024, progress: bo
         masks[torch.arange(len(part)), part[:, 0], part[:, 1]] = False
         out[part[:, 0], part[:, 1]] = 1 - evaluate_masks(ectx, masks, memory_mb)
     return out
+
+
+def check_sample(
+    graph: Graph, scores: dict[str, Float[Tensor, "sender receiver"]], n_top: int, n_random: int, seed: int = 0
+) -> Int[Tensor, "edge 2"]:
+    """The edges to patch exactly when a graph is too large to patch them all: the ``n_top`` with the largest |score|
+    of each method (where a ranking matters most) and ``n_random`` others drawn uniformly (so the correlation is not
+    only among the top), unique, in the graph's edge order."""
+    index = graph.edge_index
+    picked = torch.zeros(len(index), dtype=torch.bool)
+    for values in scores.values():
+        picked[values[index[:, 0], index[:, 1]].abs().argsort(descending=True, stable=True)[:n_top]] = True
+    rest = (~picked).nonzero().flatten()
+    picked[rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:n_random]]] = True
+    return index[picked]
 
 
 def roc_auc(scores: Float[Tensor, n], positive: Bool[Tensor, n]) -> float:

@@ -40,7 +40,23 @@ def heatmap(
         if sequential is not None
         else {"color_continuous_scale": "RdBu", "color_continuous_midpoint": zmid}
     )
-    return px.imshow(arr, x=x, y=y, labels={"x": x_label, "y": y_label, "color": color_label}, title=title, aspect="auto", **colours)
+    fig = px.imshow(arr, x=x, y=y, labels={"x": x_label, "y": y_label, "color": color_label}, title=title, aspect="auto", **colours)
+    return readable(fig, *arr.shape[:2])
+
+
+ROW_PX, MIN_HEIGHT, MAX_HEIGHT = 13, 450, 4200  # a real model's 270 heads as rows: every label legible
+
+
+def readable(fig: go.Figure, n_rows: int, n_cols: int) -> go.Figure:
+    """Size a heatmap so that every row and column keeps a legible label: a toy's 4 × 4 stays at the default size, a
+    real model's 30 layers × 9 heads (270 rows by position) grows tall enough for a 9-point label per row."""
+    if n_rows * ROW_PX + 200 > MIN_HEIGHT:
+        fig.update_layout(height=min(MAX_HEIGHT, n_rows * ROW_PX + 200))
+        fig.update_yaxes(tickfont={"size": 9}, dtick=1 if n_rows * ROW_PX + 200 <= MAX_HEIGHT else None)
+    if n_cols > 30:
+        fig.update_layout(width=max(900, 16 * n_cols + 250))
+        fig.update_xaxes(tickfont={"size": 9})
+    return fig
 
 
 def lines(values, x, title: str, x_label: str, y_label: str, names: list[str] | None = None) -> go.Figure:

@@ -259,7 +259,8 @@ class CircuitDiscoveryResults(TaskResults):
     graph: dict[str, int] | None
     baselines: dict[str, float | None] | None
     timings: dict[str, Any]
-    agreement_with_exact: dict[str, Any]
+    agreement_with_exact: dict[str, Any]  # method -> Spearman with exact single-edge patching
+    exact_check: dict[str, Any] | None  # which edges were patched exactly: {"edges", "of", "how"} (every edge, or a sample)
     curves: dict[str, CurveResult]
     acdc: list[dict[str, Any]]
     smallest: SmallestResult | None
@@ -285,6 +286,8 @@ class MinimalCircuitResults(TaskResults):
     circuit_choice: dict[str, Any] | None
     ablation: str
     reference: str
+    normalisation: Literal["ratio", "gap"]  # circuits.NORMALISATIONS: F(C)/F(M), or the share of the clean - corrupted gap
+    alternative: dict[str, Any]  # the same circuit under the other intervention (mean ablation or patching from corrupted)
     interventions: list[dict[str, Any]]
     full_logit_diff: float | None
     faithfulness: dict[str, float | None]  # "circuit", "empty circuit", "random circuits (mean of N)", ...

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -59,7 +59,8 @@ ig_steps = 5  # EAP-IG: points on the path from the corrupted to the clean embed
 fractions = None  # circuit sizes on the curve (fractions of all edges); default: MIB's 0.001 ... 1
 n_random = 10  # random circuits per size (same number of edges) and per head count
 target = 0.8  # faithfulness the smallest circuit must reach
-max_single_edges = 5000  # exact single-edge patching (to check the scores) only for graphs with at most this many edges
+max_single_edges = 5000  # exact single-edge patching of every edge (to check the scores) for graphs with at most this many edges;
+check_top, check_random = 300, 1200  # larger graphs: the top edges of each method and random others, patched exactly
 acdc_thresholds = []  # e.g. [0.003, 0.01, 0.03]: ACDC's greedy exact pass at each (one evaluation per edge, in sequence: small models)
 memory_mb = 1024  # memory for one batched evaluation (variants per chunk follow from it)
 seed = 0  # seed of the random controls
@@ -71,7 +72,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from helpers import discovery, edges, plotting, session
+from helpers import discovery, edges, mib_format, plotting, session
 
 discovery.check_options(methods, fractions, target, n_random, ig_steps)  # bad parameters stop here, before any work
 s = session.start_session("circuit_discovery", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
@@ -123,27 +124,32 @@ if not not_supported:
 # %% [markdown]
 # ## 2. Scores against exact single-edge patching
 #
-# **How it works.** For every edge (graphs up to `max_single_edges` edges), the full model is run with only that
-# edge corrupted, in batches; its exact effect is the share of the logit difference lost. Spearman's rank
-# correlation says how well each method orders the edges.
+# **How it works.** For every edge (graphs up to `max_single_edges` edges; on larger graphs, such as a real
+# model's tens of thousands, a sample: the `check_top` edges of each method by |score| and `check_random` others drawn
+# at random, its size printed), the full model is run with only that edge corrupted, in batches; its exact effect is
+# the share of the logit difference lost. Spearman's rank correlation says how well each method orders the edges.
 #
 # **How to interpret.** High correlation: the gradient estimate ranks edges as exact patching does. Points far off
 # the diagonal are edges where the model is non-linear between clean and corrupted (EAP-IG usually fixes some).
 
 # %%
-agreement = {}
-if not not_supported and g.n_edges <= max_single_edges:
+agreement, exact_check = {}, None
+if not not_supported:
     from scipy.stats import spearmanr
 
-    exact = discovery.single_edge_effects(ectx, memory_mb)
+    checked = index if g.n_edges <= max_single_edges else discovery.check_sample(g, scores, check_top, check_random, seed)
+    how = "every edge" if len(checked) == g.n_edges else f"a sample: the top {check_top} of each method by |score| and {check_random} random others"
+    exact_check = {"edges": len(checked), "of": g.n_edges, "how": how}
+    exact = discovery.single_edge_effects(ectx, memory_mb, edges=None if len(checked) == g.n_edges else checked)
+    pick = (checked[:, 0], checked[:, 1])
     for method in methods:
-        agreement[method] = float(spearmanr(exact[index[:, 0], index[:, 1]], scores[method][index[:, 0], index[:, 1]])[0])
-    print("Spearman with exact single-edge patching:", {m: round(v, 3) for m, v in agreement.items()})
-    figs.show(plotting.scatter(exact[index[:, 0], index[:, 1]], scores[methods[-1]][index[:, 0], index[:, 1]],
-                               f"{methods[-1]} score vs exact effect of each edge", "exact effect (share of the logit diff lost)",
-                               f"{methods[-1]} score", hover=names, diagonal=True), "scores_vs_exact")
-elif not not_supported:
-    print(f"{g.n_edges} edges: more than max_single_edges ({max_single_edges}); exact single-edge patching skipped")
+        agreement[method] = float(spearmanr(exact[pick], scores[method][pick])[0])
+    print(f"Spearman with exact single-edge patching on {len(checked)} of {g.n_edges} edges ({how}):",
+          {m: round(v, 3) for m, v in agreement.items()})
+    checked_names = g.names_of(torch.zeros_like(g.allowed).index_put_(pick, torch.tensor(True)))
+    figs.show(plotting.scatter(exact[pick], scores[methods[-1]][pick], f"{methods[-1]} score vs exact effect of each edge "
+                               f"({len(checked)} of {g.n_edges} edges)", "exact effect (share of the logit diff lost)",
+                               f"{methods[-1]} score", hover=checked_names, diagonal=True), "scores_vs_exact")
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -182,10 +188,18 @@ if not not_supported:
 # %% [markdown]
 # ## 4. The smallest circuit
 #
-# **How it works.** Bisection over the number of top edges (of the last method) for the fewest whose pruned
-# circuit reaches `target`. Controls: random sets of as many edges; its heads' node-level circuit (every edge among
-# them, the MLPs, input and logits) against random head sets of as many heads; then the fewest of its heads whose
-# node-level circuit still reaches `target`, which `minimal_circuit` takes as its circuit.
+# **How it works.** The fewest top edges (of the last method) whose pruned circuit reaches `target`: a geometric
+# grid of sizes evaluated in one batch (faithfulness need not rise with the number of edges), then bisection inside
+# the grid step where it first reaches the target. Controls: random sets of as many edges; its heads' node-level
+# circuit (every edge among them, the MLPs, input and logits) against random head sets of as many heads. Then the
+# fewest of its heads whose node-level circuit *reproduces* the model, |1 − faithfulness| ≤ 1 − `target` (a circuit
+# that exceeds the model, e.g. by dropping heads that write against the answer, does not): heads ordered by how much
+# leaving each one out changes faithfulness, the shortest prefix of that order that reproduces the model, then
+# greedy pruning once few heads remain. `minimal_circuit` takes these core heads as its circuit.
+#
+# The circuit and every edge's score are also written in the MIB circuit format (`circuit_mib.json`: `cfg`,
+# `nodes` such as `a3.h2`, edges such as `input->a0.h0<q>` with `score` and `in_graph`), which EAP-IG's and MIB's
+# code read; `helpers.mib_format.load_mib` reads such a file back here.
 #
 # **How to interpret.** A real circuit is far above its random controls. Heads in the edge circuit but not in the
 # core add little on their own.
@@ -198,6 +212,7 @@ if not not_supported:
     print(found.message())
     display(pd.DataFrame([{"edge": e, "score": found.circuit.scores.get(e)} for e in found.circuit.edges]).round(4))
     found.circuit.save(s.out_dir / "edge_circuit.json")
+    mib_format.save_mib(s.out_dir / "circuit_mib.json", g, g.mask_of(found.circuit.edges), scores[method], mib_format.cfg_of(model))
     if found.random_core:
         figs.show(plotting.distribution(found.random_core, found.core_faithfulness, f"Core heads against {len(found.random_core)} random "
                                         f"sets of {len(found.core_heads)} heads", "faithfulness", "core heads"), "core_vs_random")
@@ -239,6 +254,7 @@ results = {
     "baselines": None if not_supported else {"clean_logit_diff": ectx.clean_logit_diff, "corrupted_logit_diff": ectx.corrupted_logit_diff},
     "timings": timings,
     "agreement_with_exact": agreement,
+    "exact_check": exact_check,
     "curves": {m: c.to_json() for m, c in curves.items()},
     "acdc": [c.to_json() for c in acdc_circuits],
     "smallest": found.to_json() if found else None,

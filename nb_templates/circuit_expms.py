@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -241,6 +241,31 @@ for label, est in estimates.items():
                                hover=s.head_names, diagonal=True), f"{label}_vs_exact_head_out")
 
 # %% [markdown]
+# #### Why EAP-IG can rank heads worse than plain attribution here
+#
+# **How it works.** Exact patching above *denoises*: one head's clean output goes into the corrupted run while
+# every other head stays corrupted. Plain attribution is the first-order estimate of exactly that, taken at the
+# corrupted run. EAP-IG integrates the gradient along the path on which *every* component moves from corrupted to
+# clean together, so each head's share is its effect while the others change too (its shares sum to the total
+# effect): between its *denoising* effect (others corrupted) and its *noising* effect (others clean: the share of
+# the gap lost when that head alone is corrupted in the clean run). Heads that matter only jointly (two heads that
+# both must act, a backup that takes over) differ most between the two directions. So each estimate is compared
+# with exact patching in both directions and with their mean.
+#
+# **How to interpret.** When EAP-IG ranks like the mean of the two directions and plain attribution like
+# denoising, neither is wrong: they estimate different quantities. Use plain attribution to predict single-head
+# denoising; use EAP-IG for what a head contributes to the joint change, as edge-level discovery does, where
+# EAP-IG's top edges make the more faithful circuits (`circuit_discovery`; Hanna et al. 2024, MIB).
+
+# %%
+noising = patching.sweep(patching.make_context(model, prompts.corrupted_tokens, prompts.clean_tokens, prompts.answer_tokens),
+                         "head_out", patching_memory_mb)
+by_direction = attribution_patching.agreement_by_direction({label: est["head_out"] for label, est in estimates.items()},
+                                                           sweeps["head_out"], noising)
+display(pd.DataFrame(by_direction).T.round(3).rename_axis("head_out estimate (Spearman vs exact)"))
+print(attribution_patching.direction_reading(by_direction))
+
+# %% [markdown]
 # ### 4c. Path patching to the logits
 #
 # **How it works.** (IOI paper, Appendix B.) In the corrupted run one sender head's output takes its clean
@@ -406,7 +431,8 @@ results = {
                  "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff},
                  "normalisation": ctx.normalisation.to_json(), "not_supported": skipped_sweeps,
                  "interventions": {name: patching.describe(model, name) for name in sweeps}},
-    "attribution_patching": {"values": estimates, "spearman_vs_exact": agreement, "ig_steps": attribution_ig_steps},
+    "attribution_patching": {"values": estimates, "spearman_vs_exact": agreement, "ig_steps": attribution_ig_steps,
+                             "head_out_by_direction": by_direction, "head_out_noising": noising},
     "path_patching": {"to_logits": path_to_logits, "top_senders": top_paths},
     "importance": {**head_importance.to_json(), "top_answer_loss": top_importance},
     "templates": {"names": prompts.template_names, "per_prompt": prompts.templates, "varying_positions": prompts.varying_positions,

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -57,7 +57,8 @@ threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG (and the diagram as SVG) next to the notebook
 circuit = None  # {"groups": {role: ["L3H2", ...]}, "positions": {"L3H2": ["end"]}}; default: the params' `circuit`, else as circuit_from says
 circuit_from = "discovery"  # default circuit: "discovery" (circuit_discovery's core heads, grouped by role) or "roles" (head_functions' roles)
-ablation = "mean"  # how heads outside the circuit are knocked out: "mean", "zero" or "resample"
+ablation = None  # how heads outside the circuit are knocked out: "mean", "zero" or "resample"; default: "resample" (patched from
+#   the corrupted prompts: the intervention circuit_discovery found the circuit with) for a discovered circuit, else "mean"
 reference = "corrupted"  # prompts the means (or resamples) come from: "corrupted" (IOI's ABC) or "clean"
 min_patch_effect = 0.1  # default circuit: unclassified heads need |output patching effect| >= this (share of the gap)
 n_random = 50  # random control circuits (same number of heads per layer, same positions); p can reach 1/51 = 0.02
@@ -90,8 +91,11 @@ else:
     proposed = choice.circuit
     print("default circuit:", choice.message())
 ref_tokens = {"corrupted": prompts.corrupted_tokens, "clean": prompts.clean_tokens}[reference]
-ev = circuits.make_evaluator(model, prompts.clean_tokens, prompts.answer_tokens, prompts.positions, ref_tokens, ablation, prompts.templates)
-print(f"task {s.params.task} | model {s.model_name} | {len(proposed.heads)} heads | {ablation} ablation over {reference} prompts")
+ablation = ablation or ("resample" if choice and choice.source == "discovery" else "mean")
+ev_args = (model, prompts.clean_tokens, prompts.answer_tokens, prompts.positions, ref_tokens)
+ev = circuits.make_evaluator(*ev_args, ablation, prompts.templates, circuits.normalisation_for(ablation, reference))
+print(f"task {s.params.task} | model {s.model_name} | {len(proposed.heads)} heads | {ablation} ablation over {reference} prompts "
+      f"| faithfulness normalised as {ev.normalisation} ({circuits.NORMALISATION_TEXT[ev.normalisation]})")
 display(pd.DataFrame([{"group": g, "head": h, "kept at": ", ".join(proposed.positions.get(h) or ["all positions"])}
                       for g, hs in proposed.groups.items() for h in hs]))
 artifacts.write_json(s.out_dir / "circuit.json", proposed.to_json())
@@ -125,6 +129,40 @@ versus_random = circuits.compare_with_controls(faithfulness["circuit"], controls
 print(versus_random.message())
 figs.show(plotting.distribution(controls, faithfulness["circuit"], f"Faithfulness: the circuit against {n_random} random circuits "
                                 "of its shape", "faithfulness", "circuit"), "random_controls", key=True)
+
+# %% [markdown]
+# ### 1b. The same circuit under the other intervention
+#
+# **How it works.** Two ways of removing what is outside a circuit answer two questions. *Patching from the
+# corrupted prompts* (`resample` over the corrupted prompts, normalised by the clean − corrupted gap: the
+# intervention `circuit_discovery` and MIB use) asks whether the circuit carries the *difference* between clean and
+# corrupted prompts. *Mean ablation* (normalised as F(C)/F(M), the IOI paper's) replaces the rest by its average
+# output and asks whether the circuit alone produces the logit difference. With a circuit from
+# `circuit_discovery`, the first is exactly its closure of these heads (the number `circuit_discovery` reported);
+# the second is the labelled alternative.
+#
+# **How to interpret.** When the two verdicts differ, the heads outside the circuit matter for *how large* the
+# logit difference is (their average output writes toward or against the answer) but not for the clean −
+# corrupted difference, or the other way round. The verdict of the intervention that found the circuit is the one
+# this notebook reports (`versus_random`); the other is shown, never hidden.
+
+# %%
+other_ablation = "mean" if ablation == "resample" else "resample"
+ev_other = circuits.make_evaluator(*ev_args, other_ablation, prompts.templates, circuits.normalisation_for(other_ablation, reference))
+other_value = float(ev_other.faithfulness([proposed])[0])
+other_controls = ev_other.faithfulness(circuits.random_circuits(proposed, n_layers, n_heads, n_random, seed))
+other_versus = circuits.compare_with_controls(other_value, other_controls)
+alternative = {"ablation": other_ablation, "normalisation": ev_other.normalisation, "faithfulness": other_value,
+               "random_controls": other_controls, "versus_random": other_versus.to_json()}
+display(pd.DataFrame([
+    {"intervention": f"{ablation} ({ev.normalisation}) — this notebook's verdict", "circuit": faithfulness["circuit"],
+     "random mean": float(controls.mean()), "p": versus_random.p_value, "better than random": versus_random.beats_random},
+    {"intervention": f"{other_ablation} ({ev_other.normalisation}) — alternative", "circuit": other_value,
+     "random mean": float(other_controls.mean()), "p": other_versus.p_value, "better than random": other_versus.beats_random},
+]).round(3))
+if choice and choice.source == "discovery" and ablation == "resample" and reference == "corrupted":
+    print(f"circuit_discovery found these heads' closure at faithfulness {choice.discovery['core_faithfulness']:.3f}; "
+          f"the same intervention here gives {faithfulness['circuit']:.3f}")
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -252,6 +290,8 @@ results = {
     "circuit_choice": choice.to_json() if choice else None,
     "ablation": ablation,
     "reference": reference,
+    "normalisation": ev.normalisation,
+    "alternative": alternative,
     "interventions": [iv.to_json() for iv in circuits.knockout_interventions(ev.keep([proposed]), ablation)],
     "full_logit_diff": ev.full_logit_diff,
     "faithfulness": faithfulness,

@@ -181,3 +181,24 @@ def test_default_circuit_keeps_roles_and_unclassified_heads_that_matter_by_patch
     assert "L0H0 (+0.02)" in choice.message()
     weak = C.default_circuit([dict(r, role="unclassified", patch_head_out=0.01 * i) for i, r in enumerate(rows)], {}, 0.5)
     assert weak.circuit.heads == ["L2H1"] and "L2H1" not in weak.left_out  # none passes: the strongest alone
+
+
+def test_one_circuit_one_verdict_knockout_from_corrupted_equals_discoverys_closure(toy_ioi, ioi_prompts):
+    """A head-level circuit knocked out by patching from the corrupted prompts and normalised by the clean - corrupted
+    gap is exactly circuit_discovery's closure of those heads: the two templates report the same faithfulness."""
+    from helpers import discovery as D
+    from helpers import edges as E
+
+    p = ioi_prompts
+    ectx = E.edge_context(toy_ioi, p.clean_tokens, p.corrupted_tokens, p.answer_tokens)
+    ev = C.make_evaluator(toy_ioi, p.clean_tokens, p.answer_tokens, p.positions, p.corrupted_tokens, "resample", normalisation="gap")
+    assert ev.normalisation == "gap" == C.normalisation_for("resample", "corrupted") and C.normalisation_for("mean", "corrupted") == "ratio"
+    head_sets = [["L0H0", "L0H1", "L0H3", "L3H2"], ["L3H2"], ["L1H1", "L2H0", "L2H3"], []]
+    closures = E.evaluate_masks(ectx, torch.stack([D.head_closure(ectx.graph, hs) for hs in head_sets]))
+    knocked = ev.faithfulness([C.Circuit({"core": hs}) for hs in head_sets])
+    torch.testing.assert_close(knocked, closures.to(knocked.dtype), atol=1e-5, rtol=0)
+    assert float(ev.faithfulness([C.Circuit({"all": [f"L{l}H{h}" for l in range(4) for h in range(4)]})])[0]) == pytest.approx(
+        1.0, abs=1e-5
+    )
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        C.make_evaluator(toy_ioi, p.clean_tokens, p.answer_tokens, p.positions, p.corrupted_tokens, "resample", normalisation="x")

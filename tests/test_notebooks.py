@@ -300,9 +300,22 @@ def test_circuit_discovery_hands_its_circuit_to_minimal_circuit(head_functions_r
         extra_parameters={"n_random": 5, "completeness_subsets": 3, "minimality_max_k": 1},
     )
     assert result.status == "ok", result.message
-    chosen = json.loads((out / "minimal_circuit.json").read_text())["circuit_choice"]
+    minimal = json.loads((out / "minimal_circuit.json").read_text())
+    chosen = minimal["circuit_choice"]
     assert chosen["source"] == "discovery"
     assert sorted(h for hs in chosen["circuit"]["groups"].values() for h in hs) == sorted(smallest["core_heads"])
+    # one circuit, one verdict: by default the intervention that found it, and the same number as circuit_discovery's
+    assert minimal["ablation"] == "resample" and minimal["normalisation"] == "gap"
+    assert minimal["faithfulness"]["circuit"] == pytest.approx(smallest["core_faithfulness"], abs=1e-4)
+    assert minimal["alternative"]["ablation"] == "mean" and minimal["alternative"]["normalisation"] == "ratio"
+    assert "beats_random" in minimal["alternative"]["versus_random"]
+    # the circuit travels: MIB's format, read back as the same edges
+    from helpers import mib_format
+    from helpers.edges import Graph
+    from helpers.models import load_model
+
+    graph = Graph.from_model(load_model("toy-ioi", device="cpu"))
+    assert mib_format.load_mib(out / "circuit_mib.json", graph).edges == circuit.edges
 
 
 def chromium() -> str:
