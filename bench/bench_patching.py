@@ -187,13 +187,6 @@ def matmul_limit(model, batch: int, n_pos: int, device: str, repeats: int = 5) -
     return {"gflops": round(best / 1e9, 2), "shapes_gflops": measured}
 
 
-def sweep_flops(ctx: P.PatchingContext, name: str) -> int:
-    """Minimal FLOPs of sweep ``name`` on this context: every live variant from its own layer and first patched
-    position (``patching.sweep_plan(minimal=True)``); what merged runs recompute on top counts against us."""
-    shape, (batch, n_pos) = F.ModelShape.of(ctx.model.cfg), ctx.corrupted_tokens.shape
-    return sum(F.run_flops(shape, run.layer, run.start, n_pos, run.n_variants * batch) for run in P.sweep_plan(ctx, name, minimal=True))
-
-
 def bench_sweeps(model, label: str, sweeps: list[str], repeats: int, max_cells: int, device: str, batch: int, n_pos: int) -> list[dict]:
     """Interleaved repeats of TL vs ours for each sweep; medians, ratio, memory, max |difference|."""
     clean, corrupted, answers = (t.to(device) for t in random_prompts(model, batch, n_pos))
@@ -219,7 +212,7 @@ def bench_sweeps(model, label: str, sweeps: list[str], repeats: int, max_cells: 
         scale = 1.0 if cells is None else n_cells / len(cells)
         diff = (ours.cpu() - ref.cpu()).abs().max() if cells is None else (ours.cpu()[tuple(cells.T)] - ref.cpu()).abs().max()
         tl_med, our_med = statistics.median(tl_times) * scale, statistics.median(our_times)
-        minimal = sweep_flops(ctx, name)
+        minimal = P.sweep_flops(ctx, name)
         rows.append(
             {
                 "model": label,

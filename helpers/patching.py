@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars: tqdm.auto warns (TqdmWarning) in kernels without ipywidgets
 from transformer_lens.ActivationCache import ActivationCache
 
+from .flops import ModelShape, run_flops
 from .hooks import resolve_hook_names
 from .interventions import (
     Intervention,
@@ -352,6 +353,46 @@ def run_patched_from_layer(
     return run_patched(ctx, [Intervention(hook_name, "clean", masks)], masks.shape[0])[0]
 
 
+def sweep_flops(ctx: PatchingContext, name: str) -> int:
+    """Minimal FLOPs of sweep ``name`` on this context: every live variant from its own layer and first patched
+    position (``sweep_plan(minimal=True)``, counted by ``flops.run_flops``); what merged runs recompute on top is not
+    counted."""
+    shape, (batch, n_pos) = ModelShape.of(ctx.model.cfg), ctx.corrupted_tokens.shape
+    return sum(run_flops(shape, run.layer, run.start, n_pos, run.n_variants * batch) for run in sweep_plan(ctx, name, minimal=True))
+
+
+ACHIEVED_FRACTION = 0.5  # of the dense matmul rate the sweeps reach on CPU (bench/results.md: 49-78% at gpt2-small size)
+_MATMUL_RATE: dict[tuple, float] = {}
+
+
+def matmul_gflops(model) -> float:
+    """This machine's dense matmul rate (GFLOP/s) at the model's MLP shape, measured once per process (~0.2 s)."""
+    import time
+
+    cfg = model.cfg
+    key = (cfg.d_model, cfg.d_mlp, str(cfg.device))
+    if key not in _MATMUL_RATE:
+        a = torch.randn(512, cfg.d_model, device=cfg.device)
+        b = torch.randn(cfg.d_model, cfg.d_mlp or 4 * cfg.d_model, device=cfg.device)
+        a @ b  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.2:
+            a @ b
+            n += 1
+        _MATMUL_RATE[key] = 2 * a.shape[0] * b.shape[0] * b.shape[1] * n / (time.perf_counter() - t0) / 1e9
+    return _MATMUL_RATE[key]
+
+
+def estimate_seconds(ctx: PatchingContext, name: str) -> tuple[float, float]:
+    """(minimal GFLOP, estimated seconds) of sweep ``name``: its FLOP count at ``ACHIEVED_FRACTION`` of the measured
+    matmul rate. An estimate to decide before waiting, not a promise."""
+    gflop = sweep_flops(ctx, name) / 1e9
+    return gflop, gflop / (ACHIEVED_FRACTION * matmul_gflops(ctx.model))
+
+
+LONG_SWEEP_S = 30.0  # sweeps estimated longer than this say so before they start
+
+
 def sweep(
     ctx: PatchingContext,
     name: str,
@@ -367,6 +408,15 @@ def sweep(
     """
     if name not in SWEEPS:
         raise KeyError(f"unknown sweep {name!r}; choose from {sorted(SWEEPS)}")
+    if progress:
+        check_supported(ctx.model, SWEEPS[name])
+        gflop, seconds = estimate_seconds(ctx, name)
+        if seconds > LONG_SWEEP_S:
+            print(
+                f"patch {name}: {gflop:,.0f} GFLOP at least, about {seconds / 60:.1f} min here (estimate from the FLOP count and "
+                f"this machine's matmul rate); fewer prompts (n_prompts) or leaving the sweep out saves it",
+                flush=True,
+            )
     return run_sweep(ctx, SWEEPS[name], None, memory_mb, max_variants, progress)
 
 

@@ -106,3 +106,15 @@ def test_positions_where_prompts_agree_have_no_effect_at_layer_0(ctx, ioi_prompt
 def test_unknown_sweep_raises(ctx):
     with pytest.raises(KeyError, match="unknown sweep"):
         P.sweep(ctx, "head_attn", progress=False)
+
+
+def test_a_long_sweep_says_how_long_before_it_starts(ctx, capsys, monkeypatch):
+    gflop, seconds = P.estimate_seconds(ctx, "head_out_by_pos")
+    assert gflop == P.sweep_flops(ctx, "head_out_by_pos") / 1e9 > 0 and seconds > 0
+    assert P.sweep_flops(ctx, "head_out_by_pos") > P.sweep_flops(ctx, "head_out")  # one run per position costs more
+    monkeypatch.setattr(P, "LONG_SWEEP_S", 0.0)
+    P.sweep(ctx, "head_out", max_variants=4)
+    assert "patch head_out:" in capsys.readouterr().out
+    monkeypatch.setattr(P, "LONG_SWEEP_S", 1e9)
+    P.sweep(ctx, "head_out", max_variants=4)
+    assert "patch head_out:" not in capsys.readouterr().out
