@@ -32,6 +32,7 @@ help:
 	@echo "                               and measure every shipped task on each (their model cards)"
 	@echo "make test-fast                 the unit tests only (no executed notebooks), for the edit loop"
 	@echo "make bench [DEVICE=cuda]       time our patching sweeps against TransformerLens (bench/results.md)"
+	@echo "make bench-templates [MODELS=...] every template end to end per model: wall-clock and peak kernel memory (bench/templates.md)"
 	@echo "make bench-discovery           edge scoring cost and discovery quality: curves, CPR/CMD, planted circuit (bench/discovery.md)"
 	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
 	@echo "make lint                      ruff lint and format check (what CI runs before the tests); make format applies the formatter"
@@ -102,7 +103,7 @@ bench-discovery: $(STAMP)
 	$(PY) bench/bench_discovery.py --threads $(THREADS)
 
 bench-templates: $(STAMP)
-	$(PY) bench/bench_templates.py --threads $(THREADS)
+	set -f; $(PY) bench/bench_templates.py --threads "$$THREADS" $${MODELS:+--models $$MODELS}
 
 toy-models: $(STAMP)
 	$(PY) -m helpers.toy_models --threads $(THREADS)

@@ -1,11 +1,14 @@
-"""What a Colab user waits for: each template end to end on a gpt2-small-architecture model, on this machine.
+"""What a researcher waits for: every template end to end, per model, on this machine (wall-clock and peak memory).
 
-The model has GPT-2's architecture and GPT-2's real tokenizer (shipped in ``models/tokenizers/gpt2``) with
-random weights (no weights can be downloaded here), so prompts, shapes and costs are those of ``gpt2-small``;
-its numbers mean nothing. Each template runs through the batch runner, one at a time, in dependency order;
-we report its wall-clock and the peak resident memory of the notebook's kernel process (sampled every 0.2 s).
+Models: the real pretrained ones by name (``smollm2-135m``, ``gemma3-270m``: prepared offline by ``make real-models``),
+any bundled or local model, and ``gpt2-small-arch``: GPT-2's architecture with GPT-2's real tokenizer (shipped in
+``models/tokenizers/gpt2``) and random weights, so prompts, shapes and costs are those of ``gpt2-small`` (its numbers
+mean nothing). Each model runs every template through the batch runner, one at a time, in dependency order, as
+``make all`` does; each row is the run's wall-clock and its notebook kernel's peak resident memory (the runner's own
+sample, ``RunResult.peak_rss_mb``).
 
-Usage: ``python bench/bench_templates.py [--n-prompts 16] [--threads 2]``; writes ``bench/templates.json``
+Usage: ``python bench/bench_templates.py [--models smollm2-135m gemma3-270m] [--task ioi] [--n-prompts 16] [--threads 2]``;
+or ``--from-runs nb_outputs/runs.json`` to tabulate a batch already run (``make all``). Writes ``bench/templates.json``
 and ``bench/templates.md``.
 """
 
@@ -13,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
-import torch
-
-from helpers import MODELS_DIR, batch, layout
+from helpers import MODELS_DIR, batch
 
 HERE = Path(__file__).parent
-TEMPLATES = ["induction_checks", "circuit_expms", "head_functions", "minimal_circuit"]  # dependency order, quickest first
+GPT2_ARCH = "gpt2-small-arch"
 
 
 def gpt2_small_with_real_tokenizer(folder: Path) -> Path:
+    import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -36,76 +36,64 @@ def gpt2_small_with_real_tokenizer(folder: Path) -> Path:
     return folder
 
 
-class KernelPeak:
-    """Peak RSS (MB) over this process's descendants while the block runs (the notebook kernels)."""
-
-    def __enter__(self):
-        self.peak, self.stop = 0.0, threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        me = psutil.Process()
-        while not self.stop.is_set():
-            for child in me.children(recursive=True):
-                try:
-                    self.peak = max(self.peak, child.memory_info().rss / 2**20)
-                except psutil.Error:
-                    pass
-            time.sleep(0.2)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+def rows_of(results: list[dict]) -> list[dict]:
+    """Table rows from batch results (``BatchReport.to_json()['runs']``)."""
+    return [
+        {
+            "model": Path(r["model"]).name,
+            "task": r["task"],
+            "template": r["template"],
+            "status": r["status"],
+            "wall_s": round(r["seconds"], 1),
+            "peak_kernel_rss_mb": r.get("peak_rss_mb"),
+            "message": r["message"],
+        }
+        for r in results
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=[GPT2_ARCH])
+    parser.add_argument("--task", default="ioi")
     parser.add_argument("--n-prompts", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--from-runs", type=Path, default=None, help="tabulate this runs.json instead of running")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
-    rows = []
+    if args.from_runs:
+        data = json.loads(args.from_runs.read_text())
+        write(args, rows_of(data["runs"]), note=f"from {args.from_runs}")
+        return
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = gpt2_small_with_real_tokenizer(Path(tmp) / "gpt2-small-arch")
-        layout.OUTPUTS_DIR = Path(tmp) / "outputs"
+        import os
+
+        os.environ["CIRCUIT_LAB_OUTPUTS"] = str(Path(tmp) / "outputs")
         options = batch.RunOptions(n_prompts=args.n_prompts, threads=args.threads, progress=False)
-        for template in TEMPLATES:
-            with KernelPeak() as peak:
-                report = batch.run_batch(["ioi"], models=[str(model_dir)], templates=[template], options=options)
-            result = next(r for r in report.results if r.template == template)
-            rows.append(
-                {
-                    "template": template,
-                    "status": result.status,
-                    "wall_s": round(result.seconds, 1),
-                    "peak_kernel_rss_mb": round(peak.peak),
-                    "message": result.message,
-                }
-            )
-            print(rows[-1], flush=True)
-            write(args, rows)  # after each template, so a stopped run keeps what it measured
+        for model in args.models:
+            name = str(gpt2_small_with_real_tokenizer(Path(tmp) / GPT2_ARCH)) if model == GPT2_ARCH else model
+            report = batch.run_batch([args.task], models=[name], options=options)
+            rows += rows_of(report.to_json()["runs"])
+            write(args, rows)  # after each model, so a stopped run keeps what it measured
 
 
-def write(args, rows: list[dict]) -> None:
-    out = {
-        "model": "gpt2-small architecture (random weights), GPT-2 tokenizer",
-        "n_prompts": args.n_prompts,
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "rows": rows,
-    }
+def write(args, rows: list[dict], note: str = "") -> None:
+    out = {"n_prompts": args.n_prompts, "threads": args.threads, "machine": platform.processor() or platform.machine(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "templates.json").write_text(json.dumps(out, indent=1))
     lines = [
-        f"Templates end to end on a gpt2-small-architecture model with GPT-2's tokenizer, task ioi, "
-        f"{args.n_prompts} prompts, {args.threads} CPU threads:",
+        f"Every template end to end, per model ({note or f'task {args.task}, {args.n_prompts} prompts, {args.threads} CPU threads'}; "
+        "peak memory is the notebook kernel's resident set, sampled by the runner):",
         "",
-        "| template | status | wall-clock s | peak kernel RSS MB |",
-        "|---|---|---|---|",
+        "| model | task | template | status | wall-clock s | peak kernel RSS GB |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['template']} | {r['status']} | {r['wall_s']} | {r['peak_kernel_rss_mb']} |" for r in rows]
+    lines += [
+        f"| {r['model']} | {r['task']} | {r['template']} | {r['status']} | {r['wall_s']} | "
+        f"{'' if r['peak_kernel_rss_mb'] is None else round(r['peak_kernel_rss_mb'] / 1024, 2)} |"
+        for r in rows
+    ]
     (args.out / "templates.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

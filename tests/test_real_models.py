@@ -92,3 +92,26 @@ def test_patching_cells_equal_transformer_lens(smol_ctx, name):
     ref = P.tl_reference(smol_ctx, name, cells)
     assert (ours[tuple(cells.T)] - ref).abs().max() <= 1e-4
     assert ours.abs().max() > 1e-2  # a real model's heads move the logit difference
+
+
+@needs_smol
+def test_a_task_the_tokenizer_cannot_write_is_a_refused_row_not_bad_input():
+    from helpers import batch
+
+    runs, rejected = batch.plan_runs(["numseq", "numseq_digits"], [SMOL], ["circuit_expms"])
+    assert [(r.task, r.status) for r in rejected] == [("numseq", "refused")] and "' 5' is 2 token(s)" in rejected[0].message
+    assert [r.task for r in runs] == ["numseq_digits"]
+    report = batch.BatchReport(rejected, 0.0)
+    assert report.exit_code == 0 and "1 refused" in report.table()
+    _, own = batch.plan_runs(["numseq"], None, ["circuit_expms"])  # the params file's own model: nothing refused
+    assert own == []
+
+
+def test_task_table_measures_or_refuses_every_shipped_task(toy_ioi):
+    from helpers.task_table import measure_tasks
+
+    rows = {r.params_file: r for r in measure_tasks("toy-ioi", write_card=False)}
+    assert rows["ioi.yaml"].task_performed and rows["ioi.yaml"].accuracy >= 0.9
+    assert rows["numseq.yaml"].task_performed
+    assert not rows["numseq_digits.yaml"].task_performed  # the toy never saw counts without spaces
+    assert all(not r.refused for r in rows.values())
