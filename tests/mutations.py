@@ -16,6 +16,48 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "chunked gradients not averaged over the IG steps",
+        "helpers/attribution_patching.py",
+        "return {n: g / steps for n, g in grads_out.items()}",
+        "return {n: g for n, g in grads_out.items()}",
+        "tests/test_attribution_patching.py::test_integrated_gradients_are_complete_at_the_embeddings",
+    ),
+    (
+        "chunked gradients summed onto the wrong prompts",
+        "helpers/attribution_patching.py",
+        "prompt = (torch.arange(lo, hi) % batch).to(ld.device)",
+        "prompt = (torch.arange(0, hi - lo) % batch).to(ld.device)",
+        "tests/test_attribution_patching.py::test_gradients_in_memory_bounded_chunks_equal_one_batch",
+    ),
+    (
+        "gap normalisation ignores the corrupted run",
+        "helpers/circuits.py",
+        'baseline = logit_diff(model(reference_tokens), answers).mean().item() if normalisation == "gap" else 0.0',
+        "baseline = 0.0",
+        "tests/test_circuits.py::test_one_circuit_one_verdict_knockout_from_corrupted_equals_discoverys_closure",
+    ),
+    (
+        "core heads may exceed the model",
+        "helpers/discovery.py",
+        "return abs(1.0 - value) <= 1.0 - target + 1e-9",
+        "return value >= target",
+        "tests/test_discovery.py::test_core_heads_reproduce_the_model_not_exceed_it",
+    ),
+    (
+        "MIB import drops group edges",
+        "helpers/mib_format.py",
+        'mask[s, r] |= bool(entry["in_graph"])',
+        'mask[s, r] = bool(entry["in_graph"]) and not mask[s, r]',
+        "tests/test_discovery.py::test_mib_json_round_trips_a_circuit_and_its_scores",
+    ),
+    (
+        "a tokenizer's refusal reported as bad input",
+        "helpers/batch.py",
+        'status = "refused" if model else "bad-input"',
+        'status = "bad-input"',
+        "tests/test_real_models.py::test_a_task_the_tokenizer_cannot_write_is_a_refused_row_not_bad_input",
+    ),
+    (
         "path patching premise (sender run)",
         "helpers/path_patching.py",
         'return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], n_heads, record)',
