@@ -63,7 +63,7 @@ def metric_gradients(
     batch = tokens.shape[0]
     steps = embed_path[1] if embed_path else 1
     rows = steps * batch  # step-major: row = step * batch + prompt
-    chunk = rows_per_chunk(model, tokens.shape[1], memory_mb)
+    chunk = rows_per_chunk(model, tokens.shape[1], memory_mb, recorded_bytes_per_row(model, tokens[:1], hook_names))
     all_tokens, all_answers = tokens.repeat(steps, 1), answer_tokens.repeat(steps, 1)
     if embed_path:
         clean_embed = embed_path[0].repeat(steps, 1, 1)
@@ -103,11 +103,26 @@ def metric_gradients(
     return {n: g / steps for n, g in grads_out.items()}, {n: torch.cat(a) for n, a in acts_out.items()}, torch.cat(lds)
 
 
-def rows_per_chunk(model, n_pos: int, memory_mb: float) -> int:
+def rows_per_chunk(model, n_pos: int, memory_mb: float, recorded_per_row: int = 0) -> int:
     """How many rows (prompts or IG steps × prompts) one forward with gradients may hold within ``memory_mb``: autograd
-    keeps every layer's activations for the backward, about twice a forward's working memory per layer."""
-    per_row = 2 * model.cfg.n_layers * bytes_per_variant(model, 1, n_pos)
+    keeps every layer's activations for the backward, about twice a forward's working memory per layer, and each
+    recorded hook's activation is held three times (the fresh copy, what autograd saves of it, its gradient). The
+    recorded part matters for edge scores, whose per-head q/k/v input forks are n_heads copies of the residual stream
+    per layer (on SmolLM2 they tripled the memory the layer estimate alone allowed for)."""
+    per_row = 2 * model.cfg.n_layers * bytes_per_variant(model, 1, n_pos) + 3 * recorded_per_row
     return max(1, int(memory_mb * 2**20) // per_row)
+
+
+def recorded_bytes_per_row(model, tokens: Int[Tensor, "1 pos"], hook_names: list[str]) -> int:
+    """Bytes the activations of ``hook_names`` take for one row of ``tokens``, measured by one forward of that row."""
+    sizes: dict[str, int] = {}
+
+    def size(act: Tensor, hook) -> None:
+        sizes[hook.name] = act.numel() * act.element_size()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, size) for name in hook_names] + [UNEMBED_LAST]):
+        model(tokens)
+    return sum(sizes.values())
 
 
 def reduce_to_layout(spec: Sweep, product: Float[Tensor, "batch ..."]) -> Tensor:
