@@ -20,8 +20,11 @@ from .hooks import resolve_hook_names
 
 
 def random_word_ids(tokenizer) -> list[int]:
-    """Ids of space-prefixed alphabetic tokens (``ĠMary``): random "words" for GPT-2 BPE and the toy vocabularies alike."""
-    ids = sorted(i for t, i in tokenizer.get_vocab().items() if t.startswith("Ġ") and t[1:].isalpha())  # get_vocab order varies per process
+    """Ids of space-prefixed alphabetic tokens (``ĠMary`` in byte-level BPE, ``▁Mary`` in SentencePiece): random "words"
+    for GPT-2, Llama-style, Gemma and the toy vocabularies alike."""
+    ids = sorted(
+        i for t, i in tokenizer.get_vocab().items() if t[:1] in ("Ġ", "▁") and t[1:].isalpha()
+    )  # get_vocab order varies per process
     if len(ids) < 50:
         special = {tokenizer.bos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id}
         ids = [i for i in range(len(tokenizer)) if i not in special]
@@ -75,16 +78,29 @@ def repeated_token_scores(
 
 def repeated_text_tokens(model, seq_len: int, n_texts: int, seed: int) -> tuple[list[str], Int[Tensor, "batch 1+2*seq_len"]]:
     """``n_texts`` texts ``r r`` of ``seq_len`` distinct random words each, and their tokens (BOS first)."""
-    vocab = [model.tokenizer.convert_ids_to_tokens(i) for i in random_word_ids(model.tokenizer)]
     rng = random.Random(seed)
+    vocab = words_that_round_trip(model.tokenizer, random_word_ids(model.tokenizer), 4 * seq_len * n_texts, rng)
     texts = []
     for _ in range(n_texts):
-        r = "".join(rng.sample(vocab, seq_len)).replace("Ġ", " ")
+        r = "".join(rng.sample(vocab, seq_len))
         texts.append(r + r)
     tokens = model.to_tokens(texts)  # as detect_head tokenizes them: BOS first only where the model prepends one
     if tokens.shape[1] - 2 * seq_len not in (0, 1):
         raise ValueError(f"random words did not tokenize to one token each ({tokens.shape[1]} tokens for {2 * seq_len} words)")
     return texts, tokens
+
+
+def words_that_round_trip(tokenizer, ids: list[int], n: int, rng: random.Random) -> list[str]:
+    """Up to ``n`` texts of ``ids`` (in random order) that tokenize back to that one token: a real tokenizer has
+    vocabulary entries its merges never produce from the plain text (SmolLM2: 24 random words gave 31 tokens)."""
+    found = []
+    for i in rng.sample(ids, len(ids)):
+        text = tokenizer.decode([i])
+        if tokenizer(text, add_special_tokens=False)["input_ids"] == [i]:
+            found.append(text)
+            if len(found) == n:
+                break
+    return found
 
 
 def head_detector_agreement(model, seq_len: int = 12, n_texts: int = 3, seed: int = 0) -> dict[str, float]:

@@ -115,3 +115,13 @@ def test_task_table_measures_or_refuses_every_shipped_task(toy_ioi):
     assert rows["numseq.yaml"].task_performed
     assert not rows["numseq_digits.yaml"].task_performed  # the toy never saw counts without spaces
     assert all(not r.refused for r in rows.values())
+
+
+def test_induction_scores_on_a_real_tokenizer_agree_with_head_detector(smol):
+    """Random words must come back as one token each (a real BPE has entries its merges never produce: SmolLM2 gave 31
+    tokens for 24 words), or induction_checks fails on real models; our scores equal TL's detect_head there."""
+    from helpers import heads
+
+    _, tokens = heads.repeated_text_tokens(smol, 12, 3, 0)
+    assert tokens.shape[1] == 25
+    assert max(heads.head_detector_agreement(smol).values()) <= 1e-5
