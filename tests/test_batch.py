@@ -42,7 +42,8 @@ TEMPLATES = {
     + 'session.load_results(s, "boom")\n',
     "slow": HEADER + "\n# %%\nimport time\ntime.sleep(120)\n",
     # the system's out-of-memory killer, as it ends a kernel: SIGKILL after the kernel grew
-    "oom": HEADER + "\n# %%\nimport os, signal\nballast = bytearray(300 * 2**20)\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    "oom": HEADER
+    + "\n# %%\nimport os, signal, time\nballast = b'x' * (300 * 2**20)\ntime.sleep(1.5)\nos.kill(os.getpid(), signal.SIGKILL)\n",
     "per_model": "# ---\n# jupyter:\n#   circuit_lab:\n#     scope: model\n# ---\n\n"
     + HEADER
     + "\n# %%\nfrom helpers import session\n"
