@@ -36,7 +36,7 @@ import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 # Bumped when the conversion changes what it writes: older cache folders are then prepared again.
@@ -317,16 +317,6 @@ def write_card(folder: Path, card: dict) -> None:
     tmp = folder / f".{CARD_MD}.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, folder / CARD_MD)
-
-
-def card_summary(name: str) -> dict:
-    """The card as plain data (for results JSON), or {} for a model that is not a prepared real model."""
-    card = read_card(name) if name in REAL_MODELS else None
-    return dict(card or {})
-
-
-def spec_dict(name: str) -> dict:
-    return asdict(REAL_MODELS[name])
 
 
 def main(argv: list[str] | None = None, measure_tasks=None) -> int:
