@@ -108,7 +108,13 @@ def resolve_real_model(name: str) -> str:
 
     try:
         if weights_source(name) == "hub":
-            return REAL_MODELS[name].hub_id
+            hub_id = REAL_MODELS[name].hub_id
+            if not _hub_cached(hub_id) and not _hub_reachable():
+                raise ModelNotAvailable(
+                    f"real model '{name}': CIRCUIT_LAB_REAL_WEIGHTS=hub asks for the original weights ({hub_id}), but they are "
+                    f"not in the local Hugging Face cache and {HUB_HOST} cannot be reached; unset it to use the registry's GGUF weights"
+                )
+            return hub_id
         return str(prepare(name))
     except RealModelError as err:
         raise ModelNotAvailable(f"real model '{name}': {err}") from None

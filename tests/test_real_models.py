@@ -125,3 +125,13 @@ def test_induction_scores_on_a_real_tokenizer_agree_with_head_detector(smol):
     _, tokens = heads.repeated_text_tokens(smol, 12, 3, 0)
     assert tokens.shape[1] == 25
     assert max(heads.head_detector_agreement(smol).values()) <= 1e-5
+
+
+def test_asking_for_hub_weights_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("CIRCUIT_LAB_REAL_WEIGHTS", "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailable, match="asks for the original weights"):
+        resolve_model(SMOL)
+    monkeypatch.setenv("CIRCUIT_LAB_REAL_WEIGHTS", "bf16")
+    with pytest.raises(ModelNotAvailable, match="use 'gguf' or 'hub'"):
+        resolve_model(SMOL)
