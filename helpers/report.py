@@ -232,32 +232,49 @@ def figure_links(folder: ResultFolder, root: Path, template: str, limit: int = 3
     return f'<div class="fig"><h4><a href="{link}">{html.escape(template)}</a></h4>{"".join(items)}</div>'
 
 
-def run_resources(folder: ResultFolder, template: str) -> tuple[float | None, float | None]:
-    """How long the template's notebook took to execute (papermill's record in the published notebook) and its kernel's
-    peak resident memory in MB (the runner's, ``circuit_lab.peak_rss_mb``); None where not recorded."""
+@dataclass(frozen=True)
+class RunResources:
+    """What one template's run took: papermill's execution time (s), the kernel's peak resident memory (MB) and
+    the code cell that needed the most ("cell N (first line)"), read from the published notebook; None where not
+    recorded (older notebooks, runs outside the runner)."""
+
+    seconds: float | None = None
+    peak_mb: float | None = None
+    heaviest_cell: str | None = None
+
+
+def run_resources(folder: ResultFolder, template: str) -> RunResources:
+    """The resources of ``template``'s run in ``folder`` (see ``RunResources``)."""
     try:
         meta = json.loads((folder.path / f"{template}.ipynb").read_text())["metadata"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None, None
-    seconds, peak = meta.get("papermill", {}).get("duration"), meta.get("circuit_lab", {}).get("peak_rss_mb")
-    return (None if seconds is None else float(seconds)), (None if peak is None else float(peak))
+        return RunResources()
+    seconds, ours = meta.get("papermill", {}).get("duration"), meta.get("circuit_lab", {})
+    peak, heaviest = ours.get("peak_rss_mb"), ours.get("heaviest_cell")
+    return RunResources(
+        None if seconds is None else float(seconds),
+        None if peak is None else float(peak),
+        f"cell {heaviest['index']} ({heaviest['first_line']}): {heaviest['peak_rss_mb'] / 1024:.2f} GB" if heaviest else None,
+    )
 
 
 def runs_table(folder: ResultFolder, root: Path) -> str:
-    """One row per template run in the folder: its execution time, its kernel's peak memory and links to the notebook."""
+    """One row per template run in the folder: its execution time, its kernel's peak memory (and the cell that
+    needed it) and links to the notebook."""
     rows, total, most = [], 0.0, 0.0
     for template in folder.results:
-        seconds, peak = run_resources(folder, template)
-        total, most = total + (seconds or 0.0), max(most, peak or 0.0)
+        used = run_resources(folder, template)
+        total, most = total + (used.seconds or 0.0), max(most, used.peak_mb or 0.0)
         rows.append(
-            f"<tr><td>{html.escape(template)}</td><td>{'' if seconds is None else f'{seconds:.0f} s'}</td>"
-            f"<td>{'' if peak is None else f'{peak / 1024:.2f} GB'}</td>"
+            f"<tr><td>{html.escape(template)}</td><td>{'' if used.seconds is None else f'{used.seconds:.0f} s'}</td>"
+            f"<td>{'' if used.peak_mb is None else f'{used.peak_mb / 1024:.2f} GB'}</td>"
+            f"<td><small>{html.escape(used.heaviest_cell or '')}</small></td>"
             f'<td><a href="{html.escape(str((folder.path / f"{template}.html").relative_to(root)))}">html</a> · '
             f'<a href="{html.escape(str((folder.path / f"{template}.ipynb").relative_to(root)))}">ipynb</a></td></tr>'
         )
     return (
-        f'<table class="runs"><thead><tr><th>notebook</th><th>run time</th><th>peak memory</th><th>open</th></tr></thead><tbody>{"".join(rows)}'
-        f"<tr><td><b>total</b></td><td><b>{total:.0f} s</b></td><td><b>{f'{most / 1024:.2f} GB' if most else ''}</b></td><td></td></tr></tbody></table>"
+        f'<table class="runs"><thead><tr><th>notebook</th><th>run time</th><th>peak memory</th><th>heaviest cell</th><th>open</th></tr></thead><tbody>{"".join(rows)}'
+        f"<tr><td><b>total</b></td><td><b>{total:.0f} s</b></td><td><b>{f'{most / 1024:.2f} GB' if most else ''}</b></td><td></td><td></td></tr></tbody></table>"
     )
 
 

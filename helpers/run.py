@@ -50,12 +50,14 @@ class RunResult:
 
 
 class PeakRSS:
-    """The peak resident memory of this process's child processes (the notebook kernel), sampled every ``interval``
-    seconds while the block runs: what a run needs from the machine, for the summary and the report card. Under
-    several runs in threads of one process (the in-process scheduler) their kernels are summed."""
+    """The resident memory of this process's child processes (the notebook kernel), sampled every ``interval``
+    seconds while the block runs: its peak for the summary and the report card, and its samples (wall time, bytes)
+    so that each cell's own peak can be read off papermill's cell timings (``cell_peaks``). Under several runs in
+    threads of one process (the in-process scheduler) their kernels are summed."""
 
     def __init__(self, interval: float = 0.25):
         self.interval, self.peak_bytes = interval, 0
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
 
     def _sample(self) -> None:
@@ -70,6 +72,7 @@ class PeakRSS:
                 except psutil.Error:  # a process that ended between listing and reading
                     pass
             self.peak_bytes = max(self.peak_bytes, total)
+            self.samples.append((time.time(), total))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
@@ -85,8 +88,46 @@ class PeakRSS:
     def mb(self) -> float:
         return round(self.peak_bytes / 2**20, 1)
 
+    def peak_mb_between(self, start: float, end: float) -> float | None:
+        """The highest sample (MB) taken from ``start`` to ``end`` (seconds since the epoch), widened by one interval
+        each side so that a cell shorter than the interval still gets the sample nearest to it; None without one."""
+        inside = [b for t, b in self.samples if start - self.interval <= t <= end + self.interval]
+        return round(max(inside) / 2**20, 1) if inside else None
 
-def dead_kernel_message(err: Exception, peak_mb: float) -> str | None:
+
+def cell_peaks(nb, memory: PeakRSS) -> list[tuple[int, float]]:
+    """(cell index, peak MB) of each executed code cell of notebook ``nb``, from papermill's start and end times."""
+    from datetime import datetime
+
+    peaks = []
+    for i, cell in enumerate(nb.cells):
+        timing = cell.metadata.get("papermill", {})
+        if cell.cell_type != "code" or not timing.get("start_time") or not timing.get("end_time"):
+            continue
+        start, end = (datetime.fromisoformat(timing[k]).timestamp() for k in ("start_time", "end_time"))
+        peak = memory.peak_mb_between(start, end)
+        if peak is not None:
+            peaks.append((i, peak))
+    return peaks
+
+
+def last_started_cell(notebook: Path) -> str | None:
+    """"cell N (its first line)" of the last cell papermill started in the notebook it saved, the one a killed kernel
+    was executing (papermill marks even that cell "completed"); None when no cell started."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(notebook, as_version=4)
+    except (OSError, ValueError):
+        return None
+    started = [i for i, c in enumerate(nb.cells) if c.metadata.get("papermill", {}).get("start_time")]
+    if not started:
+        return None
+    source = nb.cells[started[-1]].source
+    return f"cell {started[-1]} ({next((line for line in source.splitlines() if line.strip()), '')[:80]})"
+
+
+def dead_kernel_message(err: Exception, peak_mb: float, cell: str | None = None) -> str | None:
     """What to tell the researcher when the kernel died mid-run (nbclient's DeadKernelError), or None for other errors.
     A kernel does not die of a Python error; on a real model it is almost always the system's out-of-memory killer."""
     if type(err).__name__ != "DeadKernelError":
@@ -95,8 +136,8 @@ def dead_kernel_message(err: Exception, peak_mb: float) -> str | None:
 
     total = psutil.virtual_memory().total / 2**30
     return (
-        f"the notebook's kernel was killed by the system, probably out of memory (it held {peak_mb / 1024:.1f} GB at the "
-        f"last sample; this machine has {total:.0f} GB): lower n_prompts (--n-prompts) or the memory budget "
+        f"the notebook's kernel was killed by the system, probably out of memory{f' in {cell}' if cell else ''} (its peak "
+        f"sample was {peak_mb / 1024:.1f} GB; this machine has {total:.0f} GB): lower n_prompts (--n-prompts) or the memory budget "
         "(patching_memory_mb), or run on a machine with more memory"
     )
 
@@ -280,12 +321,12 @@ def _execute(
             shutil.copy(out_nb, failed_dir / f"{template}.ipynb")
         shutil.rmtree(staging, ignore_errors=True)
         summary = getattr(err, "evalue", None) or (str(err).strip().splitlines() or [""])[-1]
-        killed = dead_kernel_message(err, memory.mb)
+        killed = dead_kernel_message(err, memory.mb, last_started_cell(failed_dir / f"{template}.ipynb"))
         what = killed or f"{getattr(err, 'ename', type(err).__name__)}: {summary}"
         message = f"{what} (executed notebook: {failed_dir / (template + '.ipynb')})"
         return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir, message, memory.mb)
     source_nb.unlink()
-    record_resources(out_nb, memory.mb)
+    record_resources(out_nb, memory)
     images, image_failure = figures.render_pending(staging)
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
     out_nb.write_text(out_nb.read_text().replace(str(staging), str(final)))
@@ -312,13 +353,22 @@ def _execute(
     return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, note, memory.mb)
 
 
-def record_resources(notebook: Path, peak_rss_mb: float) -> None:
-    """Write the kernel's peak memory into the notebook's metadata (``circuit_lab.peak_rss_mb``), next to papermill's
-    duration: the report card reads both from the published notebook."""
+def record_resources(notebook: Path, memory: PeakRSS) -> None:
+    """Write the kernel's peak memory into the notebook's metadata (``circuit_lab.peak_rss_mb``, next to papermill's
+    duration), each code cell's own peak into that cell's (``circuit_lab.peak_rss_mb``), and the cell that needed
+    the most (``circuit_lab.heaviest_cell``: index, first line, MB): the report card reads them from the notebook."""
     import nbformat
 
     nb = nbformat.read(notebook, as_version=4)
-    nb.metadata.setdefault("circuit_lab", {})["peak_rss_mb"] = peak_rss_mb
+    meta = nb.metadata.setdefault("circuit_lab", {})
+    meta["peak_rss_mb"] = memory.mb
+    peaks = cell_peaks(nb, memory)
+    for i, peak in peaks:
+        nb.cells[i].metadata.setdefault("circuit_lab", {})["peak_rss_mb"] = peak
+    if peaks:
+        i, peak = max(peaks, key=lambda p: p[1])
+        first_line = next((line for line in nb.cells[i].source.splitlines() if line.strip()), "")
+        meta["heaviest_cell"] = {"index": i, "first_line": first_line[:120], "peak_rss_mb": peak}
     nbformat.write(nb, notebook)
 
 

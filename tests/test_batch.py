@@ -207,10 +207,16 @@ def test_a_killed_kernel_is_reported_as_killed_with_its_memory(sandbox):
     result = runner.run_template("ioi", "oom", progress=False)
     assert result.status == "failed"
     assert "killed by the system, probably out of memory" in result.message and "lower n_prompts" in result.message
+    assert "in cell 2 (import os, signal, time)" in result.message  # the cell that grew is named
     assert result.peak_rss_mb is not None and result.peak_rss_mb > 300
     ok = runner.run_template("ioi", "first", progress=False)
     assert ok.status == "ok" and ok.peak_rss_mb > 50
     import nbformat
 
     published = nbformat.read(ok.out_dir / "first.ipynb", as_version=4)
-    assert published.metadata["circuit_lab"]["peak_rss_mb"] == ok.peak_rss_mb
+    meta = published.metadata["circuit_lab"]
+    assert meta["peak_rss_mb"] == ok.peak_rss_mb
+    code = [c for c in published.cells if c.cell_type == "code"]
+    cell_peaks = [c.metadata["circuit_lab"]["peak_rss_mb"] for c in code]
+    assert len(cell_peaks) == len(code) and 0 < max(cell_peaks) <= ok.peak_rss_mb  # each cell's own peak
+    assert meta["heaviest_cell"]["peak_rss_mb"] == max(cell_peaks)

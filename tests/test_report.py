@@ -89,14 +89,17 @@ def test_per_model_results_are_shared_by_every_task_and_run_times_shown(tmp_path
         "induction_checks",
         {"heads.induction": [{"layer": 1, "head": 2, "value": 0.9}], "loss.second_half": 0.25},
     )
-    (shared / "induction_checks.ipynb").write_text(json.dumps({"metadata": {"papermill": {"duration": 41.6}}, "cells": []}))
+    heaviest = {"index": 7, "first_line": "scores = heads.induction_scores(model)", "peak_rss_mb": 3072.0}
+    meta = {"papermill": {"duration": 41.6}, "circuit_lab": {"peak_rss_mb": 3100.0, "heaviest_cell": heaviest}}
+    (shared / "induction_checks.ipynb").write_text(json.dumps({"metadata": meta, "cells": []}))
     folders = report.collect(tmp_path)
     assert [f.task for f in folders] == ["a", "b"]  # _models is not a task
     assert all(f.of("induction_checks").loss["second_half"] == 0.25 for f in folders)
-    assert report.run_resources(folders[0].per_model, "induction_checks")[0] == pytest.approx(41.6)
-    assert report.run_resources(folders[0], "circuit_expms") == (None, None)  # no notebook: no time, no error
+    assert report.run_resources(folders[0].per_model, "induction_checks").seconds == pytest.approx(41.6)
+    assert report.run_resources(folders[0], "circuit_expms") == report.RunResources()  # no notebook: no time, no error
     page = report.write_report(tmp_path).read_text()
     assert page.count('id="_models-m"') == 1 and "m · every task" in page and "42 s" in page
+    assert "3.03 GB" in page and "cell 7 (scores = heads.induction_scores(model)): 3.00 GB" in page
     assert page.count("loss on the repeat (induction)") == 2  # in each task's key numbers
     assert "L1H2 (+0.90)" in page  # the induction heads, at the threshold the notebook used
 
