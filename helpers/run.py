@@ -112,7 +112,7 @@ def cell_peaks(nb, memory: PeakRSS) -> list[tuple[int, float]]:
 
 
 def last_started_cell(notebook: Path) -> str | None:
-    """"cell N (its first line)" of the last cell papermill started in the notebook it saved, the one a killed kernel
+    """ "cell N (its first line)" of the last cell papermill started in the notebook it saved, the one a killed kernel
     was executing (papermill marks even that cell "completed"); None when no cell started."""
     import nbformat
 
