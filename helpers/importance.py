@@ -30,28 +30,34 @@ from .metrics import group_mean, logit_diff
 from .patching import NotSupported, bytes_per_variant
 
 
+LOSS_ROWS = 8  # rows of full-sequence logits turned into losses at a time: bounds the softmax's temporary copy
+METRICS = ("answer_loss", "sequence_loss", "logit_diff")
+
+
 @dataclass
 class LossMetrics:
-    """Per-variant task metrics of full-sequence logits (means over prompts)."""
+    """Per-row task metrics of full-sequence logits (one row per variant x prompt, variant-major)."""
 
-    answer_loss: Float[Tensor, variant]  # -log p(correct) at the final prompt position, nats
-    sequence_loss: Float[Tensor, variant]  # mean next-token cross-entropy over prompt + answer, nats
-    logit_diff: Float[Tensor, variant]  # correct - incorrect logit at the final prompt position
+    answer_loss: Float[Tensor, "rows"]  # -log p(correct) at the final prompt position, nats
+    sequence_loss: Float[Tensor, "rows"]  # mean next-token cross-entropy over prompt + answer, nats
+    logit_diff: Float[Tensor, "rows"]  # correct - incorrect logit at the final prompt position
+
+    def by_variant(self, n_var: int) -> LossMetrics:
+        """Each metric as [variant, prompt]."""
+        return LossMetrics(*(getattr(self, k).reshape(n_var, -1) for k in METRICS))
 
 
-def loss_metrics(
-    logits: Float[Tensor, "variant_batch pos d_vocab"], tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], n_var: int
-) -> LossMetrics:
-    """The three metrics of ``logits`` of ``tokens`` = prompt followed by its correct answer (variant-major)."""
-    reps = tokens.repeat(n_var, 1)
-    logprobs = logits[:, :-1].float().log_softmax(-1)
-    token_loss = -logprobs.gather(-1, reps[:, 1:, None])[..., 0]  # [variant*batch, pos-1]
-    ld = logit_diff(logits[:, -2:-1], answers.repeat(n_var, 1))
-    return LossMetrics(
-        token_loss[:, -1].reshape(n_var, -1).mean(-1).cpu(),
-        token_loss.mean(-1).reshape(n_var, -1).mean(-1).cpu(),
-        ld.reshape(n_var, -1).mean(-1).cpu(),
-    )
+def loss_metrics(logits: Float[Tensor, "rows pos d_vocab"], tokens: Int[Tensor, "rows pos"], answers: Int[Tensor, "rows 2"]) -> LossMetrics:
+    """The three metrics of each row of ``logits`` of ``tokens`` = prompt followed by its correct answer. The
+    cross-entropy is ``logsumexp - target logit``, taken ``LOSS_ROWS`` rows at a time, so that the temporary it needs
+    is a few rows of vocabulary-sized logits, not another copy of all of them (a 262k vocabulary: 1 GB per 64 rows)."""
+    token_loss = torch.cat(
+        [
+            torch.logsumexp(chunk[:, :-1].float(), -1) - chunk[:, :-1].float().gather(-1, toks[:, 1:, None])[..., 0]
+            for chunk, toks in zip(logits.split(LOSS_ROWS), tokens.split(LOSS_ROWS))
+        ]
+    )  # [rows, pos-1]
+    return LossMetrics(token_loss[:, -1].cpu(), token_loss.mean(-1).cpu(), logit_diff(logits[:, -2:-1], answers).cpu())
 
 
 @dataclass
@@ -92,7 +98,8 @@ def head_importance(
     reference_tokens: Int[Tensor, "batch pos"] | None = None,
     reference_name: str = "reference",
 ) -> HeadImportance:
-    """Mean-ablation importance of every head (see module docstring); ``memory_mb`` bounds one batched forward;
+    """Mean-ablation importance of every head (see module docstring); ``memory_mb`` bounds one batched forward (its
+    activations and full-sequence logits; a variant whose prompts do not fit at once runs in prompt slices);
     ``groups``: the prompts' sentence templates, each averaged on its own (``metrics.group_mean``);
     ``reference_tokens``: prompts the means come from (default ``tokens`` themselves; the corrupted prompts remove
     what distinguishes the task's answer, as the IOI paper's mean over its ABC prompts does; a task whose answer is
@@ -113,30 +120,43 @@ def head_importance(
             _, reference = model.run_with_cache(with_answers(reference_tokens, answers), names_filter=z_names)
     with torch.no_grad():
         logits, cache = model.run_with_cache(full, names_filter=z_names + resid_names)
-    base = loss_metrics(logits, full, answers, 1)
+    base = loss_metrics(logits, full, answers)
+    del logits  # [batch, pos, d_vocab]: a gigabyte at 64 prompts of a 262k vocabulary
     batch, n_pos = full.shape
-    per_variant = bytes_per_variant(model, batch, n_pos) + 4 * batch * n_pos * cfg.d_vocab  # + logits at every position
-    chunk = max(1, int(memory_mb * 2**20) // per_variant)
-    rows: dict[str, list[Tensor]] = {"answer_loss": [], "sequence_loss": [], "logit_diff": []}
+    # One prompt of one variant: its activations through a block and its logits at every position (the losses need
+    # them all). Variants of a layer share a forward while whole batches fit; else one variant runs in prompt slices.
+    per_row = bytes_per_variant(model, 1, n_pos) + 4 * n_pos * cfg.d_vocab
+    rows_fit = max(1, int(memory_mb * 2**20) // per_row)
+    heads_per_run, prompts_per_run = max(1, rows_fit // batch), min(batch, rows_fit)
+    rows: dict[str, list[Tensor]] = {k: [] for k in METRICS}
     for layer in tqdm(range(cfg.n_layers), desc="mean-ablate heads", disable=not progress, leave=False):
-        z = (reference or cache)[z_names[layer]]
-        mean = {"mean": {z_names[layer]: group_mean(z, groups)}}
+        means = group_mean((reference or cache)[z_names[layer]], groups)  # [1 or batch, pos, head, d_head]
         resid = cache[resid_names[layer]]
-        out: dict[str, list[Tensor]] = {k: [] for k in rows}
-        for heads in torch.arange(cfg.n_heads).split(chunk):
-            mask = torch.zeros(len(heads), 1, cfg.n_heads, 1, dtype=torch.bool)
-            mask[torch.arange(len(heads)), 0, heads] = True
+        out: dict[str, list[Tensor]] = {k: [] for k in METRICS}
+        for heads in torch.arange(cfg.n_heads).split(heads_per_run):
+            n = len(heads)
+            mask = torch.zeros(n, 1, cfg.n_heads, 1, dtype=torch.bool)
+            mask[torch.arange(n), 0, heads] = True
             iv = Intervention(z_names[layer], "mean", mask)
-            with torch.no_grad(), model.hooks(fwd_hooks=hooks_for([iv], mean, len(heads))):
-                ablated = model(resid.repeat(len(heads), 1, 1), start_at_layer=layer) if layer else model(full.repeat(len(heads), 1))
-            m = loss_metrics(ablated, full, answers, len(heads))
-            for k in out:
-                out[k].append(getattr(m, k) - getattr(base, k))
-        for k in rows:
+            parts: dict[str, list[Tensor]] = {k: [] for k in METRICS}
+            for rows_of in torch.arange(batch).split(prompts_per_run):
+                mean = {"mean": {z_names[layer]: means if means.shape[0] == 1 else means[rows_of]}}
+                with torch.no_grad(), model.hooks(fwd_hooks=hooks_for([iv], mean, n)):
+                    if layer:
+                        ablated = model(resid[rows_of].repeat(n, 1, 1), start_at_layer=layer)
+                    else:
+                        ablated = model(full[rows_of].repeat(n, 1))
+                m = loss_metrics(ablated, full[rows_of].repeat(n, 1), answers[rows_of].repeat(n, 1)).by_variant(n)
+                del ablated
+                for k in METRICS:
+                    parts[k].append(getattr(m, k))
+            for k in METRICS:
+                out[k].append(torch.cat(parts[k], dim=1).mean(-1) - getattr(base, k).mean())
+        for k in METRICS:
             rows[k].append(torch.cat(out[k]))
     return HeadImportance(
-        *(torch.stack(rows[k]) for k in ("answer_loss", "sequence_loss", "logit_diff")),
-        baseline={k: float(getattr(base, k)[0]) for k in rows},
+        *(torch.stack(rows[k]) for k in METRICS),
+        baseline={k: float(getattr(base, k).mean()) for k in METRICS},
         n_prompts=batch,
         reference="the same prompts" if reference_tokens is None else f"the {reference_name} prompts",
     )

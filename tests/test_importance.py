@@ -76,3 +76,14 @@ def test_reference_prompts_give_the_means(toy_ioi, ioi_prompts):
     )
     assert corrupted.reference == "the corrupted prompts" and not torch.allclose(default.answer_loss, corrupted.answer_loss)
     assert float(corrupted.answer_loss[3, 2]) > 0.5
+
+
+def test_prompt_slices_give_the_same_numbers(toy_ioi, ioi_prompts):
+    """A budget too small for one variant's prompts runs them in slices (each slice with its own rows of per-template
+    means): the numbers equal one batched forward per layer, to float precision."""
+    tokens, answers = ioi_prompts.clean_tokens, ioi_prompts.answer_tokens
+    groups = (torch.arange(len(tokens)) >= 5).long()  # two groups: per-prompt means, sliced with the prompts
+    whole = importance.head_importance(toy_ioi, tokens, answers, memory_mb=4096, progress=False, groups=groups)
+    sliced = importance.head_importance(toy_ioi, tokens, answers, memory_mb=0.4, progress=False, groups=groups)  # 2 prompts a forward
+    for key in importance.METRICS:
+        assert torch.allclose(getattr(whole, key), getattr(sliced, key), atol=1e-5), key
