@@ -29,7 +29,6 @@ from .interventions import Intervention, hook_takes_effect, hooks_for
 from .metrics import group_mean, logit_diff
 from .patching import NotSupported, bytes_per_variant
 
-
 LOSS_ROWS = 8  # rows of full-sequence logits turned into losses at a time: bounds the softmax's temporary copy
 METRICS = ("answer_loss", "sequence_loss", "logit_diff")
 
@@ -38,9 +37,9 @@ METRICS = ("answer_loss", "sequence_loss", "logit_diff")
 class LossMetrics:
     """Per-row task metrics of full-sequence logits (one row per variant x prompt, variant-major)."""
 
-    answer_loss: Float[Tensor, "rows"]  # -log p(correct) at the final prompt position, nats
-    sequence_loss: Float[Tensor, "rows"]  # mean next-token cross-entropy over prompt + answer, nats
-    logit_diff: Float[Tensor, "rows"]  # correct - incorrect logit at the final prompt position
+    answer_loss: Float[Tensor, rows]  # -log p(correct) at the final prompt position, nats
+    sequence_loss: Float[Tensor, rows]  # mean next-token cross-entropy over prompt + answer, nats
+    logit_diff: Float[Tensor, rows]  # correct - incorrect logit at the final prompt position
 
     def by_variant(self, n_var: int) -> LossMetrics:
         """Each metric as [variant, prompt]."""
