@@ -197,6 +197,65 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
+def enable_compatibility(model) -> str:
+    """``model.enable_compatibility_mode()`` with TransformerLens's default weight processing (fold the norms, centre
+    the writing weights, centre the unembedding, fold the value biases), bit for bit, at a lower peak memory where
+    that is safe. Returns "default" or "lean", the path taken.
+
+    Why: TransformerLens 4.3 runs each processing step on a fresh clone of the whole state dict while the previous
+    one and the live parameters are still held, so loading peaks at about three copies of the model plus
+    vocabulary-sized temporaries (Gemma-3-270M, whose embedding and unembedding are 640 MiB each: 6.3 GiB, for a
+    model that then holds 2.4). The lean path asks TransformerLens for its processing without the two steps that
+    need such a copy, then does them on only the tensors they read:
+    - **centring the unembedding**: TransformerLens's own ``center_unembed`` on a state dict of the unembedding's
+      weight and bias, written back in place (skipped, as TransformerLens skips it, where logits are soft-capped);
+    - **folding value biases**: skipped, because it is a no-op: taken only where the model has no value bias under
+      any of the keys ``fold_value_biases`` looks up.
+    It is taken for float32 models with RMS norms (no writing-weight centring, which would follow the fold) and an
+    unembedding that does not share storage with the embedding; everything else takes the default path. The
+    tests compare both paths' processed weights on every family (equal, to the bit)."""
+    import torch
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+    from transformer_lens.weight_processing import ProcessWeights
+
+    cfg, adapter = model.cfg, model.adapter
+
+    def key(name: str) -> str:
+        return ProcessWeights._get_param_key(name, adapter)
+
+    raw = model.state_dict()  # references to the live parameters, no copy
+    value_bias_keys = {
+        k
+        for layer in range(cfg.n_layers)
+        for k in (f"blocks.{layer}.attn.v.bias", key(f"blocks.{layer}.attn.b_V"), key(f"blocks.{layer}.attn._b_V"))
+    }
+    w_u, b_u = key("unembed.W_U"), key("unembed.b_U")
+    lean = (
+        getattr(cfg, "normalization_type", None) in ("RMS", "RMSPre")
+        and w_u in raw
+        and all(v.dtype == torch.float32 for v in raw.values() if v.is_floating_point())
+        and not value_bias_keys & raw.keys()
+    )
+    if not lean:
+        model.enable_compatibility_mode()
+        return "default"
+    model.enable_compatibility_mode(center_unembed=False, fold_value_biases=False)
+    if softcap_enabled(getattr(cfg, "output_logits_soft_cap", None)):
+        return "lean"  # TransformerLens does not centre soft-capped logits either
+    processed = model.state_dict()
+    unembed = {k: processed[k] for k in (w_u, b_u) if k in processed}
+    shared = {processed[k].untyped_storage().data_ptr() for k in processed if k not in unembed}
+    if any(v.untyped_storage().data_ptr() in shared for v in unembed.values()):
+        raise RuntimeError(
+            f"{type(model.original_model).__name__}: the unembedding shares storage after processing; centring it in place would change another weight"
+        )
+    centred = ProcessWeights.center_unembed(unembed, cfg=cfg, adapter=adapter)
+    with torch.no_grad():
+        for k, v in unembed.items():
+            v.copy_(centred[k])
+    return "lean"
+
+
 def load_model(name: str, device: str | None = None, dtype: str = "float32", n_devices: int | None = None):
     """A ``TransformerBridge`` for ``name`` in compatibility mode and eval mode, on ``device`` (auto by default).
 
@@ -218,7 +277,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", n_d
         hf_logging.disable_progress_bar()
     placement = {"n_devices": n_devices} if n_devices and n_devices > 1 else {"device": pick_device(device)}
     model = TransformerBridge.boot_transformers(source, dtype=getattr(torch, dtype), **placement)
-    model.enable_compatibility_mode()
+    enable_compatibility(model)
     model.eval()
     tok = model.tokenizer
     # Without tokenizer_config.json the bridge silently loads a tokenizer that maps all text to id 0 (TransformerLens 4.x; measured).

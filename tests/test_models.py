@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import PROJECT_ROOT
+from helpers.families import FAMILIES
 from helpers.models import ModelNotAvailable, bundled_models, load_model, resolve_model
 from helpers.params import load_params
 from helpers.prompts import make_prompts
@@ -145,3 +146,25 @@ def test_toy_ioi_llama_sweeps_equal_transformer_lens(toy_ioi_llama, name):
     ps = make_prompts(load_params("ioi", n_prompts=6), m.tokenizer, verbose=False, prepend_bos=m.cfg.default_prepend_bos)
     ctx = P.make_context(m, ps.clean_tokens, ps.corrupted_tokens, ps.answer_tokens)
     assert (P.sweep(ctx, name, progress=False) - P.tl_reference(ctx, name)).abs().max() <= 1e-4
+
+
+LEAN = {"llama", "mistral", "gemma2", "gemma3"}  # RMS norms, no value biases, float32: the lean path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_processing_equals_transformer_lens_default_to_the_bit(family, family_dirs):
+    """``enable_compatibility`` (the lean path where safe) gives exactly the weights and logits of TransformerLens's
+    ``enable_compatibility_mode()``, on every family; the path it takes is the expected one."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from helpers.models import enable_compatibility
+
+    ours, theirs = (TransformerBridge.boot_transformers(str(family_dirs(family)), dtype=torch.float32, device="cpu") for _ in "ab")
+    assert enable_compatibility(ours) == ("lean" if family in LEAN else "default")
+    theirs.enable_compatibility_mode()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    tokens = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(ours(tokens), theirs(tokens))
