@@ -103,9 +103,10 @@ def logit_lens_vocabulary(model, cache: ActivationCache, answer_tokens: Int[Tens
     model's own ranking (soft-capping, where present, does not change ranks)."""
     incl_mid = "blocks.0.hook_resid_mid" in cache.cache_dict
     stack, labels = cache.accumulated_resid(layer=-1, incl_mid=incl_mid, pos_slice=-1, return_labels=True)
-    logits = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1) @ model.W_U + model.b_U  # [component, batch, vocab]
+    normed = cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)  # [component, batch, d_model]
     rows = []
-    for label, layer_logits in zip(labels, logits):
+    for label, resid in zip(labels, normed):
+        layer_logits = resid @ model.W_U + model.b_U  # [batch, vocab]: one component at a time (37 x 64 x 262k is 2.5 GB)
         answer = layer_logits.gather(-1, answer_tokens)  # [batch, 2]
         ranks = (layer_logits[:, None, :] > answer[..., None]).sum(-1).float()  # [batch, 2]
         top = layer_logits.argmax(-1)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .hooks import HookNameError, recording_hook, resolve_hook_names
 from .interventions import UNEMBED_LAST
+from .memory import release_freed_memory
 from .metrics import logit_diff
 from .patching import SWEEPS, Sweep, bytes_per_variant
 
@@ -100,6 +101,8 @@ def metric_gradients(
             lds.append(ld.detach()[:first])
             for n in hook_names:
                 acts_out[n].append(acts[n].detach()[:first])
+        del acts, grads, ld
+        release_freed_memory()  # the chunk's autograd buffers, back to the system before the next (helpers.memory)
     return {n: g / steps for n, g in grads_out.items()}, {n: torch.cat(a) for n, a in acts_out.items()}, torch.cat(lds)
 
 

@@ -26,6 +26,7 @@ from transformer_lens.utilities import get_act_name
 
 from .hooks import resolve_hook_names
 from .interventions import Intervention, hook_takes_effect, hooks_for
+from .memory import release_freed_memory
 from .metrics import group_mean, logit_diff
 from .patching import NotSupported, bytes_per_variant
 
@@ -116,7 +117,7 @@ def head_importance(
     reference = {}
     if reference_tokens is not None:
         with torch.no_grad():
-            _, reference = model.run_with_cache(with_answers(reference_tokens, answers), names_filter=z_names)
+            reference = model.run_with_cache(with_answers(reference_tokens, answers), names_filter=z_names)[1]  # logits dropped
     with torch.no_grad():
         logits, cache = model.run_with_cache(full, names_filter=z_names + resid_names)
     base = loss_metrics(logits, full, answers)
@@ -153,6 +154,7 @@ def head_importance(
                 out[k].append(torch.cat(parts[k], dim=1).mean(-1) - getattr(base, k).mean())
         for k in METRICS:
             rows[k].append(torch.cat(out[k]))
+        release_freed_memory()  # this layer's ablated runs, back to the system (helpers.memory)
     return HeadImportance(
         *(torch.stack(rows[k]) for k in METRICS),
         baseline={k: float(getattr(base, k).mean()) for k in METRICS},

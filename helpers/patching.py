@@ -40,6 +40,7 @@ from .interventions import (
     run_interventions,
     run_with_kv,
 )
+from .memory import release_freed_memory
 from .metrics import (
     NormalisationCheck,
     check_normalisation,
@@ -459,6 +460,7 @@ def run_sweep(
             ld[part] = run_patched_from_layer(ctx, layer, hook_name, variant_masks(spec, clean.shape, part)).cpu() @ weights
         ld = ld if raw else normalised(ld, clean_base, corr_base)
         rows.append(ld.T.reshape(-1, *shape))  # [group, *shape]
+        release_freed_memory()  # this layer's patched runs, back to the system (helpers.memory)
     result = torch.stack(rows, 1)  # [group, layer, *shape]
     return result[0] if groups is None else result
 

@@ -22,6 +22,7 @@ from .artifacts import to_jsonable, write_json
 from .components import Head
 from .figures import Figures, choose_renderer
 from .layout import model_folder_name, owner, scope_of
+from .memory import release_after_each_cell
 from .metrics import TaskCheck, check_task, logit_diff
 from .models import describe_weights, load_model, set_threads
 from .params import TaskParams, load_params
@@ -77,6 +78,7 @@ def start_session(
     published one).
     """
     set_threads(threads)
+    release_after_each_cell()  # a long notebook's memory tracks what it holds (helpers.memory)
     torch.manual_seed(0)
     params = load_params(params_file or task, model=model_name, n_prompts=n_prompts)
     model = load_model(params.model, device=device, dtype=dtype)
