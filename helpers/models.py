@@ -211,9 +211,10 @@ def enable_compatibility(model) -> str:
       weight and bias, written back in place (skipped, as TransformerLens skips it, where logits are soft-capped);
     - **folding value biases**: skipped, because it is a no-op: taken only where the model has no value bias under
       any of the keys ``fold_value_biases`` looks up.
-    It is taken for float32 models with RMS norms (no writing-weight centring, which would follow the fold) and an
-    unembedding that does not share storage with the embedding; everything else takes the default path. The
-    tests compare both paths' processed weights on every family (equal, to the bit)."""
+    It is taken for float32 models with RMS norms (no writing-weight centring, which would follow the fold);
+    everything else takes the default path. An unembedding that still shared storage with another weight after
+    processing would be an error, not an in-place centring. The tests compare both paths' processed weights on
+    every family (equal, to the bit)."""
     import torch
     from transformer_lens.utilities.activation_functions import softcap_enabled
     from transformer_lens.weight_processing import ProcessWeights

@@ -111,6 +111,11 @@ def cell_peaks(nb, memory: PeakRSS) -> list[tuple[int, float]]:
     return peaks
 
 
+def first_line(source: str) -> str:
+    """A cell's first non-blank line: how a cell is named in messages and on the report."""
+    return next((line for line in source.splitlines() if line.strip()), "")
+
+
 def last_started_cell(notebook: Path) -> str | None:
     """ "cell N (its first line)" of the last cell papermill started in the notebook it saved, the one a killed kernel
     was executing (papermill marks even that cell "completed"); None when no cell started."""
@@ -123,8 +128,7 @@ def last_started_cell(notebook: Path) -> str | None:
     started = [i for i, c in enumerate(nb.cells) if c.metadata.get("papermill", {}).get("start_time")]
     if not started:
         return None
-    source = nb.cells[started[-1]].source
-    return f"cell {started[-1]} ({next((line for line in source.splitlines() if line.strip()), '')[:80]})"
+    return f"cell {started[-1]} ({first_line(nb.cells[started[-1]].source)[:80]})"
 
 
 def dead_kernel_message(err: Exception, peak_mb: float, cell: str | None = None) -> str | None:
@@ -367,8 +371,7 @@ def record_resources(notebook: Path, memory: PeakRSS) -> None:
         nb.cells[i].metadata.setdefault("circuit_lab", {})["peak_rss_mb"] = peak
     if peaks:
         i, peak = max(peaks, key=lambda p: p[1])
-        first_line = next((line for line in nb.cells[i].source.splitlines() if line.strip()), "")
-        meta["heaviest_cell"] = {"index": i, "first_line": first_line[:120], "peak_rss_mb": peak}
+        meta["heaviest_cell"] = {"index": i, "first_line": first_line(nb.cells[i].source)[:120], "peak_rss_mb": peak}
     nbformat.write(nb, notebook)
 
 
