@@ -192,3 +192,14 @@ def test_copy_scores_with_bias_and_attend_and_copy(toy_ioi, ioi_prompts, cache):
     narrow = HF.attend_and_copy(toy_ioi, cache, ioi_prompts, pos, k=1)
     assert bool((narrow.score <= both.score).all()) and float(both.score.max()) > float(both.score.min())
     assert float(HF.attend_and_copy(toy_ioi, cache, ioi_prompts, pos, k=toy_ioi.cfg.d_vocab).score.min()) == 100
+
+
+def test_top_k_hits_in_slices_equal_one_pass(toy_ioi, ioi_prompts, cache, monkeypatch):
+    """``top_k_hits`` unembeds a slice of rows at a time (bounded memory on large vocabularies): same hits as one pass."""
+    pos = HF.word_positions(ioi_prompts)
+    whole = (HF.copy_scores(toy_ioi, cache, ioi_prompts, pos, k=3), HF.attend_and_copy(toy_ioi, cache, ioi_prompts, pos, k=3))
+    monkeypatch.setattr(HF, "TOP_K_LOGITS_MB", 4 * toy_ioi.cfg.d_vocab * 3 / 2**20)  # three rows a slice
+    sliced = (HF.copy_scores(toy_ioi, cache, ioi_prompts, pos, k=3), HF.attend_and_copy(toy_ioi, cache, ioi_prompts, pos, k=3))
+    assert torch.equal(whole[0].positive, sliced[0].positive) and torch.equal(whole[0].negative, sliced[0].negative)
+    assert torch.equal(whole[1].score, sliced[1].score)
+    assert float(whole[0].positive.max()) > 0
