@@ -122,9 +122,8 @@ def bias_or_none(model, name: str) -> Tensor | None:
         return None
 
 
-TOP_K_LOGITS_MB = (
-    256  # vocabulary-sized logits held at once by ``top_k_hits`` (64 prompts x 5 words x 4 heads of a 262k vocabulary is 1.3 GB)
-)
+# Vocabulary-sized logits held at once by ``top_k_hits`` (64 prompts x 5 words x 4 heads of a 262k vocabulary: 1.3 GB)
+TOP_K_LOGITS_MB = 256
 
 
 def top_k_hits(model, out: Float[Tensor, "... d_model"], targets: Int[Tensor, ...], k: int) -> Float[Tensor, ...]:
