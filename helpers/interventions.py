@@ -287,8 +287,8 @@ def run_interventions(
     resid_name = None if layer is None else get_act_name("resid_pre", layer)
     with torch.no_grad():
         if base_cache is None or resid_name not in base_cache:
-            with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks):
-                logits = model(tokens.repeat(n_var, 1))[:, -1:]
+            with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks + [UNEMBED_LAST]):
+                logits = model(tokens.repeat(n_var, 1))
         else:
             resid = base_cache[resid_name]
             start = 0 if prefix is None or record else suffix_start(interventions, resid.shape[1], sources, base_cache)

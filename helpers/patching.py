@@ -32,6 +32,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from .flops import ModelShape, run_flops
 from .hooks import resolve_hook_names
 from .interventions import (
+    UNEMBED_LAST,
     Intervention,
     KVPrefix,
     edit_reaches_residual,
@@ -201,10 +202,11 @@ def make_context(
     clean - corrupted gap is too small to normalise by."""
     names = patching_hook_names(model)
     names += [n for n in (resolve_hook_names(model, list(extra_hooks)) if extra_hooks else []) if n not in names]
-    with torch.no_grad():
-        with model.hooks(fwd_hooks=list(clean_hooks)):
+    with torch.no_grad():  # both runs unembed the final position only: the logit difference reads nothing else
+        with model.hooks(fwd_hooks=list(clean_hooks) + [UNEMBED_LAST]):
             clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
-        corr_logits, corr_cache, corr_kv = run_with_kv(model, corrupted_tokens, names_filter=names)
+        with model.hooks(fwd_hooks=[UNEMBED_LAST]):
+            corr_logits, corr_cache, corr_kv = run_with_kv(model, corrupted_tokens, names_filter=names)
     clean_ld, corr_ld = logit_diff(clean_logits, answer_tokens).cpu(), logit_diff(corr_logits, answer_tokens).cpu()
     ctx = PatchingContext(
         model=model,
