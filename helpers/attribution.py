@@ -8,13 +8,20 @@ the model's logit difference exactly (up to float error; tested on every family)
 
 Architectures differ in what that sum contains and whether it is exact (``decomposition_caveats``):
 rotary models have no positional-embedding term; parallel blocks (GPT-J, NeoX) have no residual stream
-between attention and MLP (the logit lens reads whole layers); Gemma's final-logit soft-capping makes the
-logit difference a non-linear function of the residual stream, and its post-attention norms make per-head
-contributions not add up to the attention output. There the numbers are approximations: the residual is
+between attention and MLP (the logit lens reads whole layers); Gemma-2's final-logit soft-capping makes the
+logit difference a non-linear function of the residual stream: there the numbers are approximations, the residual
 measured and reported, never hidden.
+
+**Post-norms** (Gemma-2/3: a norm between each head's write and the residual stream, ``ln1_post``, and after the
+MLP, ``ln2_post``). RMSNorm(Σ_h x_h) = Σ_h x_h · w / rms(Σ_h x_h): with the norm's scale frozen at its value in the
+run (as the final norm's already is), the norm is a linear map, so each head's (and each neuron's) share passes
+through it on its own and the shares sum exactly to the layer's output (``post_normed``, through the model's own
+norm module). ``frozen_scales`` names the scales a decomposition freezes.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from jaxtyping import Float, Int
@@ -52,8 +59,8 @@ def dla_hook_names(model) -> list[str]:
 
 
 def decomposition_caveats(model) -> dict[str, str]:
-    """Why DLA is not an exact decomposition on this architecture, keyed by what it affects ('layers', 'heads');
-    empty when it is exact."""
+    """Why DLA is not an exact decomposition on this architecture, keyed by what it affects ('layers'); empty when
+    it is exact. (Post-norms are not a caveat: their scales are frozen, ``frozen_scales``.)"""
     caveats: dict[str, str] = {}
     cap = getattr(model.cfg, "output_logits_soft_cap", 0) or 0
     if cap > 0:
@@ -61,12 +68,49 @@ def decomposition_caveats(model) -> dict[str, str]:
             f"final logits are soft-capped (tanh, cap {cap}): the logit difference is not linear in the residual "
             "stream, so component contributions only approximate it"
         )
-    if any(".ln1_post." in name for name in model.hook_dict):
-        caveats["heads"] = (
-            "a norm follows the attention output (post-attention norm): per-head contributions are taken before it "
-            "and do not add up to the attention output"
-        )
     return caveats
+
+
+POST_NORMS = {"ln1_post": "post-attention norm", "ln2_post": "post-MLP norm"}
+
+
+def post_norms(model) -> list[str]:
+    """The norms this architecture applies to a sublayer's output before it joins the residual stream
+    (``POST_NORMS``: ``ln1_post`` after attention, ``ln2_post`` after the MLP; Gemma-2/3), in block order."""
+    return [name for name in POST_NORMS if f"blocks.0.{name}.hook_scale" in model.hook_dict]
+
+
+def post_attention_norm_reason(model) -> str | None:
+    """Why a head's write to the residual stream is not ``z @ W_O`` on this architecture (None where it is): what
+    edge-level circuits and direct path patching, which add head writes into the residual stream, cannot express."""
+    if "ln1_post" in post_norms(model):
+        return "a norm follows the attention output (post-attention norm): a head's write to the residual stream is not z @ W_O"
+    return None
+
+
+def frozen_scales(model) -> list[str]:
+    """The norm scales DLA freezes at their values in the run, in words (the final norm's always)."""
+    return ["the final norm's"] + [f"each layer's {POST_NORMS[name]}'s" for name in post_norms(model)]
+
+
+def post_normed(
+    model, cache: ActivationCache, layer: int, norm: str, stack: Float[Tensor, "component batch d_model"], with_bias: bool = False
+) -> Float[Tensor, "component batch d_model"]:
+    """Each component of ``stack`` (a share of what enters post-norm ``norm`` of ``layer`` at the final position)
+    through that norm with its scale frozen at the run's cached value: the model's own norm module, whose
+    ``hook_scale`` is replaced. Linear, so the shares sum to the norm's output. A norm bias (none in Gemma) is counted
+    once: only ``with_bias`` components (the layer's own bias term) carry it."""
+    name = f"blocks.{layer}.{norm}"
+    scale = cache[f"{name}.hook_scale"][:, -1]  # [batch, 1]
+    module = model.get_submodule(name)
+
+    def frozen(value: Tensor, hook=None) -> Tensor:
+        return scale.expand_as(value)
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(f"{name}.hook_scale", frozen)]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bridge warns that an edited scale leaves Hugging Face's fused forward
+        out = module(stack)
+        return out if with_bias else out - module(torch.zeros_like(stack[:1]))
 
 
 def logit_diff_direction(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch d_model"]:
@@ -130,13 +174,42 @@ def layer_dla(cache: ActivationCache, direction: Float[Tensor, "batch d_model"])
     return project_stack(cache, stack, direction), labels
 
 
+def head_results(model, cache: ActivationCache) -> Float[Tensor, "layer head batch d_model"]:
+    """What each attention head writes to the residual stream at the final position: its ``z @ W_O`` (without
+    ``b_O``), through the post-attention norm with its scale frozen where the architecture has one (``post_normed``)."""
+    cfg = model.cfg
+    stack = cache.stack_head_results(layer=-1, pos_slice=-1).reshape(cfg.n_layers, cfg.n_heads, -1, cfg.d_model)
+    if "ln1_post" not in post_norms(model):
+        return stack
+    return torch.stack([post_normed(model, cache, layer, "ln1_post", stack[layer]) for layer in range(cfg.n_layers)])
+
+
 def head_dla(model, cache: ActivationCache, direction: Float[Tensor, "batch d_model"]) -> Float[Tensor, "layer head batch"]:
-    """DLA of every attention head (its z @ W_O, without b_O)."""
-    stack = cache.stack_head_results(layer=-1, pos_slice=-1)
-    return project_stack(cache, stack, direction).reshape(model.cfg.n_layers, model.cfg.n_heads, -1)
+    """DLA of every attention head (``head_results``: its z @ W_O, without b_O, post-normed where the model does)."""
+    stack = head_results(model, cache)
+    return project_stack(cache, stack.flatten(0, 1), direction).reshape(model.cfg.n_layers, model.cfg.n_heads, -1)
 
 
-def full_dla(cache: ActivationCache, direction: Float[Tensor, "batch d_model"]) -> tuple[Float[Tensor, "component batch"], list[str]]:
-    """DLA of the complete decomposition (embeddings, every head, every MLP, biases): sums to the logit diff."""
-    stack, labels = cache.get_full_resid_decomposition(layer=-1, pos_slice=-1, expand_neurons=False, return_labels=True)
-    return project_stack(cache, stack, direction), labels
+def full_dla(
+    model, cache: ActivationCache, direction: Float[Tensor, "batch d_model"]
+) -> tuple[Float[Tensor, "component batch"], list[str]]:
+    """DLA of the complete decomposition (embeddings, every head, every MLP, biases): sums to the logit diff. Under a
+    post-attention norm each layer's attention output splits into its heads (``head_results``) and its ``b_O`` share
+    ("<layer>_attn_bias"), each through the norm with its frozen scale."""
+    if "ln1_post" not in post_norms(model):
+        stack, labels = cache.get_full_resid_decomposition(layer=-1, pos_slice=-1, expand_neurons=False, return_labels=True)
+        return project_stack(cache, stack, direction), labels
+    layers, layer_labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
+    heads, batch = head_results(model, cache), direction.shape[0]
+    rows, labels = [], []
+    for row, label in zip(layers, layer_labels):
+        if not label.endswith("_attn_out"):
+            rows.append(row[None])
+            labels.append(label)
+            continue
+        layer = int(label.split("_")[0])
+        b_O = getattr(model.blocks[layer].attn, "b_O", None)  # None where the checkpoint has none (Gemma)
+        b_O = (torch.zeros(model.cfg.d_model, device=direction.device) if b_O is None else b_O).expand(1, batch, -1)
+        rows += [heads[layer], post_normed(model, cache, layer, "ln1_post", b_O, with_bias=True)]
+        labels += [f"L{layer}H{h}" for h in range(model.cfg.n_heads)] + [f"{layer}_attn_bias"]
+    return project_stack(cache, torch.cat(rows), direction), labels

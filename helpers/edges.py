@@ -39,7 +39,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from .attribution import decomposition_caveats
+from .attribution import post_attention_norm_reason
 from .attribution_patching import EMBED_HOOK, metric_gradients
 from .interventions import KVPrefix, edit_reaches_residual, forward_from_layer, hook_takes_effect, run_with_kv, suffix_ok
 from .metrics import logit_diff, normalised
@@ -82,7 +82,7 @@ def _n_kv(cfg) -> int:
 def unsupported_reason(model) -> str | None:
     """Why edge-level circuits cannot be evaluated exactly on this architecture, or None if they can."""
     arch = type(getattr(model, "original_model", model)).__name__
-    caveat = decomposition_caveats(model).get("heads")
+    caveat = post_attention_norm_reason(model)
     if caveat:
         return f"edge-level circuits are not supported for this architecture ({arch}): {caveat}"
     if "blocks.0.attn.hook_q_input" not in model.hook_dict or "blocks.0.hook_mlp_in" not in model.hook_dict:

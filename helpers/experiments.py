@@ -20,6 +20,7 @@ from transformer_lens.utilities import get_act_name
 from .attribution import (
     decomposition_caveats,
     dla_hook_names,
+    frozen_scales,
     full_dla,
     head_dla,
     layer_dla,
@@ -50,6 +51,7 @@ class DLAResult:
     layer_identity_error: float = 0.0  # the same for the per-layer decomposition (embeddings, attention, MLP outputs)
     caveats: dict[str, str] = field(default_factory=dict)  # why the decomposition is not exact here (empty: exact)
     heads_per_prompt: Float[Tensor, "layer head batch"] | None = None  # per-head DLA of each prompt (``heads`` is its mean)
+    frozen_scales: list[str] = field(default_factory=list)  # norm scales held at their values in the run (``attribution.frozen_scales``)
 
     @property
     def exact(self) -> bool:
@@ -61,6 +63,8 @@ class DLAResult:
             f"DLA identity: max |sum of components + bias diff - logit diff| = {self.identity_error:.2e} (per head), "
             f"{self.layer_identity_error:.2e} (per layer), against a mean logit diff of {self.logit_diff:.3f}"
         )
+        if self.frozen_scales:
+            line += f"\nNorm scales frozen at their values in this run (what makes each share linear): {', '.join(self.frozen_scales)}"
         if self.caveats:
             line += "\nNOT an exact decomposition on this architecture:\n" + "\n".join(f"  - {k}: {v}" for k, v in self.caveats.items())
         return line
@@ -74,7 +78,7 @@ def direct_logit_attribution(s: Session) -> DLAResult:
     lens, lens_labels = logit_lens(cache, direction)
     layers, layer_labels = layer_dla(cache, direction)
     heads = head_dla(s.model, cache, direction)
-    full, _ = full_dla(cache, direction)
+    full, _ = full_dla(s.model, cache, direction)
     bias = unembed_bias_diff(s.model, s.prompts.answer_tokens)
     ld = logit_diff(logits, s.prompts.answer_tokens)
     error = (full.sum(0) + bias - ld).abs().max().item()
@@ -91,6 +95,7 @@ def direct_logit_attribution(s: Session) -> DLAResult:
         layer_error,
         decomposition_caveats(s.model),
         heads.detach().cpu(),
+        frozen_scales(s.model),
     )
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from transformer_lens import utilities as utils
 from transformer_lens.ActivationCache import ActivationCache
 
-from .attribution import project_stack
+from .attribution import frozen_scales, post_normed, post_norms, project_stack
 from .attribution_patching import attribution_patch
 from .metrics import normalised
 from .patching import PatchingContext, Sweep, run_patched_from_layer, run_sweep
@@ -45,16 +45,6 @@ def neuron_hook_names(model, layers: list[int] | None = None) -> list[str]:
     return [post_hook(layer) for layer in (range(model.cfg.n_layers) if layers is None else layers)]
 
 
-def caveats(model) -> dict[str, str]:
-    """Why neuron DLA does not sum to the MLP's DLA on this architecture; empty when it does."""
-    if any(".ln2_post." in name for name in model.hook_dict):
-        return {
-            "neurons": "a norm follows the MLP output (post-feedforward norm): neuron writes are taken before it and do not "
-            "add up to the MLP output"
-        }
-    return {}
-
-
 @dataclass
 class NeuronDLA:
     """Direct logit attribution of every neuron at the final position of the clean prompts."""
@@ -63,7 +53,7 @@ class NeuronDLA:
     bias: Float[Tensor, "layer batch"]  # b_out's contribution
     mlp: Float[Tensor, "layer batch"]  # the whole MLP output's contribution (hook_mlp_out)
     identity_error: float  # max over layers and prompts |sum of neurons + bias - MLP DLA|
-    caveats: dict[str, str] = field(default_factory=dict)
+    frozen_scales: list[str] = field(default_factory=list)  # norm scales held at their run values (``attribution.frozen_scales``)
 
     @property
     def values(self) -> Float[Tensor, "layer neuron"]:
@@ -89,22 +79,29 @@ def neuron_dla(model, cache: ActivationCache, direction: Float[Tensor, "batch d_
     Neurons are projected ``chunk`` at a time (memory: batch × chunk × d_model floats)."""
     rows, biases, mlps = [], [], []
     batch = direction.shape[0]
+    normed = "ln2_post" in post_norms(model)  # Gemma-2/3: each neuron's write through the post-MLP norm, scale frozen
+
+    def written(layer: int, stack: Tensor, with_bias: bool = False) -> Tensor:
+        return post_normed(model, cache, layer, "ln2_post", stack, with_bias) if normed else stack
+
     for layer in range(model.cfg.n_layers):
         d_mlp = cache[post_hook(layer)].shape[-1]
         parts = [
             project_stack(
-                cache, cache.get_neuron_results(layer, neuron_slice=slice(start, start + chunk), pos_slice=-1).transpose(0, 1), direction
+                cache,
+                written(layer, cache.get_neuron_results(layer, neuron_slice=slice(start, start + chunk), pos_slice=-1).transpose(0, 1)),
+                direction,
             )
             for start in range(0, d_mlp, chunk)
         ]
         rows.append(torch.cat(parts))
         b_out = getattr(model.blocks[layer].mlp, "b_out", None)
         b_out = torch.zeros(model.cfg.d_model, device=direction.device) if b_out is None else b_out
-        biases.append(project_stack(cache, b_out.expand(batch, -1)[None], direction)[0])
+        biases.append(project_stack(cache, written(layer, b_out.expand(batch, -1)[None], with_bias=True), direction)[0])
         mlps.append(project_stack(cache, cache[utils.get_act_name("mlp_out", layer)][:, -1][None], direction)[0])
     per_prompt, bias, mlp = torch.stack(rows), torch.stack(biases), torch.stack(mlps)
     error = (per_prompt.sum(1) + bias - mlp).abs().max().item()
-    return NeuronDLA(per_prompt.cpu(), bias.cpu(), mlp.cpu(), error, caveats(model))
+    return NeuronDLA(per_prompt.cpu(), bias.cpu(), mlp.cpu(), error, frozen_scales(model))
 
 
 def neuron_patching(
@@ -184,5 +181,4 @@ __all__ = [
     "top_neurons",
     "neuron_hook_names",
     "post_hook",
-    "caveats",
 ]

@@ -27,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from .attribution import decomposition_caveats
+from .attribution import post_attention_norm_reason
 from .components import Head
 from .hooks import resolve_hook_names
 from .interventions import Intervention, run_interventions
@@ -164,7 +164,7 @@ def direct_path_effects(
             f"direct path into {component} is not defined per head under grouped-query attention "
             f"({cfg.n_heads} query heads share {n_kv} key/value inputs)"
         )
-    obstruction = decomposition_caveats(model).get("heads")
+    obstruction = post_attention_norm_reason(model)
     if obstruction:  # e.g. Gemma-2's post-attention norm: a head's residual write is not z @ W_O
         raise ValueError(f"direct path patching is not defined on this architecture: {obstruction}")
     layer, head = sender.layer, sender.head

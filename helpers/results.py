@@ -113,6 +113,7 @@ class DLAResultJson(Strict):
     layer_identity_error: float | None
     exact: bool
     caveats: dict[str, Any]
+    frozen_scales: list[str] = []  # norm scales held at their values in the run (final norm; Gemma's post-norms)
     logit_lens: dict[str, float | None]
     logit_lens_vocabulary: Any = None
     layers: dict[str, float | None]  # "<layer>_attn_out" / "<layer>_mlp_out" / "embed" ... -> DLA
@@ -309,7 +310,8 @@ class NeuronResult(Loose):
 
 class NeuronDLAResult(Strict):
     identity_error: float | None
-    caveats: dict[str, Any]
+    caveats: dict[str, Any] = {}  # written before post-norm scales were frozen (now always exact)
+    frozen_scales: list[str] = []  # norm scales held at their values in the run
     top: list[NeuronResult]
 
 

@@ -109,6 +109,9 @@ if len(prompts.template_names) > 1:
 # gives each component's *direct* contribution to the logit difference. The logit lens applies the same
 # projection to the accumulated residual stream after each half layer. The contributions of all components
 # plus the unembedding-bias difference add up to the logit difference exactly (the identity error is printed).
+# Where a norm follows each head's or MLP's write (Gemma-2/3's post-norms), its scale is frozen at its value in
+# this run, like the final norm's: the norm is then linear, each head's share passes through it on its own and the
+# shares still add up (the printed line names the frozen scales).
 #
 # The table reads the logit lens over the whole vocabulary: after each layer, the mean rank of the correct and
 # incorrect answers (0 = top), how often the correct one is already the top token, and the tokens most often on top.
@@ -423,7 +426,7 @@ results = {
     "logit_diff": {"clean": ld.clean.mean(), "corrupted": ld.corrupted.mean(), "clean_accuracy": ld.clean_accuracy,
                    "clean_per_prompt": ld.clean, "corrupted_per_prompt": ld.corrupted},
     "dla": {"identity_error": dla.identity_error, "layer_identity_error": dla.layer_identity_error, "exact": dla.exact,
-            "caveats": dla.caveats, "logit_lens": dict(zip(dla.lens_labels, dla.lens.tolist())),
+            "caveats": dla.caveats, "frozen_scales": dla.frozen_scales, "logit_lens": dict(zip(dla.lens_labels, dla.lens.tolist())),
             "logit_lens_vocabulary": lens_vocabulary,
             "layers": dict(zip(dla.layer_labels, dla.layers.tolist())), "heads": dla.heads,
             "top_positive": top_dla_pos, "top_negative": top_dla_neg},

@@ -112,7 +112,7 @@ figs.show(plotting.heatmap(circuit.patching.values["mlp_out"], "Patching mlp_out
 _, cache = run_with_checked_cache(model, prompts.clean_tokens, attribution.dla_hook_names(model) + neurons.neuron_hook_names(model))
 ndla = neurons.neuron_dla(model, cache, attribution.logit_diff_direction(model, prompts.answer_tokens))
 print(f"neuron DLA identity: max |sum of neurons + b_out - MLP DLA| = {ndla.identity_error:.2e}"
-      + ("".join(f"\nNOT exact here: {v}" for v in ndla.caveats.values())))
+      + f"\nnorm scales frozen at their values in this run: {', '.join(ndla.frozen_scales)}")
 top_dla = ndla.top(top_k)
 display(pd.DataFrame(top_dla).round(4))
 figs.show(plotting.bars([n["dla"] for n in top_dla], [f"L{n['layer']}N{n['neuron']}" for n in top_dla],
@@ -211,7 +211,7 @@ results = {
     "model": s.model_name,
     "layer_scores": layer_scores,
     "layers_patched": chosen,
-    "neuron_dla": {"identity_error": ndla.identity_error, "caveats": ndla.caveats, "top": top_dla},
+    "neuron_dla": {"identity_error": ndla.identity_error, "frozen_scales": ndla.frozen_scales, "top": top_dla},
     "neuron_patching": {"layers": chosen, "exact": {str(layer): {str(int(n)): float(effects[i, n]) for n in patched[layer]}
                                                     for i, layer in enumerate(chosen)},
                         "estimate": estimate, "spearman_estimate_vs_exact": agreement, "top": by_patching,

@@ -20,7 +20,7 @@ def _setup(model, prompts):
 
 def test_full_decomposition_sums_to_logit_diff(toy_ioi, ioi_prompts):
     cache, direction, target = _setup(toy_ioi, ioi_prompts)
-    full, labels = A.full_dla(cache, direction)
+    full, labels = A.full_dla(toy_ioi, cache, direction)
     assert len(labels) == toy_ioi.cfg.n_layers * (toy_ioi.cfg.n_heads + 1) + 3  # heads, MLPs, embed, pos_embed, bias
     assert (full.sum(0) - target).abs().max() < TOL
 
@@ -38,7 +38,7 @@ def test_heads_plus_rest_equal_attention_output(toy_ioi, ioi_prompts):
     cache, direction, _ = _setup(toy_ioi, ioi_prompts)
     heads = A.head_dla(toy_ioi, cache, direction)
     layers, labels = A.layer_dla(cache, direction)
-    full, full_labels = A.full_dla(cache, direction)
+    full, full_labels = A.full_dla(toy_ioi, cache, direction)
     for layer in range(toy_ioi.cfg.n_layers):
         attn = layers[labels.index(f"{layer}_attn_out")]
         assert (heads[layer].sum(0) - (attn - _bias_part(toy_ioi, cache, direction, layer))).abs().max() < TOL

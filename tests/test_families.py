@@ -105,16 +105,42 @@ def test_dla_identity_or_an_honest_caveat(family, family_models):
     direction = A.logit_diff_direction(model, prompts.answer_tokens)
     target = logit_diff(logits, prompts.answer_tokens) - A.unembed_bias_diff(model, prompts.answer_tokens)
     layer_error = (A.layer_dla(cache, direction)[0].sum(0) - target).abs().max()
-    head_error = (A.full_dla(cache, direction)[0].sum(0) - target).abs().max()
+    full, labels = A.full_dla(model, cache, direction)
+    head_error = (full.sum(0) - target).abs().max()
     lens, _ = A.logit_lens(cache, direction)
     caveats = A.decomposition_caveats(model)
-    assert set(caveats) == {"gemma2": {"layers", "heads"}, "gemma3": {"heads"}}.get(family, set())
-    assert (lens[-1] - target).abs().max() < (1e-2 if "layers" in caveats else 1e-4)
-    assert layer_error < (1e-2 if "layers" in caveats else 1e-4)
-    if "heads" in caveats:
-        assert head_error > 1e-3  # the caveat is real: per-head DLA is not a decomposition here
-    else:
-        assert head_error < 1e-4
+    assert set(caveats) == ({"layers"} if family == "gemma2" else set())  # soft-capped logits
+    tol = 1e-2 if "layers" in caveats else 1e-4
+    assert (lens[-1] - target).abs().max() < tol
+    assert layer_error < tol
+    assert head_error < tol  # per head too, post-norm scales frozen on Gemma-2/3
+    assert sum(label.startswith("L") for label in labels) == model.cfg.n_layers * model.cfg.n_heads
+    assert A.post_norms(model) == (["ln1_post", "ln2_post"] if family.startswith("gemma") else [])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_dla_adds_up_to_the_attention_output(family, family_models):
+    """Each layer's heads plus its b_O share equal its attention output's DLA on every family (Gemma-2/3: through
+    the post-attention norm with its scale frozen). Neurons: ``test_neurons``."""
+    from helpers import attribution as A
+    from helpers.hooks import run_with_checked_cache
+
+    model, prompts = family_models(family)
+    _, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_names(model))
+    direction = A.logit_diff_direction(model, prompts.answer_tokens)
+    layers, labels = A.layer_dla(cache, direction)
+    heads = A.head_dla(model, cache, direction)
+    full, full_labels = A.full_dla(model, cache, direction)
+    for layer in range(model.cfg.n_layers):
+        attn = layers[labels.index(f"{layer}_attn_out")]
+        rest = attn - heads[layer].sum(0)  # the b_O share
+        if A.post_norms(model):
+            assert torch.allclose(rest, full[full_labels.index(f"{layer}_attn_bias")], atol=1e-5)
+        else:
+            b_O = getattr(model.blocks[layer].attn, "b_O", None)
+            expected = 0 if b_O is None else A.project_stack(cache, b_O.expand(1, direction.shape[0], -1), direction)[0]
+            assert torch.allclose(rest, expected + torch.zeros_like(rest), atol=1e-5)
+        assert float(heads[layer].abs().max()) > 1e-4  # the heads write something
 
 
 @pytest.mark.parametrize("component", ["q", "k", "v"])

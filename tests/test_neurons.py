@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import neurons, patching
-from helpers.attribution import dla_hook_names, logit_diff_direction
+from helpers.attribution import dla_hook_names, logit_diff_direction, post_norms
 from helpers.families import FAMILIES
 from helpers.hooks import run_with_checked_cache
 from helpers.metrics import logit_diff, normalised
@@ -45,10 +45,8 @@ def test_neuron_dla_sums_to_the_mlp_dla(family, family_models):
     dla = _dla(model, prompts)
     d_mlp = model.blocks[0].mlp.W_out.shape[0]  # not cfg.d_mlp: the bridge reports 4 * d_model for OPT's ffn_dim
     assert dla.per_prompt.shape[:2] == (model.cfg.n_layers, d_mlp)
-    if dla.caveats:  # a norm after the MLP: the sum is not the MLP's DLA, and the result says so
-        assert "post-feedforward" in dla.caveats["neurons"]
-    else:
-        assert dla.identity_error < 1e-4, dla.identity_error
+    assert dla.identity_error < 1e-4, dla.identity_error  # Gemma-2/3 too: through the post-MLP norm, scale frozen
+    assert any("post-MLP" in s for s in dla.frozen_scales) == ("ln2_post" in post_norms(model))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -84,7 +82,7 @@ def test_neuron_attribution_adds_up_to_the_mlp_out_attribution(family, family_mo
     est = neurons.neuron_attribution(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
     mlp = attribution_patch(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, ["mlp_out"]).values["mlp_out"]
     assert est.shape[0] == model.cfg.n_layers
-    if not neurons.caveats(model):  # mlp_out is linear in the neurons: first-order estimates add up exactly
+    if "ln2_post" not in post_norms(model):  # mlp_out is linear in the neurons: first-order estimates add up exactly
         assert torch.allclose(est.sum(1), mlp.sum(1), atol=1e-4, rtol=1e-4), (est.sum(1), mlp.sum(1))
     chosen = neurons.candidates(est, [0], 3)[0]
     assert est[0, chosen].abs().min() >= est[0].abs().sort(descending=True).values[2] - 1e-9
@@ -92,7 +90,7 @@ def test_neuron_attribution_adds_up_to_the_mlp_out_attribution(family, family_mo
 
 def test_toy_ioi_top_neurons_their_tokens_and_activations(toy_ioi, ioi_prompts):
     dla = _dla(toy_ioi, ioi_prompts)
-    assert dla.identity_error < 1e-4 and not dla.caveats
+    assert dla.identity_error < 1e-4 and dla.frozen_scales == ["the final norm's"]
     top = dla.top(3)
     assert len(top) == 3 and abs(top[0]["dla"]) >= abs(top[-1]["dla"])
     assert top[0]["dla"] == pytest.approx(float(dla.values[top[0]["layer"], top[0]["neuron"]]))
