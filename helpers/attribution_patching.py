@@ -17,7 +17,7 @@ for every sweep at once. IG runs its ``ig_steps`` path points as batches within 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,8 @@ def metric_gradients(
     hook_names: list[str],
     embed_path: tuple[Tensor, int] | None = None,
     memory_mb: float = DEFAULT_GRADIENT_MEMORY_MB,
+    keep_activations: bool = True,
+    consume: Callable[[dict[str, Tensor], Int[Tensor, rows]], None] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, batch]]:
     """Forwards of ``tokens`` with gradients and backwards: (d mean logit diff / d activation, activations,
     logit diffs). Attribution patching calls it on the corrupted run; edge attribution on the clean run.
@@ -60,6 +62,11 @@ def metric_gradients(
     chunks whose saved activations fit ``memory_mb`` (``rows_per_chunk``), gradients summed per prompt: exact
     (the metric is a sum over rows), with memory bounded whatever the number of prompts and steps (64 prompts
     × 8 steps on SmolLM2-135M in one batch took 17.5 GB).
+
+    Memory beyond the chunk: ``keep_activations=False`` returns no activations (callers that only need gradients);
+    ``consume(grads, prompt)`` takes each chunk's gradients (already divided by ``steps``) with the prompt of each row
+    instead of summing them per prompt here, and the returned gradients are then empty. Edge scores use both: on
+    SmolLM2 at 64 prompts the summed gradients and the activations of every q/k/v fork were 1.3 GB each.
     """
     batch = tokens.shape[0]
     steps = embed_path[1] if embed_path else 1
@@ -92,18 +99,21 @@ def metric_gradients(
         if unused:
             raise HookNameError(f"the metric does not depend on hooks {unused}; their attribution would be a silent zero")
         prompt = (torch.arange(lo, hi) % batch).to(ld.device)
-        for n, g in zip(hook_names, grads):
-            if n not in grads_out:
-                grads_out[n] = torch.zeros((batch, *g.shape[1:]), dtype=g.dtype, device=g.device)
-            grads_out[n].index_add_(0, prompt, g)
+        if consume is not None:
+            consume({n: g / steps for n, g in zip(hook_names, grads)}, prompt)
+        else:
+            for n, g in zip(hook_names, grads):
+                if n not in grads_out:
+                    grads_out[n] = torch.zeros((batch, *g.shape[1:]), dtype=g.dtype, device=g.device)
+                grads_out[n].index_add_(0, prompt, g)
         first = max(0, min(hi, batch) - lo)  # rows of the first step (the activations and logit diffs returned)
         if first:
             lds.append(ld.detach()[:first])
-            for n in hook_names:
+            for n in hook_names if keep_activations else ():
                 acts_out[n].append(acts[n].detach()[:first])
         del acts, grads, ld
         release_freed_memory()  # the chunk's autograd buffers, back to the system before the next (helpers.memory)
-    return {n: g / steps for n, g in grads_out.items()}, {n: torch.cat(a) for n, a in acts_out.items()}, torch.cat(lds)
+    return {n: g / steps for n, g in grads_out.items()}, {n: torch.cat(a) for n, a in acts_out.items() if a}, torch.cat(lds)
 
 
 def rows_per_chunk(model, n_pos: int, memory_mb: float, recorded_per_row: int = 0) -> int:
@@ -165,7 +175,8 @@ def attribution_patch(
         clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=cache_names)
         clean_ld = logit_diff(clean_logits, answer_tokens).mean().item()
     if ig_steps:
-        grads, _, _ = metric_gradients(model, corrupted_tokens, answer_tokens, hook_names, (clean_cache[EMBED_HOOK], ig_steps), memory_mb)
+        embed_path = (clean_cache[EMBED_HOOK], ig_steps)
+        grads, _, _ = metric_gradients(model, corrupted_tokens, answer_tokens, hook_names, embed_path, memory_mb, keep_activations=False)
         with torch.no_grad():
             corr_logits, corr_acts = model.run_with_cache(corrupted_tokens, names_filter=hook_names)
         corr_ld = logit_diff(corr_logits, answer_tokens).mean().item()

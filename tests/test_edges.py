@@ -144,6 +144,15 @@ def test_eap_ig_sums_to_attribution_patching_with_ig(ioi_ectx, toy_ioi, ioi_prom
     assert (per_head - ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_edge_scores_do_not_depend_on_the_gradient_chunks(ioi_ectx, method):
+    """Edge scores are added up chunk by chunk of rows (prompts x IG steps): a budget that forces one row a forward
+    gives the scores of one big forward."""
+    whole = E.edge_scores(ioi_ectx, method, steps=3)
+    one_row = E.edge_scores(ioi_ectx, method, steps=3, memory_mb=1e-3)
+    assert whole.abs().max() > 0.01 and torch.allclose(whole, one_row, atol=1e-5)
+
+
 def test_prune_keeps_only_paths_from_input_to_logits(ioi_ectx):
     g = ioi_ectx.graph
     kept = E.prune(
