@@ -51,7 +51,7 @@ def metric_gradients(
     embed_path: tuple[Tensor, int] | None = None,
     memory_mb: float = DEFAULT_GRADIENT_MEMORY_MB,
     keep_activations: bool = True,
-    consume: Callable[[dict[str, Tensor], Int[Tensor, rows]], None] | None = None,
+    consume: Callable[[dict[str, Tensor], Int[Tensor, prompts]], None] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, batch]]:
     """Forwards of ``tokens`` with gradients and backwards: (d mean logit diff / d activation, activations,
     logit diffs). Attribution patching calls it on the corrupted run; edge attribution on the clean run.
@@ -63,19 +63,23 @@ def metric_gradients(
     (the metric is a sum over rows), with memory bounded whatever the number of prompts and steps (64 prompts
     × 8 steps on SmolLM2-135M in one batch took 17.5 GB).
 
+    Rows are prompt-major (row = prompt × steps + step), so a chunk holds every step of most of its prompts and its
+    gradients are summed per prompt before they leave the chunk.
+
     Memory beyond the chunk: ``keep_activations=False`` returns no activations (callers that only need gradients);
-    ``consume(grads, prompt)`` takes each chunk's gradients (already divided by ``steps``) with the prompt of each row
-    instead of summing them per prompt here, and the returned gradients are then empty. Edge scores use both: on
-    SmolLM2 at 64 prompts the summed gradients and the activations of every q/k/v fork were 1.3 GB each.
+    ``consume(grads, prompts)`` takes each chunk's gradients, summed per prompt over the chunk's rows and divided by
+    ``steps``, with those prompts' indices, instead of summing them over all prompts here; the returned gradients are
+    then empty. Edge scores use both: on SmolLM2 at 64 prompts the summed gradients and the activations of every
+    q/k/v fork were 1.3 GB each.
     """
     batch = tokens.shape[0]
     steps = embed_path[1] if embed_path else 1
-    rows = steps * batch  # step-major: row = step * batch + prompt
+    rows = steps * batch  # prompt-major: row = prompt * steps + step
     chunk = rows_per_chunk(model, tokens.shape[1], memory_mb, recorded_bytes_per_row(model, tokens[:1], hook_names))
-    all_tokens, all_answers = tokens.repeat(steps, 1), answer_tokens.repeat(steps, 1)
+    all_tokens, all_answers = tokens.repeat_interleave(steps, 0), answer_tokens.repeat_interleave(steps, 0)
     if embed_path:
-        clean_embed = embed_path[0].repeat(steps, 1, 1)
-        alpha = ((torch.arange(steps, dtype=torch.float) + 0.5) / steps).repeat_interleave(batch).to(clean_embed.device)[:, None, None]
+        clean_embed = embed_path[0].repeat_interleave(steps, 0)
+        alpha = ((torch.arange(steps, dtype=torch.float) + 0.5) / steps).repeat(batch).to(clean_embed.device)[:, None, None]
     grads_out: dict[str, Tensor] = {}
     acts_out: dict[str, list[Tensor]] = {n: [] for n in hook_names}
     lds: list[Tensor] = []
@@ -98,20 +102,21 @@ def metric_gradients(
         unused = [n for n, g in zip(hook_names, grads) if g is None]
         if unused:
             raise HookNameError(f"the metric does not depend on hooks {unused}; their attribution would be a silent zero")
-        prompt = (torch.arange(lo, hi) % batch).to(ld.device)
+        row = torch.arange(lo, hi, device=ld.device)
+        prompts, within = (row // steps).unique_consecutive(return_inverse=True)  # the chunk's prompts, each row's among them
+        summed = {n: g.new_zeros((len(prompts), *g.shape[1:])).index_add_(0, within, g) for n, g in zip(hook_names, grads)}
         if consume is not None:
-            consume({n: g / steps for n, g in zip(hook_names, grads)}, prompt)
+            consume({n: g / steps for n, g in summed.items()}, prompts)
         else:
-            for n, g in zip(hook_names, grads):
+            for n, g in summed.items():
                 if n not in grads_out:
                     grads_out[n] = torch.zeros((batch, *g.shape[1:]), dtype=g.dtype, device=g.device)
-                grads_out[n].index_add_(0, prompt, g)
-        first = max(0, min(hi, batch) - lo)  # rows of the first step (the activations and logit diffs returned)
-        if first:
-            lds.append(ld.detach()[:first])
-            for n in hook_names if keep_activations else ():
-                acts_out[n].append(acts[n].detach()[:first])
-        del acts, grads, ld
+                grads_out[n].index_add_(0, prompts, g)
+        first = row % steps == 0  # rows of the first step (the activations and logit diffs returned), in prompt order
+        lds.append(ld.detach()[first])
+        for n in hook_names if keep_activations else ():
+            acts_out[n].append(acts[n].detach()[first])
+        del acts, grads, summed, ld
         release_freed_memory()  # the chunk's autograd buffers, back to the system before the next (helpers.memory)
     return {n: g / steps for n, g in grads_out.items()}, {n: torch.cat(a) for n, a in acts_out.items() if a}, torch.cat(lds)
 

@@ -457,17 +457,17 @@ def edge_scores(
     by_hook = graph.receivers_by_hook
     scores = torch.zeros(graph.allowed.shape, dtype=ectx.clean_outputs.dtype)
 
-    def add(grads: dict[str, Tensor], prompt: Int[Tensor, rows]) -> None:
-        """One chunk of rows: each edge's sender delta (of the row's prompt) dotted with its receiver's gradient."""
-        delta = ectx.clean_outputs[prompt] - ectx.corrupted_outputs[prompt]  # [rows, pos, sender, d_model]
+    def add(grads: dict[str, Tensor], prompt: Int[Tensor, prompts]) -> None:
+        """One chunk's gradients (summed per prompt): each edge's sender delta dotted with its receiver's gradient."""
+        delta = ectx.clean_outputs[prompt] - ectx.corrupted_outputs[prompt]  # [prompt, pos, sender, d_model]
         for hook, rs in by_hook.items():
             g = grads[hook]
             g = g[:, :, [graph.receivers[r].index for r in rs]] if graph.receivers[rs[0]].index is not None else g[:, :, None]
             upto = max(graph.sender_slots_before(r) for r in rs)  # only senders before this fork can reach it
             scores[:upto, rs] += torch.einsum("bpsd,bprd->sr", delta[:, :, :upto], g.to(delta.dtype)).cpu()
 
-    # Gradients go into the scores chunk by chunk: neither the summed gradients nor the activations of every
-    # receiver fork are held (1.3 GB each on SmolLM2 at 64 prompts).
+    # Gradients go into the scores chunk by chunk: neither the gradients summed over all prompts nor the activations
+    # of every receiver fork are held (1.3 GB each on SmolLM2 at 64 prompts).
     tokens, path = (ectx.clean_tokens, None) if method == "eap" else (ectx.corrupted_tokens, (ectx.clean_embed, steps))
     with receiver_forks(model):
         metric_gradients(model, tokens, ectx.answer_tokens, list(by_hook), path, memory_mb, keep_activations=False, consume=add)
