@@ -24,8 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .hooks import HookNameError, recording_hook, resolve_hook_names
-from .interventions import UNEMBED_LAST
+from .hooks import UNEMBED_LAST, HookNameError, recording_hook, resolve_hook_names
 from .memory import release_freed_memory
 from .metrics import logit_diff
 from .patching import SWEEPS, Sweep, bytes_per_variant

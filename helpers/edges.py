@@ -42,6 +42,7 @@ from transformer_lens.utilities import get_act_name
 from .attribution import post_attention_norm_reason
 from .attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
 from .interventions import KVPrefix, edit_reaches_residual, forward_from_layer, hook_takes_effect, run_with_kv, suffix_ok
+from .memory import release_freed_memory
 from .metrics import logit_diff, normalised
 from .patching import NotSupported, variants_per_chunk
 from .path_patching import split_qkv_input
@@ -430,6 +431,8 @@ def evaluate_masks(
             past = ectx.clean_kv.cache(start, run.n_var) if start else None
             logits = forward_from_layer(model, embeddings, 0, _hooks(run), past)  # final position only
             out.append(logit_diff(logits, ectx.answer_tokens.repeat(run.n_var, 1)).reshape(run.n_var, batch).cpu())
+            del run, embeddings, past, logits
+            release_freed_memory()  # hundreds of these runs in a search otherwise grow the heap (helpers.memory)
     lds = torch.cat(out)
     return lds if per_prompt else normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff)
 

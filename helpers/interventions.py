@@ -42,7 +42,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from .hooks import recording_hook
+from .hooks import UNEMBED_LAST, last_position, recording_hook
 from .metrics import logit_diff
 
 SOURCES = ("clean", "corrupted", "mean", "zero", "recorded")
@@ -327,13 +327,6 @@ def _quiet_cache_rename():
         yield
 
 
-def _last_position(x: Tensor, hook=None) -> Tensor:
-    return x[:, -1:]
-
-
-UNEMBED_LAST = ("unembed.hook_in", _last_position)  # a forward hook: unembed the final position only (what metrics read)
-
-
 def fast_paths(model) -> dict:
     """The savings checked on this model so far and whether each was exact (key: saving, start layer)."""
     return dict(model.__dict__.get("_circuit_lab_fast_paths", {}))
@@ -413,7 +406,7 @@ def _acts_on_last_mlp_or_later(model, hooks: list) -> bool:
 def _last_mlp_at_final_position(model) -> tuple[str, Callable]:
     """A forward hook: the last block's MLP reads its final position only (its write broadcasts onto the residual
     stream; the other positions of the last block's output are read by nothing)."""
-    return (f"blocks.{model.cfg.n_layers - 1}.mlp.hook_in", _last_position)
+    return (f"blocks.{model.cfg.n_layers - 1}.mlp.hook_in", last_position)
 
 
 def _last_mlp_ok(model) -> bool:

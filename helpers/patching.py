@@ -30,9 +30,8 @@ from tqdm.std import tqdm  # noqa: I001 - text bars: tqdm.auto warns (TqdmWarnin
 from transformer_lens.ActivationCache import ActivationCache
 
 from .flops import ModelShape, run_flops
-from .hooks import resolve_hook_names
+from .hooks import UNEMBED_LAST, resolve_hook_names
 from .interventions import (
-    UNEMBED_LAST,
     Intervention,
     KVPrefix,
     edit_reaches_residual,
