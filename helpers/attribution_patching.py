@@ -103,7 +103,10 @@ def metric_gradients(
             raise HookNameError(f"the metric does not depend on hooks {unused}; their attribution would be a silent zero")
         row = torch.arange(lo, hi, device=ld.device)
         prompts, within = (row // steps).unique_consecutive(return_inverse=True)  # the chunk's prompts, each row's among them
-        summed = {n: g.new_zeros((len(prompts), *g.shape[1:])).index_add_(0, within, g) for n, g in zip(hook_names, grads)}
+        if steps == 1:  # one row per prompt: nothing to sum (and no copy of the chunk's gradients)
+            summed = dict(zip(hook_names, grads))
+        else:
+            summed = {n: g.new_zeros((len(prompts), *g.shape[1:])).index_add_(0, within, g) for n, g in zip(hook_names, grads)}
         if consume is not None:
             consume({n: g / steps for n, g in summed.items()}, prompts)
         else:
