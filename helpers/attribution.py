@@ -174,6 +174,12 @@ def layer_dla(cache: ActivationCache, direction: Float[Tensor, "batch d_model"])
     return project_stack(cache, stack, direction), labels
 
 
+def sublayer_bias(model, module, name: str, device) -> Float[Tensor, d_model]:
+    """A block's output bias (``attn.b_O``, ``mlp.b_out``), or zeros where the checkpoint has none (Llama, Gemma, ...)."""
+    bias = getattr(module, name, None)
+    return torch.zeros(model.cfg.d_model, device=device) if bias is None else bias
+
+
 def head_results(model, cache: ActivationCache) -> Float[Tensor, "layer head batch d_model"]:
     """What each attention head writes to the residual stream at the final position: its ``z @ W_O`` (without
     ``b_O``), through the post-attention norm with its scale frozen where the architecture has one (``post_normed``)."""
@@ -208,8 +214,7 @@ def full_dla(
             labels.append(label)
             continue
         layer = int(label.split("_")[0])
-        b_O = getattr(model.blocks[layer].attn, "b_O", None)  # None where the checkpoint has none (Gemma)
-        b_O = (torch.zeros(model.cfg.d_model, device=direction.device) if b_O is None else b_O).expand(1, batch, -1)
+        b_O = sublayer_bias(model, model.blocks[layer].attn, "b_O", direction.device).expand(1, batch, -1)
         rows += [heads[layer], post_normed(model, cache, layer, "ln1_post", b_O, with_bias=True)]
         labels += [f"L{layer}H{h}" for h in range(model.cfg.n_heads)] + [f"{layer}_attn_bias"]
     return project_stack(cache, torch.cat(rows), direction), labels

@@ -26,7 +26,7 @@ from torch import Tensor
 from transformer_lens import utilities as utils
 from transformer_lens.ActivationCache import ActivationCache
 
-from .attribution import frozen_scales, post_normed, post_norms, project_stack
+from .attribution import frozen_scales, post_normed, post_norms, project_stack, sublayer_bias
 from .attribution_patching import attribution_patch
 from .metrics import normalised
 from .patching import PatchingContext, Sweep, run_patched_from_layer, run_sweep
@@ -95,8 +95,7 @@ def neuron_dla(model, cache: ActivationCache, direction: Float[Tensor, "batch d_
             for start in range(0, d_mlp, chunk)
         ]
         rows.append(torch.cat(parts))
-        b_out = getattr(model.blocks[layer].mlp, "b_out", None)
-        b_out = torch.zeros(model.cfg.d_model, device=direction.device) if b_out is None else b_out
+        b_out = sublayer_bias(model, model.blocks[layer].mlp, "b_out", direction.device)
         biases.append(project_stack(cache, written(layer, b_out.expand(batch, -1)[None], with_bias=True), direction)[0])
         mlps.append(project_stack(cache, cache[utils.get_act_name("mlp_out", layer)][:, -1][None], direction)[0])
     per_prompt, bias, mlp = torch.stack(rows), torch.stack(biases), torch.stack(mlps)
