@@ -199,10 +199,16 @@ def attribution_patch(
 
 
 def rank_agreement(exact: dict[str, Tensor], estimates: dict[str, Tensor]) -> dict[str, float]:
-    """Spearman rank correlation, over all cells, of each estimated sweep with the exact sweep of that name."""
+    """Spearman rank correlation of each estimated sweep with the exact sweep of that name, over the cells computed
+    exactly (all of them, unless the exact sweep ran over some heads only: its other cells are NaN)."""
     from scipy.stats import spearmanr
 
-    return {name: float(spearmanr(exact[name].flatten(), est.flatten())[0]) for name, est in estimates.items()}
+    def over_computed(values: Tensor, est: Tensor) -> float:
+        values, est = values.flatten(), est.detach().flatten()
+        done = ~values.isnan()
+        return float(spearmanr(values[done], est[done])[0])
+
+    return {name: over_computed(exact[name], est) for name, est in estimates.items()}
 
 
 DIRECTIONS = ("denoising", "noising", "mean of both")

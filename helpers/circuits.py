@@ -19,6 +19,8 @@ Faithfulness has two normalisations (``NORMALISATIONS``), named wherever a numbe
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -259,21 +261,71 @@ def first_differing_layer(keep: Bool[Tensor, "variant layer pos head"]) -> int:
     return int(differs.float().argmax()) if bool(differs.any()) else keep.shape[1]
 
 
-def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int, seed: int) -> list[Circuit]:
-    """``n`` control circuits: as many random heads per layer as ``circuit`` has, kept at the same positions."""
-    rng = random.Random(seed)
-    per_layer: dict[int, list[str]] = {}
+MATCHED = ("layer", "size")
+
+
+@dataclass(frozen=True)
+class ControlDesign:
+    """How a circuit's random controls are drawn. ``layer``: as many random heads per layer as the circuit has (the
+    stricter null: it asks whether *these* heads of these layers matter); ``size``: as many heads, from any layers.
+    Never the circuit's own head set. Layer-matched is the default; it is replaced by size-matched when the circuit's
+    layers hold fewer other head sets than controls are drawn (e.g. a circuit with every head of a layer on a model
+    with 4 heads per layer): drawing from a handful of sets, most of them one head away from the circuit, cannot
+    separate the circuit from chance (its exact p-value is at least 1 / (sets + 1)), whatever the circuit's worth."""
+
+    matched: str  # one of MATCHED
+    alternatives: int  # distinct head sets of this design other than the circuit's own
+    reason: str
+
+    def describe(self) -> str:
+        return {"layer": "the same number of heads per layer", "size": "the same number of heads, any layers"}[self.matched]
+
+
+def control_design(circuit: Circuit, n_layers: int, n_heads: int, n: int) -> ControlDesign:
+    """The ``ControlDesign`` for ``n`` random controls of ``circuit`` (see its docstring)."""
+    per_layer: dict[int, int] = {}
     for label in circuit.heads:
-        per_layer.setdefault(Head.parse(label, n_layers, n_heads).layer, []).append(label)
+        layer = Head.parse(label, n_layers, n_heads).layer
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    layer_sets = math.prod(math.comb(n_heads, k) for k in per_layer.values()) - 1
+    if layer_sets >= n:
+        return ControlDesign("layer", layer_sets, f"{layer_sets:,} other head sets with as many heads per layer")
+    size_sets = math.comb(n_layers * n_heads, len(circuit.heads)) - 1
+    return ControlDesign(
+        "size",
+        size_sets,
+        f"the circuit's layers hold only {layer_sets:,} other head sets with as many heads per layer, fewer than the {n} "
+        f"controls: random circuits of {len(circuit.heads)} heads from any layers instead ({size_sets:,} sets)",
+    )
+
+
+def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int, seed: int) -> list[Circuit]:
+    """``n`` control circuits drawn as ``control_design`` says (never the circuit's own head set, unless no other set
+    of its size exists), each head kept at the positions of the circuit head it stands in for."""
+    design = control_design(circuit, n_layers, n_heads, n)
+    rng = random.Random(seed)
+    labels = list(circuit.heads)
+    parsed = [Head.parse(label, n_layers, n_heads) for label in labels]
+    own = {(h.layer, h.head) for h in parsed}
     controls = []
     for _ in range(n):
+        while True:
+            if design.matched == "layer":  # layers in the circuit's order, each circuit head by a random one of its layer
+                layers = list(dict.fromkeys(h.layer for h in parsed))
+                order = [i for layer in layers for i, h in enumerate(parsed) if h.layer == layer]
+                picks: list[tuple[int, int]] = []
+                for layer in layers:
+                    picks += [(layer, h) for h in rng.sample(range(n_heads), sum(h.layer == layer for h in parsed))]
+            else:
+                flat = rng.sample(range(n_layers * n_heads), len(parsed))
+                picks, order = [divmod(i, n_heads) for i in flat], list(range(len(parsed)))
+            if set(picks) != own or design.alternatives == 0:
+                break
         groups, positions = {"random": []}, {}
-        for layer, labels in per_layer.items():
-            picks = rng.sample(range(n_heads), len(labels))
-            for original, h in zip(labels, picks):
-                new = Head(layer, h).label
-                groups["random"].append(new)
-                positions[new] = circuit.positions.get(original)
+        for i, (layer, head) in zip(order, picks):
+            new = Head(layer, head).label
+            groups["random"].append(new)
+            positions[new] = circuit.positions.get(labels[i])
         controls.append(Circuit(groups, positions))
     return controls
 
@@ -447,20 +499,24 @@ class ControlComparison:
     n_random: int
     p_value: float
     alpha: float = 0.05
+    design: ControlDesign | None = None  # how the controls were drawn (None: not recorded)
 
     @property
     def beats_random(self) -> bool:
         return self.p_value <= self.alpha
 
     def message(self) -> str:
+        shape = "of its shape" if self.design is None else f"with {self.design.describe()}"
         head = (
-            f"The circuit (faithfulness {self.circuit:.3f}) is closer to the full model than random circuits of its shape "
+            f"The circuit (faithfulness {self.circuit:.3f}) is closer to the full model than random circuits {shape} "
             f"(mean {self.random_mean:.3f} ± {self.random_std:.3f}, max {self.random_max:.3f}; p = {self.p_value:.3f})"
         )
+        if self.design is not None and self.design.matched != "layer":
+            head += f". Controls: {self.design.reason}"
         if self.beats_random:
             return head + "."
         return (
-            f"The circuit is NOT better than random circuits of its shape: faithfulness {self.circuit:.3f} against "
+            f"The circuit is NOT better than random circuits {shape}: faithfulness {self.circuit:.3f} against "
             f"{self.random_mean:.3f} ± {self.random_std:.3f} (max {self.random_max:.3f}) for {self.n_random} random "
             f"circuits; p = {self.p_value:.3f} > {self.alpha}. Its faithfulness is no evidence that these heads carry "
             "the behaviour: the circuit is probably too large (most of the model) or built from the wrong heads."
@@ -469,16 +525,20 @@ class ControlComparison:
     def to_json(self) -> dict:
         return {
             **{k: getattr(self, k) for k in ("circuit", "random_mean", "random_std", "random_max", "n_random", "p_value", "alpha")},
+            "controls": None if self.design is None else dataclasses.asdict(self.design),
             "beats_random": self.beats_random,
             "message": self.message(),
         }
 
 
-def compare_with_controls(circuit: float, controls: Float[Tensor, n], alpha: float = 0.05) -> ControlComparison:
-    """The ControlComparison of a circuit's faithfulness against random controls' (see its docstring)."""
+def compare_with_controls(
+    circuit: float, controls: Float[Tensor, n], alpha: float = 0.05, design: ControlDesign | None = None
+) -> ControlComparison:
+    """The ControlComparison of a circuit's faithfulness against random controls' (drawn as ``design``; see its
+    docstring)."""
     controls = torch.as_tensor(controls, dtype=torch.float64)
     closer = int(((1 - controls).abs() <= abs(1 - circuit)).sum())
     std = float(controls.std()) if len(controls) > 1 else 0.0
     return ControlComparison(
-        float(circuit), float(controls.mean()), std, float(controls.max()), len(controls), (1 + closer) / (1 + len(controls)), alpha
+        float(circuit), float(controls.mean()), std, float(controls.max()), len(controls), (1 + closer) / (1 + len(controls)), alpha, design
     )

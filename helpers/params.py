@@ -59,6 +59,13 @@ class Analysis(BaseModel):
         "answer must beat the incorrect one for the task to count as performed",
     )
     min_gap: float = Field(1.0, ge=0, description="task-sanity gate: least clean - corrupted logit-difference gap (nats)")
+    by_pos_heads: int | None = Field(
+        24,
+        ge=1,
+        description="by-position head sweeps (one patch per head and position) run over this many heads, those with the "
+        "largest |effect| in the all-position sweep (each exact; the others are left out and the notebook lists which ran); "
+        "null: every head. Models with at most this many heads always run them all",
+    )
 
     @field_validator("layer_groups")
     @classmethod

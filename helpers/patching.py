@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars: tqdm.auto warns (TqdmWarning) in kernels without ipywidgets
 from transformer_lens.ActivationCache import ActivationCache
 
+from .components import rank_heads
 from .flops import ModelShape, run_flops
 from .hooks import UNEMBED_LAST, resolve_hook_names
 from .interventions import (
@@ -355,12 +356,13 @@ def run_patched_from_layer(
     return run_patched(ctx, [Intervention(hook_name, "clean", masks)], masks.shape[0])[0]
 
 
-def sweep_flops(ctx: PatchingContext, name: str) -> int:
-    """Minimal FLOPs of sweep ``name`` on this context: every live variant from its own layer and first patched
-    position (``sweep_plan(minimal=True)``, counted by ``flops.run_flops``); what merged runs recompute on top is not
-    counted."""
+def sweep_flops(ctx: PatchingContext, name: str, only: dict[int, Tensor] | None = None) -> int:
+    """Minimal FLOPs of sweep ``name`` on this context (``only`` as in ``run_sweep``): every live variant from its own
+    layer and first patched position (``sweep_plan(minimal=True)``, counted by ``flops.run_flops``); what merged runs
+    recompute on top is not counted."""
     shape, (batch, n_pos) = ModelShape.of(ctx.model.cfg), ctx.corrupted_tokens.shape
-    return sum(run_flops(shape, run.layer, run.start, n_pos, run.n_variants * batch) for run in sweep_plan(ctx, name, minimal=True))
+    plan = sweep_plan(ctx, name, minimal=True, only=only)
+    return sum(run_flops(shape, run.layer, run.start, n_pos, run.n_variants * batch) for run in plan)
 
 
 ACHIEVED_FRACTION = 0.5  # of the dense matmul rate the sweeps reach on CPU (bench/results.md: 49-78% at gpt2-small size)
@@ -385,10 +387,10 @@ def matmul_gflops(model) -> float:
     return _MATMUL_RATE[key]
 
 
-def estimate_seconds(ctx: PatchingContext, name: str) -> tuple[float, float]:
-    """(minimal GFLOP, estimated seconds) of sweep ``name``: its FLOP count at ``ACHIEVED_FRACTION`` of the measured
-    matmul rate. An estimate to decide before waiting, not a promise."""
-    gflop = sweep_flops(ctx, name) / 1e9
+def estimate_seconds(ctx: PatchingContext, name: str, only: dict[int, Tensor] | None = None) -> tuple[float, float]:
+    """(minimal GFLOP, estimated seconds) of sweep ``name`` (``only`` as in ``run_sweep``): its FLOP count at
+    ``ACHIEVED_FRACTION`` of the measured matmul rate. An estimate to decide before waiting, not a promise."""
+    gflop = sweep_flops(ctx, name, only) / 1e9
     return gflop, gflop / (ACHIEVED_FRACTION * matmul_gflops(ctx.model))
 
 
@@ -401,25 +403,54 @@ def sweep(
     memory_mb: float = 1024,
     max_variants: int | None = None,
     progress: bool = True,
+    heads: Sequence[tuple[int, int]] | None = None,
 ) -> Float[Tensor, "layer ..."]:
     """Normalised patching effect of every cell of sweep ``name``, laid out as ``SWEEPS[name].layout``.
 
     Per layer, every variant whose patch changes something runs in batched forwards from that layer on, in
     chunks that fit ``memory_mb`` (and ``max_variants``); variants where clean equals corrupted (e.g. the
-    masked half of an attention pattern) are exactly 0 and are not run.
+    masked half of an attention pattern) are exactly 0 and are not run. ``heads``: only the cells of these
+    ``(layer, head)`` pairs (every position of each; for a key/value sweep under grouped-query attention, the
+    index along the ``head`` axis, i.e. the group) are computed, each exactly; every other cell is NaN.
     """
     if name not in SWEEPS:
         raise KeyError(f"unknown sweep {name!r}; choose from {sorted(SWEEPS)}")
+    only = None if heads is None else head_variants(ctx, SWEEPS[name], heads)
     if progress:
         check_supported(ctx.model, SWEEPS[name])
-        gflop, seconds = estimate_seconds(ctx, name)
+        gflop, seconds = estimate_seconds(ctx, name, only)
         if seconds > LONG_SWEEP_S:
             print(
                 f"patch {name}: {gflop:,.0f} GFLOP at least, about {seconds / 60:.1f} min here (estimate from the FLOP count and "
                 f"this machine's matmul rate); fewer prompts (n_prompts) or leaving the sweep out saves it",
                 flush=True,
             )
-    return run_sweep(ctx, SWEEPS[name], None, memory_mb, max_variants, progress)
+    return run_sweep(ctx, SWEEPS[name], None, memory_mb, max_variants, progress, only=only)
+
+
+def heads_to_sweep(all_positions: Float[Tensor, "layer head"], k: int | None) -> list[tuple[int, int]] | None:
+    """The ``k`` (layer, head) cells with the largest |effect| in an all-position head sweep, for ``sweep(heads=...)``
+    of its by-position form; None (every head) when ``k`` is None or covers every head."""
+    if k is None or k >= all_positions.numel():
+        return None
+    return [(head.layer, head.head) for head in rank_heads(all_positions, k, "abs")]
+
+
+def head_variants(ctx: PatchingContext, spec: Sweep, heads: Sequence[tuple[int, int]]) -> dict[int, Int[Tensor, variant]]:
+    """Per layer, the flat indices (as ``run_sweep``'s ``only``) of the variants of ``spec`` that patch one of
+    ``heads`` [(layer, index along the sweep's ``head`` axis)], at whatever else the sweep varies (e.g. every position)."""
+    axes = [axis for axis, _ in spec.axes]
+    if "head" not in axes:
+        raise ValueError(f"sweep {spec.name!r} has no head axis (layout {spec.layout}); it cannot be restricted to heads")
+    chosen: dict[int, list[int]] = {layer: [] for layer in range(ctx.model.cfg.n_layers)}
+    for layer, head in heads:
+        chosen[int(layer)].append(int(head))
+    only = {}
+    for layer, wanted in chosen.items():
+        hook_name = resolve_hook_names(ctx.model, spec.hook_name(layer))[0]
+        flat = torch.arange(math.prod(shape := variant_shape(spec, ctx.clean_cache[hook_name].shape))).reshape(shape)
+        only[layer] = flat.index_select(axes.index("head"), torch.tensor(sorted(set(wanted)), dtype=torch.long)).flatten()
+    return only
 
 
 def run_sweep(
@@ -492,14 +523,23 @@ class PlannedRun:
 
 
 def sweep_plan(
-    ctx: PatchingContext, name: str, memory_mb: float = 1024, max_variants: int | None = None, minimal: bool = False
+    ctx: PatchingContext,
+    name: str,
+    memory_mb: float = 1024,
+    max_variants: int | None = None,
+    minimal: bool = False,
+    only: dict[int, Tensor] | None = None,
 ) -> list[PlannedRun]:
-    """The batched runs ``sweep(ctx, name)`` makes (live variants only); ``minimal``: instead, one entry per layer and
-    first patched position, each variant from its own start (what the exact algorithm needs, for ``flops.run_flops``)."""
+    """The batched runs ``sweep(ctx, name)`` makes (live variants only; ``only`` as in ``run_sweep``); ``minimal``:
+    instead, one entry per layer and first patched position, each variant from its own start (what the exact
+    algorithm needs, for ``flops.run_flops``)."""
     spec, batch = SWEEPS[name], ctx.corrupted_tokens.shape[0]
     plan = []
     for layer in range(ctx.model.cfg.n_layers):
         _, clean, _, live, starts = _layer_variants(ctx, spec, layer)
+        if only is not None:
+            keep = torch.isin(live, only[layer])
+            live, starts = live[keep], starts[keep]
         if minimal:
             values, counts = starts.unique(return_counts=True)
             plan += [PlannedRun(layer, start, count) for start, count in zip(values.tolist(), counts.tolist())]

@@ -130,6 +130,7 @@ class PatchingResult(Strict):
     normalisation: dict[str, Any]
     not_supported: dict[str, str]
     interventions: dict[str, Any]
+    by_pos_heads: list[tuple[int, int]] | None = None  # the (layer, head) pairs the by-position sweeps ran over; None: all
 
     def head_out(self) -> Matrix | None:
         """Each head's output-patching effect [layer, head] (fraction of the logit difference it recovers)."""

@@ -175,7 +175,12 @@ for group, chosen in [("positive", top_dla_pos), ("negative", top_dla_neg)]:
 ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
 sweep_names = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern", "head_out_by_pos"]
 unsupported = {name: err for name in sweep_names if (err := patching.unsupported_reason(model, name))}
-sweeps = {name: patching.sweep(ctx, name, patching_memory_mb) for name in sweep_names if name not in unsupported}
+sweeps = {name: patching.sweep(ctx, name, patching_memory_mb) for name in sweep_names[:-1] if name not in unsupported}
+by_pos_heads = patching.heads_to_sweep(sweeps["head_out"], s.params.analysis.by_pos_heads)  # None: every head
+sweeps["head_out_by_pos"] = patching.sweep(ctx, "head_out_by_pos", patching_memory_mb, heads=by_pos_heads)
+if by_pos_heads is not None:
+    print(f"head_out_by_pos: the {len(by_pos_heads)} heads with the largest |head_out| effect (analysis.by_pos_heads; null: all "
+          f"{sweeps['head_out'].numel()}):", ", ".join(f"L{layer}H{head}" for layer, head in by_pos_heads))
 print(f"baselines: clean logit diff {ctx.clean_logit_diff:.3f}, corrupted {ctx.corrupted_logit_diff:.3f}")
 if ctx.normalisation.status != "ok":
     print("WARNING:", ctx.normalisation.message)
@@ -202,11 +207,18 @@ for name in head_sweeps:  # under grouped-query attention, v is patched per key/
                                color_label="recovered"), f"patch_{name}", key=name == "head_out")
 
 # %% [markdown]
-# Each head's output at one position at a time (rows: heads, columns: positions):
+# Each head's output at one position at a time (rows: heads, columns: positions). On a model with more heads than
+# `analysis.by_pos_heads` (24 by default), only the heads with the largest |effect| in the all-position sweep run here,
+# each exactly; the others are left out of the plot and are null in the JSON (`patching.by_pos_heads` lists the heads
+# that ran). The attribution comparison below reads the same cells.
 
 # %%
-figs.show(plotting.heatmap(sweeps["head_out_by_pos"].permute(0, 2, 1).flatten(0, 1), "Patching head output at one position",
-                           "position", "head", x=prompts.axis_labels, y=s.head_names, color_label="recovered"), "patch_head_out_by_pos")
+by_pos_rows = sweeps["head_out_by_pos"].permute(0, 2, 1).flatten(0, 1)  # [layer*head, pos]; heads not swept: NaN rows
+swept = ~by_pos_rows.isnan().all(1)
+figs.show(plotting.heatmap(by_pos_rows[swept], "Patching head output at one position" + ("" if by_pos_heads is None else
+                           f" (the {len(by_pos_heads)} heads with the largest all-position effect)"), "position", "head",
+                           x=prompts.axis_labels, y=[name for name, kept in zip(s.head_names, swept.tolist()) if kept],
+                           color_label="recovered"), "patch_head_out_by_pos")
 
 # %%
 per_head = [name for name in head_sweeps if patching.layout(model, name)[-1] == "head"]
@@ -431,6 +443,7 @@ results = {
             "layers": dict(zip(dla.layer_labels, dla.layers.tolist())), "heads": dla.heads,
             "top_positive": top_dla_pos, "top_negative": top_dla_neg},
     "patching": {"values": sweeps, "layouts": {name: patching.layout(model, name) for name in sweeps}, "top_heads": top_patch,
+                 "by_pos_heads": by_pos_heads,
                  "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff},
                  "normalisation": ctx.normalisation.to_json(), "not_supported": skipped_sweeps,
                  "interventions": {name: patching.describe(model, name) for name in sweeps}},

@@ -61,7 +61,7 @@ ablation = None  # how heads outside the circuit are knocked out: "mean", "zero"
 #   the corrupted prompts: the intervention circuit_discovery found the circuit with) for a discovered circuit, else "mean"
 reference = "corrupted"  # prompts the means (or resamples) come from: "corrupted" (IOI's ABC) or "clean"
 min_patch_effect = 0.1  # default circuit: unclassified heads need |output patching effect| >= this (share of the gap)
-n_random = 50  # random control circuits (same number of heads per layer, same positions); p can reach 1/51 = 0.02
+n_random = 50  # random control circuits (same heads per layer, or same size: circuits.ControlDesign); p can reach 1/51 = 0.02
 minimality_max_k = 3  # largest set K searched (greedily) per head for minimality
 completeness_subsets = 20  # random subsets K for the completeness check
 direct_path_senders = None  # senders whose direct edges are compared with their exact paths (None: every circuit head)
@@ -106,8 +106,11 @@ artifacts.write_json(s.out_dir / "circuit.json", proposed.to_json())
 # **How it works.** Every head output outside the circuit (and every circuit head's output at positions where
 # it is not kept) is replaced by its mean over the reference prompts at that position (or zero, or the
 # corrupted prompt's value). Faithfulness is the circuit's logit difference over the full model's. Controls:
-# the empty circuit (everything knocked out), random circuits with the same number of heads per layer, and
-# the circuit with each role group removed.
+# the empty circuit (everything knocked out), random circuits with the same number of heads per layer (never the
+# circuit itself), and the circuit with each role group removed. When the circuit's layers hold fewer other head
+# sets than `n_random` (a circuit with every head of a layer, on a model with 4 heads per layer), layer-matched
+# controls would be a handful of near-copies of the circuit and could never tell it from chance; the controls are
+# then random circuits of as many heads from any layers, and the verdict says so.
 #
 # **How to interpret.** A good circuit keeps most of the logit difference and random circuits of its shape
 # keep much less. A group whose removal costs a lot carries the behaviour; one whose removal costs nothing may
@@ -119,13 +122,14 @@ empty = circuits.Circuit({})
 groups_removed = {f"without {g}": proposed.without(hs) for g, hs in proposed.groups.items()}
 rows = {"full model (all heads)": everyone, "circuit": proposed, **groups_removed, "empty circuit": empty}
 values = ev.faithfulness(list(rows.values()))
+control_design = circuits.control_design(proposed, n_layers, n_heads, n_random)
 controls = ev.faithfulness(circuits.random_circuits(proposed, n_layers, n_heads, n_random, seed))
 faithfulness = {name: float(v) for name, v in zip(rows, values)}
 faithfulness[f"random circuits (mean of {n_random})"] = float(controls.mean())
 faithfulness[f"random circuits (max of {n_random})"] = float(controls.max())
 table = pd.DataFrame({"faithfulness": faithfulness, "logit diff": {k: v * ev.full_logit_diff for k, v in faithfulness.items()}})
 display(table.round(3))
-versus_random = circuits.compare_with_controls(faithfulness["circuit"], controls)
+versus_random = circuits.compare_with_controls(faithfulness["circuit"], controls, design=control_design)
 print(versus_random.message())
 figs.show(plotting.distribution(controls, faithfulness["circuit"], f"Faithfulness: the circuit against {n_random} random circuits "
                                 "of its shape", "faithfulness", "circuit"), "random_controls", key=True)
@@ -151,7 +155,7 @@ other_ablation = "mean" if ablation == "resample" else "resample"
 ev_other = circuits.make_evaluator(*ev_args, other_ablation, prompts.templates, circuits.normalisation_for(other_ablation, reference))
 other_value = float(ev_other.faithfulness([proposed])[0])
 other_controls = ev_other.faithfulness(circuits.random_circuits(proposed, n_layers, n_heads, n_random, seed))
-other_versus = circuits.compare_with_controls(other_value, other_controls)
+other_versus = circuits.compare_with_controls(other_value, other_controls, design=control_design)
 alternative = {"ablation": other_ablation, "normalisation": ev_other.normalisation, "faithfulness": other_value,
                "random_controls": other_controls, "versus_random": other_versus.to_json()}
 display(pd.DataFrame([

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -63,6 +65,32 @@ def test_toy_ioi_circuit_beats_random_circuits(ev):
     controls = ev.faithfulness(C.random_circuits(proposed, 4, 4, 20, seed=0))
     assert f >= 0.8
     assert controls.mean().item() <= f - 0.3
+
+
+def test_random_controls_are_never_the_circuit_and_fall_back_to_size_when_layers_are_full():
+    """A circuit with every head of layer 1 and one of layer 3 (4 x 4 heads) has only 3 other layer-matched head sets:
+    layer-matched controls could not separate it from chance (a quarter of the draws would be it), so the controls
+    are size-matched; a circuit whose layers hold enough other sets keeps layer-matched controls. Neither ever draws
+    the circuit itself, and each stand-in keeps the positions of the head it replaces."""
+    full_layer = C.Circuit({"a": ["L1H0", "L1H1", "L1H2", "L1H3", "L3H2"]}, {"L3H2": ["end"]})
+    design = C.control_design(full_layer, 4, 4, 20)
+    assert (design.matched, design.alternatives) == ("size", math.comb(16, 5) - 1) and "only 3 other" in design.reason
+    controls = C.random_circuits(full_layer, 4, 4, 20, seed=0)
+    assert all(len(c.heads) == 5 and set(c.heads) != set(full_layer.heads) for c in controls)
+    assert len({tuple(sorted(c.heads)) for c in controls}) > 10  # any layers: most draws differ
+    sparse = C.Circuit({"a": ["L0H0", "L0H1", "L2H1", "L3H2"]}, {"L3H2": ["end"], "L0H1": ["S1+1"]})
+    assert C.control_design(sparse, 4, 4, 20).matched == "layer"  # C(4,2) * 4 * 4 - 1 = 95 other sets
+    for c in C.random_circuits(sparse, 4, 4, 20, seed=0):
+        heads = [Head.parse(h, 4, 4) for h in c.heads]
+        assert sorted(h.layer for h in heads) == [0, 0, 2, 3] and set(c.heads) != set(sparse.heads)
+        assert c.positions[next(h.label for h in heads if h.layer == 3)] == ["end"]
+    one = C.Circuit({"a": ["L3H2"]})
+    tiny = C.control_design(one, 4, 4, 20)  # 3 others in the layer: size-matched, 15 sets
+    assert tiny.matched == "size" and tiny.alternatives == 15
+    assert C.control_design(one, 4, 4, 3).matched == "layer"  # 3 controls from 3 others: a quarter of draws would be it
+    assert all(c.heads != ["L3H2"] for seed in range(10) for c in C.random_circuits(one, 4, 4, 3, seed))
+    versus = C.compare_with_controls(0.9, torch.tensor([0.1, 0.2]), design=design)
+    assert "any layers" in versus.message() and versus.to_json()["controls"]["matched"] == "size"
 
 
 def test_minimality_and_completeness(ev):

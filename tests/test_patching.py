@@ -70,6 +70,32 @@ def test_memory_budget_sets_the_chunk_and_not_the_result(ctx):
     assert torch.equal(full, P.sweep(ctx, "head_out_by_pos", progress=False))  # the same call: the same bits
 
 
+@pytest.mark.parametrize("name", ["head_out_by_pos", "head_pattern_by_pos"])
+def test_a_sweep_over_some_heads_equals_the_full_sweep_there(ctx, name):
+    """``heads=``: those heads' cells exactly as in the full sweep (every position), every other cell NaN, and the
+    FLOP estimate counts only those heads. Layers without a chosen head run nothing."""
+    heads = [(0, 1), (2, 3), (2, 0)]
+    full = P.sweep(ctx, name, progress=False)
+    some = P.sweep(ctx, name, heads=heads, progress=False)
+    axis = P.layout(ctx.model, name).index("head") - 1  # among the axes after the layer
+    chosen = torch.zeros(full.shape, dtype=torch.bool)
+    for layer, head in heads:
+        chosen[layer].select(axis, head).fill_(True)
+    torch.testing.assert_close(some[chosen], full[chosen], atol=1e-6, rtol=0)
+    assert some[~chosen].isnan().all()
+    only = P.head_variants(ctx, P.SWEEPS[name], heads)
+    assert 0 < P.sweep_flops(ctx, name, only) < P.sweep_flops(ctx, name) and len(only[1]) == 0
+    with pytest.raises(ValueError, match="no head axis"):
+        P.sweep(ctx, "resid_pre", heads=heads, progress=False)
+
+
+def test_rank_agreement_reads_the_computed_cells_only():
+    from helpers.attribution_patching import rank_agreement
+
+    exact = torch.tensor([[1.0, float("nan")], [3.0, 2.0]])
+    assert rank_agreement({"s": exact}, {"s": torch.tensor([[1.0, 99.0], [3.0, 2.0]])})["s"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("name", ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern"])
 def test_patching_nothing_gives_zero(ctx, name):
     for layer in range(ctx.model.cfg.n_layers):
