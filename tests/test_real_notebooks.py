@@ -51,7 +51,9 @@ def test_real_model_numbers(real_batch):
     folder = out / "ioi" / model
     expms = json.loads((folder / "circuit_expms.json").read_text())
     assert expms["task_check"]["task_performed"]
-    assert expms["dla"]["exact"] or model == "gemma3-270m"  # Gemma's post-norms: per-head DLA is the post-norm issue's
+    assert expms["dla"]["exact"]  # Gemma's post-norms too: each head's share goes through the norm with its scale frozen
+    if expms["patching"]["by_pos_heads"] is not None:  # more heads than analysis.by_pos_heads: the top ones, exactly
+        assert len(expms["patching"]["by_pos_heads"]) == 24
     induction = json.loads((out / layout.MODEL_SCOPE / model / "induction_checks.json").read_text())
     assert induction["heads"]["induction"], "a real model has induction heads"
     assert induction["loss"]["second_half"] < 0.5 * induction["loss"]["first_half"]
