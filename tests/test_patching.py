@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,6 +140,9 @@ def test_a_long_sweep_says_how_long_before_it_starts(ctx, capsys, monkeypatch):
     gflop, seconds = P.estimate_seconds(ctx, "head_out_by_pos")
     assert gflop == P.sweep_flops(ctx, "head_out_by_pos") / 1e9 > 0 and seconds > 0
     assert P.sweep_flops(ctx, "head_out_by_pos") > P.sweep_flops(ctx, "head_out")  # one run per position costs more
+    assert ctx.forward_gflops > 0  # timed on the context's corrupted forward; a slow forward slows the estimate
+    slow = dataclasses.replace(ctx, forward_gflops=ctx.forward_gflops / 1000)
+    assert P.estimate_seconds(slow, "head_out_by_pos")[1] == pytest.approx(gflop / slow.forward_gflops)
     monkeypatch.setattr(P, "LONG_SWEEP_S", 0.0)
     P.sweep(ctx, "head_out", max_variants=4)
     assert "patch head_out:" in capsys.readouterr().out
