@@ -11,7 +11,8 @@ depends on the prompt), and three quantities are measured against the unablated 
 * **logit difference**: correct minus incorrect answer logit at the final position.
 
 All heads of a layer run as one batch of variants, starting from the clean residual stream at that layer
-(nothing before it changes) through the bridge's own ``forward(start_at_layer=...)``.
+(nothing before it changes) through the bridge's own ``forward(start_at_layer=...)``, the blocks before it not
+computed (``interventions.logits_from_layer``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tqdm.std import tqdm
 from transformer_lens.utilities import get_act_name
 
 from .hooks import resolve_hook_names
-from .interventions import Intervention, hook_takes_effect, hooks_for
+from .interventions import Intervention, hook_takes_effect, hooks_for, logits_from_layer
 from .memory import release_freed_memory
 from .metrics import group_mean, logit_diff
 from .patching import NotSupported, bytes_per_variant
@@ -141,11 +142,12 @@ def head_importance(
             parts: dict[str, list[Tensor]] = {k: [] for k in METRICS}
             for rows_of in torch.arange(batch).split(prompts_per_run):
                 mean = {"mean": {z_names[layer]: means if means.shape[0] == 1 else means[rows_of]}}
-                with torch.no_grad(), model.hooks(fwd_hooks=hooks_for([iv], mean, n)):
-                    if layer:
-                        ablated = model(resid[rows_of].repeat(n, 1, 1), start_at_layer=layer)
+                with torch.no_grad():
+                    if layer:  # the blocks before it are not computed (interventions.logits_from_layer)
+                        ablated = logits_from_layer(model, resid[rows_of].repeat(n, 1, 1), layer, hooks_for([iv], mean, n))
                     else:
-                        ablated = model(full[rows_of].repeat(n, 1))
+                        with model.hooks(fwd_hooks=hooks_for([iv], mean, n)):
+                            ablated = model(full[rows_of].repeat(n, 1))
                 m = loss_metrics(ablated, full[rows_of].repeat(n, 1), answers[rows_of].repeat(n, 1)).by_variant(n)
                 del ablated
                 for k in METRICS:

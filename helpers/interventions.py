@@ -318,6 +318,27 @@ def forward_from_layer(
         return model(resid, start_at_layer=layer, **kwargs)
 
 
+def logits_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list) -> Float[Tensor, "batch pos d_vocab"]:
+    """Every position's logits of the bridge's ``forward(resid, start_at_layer=layer)`` under ``hooks`` (for metrics
+    that read them all, e.g. a sequence loss), without computing the blocks before ``layer`` where that is verified
+    exact on this model (once per start layer, against the plain forward; see the module docstring)."""
+
+    def fast(probe: Tensor) -> Tensor:
+        with _skip_blocks_before(model, layer):
+            return model(probe, start_at_layer=layer)
+
+    probe = resid[:2]
+    skip = layer > 0 and _verified(
+        model,
+        ("skip_blocks_all_positions", layer),
+        lambda: fast(probe),
+        lambda: model(probe, start_at_layer=layer),
+        f"skipping the blocks before layer {layer} changed the output",
+    )
+    with model.hooks(fwd_hooks=hooks):
+        return fast(resid) if skip else model(resid, start_at_layer=layer)
+
+
 @contextmanager
 def _quiet_cache_rename():
     """Silence transformers' notice that ``past_key_values`` is renamed ``cache`` (5.24+): the bridge passes it on under

@@ -50,6 +50,15 @@ def test_head_importance_equals_a_plain_hook(family, family_models):
             assert abs(got - value) < 1e-4 * (1 + abs(value)), (key, layer, head, got, value)
 
 
+def test_the_blocks_before_the_ablated_layer_are_not_computed(toy_ioi, ioi_prompts):
+    """The saving is verified against the plain forward per start layer, and taken on the bundled model."""
+    from helpers.interventions import fast_paths
+
+    importance.head_importance(toy_ioi, ioi_prompts.clean_tokens[:4], ioi_prompts.answer_tokens[:4], progress=False)
+    verdicts = {k[1]: v for k, v in fast_paths(toy_ioi).items() if k[0] == "skip_blocks_all_positions"}
+    assert verdicts == {layer: True for layer in range(1, toy_ioi.cfg.n_layers)}
+
+
 def test_one_prompt_is_its_own_mean(toy_ioi, ioi_prompts):
     result = importance.head_importance(toy_ioi, ioi_prompts.clean_tokens[:1], ioi_prompts.answer_tokens[:1], progress=False)
     for key in ("answer_loss", "sequence_loss", "logit_diff"):
