@@ -60,8 +60,8 @@ circuit_from = "discovery"  # default circuit: "discovery" (circuit_discovery's 
 ablation = None  # how heads outside the circuit are knocked out: "mean", "zero" or "resample"; default: "resample" (patched from
 #   the corrupted prompts: the intervention circuit_discovery found the circuit with) for a discovered circuit, else "mean"
 reference = "corrupted"  # prompts the means (or resamples) come from: "corrupted" (IOI's ABC) or "clean"
-min_patch_effect = 0.1  # default circuit: unclassified heads need |output patching effect| >= this (share of the gap)
-n_random = 50  # random control circuits (same heads per layer, or same size: circuits.ControlDesign); p can reach 1/51 = 0.02
+min_patch_effect = 0.1  # default circuit: unclassified heads need |output patching effect| at least this (share of the gap)
+n_random = 50  # random control circuits (as many heads per layer, or as many heads: circuits.ControlDesign); p can reach 1/51, about 0.02
 minimality_max_k = 3  # largest set K searched (greedily) per head for minimality
 completeness_subsets = 20  # random subsets K for the completeness check
 direct_path_senders = None  # senders whose direct edges are compared with their exact paths (None: every circuit head)

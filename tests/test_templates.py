@@ -37,6 +37,19 @@ def test_template_structure(py):
     assert "colab.research.google.com" in md
 
 
+@pytest.mark.parametrize("py", TEMPLATES, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(py):
+    """``papermill --help-notebook`` and its parameter checks see every assignment of the parameters cell (a comment
+    with ``=`` in it hides the line from papermill's parser, which then says "Unable to parse line")."""
+    import nbformat
+    from papermill.translators import PythonTranslator
+
+    cell = next(c for c in jupytext.read(py).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = re.findall(r"^([A-Za-z_]\w*)\s*=", cell.source, re.M)
+    found = [p.name for p in PythonTranslator.inspect(nbformat.v4.new_code_cell(cell.source))]
+    assert found == assigned, f"{py.name}: papermill cannot read {sorted(set(assigned) - set(found))}"
+
+
 def test_colab_badges_follow_the_configured_repo():
     from helpers import badges
 
