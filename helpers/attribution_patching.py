@@ -178,13 +178,13 @@ def attribution_patch(
     per_sweep = {n: [spec.hook_name(layer) for layer in range(model.cfg.n_layers)] for n, spec in specs.items()}
     hook_names = resolve_hook_names(model, sorted({h for hs in per_sweep.values() for h in hs}))
     cache_names = hook_names + ([EMBED_HOOK] if ig_steps else [])
-    with torch.no_grad():
+    with torch.no_grad(), model.hooks(fwd_hooks=[UNEMBED_LAST]):  # the logit difference reads the final position only
         clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=cache_names)
         clean_ld = logit_diff(clean_logits, answer_tokens).mean().item()
     if ig_steps:
         embed_path = (clean_cache[EMBED_HOOK], ig_steps)
         grads, _, _ = metric_gradients(model, corrupted_tokens, answer_tokens, hook_names, embed_path, memory_mb, keep_activations=False)
-        with torch.no_grad():
+        with torch.no_grad(), model.hooks(fwd_hooks=[UNEMBED_LAST]):
             corr_logits, corr_acts = model.run_with_cache(corrupted_tokens, names_filter=hook_names)
         corr_ld = logit_diff(corr_logits, answer_tokens).mean().item()
     else:
