@@ -80,7 +80,7 @@ def test_gradients_in_memory_bounded_chunks_equal_one_batch(inputs, ig_steps):
     """Rows (IG steps × prompts) run in chunks to bound memory (64 prompts × 8 steps in one batch took 17.5 GB on
     SmolLM2); the estimates equal the one-batch computation, also when a chunk boundary falls inside a step."""
     model, clean = inputs[:2]
-    mb = 5 / A.rows_per_chunk(model, clean.shape[1], 1.0)  # about 5 rows per chunk: not a divisor of the batch
+    mb = 5.5 * 1024 / A.rows_per_chunk(model, clean.shape[1], 1024.0)  # about 5 rows per chunk: not a divisor of the batch
     assert 1 < A.rows_per_chunk(model, clean.shape[1], mb) < clean.shape[0]
     one = A.attribution_patch(*inputs, ["head_out", "resid_pre"], ig_steps=ig_steps, memory_mb=1e6).values
     chunked = A.attribution_patch(*inputs, ["head_out", "resid_pre"], ig_steps=ig_steps, memory_mb=mb).values

@@ -93,6 +93,6 @@ def test_prompt_slices_give_the_same_numbers(toy_ioi, ioi_prompts):
     tokens, answers = ioi_prompts.clean_tokens, ioi_prompts.answer_tokens
     groups = (torch.arange(len(tokens)) >= 5).long()  # two groups: per-prompt means, sliced with the prompts
     whole = importance.head_importance(toy_ioi, tokens, answers, memory_mb=4096, progress=False, groups=groups)
-    sliced = importance.head_importance(toy_ioi, tokens, answers, memory_mb=0.4, progress=False, groups=groups)  # 2 prompts a forward
+    sliced = importance.head_importance(toy_ioi, tokens, answers, memory_mb=0.4, progress=False, groups=groups)  # 1 prompt a forward
     for key in importance.METRICS:
         assert torch.allclose(getattr(whole, key), getattr(sliced, key), atol=1e-5), key
