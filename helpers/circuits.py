@@ -511,15 +511,14 @@ class ControlComparison:
             f"The circuit (faithfulness {self.circuit:.3f}) is closer to the full model than random circuits {shape} "
             f"(mean {self.random_mean:.3f} ± {self.random_std:.3f}, max {self.random_max:.3f}; p = {self.p_value:.3f})"
         )
-        if self.design is not None and self.design.matched != "layer":
-            head += f". Controls: {self.design.reason}"
+        why = f" Controls: {self.design.reason}." if self.design is not None and self.design.matched != "layer" else ""
         if self.beats_random:
-            return head + "."
+            return head + "." + why
         return (
             f"The circuit is NOT better than random circuits {shape}: faithfulness {self.circuit:.3f} against "
             f"{self.random_mean:.3f} ± {self.random_std:.3f} (max {self.random_max:.3f}) for {self.n_random} random "
             f"circuits; p = {self.p_value:.3f} > {self.alpha}. Its faithfulness is no evidence that these heads carry "
-            "the behaviour: the circuit is probably too large (most of the model) or built from the wrong heads."
+            "the behaviour: the circuit is probably too large (most of the model) or built from the wrong heads." + why
         )
 
     def to_json(self) -> dict:

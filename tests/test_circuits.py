@@ -91,6 +91,7 @@ def test_random_controls_are_never_the_circuit_and_fall_back_to_size_when_layers
     assert all(c.heads != ["L3H2"] for seed in range(10) for c in C.random_circuits(one, 4, 4, 3, seed))
     versus = C.compare_with_controls(0.9, torch.tensor([0.1, 0.2]), design=design)
     assert "any layers" in versus.message() and versus.to_json()["controls"]["matched"] == "size"
+    assert "only 3 other head sets" in versus.message()  # the verdict says why the controls are size-matched
 
 
 def test_minimality_and_completeness(ev):
