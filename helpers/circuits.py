@@ -261,9 +261,6 @@ def first_differing_layer(keep: Bool[Tensor, "variant layer pos head"]) -> int:
     return int(differs.float().argmax()) if bool(differs.any()) else keep.shape[1]
 
 
-MATCHED = ("layer", "size")
-
-
 @dataclass(frozen=True)
 class ControlDesign:
     """How a circuit's random controls are drawn. ``layer``: as many random heads per layer as the circuit has (the
@@ -273,7 +270,7 @@ class ControlDesign:
     with 4 heads per layer): drawing from a handful of sets, most of them one head away from the circuit, cannot
     separate the circuit from chance (its exact p-value is at least 1 / (sets + 1)), whatever the circuit's worth."""
 
-    matched: str  # one of MATCHED
+    matched: str  # "layer" or "size"
     alternatives: int  # distinct head sets of this design other than the circuit's own
     reason: str
 
@@ -307,22 +304,21 @@ def random_circuits(circuit: Circuit, n_layers: int, n_heads: int, n: int, seed:
     labels = list(circuit.heads)
     parsed = [Head.parse(label, n_layers, n_heads) for label in labels]
     own = {(h.layer, h.head) for h in parsed}
+    layers = list(dict.fromkeys(h.layer for h in parsed))  # in the circuit's order
+    order = [i for layer in layers for i, h in enumerate(parsed) if h.layer == layer]  # its heads, layer by layer
     controls = []
     for _ in range(n):
         while True:
-            if design.matched == "layer":  # layers in the circuit's order, each circuit head by a random one of its layer
-                layers = list(dict.fromkeys(h.layer for h in parsed))
-                order = [i for layer in layers for i, h in enumerate(parsed) if h.layer == layer]
+            if design.matched == "layer":  # each circuit head stood in for by a random head of its layer
                 picks: list[tuple[int, int]] = []
                 for layer in layers:
                     picks += [(layer, h) for h in rng.sample(range(n_heads), sum(h.layer == layer for h in parsed))]
             else:
-                flat = rng.sample(range(n_layers * n_heads), len(parsed))
-                picks, order = [divmod(i, n_heads) for i in flat], list(range(len(parsed)))
+                picks = [divmod(i, n_heads) for i in rng.sample(range(n_layers * n_heads), len(parsed))]
             if set(picks) != own or design.alternatives == 0:
                 break
         groups, positions = {"random": []}, {}
-        for i, (layer, head) in zip(order, picks):
+        for i, (layer, head) in zip(order if design.matched == "layer" else range(len(parsed)), picks):
             new = Head(layer, head).label
             groups["random"].append(new)
             positions[new] = circuit.positions.get(labels[i])
