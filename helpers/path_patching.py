@@ -20,6 +20,7 @@ into a receiver's k or v is a path into that group's k or v, shared by every hea
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -41,13 +42,13 @@ def _z(layer: int) -> str:
     return get_act_name("z", layer)
 
 
-def _sender_run(ctx: PatchingContext, layer: int, record: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Step 1 for every head of ``layer`` as a sender: final-position logit diffs [head, batch] and the activations
-    of the hooks in ``record`` (per sender, variant-major)."""
-    n_heads = ctx.model.cfg.n_heads
-    senders = variant_masks(SWEEPS["head_out"], ctx.clean_cache[_z(layer)].shape, torch.arange(n_heads))
+def _sender_run(ctx: PatchingContext, layer: int, record: list[str], heads: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Step 1 for the heads ``heads`` of ``layer`` (default: every head) as senders: final-position logit diffs
+    [sender, batch] and the activations of the hooks in ``record`` (per sender, variant-major)."""
+    heads = torch.arange(ctx.model.cfg.n_heads) if heads is None else heads
+    senders = variant_masks(SWEEPS["head_out"], ctx.clean_cache[_z(layer)].shape, heads)
     frozen = [Intervention(_z(l), "corrupted") for l in range(layer + 1, ctx.model.cfg.n_layers)]
-    return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], n_heads, record)
+    return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], len(heads), record)
 
 
 def path_patch_to_logits(ctx: PatchingContext) -> Float[Tensor, "layer head"]:
@@ -70,13 +71,15 @@ def input_index(cfg, component: str, head: int) -> int:
     return head if component == "q" else head // (cfg.n_heads // n_kv)
 
 
-def _receiver_run(ctx: PatchingContext, sender_layer: int, recorded: dict[str, Tensor], receivers: list[Head], component: str) -> Tensor:
-    """Step 2: mean logit diff per sender head of ``sender_layer`` when the reachable receivers' ``component``
-    inputs take their step-1 values in an otherwise normal corrupted run."""
+def _receiver_run(
+    ctx: PatchingContext, sender_layer: int, n_senders: int, recorded: dict[str, Tensor], receivers: list[Head], component: str
+) -> Tensor:
+    """Step 2: mean logit diff per sender of ``sender_layer`` (``n_senders`` step-1 variants) when the reachable
+    receivers' ``component`` inputs take their step-1 values in an otherwise normal corrupted run."""
     reachable = [r for r in receivers if r.layer > sender_layer]
     cfg = ctx.model.cfg
     if not reachable:  # a sender at or after every receiver cannot reach them
-        return torch.full((cfg.n_heads,), ctx.corrupted_logit_diff)
+        return torch.full((n_senders,), ctx.corrupted_logit_diff)
     interventions = []
     for layer in sorted({r.layer for r in reachable}):
         name = _receiver_hook_name(layer, component)
@@ -90,28 +93,34 @@ def _receiver_run(ctx: PatchingContext, sender_layer: int, recorded: dict[str, T
         ctx.answer_tokens,
         interventions,
         {"recorded": recorded},
-        cfg.n_heads,
+        n_senders,
         base_cache=ctx.corrupted_cache.cache_dict,
         prefix=ctx.corrupted_kv,
     )
     return logit_diffs.mean(-1).cpu()
 
 
-def receiver_sweeps(ctx: PatchingContext, targets: dict) -> dict:
+def receiver_sweeps(ctx: PatchingContext, targets: dict, senders: Iterable[Head] | None = None) -> dict:
     """For each ``key: (receivers, component)`` of ``targets``, the normalised effect [layer, head] of every sender
-    along its paths into those receivers' q, k or v input. Step 1 runs once per sender layer for all targets."""
+    along its paths into those receivers' q, k or v input. Step 1 runs once per sender layer for all targets.
+    ``senders``: the only sender heads computed (default: every head); every other cell is NaN."""
     model = ctx.model
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     needed = {(r.layer, c) for receivers, c in targets.values() for r in receivers}
     if not targets:
         return {}
     resolve_hook_names(model, sorted({_receiver_hook_name(l, c) for l, c in needed}))
-    rows: dict = {key: [] for key in targets}
-    for layer in range(model.cfg.n_layers):
+    chosen = None if senders is None else {(s.layer, s.head) for s in senders}
+    rows = {key: torch.full((n_layers, n_heads), float("nan")) for key in targets}
+    for layer in range(n_layers):
+        heads = torch.arange(n_heads) if chosen is None else torch.tensor(sorted(h for l, h in chosen if l == layer), dtype=torch.long)
+        if not len(heads):
+            continue
         record = sorted({_receiver_hook_name(l, c) for l, c in needed if l > layer})
-        recorded = _sender_run(ctx, layer, record)[1] if record else {}
+        recorded = _sender_run(ctx, layer, record, heads)[1] if record else {}
         for key, (receivers, component) in targets.items():
-            rows[key].append(_receiver_run(ctx, layer, recorded, receivers, component))
-    return {key: normalised(torch.stack(r), ctx.clean_logit_diff, ctx.corrupted_logit_diff) for key, r in rows.items()}
+            rows[key][layer, heads] = _receiver_run(ctx, layer, len(heads), recorded, receivers, component)
+    return {key: normalised(r, ctx.clean_logit_diff, ctx.corrupted_logit_diff) for key, r in rows.items()}
 
 
 def path_patch_to_receivers(ctx: PatchingContext, receivers: list[Head], component: str = "v") -> Float[Tensor, "layer head"]:
@@ -123,9 +132,14 @@ def path_patch_to_receivers(ctx: PatchingContext, receivers: list[Head], compone
     return receiver_sweeps(ctx, {"receivers": (receivers, component)})["receivers"]
 
 
-def receiver_effects(ctx: PatchingContext, receivers: dict[str, Head]) -> dict[tuple[str, str], Float[Tensor, "layer head"]]:
-    """Path effect of every sender into each receiver's q, k and v input alone, keyed (receiver, input)."""
-    return receiver_sweeps(ctx, {(label, c): ([r], c) for label, r in receivers.items() if r.layer > 0 for c in QKV_HOOKS})
+def receiver_effects(
+    ctx: PatchingContext, receivers: dict[str, Head], senders: Iterable[Head] | None = None
+) -> dict[tuple[str, str], Float[Tensor, "layer head"]]:
+    """Path effect of every sender into each receiver's q, k and v input alone, keyed (receiver, input).
+    ``senders``: compute only these senders' rows (e.g. the receivers themselves, for a circuit's own edges: far
+    cheaper than every head of the model); the other cells are NaN."""
+    targets = {(label, c): ([r], c) for label, r in receivers.items() if r.layer > 0 for c in QKV_HOOKS}
+    return receiver_sweeps(ctx, targets, senders)
 
 
 @contextmanager
@@ -145,14 +159,15 @@ def split_qkv_input(model):
 
 
 def direct_path_effects(
-    ctx: PatchingContext, sender: Head, component: str = "q", layers: list[int] | None = None
+    ctx: PatchingContext, sender: Head, component: str = "q", receivers: Iterable[Head] | None = None
 ) -> Float[Tensor, "layer head"]:
     """Normalised effect of the direct edge from ``sender`` into every later head's ``component`` input (the
     quantity of TransformerLens's ``get_act_patch_direct_path``, Wang et al. 2022): in the corrupted run, the
     sender's clean-minus-corrupted write (``z @ W_O``) is added to one receiver's own pre-norm copy of the
     residual stream (its q/k/v fork, which otherwise holds the corrupted ``resid_pre``); every other reader still
     sees the corrupted sender. The heads of one receiver layer are the variants of one batched run that starts
-    at that layer. ``layers``: the receiver layers to compute (default: every later one); other rows are 0.
+    at that layer. ``receivers``: the only receiver heads computed (default: every later head); the other later
+    cells are NaN. Receivers at or before the sender's layer cannot be reached: 0.
 
     Raises ValueError for k/v on grouped-query models (a key/value input is shared by several heads) and where a
     norm follows the attention output (Gemma-2), NotImplementedError without pre-q/k/v forks (OPT)."""
@@ -171,9 +186,20 @@ def direct_path_effects(
     z = ctx.clean_cache[_z(layer)][:, :, head] - ctx.corrupted_cache[_z(layer)][:, :, head]  # [batch, pos, d_head]
     delta = z @ model.blocks[layer].attn.W_O[head]  # [batch, pos, d_model]
     out = torch.zeros(cfg.n_layers, cfg.n_heads)
-    mask = torch.eye(cfg.n_heads, dtype=torch.bool)[:, None, :, None]  # variant i patches head i: [variant, pos, head, d_model]
+    if receivers is None:
+        chosen = {l: list(range(cfg.n_heads)) for l in range(layer + 1, cfg.n_layers)}
+    else:
+        out[layer + 1 :] = float("nan")
+        chosen = {}
+        for r in receivers:
+            if r.layer > layer:
+                chosen.setdefault(r.layer, []).append(r.head)
     with split_qkv_input(model), torch.no_grad():
-        for l in sorted(set(range(layer + 1, cfg.n_layers) if layers is None else layers) - set(range(layer + 1))):
+        for l, heads in sorted(chosen.items()):
+            heads = sorted(set(heads))
+            mask = torch.eye(cfg.n_heads, dtype=torch.bool)[heads][
+                :, None, :, None
+            ]  # variant i patches heads[i]: [variant, pos, head, d_model]
             name = f"blocks.{l}.attn.hook_{component}_input"
             if name not in model.hook_dict:
                 raise NotImplementedError(f"{name} does not exist: this attention has no pre-q/k/v fork")
@@ -184,11 +210,11 @@ def direct_path_effects(
                 ctx.answer_tokens,
                 [Intervention(name, "recorded", mask)],
                 {"recorded": {name: fork[:, :, None, :]}},
-                cfg.n_heads,
+                len(heads),
                 base_cache=ctx.corrupted_cache.cache_dict,
                 prefix=ctx.corrupted_kv,
             )
-            out[l] = normalised(diffs.mean(-1).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+            out[l, heads] = normalised(diffs.mean(-1).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
     return out
 
 
@@ -206,7 +232,7 @@ def compare_with_direct_path(
         receivers = {label: r for label, r in heads.items() if r.layer > s.layer}
         for component in ("q", "k", "v"):
             try:
-                direct = direct_path_effects(ctx, s, component, sorted({r.layer for r in receivers.values()}))
+                direct = direct_path_effects(ctx, s, component, receivers.values())
             except (ValueError, NotImplementedError) as err:
                 skipped[component] = str(err)
                 continue

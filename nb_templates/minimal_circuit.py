@@ -216,6 +216,7 @@ if complete:
 # value while every other head is frozen to its corrupted output; MLPs are recomputed. To the logits: what
 # reaches the final residual stream. To a receiver: the receiver's q, k or v input from that run is patched
 # into an otherwise normal corrupted run. Normalised like activation patching: 1 = clean logit diff restored.
+# Only the circuit's own heads are senders into the circuit's heads (what the table and the diagram show).
 # The direct edge alone (the sender's clean-minus-corrupted write added only to the receiver's own copy of the
 # residual stream, as TransformerLens's `get_act_patch_direct_path`, which the tests check it equals) is shown
 # next to the exact path: the difference is what reaches the receiver through MLPs and other heads.
@@ -232,7 +233,7 @@ figs.show(plotting.heatmap(to_logits, "Path patching: each sender to the final r
 top_senders = rank_heads(to_logits, s.params.analysis.top_k, "abs")
 print("top senders to the logits:", [str(h) for h in top_senders])
 members = circuits.circuit_heads(proposed, n_layers, n_heads)
-effects = path_patching.receiver_effects(ctx, members)
+effects = path_patching.receiver_effects(ctx, members, senders=members.values())  # the circuit's own edges
 direct, direct_note = path_patching.compare_with_direct_path(ctx, members, effects, direct_path_senders)
 display(pd.DataFrame(direct).sort_values("exact path", key=abs, ascending=False).head(12).round(4) if direct
         else "no circuit head has an earlier circuit head to compare")

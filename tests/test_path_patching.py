@@ -101,3 +101,38 @@ def test_exact_path_next_to_its_direct_edge(ctx):
     for r in rows:
         assert r["direct edge"] == pytest.approx(float(PP.direct_path_effects(ctx, heads["L0H1"], r["input"])[3, 2]), abs=1e-6)
         assert r["through other paths"] == pytest.approx(r["exact path"] - r["direct edge"], abs=1e-9)
+
+
+def test_chosen_senders_equal_the_full_sweep_there(ctx):
+    """``senders`` computes only those senders' rows (the circuit's own edges): each chosen cell equals the sweep
+    over every sender, every other cell is NaN. Senders of one layer share a run, so two heads of layer 0 check
+    that variants map back to the right heads."""
+    receivers = {"L2H1": Head(2, 1), "L3H2": Head(3, 2)}
+    senders = [Head(0, 3), Head(0, 1), Head(1, 2), Head(3, 2)]
+    full = PP.receiver_effects(ctx, receivers)
+    some = PP.receiver_effects(ctx, receivers, senders=senders)
+    assert some.keys() == full.keys()
+    chosen = torch.zeros(4, 4, dtype=torch.bool)
+    for s in senders:
+        chosen[s.layer, s.head] = True
+    for key in full:
+        torch.testing.assert_close(some[key][chosen], full[key][chosen], atol=1e-5, rtol=0)
+        assert some[key][~chosen].isnan().all()
+    assert full[("L3H2", "q")][0, 1] != full[("L3H2", "q")][0, 3]  # so a swap of the two layer-0 heads would show
+
+
+def test_direct_edges_into_chosen_receivers_equal_every_receiver_there(ctx):
+    """``receivers`` computes only those cells (two heads of one layer share a run); later cells are NaN, cells at or
+    before the sender stay 0 (nothing can be reached there)."""
+    sender, receivers = Head(0, 0), [Head(1, 3), Head(2, 3), Head(1, 1), Head(0, 3)]
+    full = PP.direct_path_effects(ctx, sender, "q")
+    some = PP.direct_path_effects(ctx, sender, "q", receivers)
+    cells = [(1, 3), (2, 3), (1, 1)]
+    for l, h in cells:
+        assert some[l, h] == pytest.approx(float(full[l, h]), abs=1e-7)
+    assert full[1, 3] != pytest.approx(float(full[1, 1]), abs=1e-3)  # so swapped heads would show
+    others = torch.ones(4, 4, dtype=torch.bool)
+    others[:1] = False
+    for l, h in cells:
+        others[l, h] = False
+    assert some[others].isnan().all() and (some[:1] == 0).all()
