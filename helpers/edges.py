@@ -334,34 +334,141 @@ def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeCo
     )
 
 
+@dataclass(frozen=True)
+class _ForkChoice:
+    """How one receiver fork's update (the sum of its absent edges' sender changes, per receiver) is read in one
+    batched evaluation, per variant; see ``_fork_choices``."""
+
+    receivers: list[int]
+    upto: int  # senders before these receivers (recorded when the fork is read)
+    from_all: Bool[Tensor, variant]  # start from the total change of every earlier sender
+    minus_kept: Bool[Tensor, "variant receiver"]  # then take away the kept senders' running total
+    weights: Float[Tensor, "variant sender receiver"]  # then add these senders' changes (sender < upto)
+
+
+def _fork_choices(graph: Graph, absent: Bool[Tensor, "variant sender receiver"], complement: bool = True) -> dict[str, _ForkChoice]:
+    """Per receiver fork (hook), the cheapest exact way for each variant to read its update, ``sum over absent edges
+    (s -> r) of change_s``. Three forms, each exact:
+
+    * **node set**: where every receiver of the fork keeps either no edge or exactly the edges from the variant's
+      *kept senders* (those with any kept edge), as in a head circuit's closure: the update is the running total of
+      every earlier sender's change, minus (for receivers that keep edges) the kept senders' running total; no sender
+      is stored;
+    * **absent**: the absent edges' senders' changes, +1 each (a full graph minus one edge reads one sender);
+    * **complement**: the total minus the kept edges' senders' changes, -1 each (a small edge circuit reads its few
+      kept senders). Absent or complement, whichever reads fewer senders.
+
+    The running totals need one prefix of senders for every receiver of the fork, all of them edges, all recorded
+    when the fork is read (not so for a parallel MLP: its own layer's heads come first). ``complement`` False: the
+    absent form only."""
+    absent = absent & graph.allowed
+    kept = graph.allowed & ~absent
+    kept_senders = kept.any(2)  # [variant, sender]
+    n_var = len(absent)
+    choices = {}
+    for hook, rs in graph.receivers_by_hook.items():
+        upto = graph.sender_slots_before(rs[0])
+        a = absent[:, :upto][:, :, rs]
+        prefix = all(graph.sender_slots_before(r) == upto for r in rs) and bool(graph.allowed[:upto, rs].all())
+        parallel_mlp = graph.parallel and graph.receivers[rs[0]].kind == "mlp"
+        if not (complement and prefix and not parallel_mlp):
+            no = torch.zeros(n_var, dtype=torch.bool)
+            choices[hook] = _ForkChoice(rs, upto, no, torch.zeros(n_var, len(rs), dtype=torch.bool), a.float())
+            continue
+        k = kept[:, :upto][:, :, rs]
+        keeps = k.any(1)  # [variant, receiver]
+        node_set = ((k == kept_senders[:, :upto, None]) | ~keeps[:, None, :]).all(1).all(1)
+        use_kept = ~node_set & (k.any(2).sum(1) < a.any(2).sum(1))
+        weights = torch.where(use_kept[:, None, None], -k.float(), a.float())
+        weights[node_set] = 0.0
+        choices[hook] = _ForkChoice(rs, upto, node_set | use_kept, keeps & node_set[:, None], weights)
+    return choices
+
+
+def _senders_read(choices: dict[str, _ForkChoice], n_senders: int) -> Bool[Tensor, "variant sender"]:
+    """The senders whose changes some fork reads one by one (``_fork_choices``), per variant: the only ones a run
+    must store."""
+    read = None
+    for c in choices.values():
+        part = torch.nn.functional.pad(c.weights.ne(0).any(2), (0, n_senders - c.upto))
+        read = part if read is None else read | part
+    return read
+
+
+COMPLEMENT = True  # let forks read running totals or the complement where that reads fewer senders (tests turn it off)
+
+
 class _EdgeRun:
-    """One batched circuit evaluation: variant ``i`` (a block of the batch) keeps the edges of circuit ``i``. Holds
-    each variant's sender outputs minus the corrupted ones ([variant, sender, batch, pos, d_model], sender-major so
-    that removing edges is one batched matrix product), filled in as the forward pass computes them."""
+    """One batched circuit evaluation: variant ``i`` (a block of the batch) keeps the edges of circuit ``i``.
+
+    As the forward pass computes each sender, its output in this run minus the corrupted one (its *change*) is added
+    to a running total (and to the kept senders' total), and stored only for the variants whose forks read it one by
+    one (``_fork_choices``): [variant, row, batch, pos, d_model], rows in sender order, so a fork's update is one
+    batched product over the rows before it, plus the totals. Every number is the same as summing the absent
+    edges' changes directly (tests compare)."""
 
     def __init__(self, ectx: EdgeContext, absent: Bool[Tensor, "variant sender receiver"], start: int = 0):
         """``start``: the run computes positions ``>= start`` only (before it nothing differs from the clean run)."""
         self.ectx, self.n_var = ectx, absent.shape[0]
         clean, corrupted = ectx.clean_outputs[:, start:], ectx.corrupted_outputs[:, start:]
         batch, pos, n_send, d = corrupted.shape
-        self.absent = absent.to(device=corrupted.device, dtype=corrupted.dtype)
-        self.delta = corrupted.new_zeros(self.n_var, n_send, batch, pos, d)
-        self.delta[:, 0] = clean[:, :, 0] - corrupted[:, :, 0]  # the input: always clean
+        choices = _fork_choices(ectx.graph, absent, COMPLEMENT)
+        read = _senders_read(choices, n_send)
+        self.row = torch.where(read, read.cumsum(1) - 1, -1)  # [variant, sender]: its row in the store, -1 if not stored
+        self.store = corrupted.new_zeros(self.n_var, int(read.sum(1).max()), batch, pos, d)
         self.corrupted = corrupted.permute(2, 0, 1, 3)  # [sender, batch, pos, d_model]
+        self.total = corrupted.new_zeros(self.n_var, batch, pos, d)
+        uses_kept = any(bool(c.minus_kept.any()) for c in choices.values())
+        kept_senders = (ectx.graph.allowed & ~absent).any(2)
+        self.kept = kept_senders.to(corrupted.dtype)[:, :, None, None, None] if uses_kept else None
+        self.kept_total = corrupted.new_zeros(self.n_var, batch, pos, d) if uses_kept else None
+        self.recorded = 0  # senders recorded so far (in order)
+        self.plans: dict[str, tuple | None] = {}
+        for hook, c in choices.items():
+            n_rows = int(read[:, : c.upto].sum(1).max())  # a prefix of every variant's rows: senders before the fork
+            if n_rows == 0 and not c.from_all.any():
+                self.plans[hook] = None  # nothing absent into these receivers in any variant: the fork is untouched
+                continue
+            by_row = torch.zeros(self.n_var, n_rows, len(c.receivers))
+            v, s = read[:, : c.upto].nonzero(as_tuple=True)
+            by_row[v, self.row[v, s]] = c.weights[v, s]
+            dtype = corrupted.dtype
+            self.plans[hook] = (c.upto, c.from_all.to(dtype), c.minus_kept.to(dtype), by_row.transpose(1, 2).to(dtype))
+        self.record(slice(0, 1), clean[:, :, :1].repeat(self.n_var, 1, 1, 1))  # the input: always clean
 
     def record(self, slots: slice, act: Float[Tensor, "variant_batch pos n d_model"]) -> None:
-        """Store senders ``slots``' outputs in this run minus the corrupted ones."""
+        """Senders ``slots``' outputs in this run: their changes go into the totals and into the rows that keep them."""
+        if slots.start != self.recorded:
+            raise RuntimeError(f"senders recorded out of order: {slots.start} after {self.recorded} (edges: report this)")
         act = act.reshape(self.n_var, -1, *act.shape[1:]).permute(0, 3, 1, 2, 4)  # [variant, n, batch, pos, d_model]
-        self.delta[:, slots] = act - self.corrupted[None, slots]
+        change = act - self.corrupted[None, slots]
+        self.total += change.sum(1)
+        if self.kept_total is not None:
+            self.kept_total += (change * self.kept[:, slots]).sum(1)
+        rows = self.row[:, slots]
+        v, n = (rows >= 0).nonzero(as_tuple=True)
+        if len(v):
+            self.store[v, rows[v, n]] = change[v, n]
+        self.recorded = slots.stop
 
-    def update(self, receivers: list[int]) -> Float[Tensor, "variant_batch pos receiver d_model"]:
-        """What the absent edges into ``receivers`` must take away from their inputs in this run."""
-        upto = max(self.ectx.graph.sender_slots_before(r) for r in receivers)
-        n_var, _, batch, pos, d = self.delta.shape
-        absent = self.absent[:, :upto, receivers].transpose(1, 2)  # [variant, receiver, sender]
-        out = torch.bmm(absent, self.delta[:, :upto].reshape(n_var, upto, -1))  # [variant, receiver, batch * pos * d]
-        out = out.reshape(n_var, len(receivers), batch, pos, d).permute(0, 2, 3, 1, 4)
-        return out.reshape(n_var * batch, pos, len(receivers), d)
+    def update(self, hook: str) -> Float[Tensor, "variant_batch pos receiver d_model"] | None:
+        """What the absent edges into fork ``hook``'s receivers must take away from their inputs in this run (None:
+        nothing, in every variant)."""
+        plan = self.plans[hook]
+        if plan is None:
+            return None
+        upto, from_all, minus_kept, weights = plan
+        n_var, _, batch, pos, d = self.store.shape
+        n_recv, n_rows = weights.shape[1:]
+        out = torch.bmm(weights, self.store[:, :n_rows].reshape(n_var, n_rows, batch * pos * d))  # [variant, receiver, batch*pos*d]
+        if bool(from_all.any()):
+            if self.recorded != upto:
+                raise RuntimeError(f"fork {hook} read after {self.recorded} senders, not {upto} (edges: report this)")
+            out += from_all[:, None, None] * self.total.reshape(n_var, 1, -1)
+            if self.kept_total is not None:
+                out -= minus_kept[:, :, None] * self.kept_total.reshape(n_var, 1, -1)
+        out = out.reshape(n_var, n_recv, batch, pos, d).permute(0, 2, 3, 1, 4)
+        return out.reshape(n_var * batch, pos, n_recv, d)
 
 
 class _Record:
@@ -381,11 +488,14 @@ class _Record:
 class _Receive:
     """Forward hook on a receiver fork: removes the absent edges' contributions from the receivers it holds."""
 
-    def __init__(self, run: _EdgeRun, receivers: list[int], per_head: bool):
-        self.run, self.receivers, self.per_head = run, receivers, per_head
+    def __init__(self, run: _EdgeRun, hook: str, receivers: list[int], per_head: bool):
+        self.run, self.hook, self.receivers, self.per_head = run, hook, receivers, per_head
 
     def __call__(self, act: Tensor, hook=None) -> Tensor:
-        update = self.run.update(self.receivers).to(act.dtype)
+        update = self.run.update(self.hook)
+        if update is None:
+            return act
+        update = update.to(act.dtype)
         if not self.per_head:
             return act - update[:, :, 0]
         index = [self.run.ectx.graph.receivers[r].index for r in self.receivers]
@@ -406,7 +516,7 @@ def _hooks(run: _EdgeRun) -> list[tuple[str, object]]:
             (get_act_name("z", layer), _Record(run, slice(first, first + n_heads), layer)),
             (get_act_name("mlp_out", layer), _Record(run, slice(first + n_heads, first + n_heads + 1))),
         ]
-    hooks += [(hook, _Receive(run, rs, graph.receivers[rs[0]].index is not None)) for hook, rs in graph.receivers_by_hook.items()]
+    hooks += [(hook, _Receive(run, hook, rs, graph.receivers[rs[0]].index is not None)) for hook, rs in graph.receivers_by_hook.items()]
     return hooks
 
 
@@ -423,8 +533,9 @@ def evaluate_masks(
         if ectx.clean_kv is not None and suffix_ok(model, ectx.clean_outputs[:, :, 0], 0, ectx.clean_kv, "receiver forks"):
             start = ectx.first_difference  # earlier positions: the clean run's keys and values
         batch, pos, n_send, d = ectx.corrupted_outputs[:, start:].shape
-        delta_bytes = batch * pos * n_send * d * ectx.corrupted_outputs.element_size()  # per variant, held for the whole run
-        chunk = max(1, min(variants_per_chunk(model, batch, pos, memory_mb, len(masks)), int(memory_mb * 2**20 // delta_bytes)))
+        rows = int(_senders_read(_fork_choices(ectx.graph, ~masks, COMPLEMENT), n_send).sum(1).max())
+        held = (rows + 2) * batch * pos * d * ectx.corrupted_outputs.element_size()  # per variant for the whole run: rows, total
+        chunk = max(1, min(variants_per_chunk(model, batch, pos, memory_mb, len(masks)), int(memory_mb * 2**20 // held)))
         for first in range(0, len(masks), chunk):
             run = _EdgeRun(ectx, ~masks[first : first + chunk], start)
             embeddings = ectx.clean_outputs[:, start:, 0].repeat(run.n_var, 1, 1)  # blocks.0.hook_resid_pre of the clean run

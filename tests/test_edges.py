@@ -212,3 +212,61 @@ def test_every_family_exact_or_not_supported(family, family_models):
     gap = ectx.clean_logit_diff - ectx.corrupted_logit_diff
     node = ((clean_z[hook] - corr_cache[hook])[:, :, 1] * grads[hook][:, :, 1]).sum() / gap
     assert abs(float(scores[_index(g, head)].sum()) - float(node)) < 1e-4 * max(1.0, abs(float(node)))
+
+
+def _every_kind_of_mask(graph):
+    """Masks as the templates make them: dense and sparse random edge sets, the full graph minus one edge (exact
+    single-edge checks), head closures (the core-heads search, random head sets), all and nothing."""
+    from helpers.discovery import head_closure
+
+    g = torch.Generator().manual_seed(1)
+    shape = graph.allowed.shape
+    one_out = graph.allowed.repeat(3, 1, 1)
+    index = graph.edge_index
+    picked = index[torch.tensor([0, len(index) // 2, len(index) - 1])]
+    one_out[torch.arange(3), picked[:, 0], picked[:, 1]] = False
+    heads = [n.name for n in graph.senders if n.kind == "head"]
+    closures = torch.stack([head_closure(graph, heads[:2]), head_closure(graph, heads[1::3]), head_closure(graph, heads[:-1])])
+    return torch.cat(
+        [
+            torch.rand((2, *shape), generator=g) < 0.5,
+            torch.rand((2, *shape), generator=g) < 0.03,
+            one_out,
+            closures,
+            torch.stack([graph.allowed, torch.zeros_like(graph.allowed)]),
+        ]
+    )
+
+
+def _forms_read(ectx, masks) -> set[str]:
+    """Which of ``_fork_choices``' forms some fork of some variant takes."""
+    forms = set()
+    for c in E._fork_choices(ectx.graph, ~(masks & ectx.graph.allowed)).values():
+        forms |= {"node set"} if bool(c.minus_kept.any()) else set()
+        forms |= {"complement"} if bool((c.weights < 0).any()) else set()
+        forms |= {"absent"} if bool((c.weights > 0).any()) else set()
+    return forms
+
+
+def test_reading_fewer_senders_changes_no_number(ioi_ectx, monkeypatch):
+    """Each fork reads its update in the cheapest exact form (running totals for node sets, else its absent edges'
+    senders or the complement); the same masks evaluated with the absent form only give the same logit differences."""
+    masks = _every_kind_of_mask(ioi_ectx.graph)
+    assert _forms_read(ioi_ectx, masks) == {"node set", "complement", "absent"}  # so the comparison tests each
+    fast = E.evaluate_masks(ioi_ectx, masks, per_prompt=True)
+    monkeypatch.setattr(E, "COMPLEMENT", False)
+    plain = E.evaluate_masks(ioi_ectx, masks, per_prompt=True)
+    assert (fast - plain).abs().max() < 1e-4
+    assert fast[:, 0].std() > 0.1  # the masks differ in what they keep
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
+def test_reading_fewer_senders_changes_no_number_on_every_family(family, family_models, monkeypatch):
+    """Grouped-query k/v receivers (Llama, Mistral, Qwen), parallel attention and MLP (Pythia: an MLP fork cannot
+    read the complement, its own layer's heads come first), learned positions (GPT-2)."""
+    model, prompts = family_models(family)
+    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    masks = _every_kind_of_mask(ectx.graph)
+    fast = E.evaluate_masks(ectx, masks, per_prompt=True)
+    monkeypatch.setattr(E, "COMPLEMENT", False)
+    assert (fast - E.evaluate_masks(ectx, masks, per_prompt=True)).abs().max() < 1e-4
