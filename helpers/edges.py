@@ -41,7 +41,7 @@ from transformer_lens.utilities import get_act_name
 
 from .attribution import post_attention_norm_reason
 from .attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
-from .interventions import KVPrefix, edit_reaches_residual, forward_from_layer, hook_takes_effect, run_with_kv, suffix_ok
+from .interventions import KVPrefix, answer_columns, edit_reaches_residual, forward_from_layer, hook_takes_effect, run_with_kv, suffix_ok
 from .memory import release_freed_memory
 from .metrics import logit_diff, normalised
 from .patching import NotSupported, variants_per_chunk
@@ -528,7 +528,7 @@ def evaluate_masks(
     masks = masks & ectx.graph.allowed
     model = ectx.model
     out = []
-    with receiver_forks(model), torch.no_grad():
+    with receiver_forks(model), torch.no_grad(), answer_columns(model, ectx.answer_tokens) as answers:
         start = 0
         if ectx.clean_kv is not None and suffix_ok(model, ectx.clean_outputs[:, :, 0], 0, ectx.clean_kv, "receiver forks"):
             start = ectx.first_difference  # earlier positions: the clean run's keys and values
@@ -541,7 +541,7 @@ def evaluate_masks(
             embeddings = ectx.clean_outputs[:, start:, 0].repeat(run.n_var, 1, 1)  # blocks.0.hook_resid_pre of the clean run
             past = ectx.clean_kv.cache(start, run.n_var) if start else None
             logits = forward_from_layer(model, embeddings, 0, _hooks(run), past)  # final position only
-            out.append(logit_diff(logits, ectx.answer_tokens.repeat(run.n_var, 1)).reshape(run.n_var, batch).cpu())
+            out.append(logit_diff(logits, answers.repeat(run.n_var, 1)).reshape(run.n_var, batch).cpu())
             del run, embeddings, past, logits
             release_freed_memory()  # hundreds of these runs in a search otherwise grow the heap (helpers.memory)
     lds = torch.cat(out)

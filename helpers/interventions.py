@@ -22,7 +22,9 @@ itself does; no code here steps through blocks by hand. It computes only what a 
   their key/value groups;
 * **the last block** runs its MLP at the final position only (its other positions are read by nothing),
   unless a hook acts on or after that MLP;
-* **the unembedding** reads the final position only (the metric reads nothing else).
+* **the unembedding** reads the final position only (the metric reads nothing else), and where the only output
+  is a logit difference, only the answers' vocabulary columns (``answer_columns``: on Gemma-3, 262,144 words,
+  the full unembedding costs more per token than a block).
 
 Each saving is checked the first time a model uses it (per start layer): the fast result must equal the
 plain computation (the bridge's own ``start_at_layer`` forward, all positions, every block) to 1e-5;
@@ -285,7 +287,7 @@ def run_interventions(
     record_hooks = [(name, recording_hook(recorded, name)) for name in record]
     layer = start_layer(interventions, record)
     resid_name = None if layer is None else get_act_name("resid_pre", layer)
-    with torch.no_grad():
+    with torch.no_grad(), answer_columns(model, answers) as columns:
         if base_cache is None or resid_name not in base_cache:
             with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks + [UNEMBED_LAST]):
                 logits = model(tokens.repeat(n_var, 1))
@@ -297,7 +299,7 @@ def run_interventions(
             hooks = hooks_for(interventions, sources, n_var, start) + record_hooks
             past = prefix.cache(start, n_var) if start else None
             logits = forward_from_layer(model, resid[:, start:].repeat(n_var, 1, 1), layer, hooks, past)
-    return logit_diff(logits, answers.repeat(n_var, 1)).reshape(n_var, -1), recorded
+    return logit_diff(logits, columns.repeat(n_var, 1)).reshape(n_var, -1), recorded
 
 
 def forward_from_layer(
@@ -348,6 +350,66 @@ def _quiet_cache_rename():
         yield
 
 
+class _Columns(torch.nn.Module):
+    """A linear unembedding restricted to some vocabulary columns (rows of its weight); ``full`` is the whole one."""
+
+    def __init__(self, linear: torch.nn.Linear, columns: Tensor):
+        super().__init__()
+        self.weight = linear.weight[columns]
+        self.bias = None if linear.bias is None else linear.bias[columns]
+        self.full = (linear,)  # a tuple: not a submodule, so its parameters are not listed twice
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@contextmanager
+def answer_columns(model, answers: Int[Tensor, "batch 2"]):
+    """For the duration, the model's unembedding computes only the vocabulary columns of ``answers`` (the words a
+    logit difference reads); yields ``answers`` as indices into those columns. Each column's logit is the same dot
+    product as before (an elementwise soft-capping after it too), so a logit difference is unchanged, while the rest
+    of the vocabulary is neither computed nor held. Only for runs whose sole output is a logit difference (not the
+    loss, KL or top tokens). Checked once per model (``fast_paths``: ``answer_columns``); where it is not exact, or the
+    unembedding is not a plain linear layer, nothing changes and ``answers`` come back as they are."""
+    unembed = getattr(model, "unembed", None)
+    linear = getattr(unembed, "_original_component", None)
+    if not isinstance(linear, torch.nn.Linear):
+        yield answers
+        return
+    columns = torch.unique(answers.cpu()).to(linear.weight.device)
+    restricted = _Columns(linear, columns)
+    probe = torch.randn(2, 1, linear.in_features, generator=torch.Generator().manual_seed(0)).to(linear.weight)
+    if not _verified(
+        model,
+        ("answer_columns",),
+        lambda: restricted(probe),
+        lambda: linear(probe)[..., columns],
+        "unembedding only the answers' columns changed their logits",
+    ):
+        yield answers
+        return
+    unembed._original_component = restricted
+    try:
+        yield torch.searchsorted(columns, answers.to(columns.device)).to(answers.device)
+    finally:
+        unembed._original_component = linear
+
+
+@contextmanager
+def _full_vocabulary(model):
+    """The whole unembedding for the duration, also inside ``answer_columns`` (checks compare full outputs)."""
+    unembed = getattr(model, "unembed", None)
+    current = getattr(unembed, "_original_component", None)
+    if not isinstance(current, _Columns):
+        yield
+        return
+    unembed._original_component = current.full[0]
+    try:
+        yield
+    finally:
+        unembed._original_component = current
+
+
 def fast_paths(model) -> dict:
     """The savings checked on this model so far and whether each was exact (key: saving, start layer)."""
     return dict(model.__dict__.get("_circuit_lab_fast_paths", {}))
@@ -358,7 +420,7 @@ def _verified(model, key: tuple, fast: Callable[[], Tensor], plain: Callable[[],
     (or an error in ``fast``) switches that saving off for good, with a warning that says ``what`` changed."""
     verdicts: dict = model.__dict__.setdefault("_circuit_lab_fast_paths", {})
     if key not in verdicts:
-        with torch.no_grad():
+        with torch.no_grad(), _full_vocabulary(model):
             reference = plain()
             try:
                 out = fast()

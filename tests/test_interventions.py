@@ -40,6 +40,39 @@ def test_fast_start_equals_the_bridge_forward(family, family_models):
     assert all(I.fast_paths(model)[("skip_blocks", layer)] for layer in range(model.cfg.n_layers))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "gptj", "opt"])
+def test_a_logit_difference_reads_only_the_answers_columns(family, family_models):
+    """Inside ``answer_columns`` the unembedding computes the answers' vocabulary columns only (GPT-J's has a bias,
+    Gemma's soft-caps), the logit difference through the remapped answers equals the full vocabulary's, the patching
+    runner's numbers are unchanged, and the whole unembedding is back afterwards."""
+    from helpers.metrics import logit_diff
+
+    model, prompts = family_models(family)
+    answers = prompts.answer_tokens
+    with torch.no_grad():
+        full = model(prompts.clean_tokens)[:, -1:]
+        with I.answer_columns(model, answers) as columns:
+            narrow = model(prompts.clean_tokens)[:, -1:]
+        after = model(prompts.clean_tokens)[:, -1:]
+    assert narrow.shape[-1] == len(answers.unique()) < full.shape[-1] == after.shape[-1]
+    assert (logit_diff(narrow, columns) - logit_diff(full, answers)).abs().max() <= 1e-5
+    assert I.fast_paths(model)[("answer_columns",)]
+    ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, answers)
+    last = model.cfg.n_layers - 1
+    masks = torch.eye(model.cfg.n_heads, dtype=torch.bool)[:, None, :, None]
+    ours = P.run_patched_from_layer(ctx, last, f"blocks.{last}.attn.hook_z", masks).mean(-1)
+    clean_z = ctx.clean_cache[f"blocks.{last}.attn.hook_z"]
+    with torch.no_grad():
+        for h in range(model.cfg.n_heads):
+
+            def patch(z, hook, h=h):
+                z[:, :, h] = clean_z[:, :, h]
+                return z
+
+            logits = model.run_with_hooks(ctx.corrupted_tokens, fwd_hooks=[(f"blocks.{last}.attn.hook_z", patch)])
+            assert abs(float(logit_diff(logits, answers).mean()) - float(ours[h])) <= 1e-4
+
+
 def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
     """If skipping blocks changed the output (a new architecture), the engine must notice and use the plain forward."""
     model, prompts = llama
