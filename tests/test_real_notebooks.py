@@ -39,10 +39,6 @@ def test_every_template_runs_without_error_within_memory(real_batch):
     assert report.exit_code == 0, report.table()
     assert {r.template for r in report.results} == set(layout.available_templates())
     over = {r.template: r.peak_rss_mb for r in report.results if r.peak_rss_mb is None or r.peak_rss_mb / 1024 > PEAK_RSS_GB}
-    if over and model == "gemma3-270m" and all(v is not None for v in over.values()):
-        pytest.xfail(
-            f"Gemma-3-270M (262,144-word vocabulary) still exceeds the budget in some cells (see each notebook's heaviest cell): {over} MB"
-        )
     assert not over, f"peak kernel memory over {PEAK_RSS_GB} GB: {over} MB"
 
 
