@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .hooks import UNEMBED_LAST, HookNameError, recording_hook, resolve_hook_names
+from .interventions import answer_columns
 from .memory import release_freed_memory
 from .metrics import logit_diff
 from .patching import SWEEPS, Sweep, bytes_per_variant
@@ -92,8 +93,9 @@ def metric_gradients(
                 return act + alpha[lo:hi] * (clean_embed[lo:hi] - act)
 
             hooks = [(EMBED_HOOK, interpolate)] + hooks
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks + [UNEMBED_LAST]):  # the metric reads the final position only
-            ld = logit_diff(model(all_tokens[lo:hi]), all_answers[lo:hi])
+        # the metric reads the final position and the answers' vocabulary columns only
+        with torch.enable_grad(), answer_columns(model, all_answers[lo:hi]) as answers, model.hooks(fwd_hooks=hooks + [UNEMBED_LAST]):
+            ld = logit_diff(model(all_tokens[lo:hi]), answers)
             missing = [n for n in hook_names if n not in acts]
             if missing:
                 raise HookNameError(f"hooks {missing} did not fire in the forward pass")

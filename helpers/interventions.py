@@ -355,8 +355,8 @@ class _Columns(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, columns: Tensor):
         super().__init__()
-        self.weight = linear.weight[columns]
-        self.bias = None if linear.bias is None else linear.bias[columns]
+        self.weight = linear.weight[columns].detach()  # gradients flow to the activations, never to the weights
+        self.bias = None if linear.bias is None else linear.bias[columns].detach()
         self.full = (linear,)  # a tuple: not a submodule, so its parameters are not listed twice
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
