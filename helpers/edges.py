@@ -377,7 +377,8 @@ def _fork_choices(graph: Graph, absent: Bool[Tensor, "variant sender receiver"],
             continue
         k = kept[:, :upto][:, :, rs]
         keeps = k.any(1)  # [variant, receiver]
-        node_set = ((k == kept_senders[:, :upto, None]) | ~keeps[:, None, :]).all(1).all(1)
+        absent_here = a.any(2).any(1)  # [variant]: a fork with nothing absent is left as it is, in every form
+        node_set = ((k == kept_senders[:, :upto, None]) | ~keeps[:, None, :]).all(1).all(1) & absent_here
         use_kept = ~node_set & (k.any(2).sum(1) < a.any(2).sum(1))
         weights = torch.where(use_kept[:, None, None], -k.float(), a.float())
         weights[node_set] = 0.0
@@ -417,7 +418,8 @@ class _EdgeRun:
         self.row = torch.where(read, read.cumsum(1) - 1, -1)  # [variant, sender]: its row in the store, -1 if not stored
         self.store = corrupted.new_zeros(self.n_var, int(read.sum(1).max()), batch, pos, d)
         self.corrupted = corrupted.permute(2, 0, 1, 3)  # [sender, batch, pos, d_model]
-        self.total = corrupted.new_zeros(self.n_var, batch, pos, d)
+        uses_total = any(bool(c.from_all.any()) for c in choices.values())
+        self.total = corrupted.new_zeros(self.n_var, batch, pos, d) if uses_total else None
         uses_kept = any(bool(c.minus_kept.any()) for c in choices.values())
         kept_senders = (ectx.graph.allowed & ~absent).any(2)
         self.kept = kept_senders.to(corrupted.dtype)[:, :, None, None, None] if uses_kept else None
@@ -425,31 +427,43 @@ class _EdgeRun:
         self.recorded = 0  # senders recorded so far (in order)
         self.plans: dict[str, tuple | None] = {}
         for hook, c in choices.items():
-            n_rows = int(read[:, : c.upto].sum(1).max())  # a prefix of every variant's rows: senders before the fork
-            if n_rows == 0 and not c.from_all.any():
-                self.plans[hook] = None  # nothing absent into these receivers in any variant: the fork is untouched
+            weighted = c.weights.ne(0).any(2)  # [variant, sender < upto]: the senders this fork reads one by one
+            if not weighted.any() and not c.from_all.any():
+                self.plans[hook] = None  # nothing to take away from these receivers in any variant: the fork is untouched
                 continue
+            n_rows = int(self.row[:, : c.upto][weighted].max()) + 1 if weighted.any() else 0  # rows in sender order
             by_row = torch.zeros(self.n_var, n_rows, len(c.receivers))
-            v, s = read[:, : c.upto].nonzero(as_tuple=True)
+            v, s = weighted.nonzero(as_tuple=True)
             by_row[v, self.row[v, s]] = c.weights[v, s]
             dtype = corrupted.dtype
             self.plans[hook] = (c.upto, c.from_all.to(dtype), c.minus_kept.to(dtype), by_row.transpose(1, 2).to(dtype))
         self.record(slice(0, 1), clean[:, :, :1].repeat(self.n_var, 1, 1, 1))  # the input: always clean
 
-    def record(self, slots: slice, act: Float[Tensor, "variant_batch pos n d_model"]) -> None:
-        """Senders ``slots``' outputs in this run: their changes go into the totals and into the rows that keep them."""
+    def wanted(self, slots: slice) -> bool:
+        """Whether senders ``slots``' outputs are read at all: by the running totals or by some variant's rows."""
+        return self.total is not None or bool((self.row[:, slots] >= 0).any())
+
+    def record(self, slots: slice, act: Float[Tensor, "variant_batch pos n d_model"] | None) -> None:
+        """Senders ``slots``' outputs in this run (None where not ``wanted``): their changes go into the totals and
+        into the rows that keep them."""
         if slots.start != self.recorded:
             raise RuntimeError(f"senders recorded out of order: {slots.start} after {self.recorded} (edges: report this)")
+        self.recorded = slots.stop
+        if act is None:
+            return
         act = act.reshape(self.n_var, -1, *act.shape[1:]).permute(0, 3, 1, 2, 4)  # [variant, n, batch, pos, d_model]
+        rows = self.row[:, slots]
+        v, n = (rows >= 0).nonzero(as_tuple=True)
+        if self.total is None:  # only the stored rows are read: compute their changes alone
+            if len(v):
+                self.store[v, rows[v, n]] = act[v, n] - self.corrupted[slots][n]
+            return
         change = act - self.corrupted[None, slots]
         self.total += change.sum(1)
         if self.kept_total is not None:
             self.kept_total += (change * self.kept[:, slots]).sum(1)
-        rows = self.row[:, slots]
-        v, n = (rows >= 0).nonzero(as_tuple=True)
         if len(v):
             self.store[v, rows[v, n]] = change[v, n]
-        self.recorded = slots.stop
 
     def update(self, hook: str) -> Float[Tensor, "variant_batch pos receiver d_model"] | None:
         """What the absent edges into fork ``hook``'s receivers must take away from their inputs in this run (None:
@@ -478,6 +492,9 @@ class _Record:
         self.run, self.slots, self.layer = run, slots, layer
 
     def __call__(self, act: Tensor, hook=None) -> None:
+        if not self.run.wanted(self.slots):  # e.g. a full graph minus one edge reads one sender's change
+            self.run.record(self.slots, None)
+            return
         if self.layer is not None:  # hook_z: the heads' residual writes
             act = head_outputs(self.run.ectx.model, self.layer, act)
         else:
