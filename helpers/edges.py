@@ -551,7 +551,11 @@ def evaluate_masks(
             start = ectx.first_difference  # earlier positions: the clean run's keys and values
         batch, pos, n_send, d = ectx.corrupted_outputs[:, start:].shape
         rows = int(_senders_read(_fork_choices(ectx.graph, ~masks, COMPLEMENT), n_send).sum(1).max())
-        held = (rows + 2) * batch * pos * d * ectx.corrupted_outputs.element_size()  # per variant for the whole run: rows, total
+        # per variant: the stored rows and two totals for the whole run, and each layer's per-head q/k/v input forks (with
+        # their normed copies), which ``variants_per_chunk`` does not count
+        cfg = model.cfg
+        forks = 2 * (cfg.n_heads + 2 * (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads))
+        held = (rows + 2 + forks) * batch * pos * d * ectx.corrupted_outputs.element_size()
         chunk = max(1, min(variants_per_chunk(model, batch, pos, memory_mb, len(masks)), int(memory_mb * 2**20 // held)))
         for first in range(0, len(masks), chunk):
             run = _EdgeRun(ectx, ~masks[first : first + chunk], start)
