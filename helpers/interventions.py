@@ -372,7 +372,8 @@ def answer_columns(model, answers: Int[Tensor, "batch 2"]):
     loss, KL or top tokens). Checked once per model (``fast_paths``: ``answer_columns``); where it is not exact, or the
     unembedding is not a plain linear layer, nothing changes and ``answers`` come back as they are."""
     unembed = getattr(model, "unembed", None)
-    linear = getattr(unembed, "_original_component", None)
+    current = getattr(unembed, "_original_component", None)
+    linear = current.full[0] if isinstance(current, _Columns) else current  # inside another answer_columns: its full layer
     if not isinstance(linear, torch.nn.Linear):
         yield answers
         return
@@ -386,13 +387,14 @@ def answer_columns(model, answers: Int[Tensor, "batch 2"]):
         lambda: linear(probe)[..., columns],
         "unembedding only the answers' columns changed their logits",
     ):
-        yield answers
+        with _full_vocabulary(model):
+            yield answers
         return
     unembed._original_component = restricted
     try:
         yield torch.searchsorted(columns, answers.to(columns.device)).to(answers.device)
     finally:
-        unembed._original_component = linear
+        unembed._original_component = current
 
 
 @contextmanager

@@ -57,6 +57,9 @@ def test_a_logit_difference_reads_only_the_answers_columns(family, family_models
     assert narrow.shape[-1] == len(answers.unique()) < full.shape[-1] == after.shape[-1]
     assert (logit_diff(narrow, columns) - logit_diff(full, answers)).abs().max() <= 1e-5
     assert I.fast_paths(model)[("answer_columns",)]
+    with torch.no_grad(), I.answer_columns(model, answers[:1]), I.answer_columns(model, answers) as nested:
+        inner = model(prompts.clean_tokens)[:, -1:]  # nested (a runner inside another): the inner answers' columns
+    assert (logit_diff(inner, nested) - logit_diff(full, answers)).abs().max() <= 1e-5
     ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, answers)
     last = model.cfg.n_layers - 1
     masks = torch.eye(model.cfg.n_heads, dtype=torch.bool)[:, None, :, None]
