@@ -80,12 +80,12 @@ def post_norms(model) -> list[str]:
     return [name for name in POST_NORMS if f"blocks.0.{name}.hook_scale" in model.hook_dict]
 
 
-def post_attention_norm_reason(model) -> str | None:
-    """Why a head's write to the residual stream is not ``z @ W_O`` on this architecture (None where it is): what
-    edge-level circuits and direct path patching, which add head writes into the residual stream, cannot express."""
-    if "ln1_post" in post_norms(model):
-        return "a norm follows the attention output (post-attention norm): a head's write to the residual stream is not z @ W_O"
-    return None
+def post_attention_norm(model, layer: int):
+    """``layer``'s post-attention norm (``ln1_post``) as the model's own module, without the bridge's hooks around it:
+    edge runs and direct path patching hook ``ln1_post.hook_in`` or run hooked, and apply the norm to their own mixes
+    of head outputs (``edges`` module docstring)."""
+    norm = model.blocks[layer].ln1_post
+    return getattr(norm, "_original_component", norm)
 
 
 def frozen_scales(model) -> list[str]:

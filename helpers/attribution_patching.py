@@ -51,7 +51,8 @@ def metric_gradients(
     embed_path: tuple[Tensor, int] | None = None,
     memory_mb: float = DEFAULT_GRADIENT_MEMORY_MB,
     keep_activations: bool = True,
-    consume: Callable[[dict[str, Tensor], Int[Tensor, prompts]], None] | None = None,
+    consume: Callable[[dict[str, Tensor], Int[Tensor, prompts], dict[str, Tensor]], None] | None = None,
+    per_row: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, batch]]:
     """Forwards of ``tokens`` with gradients and backwards: (d mean logit diff / d activation, activations,
     logit diffs). Attribution patching calls it on the corrupted run; edge attribution on the clean run.
@@ -67,10 +68,12 @@ def metric_gradients(
     gradients are summed per prompt before they leave the chunk.
 
     Memory beyond the chunk: ``keep_activations=False`` returns no activations (callers that only need gradients);
-    ``consume(grads, prompts)`` takes each chunk's gradients, summed per prompt over the chunk's rows and divided by
+    ``consume(grads, prompts, acts)`` takes each chunk's gradients, summed per prompt over the chunk's rows and divided by
     ``steps``, with those prompts' indices, instead of summing them over all prompts here; the returned gradients are
     then empty. Edge scores use both: on SmolLM2 at 64 prompts the summed gradients and the activations of every
-    q/k/v fork were 1.3 GB each.
+    q/k/v fork were 1.3 GB each. ``per_row``: ``consume`` gets each row's gradients (divided by ``steps``, not summed),
+    each row's prompt index, and the rows' activations as a third argument (``{}`` otherwise), for estimates that
+    are not linear in the gradient (edge scores through a post-attention norm's Jacobian at each IG point).
     """
     batch = tokens.shape[0]
     steps = embed_path[1] if embed_path else 1
@@ -105,12 +108,14 @@ def metric_gradients(
             raise HookNameError(f"the metric does not depend on hooks {unused}; their attribution would be a silent zero")
         row = torch.arange(lo, hi, device=ld.device)
         prompts, within = (row // steps).unique_consecutive(return_inverse=True)  # the chunk's prompts, each row's among them
-        if steps == 1:  # one row per prompt: nothing to sum (and no copy of the chunk's gradients)
+        if steps == 1 or per_row:  # one row per prompt, or the rows wanted: nothing to sum (and no copy of the gradients)
             summed = dict(zip(hook_names, grads))
         else:
             summed = {n: g.new_zeros((len(prompts), *g.shape[1:])).index_add_(0, within, g) for n, g in zip(hook_names, grads)}
-        if consume is not None:
-            consume({n: g / steps for n, g in summed.items()}, prompts)
+        if consume is not None and per_row:
+            consume({n: g / steps for n, g in summed.items()}, row // steps, {n: acts[n].detach() for n in hook_names})
+        elif consume is not None:
+            consume({n: g / steps for n, g in summed.items()}, prompts, {})
         else:
             for n, g in summed.items():
                 if n not in grads_out:

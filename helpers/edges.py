@@ -18,8 +18,19 @@ patching number here: ``(LD(circuit) - LD(corrupted)) / (LD(clean) - LD(corrupte
 
 The receiver inputs are the bridge's own per-head forks of the residual stream (``hook_{q,k,v}_input``,
 ``hook_mlp_in``); the model's forward does everything else (RoPE, masks, norms). Architectures without those
-forks (OPT, GPT-J) or where a head's residual write is not ``z @ W_O`` (Gemma's post-attention norm) raise
-``NotSupported`` instead of returning numbers that would be wrong.
+forks (OPT, GPT-J) raise ``NotSupported`` instead of returning numbers that would be wrong.
+
+**Post-attention norms (Gemma-2/3).** There a layer writes ``N(A)`` into the residual stream, ``N`` its
+post-attention norm (``ln1_post``) and ``A = sum_h z_h @ W_O[h]`` (+ ``b_O``): a head's write is not a term of
+its own. A head stays a sender with output ``z_h @ W_O[h]`` (before the norm), and an absent edge ``h -> r``
+means what it means everywhere: receiver ``r`` reads the layer's output with head ``h`` corrupted,
+``N(A - sum over h absent for r of (out_h(this run) - out_h(corrupted)))`` instead of ``N(A)``; the norm is the
+model's own module, its scale recomputed for each receiver's mix. So all edges kept is the clean run, none the
+corrupted run, and a head's out-edges removed is its ``head_out`` patch, as on every other architecture; this is
+the intervention EAP-IG's ``evaluate_graph`` uses for Gemma-2. The MLP's post-norm needs nothing: an MLP is one
+sender, and its output is taken after its norm. Edge *scores* take the norm's Jacobian at the run's point into
+account (``d LD / d out_h`` along the one receiver's path, ``J_N(A)^T · d LD / d input_r``), so a head's edge scores
+still sum to its node attribution; EAP-IG's code scores Gemma's head edges with ``d LD / d input_r`` alone.
 
 **Edge scores** estimate each edge's effect on the logit difference from gradients (Syed et al. 2023, EAP;
 Hanna et al. 2024, EAP-IG): ``(out_s(clean) - out_s(corrupted)) · d LD / d input_r``, normalised by the
@@ -39,7 +50,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from .attribution import post_attention_norm_reason
+from .attribution import post_attention_norm, post_norms
 from .attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
 from .interventions import KVPrefix, answer_columns, edit_reaches_residual, forward_from_layer, hook_takes_effect, run_with_kv, suffix_ok
 from .memory import release_freed_memory
@@ -83,9 +94,6 @@ def _n_kv(cfg) -> int:
 def unsupported_reason(model) -> str | None:
     """Why edge-level circuits cannot be evaluated exactly on this architecture, or None if they can."""
     arch = type(getattr(model, "original_model", model)).__name__
-    caveat = post_attention_norm_reason(model)
-    if caveat:
-        return f"edge-level circuits are not supported for this architecture ({arch}): {caveat}"
     if "blocks.0.attn.hook_q_input" not in model.hook_dict or "blocks.0.hook_mlp_in" not in model.hook_dict:
         return f"edge-level circuits are not supported for this architecture ({arch}): the bridge has no per-head q/k/v input fork"
     try:
@@ -134,6 +142,7 @@ class Graph:
     receivers: list[Receiver]
     allowed: Bool[Tensor, "sender receiver"]
     parallel: bool = False
+    post_norm: bool = False  # heads write through their layer's post-attention norm (Gemma-2/3): see the module docstring
 
     @classmethod
     def from_model(cls, model) -> Graph:
@@ -163,7 +172,15 @@ class Graph:
         for i, s in enumerate(senders):
             for j, r in enumerate(receivers):
                 allowed[i, j] = _reaches(s, r, parallel)
-        return cls(senders, receivers, allowed, parallel)
+        return cls(senders, receivers, allowed, parallel, "ln1_post" in post_norms(model))
+
+    @cached_property
+    def is_head(self) -> Bool[Tensor, " sender"]:
+        return torch.tensor([s.kind == "head" for s in self.senders])
+
+    def first_head(self, layer: int) -> int:
+        """The sender index of ``layer``'s head 0 (a layer's heads are consecutive)."""
+        return [s.kind == "head" and s.layer == layer for s in self.senders].index(True)
 
     @property
     def n_edges(self) -> int:
@@ -399,6 +416,58 @@ def _senders_read(choices: dict[str, _ForkChoice], n_senders: int) -> Bool[Tenso
 COMPLEMENT = True  # let forks read running totals or the complement where that reads fewer senders (tests turn it off)
 
 
+class _NormedHeads:
+    """The heads' part of each receiver's update under post-attention norms (``Graph.post_norm``; module docstring):
+    for each earlier layer whose heads have absent edges into the receiver, ``N(A) - N(A - sum of those heads'
+    changes)``, with ``A`` the layer's pre-norm attention output in this run and ``N`` its post-attention norm. A
+    receiver with no absent head of a layer is not computed for that layer (its term is exactly 0)."""
+
+    def __init__(self, ectx: EdgeContext, absent: Bool[Tensor, "variant sender receiver"], start: int):
+        graph, model = ectx.graph, ectx.model
+        self.n_var, self.n_heads = absent.shape[0], model.cfg.n_heads
+        dtype = ectx.corrupted_outputs.dtype
+        firsts = [graph.first_head(layer) for layer in range(model.cfg.n_layers)]
+        self.corrupted = [ectx.corrupted_outputs[:, start:, f : f + self.n_heads].permute(2, 0, 1, 3) for f in firsts]
+        self.norms = [post_attention_norm(model, layer) for layer in range(model.cfg.n_layers)]
+        self.plans: dict[str, list[tuple[int, Int[Tensor, " column"], Float[Tensor, "variant column head"]]]] = {}
+        for hook, rs in graph.receivers_by_hook.items():
+            plan = []
+            for layer, f in enumerate(firsts):
+                w = absent[:, f : f + self.n_heads][:, :, rs].transpose(1, 2)  # [variant, receiver, head]
+                columns = w.any(2).any(0).nonzero().flatten()  # receivers that some variant reads with a head absent
+                if len(columns):
+                    plan.append((layer, columns, w[:, columns].to(dtype)))
+            self.plans[hook] = plan
+        self.read = {layer for plan in self.plans.values() for layer, _, _ in plan}
+        self.changes: dict[int, Float[Tensor, "variant head batch pos d_model"]] = {}
+        self.sums: dict[int, tuple[Float[Tensor, "variant batch pos d_model"], Float[Tensor, "variant batch pos d_model"]]] = {}
+
+    def record_heads(self, layer: int, out: Float[Tensor, "variant_batch pos head d_model"]) -> None:
+        """The layer's heads' outputs (before the norm) in this run: their changes, kept if some receiver reads them."""
+        if layer in self.read:
+            out = out.reshape(self.n_var, -1, *out.shape[1:]).permute(0, 3, 1, 2, 4)
+            self.changes[layer] = out - self.corrupted[layer]
+
+    def record_sum(self, layer: int, attn: Float[Tensor, "variant_batch pos d_model"]) -> None:
+        """The layer's pre-norm attention output ``A`` (``ln1_post.hook_in``) in this run, and ``N(A)``."""
+        if layer in self.read:
+            attn = attn.reshape(self.n_var, -1, *attn.shape[1:])
+            self.sums[layer] = attn, self.norms[layer](attn)
+
+    def update(self, hook: str, n_receivers: int) -> Float[Tensor, "variant receiver batch pos d_model"] | None:
+        out = None
+        for layer, columns, w in self.plans[hook]:
+            if layer not in self.sums:
+                raise RuntimeError(f"fork {hook} read before layer {layer}'s attention output (edges: report this)")
+            attn, normed = self.sums[layer]
+            partial = torch.einsum("vrh,vhbpd->vrbpd", w, self.changes[layer])
+            part = normed[:, None] - self.norms[layer](attn[:, None] - partial)
+            if out is None:
+                out = part.new_zeros(self.n_var, n_receivers, *part.shape[2:])
+            out[:, columns] += part
+        return out
+
+
 class _EdgeRun:
     """One batched circuit evaluation: variant ``i`` (a block of the batch) keeps the edges of circuit ``i``.
 
@@ -413,7 +482,13 @@ class _EdgeRun:
         self.ectx, self.n_var = ectx, absent.shape[0]
         clean, corrupted = ectx.clean_outputs[:, start:], ectx.corrupted_outputs[:, start:]
         batch, pos, n_send, d = corrupted.shape
-        choices = _fork_choices(ectx.graph, absent, COMPLEMENT)
+        self.normed = None
+        complement = COMPLEMENT
+        if ectx.graph.post_norm:  # the heads' part goes through their layers' norms; the rest is linear (absent form)
+            heads = ectx.graph.is_head[None, :, None]
+            self.normed = _NormedHeads(ectx, absent & ectx.graph.allowed & heads, start)
+            absent, complement = absent & ~heads, False
+        choices = _fork_choices(ectx.graph, absent, complement)
         read = _senders_read(choices, n_send)
         self.row = torch.where(read, read.cumsum(1) - 1, -1)  # [variant, sender]: its row in the store, -1 if not stored
         self.store = corrupted.new_zeros(self.n_var, int(read.sum(1).max()), batch, pos, d)
@@ -468,21 +543,25 @@ class _EdgeRun:
     def update(self, hook: str) -> Float[Tensor, "variant_batch pos receiver d_model"] | None:
         """What the absent edges into fork ``hook``'s receivers must take away from their inputs in this run (None:
         nothing, in every variant)."""
-        plan = self.plans[hook]
-        if plan is None:
-            return None
-        upto, from_all, minus_kept, weights = plan
         n_var, _, batch, pos, d = self.store.shape
-        n_recv, n_rows = weights.shape[1:]
-        out = torch.bmm(weights, self.store[:, :n_rows].reshape(n_var, n_rows, batch * pos * d))  # [variant, receiver, batch*pos*d]
-        if bool(from_all.any()):
-            if self.recorded != upto:
-                raise RuntimeError(f"fork {hook} read after {self.recorded} senders, not {upto} (edges: report this)")
-            out += from_all[:, None, None] * self.total.reshape(n_var, 1, -1)
-            if self.kept_total is not None:
-                out -= minus_kept[:, :, None] * self.kept_total.reshape(n_var, 1, -1)
-        out = out.reshape(n_var, n_recv, batch, pos, d).permute(0, 2, 3, 1, 4)
-        return out.reshape(n_var * batch, pos, n_recv, d)
+        n_recv = len(self.ectx.graph.receivers_by_hook[hook])
+        out = self.normed.update(hook, n_recv) if self.normed is not None else None  # [variant, receiver, batch, pos, d]
+        plan = self.plans[hook]
+        if plan is not None:
+            upto, from_all, minus_kept, weights = plan
+            n_rows = weights.shape[2]
+            linear = torch.bmm(weights, self.store[:, :n_rows].reshape(n_var, n_rows, batch * pos * d))  # [variant, receiver, batch*pos*d]
+            if bool(from_all.any()):
+                if self.recorded != upto:
+                    raise RuntimeError(f"fork {hook} read after {self.recorded} senders, not {upto} (edges: report this)")
+                linear += from_all[:, None, None] * self.total.reshape(n_var, 1, -1)
+                if self.kept_total is not None:
+                    linear -= minus_kept[:, :, None] * self.kept_total.reshape(n_var, 1, -1)
+            linear = linear.reshape(n_var, n_recv, batch, pos, d)
+            out = linear if out is None else out + linear
+        if out is None:
+            return None
+        return out.permute(0, 2, 3, 1, 4).reshape(n_var * batch, pos, n_recv, d)
 
 
 class _Record:
@@ -492,14 +571,28 @@ class _Record:
         self.run, self.slots, self.layer = run, slots, layer
 
     def __call__(self, act: Tensor, hook=None) -> None:
-        if not self.run.wanted(self.slots):  # e.g. a full graph minus one edge reads one sender's change
+        wanted = self.run.wanted(self.slots)
+        normed = self.run.normed if self.layer is not None and self.run.normed is not None else None
+        if not wanted and (normed is None or self.layer not in normed.read):  # e.g. a full graph minus one edge
             self.run.record(self.slots, None)
             return
-        if self.layer is not None:  # hook_z: the heads' residual writes
+        if self.layer is not None:  # hook_z: the heads' residual writes (before a post-attention norm)
             act = head_outputs(self.run.ectx.model, self.layer, act)
         else:
             act = act[:, :, None]
-        self.run.record(self.slots, act)
+        if normed is not None:
+            normed.record_heads(self.layer, act)
+        self.run.record(self.slots, act if wanted else None)
+
+
+class _RecordAttention:
+    """Forward hook on ``ln1_post.hook_in``: a layer's pre-norm attention output, for the normed heads' updates."""
+
+    def __init__(self, run: _EdgeRun, layer: int):
+        self.run, self.layer = run, layer
+
+    def __call__(self, act: Tensor, hook=None) -> None:
+        self.run.normed.record_sum(self.layer, act)
 
 
 class _Receive:
@@ -533,6 +626,8 @@ def _hooks(run: _EdgeRun) -> list[tuple[str, object]]:
             (get_act_name("z", layer), _Record(run, slice(first, first + n_heads), layer)),
             (get_act_name("mlp_out", layer), _Record(run, slice(first + n_heads, first + n_heads + 1))),
         ]
+        if run.normed is not None and layer in run.normed.read:
+            hooks.append((f"blocks.{layer}.ln1_post.hook_in", _RecordAttention(run, layer)))
     hooks += [(hook, _Receive(run, hook, rs, graph.receivers[rs[0]].index is not None)) for hook, rs in graph.receivers_by_hook.items()]
     return hooks
 
@@ -555,6 +650,8 @@ def evaluate_masks(
         # their normed copies), which ``variants_per_chunk`` does not count
         cfg = model.cfg
         forks = 2 * (cfg.n_heads + 2 * (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads))
+        if ectx.graph.post_norm:  # each layer's head changes, A and N(A); a fork's mixes (partial sums, their norms, the sum)
+            forks += cfg.n_layers * (cfg.n_heads + 2) + 4 * cfg.n_heads
         held = (rows + 2 + forks) * batch * pos * d * ectx.corrupted_outputs.element_size()
         chunk = max(1, min(variants_per_chunk(model, batch, pos, memory_mb, len(masks)), int(memory_mb * 2**20 // held)))
         for first in range(0, len(masks), chunk):
@@ -591,21 +688,38 @@ def edge_scores(
     graph, model = ectx.graph, ectx.model
     by_hook = graph.receivers_by_hook
     scores = torch.zeros(graph.allowed.shape, dtype=ectx.clean_outputs.dtype)
+    n_heads = model.cfg.n_heads
+    normed = {f"blocks.{layer}.ln1_post.hook_in": layer for layer in range(model.cfg.n_layers)} if graph.post_norm else {}
 
-    def add(grads: dict[str, Tensor], prompt: Int[Tensor, prompts]) -> None:
-        """One chunk's gradients (summed per prompt): each edge's sender delta dotted with its receiver's gradient."""
+    def add(grads: dict[str, Tensor], prompt: Int[Tensor, prompts], acts: dict[str, Tensor]) -> None:
+        """One chunk's gradients (summed per prompt, or per row under post-norms): each edge's sender delta dotted with
+        its receiver's gradient; under a post-attention norm, with the gradient through the norm's Jacobian at the
+        row's point (``J_N(A)^T g``, the receiver's gradient with respect to the head's pre-norm output)."""
         delta = ectx.clean_outputs[prompt] - ectx.corrupted_outputs[prompt]  # [prompt, pos, sender, d_model]
+        received = {}
         for hook, rs in by_hook.items():
             g = grads[hook]
             g = g[:, :, [graph.receivers[r].index for r in rs]] if graph.receivers[rs[0]].index is not None else g[:, :, None]
+            received[hook] = g.to(delta.dtype)
             upto = max(graph.sender_slots_before(r) for r in rs)  # only senders before this fork can reach it
-            scores[:upto, rs] += torch.einsum("bpsd,bprd->sr", delta[:, :, :upto], g.to(delta.dtype)).cpu()
+            linear = delta[:, :, :upto] * ~graph.is_head[:upto, None] if normed else delta[:, :, :upto]
+            scores[:upto, rs] += torch.einsum("bpsd,bprd->sr", linear, received[hook]).cpu()
+        for name, layer in normed.items():
+            _, through_norm = torch.func.vjp(post_attention_norm(model, layer), acts[name].to(delta.dtype))
+            first = graph.first_head(layer)
+            for hook, rs in by_hook.items():
+                if graph.sender_slots_before(rs[0]) > first:  # the fork reads this layer's heads
+                    g = torch.func.vmap(through_norm, in_dims=2, out_dims=2)(received[hook])[0]
+                    scores[first : first + n_heads, rs] += torch.einsum("bphd,bprd->hr", delta[:, :, first : first + n_heads], g).cpu()
 
     # Gradients go into the scores chunk by chunk: neither the gradients summed over all prompts nor the activations
     # of every receiver fork are held (1.3 GB each on SmolLM2 at 64 prompts).
     tokens, path = (ectx.clean_tokens, None) if method == "eap" else (ectx.corrupted_tokens, (ectx.clean_embed, steps))
+    hooks = list(by_hook) + list(normed)
     with receiver_forks(model):
-        metric_gradients(model, tokens, ectx.answer_tokens, list(by_hook), path, memory_mb, keep_activations=False, consume=add)
+        metric_gradients(
+            model, tokens, ectx.answer_tokens, hooks, path, memory_mb, keep_activations=False, consume=add, per_row=bool(normed)
+        )
     gap = ectx.clean_logit_diff - ectx.corrupted_logit_diff
     return torch.where(graph.allowed, scores / gap, torch.zeros(()))
 

@@ -483,7 +483,7 @@ def _acts_on_last_mlp_or_later(model, hooks: list) -> bool:
             return True
         if name.startswith(last):
             rest = name[len(last) :]
-            if rest not in _BEFORE_THE_MLP and not rest.startswith(("attn.", "ln1.")):
+            if rest not in _BEFORE_THE_MLP and not rest.startswith(("attn.", "ln1.", "ln1_post.")):
                 return True
     return False
 

@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from .attribution import post_attention_norm_reason
+from .attribution import post_attention_norm, post_norms
 from .components import Head
 from .hooks import resolve_hook_names
 from .interventions import Intervention, run_interventions
@@ -169,8 +169,11 @@ def direct_path_effects(
     at that layer. ``receivers``: the only receiver heads computed (default: every later head); the other later
     cells are NaN. Receivers at or before the sender's layer cannot be reached: 0.
 
-    Raises ValueError for k/v on grouped-query models (a key/value input is shared by several heads) and where a
-    norm follows the attention output (Gemma-2), NotImplementedError without pre-q/k/v forks (OPT)."""
+    Under a post-attention norm (Gemma-2/3) the receiver's copy holds the sender layer's normed output with the sender
+    clean, ``N(A + delta) - N(A)`` added (``A`` the layer's corrupted pre-norm output; ``edges`` module docstring).
+
+    Raises ValueError for k/v on grouped-query models (a key/value input is shared by several heads),
+    NotImplementedError without pre-q/k/v forks (OPT)."""
     model, cfg = ctx.model, ctx.model.cfg
     _receiver_hook_name(0, component)
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
@@ -179,12 +182,15 @@ def direct_path_effects(
             f"direct path into {component} is not defined per head under grouped-query attention "
             f"({cfg.n_heads} query heads share {n_kv} key/value inputs)"
         )
-    obstruction = post_attention_norm_reason(model)
-    if obstruction:  # e.g. Gemma-2's post-attention norm: a head's residual write is not z @ W_O
-        raise ValueError(f"direct path patching is not defined on this architecture: {obstruction}")
     layer, head = sender.layer, sender.head
     z = ctx.clean_cache[_z(layer)][:, :, head] - ctx.corrupted_cache[_z(layer)][:, :, head]  # [batch, pos, d_head]
     delta = z @ model.blocks[layer].attn.W_O[head]  # [batch, pos, d_model]
+    if "ln1_post" in post_norms(model):  # the layer writes N(A): the receiver reads it with the sender clean
+        name = f"blocks.{layer}.ln1_post.hook_in"
+        with torch.no_grad():
+            attn = model.run_with_cache(ctx.corrupted_tokens, names_filter=[name])[1][name]  # A in the corrupted run
+            norm = post_attention_norm(model, layer)
+            delta = norm(attn + delta) - norm(attn)
     out = torch.zeros(cfg.n_layers, cfg.n_heads)
     if receivers is None:
         chosen = {l: list(range(cfg.n_heads)) for l in range(layer + 1, cfg.n_layers)}

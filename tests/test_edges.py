@@ -13,7 +13,7 @@ from helpers.families import FAMILIES
 from helpers.metrics import logit_diff
 from helpers.patching import NotSupported
 
-UNSUPPORTED = {"opt", "gptj", "gemma2", "gemma3"}  # no q/k/v fork (OPT, GPT-J); post-attention norm (Gemma)
+UNSUPPORTED = {"opt", "gptj"}  # no per-head q/k/v fork
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +83,12 @@ def direct_path_circuit(graph, sender: str, receiver: str):
     every edge out of nodes the receiver's change can reach (they carry that change on; everything else is
     corrupted, as in TL's corrupted base run). Built independently of ``prune``."""
     s = _index(graph, sender)
-    s_layer = graph.senders[s].layer
+    s_layer, s_head = graph.senders[s].layer, graph.senders[s].head
     r_node = graph.receivers[[r.name for r in graph.receivers].index(receiver)]
     mask = torch.zeros_like(graph.allowed)
     for j, rec in enumerate(graph.receivers):
-        if rec.kind != "logits" and (rec.layer < s_layer or rec.name.startswith(sender + ".")):
-            mask[:, j] = True  # every edge into the sender and its ancestors
+        if rec.kind != "logits" and (rec.layer < s_layer or (rec.layer == s_layer and rec.kind in E.COMPONENTS and s_head in rec.heads)):
+            mask[:, j] = True  # every edge into the sender (its key/value group's too) and its ancestors
     mask[s, [r.name for r in graph.receivers].index(receiver)] = True
     for i, node in enumerate(graph.senders):
         downstream = (
@@ -212,6 +212,11 @@ def test_every_family_exact_or_not_supported(family, family_models):
     gap = ectx.clean_logit_diff - ectx.corrupted_logit_diff
     node = ((clean_z[hook] - corr_cache[hook])[:, :, 1] * grads[hook][:, :, 1]).sum() / gap
     assert abs(float(scores[_index(g, head)].sum()) - float(node)) < 1e-4 * max(1.0, abs(float(node)))
+    # EAP-IG: the same at every point of the path (under a post-attention norm, its Jacobian at each point)
+    scores = E.edge_scores(ectx, "eap-ig", steps=3)
+    ref = attribution_patch(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, ["head_out"], ig_steps=3)
+    node = ref.values["head_out"][model.cfg.n_layers - 1, 1]
+    assert abs(float(scores[_index(g, head)].sum()) - float(node)) < 1e-4 * max(1.0, abs(float(node)))
 
 
 def _every_kind_of_mask(graph):
@@ -270,3 +275,57 @@ def test_reading_fewer_senders_changes_no_number_on_every_family(family, family_
     fast = E.evaluate_masks(ectx, masks, per_prompt=True)
     monkeypatch.setattr(E, "COMPLEMENT", False)
     assert (fast - E.evaluate_masks(ectx, masks, per_prompt=True)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_single_edge_under_a_post_attention_norm_equals_plain_hooks(family, family_models):
+    """Gemma's layers write N(sum of head outputs): removing the one edge L0H1 -> L1H2.q means that head's query input
+    reads layer 0's output with head 1 corrupted, N(A - change). Built here from a cache with plain hooks (the clean
+    run, one query fork edited), independently of the engine's running mixes."""
+    model, prompts = family_models(family)
+    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    g = ectx.graph
+    assert g.post_norm
+    names = ["blocks.0.attn.hook_z", "blocks.0.ln1_post.hook_in"]
+    _, clean = model.run_with_cache(prompts.clean_tokens, names_filter=names)
+    _, corr = model.run_with_cache(prompts.corrupted_tokens, names_filter=names)
+    w_o = model.blocks[0].attn.W_O[1]
+    change = (clean[names[0]][:, :, 1] - corr[names[0]][:, :, 1]) @ w_o
+    norm = model.blocks[0].ln1_post._original_component
+    attn = clean[names[1]]
+    update = norm(attn) - norm(attn - change)
+    assert update.abs().max() > 1e-3  # the edge carries something
+
+    def edit(act, hook):
+        act = act.clone()
+        act[:, :, 2] -= update
+        return act
+
+    with E.receiver_forks(model):
+        ref = logit_diff(
+            model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[("blocks.1.attn.hook_q_input", edit)]), prompts.answer_tokens
+        )
+    mask = g.allowed.clone()
+    mask[_index(g, "L0H1"), [r.name for r in g.receivers].index("L1H2.q")] = False
+    ours = E.evaluate_masks(ectx, mask[None], per_prompt=True)[0]
+    assert (ours - ref).abs().max() < 1e-4 and (ours - logit_diff(model(prompts.clean_tokens), prompts.answer_tokens)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_direct_path_patching_under_a_post_attention_norm_equals_the_edge_circuit(family, family_models):
+    """Two implementations of one quantity under Gemma's post-attention norm: path patching's direct path (the
+    receiver's fork in the corrupted run gets N(A + change) - N(A)) and the exact evaluation of the circuit that is
+    that direct path (``direct_path_circuit``, the engine's per-receiver normed mixes). TransformerLens's own
+    ``get_act_patch_direct_path`` adds z @ W_O, the write of an architecture without the norm."""
+    from helpers.components import Head
+    from helpers.patching import make_context
+    from helpers.path_patching import direct_path_effects
+
+    model, prompts = family_models(family)
+    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ctx = make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    effects = direct_path_effects(ctx, Head(0, 1), "q")
+    for r_head in range(model.cfg.n_heads):
+        ours = E.evaluate_masks(ectx, direct_path_circuit(ectx.graph, "L0H1", f"L1H{r_head}.q")[None])[0]
+        assert abs(float(ours) - float(effects[1, r_head])) < 1e-4
+    assert effects[1].abs().max() > 1e-3
