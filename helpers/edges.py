@@ -41,7 +41,6 @@ over ``steps`` points on the straight path from the corrupted to the clean input
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -52,11 +51,11 @@ from transformer_lens.utilities import get_act_name
 
 from .attribution import post_attention_norm, post_norms
 from .attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
+from .forks import made_forks, receiver_forks
 from .interventions import KVPrefix, answer_columns, edit_reaches_residual, forward_from_layer, hook_takes_effect, run_with_kv, suffix_ok
 from .memory import release_freed_memory
 from .metrics import logit_diff, normalised
 from .patching import NotSupported, variants_per_chunk
-from .path_patching import split_qkv_input
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 COMPONENTS = ("q", "k", "v")
@@ -122,18 +121,6 @@ def _writes_nothing(mlp) -> bool:
     return w_out is not None and not bool(w_out.detach().any())
 
 
-@contextmanager
-def receiver_forks(model):
-    """The per-head q/k/v forks and the MLP-input fork on for the duration, flags restored."""
-    saved = bool(getattr(model.cfg, "use_hook_mlp_in", False))
-    with split_qkv_input(model):
-        try:
-            model.set_use_hook_mlp_in(True)
-            yield
-        finally:
-            model.set_use_hook_mlp_in(saved)
-
-
 @dataclass(eq=False)
 class Graph:
     """The computational graph at head level: senders, receivers and which sender can reach which receiver."""
@@ -173,6 +160,27 @@ class Graph:
             for j, r in enumerate(receivers):
                 allowed[i, j] = _reaches(s, r, parallel)
         return cls(senders, receivers, allowed, parallel, "ln1_post" in post_norms(model))
+
+    def definition(self, model) -> str:
+        """What removing an edge does on this model, in words (for the notebook, the JSON and the README)."""
+        text = (
+            "an absent edge s -> r: receiver input r reads sender s's output on the corrupted prompt instead of its "
+            "output in this run (each receiver its own copy of the residual stream)"
+        )
+        if self.post_norm:
+            text += (
+                "; heads write through their layer's post-attention norm, so r reads each earlier layer's output "
+                "ln1_post(A - the changes of the heads absent for r), A the sum of the layer's head outputs in this "
+                "run, through the model's own norm with its scale recomputed for r (EAP-IG's evaluation of Gemma-2)"
+            )
+        made = made_forks(model)
+        if made:
+            text += (
+                f"; the bridge has no per-receiver fork for {' and '.join(made)}: made from the model's own modules "
+                "(ln1 of a per-receiver copy of the block's input, then the head's slice of the projection), "
+                "verified against the plain forward"
+            )
+        return text
 
     @cached_property
     def is_head(self) -> Bool[Tensor, " sender"]:
@@ -691,26 +699,40 @@ def edge_scores(
     n_heads = model.cfg.n_heads
     normed = {f"blocks.{layer}.ln1_post.hook_in": layer for layer in range(model.cfg.n_layers)} if graph.post_norm else {}
 
-    def add(grads: dict[str, Tensor], prompt: Int[Tensor, prompts], acts: dict[str, Tensor]) -> None:
-        """One chunk's gradients (summed per prompt, or per row under post-norms): each edge's sender delta dotted with
-        its receiver's gradient; under a post-attention norm, with the gradient through the norm's Jacobian at the
-        row's point (``J_N(A)^T g``, the receiver's gradient with respect to the head's pre-norm output)."""
+    def add(grads: dict[str, Tensor], rows: Int[Tensor, " row"], acts: dict[str, Tensor]) -> None:
+        """One chunk's gradients (summed per prompt, or per row under post-norms: ``rows`` holds each row's prompt):
+        each edge's sender delta dotted with its receiver's gradient; under a post-attention norm, with the gradient
+        through the norm's Jacobian at the row's point (``J_N(A)^T g``: the receiver's gradient with respect to the
+        head's pre-norm output)."""
+        prompt, row_of = rows.unique_consecutive(return_inverse=True)
+
+        def per_prompt(t: Tensor) -> Tensor:
+            return t if len(prompt) == len(rows) else t.new_zeros((len(prompt), *t.shape[1:])).index_add_(0, row_of, t)
+
         delta = ectx.clean_outputs[prompt] - ectx.corrupted_outputs[prompt]  # [prompt, pos, sender, d_model]
+        linear = delta * ~graph.is_head[:, None] if normed else delta  # under post-norms the heads' part comes below
         received = {}
         for hook, rs in by_hook.items():
             g = grads[hook]
             g = g[:, :, [graph.receivers[r].index for r in rs]] if graph.receivers[rs[0]].index is not None else g[:, :, None]
             received[hook] = g.to(delta.dtype)
             upto = max(graph.sender_slots_before(r) for r in rs)  # only senders before this fork can reach it
-            linear = delta[:, :, :upto] * ~graph.is_head[:upto, None] if normed else delta[:, :, :upto]
-            scores[:upto, rs] += torch.einsum("bpsd,bprd->sr", linear, received[hook]).cpu()
+            scores[:upto, rs] += torch.einsum("bpsd,bprd->sr", linear[:, :, :upto], per_prompt(received[hook])).cpu()
         for name, layer in normed.items():
-            _, through_norm = torch.func.vjp(post_attention_norm(model, layer), acts[name].to(delta.dtype))
             first = graph.first_head(layer)
-            for hook, rs in by_hook.items():
-                if graph.sender_slots_before(rs[0]) > first:  # the fork reads this layer's heads
-                    g = torch.func.vmap(through_norm, in_dims=2, out_dims=2)(received[hook])[0]
-                    scores[first : first + n_heads, rs] += torch.einsum("bphd,bprd->hr", delta[:, :, first : first + n_heads], g).cpu()
+            reading = [hook for hook, rs in by_hook.items() if graph.sender_slots_before(rs[0]) > first]  # forks after the heads
+            cotangent = torch.cat([received[hook] for hook in reading], dim=2)  # [row, pos, receiver, d_model]
+            with torch.enable_grad():
+                attn = acts[name].detach().to(delta.dtype).requires_grad_(True)
+                copies = attn[:, :, None].expand(cotangent.shape)  # one copy of A per receiver
+                (through,) = torch.autograd.grad(post_attention_norm(model, layer)(copies), copies, cotangent)
+            heads = delta[:, :, first : first + n_heads]
+            share = torch.einsum("bphd,bprd->hr", heads, per_prompt(through)).cpu()
+            done = 0
+            for hook in reading:
+                rs = by_hook[hook]
+                scores[first : first + n_heads, rs] += share[:, done : done + len(rs)]
+                done += len(rs)
 
     # Gradients go into the scores chunk by chunk: neither the gradients summed over all prompts nor the activations
     # of every receiver fork are held (1.3 GB each on SmolLM2 at 64 prompts).

@@ -21,7 +21,6 @@ into a receiver's k or v is a path into that group's k or v, shared by every hea
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import contextmanager
 
 import torch
 from jaxtyping import Float
@@ -30,6 +29,7 @@ from transformer_lens.utilities import get_act_name
 
 from .attribution import post_attention_norm, post_norms
 from .components import Head
+from .forks import split_qkv_input
 from .hooks import resolve_hook_names
 from .interventions import Intervention, run_interventions
 from .metrics import normalised
@@ -140,22 +140,6 @@ def receiver_effects(
     cheaper than every head of the model); the other cells are NaN."""
     targets = {(label, c): ([r], c) for label, r in receivers.items() if r.layer > 0 for c in QKV_HOOKS}
     return receiver_sweeps(ctx, targets, senders)
-
-
-@contextmanager
-def split_qkv_input(model):
-    """The bridge's per-head pre-norm q/k/v forks (``hook_{q,k,v}_input``) on for the duration, flags restored."""
-    saved_split = bool(getattr(model.cfg, "use_split_qkv_input", False))
-    saved_attn_in = bool(getattr(model.cfg, "use_attn_in", False))
-    try:
-        if saved_attn_in:  # the two forks exclude each other
-            model.set_use_attn_in(False)
-        model.set_use_split_qkv_input(True)
-        yield
-    finally:
-        model.set_use_split_qkv_input(saved_split)
-        if saved_attn_in:
-            model.set_use_attn_in(True)
 
 
 def direct_path_effects(

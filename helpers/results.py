@@ -259,6 +259,7 @@ class CircuitDiscoveryResults(TaskResults):
     template: Literal["circuit_discovery"]
     not_supported: str | None
     graph: dict[str, int] | None
+    edge_definition: str | None = None  # what removing an edge does on this architecture (``edges.Graph.definition``)
     baselines: dict[str, float | None] | None
     timings: dict[str, Any]
     agreement_with_exact: dict[str, Any]  # method -> Spearman with exact single-edge patching

@@ -87,6 +87,7 @@ else:
     g = ectx.graph
     print(f"task {s.params.task} | model {s.model_name} | {len(g.senders)} senders, {len(g.receivers)} receiver inputs, "
           f"{g.n_edges} edges | logit diff clean {ectx.clean_logit_diff:.3f}, corrupted {ectx.corrupted_logit_diff:.3f}")
+    print("Edges here:", g.definition(model))
 
 # %% [markdown]
 # ## 1. Edge scores
@@ -251,6 +252,7 @@ results = {
     "model": s.model_name,
     "not_supported": not_supported,
     "graph": None if not_supported else {"senders": len(g.senders), "receivers": len(g.receivers), "edges": g.n_edges},
+    "edge_definition": None if not_supported else g.definition(model),
     "baselines": None if not_supported else {"clean_logit_diff": ectx.clean_logit_diff, "corrupted_logit_diff": ectx.corrupted_logit_diff},
     "timings": timings,
     "agreement_with_exact": agreement,

@@ -13,8 +13,6 @@ from helpers.families import FAMILIES
 from helpers.metrics import logit_diff
 from helpers.patching import NotSupported
 
-UNSUPPORTED = {"opt", "gptj"}  # no per-head q/k/v fork
-
 
 @pytest.fixture(scope="module")
 def ioi_ectx(toy_ioi, ioi_prompts):
@@ -189,12 +187,11 @@ def test_evaluation_is_independent_of_chunking(ioi_ectx):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_exact_or_not_supported(family, family_models):
+def test_every_family_exact(family, family_models):
+    """All edges = the clean run, none = the corrupted run, a head's (an MLP's) out-edges removed = its output patched,
+    and EAP / EAP-IG edge scores summing to node attributions: on every family, including those whose forks are made
+    at the projections (OPT, GPT-J) and those whose heads write through a post-attention norm (Gemma-2/3)."""
     model, prompts = family_models(family)
-    if family in UNSUPPORTED:
-        with pytest.raises(NotSupported, match="not supported for this architecture"):
-            E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-        return
     ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
     g = ectx.graph
     head = f"L{model.cfg.n_layers - 1}H1"
@@ -205,6 +202,10 @@ def test_every_family_exact_or_not_supported(family, family_models):
     _, corr_cache = model.run_with_cache(prompts.corrupted_tokens)
     ref = tl_patching.get_act_patch_attn_head_out_all_pos(model, prompts.clean_tokens, corr_cache, _tl_metric(prompts.answer_tokens))
     assert abs(float(lds[2].mean()) - float(ref[model.cfg.n_layers - 1, 1])) < 1e-4
+    mlp_out = "blocks.0.hook_mlp_out"
+    patched = model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(mlp_out, lambda act, hook: corr_cache[mlp_out])])
+    without_mlp = E.evaluate_masks(ectx, _without_sender(g, "MLP0")[None], per_prompt=True)[0]
+    assert (without_mlp - logit_diff(patched, prompts.answer_tokens)).abs().max() < 1e-4
     # EAP: a head's edges sum to its node attribution, also under grouped-query k/v receivers
     scores = E.edge_scores(ectx, "eap")
     hook = f"blocks.{model.cfg.n_layers - 1}.attn.hook_z"
@@ -265,7 +266,25 @@ def test_reading_fewer_senders_changes_no_number(ioi_ectx, monkeypatch):
     assert fast[:, 0].std() > 0.1  # the masks differ in what they keep
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in UNSUPPORTED])
+def test_forks_that_do_not_reproduce_the_forward_are_not_supported(family_models, monkeypatch):
+    """OPT's attention cannot fork in the bridge; the forks made at its projections are verified against the plain
+    forward, and a wrong one (here: doubled queries) makes edges refuse, saying why, before any work."""
+    from helpers import forks
+
+    model, prompts = family_models("opt")
+    verdicts = model.__dict__.setdefault("_circuit_lab_fast_paths", {})
+    saved = verdicts.pop(("made_forks", "k", "q", "v"), None)
+    monkeypatch.setattr(forks._ProjectionFork, "__call__", lambda self, act, hook=None: None if not self.fork.has_hooks() else 2 * act)
+    try:
+        with pytest.raises(NotSupported, match="do not reproduce the model's forward"):
+            E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    finally:
+        verdicts.pop(("made_forks", "k", "q", "v"), None)
+        if saved is not None:
+            verdicts[("made_forks", "k", "q", "v")] = saved
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_reading_fewer_senders_changes_no_number_on_every_family(family, family_models, monkeypatch):
     """Grouped-query k/v receivers (Llama, Mistral, Qwen), parallel attention and MLP (Pythia: an MLP fork cannot
     read the complement, its own layer's heads come first), learned positions (GPT-2)."""

@@ -143,16 +143,50 @@ def test_head_dla_adds_up_to_the_attention_output(family, family_models):
         assert float(heads[layer].abs().max()) > 1e-4  # the heads write something
 
 
+def _direct_edge_by_hand(ctx, sender: Head, component: str) -> torch.Tensor:
+    """Layer 1's row of the direct edge from ``sender`` (layer 0), without any fork: the receiver's q (k, v) in the
+    corrupted run replaced by its projection of ``ln1(corrupted resid_pre + the sender's clean-minus-corrupted write)``,
+    from the Hugging Face modules, one receiver head at a time."""
+    model = ctx.model
+    z = ctx.clean_cache["blocks.0.attn.hook_z"][:, :, sender.head] - ctx.corrupted_cache["blocks.0.attn.hook_z"][:, :, sender.head]
+    write = z @ model.blocks[0].attn.W_O[sender.head]
+    if "blocks.0.ln1_post.hook_in" in model.hook_dict:  # Gemma: the layer writes ln1_post(sum of heads)
+        attn = model.run_with_cache(ctx.corrupted_tokens, names_filter="blocks.0.ln1_post.hook_in")[1]["blocks.0.ln1_post.hook_in"]
+        post = model.blocks[0].ln1_post._original_component
+        write = post(attn + write) - post(attn)
+    resid = ctx.corrupted_cache["blocks.1.hook_resid_pre"] + write
+    norm = model.blocks[1].ln1._original_component
+    projection = getattr(model.blocks[1].attn, component).original_component
+    full = projection(norm(resid)).reshape(*resid.shape[:2], model.cfg.n_heads, -1)
+    row = []
+    for head in range(model.cfg.n_heads):
+
+        def replace(act, hook, head=head):
+            act = act.clone()
+            act[:, :, head] = full[:, :, head]
+            return act
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(ctx.corrupted_tokens, fwd_hooks=[(f"blocks.1.attn.hook_{component}", replace)])
+        row.append(P.tl_metric(ctx)(logits))
+    return torch.stack(row)
+
+
 @pytest.mark.parametrize("component", ["q", "k", "v"])
-def test_direct_edge_equals_transformer_lens_or_both_refuse(fam_ctx, component):
-    """Our batched direct edge equals TL's get_act_patch_direct_path; where TL refuses (no pre-q/k/v fork, k/v
-    under grouped-query attention), ours refuses too instead of returning a number."""
+def test_direct_edge_equals_transformer_lens_or_an_independent_construction(fam_ctx, component):
+    """Our batched direct edge equals TL's get_act_patch_direct_path where both define it alike. Where TL refuses for
+    want of a pre-q/k/v fork (OPT, GPT-J) or because a norm follows the attention output (Gemma-2/3), ours runs (on the
+    forks made at the projections, ``helpers.forks``; with the sender's write through the norm) and equals the
+    receiver's q/k/v replaced by hand. Keys and values under grouped-query attention are shared by several heads:
+    both refuse."""
     from transformer_lens.patching import get_act_patch_direct_path
 
-    sender = Head(0, fam_ctx.model.cfg.n_heads - 1)
+    model = fam_ctx.model
+    sender = Head(0, model.cfg.n_heads - 1)
+    grouped = (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads) != model.cfg.n_heads
     try:
         tl = get_act_patch_direct_path(
-            fam_ctx.model,
+            model,
             fam_ctx.corrupted_tokens,
             fam_ctx.clean_cache,
             fam_ctx.corrupted_cache,
@@ -163,7 +197,12 @@ def test_direct_edge_equals_transformer_lens_or_both_refuse(fam_ctx, component):
             verbose=False,
         )
     except (ValueError, NotImplementedError):
-        with pytest.raises((ValueError, NotImplementedError)):
-            PP.direct_path_effects(fam_ctx, sender, component)
+        if grouped and component != "q":
+            with pytest.raises(ValueError, match="grouped-query"):
+                PP.direct_path_effects(fam_ctx, sender, component)
+            return
+        ours = PP.direct_path_effects(fam_ctx, sender, component)
+        torch.testing.assert_close(ours[1], _direct_edge_by_hand(fam_ctx, sender, component).cpu(), atol=1e-4, rtol=0)
+        assert ours[1].abs().max() > 1e-3 and not ours[0].any()
         return
     torch.testing.assert_close(PP.direct_path_effects(fam_ctx, sender, component), tl.cpu(), atol=1e-4, rtol=0)

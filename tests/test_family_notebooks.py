@@ -35,5 +35,10 @@ def test_every_template_executes(family, family_dirs, tmp_path, monkeypatch):
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     results = json.loads((out / "circuit_expms.json").read_text())
     assert results["patching"]["normalisation"]["status"] in {"ok", "small", "zero"}
-    assert results["dla"]["exact"] == (family not in {"gemma2", "gemma3"})
+    assert results["dla"]["exact"] == (family != "gemma2")  # Gemma-2 soft-caps its logits: DLA is approximate there
     assert bool(results["patching"]["not_supported"]) == (family in {"opt", "gptj"})  # pattern edits are discarded there
+    discovery = json.loads((out / "circuit_discovery.json").read_text())
+    assert discovery["not_supported"] is None, discovery["not_supported"]  # edges on every family (issue 30)
+    choice = json.loads((out / "minimal_circuit.json").read_text())["circuit_choice"]
+    core = (discovery["smallest"] or {}).get("core_heads")
+    assert choice["source"] == ("discovery" if core else "roles"), choice  # the discovered heads wherever discovery found some
