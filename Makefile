@@ -17,7 +17,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: run all report copy test test-all test-fast test-real real-models real-model-smollm2 bench bench-discovery bench-templates install chromium toy-models sync lint clean-outputs format mutation-check help
+.PHONY: run all report copy test test-all test-fast test-real real-models real-model-smollm2 bench bench-real bench-discovery bench-templates install chromium toy-models sync lint clean-outputs format mutation-check help
 
 help:
 	@echo "make run [TASK=ioi] [MODEL=toy-ioi|gpt2-small|path] [TEMPLATE=circuit_expms]  execute a template"
@@ -33,6 +33,7 @@ help:
 	@echo "make test-fast                 the unit tests only (no executed notebooks), for the edit loop"
 	@echo "make bench [DEVICE=cuda]       time our patching sweeps against TransformerLens (bench/results.md)"
 	@echo "make bench-templates [MODELS=...] every template end to end per model: wall-clock and peak kernel memory (bench/templates.md)"
+	@echo "make bench-real                the same against TransformerLens on SmolLM2-135M and Gemma-3-270M (bench/results_real.md)"
 	@echo "make bench-discovery           edge scoring cost and discovery quality: curves, CPR/CMD, planted circuit (bench/discovery.md)"
 	@echo "make toy-models                retrain the bundled models (not needed: weights are committed)"
 	@echo "make lint                      ruff lint and format check (what CI runs before the tests); make format applies the formatter"
@@ -98,6 +99,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_patching.py --device $(or $(DEVICE),cpu) --threads $(THREADS)
+
+bench-real: install real-models
+	$(PY) bench/bench_patching.py --device $(or $(DEVICE),cpu) --threads $(THREADS) --models smollm2-135m gemma3-270m --stem results_real
 
 bench-discovery: $(STAMP)
 	$(PY) bench/bench_discovery.py --threads $(THREADS)

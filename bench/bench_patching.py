@@ -46,6 +46,7 @@ from helpers.heads import random_word_ids
 from helpers.models import load_model, set_threads
 from helpers.params import load_params
 from helpers.prompts import make_prompts
+from helpers.real_models import REAL_MODELS
 
 HERE = Path(__file__).parent
 SWEEPS = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern", "head_out_by_pos", "head_pattern_dest_src"]
@@ -333,9 +334,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rewrite_markdown(folder: Path) -> None:
-    """Re-render ``results.md`` from ``results.json`` (after a change to the table format)."""
-    (folder / "results.md").write_text(markdown(json.loads((folder / "results.json").read_text())))
+def rewrite_markdown(folder: Path, stem: str = "results") -> None:
+    """Re-render ``<stem>.md`` from ``<stem>.json`` (after a change to the table format)."""
+    (folder / f"{stem}.md").write_text(markdown(json.loads((folder / f"{stem}.json").read_text())))
 
 
 def main() -> None:
@@ -351,13 +352,19 @@ def main() -> None:
     parser.add_argument(
         "--sweeps", nargs="+", choices=sorted(P.SWEEPS), help=f"default: all on toy-ioi, {LARGE_MODEL_SWEEPS} on gpt2-small-random"
     )
-    parser.add_argument("--models", nargs="+", default=["gpt2-small-random", "llama-small-random", "toy-ioi"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["gpt2-small-random", "llama-small-random", "toy-ioi"],
+        help="also the real models (smollm2-135m, gemma3-270m; make real-models first): timed like the gpt2-small-size ones",
+    )
     parser.add_argument("--quick", action="store_true", help="toy-ioi, two sweeps, one repeat: checks the script runs")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--markdown-only", action="store_true", help="only re-render results.md from results.json")
+    parser.add_argument("--stem", default="results", help="output files <out>/<stem>.json and .md (make bench-real: results_real)")
     args = parser.parse_args()
     if args.markdown_only:
-        return rewrite_markdown(args.out)
+        return rewrite_markdown(args.out, args.stem)
     if args.quick:
         args.models, args.sweeps, args.repeats, args.tl_max_cells = ["toy-ioi"], QUICK_SWEEPS, 1, 40
     set_threads(args.threads)
@@ -382,13 +389,14 @@ def main() -> None:
         for label in args.models:
             build = RANDOM_MODELS.get(label)
             model = build(Path(tmp) / label, args.device) if build else load_model(label, device=args.device)
-            sweeps = args.sweeps or (LARGE_MODEL_SWEEPS if build else SWEEPS)
-            repeats, max_cells = (args.large_repeats, args.large_tl_max_cells) if build else (args.repeats, args.tl_max_cells)
+            large = build is not None or label in REAL_MODELS  # gpt2-small size or larger: minutes a sweep
+            sweeps = args.sweeps or (LARGE_MODEL_SWEEPS if large else SWEEPS)
+            repeats, max_cells = (args.large_repeats, args.large_tl_max_cells) if large else (args.repeats, args.tl_max_cells)
             results["sweeps"] += bench_sweeps(model, label, sweeps, repeats, max_cells, args.device, args.batch, args.n_pos)
             results["attribution"].append(bench_attribution(model, label, args.device, args.batch, args.n_pos, max(args.repeats, 3)))
             if label == "toy-ioi":
                 results["agreement"] = attribution_agreement(model, n_prompts=16 if args.quick else 64, ig_steps=8)
-    write_outputs(args.out, "results", results, markdown(results))
+    write_outputs(args.out, args.stem, results, markdown(results))
 
 
 def write_outputs(out: Path, stem: str, results: dict, text: str) -> None:

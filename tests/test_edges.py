@@ -189,7 +189,7 @@ def test_evaluation_is_independent_of_chunking(ioi_ectx):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_exact(family, family_models):
     """All edges = the clean run, none = the corrupted run, a head's (an MLP's) out-edges removed = its output patched,
-    and EAP / EAP-IG edge scores summing to node attributions: on every family, including those whose forks are made
+    one variant per chunk = all in one, and EAP / EAP-IG edge scores summing to node attributions: on every family, including those whose forks are made
     at the projections (OPT, GPT-J) and those whose heads write through a post-attention norm (Gemma-2/3)."""
     model, prompts = family_models(family)
     ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
@@ -206,6 +206,8 @@ def test_every_family_exact(family, family_models):
     patched = model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(mlp_out, lambda act, hook: corr_cache[mlp_out])])
     without_mlp = E.evaluate_masks(ectx, _without_sender(g, "MLP0")[None], per_prompt=True)[0]
     assert (without_mlp - logit_diff(patched, prompts.answer_tokens)).abs().max() < 1e-4
+    masks = torch.rand((3, *g.allowed.shape), generator=torch.Generator().manual_seed(0)) < 0.5  # chunking changes nothing
+    assert torch.allclose(E.evaluate_masks(ectx, masks), E.evaluate_masks(ectx, masks, memory_mb=0.001), atol=1e-5)
     # EAP: a head's edges sum to its node attribution, also under grouped-query k/v receivers
     scores = E.edge_scores(ectx, "eap")
     hook = f"blocks.{model.cfg.n_layers - 1}.attn.hook_z"
