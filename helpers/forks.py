@@ -139,11 +139,12 @@ class _ProjectionFork:
 def _projection_forks(model, why: Exception):
     """The q/k/v forks made at the projections for the duration (verified once per model; module docstring)."""
     with _made_forks(model, set(COMPONENTS), str(why)):
+        saved = bool(getattr(model.cfg, "use_split_qkv_input", False))  # True when nested in another made fork
         model.cfg._set_bridge_managed_hook_flag("use_split_qkv_input", True)  # the fork names take hooks now
         try:
             yield
         finally:
-            model.cfg._set_bridge_managed_hook_flag("use_split_qkv_input", False)
+            model.cfg._set_bridge_managed_hook_flag("use_split_qkv_input", saved)
 
 
 @contextmanager
@@ -151,6 +152,11 @@ def _made_forks(model, kinds: set[str], why: str):
     """Hooks that make the forks of ``kinds`` (``q``/``k``/``v`` at the projections, ``mlp`` at the MLP's input) from
     the block's residual input, for the duration; ``NotImplementedError`` unless, with every such fork hooked by the
     identity, the output equals the plain forward (checked once per model and kinds)."""
+    active: set = model.__dict__.setdefault("_circuit_lab_made_forks", set())
+    key = ("made_forks", *sorted(kinds))
+    if key in active:  # nested (e.g. path patching inside an edge run): the outer forks serve
+        yield
+        return
     inputs: dict[int, Tensor] = {}
 
     def recorder(layer: int):
@@ -174,7 +180,6 @@ def _made_forks(model, kinds: set[str], why: str):
             stack.callback(_remove, point, handle)
         names = [f"blocks.{layer}.hook_{c}_input" for layer in range(model.cfg.n_layers) for c in COMPONENTS if c in kinds]
         names += [f"blocks.{layer}.hook_mlp_in" for layer in range(model.cfg.n_layers) if "mlp" in kinds]
-        key = ("made_forks", *sorted(kinds))
         flag = "use_split_qkv_input" if kinds & set(COMPONENTS) else None
         if flag:
             model.cfg._set_bridge_managed_hook_flag(flag, True)
@@ -185,6 +190,8 @@ def _made_forks(model, kinds: set[str], why: str):
                 model.cfg._set_bridge_managed_hook_flag(flag, False)
         if not ok:
             raise NotImplementedError(f"{why}; and forks made from the block's modules do not reproduce the model's forward")
+        active.add(key)
+        stack.callback(active.discard, key)
         yield
 
 

@@ -350,3 +350,18 @@ def test_direct_path_patching_under_a_post_attention_norm_equals_the_edge_circui
         ours = E.evaluate_masks(ectx, direct_path_circuit(ectx.graph, "L0H1", f"L1H{r_head}.q")[None])[0]
         assert abs(float(ours) - float(effects[1, r_head])) < 1e-4
     assert effects[1].abs().max() > 1e-3
+
+
+def test_made_forks_nest_without_firing_twice(family_models):
+    """A fork made at the projections inside another (path patching inside an edge run) is made once: a hook on it
+    fires once per forward."""
+    from helpers.forks import receiver_forks, split_qkv_input
+
+    model, prompts = family_models("gptj")
+    calls = []
+    hook = [("blocks.1.hook_q_input", lambda act, hook: calls.append(1))]
+    with receiver_forks(model):
+        with split_qkv_input(model):
+            model.run_with_hooks(prompts.clean_tokens[:1], fwd_hooks=hook)
+        model.run_with_hooks(prompts.clean_tokens[:1], fwd_hooks=hook)  # the outer forks still take hooks
+    assert len(calls) == 2
