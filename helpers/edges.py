@@ -17,8 +17,9 @@ clean run (faithfulness 1); no edge kept gives the corrupted run (0). Faithfulne
 patching number here: ``(LD(circuit) - LD(corrupted)) / (LD(clean) - LD(corrupted))``.
 
 The receiver inputs are the bridge's own per-head forks of the residual stream (``hook_{q,k,v}_input``,
-``hook_mlp_in``); the model's forward does everything else (RoPE, masks, norms). Architectures without those
-forks (OPT, GPT-J) raise ``NotSupported`` instead of returning numbers that would be wrong.
+``hook_mlp_in``), made from the model's own modules where the bridge has none (OPT, GPT-J: ``helpers.forks``, verified
+against the plain forward); the model's forward does everything else (RoPE, masks, norms). A model whose forks can
+be neither found nor made raises ``NotSupported`` instead of returning numbers that would be wrong.
 
 **Post-attention norms (Gemma-2/3).** There a layer writes ``N(A)`` into the residual stream, ``N`` its
 post-attention norm (``ln1_post``) and ``A = sum_h z_h @ W_O[h]`` (+ ``b_O``): a head's write is not a term of

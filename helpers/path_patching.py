@@ -157,7 +157,7 @@ def direct_path_effects(
     clean, ``N(A + delta) - N(A)`` added (``A`` the layer's corrupted pre-norm output; ``edges`` module docstring).
 
     Raises ValueError for k/v on grouped-query models (a key/value input is shared by several heads),
-    NotImplementedError without pre-q/k/v forks (OPT)."""
+    NotImplementedError where no q/k/v fork can be found or made (``helpers.forks``)."""
     model, cfg = ctx.model, ctx.model.cfg
     _receiver_hook_name(0, component)
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
@@ -215,7 +215,7 @@ def compare_with_direct_path(
     ``receiver_effects``) next to the direct edge alone (``direct_path_effects``, equal to TransformerLens's
     ``get_act_patch_direct_path``); their difference is what reaches the receiver through MLPs and other heads.
     ``max_senders`` keeps the senders with the strongest exact effect on a later head. Returns (rows, note):
-    the note says what could not be compared on this architecture (no pre-q/k/v fork, e.g. OPT; k/v under
+    the note says what could not be compared on this architecture (no q/k/v fork can be made; k/v under
     grouped-query attention), else None."""
     rows, skipped = [], {}
     for s_label, s in strongest_senders(heads, effects, max_senders).items():
