@@ -27,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from .attribution import post_attention_norm, post_norms
+from .attribution import post_attention_norm, post_norms, sublayer_bias
 from .components import Head
 from .forks import split_qkv_input
 from .hooks import resolve_hook_names
@@ -170,9 +170,10 @@ def direct_path_effects(
     z = ctx.clean_cache[_z(layer)][:, :, head] - ctx.corrupted_cache[_z(layer)][:, :, head]  # [batch, pos, d_head]
     delta = z @ model.blocks[layer].attn.W_O[head]  # [batch, pos, d_model]
     if "ln1_post" in post_norms(model):  # the layer writes N(A): the receiver reads it with the sender clean
-        name = f"blocks.{layer}.ln1_post.hook_in"
-        with torch.no_grad():
-            attn = model.run_with_cache(ctx.corrupted_tokens, names_filter=[name])[1][name]  # A in the corrupted run
+        with torch.no_grad():  # A in the corrupted run, from the cached z (no forward pass per sender)
+            w_o = model.blocks[layer].attn.W_O
+            attn = torch.einsum("bphd,hdm->bpm", ctx.corrupted_cache[_z(layer)], w_o.to(z.dtype))
+            attn = attn + sublayer_bias(model, model.blocks[layer].attn, "b_O", attn.device).to(attn.dtype)
             norm = post_attention_norm(model, layer)
             delta = norm(attn + delta) - norm(attn)
     out = torch.zeros(cfg.n_layers, cfg.n_heads)
