@@ -53,7 +53,16 @@ from transformer_lens.utilities import get_act_name
 from .attribution import post_attention_norm, post_norms
 from .attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
 from .forks import made_forks, receiver_forks
-from .interventions import KVPrefix, answer_columns, edit_reaches_residual, forward_from_layer, hook_takes_effect, run_with_kv, suffix_ok
+from .interventions import (
+    KVPrefix,
+    _verified,
+    answer_columns,
+    edit_reaches_residual,
+    forward_from_layer,
+    hook_takes_effect,
+    run_with_kv,
+    suffix_ok,
+)
 from .memory import release_freed_memory
 from .metrics import logit_diff, normalised
 from .patching import NotSupported, variants_per_chunk
@@ -312,6 +321,7 @@ class EdgeContext:
     clean_logit_diff: float
     corrupted_logit_diff: float
     clean_kv: KVPrefix | None = None  # the clean run's keys and values: evaluations recompute from the first difference on
+    clean_resid: Float[Tensor, "layer batch pos d_model"] | None = None  # each block's clean input: runs start at a layer
 
     @property
     def first_difference(self) -> int:
@@ -343,7 +353,8 @@ def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeCo
     graph = Graph.from_model(model)
     names = _sender_hooks(model.cfg.n_layers)
     with torch.no_grad():
-        clean_logits, clean_cache, clean_kv = run_with_kv(model, clean_tokens, names_filter=names + [EMBED_HOOK])
+        resid_names = [get_act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
+        clean_logits, clean_cache, clean_kv = run_with_kv(model, clean_tokens, names_filter=names + resid_names + [EMBED_HOOK])
         corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
         outputs = sender_outputs(model, clean_cache), sender_outputs(model, corr_cache)
     return EdgeContext(
@@ -357,6 +368,7 @@ def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeCo
         logit_diff(clean_logits, answer_tokens).mean().item(),
         logit_diff(corr_logits, answer_tokens).mean().item(),
         clean_kv,
+        torch.stack([clean_cache[name] for name in resid_names]),
     )
 
 
@@ -423,6 +435,7 @@ def _senders_read(choices: dict[str, _ForkChoice], n_senders: int) -> Bool[Tenso
 
 
 COMPLEMENT = True  # let forks read running totals or the complement where that reads fewer senders (tests turn it off)
+START_AT_RECEIVERS = True  # runs start at the first block an absent edge reaches (verified per layer; tests turn it off)
 
 
 class _NormedHeads:
@@ -486,8 +499,10 @@ class _EdgeRun:
     batched product over the rows before it, plus the totals. Every number is the same as summing the absent
     edges' changes directly (tests compare)."""
 
-    def __init__(self, ectx: EdgeContext, absent: Bool[Tensor, "variant sender receiver"], start: int = 0):
-        """``start``: the run computes positions ``>= start`` only (before it nothing differs from the clean run)."""
+    def __init__(self, ectx: EdgeContext, absent: Bool[Tensor, "variant sender receiver"], start: int = 0, layer: int = 0):
+        """``start``: the run computes positions ``>= start`` only (before it nothing differs from the clean run);
+        ``layer``: it starts at that block (no absent edge reaches an earlier one, so every sender before it has its
+        clean output, recorded here from the clean run)."""
         self.ectx, self.n_var = ectx, absent.shape[0]
         clean, corrupted = ectx.clean_outputs[:, start:], ectx.corrupted_outputs[:, start:]
         batch, pos, n_send, d = corrupted.shape
@@ -521,7 +536,8 @@ class _EdgeRun:
             by_row[v, self.row[v, s]] = c.weights[v, s]
             dtype = corrupted.dtype
             self.plans[hook] = (c.upto, c.from_all.to(dtype), c.minus_kept.to(dtype), by_row.transpose(1, 2).to(dtype))
-        self.record(slice(0, 1), clean[:, :, :1].repeat(self.n_var, 1, 1, 1))  # the input: always clean
+        before = ectx.graph.first_head(layer) if layer else 1  # the input, and the senders of the blocks not run
+        self.record(slice(0, before), clean[:, :, :before].repeat(self.n_var, 1, 1, 1))  # clean, whatever the circuit
 
     def wanted(self, slots: slice) -> bool:
         """Whether senders ``slots``' outputs are read at all: by the running totals or by some variant's rows."""
@@ -625,11 +641,11 @@ class _Receive:
         return out
 
 
-def _hooks(run: _EdgeRun) -> list[tuple[str, object]]:
+def _hooks(run: _EdgeRun, start_layer: int = 0) -> list[tuple[str, object]]:
     graph, model = run.ectx.graph, run.ectx.model
     n_heads = model.cfg.n_heads
     hooks: list[tuple[str, object]] = []
-    for layer in range(model.cfg.n_layers):
+    for layer in range(start_layer, model.cfg.n_layers):
         first = 1 + layer * (n_heads + 1)
         hooks += [
             (get_act_name("z", layer), _Record(run, slice(first, first + n_heads), layer)),
@@ -637,8 +653,43 @@ def _hooks(run: _EdgeRun) -> list[tuple[str, object]]:
         ]
         if run.normed is not None and layer in run.normed.read:
             hooks.append((f"blocks.{layer}.ln1_post.hook_in", _RecordAttention(run, layer)))
-    hooks += [(hook, _Receive(run, hook, rs, graph.receivers[rs[0]].index is not None)) for hook, rs in graph.receivers_by_hook.items()]
+    hooks += [
+        (hook, _Receive(run, hook, rs, graph.receivers[rs[0]].index is not None))
+        for hook, rs in graph.receivers_by_hook.items()
+        if graph.receivers[rs[0]].layer >= start_layer
+    ]
     return hooks
+
+
+def start_layers(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"]) -> Int[Tensor, variant]:
+    """The block each circuit's run can start at: the first layer of a receiver with an absent edge (before it the run
+    equals the clean one). 0 under post-attention norms (their update reads earlier layers' sums from the run itself),
+    and where starting later is not verified exact on this model."""
+    graph, model = ectx.graph, ectx.model
+    n_layers = model.cfg.n_layers
+    if not START_AT_RECEIVERS or graph.post_norm or ectx.clean_resid is None:
+        return torch.zeros(len(masks), dtype=torch.long)
+    layer = torch.tensor([r.layer for r in graph.receivers])
+    absent = (~masks & graph.allowed).any(1)  # [variant, receiver]
+    first = torch.where(absent, layer, n_layers).min(1).values.clamp(max=n_layers - 1)
+    for candidate in first.unique().tolist():  # verified once per model and layer, under the receiver forks
+        if candidate and not _start_ok(ectx, candidate):
+            first[first == candidate] = 0
+    return first
+
+
+def _start_ok(ectx: EdgeContext, layer: int) -> bool:
+    """Whether a run from block ``layer`` (blocks before it skipped, the clean input there) equals the run from block 0,
+    on this model under the receiver forks; checked once per model and layer."""
+    model = ectx.model
+    probe = ectx.clean_outputs[:2, :, 0]
+    return _verified(
+        model,
+        ("edge_start", layer),
+        lambda: forward_from_layer(model, ectx.clean_resid[layer, :2], layer, []),
+        lambda: forward_from_layer(model, probe, 0, []),
+        f"starting an edge evaluation at block {layer} changed the output",
+    ) and (ectx.clean_kv is None or suffix_ok(model, ectx.clean_resid[layer], layer, ectx.clean_kv, "receiver forks"))
 
 
 def evaluate_masks(
@@ -663,15 +714,21 @@ def evaluate_masks(
             forks += cfg.n_layers * (cfg.n_heads + 2) + 4 * cfg.n_heads
         held = (rows + 2 + forks) * batch * pos * d * ectx.corrupted_outputs.element_size()
         chunk = max(1, min(variants_per_chunk(model, batch, pos, memory_mb, len(masks)), int(memory_mb * 2**20 // held)))
+        layers = start_layers(ectx, masks)
+        order = layers.argsort(stable=True)  # chunks of circuits that start at the same block or near it
         for first in range(0, len(masks), chunk):
-            run = _EdgeRun(ectx, ~masks[first : first + chunk], start)
-            embeddings = ectx.clean_outputs[:, start:, 0].repeat(run.n_var, 1, 1)  # blocks.0.hook_resid_pre of the clean run
+            part = order[first : first + chunk]
+            layer = int(layers[part].min())
+            run = _EdgeRun(ectx, ~masks[part], start, layer)
+            # the clean run's input to that block (blocks.0.hook_resid_pre: the embeddings)
+            resid = (ectx.clean_resid[layer] if layer else ectx.clean_outputs[:, :, 0])[:, start:].repeat(run.n_var, 1, 1)
             past = ectx.clean_kv.cache(start, run.n_var) if start else None
-            logits = forward_from_layer(model, embeddings, 0, _hooks(run), past)  # final position only
+            logits = forward_from_layer(model, resid, layer, _hooks(run, layer), past)  # final position only
             out.append(logit_diff(logits, answers.repeat(run.n_var, 1)).reshape(run.n_var, batch).cpu())
-            del run, embeddings, past, logits
+            del run, resid, past, logits
             release_freed_memory()  # hundreds of these runs in a search otherwise grow the heap (helpers.memory)
-    lds = torch.cat(out)
+    lds = torch.empty(len(masks), batch)
+    lds[order] = torch.cat(out)
     return lds if per_prompt else normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff)
 
 

@@ -67,6 +67,15 @@ class Analysis(BaseModel):
         "null: every head. Models with at most this many heads always run them all",
     )
 
+    importance_heads: int | None = Field(
+        16,
+        ge=1,
+        description="loss-based importance mean-ablates exactly the heads a first-order estimate ranks highest (this many by "
+        "answer loss and this many by logit difference) and the top_k heads of output patching; every head gets the "
+        "estimate, the others' exact changes are null in the JSON. null: every head exactly. Models with at most this "
+        "many heads always run them all",
+    )
+
     @field_validator("layer_groups")
     @classmethod
     def _groups(cls, v: dict[str, list[int]] | None) -> dict[str, list[int]] | None:

@@ -183,6 +183,27 @@ MUTATIONS = [
         "return min(int(differs[0]) + 1 if len(differs)",
         "tests/test_recompute.py::test_edge_evaluations_recompute_from_the_first_difference",
     ),
+    (
+        "edge evaluations start one block after the first receiver",
+        "helpers/edges.py",
+        "first = torch.where(absent, layer, n_layers).min(1).values.clamp(max=n_layers - 1)",
+        "first = (torch.where(absent, layer, n_layers).min(1).values + 1).clamp(max=n_layers - 1)",
+        "tests/test_edges.py::test_runs_that_start_at_the_first_receiver_change_no_number",
+    ),
+    (
+        "the importance estimate's move taken the wrong way",
+        "helpers/importance.py",
+        "((mean - acts[name].detach()) * g)",
+        "((acts[name].detach() - mean) * g)",
+        "tests/test_importance.py::test_the_estimate_is_the_derivative_along_the_ablation",
+    ),
+    (
+        "the caller's heads dropped from the exact importance",
+        "helpers/importance.py",
+        "chosen |= {(int(layer), int(head)) for layer, head in also}",
+        "pass",
+        "tests/test_importance.py::test_only_the_chosen_heads_run_exactly",
+    ),
 ]
 
 

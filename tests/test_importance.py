@@ -96,3 +96,70 @@ def test_prompt_slices_give_the_same_numbers(toy_ioi, ioi_prompts):
     sliced = importance.head_importance(toy_ioi, tokens, answers, memory_mb=0.4, progress=False, groups=groups)  # 1 prompt a forward
     for key in importance.METRICS:
         assert torch.allclose(getattr(whole, key), getattr(sliced, key), atol=1e-5), key
+
+
+def _scaled_ablation(model, tokens, answers, layer: int, head: int, eps: float) -> dict[str, float]:
+    """Independent: the metrics with one head's z moved a fraction ``eps`` of the way to its per-position mean."""
+    full = importance.with_answers(tokens, answers)
+    name = f"blocks.{layer}.attn.hook_z"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(full, names_filter=[name])
+    mean = cache[name].mean(0)
+
+    def move(z, hook):
+        z = z.clone()
+        z[:, :, head] += eps * (mean[:, head] - z[:, :, head])
+        return z
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(full, fwd_hooks=[(name, move)])
+    m = importance.loss_metrics(logits, full, answers)
+    return {k: float(getattr(m, k).mean()) for k in importance.METRICS}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_estimate_is_the_derivative_along_the_ablation(family, family_models):
+    """Each head's estimate equals the central difference of the metrics along the straight line from the clean z
+    towards the mean, divided by the step (a first-order estimate of the ablation, with its sign)."""
+    model, prompts = family_models(family)
+    tokens, answers = prompts.clean_tokens, prompts.answer_tokens
+    est = importance.estimated_importance(model, tokens, answers)
+    eps = 1e-2
+    for layer, head in [(0, 1), (model.cfg.n_layers - 1, model.cfg.n_heads - 1)]:
+        up, down = (_scaled_ablation(model, tokens, answers, layer, head, e) for e in (eps, -eps))
+        for key in importance.METRICS:
+            slope = (up[key] - down[key]) / (2 * eps)
+            assert abs(float(est[key][layer, head]) - slope) < 2e-3 + 2e-2 * abs(slope), (
+                key,
+                layer,
+                head,
+                float(est[key][layer, head]),
+                slope,
+            )
+
+
+def test_only_the_chosen_heads_run_exactly(toy_ioi, ioi_prompts):
+    """With ``max_heads`` below the model's head count, the heads the estimate ranks highest (and ``also``) are ablated,
+    each with the number the full run gives it; every other head is NaN; the estimate covers every head; chunked
+    estimates (a tiny memory budget) equal one batch."""
+    tokens, answers = ioi_prompts.clean_tokens, ioi_prompts.answer_tokens
+    full = importance.head_importance(toy_ioi, tokens, answers, progress=False)
+    assert full.heads is None and not full.answer_loss.isnan().any()
+    part = importance.head_importance(toy_ioi, tokens, answers, progress=False, max_heads=2, also=[(0, 0)])
+    expected = importance.heads_to_ablate(full.estimated, 2, [(0, 0)])
+    assert part.heads == expected and (0, 0) in expected and 3 <= len(expected) <= 5
+    for key in importance.METRICS:
+        est = full.estimated[key].flatten().abs()
+        assert {divmod(int(i), toy_ioi.cfg.n_heads) for i in est.topk(2).indices} <= set(expected) or key == "sequence_loss"
+        ran = torch.zeros_like(full.answer_loss, dtype=torch.bool)
+        ran[tuple(zip(*expected))] = True
+        values = getattr(part, key)
+        assert values[~ran].isnan().all() and torch.allclose(values[ran], getattr(full, key)[ran], atol=1e-5)
+        assert torch.allclose(part.estimated[key], full.estimated[key], atol=1e-6)
+    tiny = importance.estimated_importance(toy_ioi, tokens, answers, memory_mb=0.05)
+    for key in importance.METRICS:
+        assert torch.allclose(tiny[key], full.estimated[key], atol=1e-5), key
+    assert importance.heads_to_ablate(full.estimated, None) is None
+    assert importance.heads_to_ablate(full.estimated, toy_ioi.cfg.n_layers * toy_ioi.cfg.n_heads) is None
+    agreement = part.agreement()
+    assert set(agreement) == set(importance.METRICS) and agreement["answer_loss"] > 0.3

@@ -50,6 +50,11 @@ def test_real_model_numbers(real_batch):
     assert expms["dla"]["exact"]  # Gemma's post-norms too: each head's share goes through the norm with its scale frozen
     if expms["patching"]["by_pos_heads"] is not None:  # more heads than analysis.by_pos_heads: the top ones, exactly
         assert len(expms["patching"]["by_pos_heads"]) == 24
+    importance = expms["importance"]
+    if importance["heads"] is not None:  # more heads than analysis.importance_heads: the estimate's top ones, exactly
+        exact = {(layer, head) for layer, head in importance["heads"]}
+        ran = {(layer, head) for layer, row in enumerate(importance["answer_loss"]) for head, v in enumerate(row) if v is not None}
+        assert ran == exact and 16 <= len(exact) <= 16 + 16 + 5
     induction = json.loads((out / layout.MODEL_SCOPE / model / "induction_checks.json").read_text())
     assert induction["heads"]["induction"], "a real model has induction heads"
     assert induction["loss"]["second_half"] < 0.5 * induction["loss"]["first_half"]
