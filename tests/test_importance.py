@@ -11,19 +11,26 @@ from helpers.families import FAMILIES
 from helpers.metrics import logit_diff
 
 
-def _plain_ablation(model, tokens, answers, layer: int, head: int) -> dict[str, float]:
-    """Independent: run_with_hooks setting one head's z to its per-position mean over the prompts."""
-    full = importance.with_answers(tokens, answers)
+def _towards_mean(model, full, layer: int, head: int, eps: float = 1.0) -> tuple[str, object]:
+    """Independent: a hook moving one head's z a fraction ``eps`` of the way to its per-position mean over the prompts
+    (``eps`` 1: mean ablation)."""
     name = f"blocks.{layer}.attn.hook_z"
     with torch.no_grad():
         _, cache = model.run_with_cache(full, names_filter=[name])
     mean = cache[name].mean(0)
 
-    def ablate(z, hook):
+    def move(z, hook):
         z = z.clone()
-        z[:, :, head] = mean[:, head]
+        z[:, :, head] = mean[:, head] if eps == 1.0 else z[:, :, head] + eps * (mean[:, head] - z[:, :, head])
         return z
 
+    return name, move
+
+
+def _plain_ablation(model, tokens, answers, layer: int, head: int) -> dict[str, float]:
+    """Independent: run_with_hooks setting one head's z to its per-position mean over the prompts."""
+    full = importance.with_answers(tokens, answers)
+    name, ablate = _towards_mean(model, full, layer, head)
     with torch.no_grad():
         logits = model.run_with_hooks(full, fwd_hooks=[(name, ablate)])
         loss = model.run_with_hooks(full, fwd_hooks=[(name, ablate)], return_type="loss")
@@ -101,18 +108,8 @@ def test_prompt_slices_give_the_same_numbers(toy_ioi, ioi_prompts):
 def _scaled_ablation(model, tokens, answers, layer: int, head: int, eps: float) -> dict[str, float]:
     """Independent: the metrics with one head's z moved a fraction ``eps`` of the way to its per-position mean."""
     full = importance.with_answers(tokens, answers)
-    name = f"blocks.{layer}.attn.hook_z"
     with torch.no_grad():
-        _, cache = model.run_with_cache(full, names_filter=[name])
-    mean = cache[name].mean(0)
-
-    def move(z, hook):
-        z = z.clone()
-        z[:, :, head] += eps * (mean[:, head] - z[:, :, head])
-        return z
-
-    with torch.no_grad():
-        logits = model.run_with_hooks(full, fwd_hooks=[(name, move)])
+        logits = model.run_with_hooks(full, fwd_hooks=[_towards_mean(model, full, layer, head, eps)])
     m = importance.loss_metrics(logits, full, answers)
     return {k: float(getattr(m, k).mean()) for k in importance.METRICS}
 
