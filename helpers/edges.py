@@ -537,11 +537,30 @@ class _EdgeRun:
             dtype = corrupted.dtype
             self.plans[hook] = (c.upto, c.from_all.to(dtype), c.minus_kept.to(dtype), by_row.transpose(1, 2).to(dtype))
         before = ectx.graph.first_head(layer) if layer else 1  # the input, and the senders of the blocks not run
-        self.record(slice(0, before), clean[:, :, :before].repeat(self.n_var, 1, 1, 1))  # clean, whatever the circuit
+        self.record_clean(before, clean)
 
     def wanted(self, slots: slice) -> bool:
         """Whether senders ``slots``' outputs are read at all: by the running totals or by some variant's rows."""
         return self.total is not None or bool((self.row[:, slots] >= 0).any())
+
+    def record_clean(self, before: int, clean: Float[Tensor, "batch pos sender d_model"], block: int = 16) -> None:
+        """Senders ``0..before-1`` have their clean outputs in every variant (the input; the senders of blocks the run
+        does not compute): one change per sender, shared by the variants (never copied per variant), ``block`` senders
+        at a time."""
+        for first in range(0, before, block):
+            slots = slice(first, min(before, first + block))
+            if slots.start != self.recorded:
+                raise RuntimeError(f"senders recorded out of order: {slots.start} after {self.recorded} (edges: report this)")
+            self.recorded = slots.stop
+            change = clean[:, :, slots].permute(2, 0, 1, 3) - self.corrupted[slots]  # [n, batch, pos, d_model]
+            if self.total is not None:
+                self.total += change.sum(0)
+                if self.kept_total is not None:
+                    self.kept_total += torch.einsum("vn,nbpd->vbpd", self.kept[:, slots, 0, 0, 0], change)
+            rows = self.row[:, slots]
+            v, n = (rows >= 0).nonzero(as_tuple=True)
+            if len(v):
+                self.store[v, rows[v, n]] = change[n]
 
     def record(self, slots: slice, act: Float[Tensor, "variant_batch pos n d_model"] | None) -> None:
         """Senders ``slots``' outputs in this run (None where not ``wanted``): their changes go into the totals and
