@@ -549,40 +549,38 @@ class _EdgeRun:
         at a time."""
         for first in range(0, before, block):
             slots = slice(first, min(before, first + block))
-            if slots.start != self.recorded:
-                raise RuntimeError(f"senders recorded out of order: {slots.start} after {self.recorded} (edges: report this)")
-            self.recorded = slots.stop
-            change = clean[:, :, slots].permute(2, 0, 1, 3) - self.corrupted[slots]  # [n, batch, pos, d_model]
-            if self.total is not None:
-                self.total += change.sum(0)
-                if self.kept_total is not None:
-                    self.kept_total += torch.einsum("vn,nbpd->vbpd", self.kept[:, slots, 0, 0, 0], change)
-            rows = self.row[:, slots]
-            v, n = (rows >= 0).nonzero(as_tuple=True)
-            if len(v):
-                self.store[v, rows[v, n]] = change[n]
+            self._advance(slots)
+            self._add(slots, clean[:, :, slots].permute(2, 0, 1, 3)[None])
 
     def record(self, slots: slice, act: Float[Tensor, "variant_batch pos n d_model"] | None) -> None:
         """Senders ``slots``' outputs in this run (None where not ``wanted``): their changes go into the totals and
         into the rows that keep them."""
+        self._advance(slots)
+        if act is not None:
+            self._add(slots, act.reshape(self.n_var, -1, *act.shape[1:]).permute(0, 3, 1, 2, 4))
+
+    def _advance(self, slots: slice) -> None:
         if slots.start != self.recorded:
             raise RuntimeError(f"senders recorded out of order: {slots.start} after {self.recorded} (edges: report this)")
         self.recorded = slots.stop
-        if act is None:
-            return
-        act = act.reshape(self.n_var, -1, *act.shape[1:]).permute(0, 3, 1, 2, 4)  # [variant, n, batch, pos, d_model]
+
+    def _add(self, slots: slice, act: Float[Tensor, "variant_or_1 n batch pos d_model"]) -> None:
+        """Senders ``slots``' outputs, per variant or (first axis 1) the same in every variant: their changes into the
+        totals and the stored rows."""
+        shared = act.shape[0] == 1 and self.n_var > 1
         rows = self.row[:, slots]
         v, n = (rows >= 0).nonzero(as_tuple=True)
         if self.total is None:  # only the stored rows are read: compute their changes alone
             if len(v):
-                self.store[v, rows[v, n]] = act[v, n] - self.corrupted[slots][n]
+                self.store[v, rows[v, n]] = act[0 if shared else v, n] - self.corrupted[slots][n]
             return
-        change = act - self.corrupted[None, slots]
+        change = act - self.corrupted[None, slots]  # [variant or 1, n, batch, pos, d_model]
         self.total += change.sum(1)
         if self.kept_total is not None:
-            self.kept_total += (change * self.kept[:, slots]).sum(1)
+            kept = self.kept[:, slots, 0, 0, 0]  # [variant, n]
+            self.kept_total += torch.einsum("vn,nbpd->vbpd", kept, change[0]) if shared else torch.einsum("vn,vnbpd->vbpd", kept, change)
         if len(v):
-            self.store[v, rows[v, n]] = change[v, n]
+            self.store[v, rows[v, n]] = change[0 if shared else v, n]
 
     def update(self, hook: str) -> Float[Tensor, "variant_batch pos receiver d_model"] | None:
         """What the absent edges into fork ``hook``'s receivers must take away from their inputs in this run (None:
