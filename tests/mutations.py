@@ -25,8 +25,8 @@ MUTATIONS = [
     (
         "chunked gradients summed onto the wrong prompts",
         "helpers/attribution_patching.py",
-        "prompt = (torch.arange(lo, hi) % batch).to(ld.device)",
-        "prompt = (torch.arange(0, hi - lo) % batch).to(ld.device)",
+        "row = torch.arange(lo, hi, device=ld.device)",
+        "row = torch.arange(0, hi - lo, device=ld.device)",
         "tests/test_attribution_patching.py::test_gradients_in_memory_bounded_chunks_equal_one_batch",
     ),
     (
@@ -60,8 +60,8 @@ MUTATIONS = [
     (
         "path patching premise (sender run)",
         "helpers/path_patching.py",
-        'return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], n_heads, record)',
-        'return run_patched(ctx, [Intervention(_z(max(layer - 1, 0)), "clean", senders), *frozen], n_heads, record)',
+        'return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], len(heads), record)',
+        'return run_patched(ctx, [Intervention(_z(max(layer - 1, 0)), "clean", senders), *frozen], len(heads), record)',
         "tests/test_path_patching.py::test_a_sender_leaves_the_inputs_of_its_own_and_earlier_layers_unchanged",
     ),
     (
@@ -172,7 +172,7 @@ MUTATIONS = [
     (
         "the last MLP cut to one position under a hook that reads it",
         "helpers/interventions.py",
-        '            if rest not in _BEFORE_THE_MLP and not rest.startswith(("attn.", "ln1.")):\n                return True',
+        '            if rest not in _BEFORE_THE_MLP and not rest.startswith(("attn.", "ln1.", "ln1_post.")):\n                return True',
         "            pass",
         "tests/test_recompute.py::test_hooks_on_the_last_mlp_keep_it_at_every_position",
     ),
