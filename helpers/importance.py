@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm.std import tqdm
 from transformer_lens.utilities import get_act_name
 
+from .attribution_patching import rank_agreement
 from .hooks import recording_hook, resolve_hook_names
 from .interventions import Intervention, hook_takes_effect, hooks_for, logits_from_layer
 from .memory import release_freed_memory
@@ -97,16 +98,9 @@ class HeadImportance:
 
     def agreement(self) -> dict[str, float]:
         """Spearman rank correlation of the estimate with the exact change, per metric, over the heads ablated exactly."""
-        from scipy.stats import spearmanr
-
         if self.estimated is None:
             return {}
-        out = {}
-        for k in METRICS:
-            exact = getattr(self, k).flatten()
-            ran = ~exact.isnan()
-            out[k] = float(spearmanr(exact[ran], self.estimated[k].flatten()[ran]).statistic) if int(ran.sum()) > 2 else float("nan")
-        return out
+        return rank_agreement({k: getattr(self, k) for k in METRICS}, self.estimated)
 
 
 def with_answers(tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"]) -> Int[Tensor, "batch pos+1"]:
