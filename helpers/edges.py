@@ -241,6 +241,37 @@ class Graph:
         return self._slots_before[r]
 
     @cached_property
+    def reads(self) -> Bool[Tensor, "receiver sender"]:
+        """Which sender node reads each receiver input (``receiver_nodes`` as a matrix; no node reads the logits)."""
+        out = torch.zeros(len(self.receivers), len(self.senders), dtype=torch.bool)
+        for r in range(len(self.receivers)):
+            out[r, self.receiver_nodes(r)] = True
+        return out
+
+    def has_path(self, masks: Bool[Tensor, "variant sender receiver"]) -> Bool[Tensor, " variant"]:
+        """Whether each circuit keeps a path of edges from the input to the logits (what ``prune`` keeps is not empty).
+        A circuit without one is the corrupted run exactly: every sender it keeps is reached from the input only
+        through absent edges, so its output in the run is its corrupted output."""
+        masks = masks & self.allowed
+        logits = len(self.receivers) - 1
+        out = masks[:, 0, logits].clone()  # the input's own edge to the logits
+        rest = (~out).nonzero().flatten()
+        reads = self.reads.float()
+        for part in rest.split(64):
+            kept = masks[part].float()
+            live = torch.zeros(len(part), len(self.senders))
+            live[:, 0] = 1.0  # the input
+            while True:  # senders reached from the input through kept edges, to a fixed point
+                reached = torch.bmm(live[:, None], kept)[:, 0] > 0  # [variant, receiver]: a kept edge from a live sender
+                grown = ((reached.float() @ reads) > 0).float()
+                grown[:, 0] = 1.0
+                if torch.equal(grown, live):
+                    break
+                live = grown
+            out[part] = reached[:, logits]
+        return out
+
+    @cached_property
     def receivers_by_hook(self) -> dict[str, list[int]]:
         """Receiver indices grouped by the bridge fork they are read at, in forward order."""
         groups: dict[str, list[int]] = {}
@@ -436,6 +467,7 @@ def _senders_read(choices: dict[str, _ForkChoice], n_senders: int) -> Bool[Tenso
 
 COMPLEMENT = True  # let forks read running totals or the complement where that reads fewer senders (tests turn it off)
 START_AT_RECEIVERS = True  # runs start at the first block an absent edge reaches (verified per layer; tests turn it off)
+SKIP_PATHLESS = True  # circuits with no path from the input to the logits are the corrupted run: no forward (tests turn it off)
 
 
 class _NormedHeads:
@@ -713,8 +745,23 @@ def evaluate_masks(
     ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float = 1024, per_prompt: bool = False
 ) -> Float[Tensor, variant]:
     """Exact faithfulness of each circuit in ``masks`` (True = edge kept), all in batched runs of the clean prompts.
-    ``per_prompt``: raw logit differences [variant, batch] instead."""
+    A circuit with no path from the input to the logits (``Graph.has_path``; most random circuits of a few hundred
+    edges) is the corrupted run: 0 without a forward. ``per_prompt``: raw logit differences [variant, batch] instead,
+    every circuit run."""
     masks = masks & ectx.graph.allowed
+    if per_prompt:
+        return _logit_diffs(ectx, masks, memory_mb)
+    corrupted = normalised(ectx.corrupted_logit_diff, ectx.clean_logit_diff, ectx.corrupted_logit_diff)  # 0 (NaN: no gap)
+    values = torch.full((len(masks),), float(corrupted))
+    run = ectx.graph.has_path(masks) if SKIP_PATHLESS else torch.ones(len(masks), dtype=torch.bool)
+    if run.any():
+        lds = _logit_diffs(ectx, masks[run], memory_mb)
+        values[run] = normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff).to(values.dtype)
+    return values
+
+
+def _logit_diffs(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float) -> Float[Tensor, "variant batch"]:
+    """Each circuit's logit difference on each clean prompt, in batched runs from the first block it changes."""
     model = ectx.model
     out = []
     with receiver_forks(model), torch.no_grad(), answer_columns(model, ectx.answer_tokens) as answers:
@@ -746,7 +793,7 @@ def evaluate_masks(
             release_freed_memory()  # hundreds of these runs in a search otherwise grow the heap (helpers.memory)
     lds = torch.empty(len(masks), batch)
     lds[order] = torch.cat(out)
-    return lds if per_prompt else normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff)
+    return lds
 
 
 def evaluate(ectx: EdgeContext, circuits: list[EdgeCircuit], memory_mb: float = 1024) -> list[float]:

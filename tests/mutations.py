@@ -191,6 +191,20 @@ MUTATIONS = [
         "tests/test_edges.py::test_runs_that_start_at_the_first_receiver_change_no_number",
     ),
     (
+        "a path into the last MLP counted as a path to the logits",
+        "helpers/edges.py",
+        "            out[part] = reached[:, logits]",
+        "            out[part] = reached[:, logits - 1]",
+        "tests/test_edges.py::test_circuits_without_a_path_are_the_corrupted_run",
+    ),
+    (
+        "the path search stops after one step",
+        "helpers/edges.py",
+        "                if torch.equal(grown, live):",
+        "                if True:",
+        "tests/test_edges.py::test_circuits_without_a_path_are_the_corrupted_run",
+    ),
+    (
         "the importance estimate's move taken the wrong way",
         "helpers/importance.py",
         "((mean - acts[name].detach()) * g)",

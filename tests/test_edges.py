@@ -46,8 +46,9 @@ def test_graph_of_toy_ioi(ioi_ectx, toy_ioi):
         g.mask_of(["L3H0->L1H0.q"])  # later to earlier is not an edge
 
 
-def test_all_edges_is_clean_and_none_is_corrupted(ioi_ectx):
+def test_all_edges_is_clean_and_none_is_corrupted(ioi_ectx, monkeypatch):
     g = ioi_ectx.graph
+    monkeypatch.setattr(E, "SKIP_PATHLESS", False)  # the empty circuit run, not skipped
     f = E.evaluate_masks(ioi_ectx, torch.stack([g.allowed, torch.zeros_like(g.allowed)]))
     assert f.tolist() == pytest.approx([1.0, 0.0], abs=1e-5)
 
@@ -390,3 +391,22 @@ def test_runs_that_start_at_the_first_receiver_change_no_number(family, family_m
     plain = E.evaluate_masks(ectx, masks, memory_mb=1, per_prompt=True)
     assert (fast - plain).abs().max() < 1e-4
     assert fast.std(0).max() > 0  # the masks differ
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_circuits_without_a_path_are_the_corrupted_run(family, family_models, monkeypatch):
+    """``Graph.has_path`` agrees with ``prune`` (an independent walk), and a circuit with no path from the input to the
+    logits, run in full, is the corrupted run: skipping its forward changes no number."""
+    model, prompts = family_models(family)
+    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    g = ectx.graph
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.cat([g.allowed & (torch.rand((8, *g.allowed.shape), generator=generator) < p) for p in (0.01, 0.03, 0.1, 0.3)])
+    path = g.has_path(masks)
+    assert path.tolist() == [bool(E.prune(g, m).any()) for m in masks]
+    assert 0 < int(path.sum()) < len(masks)  # both kinds
+    fast = E.evaluate_masks(ectx, masks)
+    monkeypatch.setattr(E, "SKIP_PATHLESS", False)
+    full = E.evaluate_masks(ectx, masks)
+    assert full[~path].abs().max() < 1e-4  # run in full, a pathless circuit is the corrupted run
+    assert (fast[~path] == 0).all() and (fast - full).abs().max() < 1e-4
