@@ -11,7 +11,7 @@ The curve of faithfulness over circuit size (the fraction of the graph's edges k
   the curve behaves like the full model).
 
 Both are trapezoids over the kept fraction, with the empty circuit (0, 0) and the full model (1, 1) as the ends.
-Random circuits of the same number of edges give the chance curve. ``smallest_circuit`` bisects the ranking for
+Random circuits of the requested number of edges, shared by the methods, give the chance curve. ``smallest_circuit`` bisects the ranking for
 the fewest top edges whose pruned circuit reaches a target faithfulness. ``acdc`` is the exact greedy reference
 (one evaluation per edge, in sequence), whose thresholds give its own curve.
 """
@@ -77,7 +77,8 @@ def area(fractions: list[float], values: list[float]) -> float:
 @dataclass
 class CurvePoint:
     """One circuit size: ``k`` top edges requested, ``n_edges`` kept after pruning (``fraction`` of the graph),
-    the heads they involve, the exact faithfulness, and that of random circuits with as many edges."""
+    the heads they involve, the exact faithfulness, and that of random circuits of ``k`` edges (the mean and the
+    largest)."""
 
     k: int
     n_edges: int
@@ -133,6 +134,30 @@ def distance_area(fractions: list[float], values: list[float]) -> float:
     return _trapezoid({0.0: 1.0, **{x: abs(1 - y) for x, y in zip(fractions, values)}, 1.0: 0.0})
 
 
+def faithfulness_curves(
+    ectx: EdgeContext,
+    scores: dict[str, Float[Tensor, "sender receiver"]],
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    n_random: int = 10,
+    seed: int = 0,
+    memory_mb: float = 1024,
+    progress: bool = True,
+) -> dict[str, FaithfulnessCurve]:
+    """Each method's curve: the exact faithfulness of its top-k circuit at each fraction of the graph's edges (k at
+    least 1). At each size one batched evaluation holds every method's circuit and ``n_random`` random circuits of k
+    edges, the requested size (a pruned top-k circuit keeps at most k, so the control never has fewer edges than the
+    circuit it is compared with), drawn once and shared by the methods."""
+    graph = ectx.graph
+    generator = torch.Generator().manual_seed(seed)
+    curves = {method: FaithfulnessCurve(method, graph.n_edges) for method in scores}
+    for fraction in tqdm(fractions, desc=f"{' / '.join(scores)} curves", disable=not progress):
+        k = max(1, round(fraction * graph.n_edges))
+        masks = [top_edges(graph, s, k) for s in scores.values()]
+        for curve, point in zip(curves.values(), _curve_points(ectx, masks, k, k, n_random, generator, memory_mb)):
+            curve.points.append(point)
+    return curves
+
+
 def faithfulness_curve(
     ectx: EdgeContext,
     scores: Float[Tensor, "sender receiver"],
@@ -143,34 +168,31 @@ def faithfulness_curve(
     memory_mb: float = 1024,
     progress: bool = True,
 ) -> FaithfulnessCurve:
-    """Exact faithfulness of the top-k circuits at each fraction of the graph's edges (k at least 1), each in one
-    batched evaluation together with ``n_random`` random circuits of its pruned size."""
-    graph = ectx.graph
-    generator = torch.Generator().manual_seed(seed)
-    curve = FaithfulnessCurve(method, graph.n_edges)
-    for fraction in tqdm(fractions, desc=f"{method} curve", disable=not progress):
-        k = max(1, round(fraction * graph.n_edges))
-        curve.points.append(_curve_point(ectx, top_edges(graph, scores, k), k, n_random, generator, memory_mb))
-    return curve
+    """One method's ``faithfulness_curves`` (the same random controls as when it is drawn with others)."""
+    return faithfulness_curves(ectx, {method: scores}, fractions, n_random, seed, memory_mb, progress)[method]
 
 
-def _curve_point(
-    ectx: EdgeContext, mask: Bool[Tensor, "sender receiver"], k: int, n_random: int, generator: torch.Generator, memory_mb: float
-) -> CurvePoint:
-    """The circuit ``mask`` and ``n_random`` random circuits of as many edges, evaluated in one batched call."""
+def _curve_points(
+    ectx: EdgeContext,
+    masks: list[Bool[Tensor, "sender receiver"]],
+    k: int,
+    n_control: int,
+    n_random: int,
+    generator: torch.Generator,
+    memory_mb: float,
+) -> list[CurvePoint]:
+    """The circuits ``masks`` (``k`` edges requested of each) and ``n_random`` random circuits of ``n_control`` edges,
+    evaluated in one batched call; one point per circuit, sharing the random controls."""
     graph = ectx.graph
-    n_kept = int(mask.sum())
-    values = evaluate_masks(ectx, torch.cat([mask[None], random_edge_masks(graph, n_kept, n_random, generator)]), memory_mb)
-    heads = {graph.senders[s].name for s in mask.nonzero()[:, 0].tolist() if graph.senders[s].kind == "head"}
-    return CurvePoint(
-        k,
-        n_kept,
-        n_kept / graph.n_edges,
-        len(heads),
-        float(values[0]),
-        float(values[1:].mean()) if n_random else float("nan"),
-        float(values[1:].max()) if n_random else float("nan"),
-    )
+    values = evaluate_masks(ectx, torch.cat([torch.stack(masks), random_edge_masks(graph, n_control, n_random, generator)]), memory_mb)
+    controls = values[len(masks) :]
+    points = []
+    for mask, value in zip(masks, values):
+        n_kept = int(mask.sum())
+        heads = {graph.senders[s].name for s in mask.nonzero()[:, 0].tolist() if graph.senders[s].kind == "head"}
+        mean, top = (float(controls.mean()), float(controls.max())) if n_random else (float("nan"), float("nan"))
+        points.append(CurvePoint(k, n_kept, n_kept / graph.n_edges, len(heads), float(value), mean, top))
+    return points
 
 
 def circuit_of(
@@ -502,6 +524,7 @@ def acdc_curve(
     curve, found = FaithfulnessCurve("acdc", graph.n_edges), []
     for threshold in sorted(thresholds, reverse=True):
         circuit = acdc(ectx, threshold, memory_mb, progress)
-        curve.points.append(_curve_point(ectx, graph.mask_of(circuit.edges), len(circuit.edges), n_random, generator, memory_mb))
+        n = len(circuit.edges)
+        curve.points += _curve_points(ectx, [graph.mask_of(circuit.edges)], n, n, n_random, generator, memory_mb)
         found.append(circuit)
     return curve, found

@@ -159,8 +159,9 @@ if not not_supported:
 # ## 3. Faithfulness curves
 #
 # **How it works.** For each size, the top edges by |score| are kept, pruned to paths from the input to the logits,
-# and everything else is patched from the corrupted run; faithfulness is exact. Random circuits with as many edges
-# run in the same batched call. CPR is the area under the curve (higher is better); CMD the area under
+# and everything else is patched from the corrupted run; faithfulness is exact. `n_random` random circuits of as many
+# edges as requested (a pruned circuit keeps at most that many), drawn once per size and shared by the methods, run in
+# the same batched call; one with no path from the input to the logits is the corrupted run (0) without a forward. CPR is the area under the curve (higher is better); CMD the area under
 # |1 − faithfulness| (lower is better), both over the fraction of edges kept.
 #
 # **How to interpret.** A method that finds the circuit climbs to 1 at a small fraction; the random curve stays
@@ -171,7 +172,7 @@ if not not_supported:
 curves, acdc_circuits = {}, []
 if not not_supported:
     sizes = tuple(fractions) if fractions else discovery.DEFAULT_FRACTIONS
-    curves = {m: discovery.faithfulness_curve(ectx, scores[m], m, sizes, n_random, seed, memory_mb) for m in methods}
+    curves = discovery.faithfulness_curves(ectx, {m: scores[m] for m in methods}, sizes, n_random, seed, memory_mb)
     if acdc_thresholds:
         curves["acdc"], acdc_circuits = discovery.acdc_curve(ectx, tuple(acdc_thresholds), n_random, seed, memory_mb)
     first = curves[methods[0]]

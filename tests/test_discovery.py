@@ -58,6 +58,25 @@ def test_curve_one_batched_call_per_size_and_full_graph_is_one(ioi_ectx, monkeyp
     assert again.to_json() == curve.to_json()  # deterministic, random controls included
 
 
+def test_methods_share_one_call_and_the_random_controls_per_size(ioi_ectx, monkeypatch):
+    """Both methods' circuits and one set of random controls of k edges go into one batched call per size; each
+    method's curve is what it is alone, and its random controls are the ones drawn for it alone."""
+    scores = {m: E.edge_scores(ioi_ectx, m) for m in ("eap", "eap-ig")}
+    fractions = (0.02, 0.1, 0.5)
+    alone = {m: D.faithfulness_curve(ioi_ectx, s, m, fractions, n_random=4, progress=False) for m, s in scores.items()}
+    calls = []
+    real = D.evaluate_masks
+    monkeypatch.setattr(D, "evaluate_masks", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    curves = D.faithfulness_curves(ioi_ectx, scores, fractions, n_random=4, progress=False)
+    assert [len(masks) for masks in calls] == [2 + 4] * len(fractions)
+    for masks, point in zip(calls, curves["eap"].points):  # the controls have k edges; a pruned circuit at most k
+        assert masks[2:].flatten(1).sum(1).tolist() == [point.k] * 4 and masks[:2].flatten(1).sum(1).max() <= point.k
+    for m in scores:
+        for p, q in zip(curves[m].points, alone[m].points):
+            assert p.faithfulness == pytest.approx(q.faithfulness, abs=1e-6) and p.random_mean == pytest.approx(q.random_mean, abs=1e-6)
+    assert [p.random_mean for p in curves["eap"].points] == [p.random_mean for p in curves["eap-ig"].points]
+
+
 def test_smallest_circuit_on_toy_ioi_beats_its_controls(ioi_ectx):
     scores = E.edge_scores(ioi_ectx, "eap-ig")
     found = D.smallest_circuit(ioi_ectx, scores, "eap-ig", target=0.8, n_random=5)
