@@ -212,7 +212,8 @@ class Discovered:
     * ``heads_closure``: the node-level circuit of its heads (every edge among them, the MLPs, input and logits,
       ``head_closure``), and ``random_heads``: random head sets of as many heads closed the same way;
     * ``core_heads``: the fewest of those heads whose closure still reproduces the model (|1 - F| <= 1 - ``target``,
-      ``fewest_heads``: ordered by leave-one-out effect, scanned by prefix, pruned greedily when few), its faithfulness
+      ``fewest_heads``: ordered by leave-one-out effect, exact for the 32 heads the edge scores rank highest,
+      scanned by prefix, pruned greedily when few), its faithfulness
       ``core_faithfulness`` and ``random_core`` for random head sets of that size.
 
     ``evaluations``: circuits evaluated exactly in the bisection."""
@@ -266,20 +267,38 @@ def _grid(n: int) -> list[int]:
     return sizes + [n]
 
 
+def head_estimates(graph: Graph, scores: Float[Tensor, "sender receiver"], heads: list[str]) -> dict[str, float]:
+    """First-order estimate of leaving each of ``heads`` out of their closure: the sum of the edge ``scores`` (the
+    share of the logit difference each edge carries, EAP's linearisation) of its edges into the closure."""
+    closure = head_closure(graph, heads)
+    index = {s.name: i for i, s in enumerate(graph.senders)}
+    return {h: float((scores[index[h]] * closure[index[h]]).sum()) for h in heads}
+
+
 def fewest_heads(
-    ectx: EdgeContext, heads: list[str], target: float, memory_mb: float = 1024, greedy_limit: int = 24
+    ectx: EdgeContext,
+    heads: list[str],
+    target: float,
+    memory_mb: float = 1024,
+    greedy_limit: int = 24,
+    estimate: dict[str, float] | None = None,
+    exact_limit: int = 32,
 ) -> tuple[list[str], float]:
     """The fewest of ``heads`` whose closure (``head_closure``) reproduces the model, ``reproduces(F, target)``; the
     heads in their order of importance and the closure's faithfulness. Scales to hundreds of heads:
 
-    1. **order** the heads by |F(all) - F(all without that head)| (one batched evaluation of every leave-one-out);
+    1. **order** the heads by |F(all) - F(all without that head)| (one batched evaluation of every leave-one-out).
+       Given an ``estimate`` of those effects (``head_estimates``) and more than ``exact_limit`` heads, only the
+       ``exact_limit`` largest by |estimate| are left out exactly and come first; the rest follow by |estimate|
+       (the order only guides the search: every faithfulness below is exact);
     2. **scan** prefixes of that order on a geometric grid (one batched call), then every size between the last grid
        point that fails and the first that reproduces (a second call): the smallest prefix that reproduces; nothing
        assumes faithfulness rises with the number of heads;
     3. **prune** greedily while at most ``greedy_limit`` heads remain: drop the head whose removal leaves |1 - F|
        smallest, while the rest still reproduces (one batched call per step).
 
-    About h + 2 log h + g^2 / 2 evaluations (g <= ``greedy_limit``), against h^2 / 2 for greedy elimination from all h.
+    About min(h, ``exact_limit``) + 2 log h + g^2 / 2 evaluations (g <= ``greedy_limit``; h with no ``estimate``), against
+    h^2 / 2 for greedy elimination from all h.
     If no prefix reproduces the model, all ``heads`` are returned with their closure's faithfulness."""
     graph = ectx.graph
 
@@ -288,9 +307,13 @@ def fewest_heads(
 
     if len(heads) <= 1:
         return list(heads), closures([list(heads)])[0]
-    values = closures([list(heads)] + [[h for h in heads if h != x] for x in heads])
+    exact, rest = list(heads), []
+    if estimate is not None and len(heads) > exact_limit:
+        by_estimate = sorted(heads, key=lambda h: -abs(estimate[h]))
+        exact, rest = by_estimate[:exact_limit], by_estimate[exact_limit:]
+    values = closures([list(heads)] + [[h for h in heads if h != x] for x in exact])
     whole, without = values[0], values[1:]
-    order = [heads[i] for i in sorted(range(len(heads)), key=lambda i: -abs(whole - without[i]))]
+    order = [exact[i] for i in sorted(range(len(exact)), key=lambda i: -abs(whole - without[i]))] + rest
     grid = _grid(len(order))
     on_grid = dict(zip(grid, closures([order[:k] for k in grid])))
     first = next((k for k in grid if reproduces(on_grid[k], target)), None)
@@ -351,7 +374,8 @@ def smallest_circuit(
     random_edges = (
         evaluate_masks(ectx, random_edge_masks(graph, int(mask.sum()), n_random, generator), memory_mb).tolist() if n_random else []
     )
-    core, core_value = fewest_heads(ectx, circuit.heads, target, memory_mb) if circuit.heads else ([], 0.0)
+    estimate = head_estimates(graph, scores, circuit.heads)
+    core, core_value = fewest_heads(ectx, circuit.heads, target, memory_mb, estimate=estimate) if circuit.heads else ([], 0.0)
 
     def closures(head_sets: list[list[str]]) -> list[float]:
         return evaluate_masks(ectx, torch.stack([head_closure(graph, hs) for hs in head_sets]), memory_mb).tolist() if head_sets else []

@@ -196,7 +196,8 @@ if not not_supported:
 # circuit (every edge among them, the MLPs, input and logits) against random head sets of as many heads. Then the
 # fewest of its heads whose node-level circuit *reproduces* the model, |1 − faithfulness| ≤ 1 − `target` (a circuit
 # that exceeds the model, e.g. by dropping heads that write against the answer, does not): heads ordered by how much
-# leaving each one out changes faithfulness, the shortest prefix of that order that reproduces the model, then
+# leaving each one out changes faithfulness (exactly for the 32 heads whose edges score highest, the rest by their
+# edges' scores), the shortest prefix of that order that reproduces the model, then
 # greedy pruning once few heads remain. `minimal_circuit` takes these core heads as its circuit.
 #
 # The circuit and every edge's score are also written in the MIB circuit format (`circuit_mib.json`: `cfg`,

@@ -165,6 +165,23 @@ def test_core_heads_reproduce_the_model_not_exceed_it(ioi_ectx):
     assert not D.reproduces(2.42, 0.8) and not D.reproduces(0.79, 0.8) and D.reproduces(1.19, 0.8)
 
 
+def test_core_heads_with_few_exact_leave_one_outs_are_still_exact(ioi_ectx, monkeypatch):
+    """With an estimate, only the ``exact_limit`` heads it ranks highest are left out exactly (one call of 1 + that many
+    closures); the heads returned still reproduce the model, with their closure's exact faithfulness."""
+    scores = E.edge_scores(ioi_ectx, "eap-ig")
+    heads = D.smallest_circuit(ioi_ectx, scores, "eap-ig", target=0.8, n_random=0).circuit.heads
+    estimate = D.head_estimates(ioi_ectx.graph, scores, heads)
+    assert len(heads) > 3 and set(estimate) == set(heads)
+    calls = []
+    real = D.evaluate_masks
+    monkeypatch.setattr(D, "evaluate_masks", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    core, value = D.fewest_heads(ioi_ectx, heads, 0.8, estimate=estimate, exact_limit=3)
+    assert calls[0] == 1 + 3
+    assert D.reproduces(value, 0.8) and len(core) < len(heads)
+    monkeypatch.setattr(D, "evaluate_masks", real)
+    assert value == pytest.approx(float(E.evaluate_masks(ioi_ectx, D.head_closure(ioi_ectx.graph, core)[None])[0]), abs=1e-6)
+
+
 @pytest.mark.parametrize("model_fixture", ["toy_ioi", "toy_ioi_llama"])
 def test_mib_json_round_trips_a_circuit_and_its_scores(model_fixture, request, tmp_path):
     """A discovered circuit written in the MIB circuit format and read back is the same circuit with the same scores
