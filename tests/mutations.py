@@ -205,6 +205,13 @@ MUTATIONS = [
         "tests/test_edges.py::test_circuits_without_a_path_are_the_corrupted_run",
     ),
     (
+        "the core-heads pruning keeps dropping heads after the rest stops reproducing the model",
+        "helpers/discovery.py",
+        "if not fewer or not reproduces(v := closures([fewer])[0], target):",
+        "if not fewer or (v := closures([fewer])[0]) is None:",
+        "tests/test_discovery.py::test_core_heads_pruning_stops_where_the_rest_no_longer_reproduces",
+    ),
+    (
         "the importance estimate's move taken the wrong way",
         "helpers/importance.py",
         "((mean - acts[name].detach()) * g)",

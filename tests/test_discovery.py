@@ -182,6 +182,24 @@ def test_core_heads_with_few_exact_leave_one_outs_are_still_exact(ioi_ectx, monk
     assert value == pytest.approx(float(E.evaluate_masks(ioi_ectx, D.head_closure(ioi_ectx.graph, core)[None])[0]), abs=1e-6)
 
 
+def test_core_heads_pruning_stops_where_the_rest_no_longer_reproduces(ioi_ectx, monkeypatch):
+    """On a known faithfulness (1 when the set holds one of two redundant heads of each of two roles, else 0; every
+    leave-one-out is 0, so the prefix scan keeps four heads), pruning drops heads while the rest reproduces and stops
+    at the drop that breaks it: two heads, one per role."""
+    g = ioi_ectx.graph
+
+    def faith(heads: set[str]) -> float:
+        return float(bool({"L0H1", "L0H2"} & heads) and bool({"L1H0", "L1H1"} & heads))
+
+    def known(ectx, masks, memory_mb=1024, **_):
+        kept = [{g.senders[s].name for s in m.any(1).nonzero().flatten().tolist() if g.senders[s].kind == "head"} for m in masks]
+        return torch.tensor([faith(heads) for heads in kept])
+
+    monkeypatch.setattr(D, "evaluate_masks", known)
+    core, value = D.fewest_heads(ioi_ectx, ["L0H0", "L0H1", "L0H2", "L1H0", "L1H1"], 0.8)
+    assert value == 1.0 and len(core) == 2 and faith(set(core)) == 1.0
+
+
 @pytest.mark.parametrize("model_fixture", ["toy_ioi", "toy_ioi_llama"])
 def test_mib_json_round_trips_a_circuit_and_its_scores(model_fixture, request, tmp_path):
     """A discovered circuit written in the MIB circuit format and read back is the same circuit with the same scores
