@@ -161,7 +161,7 @@ class TaskParams(BaseModel):
     task: str = Field(description="task name; outputs go to nb_outputs/<task>/<model>/")
     description: str = ""
     model: str = Field("toy-ioi", description="bundled model name (models/<name>), local HF dir, or hub name")
-    seed: int = Field(0, ge=0, lt=2**32, description="random seed of prompt sampling (0 <= seed < 2**32)")
+    seed: int = Field(0, ge=0, lt=2**32, description="random seed of prompt sampling and of torch in every notebook (0 <= seed < 2**32)")
     n_prompts: int = Field(32, ge=1, le=4096)
     template: str | None = Field(None, description="clean prompt with [S1]..[Sn] slots (or several under `templates`)")
     corrupted_template: str | None = Field(None, description="corrupted prompt; same slots plus optional new ones")

@@ -79,8 +79,8 @@ def start_session(
     """
     set_threads(threads)
     release_after_each_cell()  # a long notebook's memory tracks what it holds (helpers.memory)
-    torch.manual_seed(0)
     params = load_params(params_file or task, model=model_name, n_prompts=n_prompts)
+    torch.manual_seed(params.seed)  # whatever draws from torch's global generator in the notebook follows the params
     model = load_model(params.model, device=device, dtype=dtype)
     if weights := describe_weights(params.model):  # a real model: which weights ran (GGUF dequantised, or the hub's)
         print(f"Weights: {weights}")

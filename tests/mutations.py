@@ -212,6 +212,13 @@ MUTATIONS = [
         "tests/test_discovery.py::test_core_heads_pruning_stops_where_the_rest_no_longer_reproduces",
     ),
     (
+        "the session seeds torch with 0 whatever the params say",
+        "helpers/session.py",
+        "torch.manual_seed(params.seed)",
+        "torch.manual_seed(0)",
+        "tests/test_params.py::test_the_params_seed_seeds_torch_in_the_notebook",
+    ),
+    (
         "the importance estimate's move taken the wrong way",
         "helpers/importance.py",
         "((mean - acts[name].detach()) * g)",

@@ -97,3 +97,16 @@ def test_circuit_in_params_is_validated(tmp_path):
         bad.write_text(yaml.safe_dump(data))
         with pytest.raises(ParamsError, match=message):
             load_params(str(bad))
+
+
+def test_the_params_seed_seeds_torch_in_the_notebook(tmp_path):
+    """A notebook's session seeds torch's global generator with the params' ``seed`` (not a fixed 0)."""
+    import torch
+
+    from helpers import session
+
+    data = yaml.safe_load((PARAMS_DIR / "ioi.yaml").read_text()) | {"seed": 7}
+    path = tmp_path / "ioi_seed7.yaml"
+    path.write_text(yaml.safe_dump(data))
+    s = session.start_session("circuit_expms", "ioi", str(path), None, 4, str(tmp_path / "out"), "cpu", None, False)
+    assert s.params.seed == 7 and torch.initial_seed() == 7
