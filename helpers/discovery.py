@@ -153,7 +153,7 @@ def faithfulness_curves(
     for fraction in tqdm(fractions, desc=f"{' / '.join(scores)} curves", disable=not progress):
         k = max(1, round(fraction * graph.n_edges))
         masks = [top_edges(graph, s, k) for s in scores.values()]
-        for curve, point in zip(curves.values(), _curve_points(ectx, masks, k, k, n_random, generator, memory_mb)):
+        for curve, point in zip(curves.values(), _curve_points(ectx, masks, k, n_random, generator, memory_mb)):
             curve.points.append(point)
     return curves
 
@@ -173,24 +173,18 @@ def faithfulness_curve(
 
 
 def _curve_points(
-    ectx: EdgeContext,
-    masks: list[Bool[Tensor, "sender receiver"]],
-    k: int,
-    n_control: int,
-    n_random: int,
-    generator: torch.Generator,
-    memory_mb: float,
+    ectx: EdgeContext, masks: list[Bool[Tensor, "sender receiver"]], k: int, n_random: int, generator: torch.Generator, memory_mb: float
 ) -> list[CurvePoint]:
-    """The circuits ``masks`` (``k`` edges requested of each) and ``n_random`` random circuits of ``n_control`` edges,
-    evaluated in one batched call; one point per circuit, sharing the random controls."""
+    """The circuits ``masks`` (``k`` edges requested of each) and ``n_random`` random circuits of ``k`` edges, evaluated
+    in one batched call; one point per circuit, sharing the random controls."""
     graph = ectx.graph
-    values = evaluate_masks(ectx, torch.cat([torch.stack(masks), random_edge_masks(graph, n_control, n_random, generator)]), memory_mb)
+    values = evaluate_masks(ectx, torch.cat([torch.stack(masks), random_edge_masks(graph, k, n_random, generator)]), memory_mb)
     controls = values[len(masks) :]
+    mean, top = (float(controls.mean()), float(controls.max())) if n_random else (float("nan"), float("nan"))
     points = []
     for mask, value in zip(masks, values):
         n_kept = int(mask.sum())
         heads = {graph.senders[s].name for s in mask.nonzero()[:, 0].tolist() if graph.senders[s].kind == "head"}
-        mean, top = (float(controls.mean()), float(controls.max())) if n_random else (float("nan"), float("nan"))
         points.append(CurvePoint(k, n_kept, n_kept / graph.n_edges, len(heads), float(value), mean, top))
     return points
 
@@ -554,7 +548,6 @@ def acdc_curve(
     curve, found = FaithfulnessCurve("acdc", graph.n_edges), []
     for threshold in sorted(thresholds, reverse=True):
         circuit = acdc(ectx, threshold, memory_mb, progress)
-        n = len(circuit.edges)
-        curve.points += _curve_points(ectx, [graph.mask_of(circuit.edges)], n, n, n_random, generator, memory_mb)
+        curve.points += _curve_points(ectx, [graph.mask_of(circuit.edges)], len(circuit.edges), n_random, generator, memory_mb)
         found.append(circuit)
     return curve, found
