@@ -18,6 +18,7 @@ the fewest top edges whose pruned circuit reaches a target faithfulness. ``acdc`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -261,6 +262,27 @@ def _grid(n: int) -> list[int]:
     return sizes + [n]
 
 
+def first_passing(
+    ectx: EdgeContext,
+    sizes: list[int],
+    mask_of: Callable[[int], Bool[Tensor, "sender receiver"]],
+    passes: Callable[[float], bool],
+    memory_mb: float = 1024,
+    step: int = 4,
+) -> tuple[int | None, dict[int, float]]:
+    """The first of ``sizes`` (ascending) whose circuit ``mask_of(size)`` ``passes``, and the exact faithfulness of
+    every size evaluated: ``step`` sizes per batched call, smallest first, none past the call that finds it (the
+    larger circuits a one-call scan also evaluated are the dearest). None if no size passes (all evaluated)."""
+    values: dict[int, float] = {}
+    for first in range(0, len(sizes), step):
+        part = sizes[first : first + step]
+        values.update(zip(part, evaluate_masks(ectx, torch.stack([mask_of(k) for k in part]), memory_mb).tolist()))
+        hit = next((k for k in part if passes(values[k])), None)
+        if hit is not None:
+            return hit, values
+    return None, values
+
+
 def head_estimates(graph: Graph, scores: Float[Tensor, "sender receiver"], heads: list[str]) -> dict[str, float]:
     """First-order estimate of leaving each of ``heads`` out of their closure: the sum of the edge ``scores`` (the
     share of the logit difference each edge carries, EAP's linearisation) of its edges into the closure."""
@@ -285,9 +307,9 @@ def fewest_heads(
        Given an ``estimate`` of those effects (``head_estimates``) and more than ``exact_limit`` heads, only the
        ``exact_limit`` largest by |estimate| are left out exactly and come first; the rest follow by |estimate|
        (the order only guides the search: every faithfulness below is exact);
-    2. **scan** prefixes of that order on a geometric grid (one batched call), then every size between the last grid
-       point that fails and the first that reproduces (a second call): the smallest prefix that reproduces; nothing
-       assumes faithfulness rises with the number of heads;
+    2. **scan** prefixes of that order on a geometric grid, smallest first, up to the first that reproduces
+       (``first_passing``), then every size between the grid point below it and it: the smallest prefix that
+       reproduces; nothing assumes faithfulness rises with the number of heads;
     3. **prune** greedily while at most ``greedy_limit`` heads remain: leave each head out (one batched call), drop
        the one whose removal leaves |1 - F| smallest, then the next ones in that order, one exact evaluation each,
        while the rest still reproduces; when a drop fails, leave each remaining head out again.
@@ -309,16 +331,18 @@ def fewest_heads(
     values = closures([list(heads)] + [[h for h in heads if h != x] for x in exact])
     whole, without = values[0], values[1:]
     order = [exact[i] for i in sorted(range(len(exact)), key=lambda i: -abs(whole - without[i]))] + rest
+
+    def prefix(k: int) -> Bool[Tensor, "sender receiver"]:
+        return head_closure(graph, order[:k])
+
     grid = _grid(len(order))
-    on_grid = dict(zip(grid, closures([order[:k] for k in grid])))
-    first = next((k for k in grid if reproduces(on_grid[k], target)), None)
+    first, on_grid = first_passing(ectx, grid, prefix, lambda v: reproduces(v, target), memory_mb)
     if first is None:
         return list(heads), whole
     below = max([k for k in grid if k < first], default=0)
-    between = list(range(below + 1, first))
-    found = dict(zip(between, closures([order[:k] for k in between]))) if between else {}
-    size = next((k for k in between if reproduces(found[k], target)), first)
-    current, value = order[:size], found.get(size, on_grid.get(size))
+    size, found = first_passing(ectx, list(range(below + 1, first)), prefix, lambda v: reproduces(v, target), memory_mb)
+    size = first if size is None else size
+    current, value = order[:size], {**on_grid, **found}[size]
     while 1 < len(current) <= greedy_limit:
         trial = closures([[h for h in current if h != x] for x in current])
         ranked = sorted((i for i in range(len(current)) if reproduces(trial[i], target)), key=lambda i: abs(1.0 - trial[i]))
@@ -354,12 +378,12 @@ def smallest_circuit(
             cache[k] = float(evaluate_masks(ectx, top_edges(graph, scores, k)[None], memory_mb)[0])
         return cache[k]
 
-    # Faithfulness need not rise with k: scan a geometric grid of sizes (one batched call), then bisect only inside
-    # the bracket between the last grid size below the target and the first that reaches it.
+    # Faithfulness need not rise with k: scan a geometric grid of sizes (smallest first, to the first that reaches the
+    # target), then bisect only inside the bracket between the grid size below it and it.
     grid = _grid(graph.n_edges)
-    values = evaluate_masks(ectx, torch.stack([top_edges(graph, scores, k) for k in grid]), memory_mb).tolist()
-    cache.update(zip(grid, values))
-    hi = next((k for k in grid if cache[k] >= target), graph.n_edges)
+    hi, values = first_passing(ectx, grid, lambda k: top_edges(graph, scores, k), lambda v: v >= target, memory_mb)
+    cache.update(values)
+    hi = graph.n_edges if hi is None else hi
     lo = max([k for k in grid if k < hi], default=0) + 1
     while lo < hi:
         mid = (lo + hi) // 2
@@ -421,7 +445,7 @@ def check_sample(
     return index[picked]
 
 
-def roc_auc(scores: Float[Tensor, n], positive: Bool[Tensor, n]) -> float:
+def roc_auc(scores: Float[Tensor, " n"], positive: Bool[Tensor, " n"]) -> float:
     """Area under the ROC curve of ``scores`` for telling ``positive`` items from the rest: the chance that a random
     positive outranks a random negative (ties count half; Mann-Whitney U)."""
     from scipy.stats import rankdata

@@ -172,7 +172,7 @@ class Graph:
         return cls(senders, receivers, allowed, parallel, "ln1_post" in post_norms(model))
 
     def definition(self, model) -> str:
-        """What removing an edge does on this model, in words (for the notebook, the JSON and the README)."""
+        """What removing an edge does on this model, in words (for the notebook, the JSON and the docs)."""
         text = (
             "an absent edge s -> r: receiver input r reads sender s's output on the corrupted prompt instead of its "
             "output in this run (each receiver its own copy of the residual stream)"
@@ -354,10 +354,11 @@ class EdgeContext:
     clean_kv: KVPrefix | None = None  # the clean run's keys and values: evaluations recompute from the first difference on
     clean_resid: Float[Tensor, "layer batch pos d_model"] | None = None  # each block's clean input: runs start at a layer
 
-    @property
+    @cached_property
     def first_difference(self) -> int:
         """The first position where some sender's clean and corrupted outputs differ (at most the last position).
-        Before it every evaluation equals the clean run, whatever edges it keeps (their removal changes nothing)."""
+        Before it every evaluation equals the clean run, whatever edges it keeps (their removal changes nothing).
+        Computed once (a pass over both runs' outputs, 0.2 s on SmolLM2 at 64 prompts, once per evaluation before)."""
         differs = (self.clean_outputs != self.corrupted_outputs).flatten(2).any(2).any(0).nonzero()
         return min(int(differs[0]) if len(differs) else self.clean_outputs.shape[1], self.clean_outputs.shape[1] - 1)
 
@@ -410,7 +411,7 @@ class _ForkChoice:
 
     receivers: list[int]
     upto: int  # senders before these receivers (recorded when the fork is read)
-    from_all: Bool[Tensor, variant]  # start from the total change of every earlier sender
+    from_all: Bool[Tensor, " variant"]  # start from the total change of every earlier sender
     minus_kept: Bool[Tensor, "variant receiver"]  # then take away the kept senders' running total
     weights: Float[Tensor, "variant sender receiver"]  # then add these senders' changes (sender < upto)
 
@@ -710,7 +711,7 @@ def _hooks(run: _EdgeRun, start_layer: int = 0) -> list[tuple[str, object]]:
     return hooks
 
 
-def start_layers(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"]) -> Int[Tensor, variant]:
+def start_layers(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"]) -> Int[Tensor, " variant"]:
     """The block each circuit's run can start at: the first layer of a receiver with an absent edge (before it the run
     equals the clean one). 0 under post-attention norms (their update reads earlier layers' sums from the run itself),
     and where starting later is not verified exact on this model."""
@@ -743,10 +744,10 @@ def _start_ok(ectx: EdgeContext, layer: int) -> bool:
 
 def evaluate_masks(
     ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float = 1024, per_prompt: bool = False
-) -> Float[Tensor, variant]:
+) -> Float[Tensor, " variant"]:
     """Exact faithfulness of each circuit in ``masks`` (True = edge kept), all in batched runs of the clean prompts.
     A circuit with no path from the input to the logits (``Graph.has_path``; most random circuits of a few hundred
-    edges) is the corrupted run: 0 without a forward. ``per_prompt``: raw logit differences [variant, batch] instead,
+    edges) is the corrupted run: 0 without a forward; a circuit given twice is run once. ``per_prompt``: raw logit differences [variant, batch] instead,
     every circuit run."""
     masks = masks & ectx.graph.allowed
     if per_prompt:
@@ -755,8 +756,9 @@ def evaluate_masks(
     values = torch.full((len(masks),), float(corrupted))
     run = ectx.graph.has_path(masks) if SKIP_PATHLESS else torch.ones(len(masks), dtype=torch.bool)
     if run.any():
-        lds = _logit_diffs(ectx, masks[run], memory_mb)
-        values[run] = normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff).to(values.dtype)
+        distinct, copy_of = torch.unique(masks[run].flatten(1), dim=0, return_inverse=True)  # each circuit run once
+        lds = _logit_diffs(ectx, distinct.view(-1, *masks.shape[1:]), memory_mb)
+        values[run] = normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff).to(values.dtype)[copy_of]
     return values
 
 
@@ -833,13 +835,17 @@ def edge_scores(
 
         delta = ectx.clean_outputs[prompt] - ectx.corrupted_outputs[prompt]  # [prompt, pos, sender, d_model]
         linear = delta * ~graph.is_head[:, None] if normed else delta  # under post-norms the heads' part comes below
+        # [sender, prompt·pos·d_model], laid out once per chunk: each fork's scores are one matrix product with it
+        # (an einsum per fork re-laid the whole [prompt, pos, sender, d_model] delta out every time: 2/3 of EAP's time)
+        flat = linear.permute(2, 0, 1, 3).reshape(linear.shape[2], -1)
         received = {}
         for hook, rs in by_hook.items():
             g = grads[hook]
             g = g[:, :, [graph.receivers[r].index for r in rs]] if graph.receivers[rs[0]].index is not None else g[:, :, None]
             received[hook] = g.to(delta.dtype)
             upto = max(graph.sender_slots_before(r) for r in rs)  # only senders before this fork can reach it
-            scores[:upto, rs] += torch.einsum("bpsd,bprd->sr", linear[:, :, :upto], per_prompt(received[hook])).cpu()
+            columns = per_prompt(received[hook]).permute(0, 1, 3, 2).reshape(-1, len(rs))  # [prompt·pos·d_model, receiver]
+            scores[:upto, rs] += (flat[:upto] @ columns).cpu()
         for name, layer in normed.items():
             first = graph.first_head(layer)
             reading = [hook for hook, rs in by_hook.items() if graph.sender_slots_before(rs[0]) > first]  # forks after the heads

@@ -77,6 +77,45 @@ def test_methods_share_one_call_and_the_random_controls_per_size(ioi_ectx, monke
     assert [p.random_mean for p in curves["eap"].points] == [p.random_mean for p in curves["eap-ig"].points]
 
 
+def test_first_passing_scans_smallest_first_and_stops_at_the_call_that_finds_it(ioi_ectx, monkeypatch):
+    """On a known faithfulness of the size (passing at 7 and 9, not at 8: nothing assumes it rises), the scan returns
+    the smallest passing size with every size's exact value, and evaluates none past the call (of ``step`` sizes)
+    that holds it; no size passing: every size evaluated, None."""
+    g = ioi_ectx.graph
+    calls = []
+
+    def known(ectx, masks, memory_mb=1024, **_):
+        calls.append(len(masks))
+        return torch.tensor([float(int(m.sum()) in (7, 9, 30)) for m in masks])
+
+    def mask_of(k):
+        mask = torch.zeros_like(g.allowed)
+        mask[g.edge_index[:k, 0], g.edge_index[:k, 1]] = True
+        return mask
+
+    monkeypatch.setattr(D, "evaluate_masks", known)
+    sizes = [1, 2, 3, 5, 7, 8, 9, 12, 15, 30]
+    hit, values = D.first_passing(ioi_ectx, sizes, mask_of, lambda v: v >= 0.8, step=4)
+    assert hit == 7 and calls == [4, 4] and sorted(values) == sizes[:8] and values[7] == 1.0 and values[8] == 0.0
+    calls.clear()
+    hit, values = D.first_passing(ioi_ectx, sizes[:4], mask_of, lambda v: v >= 0.8, step=4)
+    assert hit is None and calls == [4] and sorted(values) == sizes[:4]
+
+
+def test_a_circuit_given_twice_is_run_once_with_the_same_value(ioi_ectx, monkeypatch):
+    g = ioi_ectx.graph
+    scores = E.edge_scores(ioi_ectx, "eap")
+    a, b = D.top_edges(g, scores, 30), D.top_edges(g, scores, 60)
+    alone = E.evaluate_masks(ioi_ectx, torch.stack([a, b]))
+    runs = []
+    real = E._logit_diffs
+    monkeypatch.setattr(E, "_logit_diffs", lambda ectx, masks, memory_mb: runs.append(len(masks)) or real(ectx, masks, memory_mb))
+    values = E.evaluate_masks(ioi_ectx, torch.stack([b, a, b, g.allowed, a, g.allowed]))
+    assert runs == [3]
+    expected = [alone[1], alone[0], alone[1], 1.0, alone[0], 1.0]
+    assert values.tolist() == pytest.approx([float(x) for x in expected], abs=1e-5)
+
+
 def test_smallest_circuit_on_toy_ioi_beats_its_controls(ioi_ectx):
     scores = E.edge_scores(ioi_ectx, "eap-ig")
     found = D.smallest_circuit(ioi_ectx, scores, "eap-ig", target=0.8, n_random=5)
