@@ -119,7 +119,7 @@ def logit_diff_direction(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[
     return directions[:, 0] - directions[:, 1]
 
 
-def unembed_bias_diff(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, batch]:
+def unembed_bias_diff(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, " batch"]:
     """``b_U[correct] - b_U[incorrect]``: the part of the logit difference no component writes."""
     b_U = model.b_U
     return b_U[answer_tokens[:, 0]] - b_U[answer_tokens[:, 1]]
@@ -174,7 +174,7 @@ def layer_dla(cache: ActivationCache, direction: Float[Tensor, "batch d_model"])
     return project_stack(cache, stack, direction), labels
 
 
-def sublayer_bias(model, module, name: str, device) -> Float[Tensor, d_model]:
+def sublayer_bias(model, module, name: str, device) -> Float[Tensor, " d_model"]:
     """A block's output bias (``attn.b_O``, ``mlp.b_out``), or zeros where the checkpoint has none (Llama, Gemma, ...)."""
     bias = getattr(module, name, None)
     return torch.zeros(model.cfg.d_model, device=device) if bias is None else bias

@@ -51,9 +51,9 @@ def metric_gradients(
     embed_path: tuple[Tensor, int] | None = None,
     memory_mb: float = DEFAULT_GRADIENT_MEMORY_MB,
     keep_activations: bool = True,
-    consume: Callable[[dict[str, Tensor], Int[Tensor, prompts], dict[str, Tensor]], None] | None = None,
+    consume: Callable[[dict[str, Tensor], Int[Tensor, " prompts"], dict[str, Tensor]], None] | None = None,
     per_row: bool = False,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, batch]]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, " batch"]]:
     """Forwards of ``tokens`` with gradients and backwards: (d mean logit diff / d activation, activations,
     logit diffs). Attribution patching calls it on the corrupted run; edge attribution on the clean run.
 

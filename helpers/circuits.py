@@ -195,7 +195,7 @@ def keep_mask(circuit: Circuit, n_layers: int, n_heads: int, named: dict[str, in
 
 
 def reference_z(
-    model, tokens: Int[Tensor, "batch pos"], ablation: str, groups: Int[Tensor, batch] | None = None
+    model, tokens: Int[Tensor, "batch pos"], ablation: str, groups: Int[Tensor, " batch"] | None = None
 ) -> Float[Tensor, "layer batch pos head d_head"]:
     """Replacement values of every head's z for ``ablation``: the per-position mean over ``tokens`` (within each of
     ``groups``, e.g. the prompts' sentence templates: ``metrics.group_mean``) or zero (batch axis of size 1 when
@@ -227,7 +227,7 @@ def knockout_logit_diffs(
     replacement: Float[Tensor, "layer batch pos head d_head"],
     ablation: str = "mean",
     memory_mb: float = 1024,
-) -> Float[Tensor, variant]:
+) -> Float[Tensor, " variant"]:
     """Mean logit diff of ``tokens`` with every head output outside each keep-mask replaced; variants batched to ``memory_mb``.
 
     Exact saving: the layers before the first one where the variants' masks differ are run once (their
@@ -349,7 +349,7 @@ class Evaluator:
         cfg = self.model.cfg
         return torch.stack([keep_mask(c, cfg.n_layers, cfg.n_heads, self.named, self.tokens.shape[1]) for c in circuits])
 
-    def logit_diffs(self, circuits: list[Circuit]) -> Float[Tensor, variant]:
+    def logit_diffs(self, circuits: list[Circuit]) -> Float[Tensor, " variant"]:
         """Mean logit diff with only each circuit kept (distinct keep-masks run once, in one batch)."""
         if not circuits:
             return torch.zeros(0)
@@ -363,7 +363,7 @@ class Evaluator:
             self._known.update(zip(new, fresh.tolist()))
         return torch.tensor([self._known[key] for key in keys])
 
-    def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, variant]:
+    def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, " variant"]:
         """Each circuit's logit diff with everything else knocked out, normalised: (LD(C) - baseline) / (LD(M) - baseline),
         F(C) / F(M) with the ratio normalisation (baseline 0), the share of the clean - corrupted gap with ``gap``."""
         return (self.logit_diffs(circuits) - self.baseline) / (self.full_logit_diff - self.baseline)
@@ -372,7 +372,7 @@ class Evaluator:
     def normalisation(self) -> str:
         return "ratio" if self.baseline == 0.0 else "gap"
 
-    def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, variant]:
+    def remove_from_full_model(self, removed: list[list[str]]) -> Float[Tensor, " variant"]:
         """F(M \\ K) / F(M) for each set K: only the heads of K are knocked out (at every position)."""
         everything = Circuit({"all": [h.label for h in Head.all(self.model.cfg.n_layers, self.model.cfg.n_heads)]})
         return self.faithfulness([everything.without(k) for k in removed])
@@ -385,7 +385,7 @@ def make_evaluator(
     named: dict[str, int],
     reference_tokens,
     ablation: str = "mean",
-    groups: Int[Tensor, batch] | None = None,
+    groups: Int[Tensor, " batch"] | None = None,
     normalisation: str = "ratio",
 ) -> Evaluator:
     """An ``Evaluator`` whose knocked-out heads take their ``ablation`` value on ``reference_tokens`` (a mean within
@@ -527,7 +527,7 @@ class ControlComparison:
 
 
 def compare_with_controls(
-    circuit: float, controls: Float[Tensor, n], alpha: float = 0.05, design: ControlDesign | None = None
+    circuit: float, controls: Float[Tensor, " n"], alpha: float = 0.05, design: ControlDesign | None = None
 ) -> ControlComparison:
     """The ControlComparison of a circuit's faithfulness against random controls' (drawn as ``design``; see its
     docstring)."""

@@ -33,7 +33,7 @@ from .hooks import run_with_checked_cache
 from .interventions import Intervention, hooks_for
 from .metrics import group_mean, logit_diff
 from .results import BackupRiser, CircuitExpmsResults
-from .session import Session
+from .session import LogitDiffs, Session
 
 
 @dataclass
@@ -41,9 +41,9 @@ class DLAResult:
     """Direct logit attribution of the clean run, averaged over prompts."""
 
     cache: ActivationCache
-    lens: Float[Tensor, component]
+    lens: Float[Tensor, " component"]
     lens_labels: list[str]
-    layers: Float[Tensor, component]
+    layers: Float[Tensor, " component"]
     layer_labels: list[str]
     heads: Float[Tensor, "layer head"]
     identity_error: float  # max over prompts |sum of all components + bias diff - logit diff|

@@ -20,10 +20,10 @@ from .hooks import run_with_checked_cache
 from .interventions import Intervention, run_interventions
 from .prompts import PromptSet
 
-Positions = dict[str, "int | Int[Tensor, 'batch']"]  # named position -> token index, one for all prompts or one per prompt
+Positions = dict[str, "int | Int[Tensor, ' batch']"]  # named position -> token index, one for all prompts or one per prompt
 
 
-def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[str, Int[Tensor, batch]]:
+def word_positions(prompts: PromptSet, names: list[str] | None = None) -> dict[str, Int[Tensor, " batch"]]:
     """Named positions of words, per prompt (default: every named position except ``end`` and ``±n`` offsets).
     Per prompt because a task with several templates (ABBA and BABA) has its words at different indices.
 

@@ -48,9 +48,9 @@ METRICS = ("answer_loss", "sequence_loss", "logit_diff")
 class LossMetrics:
     """Per-row task metrics of full-sequence logits (one row per variant x prompt, variant-major)."""
 
-    answer_loss: Float[Tensor, rows]  # -log p(correct) at the final prompt position, nats
-    sequence_loss: Float[Tensor, rows]  # mean next-token cross-entropy over prompt + answer, nats
-    logit_diff: Float[Tensor, rows]  # correct - incorrect logit at the final prompt position
+    answer_loss: Float[Tensor, " rows"]  # -log p(correct) at the final prompt position, nats
+    sequence_loss: Float[Tensor, " rows"]  # mean next-token cross-entropy over prompt + answer, nats
+    logit_diff: Float[Tensor, " rows"]  # correct - incorrect logit at the final prompt position
 
     def by_variant(self, n_var: int) -> LossMetrics:
         """Each metric as [variant, prompt]."""
@@ -142,7 +142,7 @@ def estimated_importance(
     tokens: Int[Tensor, "batch pos"],
     answers: Int[Tensor, "batch 2"],
     memory_mb: float = 1024,
-    groups: Int[Tensor, batch] | None = None,
+    groups: Int[Tensor, " batch"] | None = None,
     reference_tokens: Int[Tensor, "batch pos"] | None = None,
 ) -> dict[str, Float[Tensor, "layer head"]]:
     """First-order estimate of each head's mean-ablation change in each metric (``METRICS``; ablated minus unablated,
@@ -201,7 +201,7 @@ def head_importance(
     answers: Int[Tensor, "batch 2"],
     memory_mb: float = 1024,
     progress: bool = True,
-    groups: Int[Tensor, batch] | None = None,
+    groups: Int[Tensor, " batch"] | None = None,
     reference_tokens: Int[Tensor, "batch pos"] | None = None,
     reference_name: str = "reference",
     max_heads: int | None = None,

@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 
-def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Float[Tensor, batch]:
+def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Float[Tensor, " batch"]:
     """Correct-answer logit minus incorrect-answer logit at ``pos`` (the final token by default), per prompt."""
     final = logits[:, pos].float()  # half-precision models: score in float32
     return (final.gather(-1, answer_tokens[:, :1]) - final.gather(-1, answer_tokens[:, 1:]))[:, 0]
@@ -144,7 +144,7 @@ class TaskCheck:
 
 
 def check_task(
-    clean_ld: Float[Tensor, batch], corrupted_ld: Float[Tensor, batch], top1: float, min_accuracy: float, min_gap: float
+    clean_ld: Float[Tensor, " batch"], corrupted_ld: Float[Tensor, " batch"], top1: float, min_accuracy: float, min_gap: float
 ) -> TaskCheck:
     """The TaskCheck of per-prompt clean and corrupted logit differences."""
     return TaskCheck(
@@ -157,7 +157,7 @@ def check_task(
     )
 
 
-def group_mean(x: Float[Tensor, "batch ..."], groups: Int[Tensor, batch] | None = None) -> Float[Tensor, "batch_or_1 ..."]:
+def group_mean(x: Float[Tensor, "batch ..."], groups: Int[Tensor, " batch"] | None = None) -> Float[Tensor, "batch_or_1 ..."]:
     """The mean over the batch axis, for mean ablation: ``[1, ...]`` (the same for every prompt) when all prompts form
     one group, else one row per prompt holding the mean of its own group (e.g. the prompts of its sentence template:
     ABBA and BABA prompts have different words at the same index, so one mean over both would blend them)."""
@@ -168,7 +168,7 @@ def group_mean(x: Float[Tensor, "batch ..."], groups: Int[Tensor, batch] | None 
     return means[groups.to(x.device)]
 
 
-def group_weights(batch: int, groups: Int[Tensor, batch] | None) -> Float[Tensor, "batch group"]:
+def group_weights(batch: int, groups: Int[Tensor, " batch"] | None) -> Float[Tensor, "batch group"]:
     """Columns that average over the prompts of each group (one column, the plain mean, without ``groups``)."""
     if groups is None:
         return torch.full((batch, 1), 1.0 / batch)

@@ -117,8 +117,8 @@ class PatchingContext:
     answer_tokens: Int[Tensor, "batch 2"]
     clean_logit_diff: float
     corrupted_logit_diff: float
-    clean_per_prompt: Float[Tensor, batch] | None = None  # per-prompt baselines, for per-template breakdowns
-    corrupted_per_prompt: Float[Tensor, batch] | None = None
+    clean_per_prompt: Float[Tensor, " batch"] | None = None  # per-prompt baselines, for per-template breakdowns
+    corrupted_per_prompt: Float[Tensor, " batch"] | None = None
     corrupted_kv: KVPrefix | None = None  # the corrupted run's keys and values: patches recompute only later positions
     forward_gflops: float | None = None  # GFLOP/s the corrupted forward reached here (for estimates; None: not timed)
 
@@ -235,7 +235,7 @@ def variant_shape(sweep: Sweep, act_shape: torch.Size) -> tuple[int, ...]:
     return tuple(act_shape[1 + axis] for _, axis in sweep.axes)
 
 
-def variant_masks(sweep: Sweep, act_shape: torch.Size, variants: Int[Tensor, variant]) -> Bool[Tensor, "variant ..."]:
+def variant_masks(sweep: Sweep, act_shape: torch.Size, variants: Int[Tensor, " variant"]) -> Bool[Tensor, "variant ..."]:
     """Masks (broadcastable over the activation's non-batch axes) that are True where variant ``i`` takes the clean value."""
     coords = torch.unravel_index(variants, variant_shape(sweep, act_shape))
     n_dims = len(act_shape) - 1
@@ -249,8 +249,8 @@ def variant_masks(sweep: Sweep, act_shape: torch.Size, variants: Int[Tensor, var
 
 
 def first_changed_positions(
-    sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, variant], block: int = 4096
-) -> Int[Tensor, variant]:
+    sweep: Sweep, clean: Tensor, corrupted: Tensor, variants: Int[Tensor, " variant"], block: int = 4096
+) -> Int[Tensor, " variant"]:
     """The earliest position at which each variant's patch changes the activation: the first position (destination,
     for patterns) where its mask selects an entry whose clean and corrupted values differ in some prompt; ``n_pos``
     where it changes nothing. Nothing before it changes, so a run recomputes only the later positions (a head patched
@@ -274,13 +274,13 @@ per-call overhead (measured on 2 CPU cores at gpt2-small's size: a forward of 8 
 
 def variant_chunks(
     model,
-    variants: Int[Tensor, variant],
-    starts: Int[Tensor, variant],
+    variants: Int[Tensor, " variant"],
+    starts: Int[Tensor, " variant"],
     n_pos: int,
     batch: int,
     memory_mb: float,
     max_variants: int | None,
-) -> list[Int[Tensor, variant]]:
+) -> list[Int[Tensor, " variant"]]:
     """``variants`` in batched runs, each recomputing the positions from the earliest one its variants change
     (``starts``, from ``first_changed_positions``).
 
@@ -447,7 +447,7 @@ def heads_to_sweep(all_positions: Float[Tensor, "layer head"], k: int | None) ->
     return [(head.layer, head.head) for head in rank_heads(all_positions, k, "abs")]
 
 
-def head_variants(ctx: PatchingContext, spec: Sweep, heads: Sequence[tuple[int, int]]) -> dict[int, Int[Tensor, variant]]:
+def head_variants(ctx: PatchingContext, spec: Sweep, heads: Sequence[tuple[int, int]]) -> dict[int, Int[Tensor, " variant"]]:
     """Per layer, the flat indices (as ``run_sweep``'s ``only``) of the variants of ``spec`` that patch one of
     ``heads`` [(layer, index along the sweep's ``head`` axis)], at whatever else the sweep varies (e.g. every position)."""
     axes = [axis for axis, _ in spec.axes]
@@ -473,7 +473,7 @@ def run_sweep(
     progress: bool = True,
     only: dict[int, Tensor] | None = None,
     raw: bool = False,
-    groups: Int[Tensor, batch] | None = None,
+    groups: Int[Tensor, " batch"] | None = None,
 ) -> Float[Tensor, "layer ..."]:
     """``sweep`` for any ``Sweep`` (also one not in ``SWEEPS``, e.g. ``neurons.NEURONS``), over ``layers`` (default
     all; result rows in that order). ``ctx`` must cache the sweep's hook for those layers. ``only``: per layer, the

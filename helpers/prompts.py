@@ -72,15 +72,15 @@ class PromptSet:
     dropped_words: dict[str, list[str]] = field(default_factory=dict)
     alternatives: dict[str, AlternativeRun] = field(default_factory=dict)  # params.corruptions, by name
     template_names: list[str] = field(default_factory=lambda: ["template"])  # the task's sentence templates
-    template_index: Int[Tensor, batch] | None = None  # which template each prompt was filled from (None: all the first)
-    position_index: dict[str, Int[Tensor, batch]] = field(default_factory=dict)  # every named position, per prompt
+    template_index: Int[Tensor, " batch"] | None = None  # which template each prompt was filled from (None: all the first)
+    position_index: dict[str, Int[Tensor, " batch"]] = field(default_factory=dict)  # every named position, per prompt
 
     @property
     def n_pos(self) -> int:
         return self.clean_tokens.shape[1]
 
     @property
-    def templates(self) -> Int[Tensor, batch]:
+    def templates(self) -> Int[Tensor, " batch"]:
         """Which template each prompt was filled from (index into ``template_names``)."""
         if self.template_index is None:
             return torch.zeros(self.clean_tokens.shape[0], dtype=torch.long)
@@ -96,7 +96,7 @@ class PromptSet:
         """Named positions whose token index differs between the task's templates (not in ``positions``)."""
         return [name for name in self.position_index if name not in self.positions]
 
-    def template_masks(self) -> dict[str, Bool[Tensor, batch]]:
+    def template_masks(self) -> dict[str, Bool[Tensor, " batch"]]:
         """Template name -> which prompts were filled from it."""
         index = self.templates.cpu()
         return {name: index == i for i, name in enumerate(self.template_names)}

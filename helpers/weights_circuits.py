@@ -45,7 +45,7 @@ def _normed(model, x: Float[Tensor, "n d_model"], layer: int) -> Float[Tensor, "
     return model.blocks[layer].ln1(x[None])[0]
 
 
-def embeddings(model, tokens: Int[Tensor, n], effective_embedding: bool = False) -> Float[Tensor, "n d_model"]:
+def embeddings(model, tokens: Int[Tensor, " n"], effective_embedding: bool = False) -> Float[Tensor, "n d_model"]:
     """Token embeddings (``W_E`` rows); with ``effective_embedding``, plus MLP0's output on each token: the model's
     own forward on the token alone (one position, no BOS) with layer 0's attention output silenced, so MLP0 sees the
     token as the first position would (its positional embedding included)."""
@@ -72,19 +72,19 @@ class OVCopying:
     n_tokens: int
 
 
-def _ov_rows(model, x: Float[Tensor, "n d_model"], layer: int, head: int, tokens: Int[Tensor, n]) -> Float[Tensor, "n n"]:
+def _ov_rows(model, x: Float[Tensor, "n d_model"], layer: int, head: int, tokens: Int[Tensor, " n"]) -> Float[Tensor, "n n"]:
     return (x @ model.OV[layer, head]).AB @ model.W_U[:, tokens]
 
 
 @torch.no_grad()
-def ov_circuit(model, layer: int, head: int, tokens: Int[Tensor, n], effective_embedding: bool = False) -> Float[Tensor, "n n"]:
+def ov_circuit(model, layer: int, head: int, tokens: Int[Tensor, " n"], effective_embedding: bool = False) -> Float[Tensor, "n n"]:
     """Full OV circuit on ``tokens``: row i is the logits (over the same tokens) the head writes when it attends
     fully to token i."""
     return _ov_rows(model, _normed(model, embeddings(model, tokens, effective_embedding), layer), layer, head, tokens)
 
 
 @torch.no_grad()
-def ov_copying(model, tokens: Int[Tensor, n], effective_embedding: bool = False) -> OVCopying:
+def ov_copying(model, tokens: Int[Tensor, " n"], effective_embedding: bool = False) -> OVCopying:
     """``OVCopying`` of every head on ``tokens`` (module docstring). The embeddings (and MLP0's forward) are computed
     once, the norm once per layer."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -101,7 +101,7 @@ def ov_copying(model, tokens: Int[Tensor, n], effective_embedding: bool = False)
 
 
 @torch.no_grad()
-def qk_tokens(model, layer: int, head: int, tokens: Int[Tensor, n]) -> Float[Tensor, "dest src"]:
+def qk_tokens(model, layer: int, head: int, tokens: Int[Tensor, " n"]) -> Float[Tensor, "dest src"]:
     """Full QK circuit on ``tokens`` (attention scores from token identity alone, before the softmax and scaling)."""
     x = _normed(model, model.W_E[tokens], layer)
     return (x @ model.QK[layer, head]).AB @ x.T
@@ -128,7 +128,7 @@ def positional_qk(model, layer: int, head: int, n_pos: int) -> Float[Tensor, "de
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
-def attention_by_offset(pattern: Float[Tensor, "dest src"], max_offset: int) -> Float[Tensor, offset]:
+def attention_by_offset(pattern: Float[Tensor, "dest src"], max_offset: int) -> Float[Tensor, " offset"]:
     """Mean attention at each offset ``dest - src`` in 0..max_offset, over destinations that have that offset."""
     n = pattern.shape[0]
     return torch.stack(
@@ -153,7 +153,7 @@ class SingularDirections:
     layer: int
     head: int
     circuit: str  # "OV" (read through the unembedding) or "QK" (destination and source sides, through the embedding)
-    singular_values: Float[Tensor, n]
+    singular_values: Float[Tensor, " n"]
     share: float  # sum of the top n squared singular values over the total (1 = the circuit has rank <= n)
     directions: list[dict]  # per direction: singular value and its tokens
 
@@ -172,13 +172,13 @@ class SingularDirections:
         }
 
 
-def _ends(tokenizer, values: Float[Tensor, d_vocab], k: int) -> tuple[list[str], list[str]]:
+def _ends(tokenizer, values: Float[Tensor, " d_vocab"], k: int) -> tuple[list[str], list[str]]:
     """The ``k`` tokens with the largest and the ``k`` with the smallest values."""
     top, bottom = values.topk(k).indices, (-values).topk(k).indices
     return [tokenizer.decode([int(t)]) for t in top], [tokenizer.decode([int(t)]) for t in bottom]
 
 
-def _share(s: Float[Tensor, rank], n: int) -> float:
+def _share(s: Float[Tensor, " rank"], n: int) -> float:
     squares = s.float() ** 2
     return float(squares[:n].sum() / squares.sum().clamp_min(1e-30))
 
