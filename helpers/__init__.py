@@ -1,6 +1,6 @@
 """circuit-lab helpers: the one importable package every notebook template calls.
 
-One concept per module, imports one way (the README's Architecture section; ``tests/test_architecture.py``):
+One concept per module, imports one way (docs/architecture.md; ``tests/test_architecture.py``):
 ``params`` → ``prompts`` → ``models`` → the engine (``hooks``, ``interventions``, ``patching``,
 ``attribution_patching``, ``path_patching``, ``edges``) → the analyses (``attribution``, ``heads``,
 ``head_functions``, ``roles``, ``circuits``, ``discovery``, ``neurons``, ``weights_circuits``, ``importance``,

@@ -223,7 +223,7 @@ class TaskParams(BaseModel):
     def _consistent(self) -> TaskParams:
         if self.template is None and self.templates is None:
             raise ValueError(
-                "template: required field is missing; add 'template: ...' (see README, 'params format'), or "
+                "template: required field is missing; add 'template: ...' (see docs/params.md), or "
                 "'templates:' with a list of {name, template, corrupted_template} for several"
             )
         if self.template is not None and self.templates is not None:
@@ -492,7 +492,7 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
         field = ".".join(str(x) for x in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "missing":
-            msg = f"required field is missing; add '{field}: ...' (see README, 'params format')"
+            msg = f"required field is missing; add '{field}: ...' (see docs/params.md)"
         elif e["type"] == "extra_forbidden":
             msg = f"unknown field; remove it or check its spelling (fields: {sorted(TaskParams.model_fields)})"
         lines.append(f"{path}: {field}: {msg}")
