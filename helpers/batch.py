@@ -3,7 +3,7 @@
 A template *reads* another when its source calls ``load_results(<session>, "<template>")``; that is found by
 parsing the template, so a new template joins the plan, in the right order, with no code change here.
 A run is **up to date** when its fingerprint (the bytes of the template, the params file and the word pools,
-the model files, the ``helpers`` package, the run options, and the fingerprints of the runs it reads) equals
+the model files, the ``helpers`` modules the run executes (``code_digest``), the run options, and the fingerprints of the runs it reads) equals
 the one stamped in ``nb_outputs/<task>/<model>/.runs/<template>.json`` by its last successful run.
 
 Runs execute one after another in this process (``jobs=1``), or as a Dask task graph on a local cluster
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import PARAMS_DIR, POOLS_DIR, PROJECT_ROOT, layout
+from . import PARAMS_DIR, POOLS_DIR, dependencies, layout
 from . import run as runner
 from .layout import display_model, model_folder_name, owner
 from .models import ModelNotAvailable, resolve_model
@@ -209,9 +209,20 @@ def model_digest(model: str) -> str:
     return files_digest([Path(source)]) if Path(source).is_dir() else f"hub:{source}"
 
 
-def fingerprints(runs: list[RunSpec], options: RunOptions) -> dict[str, str]:
-    """Each run's fingerprint; a run's includes the fingerprints of the runs it reads (plan order)."""
-    code = files_digest(sorted((PROJECT_ROOT / "helpers").glob("*.py")) + [POOLS_DIR])
+def code_digest(template: Path, graph: dict[str, set[str]], package: Path) -> str:
+    """Digest of the ``helpers`` modules a run of ``template`` executes: those the template reaches
+    (``dependencies.depends_on``) and those that execute and publish it (the runner's, ``run`` and what it imports).
+    Editing any other module (the report, the batch planner, test support) leaves the run up to date."""
+    modules = dependencies.depends_on(template, graph) | dependencies.closure({"run"}, graph)
+    return files_digest([package / f"{m}.py" for m in sorted(modules)])
+
+
+def fingerprints(runs: list[RunSpec], options: RunOptions, package: Path = dependencies.PACKAGE) -> dict[str, str]:
+    """Each run's fingerprint; a run's includes the fingerprints of the runs it reads (plan order). ``package``: the
+    ``helpers`` folder whose modules are hashed (``code_digest``)."""
+    graph = dependencies.module_graph(package)
+    code = {t: code_digest(layout.templates_dir() / f"{t}.py", graph, package) for t in {r.template for r in runs}}
+    pools = files_digest([POOLS_DIR])
     models = {m: model_digest(m) for m in {r.model for r in runs}}
     templates = {t: files_digest([layout.templates_dir() / f"{t}.py"]) for t in {r.template for r in runs}}
     params = {f: files_digest([Path(f)]) for f in {r.params_file for r in runs}}
@@ -221,7 +232,8 @@ def fingerprints(runs: list[RunSpec], options: RunOptions) -> dict[str, str]:
             "template": templates[r.template],
             "params": params[r.params_file],
             "model": models[r.model],
-            "code": code,
+            "code": code[r.template],
+            "pools": pools,
             "options": options.fingerprint_fields(),
             "reads": [result[k] for k in r.upstream_keys()],
         }

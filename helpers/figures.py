@@ -113,6 +113,7 @@ class Figures:
         self.static = static
         self.saved: list[str] = []
         self.key: list[str] = []  # the saved images the batch report shows as thumbnails
+        self.missing: list[str] = []  # of ``saved``: figures not written, kept as plotly JSON (``render_pending``)
         self.skipped_reason: str | None = None
         self.note: str | None = None  # a warning printed under every figure's title (e.g. the task check failed)
         # Under the runner, with a browser it can use: leave the rendering to the runner (module docstring).
@@ -123,32 +124,37 @@ class Figures:
     def show(self, fig: go.Figure, name: str, formats: tuple[str, ...] = ("png",), key: bool = False) -> None:
         """Display ``fig`` (once: returns nothing, so a cell ending in ``figs.show(...)`` does not display it again)
         and write it as PNG (and any other ``formats``, e.g. svg). A failed export is retried once (kaleido's
-        browser sometimes drops a message); a second failure skips static export for the rest of the notebook
-        with one warning. ``key`` figures are the report's thumbnails (``key_figures``). Under the runner the files
-        are written after the notebook ran (``render_pending``)."""
+        browser sometimes drops a message); after a second failure this and every later figure of the notebook is
+        kept as plotly JSON next to where its image belongs (``missing``, with one warning), which the runner or
+        ``make report`` renders later (``render_pending``): a figure is never silently absent. ``key`` figures are
+        the report's thumbnails (``key_figures``). Under the runner the files are written after the notebook ran."""
         if self.note:
             fig.update_layout(
                 title_text=f"{fig.layout.title.text or ''}<br><sup><span style='color:#c62828'>&#9888; {self.note}</span></sup>",
                 margin_t=max(fig.layout.margin.t or 0, 110),
             )
         fig.show()
-        if not self.static or self.skipped_reason is not None:
+        if not self.static:
             return
         for fmt in formats:
-            if self.deferred:
+            if self.deferred or self.skipped_reason is not None:
                 fig.write_json(self.dir / f"{name}.{fmt}{PENDING_SUFFIX}")
+                if not self.deferred:
+                    self.missing.append(f"{self.folder}/{name}.{fmt}")
             else:
                 try:
                     write_image_retried(fig, self.dir / f"{name}.{fmt}")
                 except Exception as err:  # kaleido without Chromium, no kaleido, or a browser error twice
                     self.skipped_reason = failure_line(err)
                     warnings.warn(
-                        f"static images are skipped from {name} on (figures still show inline): "
-                        f"{self.skipped_reason}. Install Chromium (apt-get install chromium) or run "
-                        "plotly_get_chrome.",
+                        f"static images could not be written from {name} on (figures still show inline): "
+                        f"{self.skipped_reason}. Each is kept as plotly JSON (<name>.png{PENDING_SUFFIX}); "
+                        "`make report` renders them once a browser works (apt-get install chromium, or "
+                        "plotly_get_chrome).",
                         stacklevel=2,
                     )
-                    return
+                    fig.write_json(self.dir / f"{name}.{fmt}{PENDING_SUFFIX}")
+                    self.missing.append(f"{self.folder}/{name}.{fmt}")
             self.saved.append(f"{self.folder}/{name}.{fmt}")
             if key and fmt == "png":
                 self.key.append(self.saved[-1])
@@ -167,21 +173,42 @@ def write_image_retried(fig: go.Figure, path: Path) -> None:
         write_image(fig, path)
 
 
-def render_pending(folder: Path) -> tuple[int, str | None]:
-    """Render every figure a notebook left under ``folder`` as ``<name>.<fmt>.pending.json`` into ``<name>.<fmt>``
-    (through this process's shared browser) and remove the JSON. Returns (figures written, the first failure as one
-    line or None); after a failure the remaining pending files are removed unrendered."""
+def render_pending(folder: Path) -> tuple[int, list[str], str | None]:
+    """Render every figure left under ``folder`` as ``<name>.<fmt>.pending.json`` into ``<name>.<fmt>`` (through this
+    process's shared browser) and remove its JSON. A figure that fails is tried once more with a browser of its own
+    (the shared one reset); if that fails too, it and the figures after it stay pending for a later call (``make
+    report``, the next run) instead of waiting on a browser that does not answer. Returns (figures written, the
+    figures still pending as paths relative to ``folder``, the first failure as one line or None)."""
     import plotly.io as pio
 
     pending = sorted(Path(folder).rglob(f"*{PENDING_SUFFIX}"))
-    written, failure = 0, None
+    written, failure, left = 0, None, []
     with _RENDER_LOCK:
         for path in pending:
+            target = path.with_name(path.name[: -len(PENDING_SUFFIX)])
             if failure is None:
                 try:
-                    write_image_retried(pio.read_json(path), path.with_name(path.name[: -len(PENDING_SUFFIX)]))
+                    _render_twice(pio.read_json(path), target)
                     written += 1
+                    path.unlink()
+                    continue
                 except Exception as err:  # noqa: BLE001 - reported as one line by the runner
-                    failure = f"{path.name[: -len(PENDING_SUFFIX)]}: {failure_line(err)}"
-            path.unlink()
-    return written, failure
+                    failure = f"{target.name}: {failure_line(err)}"
+            left.append(target.relative_to(folder).as_posix())
+    return written, left, failure
+
+
+def _render_twice(fig: go.Figure, target: Path) -> None:
+    """``write_image_retried``; on failure once more after resetting the shared browser (a fresh one for this call)."""
+    try:
+        write_image_retried(fig, target)
+    except Exception:  # noqa: BLE001 - the last attempt raises what is wrong
+        _IMAGE_SERVER["started"] = False
+        write_image(fig, target)
+
+
+def pending_figures(folder: Path) -> list[str]:
+    """The figures under ``folder`` still waiting to be rendered (``render_pending``), relative to it."""
+    return sorted(
+        p.with_name(p.name[: -len(PENDING_SUFFIX)]).relative_to(folder).as_posix() for p in Path(folder).rglob(f"*{PENDING_SUFFIX}")
+    )

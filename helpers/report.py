@@ -40,6 +40,7 @@ from .results import (
     TaskCheckResult,
     TemplateResults,
     read_results,
+    set_missing_figures,
 )
 
 TOP_K = 5  # heads per task in the overlap view
@@ -229,6 +230,13 @@ def figure_links(folder: ResultFolder, root: Path, template: str, limit: int = 3
                 f'alt="{html.escape(png.stem)}"></a>'
             )
     items = items or ['<span class="muted">(no static images: Chromium missing when it ran)</span>']
+    if data.figures_missing:
+        names = ", ".join(Path(m).name for m in data.figures_missing)
+        items.insert(
+            0,
+            f'<p class="failed">{len(data.figures_missing)} of {len(data.figures)} figures not rendered ({html.escape(names)}): '
+            "kept as plotly JSON next to where they belong; <code>make report</code> renders them once a browser works</p>",
+        )
     return f'<div class="fig"><h4><a href="{link}">{html.escape(template)}</a></h4>{"".join(items)}</div>'
 
 
@@ -510,9 +518,29 @@ def render(
     )
 
 
+def render_missing(root: Path) -> dict[str, list[str]]:
+    """Render the figures that runs under ``root`` left as plotly JSON (``figures.render_pending``; where a browser is
+    found) and record in each results file what is still missing (``figures_missing``). Returns, per run folder, the
+    figures still missing. Staging and failed folders (hidden) are left alone."""
+    from . import figures
+
+    pending = [p for p in root.rglob(f"*{figures.PENDING_SUFFIX}") if not any(x.startswith(".") for x in p.relative_to(root).parts)]
+    left: dict[str, list[str]] = {}
+    for folder in sorted({p.parent.parent for p in pending}):
+        still = figures.render_pending(folder)[1] if figures.browser_found() else figures.pending_figures(folder)
+        for figure_dir in folder.glob("*_figures"):
+            mine = [m for m in still if m.startswith(f"{figure_dir.name}/")]
+            set_missing_figures(folder / f"{figure_dir.name.removesuffix('_figures')}.json", mine)
+        if still:
+            left[str(folder.relative_to(root))] = still
+    return left
+
+
 def write_report(root: Path, batch=None) -> Path:
-    """Write ``root/index.html`` (and ``root/runs.json`` for a batch); returns the page's path."""
+    """Write ``root/index.html`` (and ``root/runs.json`` for a batch), first rendering the figures runs left
+    unrendered (``render_missing``); returns the page's path."""
     root.mkdir(parents=True, exist_ok=True)
+    render_missing(root)
     runs_file = root / "runs.json"
     if batch is not None:
         runs_file.write_text(json.dumps(batch.to_json(), indent=1))

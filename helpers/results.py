@@ -81,6 +81,8 @@ class TemplateResults(BaseModel):
     model: str | None = None  # every known template writes it
     figures: list[str] = Field(default_factory=list)
     key_figures: list[str] = Field(default_factory=list)
+    figures_missing: list[str] = Field(default_factory=list)  # of ``figures``: not rendered yet (kept as plotly JSON)
+    task_check: TaskCheckResult | None = None  # what ``session.write_results`` adds for a per-task template, typed
 
 
 class TaskResults(TemplateResults):
@@ -90,7 +92,6 @@ class TaskResults(TemplateResults):
 
     model: str
     params: dict[str, Any]
-    task_check: TaskCheckResult | None = None
 
     @property
     def description(self) -> str | None:
@@ -399,3 +400,18 @@ def read_results(path: Path | str, template: str | None = None) -> TemplateResul
         return schema_of(template).model_validate(data)
     except ValidationError as err:
         raise _mismatch(str(path), template, err, rerun) from None
+
+
+def set_missing_figures(path: Path, missing: list[str]) -> None:
+    """Record in the results file ``path`` which of its ``figures`` are not rendered (``figures_missing``; the key is
+    dropped once none is). Nothing happens where the file does not exist (a template that wrote no results)."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    if sorted(missing) == sorted(data.get("figures_missing", [])):
+        return
+    if missing:
+        data["figures_missing"] = sorted(missing)
+    else:
+        data.pop("figures_missing", None)
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")  # strict JSON, as ``artifacts.write_json``

@@ -30,7 +30,7 @@ from pathlib import Path
 from . import PROJECT_ROOT, figures, layout, notes
 from .models import ModelNotAvailable
 from .params import ParamsError, TaskParams, load_params
-from .results import ResultsSchemaError, read_results
+from .results import ResultsSchemaError, read_results, set_missing_figures
 
 BAD_INPUT = (ParamsError, ModelNotAvailable, layout.OutputsError, FileNotFoundError)
 
@@ -331,7 +331,8 @@ def _execute(
         return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir, message, memory.mb)
     source_nb.unlink()
     record_resources(out_nb, memory)
-    images, image_failure = figures.render_pending(staging)
+    images, unrendered, image_failure = figures.render_pending(staging)
+    set_missing_figures(staging / f"{template}.json", unrendered)  # what the kernel could not write and this did, too
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
     out_nb.write_text(out_nb.read_text().replace(str(staging), str(final)))
     carried = notes.carry_into(final / f"{template}.ipynb", out_nb)  # the researcher's notes; an edited notebook kept whole
@@ -350,7 +351,10 @@ def _execute(
         for n in (
             task_note(final / f"{template}.json"),
             carried.message(),
-            f"static images skipped after {images} ({image_failure})" if image_failure else "",
+            f"{len(unrendered)} of {images + len(unrendered)} figures not rendered ({image_failure}): kept as plotly JSON, "
+            "`make report` renders them"
+            if unrendered
+            else "",
         )
         if n
     )
@@ -408,7 +412,7 @@ def task_note(results_json: Path) -> str:
     if not results_json.exists():
         return ""
     try:
-        check = getattr(read_results(results_json), "task_check", None)
+        check = read_results(results_json).task_check
     except ResultsSchemaError as err:
         return str(err).splitlines()[0]
     if check is None or check.task_performed:

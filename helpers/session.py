@@ -51,9 +51,11 @@ class Session:
     def write_results(self, template: str, results: dict) -> Path:
         """Write ``<output folder>/<template>.json`` with the task check added (``task_check.task_performed``; none
         for a per-model template, whose results do not depend on the task), after validating it against the
-        template's schema (``helpers.results``): a key the schema does not know, or a missing one, fails here."""
+        template's schema (``helpers.results``): a key the schema does not know, or a missing one, fails here. The
+        figures that could not be written are listed (``figures_missing``; ``figures.Figures.show``)."""
         check = {"task_check": self.task_check.to_json()} if self.task_check else {}
-        data = to_jsonable({"schema_version": SCHEMA_VERSION, **results, **check})
+        missing = {"figures_missing": list(self.figures.missing)} if self.figures.missing else {}
+        data = to_jsonable({"schema_version": SCHEMA_VERSION, **results, **check, **missing})
         validate_results(template, data, where=f"the results of {template}")
         return write_json(self.out_dir / f"{template}.json", data)
 
@@ -145,8 +147,8 @@ def show_task_check(check: TaskCheck, params: TaskParams) -> None:
 class LogitDiffs:
     """Per-prompt logit differences of the clean and corrupted runs."""
 
-    clean: Float[Tensor, batch]
-    corrupted: Float[Tensor, batch]
+    clean: Float[Tensor, " batch"]
+    corrupted: Float[Tensor, " batch"]
     clean_accuracy: float  # fraction of prompts where the correct answer is the top token
 
     def table(self, prompts: PromptSet) -> pd.DataFrame:

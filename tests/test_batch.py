@@ -44,6 +44,12 @@ TEMPLATES = {
     # the system's out-of-memory killer, as it ends a kernel: SIGKILL after the kernel grew
     "oom": HEADER
     + "\n# %%\nimport os, signal, time\nballast = b'x' * (300 * 2**20)\ntime.sleep(1.5)\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    "figs": HEADER
+    + "\n# %%\nimport plotly.graph_objects as go\nfrom helpers import session\n"
+    + SESSION.format(name="figs").replace("threads, False", "threads, True")  # static images
+    + 'for name in ("a", "b"):\n    s.figures.show(go.Figure(go.Bar(y=[1, 2])), name, key=True)\n'
+    + 'print("wrote", s.write_results("figs", {"template": "figs", "model": s.model_name, "figures": s.figures.saved, '
+    + '"key_figures": s.figures.key}))\n',
     "per_model": "# ---\n# jupyter:\n#   circuit_lab:\n#     scope: model\n# ---\n\n"
     + HEADER
     + "\n# %%\nfrom helpers import session\n"
@@ -66,6 +72,39 @@ def sandbox(tmp_path, monkeypatch):
 
 def statuses(report: batch.BatchReport) -> dict[str, str]:
     return {f"{r.task}/{r.template}": r.status for r in report.results}
+
+
+def test_a_run_reruns_when_the_code_it_executes_changes_and_only_then(tmp_path):
+    """A run's fingerprint covers the helpers modules its template reaches and the runner's, not all of helpers/:
+    editing the report leaves every run up to date, editing discovery makes circuit_discovery and minimal_circuit
+    (which reads it) stale and nothing else, editing the engine makes every run that uses it stale."""
+    import shutil
+
+    from helpers import dependencies
+
+    package = tmp_path / "helpers"
+    shutil.copytree(dependencies.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    runs, _ = batch.plan_runs([str(runner.PROJECT_ROOT / "params" / "ioi.yaml")], models=["toy-ioi"])
+    options = batch.RunOptions()
+    base = batch.fingerprints(runs, options, package)
+
+    def stale_after(module: str) -> set[str]:
+        path = package / f"{module}.py"
+        path.write_text(path.read_text() + "\n# edited\n")
+        now = batch.fingerprints(runs, options, package)
+        base.update(now)
+        return {k.split("/")[-1] for k in now if now[k] != before[k]}
+
+    before = dict(base)
+    assert stale_after("report") == set()
+    before = dict(base)
+    assert stale_after("discovery") == {"circuit_discovery", "minimal_circuit"}
+    before = dict(base)
+    assert stale_after("interventions") == {r.template for r in runs}
+    before = dict(base)
+    assert stale_after("patching") == {r.template for r in runs} - {"induction_checks"}  # repeated tokens: no sweeps
+    before = dict(base)
+    assert stale_after("run") == {r.template for r in runs}  # the runner executes and publishes every run
 
 
 def test_real_templates_are_ordered_by_what_they_read():
@@ -160,6 +199,39 @@ def test_a_per_model_template_runs_once_per_model(sandbox):
     assert not (sandbox / "out" / "ioi" / "toy-ioi").exists()
     again = batch.run_batch(["numseq", "ioi"], templates=["per_model"], options=batch.RunOptions(n_prompts=4, threads=1, progress=False))
     assert statuses(again) == {"_models/per_model": "up-to-date"}
+
+
+def test_figures_a_starved_renderer_could_not_write_are_reported_and_rendered_later(sandbox, monkeypatch):
+    """A browser that times out on every figure: the run still succeeds, and its summary row, its results JSON
+    (``figures_missing``) and its report card say which figures are missing; they are kept as plotly JSON, and the
+    report renders them once the browser works (the JSON and the card then say nothing is missing)."""
+    from PIL import Image
+
+    from helpers import figures, report
+
+    fake_browser = sandbox / "chromium"
+    fake_browser.write_text("")
+    monkeypatch.setenv("BROWSER_PATH", str(fake_browser))  # the kernel leaves its figures to this process
+
+    def starved(fig, path, scale=1.5):
+        raise TimeoutError("kaleido's shared browser did not answer in 120 s")
+
+    monkeypatch.setattr(figures, "write_image", starved)
+    result = batch.run_batch(["ioi"], templates=["figs"], options=batch.RunOptions(n_prompts=4, threads=1, progress=False))
+    (run,) = result.results
+    assert run.status == "ok" and "2 of 2 figures not rendered (a.png: TimeoutError" in run.message, run.message
+    assert "make report" in run.message
+    folder = sandbox / "out" / "ioi" / "toy-ioi"
+    written = json.loads((folder / "figs.json").read_text())
+    assert written["figures"] == ["figs_figures/a.png", "figs_figures/b.png"] == written["figures_missing"]
+    page = report.write_report(sandbox / "out").read_text()
+    assert "2 of 2 figures not rendered" in page and "a.png, b.png" in page
+
+    monkeypatch.setattr(figures, "write_image", lambda fig, path, scale=1.5: Image.new("RGB", (4, 4)).save(path))
+    page = report.write_report(sandbox / "out").read_text()
+    assert "not rendered" not in page and page.count("data:image/png;base64") == 2
+    assert "figures_missing" not in json.loads((folder / "figs.json").read_text())
+    assert sorted(p.name for p in (folder / "figs_figures").iterdir()) == ["a.png", "b.png"]
 
 
 def test_cell_timeout_fails_the_run(sandbox):

@@ -27,7 +27,7 @@ def test_notable_points_are_labelled_by_name():
     assert not long.layout.annotations  # long hover texts stay hover-only
 
 
-def test_without_a_browser_figures_show_and_one_warning_says_why(tmp_path, monkeypatch):
+def test_without_a_browser_figures_show_one_warning_says_why_and_none_is_silently_missing(tmp_path, monkeypatch):
     import pytest
 
     def no_chrome(fig, path, scale=1):
@@ -37,10 +37,11 @@ def test_without_a_browser_figures_show_and_one_warning_says_why(tmp_path, monke
     monkeypatch.setattr(figures, "_IMAGE_SERVER", {})  # as in a fresh kernel: nothing started yet
     monkeypatch.setattr(go.Figure, "write_image", no_chrome)  # what kaleido does without a browser
     figs = figures.Figures(tmp_path)
-    with pytest.warns(UserWarning, match="static images are skipped from a on.*Chrom"):
+    with pytest.warns(UserWarning, match="static images could not be written from a on.*Chrom.*make report"):
         figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a")
     figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "b")  # no second warning, no hang
-    assert figs.saved == [] and "Chrome" in figs.skipped_reason
+    assert figs.saved == figs.missing == ["figures/a.png", "figures/b.png"] and "Chrome" in figs.skipped_reason
+    assert figures.pending_figures(tmp_path) == figs.missing  # kept as plotly JSON for make report
 
 
 def test_a_shared_browser_that_does_not_answer_is_given_up_not_waited_for(tmp_path, monkeypatch):
@@ -68,7 +69,7 @@ def test_under_the_runner_figures_are_left_pending_then_rendered_once(tmp_path, 
     figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), "a", formats=("png", "svg"))
     assert written == [] and figs.saved == ["figures/a.png", "figures/a.svg"]
     assert sorted(p.name for p in figs.dir.iterdir()) == ["a.png.pending.json", "a.svg.pending.json"]
-    assert figures.render_pending(tmp_path) == (2, None)
+    assert figures.render_pending(tmp_path) == (2, [], None)
     assert sorted(p.name for p in figs.dir.iterdir()) == ["a.png", "a.svg"]
     assert all("does not do this task" in title for title in written)  # rendered as shown, with the figure's note
 
@@ -78,7 +79,7 @@ def test_under_the_runner_figures_are_left_pending_then_rendered_once(tmp_path, 
     assert (direct.dir / "b.png").exists() and len(written) == 3  # outside the runner: written at once
 
 
-def test_a_pending_figure_that_cannot_be_rendered_is_one_line_and_leaves_nothing_pending(tmp_path, monkeypatch):
+def test_a_pending_figure_that_cannot_be_rendered_is_one_line_and_stays_pending(tmp_path, monkeypatch):
     def fail(fig, path, scale=1.5):
         raise RuntimeError("Chrome crashed\nlong trace")
 
@@ -87,9 +88,14 @@ def test_a_pending_figure_that_cannot_be_rendered_is_one_line_and_leaves_nothing
     figs = figures.Figures(tmp_path)
     for name in ("a", "b"):
         figs.show(plotting.heatmap(np.eye(2), "t", "x", "y"), name)
-    monkeypatch.setattr(figures, "write_image", fail)
-    assert figures.render_pending(tmp_path) == (0, "a.png: RuntimeError: Chrome crashed")
-    assert list(figs.dir.iterdir()) == []
+    tries = []
+    monkeypatch.setattr(figures, "write_image", lambda fig, path, scale=1.5: tries.append(path.name) or fail(fig, path))
+    assert figures.render_pending(tmp_path) == (0, ["figures/a.png", "figures/b.png"], "a.png: RuntimeError: Chrome crashed")
+    assert tries == ["a.png"] * 3  # the shared browser, its retry, a browser of its own; b is not waited for
+    assert sorted(p.name for p in figs.dir.iterdir()) == ["a.png.pending.json", "b.png.pending.json"]
+    monkeypatch.setattr(figures, "write_image", lambda fig, path, scale=1.5: path.write_bytes(b"png"))
+    assert figures.render_pending(tmp_path) == (2, [], None)  # a later call renders them
+    assert sorted(p.name for p in figs.dir.iterdir()) == ["a.png", "b.png"]
 
 
 def test_the_renderer_is_the_one_colab_shows_in_colab_and_offline_elsewhere(monkeypatch):

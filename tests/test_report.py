@@ -189,7 +189,7 @@ def test_results_are_validated_before_they_are_written(tmp_path):
 
     from helpers.session import Session
 
-    s = SimpleNamespace(task_check=None, out_dir=tmp_path)
+    s = SimpleNamespace(task_check=None, out_dir=tmp_path, figures=SimpleNamespace(missing=[]))
     data = fixture("induction_checks")
     data["treshold"] = data.pop("thresholds")
     with pytest.raises(results.ResultsSchemaError, match=r"thresholds: missing[\s\S]*treshold: not a key"):
