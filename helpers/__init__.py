@@ -9,11 +9,7 @@ One concept per module, imports one way (docs/architecture.md; ``tests/test_arch
 Submodules are imported lazily so that ``import helpers`` stays cheap.
 """
 
-import warnings
 from pathlib import Path
-
-# Libraries we load (transformers) import tqdm.auto, which warns in kernels without ipywidgets; its bars work as text.
-warnings.filterwarnings("ignore", message="IProgress not found")
 
 PROJECT_ROOT: Path = Path(__file__).resolve().parent.parent
 PARAMS_DIR: Path = PROJECT_ROOT / "params"

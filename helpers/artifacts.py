@@ -15,29 +15,30 @@ import numpy as np
 import torch
 
 
-def to_jsonable(value: Any) -> Any:
-    """Tensors/arrays -> nested lists (rounded to 6 decimals), dataclass-like objects -> dicts."""
+def to_jsonable(value: Any, digits: int | None = 6) -> Any:
+    """Tensors/arrays -> nested lists, numbers rounded to ``digits`` decimals (None: as they are), dataclass-like
+    objects -> dicts; non-finite numbers -> None."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
-        rounded = np.round(value.astype(float), 6)
+        rounded = value.astype(float) if digits is None else np.round(value.astype(float), digits)
         finite = np.isfinite(rounded)
         if not finite.all():  # JSON has no NaN/inf: undefined values are null (the result says why)
             rounded = rounded.astype(object)
             rounded[~finite] = None
         return rounded.tolist()
     if isinstance(value, (np.floating, float)):
-        return round(float(value), 6) if np.isfinite(value) else None
+        return (float(value) if digits is None else round(float(value), digits)) if np.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, digits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, digits) for v in value]
     if hasattr(value, "model_dump"):
-        return to_jsonable(value.model_dump())
+        return to_jsonable(value.model_dump(), digits)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
+        return to_jsonable(dataclasses.asdict(value), digits)
     return value
 
 
@@ -69,8 +70,9 @@ def non_finite_paths(value: Any, prefix: str = "") -> dict[str, int]:
     return found
 
 
-def write_json(path: Path | str, data: dict) -> Path:
-    """Write ``data`` as indented strict JSON (deterministic key order as given).
+def write_json(path: Path | str, data: dict, digits: int | None = 6) -> Path:
+    """Write ``data`` as indented strict JSON (deterministic key order as given), numbers rounded to ``digits``
+    decimals (None: kept whole, e.g. edge scores far below 1e-6).
 
     Non-finite numbers (NaN, inf) are written as null and named in a ``NonFiniteWarning`` (key path and count),
     so an undefined quantity is never silent: the result that holds it should say why (e.g. a normalisation
@@ -83,7 +85,7 @@ def write_json(path: Path | str, data: dict) -> Path:
         listed = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:8]) + (" …" if len(bad) > 8 else "")
         warnings.warn(f"{path.name}: non-finite values written as null: {listed}", NonFiniteWarning, stacklevel=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(data), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(to_jsonable(data, digits), indent=1, allow_nan=False) + "\n")
     return path
 
 

@@ -41,7 +41,6 @@ over ``steps`` points on the straight path from the corrupted to the clean input
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -50,8 +49,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from .artifacts import write_json
 from .attribution import post_attention_norm, post_norms
 from .attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
+from .capabilities import NotSupported, architecture, kv_heads
 from .forks import made_forks, receiver_forks
 from .interventions import (
     KVPrefix,
@@ -65,7 +66,7 @@ from .interventions import (
 )
 from .memory import release_freed_memory
 from .metrics import logit_diff, normalised
-from .patching import NotSupported, variants_per_chunk
+from .patching import variants_per_chunk
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 COMPONENTS = ("q", "k", "v")
@@ -96,13 +97,9 @@ class Receiver:
     heads: tuple[int, ...] = ()
 
 
-def _n_kv(cfg) -> int:
-    return getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-
-
 def unsupported_reason(model) -> str | None:
     """Why edge-level circuits cannot be evaluated exactly on this architecture, or None if they can."""
-    arch = type(getattr(model, "original_model", model)).__name__
+    arch = architecture(model)
     if "blocks.0.attn.hook_q_input" not in model.hook_dict or "blocks.0.hook_mlp_in" not in model.hook_dict:
         return f"edge-level circuits are not supported for this architecture ({arch}): the bridge has no per-head q/k/v input fork"
     try:
@@ -148,7 +145,7 @@ class Graph:
         if reason:
             raise NotSupported(reason)
         cfg = model.cfg
-        n_layers, n_heads, n_kv = cfg.n_layers, cfg.n_heads, _n_kv(cfg)
+        n_layers, n_heads, n_kv = cfg.n_layers, cfg.n_heads, kv_heads(cfg)
         parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
         senders = [Node("input", "input", -1)]
         receivers: list[Receiver] = []
@@ -331,8 +328,8 @@ class EdgeCircuit:
         return cls(edges, data.get("method", "given"), data.get("faithfulness"), scores)
 
     def save(self, path) -> None:
-        with open(path, "w") as fh:
-            json.dump(self.to_json(), fh, indent=1)
+        """Strict JSON (an undefined faithfulness is null, never NaN), every score kept whole (no rounding)."""
+        write_json(path, self.to_json(), digits=None)
 
 
 @dataclass(eq=False)
@@ -775,7 +772,7 @@ def _logit_diffs(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver
         # per variant: the stored rows and two totals for the whole run, and each layer's per-head q/k/v input forks (with
         # their normed copies), which ``variants_per_chunk`` does not count
         cfg = model.cfg
-        forks = 2 * (cfg.n_heads + 2 * (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads))
+        forks = 2 * (cfg.n_heads + 2 * kv_heads(cfg))
         if ectx.graph.post_norm:  # each layer's head changes, A and N(A); a fork's mixes (partial sums, their norms, the sum)
             forks += cfg.n_layers * (cfg.n_heads + 2) + 4 * cfg.n_heads
         held = (rows + 2 + forks) * batch * pos * d * ectx.corrupted_outputs.element_size()

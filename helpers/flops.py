@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .capabilities import kv_heads
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -36,7 +38,7 @@ class ModelShape:
             n_layers=cfg.n_layers,
             d_model=cfg.d_model,
             n_heads=cfg.n_heads,
-            n_kv_heads=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+            n_kv_heads=kv_heads(cfg),
             d_head=cfg.d_head,
             d_mlp=cfg.d_mlp or 4 * cfg.d_model,
             gated_mlp=bool(getattr(cfg, "gated_mlp", False)),

@@ -21,6 +21,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor
 
+from .capabilities import model_state
 from .interventions import _probe_tokens, _verified
 
 COMPONENTS = ("q", "k", "v")
@@ -78,14 +79,14 @@ def receiver_forks(model):
 def made_forks(model) -> list[str]:
     """The receiver forks ``receiver_forks`` made itself on this model (where the bridge has none), once it has run:
     ``"q/k/v"`` (at the projections) and ``"mlp"`` (at the MLP's input)."""
-    verdicts = model.__dict__.get("_circuit_lab_fast_paths", {})
+    verdicts = model_state(model, "fast_paths")
     made = {kind for key, ok in verdicts.items() if ok and key[0] == "made_forks" for kind in key[1:]}
     return (["q/k/v"] if made & set(COMPONENTS) else []) + (["mlp"] if "mlp" in made else [])
 
 
 def _fires(model, name: str) -> bool:
     """Whether the bridge calls hook point ``name`` in a forward (cached per model)."""
-    verdicts: dict = model.__dict__.setdefault("_circuit_lab_fires", {})
+    verdicts: dict = model_state(model, "fires")
     if name not in verdicts:
         seen = []
         with torch.no_grad(), model.hooks(fwd_hooks=[(name, lambda act, hook: seen.append(1))]):
@@ -152,7 +153,7 @@ def _made_forks(model, kinds: set[str], why: str):
     """Hooks that make the forks of ``kinds`` (``q``/``k``/``v`` at the projections, ``mlp`` at the MLP's input) from
     the block's residual input, for the duration; ``NotImplementedError`` unless, with every such fork hooked by the
     identity, the output equals the plain forward (checked once per model and kinds)."""
-    active: set = model.__dict__.setdefault("_circuit_lab_made_forks", set())
+    active: set = model_state(model, "made_forks", set)
     key = ("made_forks", *sorted(kinds))
     if key in active:  # nested (e.g. path patching inside an edge run): the outer forks serve
         yield

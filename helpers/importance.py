@@ -34,11 +34,12 @@ from tqdm.std import tqdm
 from transformer_lens.utilities import get_act_name
 
 from .attribution_patching import rank_agreement
+from .capabilities import NotSupported
 from .hooks import recording_hook, resolve_hook_names
 from .interventions import Intervention, hook_takes_effect, hooks_for, logits_from_layer
 from .memory import release_freed_memory
 from .metrics import group_mean, logit_diff
-from .patching import NotSupported, bytes_per_variant
+from .patching import bytes_per_variant
 
 LOSS_ROWS = 8  # rows of full-sequence logits turned into losses at a time: bounds the softmax's temporary copy
 METRICS = ("answer_loss", "sequence_loss", "logit_diff")

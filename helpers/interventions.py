@@ -44,11 +44,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from .capabilities import architecture, model_state
 from .hooks import UNEMBED_LAST, last_position, recording_hook
 from .metrics import logit_diff
 
 SOURCES = ("clean", "corrupted", "mean", "zero", "recorded")
-_LAYER_FREE = ("hook_embed", "hook_pos_embed")  # hooks before the first block
 
 
 @dataclass(eq=False)
@@ -259,7 +259,7 @@ def run_with_kv(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> tuple[Tens
     prefix = KVPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]) if cache.layers else None
     if prefix is None or len(prefix.keys) != model.cfg.n_layers or any(k.shape[:3:2] != tokens.shape for k in prefix.keys):
         shapes = [] if prefix is None else [tuple(k.shape) for k in prefix.keys]
-        warnings.warn(f"{_arch(model)}: no usable key/value cache ({shapes}); patches recompute every position", stacklevel=2)
+        warnings.warn(f"{architecture(model)}: no usable key/value cache ({shapes}); patches recompute every position", stacklevel=2)
         return logits, activations, None
     return logits, activations, prefix
 
@@ -414,30 +414,27 @@ def _full_vocabulary(model):
 
 def fast_paths(model) -> dict:
     """The savings checked on this model so far and whether each was exact (key: saving, start layer)."""
-    return dict(model.__dict__.get("_circuit_lab_fast_paths", {}))
+    return dict(model_state(model, "fast_paths"))
 
 
 def _verified(model, key: tuple, fast: Callable[[], Tensor], plain: Callable[[], Tensor], what: str, warn: bool = True) -> bool:
     """Whether ``fast()`` equals ``plain()`` (to 1e-5 of its scale in float32) on this model, checked once per ``key``; a failure
     (or an error in ``fast``) switches that saving off for good, with a warning that says ``what`` changed."""
-    verdicts: dict = model.__dict__.setdefault("_circuit_lab_fast_paths", {})
+    verdicts: dict = model_state(model, "fast_paths")
     if key not in verdicts:
         with torch.no_grad(), _full_vocabulary(model):
             reference = plain()
+            error = ""
             try:
                 out = fast()
                 tolerance = max(1e-5, 16 * torch.finfo(reference.dtype).eps)  # float32: 1e-5; half precision: its own rounding
                 ok = out.shape == reference.shape and bool((out - reference).abs().max() <= tolerance * (1 + reference.abs().max()))
-            except Exception:  # e.g. a block that reshapes with the full sequence length
-                ok = False
+            except Exception as err:  # noqa: BLE001 - e.g. a block that reshapes with the full sequence length: said below
+                ok, error = False, f" ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
         verdicts[key] = ok
         if not ok and warn:
-            warnings.warn(f"{_arch(model)}: {what}; falling back to the plain computation (exact, slower)", stacklevel=4)
+            warnings.warn(f"{architecture(model)}: {what}{error}; falling back to the plain computation (exact, slower)", stacklevel=4)
     return verdicts[key]
-
-
-def _arch(model) -> str:
-    return type(getattr(model, "original_model", model)).__name__
 
 
 def _fast_start_ok(model, resid: Tensor, layer: int) -> bool:
@@ -537,7 +534,7 @@ class _PassThrough:
 
 def _output_template(model, block) -> tuple | None:
     """None if ``block`` returns a tensor, else one real output tuple of it (measured once per model)."""
-    templates: dict = model.__dict__.setdefault("_circuit_lab_block_outputs", {})
+    templates: dict = model_state(model, "block_outputs")
     key = id(block)
     if key not in templates:
         seen: list = []
@@ -559,16 +556,17 @@ def hook_takes_effect(model, hook: str) -> bool:
     activations afterwards (e.g. the pattern on OPT and GPT-J): an edit there is discarded, and a sweep over
     it would be a silent zero. Analyses check this before patching such a hook.
     """
-    verdicts: dict = model.__dict__.setdefault("_circuit_lab_hook_effect", {})
+    verdicts: dict = model_state(model, "hook_effect")
     if hook not in verdicts:
         tokens = _probe_tokens(model)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if "_circuit_lab_probe_output" not in model.__dict__:  # the unedited output, computed once per model
-                model.__dict__["_circuit_lab_probe_output"] = model(tokens)
+            probe = model_state(model, "probe")
+            if "output" not in probe:  # the unedited output, computed once per model
+                probe["output"] = model(tokens)
             with model.hooks(fwd_hooks=[(hook, zero_activation)]):
                 edited = model(tokens)
-        verdicts[hook] = bool((edited - model.__dict__["_circuit_lab_probe_output"]).abs().max() > 1e-6)
+        verdicts[hook] = bool((edited - probe["output"]).abs().max() > 1e-6)
     return verdicts[hook]
 
 
@@ -586,7 +584,7 @@ def edit_reaches_residual(model, hook: str) -> bool:
     In the TransformerLens 4 bridge the edited tensor goes to the MLP only, and the residual stream goes on with
     the unedited one: patching "resid_mid" there patches the MLP input, and patching all of it does not recover
     the clean run (TransformerLens 4's own ``get_act_patch_resid_mid`` does the same)."""
-    verdicts: dict = model.__dict__.setdefault("_circuit_lab_reaches_residual", {})
+    verdicts: dict = model_state(model, "reaches_residual")
     if hook not in verdicts:
         layer = int(hook.split(".")[1])
         tokens = _probe_tokens(model)

@@ -23,6 +23,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .artifacts import write_json
+from .capabilities import kv_heads
 from .discovery import circuit_of
 from .edges import EdgeCircuit, Graph
 
@@ -77,7 +78,7 @@ def cfg_of(model) -> dict:
     return {
         "n_layers": int(cfg.n_layers),
         "n_heads": int(cfg.n_heads),
-        "n_key_value_heads": int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
+        "n_key_value_heads": int(kv_heads(cfg)),
         "d_model": int(cfg.d_model),
         "parallel_attn_mlp": bool(getattr(cfg, "parallel_attn_mlp", False)),
     }

@@ -179,7 +179,7 @@ def _hub_cached(hub_id: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
-    except Exception:
+    except (ImportError, OSError, ValueError):  # no hub client, an unreadable cache, or not a hub id: not cached
         return False
 
 

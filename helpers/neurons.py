@@ -29,7 +29,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from .attribution import frozen_scales, post_normed, post_norms, project_stack, sublayer_bias
 from .attribution_patching import attribution_patch
 from .metrics import normalised
-from .patching import PatchingContext, Sweep, run_patched_from_layer, run_sweep
+from .patching import PatchingContext, Sweep, run_patched_hook, run_sweep
 from .results import CircuitExpmsResults
 
 NEURONS = Sweep("neuron", "mlp.hook_post", (("neuron", 1),), None)  # one variant per neuron, all positions
@@ -127,7 +127,7 @@ def candidates(estimate: Float[Tensor, "layer neuron"], layers: list[int], n: in
 def all_neurons_patched(ctx: PatchingContext, layer: int, hook: str | None = None) -> float:
     """Normalised effect of patching every neuron of ``layer`` at once, all positions (``hook``: another activation of
     that layer patched whole instead, e.g. ``hook_mlp_out``, which must give the same number)."""
-    ld = run_patched_from_layer(ctx, layer, hook or post_hook(layer), torch.ones((1, 1, 1), dtype=torch.bool)).mean()
+    ld = run_patched_hook(ctx, hook or post_hook(layer), torch.ones((1, 1, 1), dtype=torch.bool)).mean()
     return float(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars: tqdm.auto warns (TqdmWarning) in kernels without ipywidgets
 from transformer_lens.ActivationCache import ActivationCache
 
+from .capabilities import NotSupported, kv_heads
 from .components import rank_heads
 from .flops import ModelShape, run_flops
 from .hooks import UNEMBED_LAST, resolve_hook_names
@@ -50,10 +51,6 @@ from .metrics import (
     logit_diff,
     normalised,
 )
-
-
-class NotSupported(ValueError):
-    """An analysis that does not exist for this architecture (e.g. resid_mid with parallel attention and MLP)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +153,7 @@ def layout(model, name: str) -> tuple[str, ...]:
     key/value groups (``kv_group``) under grouped-query attention, where one k and v serve several query heads
     (the same layout as ``transformer_lens.patching``)."""
     spec = SWEEPS[name]
-    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    n_kv = kv_heads(model.cfg)
     if spec.hook in ("attn.hook_k", "attn.hook_v") and n_kv != model.cfg.n_heads:
         return tuple("kv_group" if axis == "head" else axis for axis in spec.layout)
     return spec.layout
@@ -330,11 +327,6 @@ def variants_per_chunk(model, batch: int, n_pos: int, memory_mb: float, max_vari
     return min(n, max_variants) if max_variants else n
 
 
-def repeat_for_variants(act: Float[Tensor, "batch ..."], n_var: int) -> Float[Tensor, "variant_batch ..."]:
-    """``n_var`` copies of a [batch, ...] activation stacked along the batch axis (variant-major)."""
-    return act.repeat(n_var, *([1] * (act.dim() - 1)))
-
-
 def sources(ctx: PatchingContext) -> dict[str, dict[str, Tensor]]:
     """The cached runs interventions draw from (``interventions.SOURCES``)."""
     return {"clean": ctx.clean_cache.cache_dict, "corrupted": ctx.corrupted_cache.cache_dict}
@@ -357,10 +349,8 @@ def run_patched(ctx: PatchingContext, interventions: list[Intervention], n_var: 
     )
 
 
-def run_patched_from_layer(
-    ctx: PatchingContext, layer: int, hook_name: str, masks: Bool[Tensor, "variant ..."]
-) -> Float[Tensor, "variant batch"]:
-    """Per-prompt logit difference of each variant: corrupted run with ``hook_name`` (in block ``layer``) patched from clean by mask."""
+def run_patched_hook(ctx: PatchingContext, hook_name: str, masks: Bool[Tensor, "variant ..."]) -> Float[Tensor, "variant batch"]:
+    """Per-prompt logit difference of each variant: corrupted run with ``hook_name`` patched from clean by mask."""
     return run_patched(ctx, [Intervention(hook_name, "clean", masks)], masks.shape[0])[0]
 
 
@@ -500,7 +490,7 @@ def run_sweep(
             ld[~selected] = float("nan")
             live, starts = live[selected[live]], starts[selected[live]]
         for part in variant_chunks(model, live, starts, _n_pos(spec, clean), batch, memory_mb, max_variants):
-            ld[part] = run_patched_from_layer(ctx, layer, hook_name, variant_masks(spec, clean.shape, part)).cpu() @ weights
+            ld[part] = run_patched_hook(ctx, hook_name, variant_masks(spec, clean.shape, part)).cpu() @ weights
         ld = ld if raw else normalised(ld, clean_base, corr_base)
         rows.append(ld.T.reshape(-1, *shape))  # [group, *shape]
         release_freed_memory()  # this layer's patched runs, back to the system (helpers.memory)
@@ -565,7 +555,7 @@ def patch_everything_at(ctx: PatchingContext, name: str, layer: int, everything:
     spec = SWEEPS[name]
     hook_name = spec.hook_name(layer)
     masks = torch.full((1, *ctx.clean_cache[hook_name].shape[1:]), everything, dtype=torch.bool)
-    ld = run_patched_from_layer(ctx, layer, hook_name, masks).mean().item()
+    ld = run_patched_hook(ctx, hook_name, masks).mean().item()
     return float(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from .attribution import post_attention_norm, post_norms, sublayer_bias
+from .capabilities import kv_heads
 from .components import Head
 from .forks import split_qkv_input
 from .hooks import resolve_hook_names
@@ -67,7 +68,7 @@ def _receiver_hook_name(layer: int, component: str) -> str:
 def input_index(cfg, component: str, head: int) -> int:
     """Index of query head ``head``'s ``component`` input in the hooked activation: the head itself for q; its
     key/value group for k and v (grouped-query attention shares one k and v among ``n_heads / n_kv`` heads)."""
-    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    n_kv = kv_heads(cfg)
     return head if component == "q" else head // (cfg.n_heads // n_kv)
 
 
@@ -160,7 +161,7 @@ def direct_path_effects(
     NotImplementedError where no q/k/v fork can be found or made (``helpers.forks``)."""
     model, cfg = ctx.model, ctx.model.cfg
     _receiver_hook_name(0, component)
-    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    n_kv = kv_heads(cfg)
     if component != "q" and n_kv != cfg.n_heads:
         raise ValueError(
             f"direct path into {component} is not defined per head under grouped-query attention "

@@ -298,14 +298,18 @@ def _execute(
     declared = pm.inspect_notebook(str(source_nb))  # pass only what the template declares (input_dir: where earlier JSON is)
     parameters = {k: v for k, v in parameters.items() if k in declared}
     # Kernel quiet: no per-layer progress bars in the saved notebook unless streamed (--log-output); no ipykernel
-    # warning about its local TCP transport on every run (kernel errors are still shown).
-    os.environ["CIRCUIT_LAB_PROGRESS"] = "1" if log_output else "0"
-    # tqdm.auto (imported by transformer_lens before helpers) warns in kernels without ipywidgets; its bars work as text.
+    # warning about its local TCP transport on every run (kernel errors are still shown). tqdm.auto (imported by
+    # transformer_lens before helpers) warns in kernels without ipywidgets; its bars work as text. Figures are left to
+    # this process to render (``figures.DEFER_ENV``).
     filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
-    os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*filters, "ignore:IProgress not found"]))
+    kernel_env = {
+        "CIRCUIT_LAB_PROGRESS": "1" if log_output else "0",
+        "PYTHONWARNINGS": ",".join(dict.fromkeys([*filters, "ignore:IProgress not found"])),
+        figures.DEFER_ENV: "defer",
+    }
     memory = PeakRSS()
     try:
-        with images_rendered_here(), memory:
+        with kernel_environment(kernel_env), memory:
             in_own_thread(
                 pm.execute_notebook,
                 str(source_nb),
@@ -379,31 +383,34 @@ def record_resources(notebook: Path, memory: PeakRSS) -> None:
     nbformat.write(nb, notebook)
 
 
-_DEFERRING = {"runs": 0, "before": None}
-_DEFERRING_LOCK = threading.Lock()
+_IN_FLIGHT: dict = {"runs": 0, "before": {}}
+_IN_FLIGHT_LOCK = threading.Lock()
 
 
 @contextmanager
-def images_rendered_here():
-    """While kernels of this process start and run, ask them to leave their figures as pending JSON
-    (``figures.DEFER_ENV``): this process renders them after each run (``figures.render_pending``) through one
-    browser kept for every run. The variable is restored when the last run in flight ends (runs in threads share
-    it), so figures made later in this process are written at once."""
-    with _DEFERRING_LOCK:
-        if _DEFERRING["runs"] == 0:
-            _DEFERRING["before"] = os.environ.get(figures.DEFER_ENV)
-            os.environ[figures.DEFER_ENV] = "defer"
-        _DEFERRING["runs"] += 1
+def kernel_environment(values: dict[str, str]):
+    """``values`` in this process's environment while its runs are in flight (each kernel inherits the environment
+    when it starts): e.g. ``figures.DEFER_ENV``, so that kernels leave their figures as pending JSON and this process
+    renders them after each run (``figures.render_pending``) through one browser kept for every run. Every variable is
+    restored when the last run in flight ends (runs in threads share the environment), so nothing done later in this
+    process (figures written at once, progress bars) sees the runner's settings."""
+    with _IN_FLIGHT_LOCK:
+        for key in values:
+            _IN_FLIGHT["before"].setdefault(key, os.environ.get(key))
+        os.environ.update(values)
+        _IN_FLIGHT["runs"] += 1
     try:
         yield
     finally:
-        with _DEFERRING_LOCK:
-            _DEFERRING["runs"] -= 1
-            if _DEFERRING["runs"] == 0:
-                if _DEFERRING["before"] is None:
-                    os.environ.pop(figures.DEFER_ENV, None)
-                else:
-                    os.environ[figures.DEFER_ENV] = _DEFERRING["before"]
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT["runs"] -= 1
+            if _IN_FLIGHT["runs"] == 0:
+                for key, value in _IN_FLIGHT["before"].items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+                _IN_FLIGHT["before"] = {}
 
 
 def task_note(results_json: Path) -> str:

@@ -9,6 +9,7 @@ JSON (``helpers.results``); ``load_results`` reads an earlier template's, typed,
 from __future__ import annotations
 
 import html
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def start_session(
     published one).
     """
     set_threads(threads)
+    # tqdm.auto (the weight-loading bars of transformers) warns in kernels without ipywidgets; its bars work as text.
+    # Set here, in the notebook, not on import of helpers (a library import changes no global warning filter).
+    warnings.filterwarnings("ignore", message="IProgress not found")
     release_after_each_cell()  # a long notebook's memory tracks what it holds (helpers.memory)
     params = load_params(params_file or task, model=model_name, n_prompts=n_prompts)
     torch.manual_seed(params.seed)  # whatever draws from torch's global generator in the notebook follows the params

@@ -28,10 +28,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .capabilities import NotSupported
 from .components import Head
 from .hooks import resolve_hook_names
 from .interventions import hook_takes_effect
-from .patching import SWEEPS, NotSupported, PatchingContext, make_context, run_sweep
+from .patching import SWEEPS, PatchingContext, make_context, run_sweep
 from .prompts import AlternativeRun, PromptSet
 
 POSITIONS = ("end", "all")  # where a head's output is taken from the source run: the final position, or every position

@@ -34,10 +34,10 @@ from torch import Tensor
 from transformer_lens import SVDInterpreter
 from transformer_lens import utilities as utils
 
+from .capabilities import NotSupported
 from .components import Head
 from .hooks import recording_hook
 from .interventions import zero_activation
-from .patching import NotSupported
 
 
 def _normed(model, x: Float[Tensor, "n d_model"], layer: int) -> Float[Tensor, "n d_model"]:

@@ -68,7 +68,7 @@ from IPython.display import display
 from scipy.stats import pearsonr
 
 from helpers import experiments, head_functions, plotting, roles, session, signals, weights_circuits
-from helpers.patching import NotSupported
+from helpers.capabilities import NotSupported
 
 s = session.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)

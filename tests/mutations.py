@@ -130,7 +130,7 @@ MUTATIONS = [
     (
         "the runner renders no pending figure (PNGs never written)",
         "helpers/figures.py",
-        "write_image_retried(pio.read_json(path), path.with_name(path.name[: -len(PENDING_SUFFIX)]))",
+        "_render_twice(pio.read_json(path), target)",
         "pio.read_json(path)",
         "tests/test_notebooks.py::test_json_artifact_contents",
     ),

@@ -41,7 +41,7 @@ def test_the_command_line_is_on_top():
     assert not [m for m, deps in graph.items() if "cli" in deps], "nothing imports helpers.cli: it sits on top"
 
 
-LIGHT = ["layout", "models", "batch", "dependencies", "notes", "params", "results", "components", "report", "cli"]
+LIGHT = ["layout", "models", "batch", "capabilities", "dependencies", "notes", "params", "results", "components", "report", "cli"]
 
 
 def test_planning_and_reporting_modules_do_not_import_torch():
@@ -58,3 +58,29 @@ def test_planning_and_reporting_modules_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert out.returncode == 0, out.stderr.strip().splitlines()[-1]
+
+
+def test_importing_the_package_changes_no_global_warning_filter():
+    """A library import has no side effects on the interpreter: the notebook session sets what its kernel needs."""
+    code = "import warnings\nbefore = list(warnings.filters)\nimport helpers\nassert warnings.filters == before, warnings.filters[:3]\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert out.returncode == 0, out.stderr.strip().splitlines()[-1]
+
+
+def test_what_is_measured_on_a_model_lives_beside_it_and_goes_with_it():
+    import gc
+    import weakref
+
+    from helpers import capabilities
+
+    class Model:
+        pass
+
+    model = Model()
+    capabilities.model_state(model, "fast_paths")[("skip_blocks", 1)] = True
+    assert capabilities.model_state(model, "fast_paths") == {("skip_blocks", 1): True} and vars(model) == {}
+    assert capabilities.forget(model, "fast_paths") == {("skip_blocks", 1): True} and capabilities.model_state(model, "fast_paths") == {}
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None and all(k is not None for k in capabilities._STATE.keys())

@@ -7,6 +7,7 @@ real templates run through the batch runner in test_notebooks.py.
 from __future__ import annotations
 
 import json
+import os
 
 import nbformat
 import pytest
@@ -239,6 +240,16 @@ def test_cell_timeout_fails_the_run(sandbox):
     (result,) = report.results
     assert result.status == "failed" and "Timeout" in result.message, result.message
     assert report.exit_code == 1
+
+
+def test_the_runner_leaves_the_environment_as_it_found_it(sandbox, monkeypatch):
+    """What the runner sets for its kernels (quiet progress, warning filters, deferred figures) is restored when the
+    run ends, so nothing later in the process sees it."""
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
+    monkeypatch.delenv("CIRCUIT_LAB_PROGRESS", raising=False)
+    before = dict(os.environ)
+    report = batch.run_batch(["ioi"], templates=["first"], options=batch.RunOptions(n_prompts=4, threads=1, progress=False))
+    assert statuses(report) == {"ioi/first": "ok"} and dict(os.environ) == before
 
 
 def test_cli_runs_the_batch_and_writes_the_report(sandbox, capsys):

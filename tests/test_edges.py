@@ -9,9 +9,9 @@ from transformer_lens import patching as tl_patching
 
 from helpers import edges as E
 from helpers.attribution_patching import attribution_patch, metric_gradients
+from helpers.capabilities import NotSupported, model_state
 from helpers.families import FAMILIES
 from helpers.metrics import logit_diff
-from helpers.patching import NotSupported
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +179,12 @@ def test_circuit_round_trips_through_json(ioi_ectx, tmp_path):
 
     back = E.EdgeCircuit.from_json(json.loads((tmp_path / "c.json").read_text()))
     assert back == c and back.heads == ["L0H3", "L3H2"] and "3 edges" in repr(back)
+    tiny = E.EdgeCircuit(c.edges, "eap", float("nan"), {"L3H2->logits": 3e-9})  # undefined faithfulness, a tiny score
+    with pytest.warns(UserWarning, match="faithfulness"):  # artifacts' NonFiniteWarning names it
+        tiny.save(tmp_path / "tiny.json")
+    text = (tmp_path / "tiny.json").read_text()
+    assert "NaN" not in text and json.loads(text)["faithfulness"] is None  # strict JSON
+    assert E.EdgeCircuit.from_json(json.loads(text)).scores == {"L3H2->logits": 3e-9}  # not rounded away
 
 
 def test_evaluation_is_independent_of_chunking(ioi_ectx):
@@ -275,7 +281,7 @@ def test_forks_that_do_not_reproduce_the_forward_are_not_supported(family_models
     from helpers import forks
 
     model, prompts = family_models("opt")
-    verdicts = model.__dict__.setdefault("_circuit_lab_fast_paths", {})
+    verdicts = model_state(model, "fast_paths")
     saved = verdicts.pop(("made_forks", "k", "q", "v"), None)
     monkeypatch.setattr(forks._ProjectionFork, "__call__", lambda self, act, hook=None: None if not self.fork.has_hooks() else 2 * act)
     try:

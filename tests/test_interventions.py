@@ -12,6 +12,7 @@ import torch
 from helpers import interventions as I
 from helpers import patching as P
 from helpers.artifacts import to_jsonable
+from helpers.capabilities import forget
 from helpers.metrics import NormalisationWarning, check_normalisation, normalised
 
 
@@ -63,7 +64,7 @@ def test_a_logit_difference_reads_only_the_answers_columns(family, family_models
     ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, answers)
     last = model.cfg.n_layers - 1
     masks = torch.eye(model.cfg.n_heads, dtype=torch.bool)[:, None, :, None]
-    ours = P.run_patched_from_layer(ctx, last, f"blocks.{last}.attn.hook_z", masks).mean(-1)
+    ours = P.run_patched_hook(ctx, f"blocks.{last}.attn.hook_z", masks).mean(-1)
     clean_z = ctx.clean_cache[f"blocks.{last}.attn.hook_z"]
     with torch.no_grad():
         for h in range(model.cfg.n_heads):
@@ -82,12 +83,12 @@ def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
     _, cache = model.run_with_cache(prompts.clean_tokens)
     full = model(prompts.clean_tokens)[:, -1:]
     monkeypatch.setattr(I, "UNEMBED_LAST", ("unembed.hook_in", lambda x, hook=None: x[:, :1]))  # a broken shortcut: the first position
-    model.__dict__.pop("_circuit_lab_fast_paths", None)
+    forget(model, "fast_paths")
     with pytest.warns(UserWarning, match="falling back"):
         out = I.forward_from_layer(model, cache["blocks.1.hook_resid_pre"], 1, [])
     assert (out - full).abs().max() <= 1e-5
     assert I.fast_paths(model)[("skip_blocks", 1)] is False
-    model.__dict__.pop("_circuit_lab_fast_paths", None)
+    forget(model, "fast_paths")
 
 
 def test_grouped_query_sweeps_are_per_key_value_group(llama):

@@ -55,7 +55,7 @@ def test_all_neurons_patched_equal_mlp_out_patched_and_one_neuron_equals_a_plain
     ctx = _context(model, prompts)
     layer = model.cfg.n_layers - 1
     everywhere = torch.ones((1, 1, 1), dtype=torch.bool)
-    mlp_out = patching.run_patched_from_layer(ctx, layer, f"blocks.{layer}.hook_mlp_out", everywhere).mean()
+    mlp_out = patching.run_patched_hook(ctx, f"blocks.{layer}.hook_mlp_out", everywhere).mean()
     expected = float(normalised(mlp_out, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
     assert neurons.all_neurons_patched(ctx, layer) == pytest.approx(expected, abs=1e-4)
     assert neurons.all_neurons_patched(ctx, layer, f"blocks.{layer}.hook_mlp_out") == pytest.approx(expected, abs=1e-6)

@@ -9,6 +9,7 @@ import torch
 from helpers import flops as F
 from helpers import interventions as I
 from helpers import patching as P
+from helpers.capabilities import forget, model_state
 from helpers.families import FAMILIES
 
 
@@ -86,14 +87,15 @@ def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypa
         return cache
 
     monkeypatch.setattr(I.KVPrefix, "cache", wrong)
-    paths = model.__dict__.pop("_circuit_lab_fast_paths")
+    paths = forget(model, "fast_paths")
     try:
         with pytest.warns(UserWarning, match="falling back"):
             ours = P.sweep(ctx, "resid_pre", progress=False)
         assert not any(v for k, v in I.fast_paths(model).items() if k[0] == "suffix")
         assert (ours - reference).abs().max() <= 1e-4
     finally:
-        model.__dict__["_circuit_lab_fast_paths"] = paths
+        forget(model, "fast_paths")
+        model_state(model, "fast_paths").update(paths)
 
 
 def test_hooks_on_the_last_mlp_keep_it_at_every_position(family_models):
