@@ -50,7 +50,6 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from .artifacts import write_json
-from .attribution import post_attention_norm, post_norms
 from .attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
 from .capabilities import NotSupported, architecture, kv_heads
 from .forks import made_forks, receiver_forks
@@ -66,6 +65,7 @@ from .interventions import (
 )
 from .memory import release_freed_memory
 from .metrics import logit_diff, normalised
+from .norms import post_attention_norm, post_norms
 from .patching import variants_per_chunk
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"

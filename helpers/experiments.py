@@ -20,7 +20,6 @@ from transformer_lens.utilities import get_act_name
 from .attribution import (
     decomposition_caveats,
     dla_hook_names,
-    frozen_scales,
     full_dla,
     head_dla,
     layer_dla,
@@ -32,6 +31,7 @@ from .components import Head, rank_heads
 from .hooks import run_with_checked_cache
 from .interventions import Intervention, hooks_for
 from .metrics import group_mean, logit_diff
+from .norms import frozen_scales
 from .results import BackupRiser, CircuitExpmsResults
 from .session import LogitDiffs, Session
 
@@ -51,7 +51,7 @@ class DLAResult:
     layer_identity_error: float = 0.0  # the same for the per-layer decomposition (embeddings, attention, MLP outputs)
     caveats: dict[str, str] = field(default_factory=dict)  # why the decomposition is not exact here (empty: exact)
     heads_per_prompt: Float[Tensor, "layer head batch"] | None = None  # per-head DLA of each prompt (``heads`` is its mean)
-    frozen_scales: list[str] = field(default_factory=list)  # norm scales held at their values in the run (``attribution.frozen_scales``)
+    frozen_scales: list[str] = field(default_factory=list)  # norm scales held at their values in the run (``norms.frozen_scales``)
 
     @property
     def exact(self) -> bool:

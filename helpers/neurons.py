@@ -26,9 +26,10 @@ from torch import Tensor
 from transformer_lens import utilities as utils
 from transformer_lens.ActivationCache import ActivationCache
 
-from .attribution import frozen_scales, post_normed, post_norms, project_stack, sublayer_bias
+from .attribution import project_stack
 from .attribution_patching import attribution_patch
 from .metrics import normalised
+from .norms import frozen_scales, post_normed, post_norms, sublayer_bias
 from .patching import PatchingContext, Sweep, run_patched_hook, run_sweep
 from .results import CircuitExpmsResults
 
@@ -53,7 +54,7 @@ class NeuronDLA:
     bias: Float[Tensor, "layer batch"]  # b_out's contribution
     mlp: Float[Tensor, "layer batch"]  # the whole MLP output's contribution (hook_mlp_out)
     identity_error: float  # max over layers and prompts |sum of neurons + bias - MLP DLA|
-    frozen_scales: list[str] = field(default_factory=list)  # norm scales held at their run values (``attribution.frozen_scales``)
+    frozen_scales: list[str] = field(default_factory=list)  # norm scales held at their run values (``norms.frozen_scales``)
 
     @property
     def values(self) -> Float[Tensor, "layer neuron"]:

@@ -27,13 +27,13 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from .attribution import post_attention_norm, post_norms, sublayer_bias
 from .capabilities import kv_heads
 from .components import Head
 from .forks import split_qkv_input
 from .hooks import resolve_hook_names
 from .interventions import Intervention, run_interventions
 from .metrics import normalised
+from .norms import post_attention_norm, post_norms, sublayer_bias
 from .patching import SWEEPS, PatchingContext, run_patched, variant_masks
 
 QKV_HOOKS = {"q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v"}

@@ -13,6 +13,7 @@ from helpers import patching as P
 from helpers import path_patching as PP
 from helpers.components import Head
 from helpers.families import FAMILIES
+from helpers.norms import post_norms
 
 ALL_POS_SWEEPS = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "head_q", "head_k", "head_v", "head_pattern"]
 BY_POS_SWEEPS = ["head_out_by_pos", "head_q_by_pos", "head_k_by_pos", "head_v_by_pos", "head_pattern_by_pos"]
@@ -115,7 +116,7 @@ def test_dla_identity_or_an_honest_caveat(family, family_models):
     assert layer_error < tol
     assert head_error < tol  # per head too, post-norm scales frozen on Gemma-2/3
     assert sum(label.startswith("L") for label in labels) == model.cfg.n_layers * model.cfg.n_heads
-    assert A.post_norms(model) == (["ln1_post", "ln2_post"] if family.startswith("gemma") else [])
+    assert post_norms(model) == (["ln1_post", "ln2_post"] if family.startswith("gemma") else [])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,7 +135,7 @@ def test_head_dla_adds_up_to_the_attention_output(family, family_models):
     for layer in range(model.cfg.n_layers):
         attn = layers[labels.index(f"{layer}_attn_out")]
         rest = attn - heads[layer].sum(0)  # the b_O share
-        if A.post_norms(model):
+        if post_norms(model):
             assert torch.allclose(rest, full[full_labels.index(f"{layer}_attn_bias")], atol=1e-5)
         else:
             b_O = getattr(model.blocks[layer].attn, "b_O", None)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from helpers import neurons, patching
-from helpers.attribution import dla_hook_names, logit_diff_direction, post_norms
+from helpers.attribution import dla_hook_names, logit_diff_direction
 from helpers.families import FAMILIES
 from helpers.hooks import run_with_checked_cache
 from helpers.metrics import logit_diff, normalised
+from helpers.norms import post_norms
 
 
 def _context(model, prompts):
