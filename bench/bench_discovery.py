@@ -1,4 +1,4 @@
-"""Benchmark: edge-level circuit discovery (helpers.edges, helpers.discovery).
+"""Benchmark: edge-level circuit discovery (helpers.methods.edges, helpers.analyses.discovery).
 
 1. Cost at gpt2-small size: the gpt2-small architecture and a Llama architecture of the same size (random weights,
    batch 8 of 20 random-word tokens, as ``bench_patching``). Scoring every edge (EAP; EAP-IG with 5 steps) and the
@@ -7,7 +7,7 @@
 2. Quality on the bundled models: faithfulness curves with CPR/CMD for EAP, EAP-IG and random circuits, the
    smallest circuit reaching faithfulness 0.8 with its controls, Spearman of the scores against exact single-edge
    patching (toy-ioi, ioi task; toy-ioi-llama, ioi_llama), the K-composition edges found on toy-induction (induction
-   as a patching task), and precision / recall / ROC AUC on the planted-circuit model (``helpers.planted``).
+   as a patching task), and precision / recall / ROC AUC on the planted-circuit model (``helpers.toys.planted``).
 
 Usage: ``make bench-discovery`` or ``python bench/bench_discovery.py [--threads N] [--quick]``; writes
 ``bench/discovery.json`` and ``bench/discovery.md``.
@@ -32,13 +32,13 @@ sys.path.insert(0, str(HERE))
 from bench_patching import RANDOM_MODELS, random_prompts, timed, write_outputs  # noqa: E402
 
 from helpers import MODELS_DIR  # noqa: E402
-from helpers import discovery as D  # noqa: E402
-from helpers import edges as E  # noqa: E402
-from helpers.heads import induction_task  # noqa: E402
-from helpers.models import load_model, set_threads  # noqa: E402
-from helpers.params import load_params  # noqa: E402
-from helpers.planted import PLANTED_EDGES, build_planted_model, planted_task  # noqa: E402
-from helpers.prompts import make_prompts  # noqa: E402
+from helpers.analyses import discovery as D  # noqa: E402
+from helpers.analyses.pattern_scores import induction_task  # noqa: E402
+from helpers.methods import edges as E  # noqa: E402
+from helpers.task.models import load_model, set_threads  # noqa: E402
+from helpers.task.params import load_params  # noqa: E402
+from helpers.task.prompts import make_prompts  # noqa: E402
+from helpers.toys.planted import PLANTED_EDGES, build_planted_model, planted_task  # noqa: E402
 
 ACDC_THRESHOLDS = (0.003, 0.01, 0.03, 0.1)
 

@@ -20,7 +20,8 @@ import platform
 import tempfile
 from pathlib import Path
 
-from helpers import MODELS_DIR, batch
+from helpers import MODELS_DIR
+from helpers.runner import batch
 
 HERE = Path(__file__).parent
 GPT2_ARCH = "gpt2-small-arch"

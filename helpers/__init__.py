@@ -1,12 +1,18 @@
 """circuit-lab helpers: the one importable package every notebook template calls.
 
-One concept per module, imports one way (docs/architecture.md; ``tests/test_architecture.py``):
-``params`` → ``prompts`` → ``models`` → the engine (``hooks``, ``interventions``, ``patching``,
-``attribution_patching``, ``path_patching``, ``edges``) → the analyses (``attribution``, ``heads``,
-``head_functions``, ``roles``, ``circuits``, ``discovery``, ``neurons``, ``weights_circuits``, ``importance``,
-``signals``) → ``session`` / ``experiments`` (what template cells call) → ``results`` (typed JSON) → ``report``;
-``cli`` → ``batch`` → ``run`` → ``layout`` for running templates. ``components`` (Head) is shared by all.
-Submodules are imported lazily so that ``import helpers`` stays cheap.
+Layers, each a subpackage, imports pointing down only (docs/architecture.md; ``tests/test_architecture.py``)::
+
+    runner    cli · batch · run · report · workcopy · badges · dependencies · task_table   (torch-free)
+    notebook  session · sections · plotting · figures · notes                          (what cells call)
+    analyses  dla · pattern_scores · head_functions · weights · neurons · position_vs_token · roles · circuits · discovery
+    methods   patching · attribution_patching · path_patching · edges · importance
+    engine    hooks · metrics · capabilities · interventions · forks · norms · memory · flops
+    task      params · vocab · prompts · models · real_models
+    schema    heads · results · artifacts · outputs
+    toys      toy_models · planted · families   (test and demo support, outside the layers)
+
+A name is imported from the module that defines it (``from helpers.methods import patching``); the ``__init__``
+files import nothing, so ``import helpers`` stays cheap.
 """
 
 from pathlib import Path

@@ -72,7 +72,9 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from helpers import discovery, edges, mib_format, plotting, session
+from helpers.analyses import discovery, mib_format
+from helpers.methods import edges
+from helpers.notebook import plotting, session
 
 discovery.check_options(methods, fractions, target, n_random, ig_steps)  # bad parameters stop here, before any work
 s = session.start_session("circuit_discovery", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
@@ -202,7 +204,7 @@ if not not_supported:
 #
 # The circuit and every edge's score are also written in the MIB circuit format (`circuit_mib.json`: `cfg`,
 # `nodes` such as `a3.h2`, edges such as `input->a0.h0<q>` with `score` and `in_graph`), which EAP-IG's and MIB's
-# code read; `helpers.mib_format.load_mib` reads such a file back here.
+# code read; `helpers.analyses.mib_format.load_mib` reads such a file back here.
 #
 # **How to interpret.** A real circuit is far above its random controls. Heads in the edge circuit but not in the
 # core add little on their own.

@@ -61,8 +61,11 @@ import pandas as pd
 from IPython.display import display
 from transformer_lens import utilities
 
-from helpers import attribution, attribution_patching, experiments, heads, importance, patching, path_patching, plotting, session
-from helpers.components import rank_heads
+from helpers.analyses import pattern_scores
+from helpers.analyses.dla import logit_lens_vocabulary
+from helpers.methods import attribution_patching, importance, patching, path_patching
+from helpers.notebook import plotting, sections, session
+from helpers.schema.heads import rank_heads
 
 s = session.start_session("circuit_expms", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
@@ -96,7 +99,7 @@ figs.show(plotting.scatter(ld.clean, ld.corrupted, "Logit difference per prompt"
                            hover=prompts.clean_prompts, color=template_of if len(prompts.template_names) > 1 else None),
           "logit_diff_per_prompt")
 if len(prompts.template_names) > 1:
-    display(experiments.template_breakdown(s, ld).round(3))
+    display(sections.template_breakdown(s, ld).round(3))
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.
@@ -121,11 +124,11 @@ if len(prompts.template_names) > 1:
 # nothing about indirect effects: a head can matter by feeding later heads, which patching reveals.
 
 # %%
-dla = experiments.direct_logit_attribution(s)
+dla = sections.direct_logit_attribution(s)
 print(dla.summary())
 figs.show(plotting.lines(dla.lens, dla.lens_labels, "Logit lens: logit difference of the accumulated residual stream",
                          "residual stream after", "logit difference"), "logit_lens")
-lens_vocabulary = attribution.logit_lens_vocabulary(model, dla.cache, prompts.answer_tokens)
+lens_vocabulary = logit_lens_vocabulary(model, dla.cache, prompts.answer_tokens)
 display(pd.DataFrame(lens_vocabulary).set_index("after").round(2))
 figs.show(plotting.lines(dla.layers, dla.layer_labels, "DLA per layer component", "component", "logit difference contribution"),
           "dla_layers")
@@ -361,7 +364,7 @@ print("heads whose ablation costs the most answer loss:", [str(h) for h in top_i
 # %%
 if len(prompts.template_names) > 1:
     head_out_by_template = patching.run_sweep(ctx, patching.SWEEPS["head_out"], memory_mb=patching_memory_mb, groups=prompts.templates)
-    template_table = experiments.template_breakdown(s, ld, dla, head_out_by_template)
+    template_table = sections.template_breakdown(s, ld, dla, head_out_by_template)
     display(template_table.round(3))
     for name, values in zip(prompts.template_names, head_out_by_template):
         figs.show(plotting.heatmap(values, f"Patching head_out, template {name} only (normalised logit diff recovered)", "head", "layer",
@@ -383,7 +386,7 @@ else:
 # named positions at the end. Compare which named positions each band attends to.
 
 # %%
-bands = experiments.layer_bands(s)
+bands = sections.layer_bands(s)
 for band, layers in bands.items():
     in_band = [h for h in rank_heads(sweeps["head_out"], None, "abs") if h.layer in layers][:heads_per_band]
     print(f"{band} layers {layers}:", [str(h) for h in in_band])
@@ -404,7 +407,7 @@ for band, layers in bands.items():
 # previous-token head in an earlier layer as well.
 
 # %%
-scores, loss_per_token = heads.repeated_token_scores(model, induction_seq_len, induction_batch, seed=s.params.seed)
+scores, loss_per_token = pattern_scores.repeated_token_scores(model, induction_seq_len, induction_batch, seed=s.params.seed)
 for name, values in scores.items():
     figs.show(plotting.heatmap(values, f"{name.replace('_', '-')} score per head", "head", "layer", color_label="score", sequential=(0, 1)),
               f"score_{name}")
@@ -429,7 +432,7 @@ top_scores = {name: rank_heads(values, top_k, "pos") for name, values in scores.
 # gone. If the logit difference falls much less than the top head's DLA, backups compensate.
 
 # %%
-backup = experiments.backup_heads(s, dla, top_dla_pos[0], top_k)
+backup = sections.backup_heads(s, dla, top_dla_pos[0], top_k)
 print(f"ablated {backup.ablated.label}: logit diff {backup.logit_diff_before:.3f} -> {backup.logit_diff_after:.3f}; "
       f"final LN scale ratio (after/before) {backup.ln_scale_ratio:.3f}")
 print("heads whose DLA rose most:", [(h.label, round(h.dla_before, 3), round(h.dla_after, 3)) for h in backup.risers])

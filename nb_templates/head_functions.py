@@ -56,7 +56,7 @@ heads = None  # e.g. ["L3H2", "L0H1"]; default: the top DLA and patching heads o
 words = None  # named positions holding words, e.g. ["IO", "S1"]; default: every named slot position
 copy_top_k = 5  # a copy counts when the word is among the top k logits
 attention_from = ["end"]  # named positions whose attention to the words is shown
-role_thresholds = {}  # overrides of helpers.roles.RoleThresholds, e.g. {"copy_score": 40}
+role_thresholds = {}  # overrides of helpers.analyses.roles.RoleThresholds, e.g. {"copy_score": 40}
 svd_heads = 2  # chosen heads (highest output patching first) whose OV and QK singular directions are shown
 svd_directions = 3  # singular directions per circuit
 signal_threshold = 0.1  # position-vs-token: least |relative change of the logit diff| that counts as a signal
@@ -67,14 +67,15 @@ import pandas as pd
 from IPython.display import display
 from scipy.stats import pearsonr
 
-from helpers import experiments, head_functions, plotting, roles, session, signals, weights_circuits
-from helpers.capabilities import NotSupported
+from helpers.analyses import head_functions, position_vs_token, roles, weights
+from helpers.engine.capabilities import NotSupported
+from helpers.notebook import plotting, sections, session
 
 s = session.start_session("head_functions", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
 circuit = session.load_results(s, "circuit_expms")
-chosen = experiments.important_heads(s, circuit, heads)
+chosen = sections.important_heads(s, circuit, heads)
 labels = [h.label for h in chosen]
 positions = head_functions.word_positions(prompts, words)
 from_positions = head_functions.word_positions(prompts, attention_from)
@@ -170,7 +171,7 @@ for i, src in enumerate(from_positions):
 # ## 4. Proposed head roles
 #
 # **How it works.** The evidence above, with the DLA and output patching of `circuit_expms.json` and the
-# previous-token / duplicate / induction scores, goes through explicit rules (`helpers/roles.py`, thresholds
+# previous-token / duplicate / induction scores, goes through explicit rules (`helpers/analyses/roles.py`, thresholds
 # in `role_thresholds`). Movers are found first; then each important head in an earlier layer has its output
 # replaced by its corrupted-run value, and if that moves a mover's attention to a word by at least the
 # threshold, the head is inhibition-like (it changes where the mover attends).
@@ -209,7 +210,7 @@ display(role_table)
 # copies the token: exchanging the names reverses its effect. "neither" is below `signal_threshold`.
 
 # %%
-signal_results = signals.patch_from_all(model, prompts, "end", patching_memory_mb, seed=s.params.seed)
+signal_results = position_vs_token.patch_from_all(model, prompts, "end", patching_memory_mb, seed=s.params.seed)
 if not signal_results:
     print("This task defines no extra corruptions; add them under `corruptions:` in its params file, e.g.\n"
           "  flipped_order: {template: <the template with the first two slots swapped>, changes: position}\n"
@@ -226,7 +227,7 @@ if "position" in by_kind and "token" in by_kind:
     figs.show(plotting.scatter(pos_run.effect, tok_run.effect, f"Position signal ({pos_run.corruption}) vs token signal ({tok_run.corruption})",
                                f"effect of {pos_run.corruption}", f"effect of {tok_run.corruption}", hover=s.head_names, diagonal=True),
               "signal_position_vs_token")
-signal_rows = signals.signal_table(signal_results, max(len(labels), 5), role_table["role"].to_dict(), signal_threshold)
+signal_rows = position_vs_token.signal_table(signal_results, max(len(labels), 5), role_table["role"].to_dict(), signal_threshold)
 if signal_rows:
     display(pd.DataFrame(signal_rows).set_index("head").round(3))
 
@@ -255,8 +256,8 @@ if signal_rows:
 
 # %%
 word_tokens = prompts.clean_tokens.gather(1, head_functions.position_matrix(positions, len(prompts.clean_tokens))).unique()
-ov = weights_circuits.ov_copying(model, word_tokens)
-ov_mlp0 = weights_circuits.ov_copying(model, word_tokens, effective_embedding=True)
+ov = weights.ov_copying(model, word_tokens)
+ov_mlp0 = weights.ov_copying(model, word_tokens, effective_embedding=True)
 weights_table = pd.DataFrame({"OV copies (share of words)": [float(ov.top1[h.index]) for h in chosen],
                               "own-logit mean rank": [float(ov.mean_rank[h.index]) for h in chosen],
                               "with MLP0: copies": [float(ov_mlp0.top1[h.index]) for h in chosen]}, index=labels)
@@ -266,7 +267,7 @@ display(weights_table.round(3))
 figs.show(plotting.heatmap(ov_mlp0.top1, "OV circuit (with MLP0) copies the word: share of the task's words", "head", "layer",
                            color_label="share", sequential=(0, 1)), "ov_copying")
 try:
-    positional = weights_circuits.previous_token_offsets(model, min(32, prompts.n_pos * 2), 3)[..., 1]
+    positional = weights.previous_token_offsets(model, min(32, prompts.n_pos * 2), 3)[..., 1]
     figs.show(plotting.heatmap(positional, "Attention to the previous position, from position embeddings alone", "head", "layer",
                                color_label="attention", sequential=(0, 1)), "positional_previous_token")
 except NotSupported as err:
@@ -274,15 +275,15 @@ except NotSupported as err:
     print(err)
 patch_out = circuit.patching.head_out()
 svd_chosen = sorted(chosen, key=lambda h: -abs(patch_out[h.layer][h.head]))[:svd_heads]  # the heads patching ranks highest
-singular = [weights_circuits.ov_singular_tokens(model, h.layer, h.head, svd_directions) for h in svd_chosen]
-singular += [weights_circuits.qk_singular_tokens(model, h.layer, h.head, svd_directions) for h in svd_chosen]
+singular = [weights.ov_singular_tokens(model, h.layer, h.head, svd_directions) for h in svd_chosen]
+singular += [weights.qk_singular_tokens(model, h.layer, h.head, svd_directions) for h in svd_chosen]
 for result in singular:
     print(f"{result.label} {result.circuit}: top {svd_directions} singular values {result.singular_values.numpy().round(2)} "
           f"hold {100 * result.share:.0f}% of the circuit's squared singular values")
     display(pd.DataFrame(result.directions).set_index("direction"))
 first = chosen[0]
 words_str = [model.tokenizer.decode([int(t)]) for t in word_tokens]
-figs.show(plotting.heatmap(weights_circuits.qk_tokens(model, first.layer, first.head, word_tokens),
+figs.show(plotting.heatmap(weights.qk_tokens(model, first.layer, first.head, word_tokens),
                            f"{labels[0]}: full QK circuit on the task's words (score, before softmax)", "source word",
                            "destination word", x=words_str, y=words_str, color_label="score"), "qk_words")
 

@@ -60,7 +60,7 @@ static_images = True  # also save every figure as PNG next to the notebook
 seq_len = 25  # length of the random sequence r in BOS, r, r (keep 2r+1 within the model's trained context)
 batch = 16  # number of random sequences
 seed = 0  # seed of the random sequences
-role_thresholds = {}  # overrides of helpers.roles.RoleThresholds (the one place thresholds live), e.g. {"induction": 0.5}
+role_thresholds = {}  # overrides of helpers.analyses.roles.RoleThresholds (the one place thresholds live), e.g. {"induction": 0.5}
 sentence = None  # the natural sentence shown repeated; default: the task's first clean prompt
 heads_shown = 6  # attention patterns shown on the repeated sentence (previous-token heads, then induction heads)
 
@@ -68,8 +68,9 @@ heads_shown = 6  # attention patterns shown on the repeated sentence (previous-t
 from IPython.display import display
 from transformer_lens.utilities import get_act_name
 
-from helpers import head_functions, heads, plotting, roles, session
-from helpers.components import heads_above, rank_heads
+from helpers.analyses import head_functions, pattern_scores, roles
+from helpers.notebook import plotting, session
+from helpers.schema.heads import heads_above, rank_heads
 
 s = session.start_session("induction_checks", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images, dtype=dtype)
 model, figs = s.model, s.figures
@@ -86,7 +87,7 @@ print(f"model {s.model_name} ({model.cfg.n_layers} layers x {model.cfg.n_heads} 
 # previous-token head in layer 0 and an induction head in layer 1.
 
 # %%
-scores, loss = heads.repeated_token_scores(model, seq_len, batch, seed)
+scores, loss = pattern_scores.repeated_token_scores(model, seq_len, batch, seed)
 for kind, values in scores.items():
     figs.show(plotting.heatmap(values, f"{kind.replace('_', '-')} score per head", "head", "layer", color_label="score", sequential=(0, 1)),
               f"score_{kind}", key=True)
@@ -108,7 +109,7 @@ for kind, hs in found.items():
 
 # %%
 first, second = loss[:, :seq_len].mean().item(), loss[:, seq_len:].mean().item()
-print(f"mean loss: first r {first:.3f}, second r {second:.3f} (uniform guess: {heads.uniform_loss(model):.3f})")
+print(f"mean loss: first r {first:.3f}, second r {second:.3f} (uniform guess: {pattern_scores.uniform_loss(model):.3f})")
 figs.show(plotting.lines(loss.mean(0), list(range(1, loss.shape[1] + 1)), "Loss per position on BOS, r, r", "position", "loss (nats)"),
           "repeated_tokens_loss")
 
@@ -124,7 +125,7 @@ figs.show(plotting.lines(loss.mean(0), list(range(1, loss.shape[1] + 1)), "Loss 
 # **How to interpret.** A difference above 1e-5 means one of the implementations scores something else.
 
 # %%
-agreement = heads.head_detector_agreement(model)
+agreement = pattern_scores.head_detector_agreement(model)
 print("max |ours - head_detector| per score:", {k: f"{v:.1e}" for k, v in agreement.items()})
 
 # %% [markdown] tags=["notes"]
@@ -142,7 +143,7 @@ print("max |ours - head_detector| per score:", {k: f"{v:.1e}" for k, v in agreem
 
 # %%
 text = sentence or s.prompts.clean_prompts[0]
-tokens = heads.repeated_tokens(model, text)
+tokens = pattern_scores.repeated_tokens(model, text)
 shown = (found["prev_token"] + found["induction"])[:heads_shown] or rank_heads(scores["induction"], 2, "pos")  # else the 2 best
 _, cache = model.run_with_cache(tokens, names_filter=[get_act_name("pattern", h.layer) for h in shown])
 display(plotting.attention_view(model, cache, tokens, shown))
@@ -186,7 +187,7 @@ results = {
     "scores": scores,
     "heads": found,
     "thresholds": thresholds,
-    "loss": {"first_half": first, "second_half": second, "uniform": heads.uniform_loss(model)},
+    "loss": {"first_half": first, "second_half": second, "uniform": pattern_scores.uniform_loss(model)},
     "head_detector_max_abs_diff": agreement,
     "k_composition": {"baseline": baseline, "pairs": pairs, "values": comp},
     "sentence": text,

@@ -72,8 +72,11 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from helpers import artifacts, circuits, patching, path_patching, plotting, session
-from helpers.components import Head, rank_heads
+from helpers.analyses import circuits
+from helpers.methods import patching, path_patching
+from helpers.notebook import plotting, session
+from helpers.schema import artifacts
+from helpers.schema.heads import Head, rank_heads
 
 s = session.start_session("minimal_circuit", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)

@@ -66,8 +66,10 @@ from IPython.display import display
 from scipy.stats import spearmanr
 from transformer_lens.utilities import get_act_name
 
-from helpers import attribution, neurons, patching, plotting, session
-from helpers.hooks import run_with_checked_cache
+from helpers.analyses import dla, neurons
+from helpers.engine.hooks import run_with_checked_cache
+from helpers.methods import patching
+from helpers.notebook import plotting, session
 
 s = session.start_session("mlp_neurons", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
@@ -109,8 +111,8 @@ figs.show(plotting.heatmap(circuit.patching.values["mlp_out"], "Patching mlp_out
 # neurons are worth reading (sections 4–5); many small ones mean it is spread out. DLA is only the direct path.
 
 # %%
-_, cache = run_with_checked_cache(model, prompts.clean_tokens, attribution.dla_hook_names(model) + neurons.neuron_hook_names(model))
-ndla = neurons.neuron_dla(model, cache, attribution.logit_diff_direction(model, prompts.answer_tokens))
+_, cache = run_with_checked_cache(model, prompts.clean_tokens, dla.dla_hook_names(model) + neurons.neuron_hook_names(model))
+ndla = neurons.neuron_dla(model, cache, dla.logit_diff_direction(model, prompts.answer_tokens))
 print(f"neuron DLA identity: max |sum of neurons + b_out - MLP DLA| = {ndla.identity_error:.2e}"
       + f"\nnorm scales frozen at their values in this run: {', '.join(ndla.frozen_scales)}")
 top_dla = ndla.top(top_k)

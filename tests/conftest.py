@@ -10,9 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from helpers.models import load_model
-from helpers.params import load_params
-from helpers.prompts import make_prompts
+from helpers.task.models import load_model
+from helpers.task.params import load_params
+from helpers.task.prompts import make_prompts
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -66,7 +66,7 @@ def _family_tokenizer(kind: str):
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory):
     """Builds (once, lazily) a tiny random-init model of a family, saved as a HF folder; returns its path."""
-    from helpers.families import build_family_model
+    from helpers.toys.families import build_family_model
 
     built: dict = {}
 

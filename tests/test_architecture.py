@@ -1,8 +1,9 @@
-"""The package's structure: a one-way module dependency graph, a command line on top, light modules kept light.
+"""The package's structure: layers as subpackages, every import pointing down, a command line on top, light modules
+kept light.
 
-The graph (``helpers.dependencies``) counts every import of one ``helpers`` module by another, at module level *and* inside functions (an
-import moved into a function to dodge a cycle is still a dependency); only ``if __name__ == "__main__":`` blocks,
-the entry points of ``python -m helpers.X``, are left out.
+The graph (``helpers.runner.dependencies``) counts every import of one ``helpers`` module by another, at module level
+*and* inside functions (an import moved into a function to dodge a cycle is still a dependency); only
+``if __name__ == "__main__":`` blocks, the entry points of ``python -m helpers.runner.run`` and the like, are left out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from graphlib import CycleError, TopologicalSorter
 import pytest
 
 from helpers import PROJECT_ROOT
-from helpers.dependencies import module_graph
+from helpers.runner.dependencies import module_graph
 
 
 def test_the_module_graph_has_no_cycle():
@@ -36,12 +37,60 @@ def test_the_cycle_check_sees_an_import_hidden_in_a_function(tmp_path):
         list(TopologicalSorter(graph).static_order())
 
 
+LAYERS = ["schema", "task", "engine", "methods", "analyses", "notebook", "runner"]  # bottom to top
+OUTSIDE = ["toys"]  # test and demo support: may import any layer, imported by none
+
+
+def layer_of(module: str) -> str:
+    return module.split(".")[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports from a module of a layer into a higher layer or into ``OUTSIDE``."""
+    return [
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if layer_of(m) in LAYERS
+        for d in deps
+        if d != "__init__" and (layer_of(d) in OUTSIDE or LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m)))
+    ]
+
+
+def test_every_module_sits_in_a_layer_and_every_import_points_down():
+    graph = module_graph()
+    loose = [m for m in graph if m != "__init__" and layer_of(m) not in LAYERS + OUTSIDE]
+    assert not loose, f"modules outside the layers: {loose} (put each in one of {LAYERS})"
+    assert not upward_imports(graph), f"imports climbing a layer (or into toys): {upward_imports(graph)}"
+
+
+def test_the_layer_check_catches_an_import_up_the_stack(tmp_path):
+    for layer in ("schema", "engine", "toys"):
+        (tmp_path / layer).mkdir()
+        (tmp_path / layer / "__init__.py").write_text("")
+    (tmp_path / "engine" / "hooks.py").write_text("from ..schema import heads\n")
+    (tmp_path / "toys" / "planted.py").write_text("import helpers.engine.hooks\n")
+    (tmp_path / "schema" / "heads.py").write_text("def f():\n    from helpers.engine.hooks import X\n    return X\n")
+    graph = module_graph(tmp_path)
+    assert graph["schema.heads"] == {"engine.hooks"} and graph["engine.hooks"] == {"schema.heads"}
+    assert graph["toys.planted"] == {"engine.hooks"}
+    assert upward_imports(graph) == ["schema.heads -> engine.hooks"]
+
+
+def test_the_package_files_import_nothing():
+    """``import helpers`` and ``import helpers.engine`` are cheap, and a closure is exactly what its modules import."""
+    assert {m: deps for m, deps in module_graph().items() if m.endswith("__init__") and deps} == {}
+
+
 def test_the_command_line_is_on_top():
     graph = module_graph()
-    assert not [m for m, deps in graph.items() if "cli" in deps], "nothing imports helpers.cli: it sits on top"
+    assert not [m for m, deps in graph.items() if "runner.cli" in deps], "nothing imports helpers.runner.cli: it sits on top"
 
 
-LIGHT = ["layout", "models", "batch", "capabilities", "dependencies", "notes", "params", "results", "components", "report", "cli"]
+LIGHT = [
+    *("schema.heads", "schema.results", "schema.artifacts", "schema.outputs"),
+    *("task.params", "task.models", "engine.capabilities", "notebook.notes"),
+    *("runner.dependencies", "runner.batch", "runner.run", "runner.report", "runner.cli", "runner.workcopy", "runner.task_table"),
+]
 
 
 def test_planning_and_reporting_modules_do_not_import_torch():
@@ -71,7 +120,7 @@ def test_what_is_measured_on_a_model_lives_beside_it_and_goes_with_it():
     import gc
     import weakref
 
-    from helpers import capabilities
+    from helpers.engine import capabilities
 
     class Model:
         pass

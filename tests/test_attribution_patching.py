@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from helpers import attribution_patching as A
-from helpers import patching as P
-from helpers.metrics import logit_diff
+from helpers.engine.metrics import logit_diff
+from helpers.methods import attribution_patching as A
+from helpers.methods import patching as P
 
 
 @pytest.fixture(scope="module")

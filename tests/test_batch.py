@@ -12,8 +12,9 @@ import os
 import nbformat
 import pytest
 
-from helpers import batch, cli, layout, results
-from helpers import run as runner
+from helpers.runner import batch, cli
+from helpers.runner import run as runner
+from helpers.schema import outputs, results
 
 HEADER = """\
 # %% tags=["parameters"]
@@ -28,17 +29,17 @@ threads = None
 SESSION = 's = session.start_session("{name}", task, params_file, model_name, n_prompts, output_dir, None, threads, False, input_dir)\n'
 TEMPLATES = {
     "first": HEADER
-    + "\n# %%\nfrom helpers import artifacts, session\n"
+    + "\n# %%\nfrom helpers.notebook import session\nfrom helpers.schema import artifacts\n"
     + SESSION.format(name="first")
     + 'artifacts.write_json(s.out_dir / "first.json", {"template": "first", "task": s.params.task, "n": len(s.prompts.clean_tokens)})\n',
     "second": HEADER
-    + "\n# %%\nfrom helpers import artifacts, session\n"
+    + "\n# %%\nfrom helpers.notebook import session\nfrom helpers.schema import artifacts\n"
     + SESSION.format(name="second")
     + 'first = session.load_results(s, "first")\n'
     'artifacts.write_json(s.out_dir / "second.json", {"template": "second", "read": first.task, "n": first.n})\n',
     "boom": HEADER + '\n# %%\nraise RuntimeError("boom: deliberate failure")\n',
     "after_boom": HEADER
-    + "\n# %%\nfrom helpers import session\n"
+    + "\n# %%\nfrom helpers.notebook import session\n"
     + SESSION.format(name="after_boom")
     + 'session.load_results(s, "boom")\n',
     "slow": HEADER + "\n# %%\nimport time\ntime.sleep(120)\n",
@@ -46,14 +47,14 @@ TEMPLATES = {
     "oom": HEADER
     + "\n# %%\nimport os, signal, time\nballast = b'x' * (300 * 2**20)\ntime.sleep(1.5)\nos.kill(os.getpid(), signal.SIGKILL)\n",
     "figs": HEADER
-    + "\n# %%\nimport plotly.graph_objects as go\nfrom helpers import session\n"
+    + "\n# %%\nimport plotly.graph_objects as go\nfrom helpers.notebook import session\n"
     + SESSION.format(name="figs").replace("threads, False", "threads, True")  # static images
     + 'for name in ("a", "b"):\n    s.figures.show(go.Figure(go.Bar(y=[1, 2])), name, key=True)\n'
     + 'print("wrote", s.write_results("figs", {"template": "figs", "model": s.model_name, "figures": s.figures.saved, '
     + '"key_figures": s.figures.key}))\n',
     "per_model": "# ---\n# jupyter:\n#   circuit_lab:\n#     scope: model\n# ---\n\n"
     + HEADER
-    + "\n# %%\nfrom helpers import session\n"
+    + "\n# %%\nfrom helpers.notebook import session\n"
     + SESSION.format(name="per_model")
     + 'print("wrote", s.write_results("per_model", {"template": "per_model", "task": s.params.task}))\n',
 }
@@ -81,7 +82,7 @@ def test_a_run_reruns_when_the_code_it_executes_changes_and_only_then(tmp_path):
     (which reads it) stale and nothing else, editing the engine makes every run that uses it stale."""
     import shutil
 
-    from helpers import dependencies
+    from helpers.runner import dependencies
 
     package = tmp_path / "helpers"
     shutil.copytree(dependencies.PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -90,22 +91,22 @@ def test_a_run_reruns_when_the_code_it_executes_changes_and_only_then(tmp_path):
     base = batch.fingerprints(runs, options, package)
 
     def stale_after(module: str) -> set[str]:
-        path = package / f"{module}.py"
+        path = dependencies.path_of(module, package)
         path.write_text(path.read_text() + "\n# edited\n")
         now = batch.fingerprints(runs, options, package)
         base.update(now)
         return {k.split("/")[-1] for k in now if now[k] != before[k]}
 
     before = dict(base)
-    assert stale_after("report") == set()
+    assert stale_after("runner.report") == set()
     before = dict(base)
-    assert stale_after("discovery") == {"circuit_discovery", "minimal_circuit"}
+    assert stale_after("analyses.discovery") == {"circuit_discovery", "minimal_circuit"}
     before = dict(base)
-    assert stale_after("interventions") == {r.template for r in runs}
+    assert stale_after("engine.interventions") == {r.template for r in runs}
     before = dict(base)
-    assert stale_after("patching") == {r.template for r in runs} - {"induction_checks"}  # repeated tokens: no sweeps
+    assert stale_after("methods.patching") == {r.template for r in runs} - {"induction_checks"}  # repeated tokens: no sweeps
     before = dict(base)
-    assert stale_after("run") == {r.template for r in runs}  # the runner executes and publishes every run
+    assert stale_after("runner.run") == {r.template for r in runs}  # the runner executes and publishes every run
 
 
 def test_real_templates_are_ordered_by_what_they_read():
@@ -190,7 +191,7 @@ def test_dask_in_process_cluster_isolates_failures_then_reruns_skip(sandbox):
 def test_a_per_model_template_runs_once_per_model(sandbox):
     """``circuit_lab: {scope: model}`` in a template's metadata: one run per model whatever the tasks, into
     ``_models/<model>/``, with no task check (its results do not depend on the task)."""
-    assert layout.scope_of("per_model") == "model" and layout.scope_of("first") == "task"
+    assert outputs.scope_of("per_model") == "model" and outputs.scope_of("first") == "task"
     runs, _ = batch.plan_runs(["ioi", "numseq"], templates=["per_model", "first"])
     assert sorted(r.key for r in runs) == ["_models/toy-ioi/per_model", "ioi/toy-ioi/first", "numseq/toy-ioi/first"]
     report = batch.run_batch(["ioi", "numseq"], templates=["per_model"], options=batch.RunOptions(n_prompts=4, threads=1, progress=False))
@@ -208,7 +209,8 @@ def test_figures_a_starved_renderer_could_not_write_are_reported_and_rendered_la
     report renders them once the browser works (the JSON and the card then say nothing is missing)."""
     from PIL import Image
 
-    from helpers import figures, report
+    from helpers.notebook import figures
+    from helpers.runner import report
 
     fake_browser = sandbox / "chromium"
     fake_browser.write_text("")
@@ -274,14 +276,14 @@ def test_one_local_job_per_gpu(monkeypatch):
 def test_template_metadata_is_read_as_jupytext_reads_it(tmp_path):
     import jupytext
 
-    from helpers import layout
+    from helpers.schema import outputs
 
-    for source in sorted(layout.templates_dir().glob("*.py")):
-        assert layout.notebook_metadata(source) == jupytext.read(source).metadata, source.name
-    assert layout.template_scope(layout.templates_dir() / "induction_checks.py") == "model"
+    for source in sorted(outputs.templates_dir().glob("*.py")):
+        assert outputs.notebook_metadata(source) == jupytext.read(source).metadata, source.name
+    assert outputs.template_scope(outputs.templates_dir() / "induction_checks.py") == "model"
     plain = tmp_path / "plain.py"
     plain.write_text("# %%\nx = 1\n")
-    assert layout.notebook_metadata(plain) == {} and layout.template_scope(plain) == "task"
+    assert outputs.notebook_metadata(plain) == {} and outputs.template_scope(plain) == "task"
 
 
 def test_a_killed_kernel_is_reported_as_killed_with_its_memory(sandbox):

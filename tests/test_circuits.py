@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from helpers import circuits as C
-from helpers.components import Head
-from helpers.families import FAMILIES
-from helpers.metrics import logit_diff
+from helpers.analyses import circuits as C
+from helpers.engine.metrics import logit_diff
+from helpers.schema.heads import Head
+from helpers.toys.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +215,8 @@ def test_default_circuit_keeps_roles_and_unclassified_heads_that_matter_by_patch
 def test_one_circuit_one_verdict_knockout_from_corrupted_equals_discoverys_closure(toy_ioi, ioi_prompts):
     """A head-level circuit knocked out by patching from the corrupted prompts and normalised by the clean - corrupted
     gap is exactly circuit_discovery's closure of those heads: the two templates report the same faithfulness."""
-    from helpers import discovery as D
-    from helpers import edges as E
+    from helpers.analyses import discovery as D
+    from helpers.methods import edges as E
 
     p = ioi_prompts
     ectx = E.edge_context(toy_ioi, p.clean_tokens, p.corrupted_tokens, p.answer_tokens)

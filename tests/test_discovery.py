@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import discovery as D
-from helpers import edges as E
-from helpers.heads import induction_task
-from helpers.planted import PLANTED_EDGES, build_planted_model, planted_task
+from helpers.analyses import discovery as D
+from helpers.analyses.pattern_scores import induction_task
+from helpers.methods import edges as E
+from helpers.toys.planted import PLANTED_EDGES, build_planted_model, planted_task
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def planted(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from helpers import MODELS_DIR
-    from helpers.models import load_model
+    from helpers.task.models import load_model
 
     tok = AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi")
     model = load_model(str(build_planted_model(tok, tmp_path_factory.mktemp("planted"))), device="cpu")
@@ -243,9 +243,9 @@ def test_core_heads_pruning_stops_where_the_rest_no_longer_reproduces(ioi_ectx, 
 def test_mib_json_round_trips_a_circuit_and_its_scores(model_fixture, request, tmp_path):
     """A discovered circuit written in the MIB circuit format and read back is the same circuit with the same scores
     (under GQA too, where one key/value-group edge is a MIB edge per query head), and evaluates the same."""
-    from helpers import mib_format as M
-    from helpers.params import load_params
-    from helpers.prompts import make_prompts
+    from helpers.analyses import mib_format as M
+    from helpers.task.params import load_params
+    from helpers.task.prompts import make_prompts
 
     model = request.getfixturevalue(model_fixture)
     prompts = make_prompts(load_params("ioi", n_prompts=8), model.tokenizer, verbose=False)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import attribution as A
-from helpers.hooks import run_with_checked_cache
-from helpers.metrics import logit_diff
+from helpers.analyses import dla as A
+from helpers.engine.hooks import run_with_checked_cache
+from helpers.engine.metrics import logit_diff
 
 TOL = 1e-4  # measured: 2.4e-7 on toy-ioi (logit diffs of order 10)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from helpers import edges as E
-from helpers.attribution_patching import attribution_patch, metric_gradients
-from helpers.capabilities import NotSupported, model_state
-from helpers.families import FAMILIES
-from helpers.metrics import logit_diff
+from helpers.engine.capabilities import NotSupported, model_state
+from helpers.engine.metrics import logit_diff
+from helpers.methods import edges as E
+from helpers.methods.attribution_patching import attribution_patch, metric_gradients
+from helpers.toys.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,7 @@ def test_every_family_exact(family, family_models):
 def _every_kind_of_mask(graph):
     """Masks as the templates make them: dense and sparse random edge sets, the full graph minus one edge (exact
     single-edge checks), head closures (the core-heads search, random head sets), all and nothing."""
-    from helpers.discovery import head_closure
+    from helpers.analyses.discovery import head_closure
 
     g = torch.Generator().manual_seed(1)
     shape = graph.allowed.shape
@@ -278,7 +278,7 @@ def test_reading_fewer_senders_changes_no_number(ioi_ectx, monkeypatch):
 def test_forks_that_do_not_reproduce_the_forward_are_not_supported(family_models, monkeypatch):
     """OPT's attention cannot fork in the bridge; the forks made at its projections are verified against the plain
     forward, and a wrong one (here: doubled queries) makes edges refuse, saying why, before any work."""
-    from helpers import forks
+    from helpers.engine import forks
 
     model, prompts = family_models("opt")
     verdicts = model_state(model, "fast_paths")
@@ -345,9 +345,9 @@ def test_direct_path_patching_under_a_post_attention_norm_equals_the_edge_circui
     receiver's fork in the corrupted run gets N(A + change) - N(A)) and the exact evaluation of the circuit that is
     that direct path (``direct_path_circuit``, the engine's per-receiver normed mixes). TransformerLens's own
     ``get_act_patch_direct_path`` adds z @ W_O, the write of an architecture without the norm."""
-    from helpers.components import Head
-    from helpers.patching import make_context
-    from helpers.path_patching import direct_path_effects
+    from helpers.methods.patching import make_context
+    from helpers.methods.path_patching import direct_path_effects
+    from helpers.schema.heads import Head
 
     model, prompts = family_models(family)
     ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
@@ -362,7 +362,7 @@ def test_direct_path_patching_under_a_post_attention_norm_equals_the_edge_circui
 def test_made_forks_nest_without_firing_twice(family_models):
     """A fork made at the projections inside another (path patching inside an edge run) is made once: a hook on it
     fires once per forward."""
-    from helpers.forks import receiver_forks, split_qkv_input
+    from helpers.engine.forks import receiver_forks, split_qkv_input
 
     model, prompts = family_models("gptj")
     calls = []

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import session
-from helpers.artifacts import to_jsonable, write_json
-from helpers.params import load_params
+from helpers.notebook import session
+from helpers.schema.artifacts import to_jsonable, write_json
+from helpers.task.params import load_params
 
 
 def test_results_of_other_parameters_are_refused_by_name(tmp_path):

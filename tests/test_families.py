@@ -1,7 +1,7 @@
 """Every model family: patching equals transformer_lens.patching, identities hold, unsupported is an error.
 
 Tiny random-init models of GPT-2, OPT, GPT-J, GPT-NeoX (Pythia), Llama (GQA), Mistral, Qwen2 (no BOS),
-Gemma-2 and Gemma-3 are built offline from configs (``helpers.families``) and booted through the bridge.
+Gemma-2 and Gemma-3 are built offline from configs (``helpers.toys.families``) and booted through the bridge.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import patching as P
-from helpers import path_patching as PP
-from helpers.components import Head
-from helpers.families import FAMILIES
-from helpers.norms import post_norms
+from helpers.engine.norms import post_norms
+from helpers.methods import patching as P
+from helpers.methods import path_patching as PP
+from helpers.schema.heads import Head
+from helpers.toys.families import FAMILIES
 
 ALL_POS_SWEEPS = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "head_out", "head_q", "head_k", "head_v", "head_pattern"]
 BY_POS_SWEEPS = ["head_out_by_pos", "head_q_by_pos", "head_k_by_pos", "head_v_by_pos", "head_pattern_by_pos"]
@@ -97,9 +97,9 @@ def test_path_into_every_receiver_head(fam_ctx, component):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dla_identity_or_an_honest_caveat(family, family_models):
     """Exact families: components sum to the logit diff. Gemma: the caveats are reported and the residual measured."""
-    from helpers import attribution as A
-    from helpers.hooks import run_with_checked_cache
-    from helpers.metrics import logit_diff
+    from helpers.analyses import dla as A
+    from helpers.engine.hooks import run_with_checked_cache
+    from helpers.engine.metrics import logit_diff
 
     model, prompts = family_models(family)
     logits, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_names(model))
@@ -123,8 +123,8 @@ def test_dla_identity_or_an_honest_caveat(family, family_models):
 def test_head_dla_adds_up_to_the_attention_output(family, family_models):
     """Each layer's heads plus its b_O share equal its attention output's DLA on every family (Gemma-2/3: through
     the post-attention norm with its scale frozen). Neurons: ``test_neurons``."""
-    from helpers import attribution as A
-    from helpers.hooks import run_with_checked_cache
+    from helpers.analyses import dla as A
+    from helpers.engine.hooks import run_with_checked_cache
 
     model, prompts = family_models(family)
     _, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_names(model))
@@ -177,7 +177,7 @@ def _direct_edge_by_hand(ctx, sender: Head, component: str) -> torch.Tensor:
 def test_direct_edge_equals_transformer_lens_or_an_independent_construction(fam_ctx, component):
     """Our batched direct edge equals TL's get_act_patch_direct_path where both define it alike. Where TL refuses for
     want of a pre-q/k/v fork (OPT, GPT-J) or because a norm follows the attention output (Gemma-2/3), ours runs (on the
-    forks made at the projections, ``helpers.forks``; with the sender's write through the norm) and equals the
+    forks made at the projections, ``helpers.engine.forks``; with the sender's write through the norm) and equals the
     receiver's q/k/v replaced by hand. Keys and values under grouped-query attention are shared by several heads:
     both refuse."""
     from transformer_lens.patching import get_act_patch_direct_path

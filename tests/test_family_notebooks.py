@@ -12,16 +12,17 @@ import json
 import nbformat
 import pytest
 
-from helpers import batch, layout
-from helpers.families import FAMILIES
+from helpers.runner import batch
+from helpers.schema import outputs
+from helpers.toys.families import FAMILIES
 
 FAST = {"llama"}
-TEMPLATES = sorted(p.stem for p in layout.templates_dir().glob("*.py"))  # every template, as make all runs them
+TEMPLATES = sorted(p.stem for p in outputs.templates_dir().glob("*.py"))  # every template, as make all runs them
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in FAST else pytest.mark.slow) for f in FAMILIES])
 def test_every_template_executes(family, family_dirs, tmp_path, monkeypatch):
-    monkeypatch.setattr(layout, "OUTPUTS_DIR", tmp_path)
+    monkeypatch.setattr(outputs, "OUTPUTS_DIR", tmp_path)
     model_dir = family_dirs(family)
     options = batch.RunOptions(
         n_prompts=4, threads=2, progress=False, extra_parameters={"static_images": False}
@@ -30,7 +31,7 @@ def test_every_template_executes(family, family_dirs, tmp_path, monkeypatch):
     assert {r.template: r.status for r in report.results} == dict.fromkeys(TEMPLATES, "ok"), report.table()
     out = tmp_path / "ioi" / model_dir.name
     for template in TEMPLATES:  # a per-model template (induction_checks) runs once per model, into _models/
-        folder = tmp_path / "_models" / model_dir.name if layout.scope_of(template) == "model" else out
+        folder = tmp_path / "_models" / model_dir.name if outputs.scope_of(template) == "model" else out
         nb = nbformat.read(folder / f"{template}.ipynb", as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     results = json.loads((out / "circuit_expms.json").read_text())

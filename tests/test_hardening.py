@@ -1,6 +1,6 @@
 """Bad input is one clear line before any work; outputs are never damaged; runs are crash-safe and exclusive.
 
-Every case of the table goes through the command line's entry point (``helpers.cli.main``) with an outputs
+Every case of the table goes through the command line's entry point (``helpers.runner.cli.main``) with an outputs
 folder that already holds a published result: the exit code must be 2, the message must name the file, the
 field and a fix, nothing may raise, and the outputs folder must be byte-identical afterwards.
 """
@@ -22,8 +22,10 @@ import pytest
 import yaml
 from test_batch import HEADER  # the stand-in templates' parameters cell
 
-from helpers import MODELS_DIR, PARAMS_DIR, POOLS_DIR, cli, layout
-from helpers import run as runner
+from helpers import MODELS_DIR, PARAMS_DIR, POOLS_DIR
+from helpers.runner import cli
+from helpers.runner import run as runner
+from helpers.schema import outputs
 
 GOOD = yaml.safe_load((PARAMS_DIR / "ioi.yaml").read_text())
 TEMPLATE = (
@@ -58,8 +60,8 @@ def world(tmp_path, monkeypatch):
     (out / "runs.json").write_text('{"runs": []}')
     pools = tmp_path / "pools"
     shutil.copytree(POOLS_DIR, pools)
-    monkeypatch.setattr("helpers.params.POOLS_DIR", pools)
-    monkeypatch.setattr("helpers.vocab.POOLS_DIR", pools)
+    monkeypatch.setattr("helpers.task.params.POOLS_DIR", pools)
+    monkeypatch.setattr("helpers.task.vocab.POOLS_DIR", pools)
     monkeypatch.setenv("CIRCUIT_LAB_TEMPLATES", str(templates))
     monkeypatch.setenv("CIRCUIT_LAB_OUTPUTS", str(out))
     return tmp_path
@@ -183,7 +185,7 @@ def test_bad_input_is_one_clear_line_and_outputs_stay_identical(world, case, cap
 
 
 def test_check_command_runs_every_check_a_run_makes(world, capsys):
-    from helpers.cli import check_params as main
+    from helpers.runner.cli import check_params as main
 
     bad = world / "bad.yaml"
     bad.write_text(params_text(circuit={"groups": {"mover": ["L9H0"]}}))
@@ -223,12 +225,12 @@ def test_read_only_outputs_fail_before_running(world, monkeypatch, capsys):
 
 
 def test_output_names_cannot_escape():
-    with pytest.raises(layout.OutputsError):
-        layout.run_folder(Path("/tmp/x"), "..", "toy-ioi")
-    with pytest.raises(layout.OutputsError):
-        layout.model_folder_name("bad name!")
-    assert layout.model_folder_name("EleutherAI/pythia-70m") == "pythia-70m"
-    assert layout.model_folder_name("..") == Path("..").resolve().name
+    with pytest.raises(outputs.OutputsError):
+        outputs.run_folder(Path("/tmp/x"), "..", "toy-ioi")
+    with pytest.raises(outputs.OutputsError):
+        outputs.model_folder_name("bad name!")
+    assert outputs.model_folder_name("EleutherAI/pythia-70m") == "pythia-70m"
+    assert outputs.model_folder_name("..") == Path("..").resolve().name
 
 
 # ---------------------------------------------------------------- crash safety and exclusion
@@ -236,15 +238,15 @@ def test_output_names_cannot_escape():
 PUBLISHER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from helpers import layout
+    from helpers.schema import outputs
     staging, final = Path(sys.argv[1]), Path(sys.argv[2])
     real_replace = os.replace
     def slow_replace(a, b):  # widen every step so that a kill lands between them
         real_replace(a, b)
         time.sleep(0.05)
-    layout.os.replace = slow_replace
+    outputs.os.replace = slow_replace
     print(os.getpid(), flush=True)
-    layout.publish(staging, final, "first")
+    outputs.publish(staging, final, "first")
 """)
 
 
@@ -278,14 +280,14 @@ def test_kill_mid_publish_keeps_the_previous_result(tmp_path, delay):
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)  # the runner's own PID, at a point somewhere in the publish
     proc.wait()
-    layout.recover(final, "first")  # what the next run of this template does first
+    outputs.recover(final, "first")  # what the next run of this template does first
     seen = versions(final)
     assert seen in ({"old"}, {"new"}), f"killed after {delay}s: a mixture {seen}"
     if seen == {"old"}:
         assert len(list(final.glob("item*.json"))) == 6
     assert not (final / ".publish-first").exists()
     make_result(tmp_path / "again", "newer", n_files=8)
-    layout.publish(tmp_path / "again", final, "first")  # and the next run succeeds
+    outputs.publish(tmp_path / "again", final, "first")  # and the next run succeeds
     assert versions(final) == {"newer"}
 
 
@@ -293,7 +295,7 @@ def test_concurrent_runs_of_one_task_exclude_each_other(world, capsys):
     path = world / "case.yaml"
     path.write_text(params_text())
     root = world / "out"
-    with layout.run_lock(root, "ioi", "toy-ioi", "first"):
+    with outputs.run_lock(root, "ioi", "toy-ioi", "first"):
         result = runner.run_template(str(path), "first")
     assert result.status == "bad-input" and "another run of ioi/toy-ioi/first is in progress" in result.message
     assert runner.run_template(str(path), "first").status == "ok"  # the lock is free again
@@ -305,7 +307,7 @@ def test_two_runner_processes_at_once_give_one_complete_result(world):
     path = world / "case.yaml"
     path.write_text(params_text())
     env = {**os.environ}
-    cmd = [sys.executable, "-m", "helpers.run", "--task", str(path), "--template", "first", "--force", "--no-report"]
+    cmd = [sys.executable, "-m", "helpers.runner.run", "--task", str(path), "--template", "first", "--force", "--no-report"]
     procs = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
         for _ in range(2)

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import PROJECT_ROOT, heads, roles
-from helpers import head_functions as HF
-from helpers.components import Head
-from helpers.families import FAMILIES
+from helpers import PROJECT_ROOT
+from helpers.analyses import head_functions as HF
+from helpers.analyses import pattern_scores, roles
+from helpers.schema.heads import Head
+from helpers.toys.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_roles_follow_the_rules_and_allow_unclassified():
 def test_toy_induction_heads_match_the_model_card(toy_induction):
     """The scores the induction_checks template computes (its defaults) are the ones the model card reports."""
     card = json.loads((PROJECT_ROOT / "models" / "toy-induction" / "training_metrics.json").read_text())["final"]["head_scores"]
-    scores, loss = heads.repeated_token_scores(toy_induction, card["seq_len"], card["batch"], card["seed"])
+    scores, loss = pattern_scores.repeated_token_scores(toy_induction, card["seq_len"], card["batch"], card["seed"])
     for kind in ("prev_token", "induction"):
         torch.testing.assert_close(scores[kind], torch.tensor(card[kind]), atol=1e-4, rtol=0)
     assert scores["prev_token"][0].max() > 0.5 and scores["induction"][1].min() > 0.5 and scores["induction"][0].max() < 0.2

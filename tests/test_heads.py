@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.components import Head, HeadScore, heads_above, rank_heads
-from helpers.heads import head_detector_agreement, pattern_scores
+from helpers.analyses.pattern_scores import head_detector_agreement, pattern_scores
+from helpers.schema.heads import Head, HeadScore, heads_above, rank_heads
 
 
 def test_rank_heads_orders_by_sign():
@@ -63,7 +63,7 @@ def test_agrees_with_head_detector(request, model_name):
 
 
 def test_repeated_tokens_repeat_exactly(toy_ioi):
-    from helpers.heads import repeated_tokens
+    from helpers.analyses.pattern_scores import repeated_tokens
 
     text = "When Mary and John went to the store, John gave a drink to"
     tokens = repeated_tokens(toy_ioi, text)

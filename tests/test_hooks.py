@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.hooks import HookNameError, resolve_hook_names, run_with_checked_cache
+from helpers.engine.hooks import HookNameError, resolve_hook_names, run_with_checked_cache
 
 
 def test_unknown_name_raises_with_hint(toy_ioi):

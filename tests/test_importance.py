@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import importance
-from helpers.families import FAMILIES
-from helpers.metrics import logit_diff
+from helpers.engine.metrics import logit_diff
+from helpers.methods import importance
+from helpers.toys.families import FAMILIES
 
 
 def _towards_mean(model, full, layer: int, head: int, eps: float = 1.0) -> tuple[str, object]:
@@ -59,7 +59,7 @@ def test_head_importance_equals_a_plain_hook(family, family_models):
 
 def test_the_blocks_before_the_ablated_layer_are_not_computed(toy_ioi, ioi_prompts):
     """The saving is verified against the plain forward per start layer, and taken on the bundled model."""
-    from helpers.interventions import fast_paths
+    from helpers.engine.interventions import fast_paths
 
     importance.head_importance(toy_ioi, ioi_prompts.clean_tokens[:4], ioi_prompts.answer_tokens[:4], progress=False)
     verdicts = {k[1]: v for k, v in fast_paths(toy_ioi).items() if k[0] == "skip_blocks_all_positions"}

@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 
-from helpers import interventions as I
-from helpers import patching as P
-from helpers.artifacts import to_jsonable
-from helpers.capabilities import forget
-from helpers.metrics import NormalisationWarning, check_normalisation, normalised
+from helpers.engine import interventions as I
+from helpers.engine.capabilities import forget
+from helpers.engine.metrics import NormalisationWarning, check_normalisation, normalised
+from helpers.methods import patching as P
+from helpers.schema.artifacts import to_jsonable
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_a_logit_difference_reads_only_the_answers_columns(family, family_models
     """Inside ``answer_columns`` the unembedding computes the answers' vocabulary columns only (GPT-J's has a bias,
     Gemma's soft-caps), the logit difference through the remapped answers equals the full vocabulary's, the patching
     runner's numbers are unchanged, and the whole unembedding is back afterwards."""
-    from helpers.metrics import logit_diff
+    from helpers.engine.metrics import logit_diff
 
     model, prompts = family_models(family)
     answers = prompts.answer_tokens
@@ -100,7 +100,7 @@ def test_grouped_query_sweeps_are_per_key_value_group(llama):
 
 
 def test_copy_scores_under_grouped_query_attention(llama):
-    from helpers import head_functions as HF
+    from helpers.analyses import head_functions as HF
 
     model, prompts = llama
     cache = HF.clean_cache(model, prompts)
@@ -130,7 +130,7 @@ def test_normalisation_warns_and_never_writes_infinity():
 
 
 def test_bfloat16_sweeps_within_tolerance_of_float32(family_dirs, llama):
-    from helpers.models import load_model
+    from helpers.task.models import load_model
 
     model32, prompts = llama
     model16 = load_model(str(family_dirs("llama")), device="cpu", dtype="bfloat16")

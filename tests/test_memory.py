@@ -1,4 +1,4 @@
-"""Freed memory handed back to the system (helpers.memory)."""
+"""Freed memory handed back to the system (helpers.engine.memory)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import platform
 
 import psutil
 
-from helpers import memory
+from helpers.engine import memory
 
 
 def test_release_returns_freed_heap_memory():

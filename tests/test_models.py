@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from helpers import PROJECT_ROOT
-from helpers.families import FAMILIES
-from helpers.models import ModelNotAvailable, bundled_models, load_model, resolve_model
-from helpers.params import load_params
-from helpers.prompts import make_prompts
+from helpers.task.models import ModelNotAvailable, bundled_models, load_model, resolve_model
+from helpers.task.params import load_params
+from helpers.task.prompts import make_prompts
+from helpers.toys.families import FAMILIES
 
 
 def test_bundled_models_present():
@@ -60,7 +60,19 @@ def test_compat_mode_and_eval(toy_ioi):
 def test_training_script_smoke(tmp_path):
     """A few steps of the real training loop, saved and loaded through the bridge."""
     out = subprocess.run(
-        [sys.executable, "-m", "helpers.toy_models", "--model", "toy-induction", "--steps", "3", "--out", str(tmp_path), "--threads", "1"],
+        [
+            sys.executable,
+            "-m",
+            "helpers.toys.toy_models",
+            "--model",
+            "toy-induction",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            "1",
+        ],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -76,9 +88,9 @@ def test_training_script_smoke(tmp_path):
 @pytest.mark.parametrize("task, min_accuracy", [("ioi", 0.9), ("numseq", 0.9), ("months", 0.9), ("days", 0.9)])
 def test_toy_ioi_does_the_shipped_tasks(toy_ioi, task, min_accuracy):
     """Through the bridge, on the shipped params: the correct answer is the top token and beats the incorrect one."""
-    from helpers.metrics import logit_diff
-    from helpers.params import load_params
-    from helpers.prompts import make_prompts
+    from helpers.engine.metrics import logit_diff
+    from helpers.task.params import load_params
+    from helpers.task.prompts import make_prompts
 
     ps = make_prompts(load_params(task), toy_ioi.tokenizer, verbose=False)
     with torch.no_grad():
@@ -102,7 +114,7 @@ def test_model_cards_report_measurements():
 
 
 def test_shipped_gpt2_tokenizer_reproduces_gpt2_ids():
-    from helpers.models import load_tokenizer
+    from helpers.task.models import load_tokenizer
 
     tok = load_tokenizer("gpt2-small")
     ids = tok("When Mary and John went to the store, John gave a drink to", add_special_tokens=False)["input_ids"]
@@ -111,7 +123,7 @@ def test_shipped_gpt2_tokenizer_reproduces_gpt2_ids():
 
 
 def test_every_shipped_task_validates_against_gpt2_offline(capsys):
-    from helpers.cli import check_params as main
+    from helpers.runner.cli import check_params as main
 
     assert main(["--model", "gpt2-small"]) == 0
     assert capsys.readouterr().out.count("gpt2-small's tokenizer") >= 4
@@ -123,8 +135,8 @@ def toy_ioi_llama():
 
 
 def test_toy_ioi_llama_is_a_llama_that_does_ioi(toy_ioi_llama):
-    from helpers.metrics import check_normalisation
-    from helpers.patching import make_context
+    from helpers.engine.metrics import check_normalisation
+    from helpers.methods.patching import make_context
 
     m = toy_ioi_llama
     assert type(m.original_model).__name__ == "LlamaForCausalLM"
@@ -140,7 +152,7 @@ def test_toy_ioi_llama_is_a_llama_that_does_ioi(toy_ioi_llama):
 
 @pytest.mark.parametrize("name", ["resid_pre", "attn_out", "head_out", "head_v", "head_pattern", "head_q_by_pos"])
 def test_toy_ioi_llama_sweeps_equal_transformer_lens(toy_ioi_llama, name):
-    from helpers import patching as P
+    from helpers.methods import patching as P
 
     m = toy_ioi_llama
     ps = make_prompts(load_params("ioi", n_prompts=6), m.tokenizer, verbose=False, prepend_bos=m.cfg.default_prepend_bos)
@@ -157,7 +169,7 @@ def test_weight_processing_equals_transformer_lens_default_to_the_bit(family, fa
     ``enable_compatibility_mode()``, on every family; the path it takes is the expected one."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    from helpers.models import enable_compatibility
+    from helpers.task.models import enable_compatibility
 
     ours, theirs = (TransformerBridge.boot_transformers(str(family_dirs(family)), dtype=torch.float32, device="cpu") for _ in "ab")
     assert enable_compatibility(ours) == ("lean" if family in LEAN else "default")

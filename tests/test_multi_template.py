@@ -7,11 +7,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import circuits, importance, patching
-from helpers import head_functions as HF
-from helpers.metrics import group_mean
-from helpers.params import ParamsError, load_params
-from helpers.prompts import make_prompts
+from helpers.analyses import circuits
+from helpers.analyses import head_functions as HF
+from helpers.engine.metrics import group_mean
+from helpers.methods import importance, patching
+from helpers.task.params import ParamsError, load_params
+from helpers.task.prompts import make_prompts
 
 MIXED = load_params("ioi_mixed", n_prompts=16)
 
@@ -143,7 +144,7 @@ def test_extra_corruptions_follow_each_template(toy_ioi, mixed):
         assert set(noise.noise_mask[b].nonzero().flatten().tolist()) == subject
     with pytest.raises(ValueError, match="different positions"):
         _ = noise.noise_positions
-    from helpers import signals
+    from helpers.analyses import position_vs_token
 
-    result = signals.patch_from(toy_ioi, mixed, "exchanged_names", progress=False)
+    result = position_vs_token.patch_from(toy_ioi, mixed, "exchanged_names", progress=False)
     assert float(result.effect[3, 2]) < -1  # the name mover copies the token in every template: exchanging names reverses it

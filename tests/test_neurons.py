@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import neurons, patching
-from helpers.attribution import dla_hook_names, logit_diff_direction
-from helpers.families import FAMILIES
-from helpers.hooks import run_with_checked_cache
-from helpers.metrics import logit_diff, normalised
-from helpers.norms import post_norms
+from helpers.analyses import neurons
+from helpers.analyses.dla import dla_hook_names, logit_diff_direction
+from helpers.engine.hooks import run_with_checked_cache
+from helpers.engine.metrics import logit_diff, normalised
+from helpers.engine.norms import post_norms
+from helpers.methods import patching
+from helpers.toys.families import FAMILIES
 
 
 def _context(model, prompts):
@@ -77,7 +78,7 @@ def test_all_neurons_patched_equal_mlp_out_patched_and_one_neuron_equals_a_plain
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_neuron_attribution_adds_up_to_the_mlp_out_attribution(family, family_models):
-    from helpers.attribution_patching import attribution_patch
+    from helpers.methods.attribution_patching import attribution_patch
 
     model, prompts = family_models(family)
     est = neurons.neuron_attribution(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)

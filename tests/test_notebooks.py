@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-import helpers.run as runner
-from helpers import PARAMS_DIR, batch, cli, figures, layout, notes, report
-from helpers.report import write_report
+import helpers.runner.run as runner
+from helpers import PARAMS_DIR
+from helpers.notebook import figures, notes
+from helpers.runner import batch, cli, report
+from helpers.runner.report import write_report
+from helpers.schema import outputs as output_layout  # `outputs` is this file's fixture
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # a displayed figure's div id
 OPTIONS = batch.RunOptions(n_prompts=16, threads=2, progress=False)
@@ -26,7 +29,7 @@ OPTIONS = batch.RunOptions(n_prompts=16, threads=2, progress=False)
 def outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("nb_outputs")
     patch = pytest.MonkeyPatch()
-    patch.setattr(layout, "OUTPUTS_DIR", root)
+    patch.setattr(output_layout, "OUTPUTS_DIR", root)
     yield root
     patch.undo()
 
@@ -265,7 +268,7 @@ def test_minimal_circuit_reads_head_functions(head_functions_run, outputs):
 
 
 def test_circuit_discovery_hands_its_circuit_to_minimal_circuit(head_functions_run, outputs):
-    from helpers.edges import EdgeCircuit
+    from helpers.methods.edges import EdgeCircuit
 
     result = runner.run_template(
         "ioi",
@@ -310,9 +313,9 @@ def test_circuit_discovery_hands_its_circuit_to_minimal_circuit(head_functions_r
     assert minimal["alternative"]["ablation"] == "mean" and minimal["alternative"]["normalisation"] == "ratio"
     assert "beats_random" in minimal["alternative"]["versus_random"]
     # the circuit travels: MIB's format, read back as the same edges
-    from helpers import mib_format
-    from helpers.edges import Graph
-    from helpers.models import load_model
+    from helpers.analyses import mib_format
+    from helpers.methods.edges import Graph
+    from helpers.task.models import load_model
 
     graph = Graph.from_model(load_model("toy-ioi", device="cpu"))
     assert mib_format.load_mib(out / "circuit_mib.json", graph).edges == circuit.edges

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from helpers import PARAMS_DIR
-from helpers.cli import check_params as main
-from helpers.params import ParamsError, load_params
-from helpers.prompts import make_prompts
+from helpers.runner.cli import check_params as main
+from helpers.task.params import ParamsError, load_params
+from helpers.task.prompts import make_prompts
 
 
 def write(tmp_path: Path, **changes) -> Path:
@@ -103,7 +103,7 @@ def test_the_params_seed_seeds_torch_in_the_notebook(tmp_path):
     """A notebook's session seeds torch's global generator with the params' ``seed`` (not a fixed 0)."""
     import torch
 
-    from helpers import session
+    from helpers.notebook import session
 
     data = yaml.safe_load((PARAMS_DIR / "ioi.yaml").read_text()) | {"seed": 7}
     path = tmp_path / "ioi_seed7.yaml"

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import patching as P
+from helpers.methods import patching as P
 
 FAST_TL_SWEEPS = [n for n in P.SWEEPS if n != "head_pattern_dest_src"]  # dest_src: checked on a subset below
 
@@ -92,7 +92,7 @@ def test_a_sweep_over_some_heads_equals_the_full_sweep_there(ctx, name):
 
 
 def test_rank_agreement_reads_the_computed_cells_only():
-    from helpers.attribution_patching import rank_agreement
+    from helpers.methods.attribution_patching import rank_agreement
 
     exact = torch.tensor([[1.0, float("nan")], [3.0, 2.0]])
     assert rank_agreement({"s": exact}, {"s": torch.tensor([[1.0, 99.0], [3.0, 2.0]])})["s"] == pytest.approx(1.0)
@@ -112,7 +112,7 @@ def test_patching_the_whole_residual_stream_gives_one(ctx):
 def test_resid_mid_is_refused_because_the_bridge_edits_only_the_mlp_input(ctx):
     """Patching all of resid_mid through the bridge does not give the clean run (the edit reaches the MLP only):
     measured here with a plain hook, the reason the sweep is refused instead of reported."""
-    from helpers.metrics import logit_diff, normalised
+    from helpers.engine.metrics import logit_diff, normalised
 
     model, layer = ctx.model, 1
     name = f"blocks.{layer}.hook_resid_mid"

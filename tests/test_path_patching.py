@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import patching as P
-from helpers import path_patching as PP
-from helpers.components import Head
+from helpers.methods import patching as P
+from helpers.methods import path_patching as PP
+from helpers.schema.heads import Head
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from helpers import figures, plotting
+from helpers.notebook import figures, plotting
 
 
 def test_magnitudes_use_a_fixed_sequential_scale():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from helpers.params import load_params
-from helpers.prompts import make_prompts
+from helpers.task.params import load_params
+from helpers.task.prompts import make_prompts
 
 
 def test_same_seed_same_prompts(toy_ioi):

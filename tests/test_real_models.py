@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from helpers import patching as P
-from helpers import real_models as R
-from helpers.models import ModelNotAvailable, describe_weights, load_model, resolve_model
-from helpers.params import NotExpressible, load_params
-from helpers.prompts import make_prompts
+from helpers.methods import patching as P
+from helpers.task import real_models as R
+from helpers.task.models import ModelNotAvailable, describe_weights, load_model, resolve_model
+from helpers.task.params import NotExpressible, load_params
+from helpers.task.prompts import make_prompts
 
 SMOL = "smollm2-135m"
 needs_smol = pytest.mark.skipif(not R.is_prepared(SMOL), reason="SmolLM2 not prepared (make real-model-smollm2)")
@@ -96,7 +96,7 @@ def test_patching_cells_equal_transformer_lens(smol_ctx, name):
 
 @needs_smol
 def test_a_task_the_tokenizer_cannot_write_is_a_refused_row_not_bad_input():
-    from helpers import batch
+    from helpers.runner import batch
 
     runs, rejected = batch.plan_runs(["numseq", "numseq_digits"], [SMOL], ["circuit_expms"])
     assert [(r.task, r.status) for r in rejected] == [("numseq", "refused")] and "' 5' is 2 token(s)" in rejected[0].message
@@ -108,7 +108,7 @@ def test_a_task_the_tokenizer_cannot_write_is_a_refused_row_not_bad_input():
 
 
 def test_task_table_measures_or_refuses_every_shipped_task(toy_ioi):
-    from helpers.task_table import measure_tasks
+    from helpers.runner.task_table import measure_tasks
 
     rows = {r.params_file: r for r in measure_tasks("toy-ioi", write_card=False)}
     assert rows["ioi.yaml"].task_performed and rows["ioi.yaml"].accuracy >= 0.9
@@ -120,11 +120,11 @@ def test_task_table_measures_or_refuses_every_shipped_task(toy_ioi):
 def test_induction_scores_on_a_real_tokenizer_agree_with_head_detector(smol):
     """Random words must come back as one token each (a real BPE has entries its merges never produce: SmolLM2 gave 31
     tokens for 24 words), or induction_checks fails on real models; our scores equal TL's detect_head there."""
-    from helpers import heads
+    from helpers.analyses import pattern_scores
 
-    _, tokens = heads.repeated_text_tokens(smol, 12, 3, 0)
+    _, tokens = pattern_scores.repeated_text_tokens(smol, 12, 3, 0)
     assert tokens.shape[1] == 25
-    assert max(heads.head_detector_agreement(smol).values()) <= 1e-5
+    assert max(pattern_scores.head_detector_agreement(smol).values()) <= 1e-5
 
 
 def test_asking_for_hub_weights_offline_is_one_clear_error(monkeypatch):

@@ -12,8 +12,9 @@ import os
 
 import pytest
 
-from helpers import batch, layout
-from helpers import real_models as R
+from helpers.runner import batch
+from helpers.schema import outputs
+from helpers.task import real_models as R
 
 pytestmark = pytest.mark.real
 N_PROMPTS = int(os.environ.get("CIRCUIT_LAB_REAL_PROMPTS", "16"))
@@ -37,7 +38,7 @@ def test_every_template_runs_without_error_within_memory(real_batch):
     model, out, report = real_batch
     print(report.table())
     assert report.exit_code == 0, report.table()
-    assert {r.template for r in report.results} == set(layout.available_templates())
+    assert {r.template for r in report.results} == set(outputs.available_templates())
     over = {r.template: r.peak_rss_mb for r in report.results if r.peak_rss_mb is None or r.peak_rss_mb / 1024 > PEAK_RSS_GB}
     assert not over, f"peak kernel memory over {PEAK_RSS_GB} GB: {over} MB"
 
@@ -55,7 +56,7 @@ def test_real_model_numbers(real_batch):
         exact = {(layer, head) for layer, head in importance["heads"]}
         ran = {(layer, head) for layer, row in enumerate(importance["answer_loss"]) for head, v in enumerate(row) if v is not None}
         assert ran == exact and 16 <= len(exact) <= 16 + 16 + 5
-    induction = json.loads((out / layout.MODEL_SCOPE / model / "induction_checks.json").read_text())
+    induction = json.loads((out / outputs.MODEL_SCOPE / model / "induction_checks.json").read_text())
     assert induction["heads"]["induction"], "a real model has induction heads"
     assert induction["loss"]["second_half"] < 0.5 * induction["loss"]["first_half"]
     discovery = json.loads((folder / "circuit_discovery.json").read_text())

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import flops as F
-from helpers import interventions as I
-from helpers import patching as P
-from helpers.capabilities import forget, model_state
-from helpers.families import FAMILIES
+from helpers.engine import flops as F
+from helpers.engine import interventions as I
+from helpers.engine.capabilities import forget, model_state
+from helpers.methods import patching as P
+from helpers.toys.families import FAMILIES
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -154,7 +154,7 @@ def test_edge_evaluations_recompute_from_the_first_difference(family_models, req
     the clean run's keys and values before it: equal to recomputing every position, on each family edges support."""
     import dataclasses
 
-    from helpers import edges as E
+    from helpers.methods import edges as E
 
     for family in ("gpt2", "llama", "gpt_neox", "qwen2"):
         model, prompts = family_models(family)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import report, results
+from helpers.runner import report
+from helpers.schema import results
 
 FIXTURES = Path(__file__).parent / "data" / "results"
 
@@ -105,7 +106,7 @@ def test_per_model_results_are_shared_by_every_task_and_run_times_shown(tmp_path
 
 
 def test_the_card_lists_the_top_neurons_when_mlp_neurons_ran(tmp_path):
-    from helpers.report import ResultFolder, folder_section
+    from helpers.runner.report import ResultFolder, folder_section
 
     neurons = typed(
         "mlp_neurons",
@@ -121,7 +122,7 @@ def test_the_card_lists_the_top_neurons_when_mlp_neurons_ran(tmp_path):
 
 
 def test_the_card_shows_the_discovered_circuit_or_why_not(tmp_path):
-    from helpers.report import ResultFolder, folder_section
+    from helpers.runner.report import ResultFolder, folder_section
 
     found = typed(
         "circuit_discovery",
@@ -187,7 +188,7 @@ def test_results_are_validated_before_they_are_written(tmp_path):
     """A template's last cell fails on a key its schema does not know, naming it, and writes nothing."""
     from types import SimpleNamespace
 
-    from helpers.session import Session
+    from helpers.notebook.session import Session
 
     s = SimpleNamespace(task_check=None, out_dir=tmp_path, figures=SimpleNamespace(missing=[]))
     data = fixture("induction_checks")
@@ -200,7 +201,7 @@ def test_results_are_validated_before_they_are_written(tmp_path):
 
 
 def test_typed_results_read_heads_as_heads():
-    from helpers.components import Head, HeadScore
+    from helpers.schema.heads import Head, HeadScore
 
     circuit = typed("circuit_expms")
     assert all(isinstance(h, HeadScore) for h in circuit.dla.top_positive)

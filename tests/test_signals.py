@@ -10,11 +10,11 @@ import torch
 import yaml
 from transformer_lens import patching as tlp
 
-from helpers import signals
-from helpers.families import FAMILIES
-from helpers.metrics import logit_diff
-from helpers.params import ParamsError, load_params
-from helpers.prompts import make_prompts
+from helpers.analyses import position_vs_token
+from helpers.engine.metrics import logit_diff
+from helpers.task.params import ParamsError, load_params
+from helpers.task.prompts import make_prompts
+from helpers.toys.families import FAMILIES
 
 IOI = load_params("ioi")
 
@@ -45,8 +45,8 @@ def _with_corruptions(tmp_path, corruptions: dict, n_prompts: int = 8):
 def test_a_source_equal_to_the_clean_run_changes_nothing(toy_ioi, tmp_path):
     params = _with_corruptions(tmp_path, {"same": {"template": IOI.template}})
     prompts = make_prompts(params, toy_ioi.tokenizer, verbose=False)
-    for position in signals.POSITIONS:
-        result = signals.patch_from(toy_ioi, prompts, "same", position, progress=False)
+    for position in position_vs_token.POSITIONS:
+        result = position_vs_token.patch_from(toy_ioi, prompts, "same", position, progress=False)
         assert result.effect.abs().max() == 0
         assert result.logit_diff_source == pytest.approx(result.logit_diff_clean)
 
@@ -54,11 +54,11 @@ def test_a_source_equal_to_the_clean_run_changes_nothing(toy_ioi, tmp_path):
 def test_noise_is_seeded_and_vanishes_with_its_scale(toy_ioi, tmp_path):
     params = _with_corruptions(tmp_path, {"loud": {"noise": ["S2"], "scale": 3.0}, "quiet": {"noise": ["S2"], "scale": 1e-6}})
     prompts = make_prompts(params, toy_ioi.tokenizer, verbose=False)
-    quiet = signals.patch_from(toy_ioi, prompts, "quiet", "all", progress=False)
+    quiet = position_vs_token.patch_from(toy_ioi, prompts, "quiet", "all", progress=False)
     assert quiet.effect.abs().max() < 1e-4
-    loud = [signals.patch_from(toy_ioi, prompts, "loud", "end", seed=3, progress=False).effect for _ in range(2)]
+    loud = [position_vs_token.patch_from(toy_ioi, prompts, "loud", "end", seed=3, progress=False).effect for _ in range(2)]
     assert torch.equal(loud[0], loud[1]) and loud[0].abs().max() > 0.01
-    assert not torch.equal(loud[0], signals.patch_from(toy_ioi, prompts, "loud", "end", seed=4, progress=False).effect)
+    assert not torch.equal(loud[0], position_vs_token.patch_from(toy_ioi, prompts, "loud", "end", seed=4, progress=False).effect)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,8 +68,8 @@ def test_effects_equal_transformer_lens_patching(family, family_models):
     cells = torch.tensor([[0, end, 0], [cfg.n_layers - 1, end, cfg.n_heads - 1], [cfg.n_layers // 2, end, 1]])
     for name in ("exchanged_names", "subject_noise"):
         alt = prompts.alternatives[name]
-        result = signals.patch_from(model, prompts, name, "end", progress=False)
-        ctx = signals.source_context(model, prompts, alt)
+        result = position_vs_token.patch_from(model, prompts, name, "end", progress=False)
+        ctx = position_vs_token.source_context(model, prompts, alt)
         clean = logit_diff(model(prompts.clean_tokens), prompts.answer_tokens).mean()
 
         def metric(logits, clean=clean):
@@ -90,11 +90,11 @@ def test_effects_equal_transformer_lens_patching(family, family_models):
 
 def test_reads_as():
     changes = {"flip": "position", "swap": "token", "noise": "other"}
-    assert signals.reads_as({"flip": -0.5, "swap": 0.1, "noise": 3}, changes) == "position"
-    assert signals.reads_as({"flip": 0.02, "swap": -1.2, "noise": 0}, changes) == "token"
-    assert signals.reads_as({"flip": 0.5, "swap": -0.4, "noise": 0}, changes) == "both"
-    assert signals.reads_as({"flip": 0.05, "swap": 0.05, "noise": 2}, changes) == "neither"
-    assert signals.reads_as({"noise": 2}, {"noise": "other"}) == "n/a"
+    assert position_vs_token.reads_as({"flip": -0.5, "swap": 0.1, "noise": 3}, changes) == "position"
+    assert position_vs_token.reads_as({"flip": 0.02, "swap": -1.2, "noise": 0}, changes) == "token"
+    assert position_vs_token.reads_as({"flip": 0.5, "swap": -0.4, "noise": 0}, changes) == "both"
+    assert position_vs_token.reads_as({"flip": 0.05, "swap": 0.05, "noise": 2}, changes) == "neither"
+    assert position_vs_token.reads_as({"noise": 2}, {"noise": "other"}) == "n/a"
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import nbformat
 import pytest
 import torch
 
-from helpers import batch
-from helpers.metrics import check_task
+from helpers.engine.metrics import check_task
+from helpers.runner import batch
 
 
 def test_thresholds():
@@ -46,14 +46,14 @@ def test_model_that_does_not_do_the_task_is_flagged_everywhere(unperformed):
     assert "Task check failed" in html_out and "THE MODEL DOES NOT DO THIS TASK" in html_out
     figures = [o["data"]["text/html"] for o in outputs if "Plotly.newPlot" in o.get("data", {}).get("text/html", "")]
     assert len(figures) >= 10 and all("normalised values are not meaningful" in f for f in figures)
-    from helpers.report import write_report
+    from helpers.runner.report import write_report
 
     index = write_report(out).read_text()
     assert "The model does not do this task" in index
 
 
 def test_circuit_against_random_controls():
-    from helpers.circuits import compare_with_controls
+    from helpers.analyses.circuits import compare_with_controls
 
     controls = torch.tensor([0.2, 0.4, 0.5, 0.3, 0.6, 0.1, 0.35, 0.45, 0.25, 0.55] * 2)
     good = compare_with_controls(0.95, controls)
@@ -68,7 +68,7 @@ def test_circuit_against_random_controls():
 def test_roles_summary_says_when_no_head_has_a_role():
     import pandas as pd
 
-    from helpers.roles import roles_summary
+    from helpers.analyses.roles import roles_summary
 
     none = pd.DataFrame({"role": ["unclassified"] * 3}, index=["L0H0", "L1H1", "L2H2"])
     assert roles_summary(none).startswith("No head met any role rule") and "thresholds" in roles_summary(none)

@@ -51,7 +51,7 @@ def test_papermill_reads_every_parameter(py):
 
 
 def test_colab_badges_follow_the_configured_repo():
-    from helpers import badges
+    from helpers.runner import badges
 
     repo = badges.configured_repo()
     assert badges.sync(check=True) == [], "badges differ from [tool.circuit-lab] github: run `make sync`"
@@ -67,7 +67,7 @@ def test_colab_badges_follow_the_configured_repo():
 def test_changing_the_repo_rewrites_every_badge(tmp_path):
     import shutil
 
-    from helpers import badges
+    from helpers.runner import badges
 
     root = tmp_path / "repo"
     shutil.copytree(TEMPLATES_DIR, root / "nb_templates", ignore=shutil.ignore_patterns("*.ipynb"))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import weights_circuits as W
-from helpers.families import FAMILIES
-from helpers.heads import random_word_ids
-from helpers.patching import NotSupported
+from helpers.analyses import weights as W
+from helpers.analyses.pattern_scores import random_word_ids
+from helpers.methods.patching import NotSupported
+from helpers.toys.families import FAMILIES
 
 
 def test_toy_induction_previous_token_heads_peak_at_offset_one(toy_induction):

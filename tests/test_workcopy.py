@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import nbformat
 
-from helpers import layout, workcopy
+from helpers.runner import workcopy
+from helpers.schema import outputs
 
 
 def test_a_working_copy_has_the_task_parameters_and_is_never_overwritten(tmp_path, capsys):
@@ -14,7 +15,7 @@ def test_a_working_copy_has_the_task_parameters_and_is_never_overwritten(tmp_pat
     injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
     assert 'task = "ioi"' in injected.source and 'model_name = "toy-ioi"' in injected.source
     assert f'output_dir = "{dest.parent}"' in injected.source  # running it writes next to itself, not into nb_outputs
-    assert f'input_dir = "{layout.outputs_dir() / "ioi" / "toy-ioi"}"' in injected.source
+    assert f'input_dir = "{outputs.outputs_dir() / "ioi" / "toy-ioi"}"' in injected.source
     assert all(c.get("outputs", []) == [] for c in nb.cells if c.cell_type == "code")  # not executed
     assert sum("notes" in c.metadata.get("tags", []) for c in nb.cells) >= 6
     dest.write_text(dest.read_text().replace("Your notes.", "My notes."))

@@ -1,0 +1,5 @@
+"""Layer 4, ``methods``: the causal methods, each a batched sweep over the engine.
+
+``patching`` (activation patching), ``attribution_patching`` (gradients, EAP-IG), ``path_patching``, ``edges``
+(edge-level graphs, EAP / EAP-IG scores, exact circuit runs), ``importance`` (ablation losses per head).
+"""
