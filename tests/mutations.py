@@ -228,7 +228,7 @@ MUTATIONS = [
     (
         "a run's fingerprint hashes every helpers module",
         "helpers/runner/batch.py",
-        'modules = dependencies.depends_on(template, graph) | dependencies.closure({"run"}, graph)',
+        'modules = dependencies.depends_on(template, graph) | dependencies.closure({"runner.run"}, graph)',
         "modules = set(graph)",
         "tests/test_batch.py::test_a_run_reruns_when_the_code_it_executes_changes_and_only_then",
     ),
