@@ -142,6 +142,20 @@ MUTATIONS = [
         "tests/test_architecture.py::test_planning_and_reporting_modules_do_not_import_torch",
     ),
     (
+        "the probe takes a discarded hook edit for a real one",
+        "helpers/engine/capabilities.py",
+        'verdicts[hook] = bool((edited - probe["output"]).abs().max() > 1e-6)',
+        "verdicts[hook] = True",
+        "tests/test_families.py::test_sweep_equals_transformer_lens[opt-head_pattern]",
+    ),
+    (
+        "the probe takes an MLP-only edit for one that reaches the residual stream",
+        "helpers/engine/capabilities.py",
+        "verdicts[hook] = bool((runs[1] - runs[0]).abs().max() > 1e-3)",
+        "verdicts[hook] = True",
+        "tests/test_families.py::test_sweep_equals_transformer_lens[llama-resid_mid]",
+    ),
+    (
         "cached keys and values one position short",
         "helpers/engine/interventions.py",
         "k, v = k[:n_prompts, :, :start], v[:n_prompts, :, :start]",

@@ -88,7 +88,7 @@ def test_the_command_line_is_on_top():
 
 LIGHT = [
     *("schema.heads", "schema.results", "schema.artifacts", "schema.outputs"),
-    *("task.params", "task.models", "engine.capabilities", "notebook.notes"),
+    *("task.params", "task.models", "notebook.notes"),
     *("runner.dependencies", "runner.batch", "runner.run", "runner.report", "runner.cli", "runner.workcopy", "runner.task_table"),
 ]
 

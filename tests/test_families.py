@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.engine.capabilities import decomposition_caveats
 from helpers.engine.norms import post_norms
 from helpers.methods import patching as P
 from helpers.methods import path_patching as PP
@@ -109,7 +110,7 @@ def test_dla_identity_or_an_honest_caveat(family, family_models):
     full, labels = A.full_dla(model, cache, direction)
     head_error = (full.sum(0) - target).abs().max()
     lens, _ = A.logit_lens(cache, direction)
-    caveats = A.decomposition_caveats(model)
+    caveats = decomposition_caveats(model)
     assert set(caveats) == ({"layers"} if family == "gemma2" else set())  # soft-capped logits
     tol = 1e-2 if "layers" in caveats else 1e-4
     assert (lens[-1] - target).abs().max() < tol

@@ -6,7 +6,7 @@ so the map is linear), each component's dot product with ``W_U[:, correct] - W_U
 direct contribution to the logit difference; the contributions plus the unembedding-bias difference sum to
 the model's logit difference exactly (up to float error; tested on every family).
 
-Architectures differ in what that sum contains and whether it is exact (``decomposition_caveats``):
+Architectures differ in what that sum contains and whether it is exact (``capabilities.decomposition_caveats``):
 rotary models have no positional-embedding term; parallel blocks (GPT-J, NeoX) have no residual stream
 between attention and MLP (the logit lens reads whole layers); Gemma-2's final-logit soft-capping makes the
 logit difference a non-linear function of the residual stream: there the numbers are approximations, the residual
@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
+from helpers.engine.capabilities import parallel_blocks, position_embeddings
 from helpers.engine.norms import post_normed, post_norms, sublayer_bias
 
 DLA_HOOK_SUFFIXES = (
@@ -51,24 +52,11 @@ def dla_hook_names(model) -> list[str]:
     """The ``dla_hook_filter`` hooks this architecture fires: no positional embedding with rotary positions,
     no mid residual with parallel attention + MLP."""
     skip = []
-    if getattr(model.cfg, "positional_embedding_type", "standard") != "standard":
+    if not position_embeddings(model.cfg):
         skip.append("hook_pos_embed")
-    if getattr(model.cfg, "parallel_attn_mlp", False):
+    if parallel_blocks(model.cfg):
         skip.append("hook_resid_mid")
     return [n for n in model.hook_dict if dla_hook_filter(n) and not n.endswith(tuple(skip))]
-
-
-def decomposition_caveats(model) -> dict[str, str]:
-    """Why DLA is not an exact decomposition on this architecture, keyed by what it affects ('layers'); empty when
-    it is exact. (Post-norms are not a caveat: their scales are frozen, ``frozen_scales``.)"""
-    caveats: dict[str, str] = {}
-    cap = getattr(model.cfg, "output_logits_soft_cap", 0) or 0
-    if cap > 0:
-        caveats["layers"] = (
-            f"final logits are soft-capped (tanh, cap {cap}): the logit difference is not linear in the residual "
-            "stream, so component contributions only approximate it"
-        )
-    return caveats
 
 
 def logit_diff_direction(model, answer_tokens: Int[Tensor, "batch 2"]) -> Float[Tensor, "batch d_model"]:

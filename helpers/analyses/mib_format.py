@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from helpers.analyses.discovery import circuit_of
-from helpers.engine.capabilities import kv_heads
+from helpers.engine.capabilities import kv_heads, parallel_blocks
 from helpers.methods.edges import EdgeCircuit, Graph
 from helpers.schema.artifacts import write_json
 
@@ -80,7 +80,7 @@ def cfg_of(model) -> dict:
         "n_heads": int(cfg.n_heads),
         "n_key_value_heads": int(kv_heads(cfg)),
         "d_model": int(cfg.d_model),
-        "parallel_attn_mlp": bool(getattr(cfg, "parallel_attn_mlp", False)),
+        "parallel_attn_mlp": parallel_blocks(cfg),
     }
 
 

@@ -28,9 +28,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from helpers.engine.capabilities import NotSupported
+from helpers.engine.capabilities import NotSupported, hook_takes_effect
 from helpers.engine.hooks import resolve_hook_names
-from helpers.engine.interventions import hook_takes_effect
 from helpers.methods.patching import SWEEPS, PatchingContext, make_context, run_sweep
 from helpers.schema.heads import Head
 from helpers.task.prompts import AlternativeRun, PromptSet

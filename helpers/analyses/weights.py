@@ -34,9 +34,8 @@ from torch import Tensor
 from transformer_lens import SVDInterpreter
 from transformer_lens import utilities as utils
 
-from helpers.engine.capabilities import NotSupported
-from helpers.engine.hooks import recording_hook
-from helpers.engine.interventions import zero_activation
+from helpers.engine.capabilities import check_positional
+from helpers.engine.hooks import recording_hook, zero_activation
 from helpers.schema.heads import Head
 
 
@@ -105,16 +104,6 @@ def qk_tokens(model, layer: int, head: int, tokens: Int[Tensor, " n"]) -> Float[
     """Full QK circuit on ``tokens`` (attention scores from token identity alone, before the softmax and scaling)."""
     x = _normed(model, model.W_E[tokens], layer)
     return (x @ model.QK[layer, head]).AB @ x.T
-
-
-def check_positional(model) -> None:
-    """Raise ``NotSupported`` unless the model adds learned or sinusoidal position embeddings to the residual stream."""
-    kind = getattr(model.cfg, "positional_embedding_type", "standard")
-    if kind != "standard":
-        raise NotSupported(
-            f"positional QK circuits read the positional embeddings; this model has {kind!r} positions "
-            "(no embedding to read): use the previous-token score on repeated random tokens (induction_checks)"
-        )
 
 
 @torch.no_grad()
@@ -231,6 +220,5 @@ __all__ = [
     "positional_qk",
     "attention_by_offset",
     "previous_token_offsets",
-    "check_positional",
     "embeddings",
 ]

@@ -21,8 +21,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor
 
-from helpers.engine.capabilities import model_state
-from helpers.engine.interventions import _probe_tokens, _verified
+from helpers.engine.capabilities import model_state, probe_tokens
+from helpers.engine.interventions import _verified
 
 COMPONENTS = ("q", "k", "v")
 
@@ -90,7 +90,7 @@ def _fires(model, name: str) -> bool:
     if name not in verdicts:
         seen = []
         with torch.no_grad(), model.hooks(fwd_hooks=[(name, lambda act, hook: seen.append(1))]):
-            model(_probe_tokens(model))
+            model(probe_tokens(model))
         verdicts[name] = bool(seen)
     return verdicts[name]
 
@@ -185,7 +185,7 @@ def _made_forks(model, kinds: set[str], why: str):
         if flag:
             model.cfg._set_bridge_managed_hook_flag(flag, True)
         try:
-            ok = _verified(model, key, lambda: _identity_forks(model, names), lambda: model(_probe_tokens(model)), "", warn=False)
+            ok = _verified(model, key, lambda: _identity_forks(model, names), lambda: model(probe_tokens(model)), "", warn=False)
         finally:
             if flag:
                 model.cfg._set_bridge_managed_hook_flag(flag, False)
@@ -199,7 +199,7 @@ def _made_forks(model, kinds: set[str], why: str):
 def _identity_forks(model, names: list[str]) -> Tensor:
     """The probe's output with every fork in ``names`` hooked by the identity, so that each is made and read."""
     with model.hooks(fwd_hooks=[(name, lambda act, hook: act) for name in names]):
-        return model(_probe_tokens(model))
+        return model(probe_tokens(model))
 
 
 def _remove(point, handle) -> None:

@@ -80,3 +80,8 @@ def recording_hook(store: dict, name: str, fresh: bool = False) -> Callable:
         return act
 
     return record
+
+
+def zero_activation(act: Tensor, hook=None) -> Tensor:
+    """A forward hook that sets its activation to zero."""
+    return torch.zeros_like(act)

@@ -44,7 +44,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from helpers.engine.capabilities import architecture, model_state
+from helpers.engine.capabilities import architecture, model_state, probe_tokens
 from helpers.engine.hooks import UNEMBED_LAST, last_position, recording_hook
 from helpers.engine.metrics import logit_diff
 
@@ -494,7 +494,7 @@ def _last_mlp_at_final_position(model) -> tuple[str, Callable]:
 def _last_mlp_ok(model) -> bool:
     """Whether the last block's MLP at the final position only leaves the final logits exact (checked once per model;
     no warning: some blocks reshape by the full sequence length, e.g. OPT, and keep the full MLP)."""
-    tokens = _probe_tokens(model)
+    tokens = probe_tokens(model)
 
     def fast() -> Tensor:
         with model.hooks(fwd_hooks=[_last_mlp_at_final_position(model), UNEMBED_LAST]):
@@ -547,58 +547,3 @@ def _output_template(model, block) -> tuple | None:
             handle.remove()
         templates[key] = tuple(seen[0]) if isinstance(seen[0], tuple) else None
     return templates[key]
-
-
-def hook_takes_effect(model, hook: str) -> bool:
-    """Whether setting activation ``hook`` to zero changes the model's output (cached per model and hook).
-
-    Some attention bridges compute attention inside the wrapped Hugging Face module and only *report* some
-    activations afterwards (e.g. the pattern on OPT and GPT-J): an edit there is discarded, and a sweep over
-    it would be a silent zero. Analyses check this before patching such a hook.
-    """
-    verdicts: dict = model_state(model, "hook_effect")
-    if hook not in verdicts:
-        tokens = _probe_tokens(model)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            probe = model_state(model, "probe")
-            if "output" not in probe:  # the unedited output, computed once per model
-                probe["output"] = model(tokens)
-            with model.hooks(fwd_hooks=[(hook, zero_activation)]):
-                edited = model(tokens)
-        verdicts[hook] = bool((edited - probe["output"]).abs().max() > 1e-6)
-    return verdicts[hook]
-
-
-def _probe_tokens(model) -> Tensor:
-    """Two short fixed prompts for the probes: BOS (or id 0) and four other ids. Two, so that a probe also catches
-    code that only works for one prompt (e.g. a reshape that broadcasts correctly for a batch of one)."""
-    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
-    return torch.tensor([[bos, 5, 7, 9, 11], [bos, 6, 8, 10, 12]], device=model.cfg.device) % model.cfg.d_vocab
-
-
-def edit_reaches_residual(model, hook: str) -> bool:
-    """Whether an edit of ``hook`` in block L (its mid residual stream ``hook_resid_mid``, or the MLP-input fork
-    ``hook_mlp_in``) reaches the residual stream itself, not only the MLP's input (cached per model and hook).
-
-    In the TransformerLens 4 bridge the edited tensor goes to the MLP only, and the residual stream goes on with
-    the unedited one: patching "resid_mid" there patches the MLP input, and patching all of it does not recover
-    the clean run (TransformerLens 4's own ``get_act_patch_resid_mid`` does the same)."""
-    verdicts: dict = model_state(model, "reaches_residual")
-    if hook not in verdicts:
-        layer = int(hook.split(".")[1])
-        tokens = _probe_tokens(model)
-        names = [get_act_name("resid_post", layer), get_act_name("mlp_out", layer)]
-        runs = []
-        for hooks in ([], [(hook, lambda act, hook=None: act + 1.0)]):
-            store: dict = {}
-            with torch.no_grad(), model.hooks(fwd_hooks=hooks + [(n, recording_hook(store, n)) for n in names]):
-                model(tokens)
-            runs.append(store[names[0]] - store[names[1]])  # the residual stream without the MLP's write
-        verdicts[hook] = bool((runs[1] - runs[0]).abs().max() > 1e-3)
-    return verdicts[hook]
-
-
-def zero_activation(act: Tensor, hook=None) -> Tensor:
-    """A forward hook that sets its activation to zero."""
-    return torch.zeros_like(act)

@@ -49,15 +49,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from helpers.engine.capabilities import NotSupported, architecture, kv_heads
+from helpers.engine.capabilities import NotSupported, architecture, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
 from helpers.engine.forks import made_forks, receiver_forks
 from helpers.engine.interventions import (
     KVPrefix,
     _verified,
     answer_columns,
-    edit_reaches_residual,
     forward_from_layer,
-    hook_takes_effect,
     run_with_kv,
     suffix_ok,
 )
@@ -146,7 +144,7 @@ class Graph:
             raise NotSupported(reason)
         cfg = model.cfg
         n_layers, n_heads, n_kv = cfg.n_layers, cfg.n_heads, kv_heads(cfg)
-        parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
+        parallel = parallel_blocks(cfg)
         senders = [Node("input", "input", -1)]
         receivers: list[Receiver] = []
         for layer in range(n_layers):

@@ -33,9 +33,9 @@ from torch import Tensor
 from tqdm.std import tqdm
 from transformer_lens.utilities import get_act_name
 
-from helpers.engine.capabilities import NotSupported
+from helpers.engine.capabilities import NotSupported, hook_takes_effect
 from helpers.engine.hooks import recording_hook, resolve_hook_names
-from helpers.engine.interventions import Intervention, hook_takes_effect, hooks_for, logits_from_layer
+from helpers.engine.interventions import Intervention, hooks_for, logits_from_layer
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import group_mean, logit_diff
 from helpers.methods.attribution_patching import rank_agreement

@@ -30,14 +30,12 @@ from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars: tqdm.auto warns (TqdmWarning) in kernels without ipywidgets
 from transformer_lens.ActivationCache import ActivationCache
 
-from helpers.engine.capabilities import NotSupported, kv_heads
+from helpers.engine.capabilities import NotSupported, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
 from helpers.engine.flops import ModelShape, run_flops
 from helpers.engine.hooks import UNEMBED_LAST, resolve_hook_names
 from helpers.engine.interventions import (
     Intervention,
     KVPrefix,
-    edit_reaches_residual,
-    hook_takes_effect,
     position_axis,
     run_interventions,
     run_with_kv,
@@ -121,7 +119,7 @@ class PatchingContext:
 
 def check_supported(model, spec: Sweep) -> None:
     """Raise ``NotSupported`` for sweeps whose activation this architecture does not have."""
-    if spec.hook == "hook_resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):
+    if spec.hook == "hook_resid_mid" and parallel_blocks(model.cfg):
         raise NotSupported(
             f"sweep {spec.name!r} is not supported for this architecture: attention and MLP run in parallel "
             "(GPT-J, GPT-NeoX/Pythia), so there is no residual stream between them"

@@ -18,7 +18,6 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities import get_act_name
 
 from helpers.analyses.dla import (
-    decomposition_caveats,
     dla_hook_names,
     full_dla,
     head_dla,
@@ -27,6 +26,7 @@ from helpers.analyses.dla import (
     logit_lens,
     unembed_bias_diff,
 )
+from helpers.engine.capabilities import decomposition_caveats
 from helpers.engine.hooks import run_with_checked_cache
 from helpers.engine.interventions import Intervention, hooks_for
 from helpers.engine.metrics import group_mean, logit_diff
