@@ -35,6 +35,7 @@ from helpers import MODELS_DIR  # noqa: E402
 from helpers.analyses import discovery as D  # noqa: E402
 from helpers.analyses.pattern_scores import induction_task  # noqa: E402
 from helpers.methods import edges as E  # noqa: E402
+from helpers.methods import scoring as S  # noqa: E402
 from helpers.task.models import load_model, set_threads  # noqa: E402
 from helpers.task.params import load_params  # noqa: E402
 from helpers.task.prompts import make_prompts  # noqa: E402
@@ -81,10 +82,10 @@ def quality(label: str, ectx: E.EdgeContext, target: float, single_edges: bool, 
     exact = None
     if single_edges:
         t0 = time.perf_counter()
-        exact = D.single_edge_effects(ectx, progress=False)
+        exact = S.single_edge_effects(ectx, progress=False)
         out["single_edges_s"] = round(time.perf_counter() - t0, 2)
     index = g.edge_index
-    for method in E.METHODS:
+    for method in E.GRADIENT_METHODS:
         t0 = time.perf_counter()
         scores = E.edge_scores(ectx, method)
         score_s = time.perf_counter() - t0

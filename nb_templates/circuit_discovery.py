@@ -54,7 +54,7 @@ device = None  # default: CUDA if available, else CPU
 dtype = "float32"  # or "bfloat16" / "float16" for big models
 threads = None  # torch CPU threads (match processes x threads to the cores)
 static_images = True  # also save every figure as PNG (and the diagram as SVG) next to the notebook
-methods = ["eap", "eap-ig"]  # edge scoring methods: "eap" (gradient at the clean run), "eap-ig" (integrated gradients)
+methods = ["eap", "eap-ig"]  # edge scoring methods (helpers.methods.scoring): "eap" (gradient at the clean run), "eap-ig" (integrated gradients); also "exact", "acdc" (slow)
 ig_steps = 5  # EAP-IG: points on the path from the corrupted to the clean embeddings
 fractions = None  # circuit sizes on the curve (fractions of all edges); default: MIB's 0.001 ... 1
 n_random = 10  # random circuits per size (same number of edges) and per head count
@@ -73,10 +73,10 @@ import torch
 from IPython.display import display
 
 from helpers.analyses import discovery, mib_format
-from helpers.methods import edges
+from helpers.methods import edges, scoring
 from helpers.notebook import plotting, session
 
-discovery.check_options(methods, fractions, target, n_random, ig_steps)  # bad parameters stop here, before any work
+discovery.check_options(methods, fractions, target, n_random, ig_steps, acdc_thresholds)  # bad parameters stop here, before any work
 s = session.start_session("circuit_discovery", task, params_file, model_name, n_prompts, output_dir, device, threads, static_images,
                               input_dir, dtype=dtype)
 model, prompts, figs = s.model, s.prompts, s.figures
@@ -112,7 +112,7 @@ if not not_supported:
     forward_s = time.perf_counter() - start
     for method in methods:
         start = time.perf_counter()
-        scores[method] = edges.edge_scores(ectx, method, ig_steps)
+        scores[method] = scoring.score_edges(ectx, method, scoring.ScoringOptions(ig_steps=ig_steps, memory_mb=memory_mb))
         seconds = time.perf_counter() - start
         timings[method] = {"seconds": seconds, "forward_equivalents": seconds / forward_s}
     names = g.edge_names()
@@ -143,7 +143,7 @@ if not not_supported:
     checked = index if g.n_edges <= max_single_edges else discovery.check_sample(g, scores, check_top, check_random, seed)
     how = "every edge" if len(checked) == g.n_edges else f"a sample: the top {check_top} of each method by |score| and {check_random} random others"
     exact_check = {"edges": len(checked), "of": g.n_edges, "how": how}
-    exact = discovery.single_edge_effects(ectx, memory_mb, edges=None if len(checked) == g.n_edges else checked)
+    exact = scoring.single_edge_effects(ectx, memory_mb, edges=None if len(checked) == g.n_edges else checked)
     pick = (checked[:, 0], checked[:, 1])
     for method in methods:
         agreement[method] = float(spearmanr(exact[pick], scores[method][pick])[0])

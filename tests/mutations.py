@@ -156,6 +156,20 @@ MUTATIONS = [
         "tests/test_families.py::test_sweep_equals_transformer_lens[llama-resid_mid]",
     ),
     (
+        "every registered scoring method answers as EAP",
+        "helpers/methods/scoring.py",
+        "return SCORERS[method].score(ectx, options or ScoringOptions())",
+        'return SCORERS["eap"].score(ectx, options or ScoringOptions())',
+        "tests/test_discovery.py::test_every_registered_scoring_method_scores_the_graphs_edges_alike",
+    ),
+    (
+        "ACDC's scores forget what its pass measured",
+        "helpers/methods/scoring.py",
+        "effects[s, r] = abs(1 - f) - distance",
+        "effects[s, r] = 0.0",
+        "tests/test_discovery.py::test_every_registered_scoring_method_scores_the_graphs_edges_alike",
+    ),
+    (
         "cached keys and values one position short",
         "helpers/engine/interventions.py",
         "k, v = k[:n_prompts, :, :start], v[:n_prompts, :, :start]",

@@ -9,6 +9,7 @@ import torch
 from helpers.analyses import discovery as D
 from helpers.analyses.pattern_scores import induction_task
 from helpers.methods import edges as E
+from helpers.methods import scoring as S
 from helpers.toys.planted import PLANTED_EDGES, build_planted_model, planted_task
 
 
@@ -129,7 +130,7 @@ def test_smallest_circuit_on_toy_ioi_beats_its_controls(ioi_ectx):
 
 
 def test_single_edge_effects_are_what_removing_the_edge_does(ioi_ectx):
-    exact = D.single_edge_effects(ioi_ectx, progress=False)
+    exact = S.single_edge_effects(ioi_ectx, progress=False)
     g = ioi_ectx.graph
     mask = g.allowed.clone()
     s, r = g.edge_index[5].tolist()
@@ -142,7 +143,7 @@ def test_planted_circuit_is_recovered(planted):
     g = planted.graph
     truth = g.mask_of(list(PLANTED_EDGES))
     assert float(E.evaluate_masks(planted, truth[None])[0]) > 0.95  # the planted edges carry the behaviour
-    exact = D.single_edge_effects(planted, progress=False)
+    exact = S.single_edge_effects(planted, progress=False)
     assert exact[g.allowed & ~truth].abs().max() < 0.02 < exact[truth].abs().min()  # and nothing else does
     for method in ("eap", "eap-ig"):
         scores = E.edge_scores(planted, method)
@@ -163,7 +164,8 @@ def test_toy_induction_k_composition_is_found(toy_induction):
 @pytest.mark.parametrize(
     "bad,field",
     [
-        ({"methods": ["acdc"]}, "methods"),
+        ({"methods": ["nonsense"]}, "methods"),
+        ({"methods": ["acdc"], "acdc_thresholds": [0.01]}, "acdc_thresholds"),
         ({"methods": "eap"}, "methods"),
         ({"fractions": [0.0, 0.5]}, "fractions"),
         ({"fractions": [2]}, "fractions"),
@@ -180,7 +182,7 @@ def test_bad_options_are_refused_with_the_parameter_named(bad, field):
 
 
 def test_acdc_recovers_the_planted_circuit(planted):
-    found = D.acdc(planted, 0.02, progress=False)
+    found = S.acdc(planted, 0.02, progress=False)
     assert sorted(found.edges) == sorted(PLANTED_EDGES) and found.faithfulness > 0.95
 
 
@@ -270,3 +272,42 @@ def test_mib_json_round_trips_a_circuit_and_its_scores(model_fixture, request, t
     data["edges"]["a9.h9->logits"] = {"score": 0.0, "in_graph": True}
     with pytest.raises(M.MIBFormatError, match="not an edge of this model's graph"):
         M.from_mib(ectx.graph, data)
+
+
+def test_every_registered_scoring_method_scores_the_graphs_edges_alike(planted):
+    """One signature, one result: each registered method gives [sender, receiver] scores, 0 off the graph, that the
+    curve code ranks alike; exact and EAP are what their functions compute; ACDC's scores are its own decisions."""
+    g = planted.graph
+    options = S.ScoringOptions(ig_steps=3, acdc_threshold=0.02, progress=False)
+    scores = {name: S.score_edges(planted, name, options) for name in S.SCORERS}
+    assert set(scores) >= {"eap", "eap-ig", "exact", "acdc"}
+    for name, values in scores.items():
+        assert values.shape == g.allowed.shape and torch.isfinite(values).all(), name
+        assert not values[~g.allowed].any(), name
+    assert torch.equal(scores["exact"], S.single_edge_effects(planted, progress=False))
+    assert torch.equal(scores["eap"], E.edge_scores(planted, "eap"))
+    circuit, effects = S.acdc_pass(planted, 0.02, progress=False)
+    assert torch.equal(effects, scores["acdc"])
+    assert effects[g.mask_of(circuit.edges)].min() >= 0.02  # every edge ACDC kept moved the distance by at least tau
+    for name in ("exact", "acdc"):
+        assert D.recovery(g, scores[name], circuit.edges, list(PLANTED_EDGES)).auc == 1.0, name
+    curves = D.faithfulness_curves(planted, scores, [0.01, 1.0], n_random=0, progress=False)
+    assert set(curves) == set(scores) and all(c.points[-1].faithfulness == pytest.approx(1.0, abs=1e-5) for c in curves.values())
+
+
+def test_a_new_scoring_method_is_one_registration(planted):
+    def by_receiver(ectx, options):
+        return ectx.graph.allowed.float() * torch.arange(ectx.graph.allowed.shape[1])
+
+    scorer = S.register(S.Scorer("by-receiver", by_receiver, exact=False, about="later receivers first (a test)"))
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            S.register(scorer)
+        D.check_options(["by-receiver", "eap"], None, 0.8, 0, 1)
+        assert torch.equal(S.score_edges(planted, "by-receiver"), by_receiver(planted, None))
+        found = D.smallest_circuit(planted, S.score_edges(planted, "by-receiver"), "by-receiver", target=0.5, n_random=0)
+        assert found.circuit.method.startswith("by-receiver")
+    finally:
+        del S.SCORERS["by-receiver"]
+    with pytest.raises(ValueError, match="registered"):
+        S.score_edges(planted, "by-receiver")

@@ -31,7 +31,7 @@ from transformer_lens.utilities import get_act_name
 
 from helpers.engine.hooks import resolve_hook_names
 from helpers.engine.interventions import Intervention, hooks_for, run_interventions
-from helpers.engine.metrics import check_normalisation, group_mean, logit_diff
+from helpers.engine.metrics import check_normalisation, faithfulness, group_mean, logit_diff
 from helpers.methods.patching import variants_per_chunk
 from helpers.schema.heads import Head
 from helpers.schema.results import SmallestResult
@@ -366,7 +366,7 @@ class Evaluator:
     def faithfulness(self, circuits: list[Circuit]) -> Float[Tensor, " variant"]:
         """Each circuit's logit diff with everything else knocked out, normalised: (LD(C) - baseline) / (LD(M) - baseline),
         F(C) / F(M) with the ratio normalisation (baseline 0), the share of the clean - corrupted gap with ``gap``."""
-        return (self.logit_diffs(circuits) - self.baseline) / (self.full_logit_diff - self.baseline)
+        return faithfulness(self.logit_diffs(circuits), self.full_logit_diff, self.baseline)
 
     @property
     def normalisation(self) -> str:

@@ -1,6 +1,6 @@
 """Circuit discovery scored by faithfulness curves (the MIB benchmark's circuit-localisation protocol).
 
-A method (EAP, EAP-IG: ``edges.edge_scores``) ranks every edge. Circuits of increasing size are the top-k
+A scoring method (any registered in ``methods.scoring``: EAP, EAP-IG, exact, ACDC) ranks every edge. Circuits of increasing size are the top-k
 edges by |score|, pruned to paths from the input to the logits (``edges.prune``), each evaluated *exactly*
 (``edges.evaluate_masks``; one batched call per size, with the random controls as extra variants of that call).
 The curve of faithfulness over circuit size (the fraction of the graph's edges kept) is summarised by two areas
@@ -12,8 +12,8 @@ The curve of faithfulness over circuit size (the fraction of the graph's edges k
 
 Both are trapezoids over the kept fraction, with the empty circuit (0, 0) and the full model (1, 1) as the ends.
 Random circuits of the requested number of edges, shared by the methods, give the chance curve. ``smallest_circuit`` bisects the ranking for
-the fewest top edges whose pruned circuit reaches a target faithfulness. ``acdc`` is the exact greedy reference
-(one evaluation per edge, in sequence), whose thresholds give its own curve.
+the fewest top edges whose pruned circuit reaches a target faithfulness. ACDC (``methods.scoring.acdc``) is the exact greedy
+reference (one evaluation per edge, in sequence), whose thresholds give its own curve (``acdc_curve``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars, as in patching
 
-from helpers.methods.edges import METHODS, EdgeCircuit, EdgeContext, Graph, evaluate_masks, prune
+from helpers.methods.edges import EdgeCircuit, EdgeContext, Graph, circuit_of, evaluate_masks, prune
+from helpers.methods.scoring import SCORERS, acdc
 
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # as MIB's circuit-localisation track
 
@@ -188,15 +189,6 @@ def _curve_points(
         heads = {graph.senders[s].name for s in mask.nonzero()[:, 0].tolist() if graph.senders[s].kind == "head"}
         points.append(CurvePoint(k, n_kept, n_kept / graph.n_edges, len(heads), float(value), mean, top))
     return points
-
-
-def circuit_of(
-    graph: Graph, mask: Bool[Tensor, "sender receiver"], scores: Float[Tensor, "sender receiver"] | None, method: str
-) -> EdgeCircuit:
-    """The edges of ``mask`` as an ``EdgeCircuit``, with their ``scores`` if given."""
-    names = graph.names_of(mask)
-    pairs = (mask & graph.allowed).nonzero().tolist()
-    return EdgeCircuit(names, method, None, {} if scores is None else {n: float(scores[s, r]) for n, (s, r) in zip(names, pairs)})
 
 
 @dataclass
@@ -411,25 +403,6 @@ def smallest_circuit(
     )
 
 
-def single_edge_effects(
-    ectx: EdgeContext, memory_mb: float = 1024, progress: bool = True, edges: Int[Tensor, "edge 2"] | None = None
-) -> Float[Tensor, "sender receiver"]:
-    """Exact effect of each edge alone, as EAP estimates it: 1 - faithfulness of the full graph minus that edge
-    (the share of the clean - corrupted gap lost when only this edge is corrupted). One batched evaluation per
-    chunk of edges; 0 where no edge exists. ``edges`` ([n, 2] sender, receiver indices, e.g. ``check_sample``):
-    only those (NaN elsewhere), for graphs too large to patch every edge."""
-    graph = ectx.graph
-    index = graph.edge_index if edges is None else edges
-    out = torch.zeros(graph.allowed.shape) if edges is None else torch.full(graph.allowed.shape, float("nan"))
-    chunk = 64
-    for start in tqdm(range(0, len(index), chunk), desc="single edges", disable=not progress):
-        part = index[start : start + chunk]
-        masks = graph.allowed.repeat(len(part), 1, 1)
-        masks[torch.arange(len(part)), part[:, 0], part[:, 1]] = False
-        out[part[:, 0], part[:, 1]] = 1 - evaluate_masks(ectx, masks, memory_mb)
-    return out
-
-
 def check_sample(
     graph: Graph, scores: dict[str, Float[Tensor, "sender receiver"]], n_top: int, n_random: int, seed: int = 0
 ) -> Int[Tensor, "edge 2"]:
@@ -515,10 +488,18 @@ def diagram_parts(graph: Graph, circuit: EdgeCircuit, roles: dict[str, str] | No
     return nodes, edges
 
 
-def check_options(methods, fractions, target: float, n_random: int, ig_steps: int) -> None:
+def check_options(methods, fractions, target: float, n_random: int, ig_steps: int, acdc_thresholds=()) -> None:
     """Refuse bad ``circuit_discovery`` parameters before any work, naming the parameter and the fix."""
-    if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
-        raise ValueError(f"circuit_discovery parameter `methods` must be a non-empty list from {list(METHODS)}, not {methods!r}")
+    if isinstance(methods, str) or not methods or any(m not in SCORERS for m in methods):
+        raise ValueError(
+            f"circuit_discovery parameter `methods` must be a non-empty list of registered scoring methods "
+            f"{list(SCORERS)} (helpers.methods.scoring), not {methods!r}"
+        )
+    if "acdc" in methods and acdc_thresholds:
+        raise ValueError(
+            "circuit_discovery parameters `methods` and `acdc_thresholds` both draw a curve named 'acdc': drop 'acdc' "
+            "from `methods` (its scores at one threshold) or set `acdc_thresholds = []` (its circuits at several)"
+        )
     if fractions is not None and (
         isinstance(fractions, (str, int, float))
         or not fractions
@@ -534,32 +515,6 @@ def check_options(methods, fractions, target: float, n_random: int, ig_steps: in
         raise ValueError(f"circuit_discovery parameter `n_random` must be a whole number >= 0, not {n_random!r}")
     if not isinstance(ig_steps, int) or ig_steps < 1:
         raise ValueError(f"circuit_discovery parameter `ig_steps` must be a whole number >= 1, not {ig_steps!r}")
-
-
-def acdc(ectx: EdgeContext, threshold: float, memory_mb: float = 1024, progress: bool = True) -> EdgeCircuit:
-    """ACDC's greedy exact pass (Conmy et al. 2023), with faithfulness as its metric: starting from the full graph,
-    visit receivers from the logits backwards and each receiver's senders from the latest; remove an edge for good
-    when removing it moves the circuit's distance to the full model, |1 - faithfulness|, up by less than
-    ``threshold``. One exact evaluation per edge still reachable, in sequence: for small models."""
-    graph = ectx.graph
-    mask = graph.allowed.clone()
-    distance = 0.0  # the full graph is the clean run
-    live = prune(graph, mask)
-    with tqdm(total=int(live.sum()), desc=f"ACDC tau={threshold:g}", disable=not progress) as bar:
-        for r in reversed(range(len(graph.receivers))):
-            for s in reversed(mask[:, r].nonzero().flatten().tolist()):
-                if not live[s, r]:  # already cut off from the input or the logits: nothing to decide
-                    continue
-                trial = mask.clone()
-                trial[s, r] = False
-                f = float(evaluate_masks(ectx, trial[None], memory_mb)[0])
-                bar.update(1)
-                if abs(1 - f) - distance < threshold:
-                    mask, distance = trial, abs(1 - f)
-                    live = prune(graph, mask)
-    circuit = circuit_of(graph, live, None, f"acdc (tau={threshold:g})")
-    circuit.faithfulness = float(evaluate_masks(ectx, live[None], memory_mb)[0]) if live.any() else 0.0
-    return circuit
 
 
 def acdc_curve(

@@ -22,9 +22,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from helpers.analyses.discovery import circuit_of
 from helpers.engine.capabilities import kv_heads, parallel_blocks
-from helpers.methods.edges import EdgeCircuit, Graph
+from helpers.methods.edges import EdgeCircuit, Graph, circuit_of
 from helpers.schema.artifacts import write_json
 
 MIB_EDGE_RE = re.compile(r"(?P<sender>[^-]+)->(?P<receiver>[^<]+)(?:<(?P<c>[qkv])>)?")

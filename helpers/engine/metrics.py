@@ -90,6 +90,18 @@ def normalised(value: Tensor | float, clean: float | Tensor, corrupted: float | 
     return (value - corrupted) / gap
 
 
+def faithfulness(circuit_logit_diff: Tensor | float, model_logit_diff: float | Tensor, baseline: float | Tensor) -> Tensor | float:
+    """Faithfulness of a circuit, the one definition used everywhere: ``(LD(C) - baseline) / (LD(M) - baseline)``,
+    ``normalised`` with the full model as 1 and ``baseline`` as 0. Its two normalisations name the baseline:
+
+    * ``gap``: the corrupted run's logit difference (every edge-level number, ``circuit_discovery``, MIB; and
+      ``circuits`` with ``normalisation="gap"``): the share of the clean - corrupted gap the circuit keeps;
+    * ``ratio``: 0 (``circuits`` with ``normalisation="ratio"``, the IOI paper's F(C) / F(M)).
+
+    NaN, not inf, when the model's logit difference equals the baseline."""
+    return normalised(circuit_logit_diff, model_logit_diff, baseline)
+
+
 @dataclass(frozen=True)
 class TaskCheck:
     """Does the model do the task at all? Checked at the top of every template, before any analysis.

@@ -13,8 +13,8 @@ do: the clean prompts run through the model, and every receiver input gets, from
 circuit, that sender's output on the corrupted prompt instead of its output in this run:
 ``input_r = clean-run input_r - sum over absent edges (s -> r) of (out_s(this run) - out_s(corrupted))``.
 A sender's output "in this run" already reflects the edges removed upstream of it. All edges kept gives the
-clean run (faithfulness 1); no edge kept gives the corrupted run (0). Faithfulness is normalised like every
-patching number here: ``(LD(circuit) - LD(corrupted)) / (LD(clean) - LD(corrupted))``.
+clean run (faithfulness 1); no edge kept gives the corrupted run (0). Faithfulness (``metrics.faithfulness``)
+has the gap normalisation, like every patching number here: ``(LD(circuit) - LD(corrupted)) / (LD(clean) - LD(corrupted))``.
 
 The receiver inputs are the bridge's own per-head forks of the residual stream (``hook_{q,k,v}_input``,
 ``hook_mlp_in``), made from the model's own modules where the bridge has none (OPT, GPT-J: ``helpers.engine.forks``, verified
@@ -60,7 +60,7 @@ from helpers.engine.interventions import (
     suffix_ok,
 )
 from helpers.engine.memory import release_freed_memory
-from helpers.engine.metrics import logit_diff, normalised
+from helpers.engine.metrics import faithfulness, logit_diff
 from helpers.engine.norms import post_attention_norm, post_norms
 from helpers.methods.attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
 from helpers.methods.patching import variants_per_chunk
@@ -68,7 +68,7 @@ from helpers.schema.artifacts import write_json
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 COMPONENTS = ("q", "k", "v")
-METHODS = ("eap", "eap-ig")  # edge scoring methods of ``edge_scores``
+GRADIENT_METHODS = ("eap", "eap-ig")  # ``edge_scores``; every scoring method: ``methods.scoring.SCORERS``
 
 
 @dataclass(frozen=True)
@@ -737,6 +737,15 @@ def _start_ok(ectx: EdgeContext, layer: int) -> bool:
     ) and (ectx.clean_kv is None or suffix_ok(model, ectx.clean_resid[layer], layer, ectx.clean_kv, "receiver forks"))
 
 
+def circuit_of(
+    graph: Graph, mask: Bool[Tensor, "sender receiver"], scores: Float[Tensor, "sender receiver"] | None, method: str
+) -> EdgeCircuit:
+    """The edges of ``mask`` as an ``EdgeCircuit``, with their ``scores`` if given."""
+    names = graph.names_of(mask)
+    pairs = (mask & graph.allowed).nonzero().tolist()
+    return EdgeCircuit(names, method, None, {} if scores is None else {n: float(scores[s, r]) for n, (s, r) in zip(names, pairs)})
+
+
 def evaluate_masks(
     ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float = 1024, per_prompt: bool = False
 ) -> Float[Tensor, " variant"]:
@@ -747,13 +756,13 @@ def evaluate_masks(
     masks = masks & ectx.graph.allowed
     if per_prompt:
         return _logit_diffs(ectx, masks, memory_mb)
-    corrupted = normalised(ectx.corrupted_logit_diff, ectx.clean_logit_diff, ectx.corrupted_logit_diff)  # 0 (NaN: no gap)
+    corrupted = faithfulness(ectx.corrupted_logit_diff, ectx.clean_logit_diff, ectx.corrupted_logit_diff)  # 0 (NaN: no gap)
     values = torch.full((len(masks),), float(corrupted))
     run = ectx.graph.has_path(masks) if SKIP_PATHLESS else torch.ones(len(masks), dtype=torch.bool)
     if run.any():
         distinct, copy_of = torch.unique(masks[run].flatten(1), dim=0, return_inverse=True)  # each circuit run once
         lds = _logit_diffs(ectx, distinct.view(-1, *masks.shape[1:]), memory_mb)
-        values[run] = normalised(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff).to(values.dtype)[copy_of]
+        values[run] = faithfulness(lds.mean(-1), ectx.clean_logit_diff, ectx.corrupted_logit_diff).to(values.dtype)[copy_of]
     return values
 
 
@@ -808,8 +817,8 @@ def edge_scores(
     edge carries); 0 where no edge exists. ``method``: ``eap`` (gradient on the clean run) or ``eap-ig``
     (gradient averaged over ``steps`` points from the corrupted to the clean embeddings). ``memory_mb``: the
     activations one forward with gradients may hold (``metric_gradients``)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if method not in GRADIENT_METHODS:
+        raise ValueError(f"method must be one of {GRADIENT_METHODS}, not {method!r}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, not {steps}")
     graph, model = ectx.graph, ectx.model
