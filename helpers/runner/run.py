@@ -258,85 +258,114 @@ def run_template(
         with outputs.run_lock(root, where, params.model, template):
             outputs.recover(final, template)  # a run of this template killed mid-publish: put the old result back
             outputs.remove_stale_staging(root, where, params.model, template)
-            return _execute(
-                params, template, root, final, n_prompts, threads, cell_timeout, progress, extra_parameters, log_output, t0, where
-            )
+            target = RunTarget(params, template, root, final, where)
+            return _execute(target, ExecutionOptions(n_prompts, threads, cell_timeout, progress, extra_parameters, log_output), t0)
     except outputs.OutputsError as err:
         return RunResult(params.task, params.model, template, "bad-input", time.time() - t0, None, str(err))
 
 
-def _execute(
-    params: TaskParams,
-    template: str,
-    root: Path,
-    final: Path,
-    n_prompts,
-    threads,
-    cell_timeout,
-    progress,
-    extra_parameters,
-    log_output,
-    t0: float,
-    where: str,
-) -> RunResult:
-    """Execute into a staging folder, export HTML and publish (the caller holds the run lock). ``where``: the
-    first folder level (the task, or ``outputs.MODEL_SCOPE``)."""
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How one template is executed: what its kernel gets besides the task, and how papermill runs it."""
+
+    n_prompts: int | None = None  # overrides the params file's n_prompts
+    threads: int | None = None  # torch CPU threads in the kernel
+    cell_timeout: int | None = None  # seconds one cell may run (None: no limit)
+    progress: bool = True  # papermill's per-cell progress bar
+    extra_parameters: dict | None = None  # more template parameters (only those the template declares are passed)
+    log_output: bool = False  # stream cell outputs to the log
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where one run goes: its task's params and template, the outputs root, the published folder and its first
+    level (``where``: the task, or ``outputs.MODEL_SCOPE`` for a per-model template)."""
+
+    params: TaskParams
+    template: str
+    root: Path
+    final: Path
+    where: str
+
+
+def _execute(target: RunTarget, options: ExecutionOptions, t0: float) -> RunResult:
+    """Execute into a staging folder, export HTML and publish (the caller holds the run lock)."""
     import papermill as pm
 
-    task_name, model_name, params_file = where, params.model, str(params.source)
-    staging = outputs.new_staging(root, task_name, model_name, template)
-    source_nb = template_notebook(template, staging / f".{template}.src.ipynb")
-    out_nb = staging / f"{template}.ipynb"
-    parameters = {
-        "task": params.task,
-        "params_file": params_file,
-        "model_name": model_name,
-        "output_dir": str(staging),
-        "input_dir": str(final),
-        "n_prompts": n_prompts,
-        "threads": threads,
-        **(extra_parameters or {}),
-    }
+    staging = outputs.new_staging(target.root, target.where, target.params.model, target.template)
+    source_nb = template_notebook(target.template, staging / f".{target.template}.src.ipynb")
+    out_nb = staging / f"{target.template}.ipynb"
+    parameters = _kernel_parameters(target, options, staging)
     declared = pm.inspect_notebook(str(source_nb))  # pass only what the template declares (input_dir: where earlier JSON is)
-    parameters = {k: v for k, v in parameters.items() if k in declared}
-    # Kernel quiet: no per-layer progress bars in the saved notebook unless streamed (--log-output); no ipykernel
-    # warning about its local TCP transport on every run (kernel errors are still shown). tqdm.auto (imported by
-    # transformer_lens before helpers) warns in kernels without ipywidgets; its bars work as text. Figures are left to
-    # this process to render (``figures.DEFER_ENV``).
-    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
-    kernel_env = {
-        "CIRCUIT_LAB_PROGRESS": "1" if log_output else "0",
-        "PYTHONWARNINGS": ",".join(dict.fromkeys([*filters, "ignore:IProgress not found"])),
-        figures.DEFER_ENV: "defer",
-    }
     memory = PeakRSS()
     try:
-        with kernel_environment(kernel_env), memory:
+        with kernel_environment(_kernel_env(options)), memory:
             in_own_thread(
                 pm.execute_notebook,
                 str(source_nb),
                 str(out_nb),
-                parameters=parameters,
+                parameters={k: v for k, v in parameters.items() if k in declared},
                 kernel_name="python3",
                 cwd=str(PROJECT_ROOT),
-                progress_bar=progress,
-                execution_timeout=cell_timeout,
-                log_output=log_output,
+                progress_bar=options.progress,
+                execution_timeout=options.cell_timeout,
+                log_output=options.log_output,
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
     except Exception as err:  # PapermillExecutionError or a kernel failure: keep the executed notebook
-        failed_dir = root / ".failed" / task_name / outputs.model_folder_name(model_name)
-        failed_dir.mkdir(parents=True, exist_ok=True)
-        if out_nb.exists():
-            shutil.copy(out_nb, failed_dir / f"{template}.ipynb")
-        shutil.rmtree(staging, ignore_errors=True)
-        summary = getattr(err, "evalue", None) or (str(err).strip().splitlines() or [""])[-1]
-        killed = dead_kernel_message(err, memory.mb, last_started_cell(failed_dir / f"{template}.ipynb"))
-        what = killed or f"{getattr(err, 'ename', type(err).__name__)}: {summary}"
-        message = f"{what} (executed notebook: {failed_dir / (template + '.ipynb')})"
-        return RunResult(task_name, model_name, template, "failed", time.time() - t0, failed_dir, message, memory.mb)
+        return _kept_failure(target, staging, out_nb, err, memory, t0)
     source_nb.unlink()
     record_resources(out_nb, memory)
+    return _publish(target, staging, out_nb, memory, t0)
+
+
+def _kernel_parameters(target: RunTarget, options: ExecutionOptions, staging: Path) -> dict:
+    """Every parameter the runner can give a template (the template receives those it declares)."""
+    return {
+        "task": target.params.task,
+        "params_file": str(target.params.source),
+        "model_name": target.params.model,
+        "output_dir": str(staging),
+        "input_dir": str(target.final),
+        "n_prompts": options.n_prompts,
+        "threads": options.threads,
+        **(options.extra_parameters or {}),
+    }
+
+
+def _kernel_env(options: ExecutionOptions) -> dict[str, str]:
+    """The kernel's environment additions. Quiet: no per-layer progress bars in the saved notebook unless streamed
+    (--log-output); no ipykernel warning about its local TCP transport on every run (kernel errors are still shown).
+    tqdm.auto (imported by transformer_lens before helpers) warns in kernels without ipywidgets; its bars work as
+    text. Figures are left to this process to render (``figures.DEFER_ENV``)."""
+    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    return {
+        "CIRCUIT_LAB_PROGRESS": "1" if options.log_output else "0",
+        "PYTHONWARNINGS": ",".join(dict.fromkeys([*filters, "ignore:IProgress not found"])),
+        figures.DEFER_ENV: "defer",
+    }
+
+
+def _kept_failure(target: RunTarget, staging: Path, out_nb: Path, err: Exception, memory: PeakRSS, t0: float) -> RunResult:
+    """A failed execution: the executed notebook (papermill's error cell in it) kept under ``.failed/``, the staging
+    folder removed, the published folder untouched; the message says what failed (or that the kernel died)."""
+    template, model_name = target.template, target.params.model
+    failed_dir = target.root / ".failed" / target.where / outputs.model_folder_name(model_name)
+    failed_dir.mkdir(parents=True, exist_ok=True)
+    if out_nb.exists():
+        shutil.copy(out_nb, failed_dir / f"{template}.ipynb")
+    shutil.rmtree(staging, ignore_errors=True)
+    summary = getattr(err, "evalue", None) or (str(err).strip().splitlines() or [""])[-1]
+    killed = dead_kernel_message(err, memory.mb, last_started_cell(failed_dir / f"{template}.ipynb"))
+    what = killed or f"{getattr(err, 'ename', type(err).__name__)}: {summary}"
+    message = f"{what} (executed notebook: {failed_dir / (template + '.ipynb')})"
+    return RunResult(target.where, model_name, template, "failed", time.time() - t0, failed_dir, message, memory.mb)
+
+
+def _publish(target: RunTarget, staging: Path, out_nb: Path, memory: PeakRSS, t0: float) -> RunResult:
+    """Render the figures the kernel left pending, carry the researcher's notes over, export HTML and publish the
+    staging folder atomically; the result's note says what a reader should know (task check, notes, figures)."""
+    template, model_name, final = target.template, target.params.model, target.final
     images, unrendered, image_failure = figures.render_pending(staging)
     set_missing_figures(staging / f"{template}.json", unrendered)  # what the kernel could not write and this did, too
     # The notebook as published: its parameters and printed paths name the final folder, not the staging one.
@@ -350,21 +379,15 @@ def _execute(
         outputs.recover(final, template)
         shutil.rmtree(staging, ignore_errors=True)
         message = f"could not publish into {final} ({err}); the previous result is unchanged"
-        return RunResult(task_name, model_name, template, "failed", time.time() - t0, None, message)
+        return RunResult(target.where, model_name, template, "failed", time.time() - t0, None, message)
     staging.rmdir()
-    note = "; ".join(
-        n
-        for n in (
-            task_note(final / f"{template}.json"),
-            carried.message(),
-            f"{len(unrendered)} of {images + len(unrendered)} figures not rendered ({image_failure}): kept as plotly JSON, "
-            "`make report` renders them"
-            if unrendered
-            else "",
-        )
-        if n
+    missing = (
+        f"{len(unrendered)} of {images + len(unrendered)} figures not rendered ({image_failure}): kept as plotly JSON, `make report` renders them"
+        if unrendered
+        else ""
     )
-    return RunResult(task_name, model_name, template, "ok", time.time() - t0, final, note, memory.mb)
+    note = "; ".join(n for n in (task_note(final / f"{template}.json"), carried.message(), missing) if n)
+    return RunResult(target.where, model_name, template, "ok", time.time() - t0, final, note, memory.mb)
 
 
 def record_resources(notebook: Path, memory: PeakRSS) -> None:

@@ -221,6 +221,18 @@ class TaskParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskParams:
+        """Cross-field checks, in the order a reader fixes a file: the template form, its slots and their pools, the
+        corruptions, the named positions, the circuit's positions."""
+        self._check_template_form()
+        self._check_slot_pools()
+        self._check_corruptions()
+        self._check_positions()
+        self._check_circuit_positions()
+        return self
+
+    def _check_template_form(self) -> None:
+        """One of ``template`` / ``templates``; one of ``corrupted_template`` / ``corruption`` (a valid one); a slot in
+        every template."""
         if self.template is None and self.templates is None:
             raise ValueError(
                 "template: required field is missing; add 'template: ...' (see docs/params.md), or "
@@ -250,6 +262,9 @@ class TaskParams(BaseModel):
                 raise ValueError(
                     f"template{'' if self.templates is None else f' {v.name}'}: has no [S1]-style slot, so every prompt would be the same"
                 )
+
+    def _check_slot_pools(self) -> None:
+        """Every slot named in the answers and the templates has a pool."""
         texts = [("correct", self.correct), ("incorrect", self.incorrect)]
         for i, v in enumerate(self.variants):
             where = "" if self.templates is None else f"templates[{i}] ({v.name}): "
@@ -260,6 +275,9 @@ class TaskParams(BaseModel):
                     raise ValueError(
                         f"{name}: slot [{slot}] has no pool in 'slots' (known: {sorted(self.slots)}); add '{slot}: <pool>' to slots"
                     )
+
+    def _check_corruptions(self) -> None:
+        """Named ``corruptions``: a name, a template form per template, slots with pools, noise on existing slots."""
         names = [v.name for v in self.variants]
         for name, c in self.corruptions.items():
             if not NAME_RE.fullmatch(name):
@@ -290,6 +308,9 @@ class TaskParams(BaseModel):
                             f"corruptions.{name}.noise: the {which} has {template_slots.count(m['slot'])} occurrence(s) of "
                             f"[{m['slot']}], so {spec!r} names no token; name a slot of the template"
                         )
+
+    def _check_positions(self) -> None:
+        """Named ``positions``: valid specs, naming slot occurrences every template has."""
         for name, spec in self.positions.items():
             m = POSITION_RE.match(spec)
             if not m:
@@ -300,12 +321,14 @@ class TaskParams(BaseModel):
                 if occ > count:
                     which = "template" if self.templates is None else f"template {v.name}"
                     raise ValueError(f"positions.{name}: {which} has {count} occurrence(s) of [{m['slot']}], not {occ}")
+
+    def _check_circuit_positions(self) -> None:
+        """The circuit's per-head positions are named under ``positions``."""
         if self.circuit:
             for head, where in self.circuit.positions.items():
                 unknown = [p for p in where if p not in self.positions]
                 if unknown:
                     raise ValueError(f"circuit.positions.{head}: {unknown} are not named under positions (named: {sorted(self.positions)})")
-        return self
 
     def check_model(self, n_layers: int, n_heads: int, model: str) -> None:
         """Check what refers to the model's shape (circuit heads, layer groups, top_k) against it, before any

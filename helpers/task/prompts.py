@@ -255,57 +255,20 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
     ``prepend_bos``: start every prompt with the tokenizer's BOS token (default: when it has one; the session
     passes the model's own convention, ``model.cfg.default_prepend_bos``: Qwen and Pythia prompts start without).
     """
-    src = params.source
     words, dropped = usable_words(params, tokenizer)
     if verbose:
-        for pool, lost in dropped.items():
-            if lost:
-                print(
-                    f"pool '{pool}': dropped {len(lost)} of {len(lost) + len(words[pool])} words that are not one token here: {lost[:8]}{' …' if len(lost) > 8 else ''}"
-                )
+        _report_dropped(words, dropped)
     assignments = sample_assignments(params, words, params.n_prompts, params.seed)
     variants = params.variants
     template_index = [i % len(variants) for i in range(len(assignments))]  # round robin: balanced and deterministic
     clean = [fill(variants[t].template, a) for t, a in zip(template_index, assignments)]
     corrupted = [fill(variants[t].corrupted_template, a) for t, a in zip(template_index, assignments)]
-    bos = tokenizer.bos_token_id
-    if prepend_bos is None:
-        prepend_bos = bos is not None
-    if prepend_bos and bos is None:
-        raise ParamsError(f"{src}: this tokenizer has no BOS token to prepend; load the model with its own convention (prepend_bos=False)")
-    prefix = [bos] if prepend_bos else []
-    unk = unknown_id(tokenizer)
+    prefix = _bos_prefix(params, tokenizer, prepend_bos)
     clean_ids = [prefix + token_ids(tokenizer, p) for p in clean]
     corr_ids = [prefix + token_ids(tokenizer, p) for p in corrupted]
-    for name, prompts, ids in (("template", clean, clean_ids), ("corrupted_template", corrupted, corr_ids)):
-        if unk is not None:
-            bad = [p for p, row in zip(prompts, ids) if unk in row]
-            if bad:
-                raise NotExpressible(
-                    f"{src}: {name}: contains words unknown to this tokenizer, e.g. {bad[0]!r}; use vocabulary words with their exact spacing (' ,' vs ',')"
-                )
-    lengths = {len(r) for r in clean_ids + corr_ids}
-    if len(lengths) != 1:
-        i = next(i for i in range(len(clean)) if len(clean_ids[i]) != len(corr_ids[i]) or len(clean_ids[i]) != len(clean_ids[0]))
-        which = (
-            "template/corrupted_template"
-            if params.templates is None
-            else f"templates ({variants[template_index[i]].name} vs {variants[0].name})"
-        )
-        raise NotExpressible(
-            f"{src}: {which}: prompts must all have the same token length, found lengths {sorted(lengths)}; "
-            f"e.g. clean {clean[0]!r} ({len(clean_ids[0])}) vs clean {clean[i]!r} ({len(clean_ids[i])}) vs corrupted {corrupted[i]!r} "
-            f"({len(corr_ids[i])}). Make every template and corrupted template mirror the first token for token."
-        )
-    answers = []
-    for a in assignments:
-        c = answer_token(tokenizer, fill(params.correct, a), "correct", params)
-        w = answer_token(tokenizer, fill(params.incorrect, a), "incorrect", params)
-        if c == w:
-            raise ParamsError(f"{src}: correct/incorrect: both resolve to {fill(params.correct, a)!r}; they must differ")
-        answers.append([c, w])
-    n_pos = lengths.pop()
-    first_of = {t: template_index.index(t) for t in range(len(variants))}
+    n_pos = _check_tokens(params, tokenizer, template_index, (clean, clean_ids), (corrupted, corr_ids))
+    answers = [_answer_pair(params, tokenizer, a) for a in assignments]
+    first_of = {t: template_index.index(t) for t in range(len(variants))}  # each template's first prompt
     per_variant = [
         {
             name: resolve_position(params, tokenizer, assignments[first_of[t]], n_pos, spec, len(prefix), variants[t].template)
@@ -313,30 +276,9 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
         }
         for t in range(len(variants))
     ]
-    position_index = {name: torch.tensor([per_variant[t][name] for t in template_index]) for name in params.positions}
-    variant_labels = []
-    for t, v in enumerate(variants):
-        row = clean_ids[first_of[t]]
-        labels = [tokenizer.decode([tok]) for tok in row]
-        for slot in set(SLOT_RE.findall(v.template)):
-            for occ in range(1, v.template.count(f"[{slot}]") + 1):
-                idx = slot_token_index(tokenizer, v.template, assignments[first_of[t]], slot, occ, len(prefix))
-                labels[idx] = f"[{slot}]"
-                wrong = [
-                    p
-                    for p, a, row, ti in zip(clean, assignments, clean_ids, template_index)
-                    if ti == t and tokenizer.decode([row[idx]]).strip() != a[slot]
-                ]
-                if wrong:
-                    raise NotExpressible(
-                        f"{src}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens"
-                    )
-        variant_labels.append(labels)
-    labels = ["|".join(dict.fromkeys(vl[i] for vl in variant_labels)) for i in range(n_pos)]
-    alternatives = {
-        name: alternative_run(params, tokenizer, name, c, assignments, template_index, clean, clean_ids, prefix)
-        for name, c in params.corruptions.items()
-    }
+    variant_labels = [
+        _slot_labels(params, tokenizer, t, assignments, template_index, clean, clean_ids, len(prefix)) for t in range(len(variants))
+    ]
     return PromptSet(
         params=params,
         clean_prompts=clean,
@@ -345,13 +287,111 @@ def make_prompts(params: TaskParams, tokenizer, verbose: bool = True, prepend_bo
         clean_tokens=torch.tensor(clean_ids),
         corrupted_tokens=torch.tensor(corr_ids),
         answer_tokens=torch.tensor(answers),
-        position_labels=labels,
+        position_labels=["|".join(dict.fromkeys(vl[i] for vl in variant_labels)) for i in range(n_pos)],
         dropped_words={p: d for p, d in dropped.items() if d},
-        alternatives=alternatives,
+        alternatives={
+            name: alternative_run(params, tokenizer, name, c, assignments, template_index, clean, clean_ids, prefix)
+            for name, c in params.corruptions.items()
+        },
         template_names=[v.name for v in variants],
         template_index=torch.tensor(template_index),
-        position_index=position_index,
+        position_index={name: torch.tensor([per_variant[t][name] for t in template_index]) for name in params.positions},
     )
+
+
+def _report_dropped(words: dict[str, list[str]], dropped: dict[str, list[str]]) -> None:
+    """Print, per pool, the words dropped because they are not one token in this tokenizer."""
+    for pool, lost in dropped.items():
+        if lost:
+            more = " …" if len(lost) > 8 else ""
+            print(
+                f"pool '{pool}': dropped {len(lost)} of {len(lost) + len(words[pool])} words that are not one token here: {lost[:8]}{more}"
+            )
+
+
+def _bos_prefix(params: TaskParams, tokenizer, prepend_bos: bool | None) -> list[int]:
+    """``[BOS]`` when prompts start with the tokenizer's BOS token (default: when it has one), else ``[]``."""
+    bos = tokenizer.bos_token_id
+    if prepend_bos is None:
+        prepend_bos = bos is not None
+    if prepend_bos and bos is None:
+        raise ParamsError(
+            f"{params.source}: this tokenizer has no BOS token to prepend; load the model with its own convention (prepend_bos=False)"
+        )
+    return [bos] if prepend_bos else []
+
+
+def _check_tokens(
+    params: TaskParams,
+    tokenizer,
+    template_index: list[int],
+    clean: tuple[list[str], list[list[int]]],
+    corrupted: tuple[list[str], list[list[int]]],
+) -> int:
+    """Refuse prompts with words unknown to the tokenizer or of different token lengths; returns the common length."""
+    src, variants = params.source, params.variants
+    unk = unknown_id(tokenizer)
+    for name, (prompts, ids) in (("template", clean), ("corrupted_template", corrupted)):
+        bad = [p for p, row in zip(prompts, ids) if unk in row] if unk is not None else []
+        if bad:
+            raise NotExpressible(
+                f"{src}: {name}: contains words unknown to this tokenizer, e.g. {bad[0]!r}; use vocabulary words with their exact spacing (' ,' vs ',')"
+            )
+    (clean_text, clean_ids), (corr_text, corr_ids) = clean, corrupted
+    lengths = {len(r) for r in clean_ids + corr_ids}
+    if len(lengths) != 1:
+        i = next(i for i in range(len(clean_text)) if len(clean_ids[i]) != len(corr_ids[i]) or len(clean_ids[i]) != len(clean_ids[0]))
+        which = (
+            "template/corrupted_template"
+            if params.templates is None
+            else f"templates ({variants[template_index[i]].name} vs {variants[0].name})"
+        )
+        raise NotExpressible(
+            f"{src}: {which}: prompts must all have the same token length, found lengths {sorted(lengths)}; "
+            f"e.g. clean {clean_text[0]!r} ({len(clean_ids[0])}) vs clean {clean_text[i]!r} ({len(clean_ids[i])}) vs corrupted {corr_text[i]!r} "
+            f"({len(corr_ids[i])}). Make every template and corrupted template mirror the first token for token."
+        )
+    return lengths.pop()
+
+
+def _answer_pair(params: TaskParams, tokenizer, assignment: dict[str, str]) -> list[int]:
+    """The correct and incorrect answer tokens of one prompt (each one token, and different)."""
+    c = answer_token(tokenizer, fill(params.correct, assignment), "correct", params)
+    w = answer_token(tokenizer, fill(params.incorrect, assignment), "incorrect", params)
+    if c == w:
+        raise ParamsError(f"{params.source}: correct/incorrect: both resolve to {fill(params.correct, assignment)!r}; they must differ")
+    return [c, w]
+
+
+def _slot_labels(
+    params: TaskParams,
+    tokenizer,
+    t: int,
+    assignments: list[dict[str, str]],
+    template_index: list[int],
+    clean: list[str],
+    clean_ids: list[list[int]],
+    n_prefix: int,
+) -> list[str]:
+    """Template ``t``'s position labels: each token decoded, ``[S1]``… at its slots' tokens; refuses a slot word that
+    is not exactly one whole token at its slot in every prompt of the template."""
+    v = params.variants[t]
+    first = template_index.index(t)
+    labels = [tokenizer.decode([tok]) for tok in clean_ids[first]]
+    for slot in set(SLOT_RE.findall(v.template)):
+        for occ in range(1, v.template.count(f"[{slot}]") + 1):
+            idx = slot_token_index(tokenizer, v.template, assignments[first], slot, occ, n_prefix)
+            labels[idx] = f"[{slot}]"
+            wrong = [
+                p
+                for p, a, row, ti in zip(clean, assignments, clean_ids, template_index)
+                if ti == t and tokenizer.decode([row[idx]]).strip() != a[slot]
+            ]
+            if wrong:
+                raise NotExpressible(
+                    f"{params.source}: template: [{slot}] occurrence {occ} is not at token {idx} in {wrong[0]!r}; slot words must be whole tokens"
+                )
+    return labels
 
 
 def alternative_run(
