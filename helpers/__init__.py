@@ -6,7 +6,7 @@ Layers, each a subpackage, imports pointing down only (docs/architecture.md; ``t
     notebook  session · sections · plotting · figures · notes                          (what cells call)
     analyses  dla · pattern_scores · head_functions · weights · neurons · position_vs_token · roles · circuits · discovery
     methods   patching · attribution_patching · path_patching · edges · importance
-    engine    hooks · metrics · capabilities · interventions · forks · norms · memory · flops
+    engine    hooks · metrics · capabilities · interventions · forward · kv_cache · shortcuts · forks · norms · memory · flops
     task      params · vocab · prompts · models · real_models
     schema    heads · results · artifacts · outputs
     toys      toy_models · planted · families   (test and demo support, outside the layers)

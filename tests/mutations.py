@@ -171,7 +171,7 @@ MUTATIONS = [
     ),
     (
         "cached keys and values one position short",
-        "helpers/engine/interventions.py",
+        "helpers/engine/kv_cache.py",
         "k, v = k[:n_prompts, :, :start], v[:n_prompts, :, :start]",
         "k, v = k[:n_prompts, :, : start - 1], v[:n_prompts, :, : start - 1]",
         "tests/test_recompute.py::test_suffix_runs_equal_full_recompute_on_every_family",
@@ -185,7 +185,7 @@ MUTATIONS = [
     ),
     (
         "the fast-path verifier accepts anything",
-        "helpers/engine/interventions.py",
+        "helpers/engine/shortcuts.py",
         "                ok = out.shape == reference.shape and bool(",
         "                ok = True or bool(",
         "tests/test_recompute.py::test_a_wrong_suffix_falls_back_to_the_full_recompute",
@@ -199,7 +199,7 @@ MUTATIONS = [
     ),
     (
         "the last MLP cut to one position under a hook that reads it",
-        "helpers/engine/interventions.py",
+        "helpers/engine/shortcuts.py",
         '            if rest not in _BEFORE_THE_MLP and not rest.startswith(("attn.", "ln1.", "ln1_post.")):\n                return True',
         "            pass",
         "tests/test_recompute.py::test_hooks_on_the_last_mlp_keep_it_at_every_position",

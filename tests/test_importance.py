@@ -59,7 +59,7 @@ def test_head_importance_equals_a_plain_hook(family, family_models):
 
 def test_the_blocks_before_the_ablated_layer_are_not_computed(toy_ioi, ioi_prompts):
     """The saving is verified against the plain forward per start layer, and taken on the bundled model."""
-    from helpers.engine.interventions import fast_paths
+    from helpers.engine.shortcuts import fast_paths
 
     importance.head_importance(toy_ioi, ioi_prompts.clean_tokens[:4], ioi_prompts.answer_tokens[:4], progress=False)
     verdicts = {k[1]: v for k, v in fast_paths(toy_ioi).items() if k[0] == "skip_blocks_all_positions"}

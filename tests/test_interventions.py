@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 
+from helpers.engine import forward as FW
 from helpers.engine import interventions as I
+from helpers.engine import shortcuts as SC
 from helpers.engine.capabilities import forget
 from helpers.engine.metrics import NormalisationWarning, check_normalisation, normalised
 from helpers.methods import patching as P
@@ -36,9 +38,9 @@ def test_fast_start_equals_the_bridge_forward(family, family_models):
     _, cache = model.run_with_cache(prompts.clean_tokens)
     full = model(prompts.clean_tokens)[:, -1:]
     for layer in range(model.cfg.n_layers):
-        fast = I.forward_from_layer(model, cache[f"blocks.{layer}.hook_resid_pre"], layer, [])
+        fast = FW.forward_from_layer(model, cache[f"blocks.{layer}.hook_resid_pre"], layer, [])
         assert (fast - full).abs().max() <= 1e-5
-    assert all(I.fast_paths(model)[("skip_blocks", layer)] for layer in range(model.cfg.n_layers))
+    assert all(SC.fast_paths(model)[("skip_blocks", layer)] for layer in range(model.cfg.n_layers))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "gptj", "opt"])
@@ -52,13 +54,13 @@ def test_a_logit_difference_reads_only_the_answers_columns(family, family_models
     answers = prompts.answer_tokens
     with torch.no_grad():
         full = model(prompts.clean_tokens)[:, -1:]
-        with I.answer_columns(model, answers) as columns:
+        with SC.answer_columns(model, answers) as columns:
             narrow = model(prompts.clean_tokens)[:, -1:]
         after = model(prompts.clean_tokens)[:, -1:]
     assert narrow.shape[-1] == len(answers.unique()) < full.shape[-1] == after.shape[-1]
     assert (logit_diff(narrow, columns) - logit_diff(full, answers)).abs().max() <= 1e-5
-    assert I.fast_paths(model)[("answer_columns",)]
-    with torch.no_grad(), I.answer_columns(model, answers[:1]), I.answer_columns(model, answers) as nested:
+    assert SC.fast_paths(model)[("answer_columns",)]
+    with torch.no_grad(), SC.answer_columns(model, answers[:1]), SC.answer_columns(model, answers) as nested:
         inner = model(prompts.clean_tokens)[:, -1:]  # nested (a runner inside another): the inner answers' columns
     assert (logit_diff(inner, nested) - logit_diff(full, answers)).abs().max() <= 1e-5
     ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, answers)
@@ -82,12 +84,12 @@ def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
     model, prompts = llama
     _, cache = model.run_with_cache(prompts.clean_tokens)
     full = model(prompts.clean_tokens)[:, -1:]
-    monkeypatch.setattr(I, "UNEMBED_LAST", ("unembed.hook_in", lambda x, hook=None: x[:, :1]))  # a broken shortcut: the first position
+    monkeypatch.setattr(SC, "UNEMBED_LAST", ("unembed.hook_in", lambda x, hook=None: x[:, :1]))  # a broken shortcut: the first position
     forget(model, "fast_paths")
     with pytest.warns(UserWarning, match="falling back"):
-        out = I.forward_from_layer(model, cache["blocks.1.hook_resid_pre"], 1, [])
+        out = FW.forward_from_layer(model, cache["blocks.1.hook_resid_pre"], 1, [])
     assert (out - full).abs().max() <= 1e-5
-    assert I.fast_paths(model)[("skip_blocks", 1)] is False
+    assert SC.fast_paths(model)[("skip_blocks", 1)] is False
     forget(model, "fast_paths")
 
 

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from helpers.engine import flops as F
+from helpers.engine import forward as FW
 from helpers.engine import interventions as I
+from helpers.engine import kv_cache as KV
+from helpers.engine import shortcuts as SC
 from helpers.engine.capabilities import forget, model_state
 from helpers.methods import patching as P
 from helpers.toys.families import FAMILIES
@@ -32,17 +35,17 @@ def test_suffix_runs_equal_full_recompute_on_every_family(fam):
     recomputing every position (RoPE offsets, GQA, sliding windows, parallel blocks), at every layer and p."""
     family, ctx = fam
     model, n_pos = ctx.model, ctx.corrupted_tokens.shape[1]
-    assert isinstance(ctx.corrupted_kv, I.KVPrefix) and ctx.corrupted_kv.n_pos == n_pos
+    assert isinstance(ctx.corrupted_kv, KV.KVPrefix) and ctx.corrupted_kv.n_pos == n_pos
     for layer in range(model.cfg.n_layers):
         for hook in (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"):
             for start in (1, n_pos // 2, n_pos - 1):
                 iv = [_patch_from(ctx, hook, start, n_pos)]
                 assert I.suffix_start(iv, n_pos) == start
                 args = (model, ctx.corrupted_tokens, ctx.answer_tokens, iv, P.sources(ctx), 2, ctx.corrupted_cache.cache_dict)
-                full, _ = I.run_interventions(*args)
-                suffix, _ = I.run_interventions(*args, prefix=ctx.corrupted_kv)
+                full, _ = FW.run_interventions(*args)
+                suffix, _ = FW.run_interventions(*args, prefix=ctx.corrupted_kv)
                 assert (suffix - full).abs().max() <= 1e-4, (family, hook, start)
-    paths = I.fast_paths(model)
+    paths = SC.fast_paths(model)
     assert all(paths[("suffix", layer)] for layer in range(model.cfg.n_layers)), paths  # used, not silently switched off
     assert all(paths[("skip_blocks", layer)] for layer in range(model.cfg.n_layers)), paths
     # the last block's MLP at the final position only: exact everywhere except where a block reshapes by the sequence length
@@ -56,13 +59,13 @@ def test_sweeps_run_each_variant_from_the_first_position_it_changes(fam, name, m
     _, ctx = fam
     n_pos, seen = ctx.corrupted_tokens.shape[1], []
     P.sweep(ctx, name, progress=False)  # the savings are verified on first use (those runs are not counted below)
-    plain = I.forward_from_layer
+    plain = FW.forward_from_layer
 
     def spy(model, resid, layer, hooks, past=None):
         seen.append((layer, resid.shape[1], 0 if past is None else past.get_seq_length()))
         return plain(model, resid, layer, hooks, past)
 
-    monkeypatch.setattr(I, "forward_from_layer", spy)
+    monkeypatch.setattr(FW, "forward_from_layer", spy)
     ours = P.sweep(ctx, name, progress=False)
     starts = {(run.layer, run.start) for run in P.sweep_plan(ctx, name)}
     assert {(layer, n_pos - length) for layer, length, _ in seen} == starts
@@ -78,7 +81,7 @@ def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypa
     model, prompts = family_models("llama")
     ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
     reference = P.sweep(ctx, "resid_pre", progress=False)
-    good = I.KVPrefix.cache
+    good = KV.KVPrefix.cache
 
     def wrong(self, start, n_var=1, n_prompts=None):  # the right shapes, wrong keys (e.g. another prompt's, or no RoPE)
         cache = good(self, start, n_var, n_prompts)
@@ -86,12 +89,12 @@ def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypa
             layer.keys = layer.keys * 1.5
         return cache
 
-    monkeypatch.setattr(I.KVPrefix, "cache", wrong)
+    monkeypatch.setattr(KV.KVPrefix, "cache", wrong)
     paths = forget(model, "fast_paths")
     try:
         with pytest.warns(UserWarning, match="falling back"):
             ours = P.sweep(ctx, "resid_pre", progress=False)
-        assert not any(v for k, v in I.fast_paths(model).items() if k[0] == "suffix")
+        assert not any(v for k, v in SC.fast_paths(model).items() if k[0] == "suffix")
         assert (ours - reference).abs().max() <= 1e-4
     finally:
         forget(model, "fast_paths")
@@ -101,10 +104,10 @@ def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypa
 def test_hooks_on_the_last_mlp_keep_it_at_every_position(family_models):
     model, prompts = family_models("gpt2")
     last = model.cfg.n_layers - 1
-    assert not I._acts_on_last_mlp_or_later(model, [(f"blocks.{last}.hook_resid_pre", None), (f"blocks.{last}.attn.hook_z", None)])
+    assert not SC.acts_on_last_mlp_or_later(model, [(f"blocks.{last}.hook_resid_pre", None), (f"blocks.{last}.attn.hook_z", None)])
     for name in (f"blocks.{last}.hook_mlp_out", f"blocks.{last}.mlp.hook_post", f"blocks.{last}.hook_resid_post", "ln_final.hook_scale"):
-        assert I._acts_on_last_mlp_or_later(model, [(name, None)])
-    assert I._acts_on_last_mlp_or_later(model, [(lambda name: True, None)])  # a filter may match anything
+        assert SC.acts_on_last_mlp_or_later(model, [(name, None)])
+    assert SC.acts_on_last_mlp_or_later(model, [(lambda name: True, None)])  # a filter may match anything
     ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
     torch.testing.assert_close(P.sweep(ctx, "mlp_out", progress=False), P.tl_reference(ctx, "mlp_out"), atol=1e-4, rtol=0)
 
@@ -165,4 +168,4 @@ def test_edge_evaluations_recompute_from_the_first_difference(family_models, req
         fast = E.evaluate_masks(ectx, masks, per_prompt=True)
         full = E.evaluate_masks(dataclasses.replace(ectx, clean_kv=None), masks, per_prompt=True)
         assert (fast - full).abs().max() <= 1e-4, family
-        assert I.fast_paths(model)[("suffix", 0, "receiver forks")], family
+        assert SC.fast_paths(model)[("suffix", 0, "receiver forks")], family

@@ -15,8 +15,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import run_with_checked_cache
-from helpers.engine.interventions import Intervention, run_interventions
+from helpers.engine.interventions import Intervention
 from helpers.schema.heads import Head
 from helpers.task.prompts import PromptSet
 

@@ -79,7 +79,7 @@ def check_positional(model) -> None:
 
 def model_state(model, name: str, factory: Callable[[], Any] = dict) -> Any:
     """The store ``name`` of this loaded model (``factory()`` on first use): e.g. ``"fast_paths"``, the verdicts of
-    the shortcuts checked on it (``interventions._verified``)."""
+    the shortcuts checked on it (``shortcuts.verified``)."""
     stores = _STATE.setdefault(model, {})
     if name not in stores:
         stores[name] = factory()

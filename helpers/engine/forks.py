@@ -10,7 +10,7 @@ OPT, GPT-J), ``split_qkv_input`` makes the same forks at the projections, with t
 residual input (what ``ln1`` reads) is copied per head, the fork's hooks run on the copies, and each head's q (k, v)
 is ``ln1``'s module applied to its copy times that head's slice of the model's own q (k, v) projection weights (and
 bias); the result replaces the bridge's ``attn.hook_q`` (``hook_k``, ``hook_v``), which feeds the attention. Nothing
-is recomputed while no hook is on a fork. Verified once per model (``interventions._verified``), not assumed: with
+is recomputed while no hook is on a fork. Verified once per model (``shortcuts.verified``), not assumed: with
 every fork hooked by the identity, the output equals the plain forward; else ``NotImplementedError``.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from helpers.engine.capabilities import model_state, probe_tokens
-from helpers.engine.interventions import _verified
+from helpers.engine.shortcuts import verified
 
 COMPONENTS = ("q", "k", "v")
 
@@ -185,7 +185,7 @@ def _made_forks(model, kinds: set[str], why: str):
         if flag:
             model.cfg._set_bridge_managed_hook_flag(flag, True)
         try:
-            ok = _verified(model, key, lambda: _identity_forks(model, names), lambda: model(probe_tokens(model)), "", warn=False)
+            ok = verified(model, key, lambda: _identity_forks(model, names), lambda: model(probe_tokens(model)), "", warn=False)
         finally:
             if flag:
                 model.cfg._set_bridge_managed_hook_flag(flag, False)

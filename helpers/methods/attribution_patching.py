@@ -25,9 +25,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers.engine.hooks import UNEMBED_LAST, HookNameError, recording_hook, resolve_hook_names
-from helpers.engine.interventions import answer_columns
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import logit_diff
+from helpers.engine.shortcuts import answer_columns
 from helpers.methods.patching import SWEEPS, Sweep, bytes_per_variant
 
 EMBED_HOOK = "hook_embed"

@@ -51,17 +51,12 @@ from transformer_lens.utilities import get_act_name
 
 from helpers.engine.capabilities import NotSupported, architecture, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
 from helpers.engine.forks import made_forks, receiver_forks
-from helpers.engine.interventions import (
-    KVPrefix,
-    _verified,
-    answer_columns,
-    forward_from_layer,
-    run_with_kv,
-    suffix_ok,
-)
+from helpers.engine.forward import forward_from_layer, suffix_ok
+from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import faithfulness, logit_diff
 from helpers.engine.norms import post_attention_norm, post_norms
+from helpers.engine.shortcuts import answer_columns, verified
 from helpers.methods.attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
 from helpers.methods.patching import variants_per_chunk
 from helpers.schema.artifacts import write_json
@@ -728,7 +723,7 @@ def _start_ok(ectx: EdgeContext, layer: int) -> bool:
     on this model under the receiver forks; checked once per model and layer."""
     model = ectx.model
     probe = ectx.clean_outputs[:2, :, 0]
-    return _verified(
+    return verified(
         model,
         ("edge_start", layer),
         lambda: forward_from_layer(model, ectx.clean_resid[layer, :2], layer, []),

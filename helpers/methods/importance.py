@@ -12,7 +12,7 @@ depends on the prompt), and three quantities are measured against the unablated 
 
 All heads of a layer run as one batch of variants, starting from the clean residual stream at that layer
 (nothing before it changes) through the bridge's own ``forward(start_at_layer=...)``, the blocks before it not
-computed (``interventions.logits_from_layer``).
+computed (``forward.logits_from_layer``).
 
 Each exact ablation is a forward from its layer at every position with full-vocabulary logits at every position
 (the sequence loss reads them all): about 270 × 64 prompts of such runs on SmolLM2-135M (5.6 minutes on two cores).
@@ -34,8 +34,9 @@ from tqdm.std import tqdm
 from transformer_lens.utilities import get_act_name
 
 from helpers.engine.capabilities import NotSupported, hook_takes_effect
+from helpers.engine.forward import logits_from_layer
 from helpers.engine.hooks import recording_hook, resolve_hook_names
-from helpers.engine.interventions import Intervention, hooks_for, logits_from_layer
+from helpers.engine.interventions import Intervention, hooks_for
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import group_mean, logit_diff
 from helpers.methods.attribution_patching import rank_agreement
@@ -249,7 +250,7 @@ def head_importance(
             for rows_of in torch.arange(batch).split(prompts_per_run):
                 mean = {"mean": {z_names[layer]: means[layer] if means[layer].shape[0] == 1 else means[layer][rows_of]}}
                 with torch.no_grad():
-                    if layer:  # the blocks before it are not computed (interventions.logits_from_layer)
+                    if layer:  # the blocks before it are not computed (forward.logits_from_layer)
                         ablated = logits_from_layer(model, resid[rows_of].repeat(n, 1, 1), layer, hooks_for([iv], mean, n))
                     else:
                         with model.hooks(fwd_hooks=hooks_for([iv], mean, n)):

@@ -8,7 +8,7 @@ activation are taken from the clean cache in that copy. Three levers make it fas
 1. start from the cached corrupted residual stream at layer L (nothing before layer L changes), and unembed
    only the final position;
 2. recompute only the positions from the first one a variant changes, with the corrupted run's keys and values
-   for the earlier ones (nothing before it changes; ``interventions.KVPrefix``);
+   for the earlier ones (nothing before it changes; ``kv_cache.KVPrefix``);
 3. run many variants as one batch, cut by first changed position and a memory budget (``variant_chunks``);
    variants whose clean and corrupted entries are equal are exactly 0 and are skipped.
 
@@ -32,14 +32,10 @@ from transformer_lens.ActivationCache import ActivationCache
 
 from helpers.engine.capabilities import NotSupported, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
 from helpers.engine.flops import ModelShape, run_flops
+from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import UNEMBED_LAST, resolve_hook_names
-from helpers.engine.interventions import (
-    Intervention,
-    KVPrefix,
-    position_axis,
-    run_interventions,
-    run_with_kv,
-)
+from helpers.engine.interventions import Intervention, position_axis
+from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import NormalisationCheck, check_normalisation, group_weights, logit_diff, normalised
 from helpers.schema.heads import rank_heads

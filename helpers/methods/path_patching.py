@@ -29,8 +29,9 @@ from transformer_lens.utilities import get_act_name
 
 from helpers.engine.capabilities import kv_heads
 from helpers.engine.forks import split_qkv_input
+from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import resolve_hook_names
-from helpers.engine.interventions import Intervention, run_interventions
+from helpers.engine.interventions import Intervention
 from helpers.engine.metrics import normalised
 from helpers.engine.norms import post_attention_norm, post_norms, sublayer_bias
 from helpers.methods.patching import SWEEPS, PatchingContext, run_patched, variant_masks

@@ -1,0 +1,148 @@
+"""The one runner that applies interventions through the model's own forward pass, computing only what they change.
+
+An ``Intervention`` says *what* activation is set (a hook name), *where* (a boolean mask over the
+activation's non-batch axes, one row per variant), and *from which source*: the clean or corrupted run, a
+mean, zero, or activations recorded in an earlier run. Every experiment in this package (activation and
+path patching, knockout of everything outside a circuit, attention shift, backup-head ablation) is a list of
+these values, so what was patched can be printed and stored with the results (``to_json``).
+
+``run_interventions`` applies a list of them to many variants at once: variant ``i`` is one copy of the base
+batch, stacked along the batch axis (variant-major). It starts at the earliest intervened layer from the
+base run's cached residual stream, through the bridge's own ``forward(resid, start_at_layer=L)`` — RoPE,
+causal and sliding-window masks, parallel blocks, post-norms and soft-capping are whatever the model
+itself does; no code here steps through blocks by hand. It computes only what a patch can change:
+
+* **layers**: the blocks before ``L`` are not computed: their outputs would be discarded by
+  ``start_at_layer`` anyway, so they are stood in for by a pass-through for the duration of the call (the
+  model's layer loop, with its per-layer masks and position embeddings, is unchanged);
+* **positions**: attention is causal, so a patch whose earliest patched position is ``p`` changes nothing
+  at positions before ``p``. With the base run's keys and values (``KVPrefix``, the model's own Hugging Face
+  KV cache) only positions ``>= p`` are recomputed, the way generation extends a prompt: the model derives
+  the rotary offsets, causal and sliding-window masks from the cache length, and grouped-query caches keep
+  their key/value groups;
+* **the last block** runs its MLP at the final position only (its other positions are read by nothing),
+  unless a hook acts on or after that MLP;
+* **the unembedding** reads the final position only (the metric reads nothing else), and where the only output
+  is a logit difference, only the answers' vocabulary columns (``answer_columns``: on Gemma-3, 262,144 words,
+  the full unembedding costs more per token than a block).
+
+Each saving is checked the first time a model uses it (per start layer): the fast result must equal the
+plain computation (the bridge's own ``start_at_layer`` forward, all positions, every block) to 1e-5;
+otherwise that model falls back to the plain computation for good, with a warning (exact, only slower).
+``fast_paths(model)`` lists the verdicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.utilities import get_act_name
+
+from helpers.engine.hooks import UNEMBED_LAST, recording_hook
+from helpers.engine.interventions import Intervention, hooks_for, start_layer, suffix_start
+from helpers.engine.kv_cache import KVPrefix
+from helpers.engine.metrics import logit_diff
+from helpers.engine.shortcuts import (
+    acts_on_last_mlp_or_later,
+    answer_columns,
+    fast_start_ok,
+    last_mlp_at_final_position,
+    last_mlp_ok,
+    quiet_cache_rename,
+    skip_blocks_before,
+    verified,
+)
+
+
+def run_interventions(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    answers: Int[Tensor, "batch 2"],
+    interventions: Sequence[Intervention],
+    sources: Mapping[str, Mapping[str, Tensor]],
+    n_var: int,
+    base_cache: Mapping[str, Tensor] | None = None,
+    record: Sequence[str] = (),
+    prefix: KVPrefix | None = None,
+) -> tuple[Float[Tensor, "variant batch"], dict[str, Tensor]]:
+    """Per-prompt logit difference of ``n_var`` copies of ``tokens`` under ``interventions``, and the recorded hooks.
+
+    With ``base_cache`` (the unintervened run of ``tokens``, holding ``blocks.L.hook_resid_pre``) the run starts
+    at the earliest intervened layer L from the cached residual stream (exact: nothing before L changes);
+    otherwise it runs from the tokens. With ``prefix`` (the same run's keys and values) it also recomputes only
+    the positions from the earliest one any intervention changes (exact by causality), unless hooks are recorded
+    (they are returned for every position). ``record``: hook names whose activations (variant-major) are returned.
+    """
+    recorded: dict[str, Tensor] = {}
+    record_hooks = [(name, recording_hook(recorded, name)) for name in record]
+    layer = start_layer(interventions, record)
+    resid_name = None if layer is None else get_act_name("resid_pre", layer)
+    with torch.no_grad(), answer_columns(model, answers) as columns:
+        if base_cache is None or resid_name not in base_cache:
+            with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks + [UNEMBED_LAST]):
+                logits = model(tokens.repeat(n_var, 1))
+        else:
+            resid = base_cache[resid_name]
+            start = 0 if prefix is None or record else suffix_start(interventions, resid.shape[1], sources, base_cache)
+            if start and not suffix_ok(model, resid, layer, prefix):
+                start = 0
+            hooks = hooks_for(interventions, sources, n_var, start) + record_hooks
+            past = prefix.cache(start, n_var) if start else None
+            logits = forward_from_layer(model, resid[:, start:].repeat(n_var, 1, 1), layer, hooks, past)
+    return logit_diff(logits, columns.repeat(n_var, 1)).reshape(n_var, -1), recorded
+
+
+def forward_from_layer(
+    model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list, past=None
+) -> Float[Tensor, "batch 1 d_vocab"]:
+    """Final-position logits of the bridge's ``forward(resid, start_at_layer=layer)`` under ``hooks``, fast where verified.
+
+    ``past``: a Hugging Face cache of the positions before ``resid`` (``KVPrefix.cache``); ``resid`` then holds the
+    residual stream of the later positions only."""
+    kwargs = {} if past is None else {"past_key_values": past}
+    if not fast_start_ok(model, resid, layer):
+        with model.hooks(fwd_hooks=hooks), quiet_cache_rename():
+            return model(resid, start_at_layer=layer, **kwargs)[:, -1:]
+    shortcuts = [UNEMBED_LAST]
+    if not acts_on_last_mlp_or_later(model, hooks) and last_mlp_ok(model):
+        shortcuts.append(last_mlp_at_final_position(model))
+    with skip_blocks_before(model, layer), model.hooks(fwd_hooks=hooks + shortcuts), quiet_cache_rename():
+        return model(resid, start_at_layer=layer, **kwargs)
+
+
+def logits_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list) -> Float[Tensor, "batch pos d_vocab"]:
+    """Every position's logits of the bridge's ``forward(resid, start_at_layer=layer)`` under ``hooks`` (for metrics
+    that read them all, e.g. a sequence loss), without computing the blocks before ``layer`` where that is verified
+    exact on this model (once per start layer, against the plain forward; see the module docstring)."""
+
+    def fast(probe: Tensor) -> Tensor:
+        with skip_blocks_before(model, layer):
+            return model(probe, start_at_layer=layer)
+
+    probe = resid[:2]
+    skip = layer > 0 and verified(
+        model,
+        ("skip_blocks_all_positions", layer),
+        lambda: fast(probe),
+        lambda: model(probe, start_at_layer=layer),
+        f"skipping the blocks before layer {layer} changed the output",
+    )
+    with model.hooks(fwd_hooks=hooks):
+        return fast(resid) if skip else model(resid, start_at_layer=layer)
+
+
+def suffix_ok(model, resid: Float[Tensor, "batch pos d_model"], layer: int, prefix: KVPrefix, setting: str = "") -> bool:
+    """Whether recomputing only the later positions, with the earlier ones' cached keys and values, equals
+    recomputing every position on this model (checked once per model and start layer, on two prompts from the
+    middle position); ``setting`` names a context the caller runs in (e.g. receiver forks), verified separately."""
+    probe, start = resid[:2], resid.shape[1] // 2
+    return verified(
+        model,
+        ("suffix", layer, setting) if setting else ("suffix", layer),
+        lambda: forward_from_layer(model, probe[:, start:], layer, [], prefix.cache(start, 1, len(probe))),
+        lambda: forward_from_layer(model, probe, layer, []),
+        f"recomputing only the positions after a patch (earlier keys and values cached) from layer {layer} changed the output",
+    )
