@@ -1,10 +1,6 @@
 """The one runner that applies interventions through the model's own forward pass, computing only what they change.
 
-An ``Intervention`` says *what* activation is set (a hook name), *where* (a boolean mask over the
-activation's non-batch axes, one row per variant), and *from which source*: the clean or corrupted run, a
-mean, zero, or activations recorded in an earlier run. Every experiment in this package (activation and
-path patching, knockout of everything outside a circuit, attention shift, backup-head ablation) is a list of
-these values, so what was patched can be printed and stored with the results (``to_json``).
+Interventions are values (``engine.interventions``); this module runs them.
 
 ``run_interventions`` applies a list of them to many variants at once: variant ``i`` is one copy of the base
 batch, stacked along the batch axis (variant-major). It starts at the earliest intervened layer from the
@@ -29,7 +25,7 @@ itself does; no code here steps through blocks by hand. It computes only what a 
 Each saving is checked the first time a model uses it (per start layer): the fast result must equal the
 plain computation (the bridge's own ``start_at_layer`` forward, all positions, every block) to 1e-5;
 otherwise that model falls back to the plain computation for good, with a warning (exact, only slower).
-``fast_paths(model)`` lists the verdicts.
+The checks live in ``engine.shortcuts`` (``fast_paths(model)`` lists the verdicts).
 """
 
 from __future__ import annotations
