@@ -181,11 +181,9 @@ def render_pending(folder: Path) -> tuple[int, list[str], str | None]:
     figures still pending as paths relative to ``folder``, the first failure as one line or None)."""
     import plotly.io as pio
 
-    pending = sorted(Path(folder).rglob(f"*{PENDING_SUFFIX}"))
     written, failure, left = 0, None, []
     with _RENDER_LOCK:
-        for path in pending:
-            target = path.with_name(path.name[: -len(PENDING_SUFFIX)])
+        for path, target in _pending(folder):
             if failure is None:
                 try:
                     _render_twice(pio.read_json(path), target)
@@ -207,8 +205,11 @@ def _render_twice(fig: go.Figure, target: Path) -> None:
         write_image(fig, target)
 
 
+def _pending(folder: Path) -> list[tuple[Path, Path]]:
+    """Each figure left under ``folder`` as plotly JSON: (its ``.pending.json`` file, the image it stands for), sorted."""
+    return [(p, p.with_name(p.name.removesuffix(PENDING_SUFFIX))) for p in sorted(Path(folder).rglob(f"*{PENDING_SUFFIX}"))]
+
+
 def pending_figures(folder: Path) -> list[str]:
     """The figures under ``folder`` still waiting to be rendered (``render_pending``), relative to it."""
-    return sorted(
-        p.with_name(p.name[: -len(PENDING_SUFFIX)]).relative_to(folder).as_posix() for p in Path(folder).rglob(f"*{PENDING_SUFFIX}")
-    )
+    return sorted(target.relative_to(folder).as_posix() for _, target in _pending(folder))
