@@ -309,6 +309,20 @@ MUTATIONS = [
         "pass",
         "tests/test_importance.py::test_only_the_chosen_heads_run_exactly",
     ),
+    (
+        "a metric that reads the full vocabulary given only the answers' two columns",
+        "helpers/engine/forward.py",
+        'with answer_columns(model, answers) if metric.vocabulary == "answers" else nullcontext(answers) as columns:',
+        "with answer_columns(model, answers) as columns:",
+        "tests/test_recompute.py::test_every_metric_of_the_runner_equals_the_plain_forward",
+    ),
+    (
+        "a metric that reads every position run on the positions after the patch only",
+        "helpers/engine/forward.py",
+        "suffix = prefix is not None and not record and last_only",
+        "suffix = prefix is not None and not record",
+        "tests/test_recompute.py::test_every_metric_of_the_runner_equals_the_plain_forward",
+    ),
 ]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from helpers.engine import chunks as CH
 from helpers.engine.metrics import logit_diff
 from helpers.methods import attribution_patching as A
 from helpers.methods import patching as P
@@ -80,8 +81,8 @@ def test_gradients_in_memory_bounded_chunks_equal_one_batch(inputs, ig_steps):
     """Rows (IG steps × prompts) run in chunks to bound memory (64 prompts × 8 steps in one batch took 17.5 GB on
     SmolLM2); the estimates equal the one-batch computation, also when a chunk boundary falls inside a step."""
     model, clean = inputs[:2]
-    mb = 5.5 * 1024 / A.rows_per_chunk(model, clean.shape[1], 1024.0)  # about 5 rows per chunk: not a divisor of the batch
-    assert 1 < A.rows_per_chunk(model, clean.shape[1], mb) < clean.shape[0]
+    mb = 5.5 * 1024 / CH.rows_per_chunk(model, clean.shape[1], 1024.0)  # about 5 rows per chunk: not a divisor of the batch
+    assert 1 < CH.rows_per_chunk(model, clean.shape[1], mb) < clean.shape[0]
     one = A.attribution_patch(*inputs, ["head_out", "resid_pre"], ig_steps=ig_steps, memory_mb=1e6).values
     chunked = A.attribution_patch(*inputs, ["head_out", "resid_pre"], ig_steps=ig_steps, memory_mb=mb).values
     for name in one:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from helpers.engine import chunks as CH
 from helpers.methods import patching as P
 
 FAST_TL_SWEEPS = [n for n in P.SWEEPS if n != "head_pattern_dest_src"]  # dest_src: checked on a subset below
@@ -61,11 +62,34 @@ def test_tl_reference_on_a_subset_of_cells(random_ctx, name):
     assert (ours[tuple(cells.T)] - P.tl_reference(random_ctx, name, cells)).abs().max() <= 1e-4
 
 
+def test_one_chunk_planner_sizes_every_metric(ctx):
+    """``plan_chunks``: whole variants while a variant's prompts fit, else one variant in prompt slices; the logits a
+    metric reads count (none for two answer columns, every position's full vocabulary for the losses); memory a
+    variant holds besides its forward bounds the variants on its own."""
+    from helpers.engine import metrics as M
+
+    model, (batch, n_pos) = ctx.model, ctx.corrupted_tokens.shape
+    vocab = model.cfg.d_vocab
+    assert CH.logits_bytes(model, M.LOGIT_DIFF, batch, n_pos) == 0
+    assert CH.logits_bytes(model, M.ANSWER_PROBABILITY, batch, n_pos) == 4 * batch * vocab
+    assert CH.logits_bytes(model, M.LOSSES, batch, n_pos) == 4 * batch * n_pos * vocab
+    per_variant = CH.bytes_per_variant(model, batch, n_pos)
+    for mb in (1e-9, 0.5 * per_variant / 2**20, 3.5 * per_variant / 2**20, 1024):
+        assert CH.plan_chunks(model, batch, n_pos, mb).variants == CH.variants_per_chunk(model, batch, n_pos, mb)
+    thirty = 30 * CH.bytes_per_variant(model, batch, n_pos, M.LOSSES) / 2**20
+    assert CH.plan_chunks(model, batch, n_pos, thirty, M.LOSSES) == CH.ChunkPlan(30, batch)
+    assert CH.plan_chunks(model, batch, n_pos, thirty, M.LOGIT_DIFF).variants > 30  # the losses' logits cost memory
+    half = CH.plan_chunks(model, batch, n_pos, thirty / 60, M.LOSSES)
+    assert half.variants == 1 and half.prompts == batch // 2
+    assert CH.plan_chunks(model, batch, n_pos, 1024, held_per_variant=2**30).variants == 1
+    assert CH.plan_chunks(model, batch, n_pos, 1024, max_variants=2).variants == 2
+
+
 def test_memory_budget_sets_the_chunk_and_not_the_result(ctx):
     model, (batch, n_pos) = ctx.model, ctx.corrupted_tokens.shape
-    per_variant = P.bytes_per_variant(model, batch, n_pos)
-    assert P.variants_per_chunk(model, batch, n_pos, memory_mb=10 * per_variant / 2**20) == 10
-    assert P.variants_per_chunk(model, batch, n_pos, memory_mb=1e-9) == 1
+    per_variant = CH.bytes_per_variant(model, batch, n_pos)
+    assert CH.variants_per_chunk(model, batch, n_pos, memory_mb=10 * per_variant / 2**20) == 10
+    assert CH.variants_per_chunk(model, batch, n_pos, memory_mb=1e-9) == 1
     tiny = P.sweep(ctx, "head_out_by_pos", memory_mb=1e-9, progress=False)
     full = P.sweep(ctx, "head_out_by_pos", progress=False)
     torch.testing.assert_close(tiny, full, atol=1e-6, rtol=0)  # another batch composition: float rounding only

@@ -169,3 +169,55 @@ def test_edge_evaluations_recompute_from_the_first_difference(family_models, req
         full = E.evaluate_masks(dataclasses.replace(ectx, clean_kv=None), masks, per_prompt=True)
         assert (fast - full).abs().max() <= 1e-4, family
         assert SC.fast_paths(model)[("suffix", 0, "receiver forks")], family
+
+
+def _metrics_by_hand(logits, tokens, answers, reference) -> dict[str, torch.Tensor]:
+    """Independent: each runner metric from every position's full-vocabulary logits, with torch's own losses."""
+    final = logits[:, -1].float()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+    before = logits[:, -2].float()
+    return {
+        "logit_diff": final.gather(-1, answers[:, :1])[:, 0] - final.gather(-1, answers[:, 1:])[:, 0],
+        "answer_probability": final.softmax(-1).gather(-1, answers[:, :1])[:, 0],
+        "losses": torch.stack(
+            [ce[:, -1], ce.mean(-1), before.gather(-1, answers[:, :1])[:, 0] - before.gather(-1, answers[:, 1:])[:, 0]], -1
+        ),
+        "kl_divergence": torch.nn.functional.kl_div(
+            final.log_softmax(-1), reference.float().log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1),
+    }
+
+
+def test_every_metric_of_the_runner_equals_the_plain_forward(fam):
+    """The runner's metric argument: for the logit difference, the answer probability, the losses (every position) and
+    the KL divergence from the clean run, ``run_interventions`` from a cached layer and position (what each metric
+    reads: two columns, the final position, every position) equals the metric computed by hand from a plain hooked
+    forward of every position and the full vocabulary, per variant, on every family."""
+    from helpers.engine import metrics as M
+
+    family, ctx = fam
+    model, tokens, answers = ctx.model, ctx.corrupted_tokens, ctx.answer_tokens
+    n_pos, layer = tokens.shape[1], model.cfg.n_layers - 1
+    with torch.no_grad():
+        reference = model(ctx.clean_cache["blocks.0.hook_resid_pre"], start_at_layer=0)[:, -1]  # the clean run's final logits
+    hook, start = f"blocks.{layer}.hook_resid_pre", n_pos // 2
+    iv = [_patch_from(ctx, hook, start, n_pos)]
+    metrics = [M.LOGIT_DIFF, M.ANSWER_PROBABILITY, M.LOSSES, M.kl_divergence(reference)]
+    clean = ctx.clean_cache[hook]
+    for metric in metrics:
+        ours, _ = FW.run_interventions(
+            model, tokens, answers, iv, P.sources(ctx), 2, ctx.corrupted_cache.cache_dict, prefix=ctx.corrupted_kv, metric=metric
+        )
+        assert ours.shape == (2, len(tokens), *((len(metric.outputs),) if metric.outputs else ())), (family, metric.name)
+        for variant, last in enumerate((start + 1, n_pos)):
+
+            def patch(act, hook, last=last):
+                act = act.clone()
+                act[:, start:last] = clean[:, start:last]
+                return act
+
+            with torch.no_grad():
+                logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, patch)])
+            plain = _metrics_by_hand(logits, tokens, answers, reference)[metric.name]
+            assert (ours[variant] - plain).abs().max() <= 1e-4 * (1 + plain.abs().max()), (family, metric.name, variant)
+    assert "kl_divergence" in repr(metrics[-1]) and M.LOSSES.to_json()["outputs"] == ["answer_loss", "sequence_loss", "logit_diff"]

@@ -29,11 +29,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from helpers.engine.chunks import variants_per_chunk
 from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import resolve_hook_names
 from helpers.engine.interventions import Intervention, hooks_for
 from helpers.engine.metrics import check_normalisation, faithfulness, group_mean, logit_diff
-from helpers.methods.patching import variants_per_chunk
 from helpers.schema.heads import Head
 from helpers.schema.results import SmallestResult
 

@@ -18,9 +18,10 @@ itself does; no code here steps through blocks by hand. It computes only what a 
   their key/value groups;
 * **the last block** runs its MLP at the final position only (its other positions are read by nothing),
   unless a hook acts on or after that MLP;
-* **the unembedding** reads the final position only (the metric reads nothing else), and where the only output
-  is a logit difference, only the answers' vocabulary columns (``answer_columns``: on Gemma-3, 262,144 words,
-  the full unembedding costs more per token than a block).
+* **the unembedding** computes what the metric reads (``metrics.Metric``: its positions and vocabulary): for the
+  default logit difference, the final position and the answers' two vocabulary columns only (``answer_columns``:
+  on Gemma-3, 262,144 words, the full unembedding costs more per token than a block). A metric that reads every
+  position (e.g. the sequence loss of ``metrics.LOSSES``) recomputes every position from the start layer.
 
 Each saving is checked the first time a model uses it (per start layer): the fast result must equal the
 plain computation (the bridge's own ``start_at_layer`` forward, all positions, every block) to 1e-5;
@@ -30,7 +31,9 @@ The checks live in ``engine.shortcuts`` (``fast_paths(model)`` lists the verdict
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -40,7 +43,7 @@ from transformer_lens.utilities import get_act_name
 from helpers.engine.hooks import UNEMBED_LAST, recording_hook
 from helpers.engine.interventions import Intervention, hooks_for, start_layer, suffix_start
 from helpers.engine.kv_cache import KVPrefix
-from helpers.engine.metrics import logit_diff
+from helpers.engine.metrics import LOGIT_DIFF, Metric
 from helpers.engine.shortcuts import (
     acts_on_last_mlp_or_later,
     answer_columns,
@@ -53,6 +56,32 @@ from helpers.engine.shortcuts import (
 )
 
 
+@dataclass(frozen=True)
+class MetricReader:
+    """``metric`` read from the logits of ``n_var`` stacked copies of a batch (``reading`` makes one): ``columns`` (the
+    answers' token ids, or their columns where only those are unembedded) and ``tokens`` of one copy (None for a
+    metric that does not read them)."""
+
+    metric: Metric
+    columns: Int[Tensor, "batch 2"]
+    tokens: Int[Tensor, "batch pos"] | None = None
+
+    def __call__(self, logits: Float[Tensor, "rows pos vocab"], n_var: int) -> Float[Tensor, "variant batch *outputs"]:
+        tokens = None if self.tokens is None else self.tokens.repeat(n_var, 1)
+        values = self.metric(logits, tokens, self.columns.repeat(n_var, 1))
+        return values.reshape(n_var, -1, *values.shape[1:])
+
+
+@contextmanager
+def reading(
+    model, metric: Metric, answers: Int[Tensor, "batch 2"], tokens: Int[Tensor, "batch pos"] | None = None
+) -> Iterator[MetricReader]:
+    """Within it, the model unembeds only the vocabulary ``metric`` reads (the two answer columns where that is
+    verified exact, ``shortcuts.answer_columns``); yields the reader of its value."""
+    with answer_columns(model, answers) if metric.vocabulary == "answers" else nullcontext(answers) as columns:
+        yield MetricReader(metric, columns, tokens)
+
+
 def run_interventions(
     model,
     tokens: Int[Tensor, "batch pos"],
@@ -63,32 +92,41 @@ def run_interventions(
     base_cache: Mapping[str, Tensor] | None = None,
     record: Sequence[str] = (),
     prefix: KVPrefix | None = None,
-) -> tuple[Float[Tensor, "variant batch"], dict[str, Tensor]]:
-    """Per-prompt logit difference of ``n_var`` copies of ``tokens`` under ``interventions``, and the recorded hooks.
+    metric: Metric = LOGIT_DIFF,
+) -> tuple[Float[Tensor, "variant batch *outputs"], dict[str, Tensor]]:
+    """``metric`` (per prompt; the logit difference by default) of ``n_var`` copies of ``tokens`` under
+    ``interventions``, and the recorded hooks.
 
     With ``base_cache`` (the unintervened run of ``tokens``, holding ``blocks.L.hook_resid_pre``) the run starts
     at the earliest intervened layer L from the cached residual stream (exact: nothing before L changes);
     otherwise it runs from the tokens. With ``prefix`` (the same run's keys and values) it also recomputes only
     the positions from the earliest one any intervention changes (exact by causality), unless hooks are recorded
-    (they are returned for every position). ``record``: hook names whose activations (variant-major) are returned.
+    (they are returned for every position) or the metric reads every position. ``record``: hook names whose
+    activations (variant-major) are returned.
     """
     recorded: dict[str, Tensor] = {}
     record_hooks = [(name, recording_hook(recorded, name)) for name in record]
     layer = start_layer(interventions, record)
     resid_name = None if layer is None else get_act_name("resid_pre", layer)
-    with torch.no_grad(), answer_columns(model, answers) as columns:
+    last_only = metric.positions == "last"
+    with torch.no_grad(), reading(model, metric, answers, tokens) as read:
         if base_cache is None or resid_name not in base_cache:
-            with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks + [UNEMBED_LAST]):
+            unembed = [UNEMBED_LAST] if last_only else []
+            with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks + unembed):
                 logits = model(tokens.repeat(n_var, 1))
         else:
             resid = base_cache[resid_name]
-            start = 0 if prefix is None or record else suffix_start(interventions, resid.shape[1], sources, base_cache)
+            suffix = prefix is not None and not record and last_only
+            start = suffix_start(interventions, resid.shape[1], sources, base_cache) if suffix else 0
             if start and not suffix_ok(model, resid, layer, prefix):
                 start = 0
             hooks = hooks_for(interventions, sources, n_var, start) + record_hooks
-            past = prefix.cache(start, n_var) if start else None
-            logits = forward_from_layer(model, resid[:, start:].repeat(n_var, 1, 1), layer, hooks, past)
-    return logit_diff(logits, columns.repeat(n_var, 1)).reshape(n_var, -1), recorded
+            stacked = resid[:, start:].repeat(n_var, 1, 1)
+            if last_only:
+                logits = forward_from_layer(model, stacked, layer, hooks, prefix.cache(start, n_var) if start else None)
+            else:
+                logits = logits_from_layer(model, stacked, layer, hooks)
+        return read(logits, n_var), recorded
 
 
 def forward_from_layer(

@@ -1,4 +1,6 @@
-"""Logit difference, the metric every experiment here is scored with, and its normalisation.
+"""Logit difference, the metric every experiment here is scored with, and its normalisation; ``Metric``, what a
+batched run measures from its logits (``forward.run_interventions`` takes one: logit difference by default; answer
+probability, losses and KL divergence from a reference run are the others here).
 
 Patching results are normalised so that the corrupted run is 0 and the clean run is 1. That divides by the
 clean - corrupted gap: when the model does not do the task (a random-weight model, a task it never learned)
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -21,6 +25,111 @@ def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer_tokens: Int[Te
     """Correct-answer logit minus incorrect-answer logit at ``pos`` (the final token by default), per prompt."""
     final = logits[:, pos].float()  # half-precision models: score in float32
     return (final.gather(-1, answer_tokens[:, :1]) - final.gather(-1, answer_tokens[:, 1:]))[:, 0]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a batched run measures from its logits: ``fn(logits, tokens, answers)`` gives one value per row
+    (``[rows]``) or several (``[rows, len(outputs)]``), rows being variants x prompts, variant-major.
+
+    It says what it reads, so that the runner computes nothing else:
+
+    * ``positions``: ``"last"``, the final position's logits only (``logits`` is ``[rows, 1, vocab]``), or ``"all"``
+      (every position's; the run then recomputes every position, not only those after the first patched one);
+    * ``vocabulary``: ``"answers"``, the two answer columns only (``logits``' last axis may then be just those two,
+      and ``answers`` their column indices in it: ``shortcuts.answer_columns``), or ``"all"`` (the full vocabulary;
+      ``answers`` are token ids).
+
+    ``tokens`` are each row's input tokens; ``reference`` a tensor ``fn`` compares against, one row per prompt (e.g.
+    the clean run's log-probabilities for a KL divergence), repeated over variants by ``__call__``."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    positions: Literal["last", "all"] = "last"
+    vocabulary: Literal["answers", "all"] = "answers"
+    outputs: tuple[str, ...] = ()
+    about: str = ""
+    reference: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __call__(
+        self, logits: Float[Tensor, "rows pos vocab"], tokens: Int[Tensor, "rows pos"], answers: Int[Tensor, "rows 2"]
+    ) -> Float[Tensor, " rows *outputs"]:
+        if self.reference is None:
+            return self.fn(logits, tokens, answers)
+        reference = self.reference.to(logits.device)
+        return self.fn(logits, tokens, answers, reference.repeat(len(logits) // len(reference), *[1] * (reference.dim() - 1)))
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "positions": self.positions,
+            "vocabulary": self.vocabulary,
+            "outputs": list(self.outputs),
+            "about": self.about,
+        }
+
+
+def _logit_diff_last(logits: Tensor, tokens: Tensor, answers: Tensor) -> Tensor:
+    return logit_diff(logits, answers)
+
+
+def _answer_probability(logits: Tensor, tokens: Tensor, answers: Tensor) -> Tensor:
+    return logits[:, -1].float().softmax(-1).gather(-1, answers[:, :1])[:, 0]
+
+
+LOSS_ROWS = 8  # rows of full-sequence logits turned into losses at a time: bounds the softmax's temporary copy
+
+
+def token_losses(logits: Float[Tensor, "rows pos d_vocab"], tokens: Int[Tensor, "rows pos"]) -> Float[Tensor, "rows pos_1"]:
+    """Next-token cross-entropy at every position but the last (nats): ``logsumexp - target logit``, ``LOSS_ROWS`` rows
+    at a time, so that the temporary it needs is a few rows of vocabulary-sized logits, not another copy of all of them
+    (a 262k vocabulary: 1 GB per 64 rows)."""
+    return torch.cat(
+        [
+            torch.logsumexp(chunk[:, :-1].float(), -1) - chunk[:, :-1].float().gather(-1, toks[:, 1:, None])[..., 0]
+            for chunk, toks in zip(logits.split(LOSS_ROWS), tokens.split(LOSS_ROWS))
+        ]
+    )
+
+
+def _losses(logits: Tensor, tokens: Tensor, answers: Tensor) -> Tensor:
+    token_loss = token_losses(logits, tokens)
+    return torch.stack([token_loss[:, -1], token_loss.mean(-1), logit_diff(logits[:, -2:-1], answers)], dim=-1)
+
+
+def _kl_divergence(logits: Tensor, tokens: Tensor, answers: Tensor, reference: Tensor) -> Tensor:
+    logp = logits[:, -1].float().log_softmax(-1)
+    return (reference.exp() * (reference - logp)).sum(-1)
+
+
+LOGIT_DIFF = Metric("logit_diff", _logit_diff_last, about="correct minus incorrect answer logit at the final position (``logit_diff``)")
+ANSWER_PROBABILITY = Metric(
+    "answer_probability", _answer_probability, vocabulary="all", about="the correct answer's probability at the final position"
+)
+LOSSES = Metric(
+    "losses",
+    _losses,
+    positions="all",
+    vocabulary="all",
+    outputs=("answer_loss", "sequence_loss", "logit_diff"),
+    about=(
+        "for tokens = prompt followed by its correct answer: -log p(correct) at the final prompt position; the mean "
+        "next-token cross-entropy over prompt and answer; the logit difference at the final prompt position"
+    ),
+)
+
+
+def kl_divergence(reference_logits: Float[Tensor, "batch d_vocab"]) -> Metric:
+    """KL(reference || run) of the final position's next-token distribution, per prompt (nats): how far an intervention
+    moves the whole prediction, not only the two answers. ``reference_logits``: each prompt's final-position logits in
+    the reference run (e.g. the clean run)."""
+    return Metric(
+        "kl_divergence",
+        _kl_divergence,
+        vocabulary="all",
+        about="KL(reference || run) of the final position's next-token distribution, nats",
+        reference=reference_logits.float().log_softmax(-1),
+    )
 
 
 # The gap must be at least this fraction of the larger |logit diff| (and above ZERO_GAP) for normalised values to mean much.

@@ -24,11 +24,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from helpers.engine.chunks import rows_per_chunk
 from helpers.engine.hooks import UNEMBED_LAST, HookNameError, recording_hook, resolve_hook_names
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import logit_diff
 from helpers.engine.shortcuts import answer_columns
-from helpers.methods.patching import SWEEPS, Sweep, bytes_per_variant
+from helpers.methods.patching import SWEEPS, Sweep
 
 EMBED_HOOK = "hook_embed"
 DEFAULT_GRADIENT_MEMORY_MB = 2048  # saved activations of one forward with gradients
@@ -128,16 +129,6 @@ def metric_gradients(
         del acts, grads, summed, ld
         release_freed_memory()  # the chunk's autograd buffers, back to the system before the next (helpers.engine.memory)
     return {n: g / steps for n, g in grads_out.items()}, {n: torch.cat(a) for n, a in acts_out.items() if a}, torch.cat(lds)
-
-
-def rows_per_chunk(model, n_pos: int, memory_mb: float, recorded_per_row: int = 0) -> int:
-    """How many rows (prompts or IG steps × prompts) one forward with gradients may hold within ``memory_mb``: autograd
-    keeps every layer's activations for the backward, about twice a forward's working memory per layer, and each
-    recorded hook's activation is held three times (the fresh copy, what autograd saves of it, its gradient). The
-    recorded part matters for edge scores, whose per-head q/k/v input forks are n_heads copies of the residual stream
-    per layer (on SmolLM2 they tripled the memory the layer estimate alone allowed for)."""
-    per_row = 2 * model.cfg.n_layers * bytes_per_variant(model, 1, n_pos) + 3 * recorded_per_row
-    return max(1, int(memory_mb * 2**20) // per_row)
 
 
 def recorded_bytes_per_row(model, tokens: Int[Tensor, "1 pos"], hook_names: list[str]) -> int:

@@ -50,15 +50,15 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from helpers.engine.capabilities import NotSupported, architecture, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
+from helpers.engine.chunks import plan_chunks, rows_within
 from helpers.engine.forks import made_forks, receiver_forks
-from helpers.engine.forward import forward_from_layer, suffix_ok
+from helpers.engine.forward import forward_from_layer, reading, suffix_ok
 from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
-from helpers.engine.metrics import faithfulness, logit_diff
+from helpers.engine.metrics import LOGIT_DIFF, faithfulness, logit_diff
 from helpers.engine.norms import post_attention_norm, post_norms
-from helpers.engine.shortcuts import answer_columns, verified
+from helpers.engine.shortcuts import verified
 from helpers.methods.attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
-from helpers.methods.patching import variants_per_chunk
 from helpers.schema.artifacts import write_json
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
@@ -238,16 +238,17 @@ class Graph:
             out[r, self.receiver_nodes(r)] = True
         return out
 
-    def has_path(self, masks: Bool[Tensor, "variant sender receiver"]) -> Bool[Tensor, " variant"]:
+    def has_path(self, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float = 256) -> Bool[Tensor, " variant"]:
         """Whether each circuit keeps a path of edges from the input to the logits (what ``prune`` keeps is not empty).
         A circuit without one is the corrupted run exactly: every sender it keeps is reached from the input only
-        through absent edges, so its output in the run is its corrupted output."""
+        through absent edges, so its output in the run is its corrupted output. ``memory_mb`` bounds the float copies
+        of the masks a step holds."""
         masks = masks & self.allowed
         logits = len(self.receivers) - 1
         out = masks[:, 0, logits].clone()  # the input's own edge to the logits
         rest = (~out).nonzero().flatten()
         reads = self.reads.float()
-        for part in rest.split(64):
+        for part in rest.split(rows_within(memory_mb, 8 * masks[0].numel())):  # the mask as float, and bmm's copy
             kept = masks[part].float()
             live = torch.zeros(len(part), len(self.senders))
             live[:, 0] = 1.0  # the input
@@ -765,20 +766,20 @@ def _logit_diffs(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver
     """Each circuit's logit difference on each clean prompt, in batched runs from the first block it changes."""
     model = ectx.model
     out = []
-    with receiver_forks(model), torch.no_grad(), answer_columns(model, ectx.answer_tokens) as answers:
+    with receiver_forks(model), torch.no_grad(), reading(model, LOGIT_DIFF, ectx.answer_tokens) as read:
         start = 0
         if ectx.clean_kv is not None and suffix_ok(model, ectx.clean_outputs[:, :, 0], 0, ectx.clean_kv, "receiver forks"):
             start = ectx.first_difference  # earlier positions: the clean run's keys and values
         batch, pos, n_send, d = ectx.corrupted_outputs[:, start:].shape
         rows = int(_senders_read(_fork_choices(ectx.graph, ~masks, COMPLEMENT), n_send).sum(1).max())
         # per variant: the stored rows and two totals for the whole run, and each layer's per-head q/k/v input forks (with
-        # their normed copies), which ``variants_per_chunk`` does not count
+        # their normed copies), which ``plan_chunks``' forward estimate does not count
         cfg = model.cfg
         forks = 2 * (cfg.n_heads + 2 * kv_heads(cfg))
         if ectx.graph.post_norm:  # each layer's head changes, A and N(A); a fork's mixes (partial sums, their norms, the sum)
             forks += cfg.n_layers * (cfg.n_heads + 2) + 4 * cfg.n_heads
         held = (rows + 2 + forks) * batch * pos * d * ectx.corrupted_outputs.element_size()
-        chunk = max(1, min(variants_per_chunk(model, batch, pos, memory_mb, len(masks)), int(memory_mb * 2**20 // held)))
+        chunk = plan_chunks(model, batch, pos, memory_mb, max_variants=len(masks), held_per_variant=held).variants
         layers = start_layers(ectx, masks)
         order = layers.argsort(stable=True)  # chunks of circuits that start at the same block or near it
         for first in range(0, len(masks), chunk):
@@ -789,7 +790,7 @@ def _logit_diffs(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver
             resid = (ectx.clean_resid[layer] if layer else ectx.clean_outputs[:, :, 0])[:, start:].repeat(run.n_var, 1, 1)
             past = ectx.clean_kv.cache(start, run.n_var) if start else None
             logits = forward_from_layer(model, resid, layer, _hooks(run, layer), past)  # final position only
-            out.append(logit_diff(logits, answers.repeat(run.n_var, 1)).reshape(run.n_var, batch).cpu())
+            out.append(read(logits, run.n_var).cpu())
             del run, resid, past, logits
             release_freed_memory()  # hundreds of these runs in a search otherwise grow the heap (helpers.engine.memory)
     lds = torch.empty(len(masks), batch)

@@ -10,9 +10,10 @@ depends on the prompt), and three quantities are measured against the unablated 
   answer (what the model's training loss would say);
 * **logit difference**: correct minus incorrect answer logit at the final position.
 
-All heads of a layer run as one batch of variants, starting from the clean residual stream at that layer
-(nothing before it changes) through the bridge's own ``forward(start_at_layer=...)``, the blocks before it not
-computed (``forward.logits_from_layer``).
+All heads of a layer run as one batch of variants through the shared runner (``forward.run_interventions`` with
+the metric ``metrics.LOSSES``, sized by ``chunks.plan_chunks``), starting from the clean residual stream at that
+layer (nothing before it changes) through the bridge's own ``forward(start_at_layer=...)``, the blocks before it
+not computed.
 
 Each exact ablation is a forward from its layer at every position with full-vocabulary logits at every position
 (the sequence loss reads them all): about 270 × 64 prompts of such runs on SmolLM2-135M (5.6 minutes on two cores).
@@ -34,16 +35,15 @@ from tqdm.std import tqdm
 from transformer_lens.utilities import get_act_name
 
 from helpers.engine.capabilities import NotSupported, hook_takes_effect
-from helpers.engine.forward import logits_from_layer
+from helpers.engine.chunks import logits_bytes, plan_chunks, rows_per_chunk
+from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import recording_hook, resolve_hook_names
-from helpers.engine.interventions import Intervention, hooks_for
+from helpers.engine.interventions import Intervention
 from helpers.engine.memory import release_freed_memory
-from helpers.engine.metrics import group_mean, logit_diff
+from helpers.engine.metrics import LOSSES, group_mean
 from helpers.methods.attribution_patching import rank_agreement
-from helpers.methods.patching import bytes_per_variant
 
-LOSS_ROWS = 8  # rows of full-sequence logits turned into losses at a time: bounds the softmax's temporary copy
-METRICS = ("answer_loss", "sequence_loss", "logit_diff")
+METRICS = LOSSES.outputs  # answer_loss, sequence_loss, logit_diff
 
 
 @dataclass
@@ -54,22 +54,16 @@ class LossMetrics:
     sequence_loss: Float[Tensor, " rows"]  # mean next-token cross-entropy over prompt + answer, nats
     logit_diff: Float[Tensor, " rows"]  # correct - incorrect logit at the final prompt position
 
-    def by_variant(self, n_var: int) -> LossMetrics:
-        """Each metric as [variant, prompt]."""
-        return LossMetrics(*(getattr(self, k).reshape(n_var, -1) for k in METRICS))
+    @classmethod
+    def of(cls, values: Float[Tensor, "*rows 3"]) -> LossMetrics:
+        """The metrics of ``LOSSES``' output (its last axis in ``METRICS`` order)."""
+        return cls(*values.cpu().unbind(-1))
 
 
 def loss_metrics(logits: Float[Tensor, "rows pos d_vocab"], tokens: Int[Tensor, "rows pos"], answers: Int[Tensor, "rows 2"]) -> LossMetrics:
-    """The three metrics of each row of ``logits`` of ``tokens`` = prompt followed by its correct answer. The
-    cross-entropy is ``logsumexp - target logit``, taken ``LOSS_ROWS`` rows at a time, so that the temporary it needs
-    is a few rows of vocabulary-sized logits, not another copy of all of them (a 262k vocabulary: 1 GB per 64 rows)."""
-    token_loss = torch.cat(
-        [
-            torch.logsumexp(chunk[:, :-1].float(), -1) - chunk[:, :-1].float().gather(-1, toks[:, 1:, None])[..., 0]
-            for chunk, toks in zip(logits.split(LOSS_ROWS), tokens.split(LOSS_ROWS))
-        ]
-    )  # [rows, pos-1]
-    return LossMetrics(token_loss[:, -1].cpu(), token_loss.mean(-1).cpu(), logit_diff(logits[:, -2:-1], answers).cpu())
+    """The three metrics of each row of ``logits`` of ``tokens`` = prompt followed by its correct answer
+    (``metrics.LOSSES``)."""
+    return LossMetrics.of(LOSSES(logits, tokens, answers))
 
 
 @dataclass
@@ -163,8 +157,7 @@ def _estimate(model, full, answers, z_names: list[str], means: list[Tensor], mem
     cfg = model.cfg
     batch, n_pos = full.shape
     # autograd keeps about two forwards' activations per layer, and the logits three times (softmax and its gradient)
-    per_row = 2 * cfg.n_layers * bytes_per_variant(model, 1, n_pos) + 3 * 4 * n_pos * cfg.d_vocab
-    rows = max(1, int(memory_mb * 2**20) // per_row)
+    rows = rows_per_chunk(model, n_pos, memory_mb, logits_bytes(model, LOSSES, 1, n_pos))  # the logits: held three times
     totals = {k: torch.zeros(cfg.n_layers, cfg.n_heads) for k in METRICS}
     for part in torch.arange(batch).split(rows):
         acts: dict[str, Tensor] = {}
@@ -179,6 +172,21 @@ def _estimate(model, full, answers, z_names: list[str], means: list[Tensor], mem
         del acts, m
         release_freed_memory()
     return totals
+
+
+def _ablate(
+    model, full, answers, z_name: str, mean: Tensor, resid: Tensor | None, heads: Int[Tensor, " head"]
+) -> Float[Tensor, "head row metric"]:
+    """``LOSSES`` of the prompts ``full`` (with ``answers``) with each of ``heads`` mean-ablated (``z_name``'s heads set
+    to ``mean``), one variant per head: from ``resid``, the clean residual stream entering the head's layer (from the
+    tokens where None: layer 0)."""
+    layer = int(z_name.split(".")[1])
+    mask = torch.zeros(len(heads), 1, mean.shape[2], 1, dtype=torch.bool)
+    mask[torch.arange(len(heads)), 0, heads] = True
+    base = None if resid is None else {get_act_name("resid_pre", layer): resid}
+    ablation = [Intervention(z_name, "mean", mask)]
+    values, _ = run_interventions(model, full, answers, ablation, {"mean": {z_name: mean}}, len(heads), base, metric=LOSSES)
+    return values.cpu()
 
 
 def heads_to_ablate(
@@ -230,37 +238,31 @@ def head_importance(
     base = loss_metrics(logits, full, answers)
     del logits  # [batch, pos, d_vocab]: a gigabyte at 64 prompts of a 262k vocabulary
     batch, n_pos = full.shape
-    # One prompt of one variant: its activations through a block and its logits at every position (the losses need
-    # them all). Variants of a layer share a forward while whole batches fit; else one variant runs in prompt slices.
-    per_row = bytes_per_variant(model, 1, n_pos) + 4 * n_pos * cfg.d_vocab
-    rows_fit = max(1, int(memory_mb * 2**20) // per_row)
-    heads_per_run, prompts_per_run = max(1, rows_fit // batch), min(batch, rows_fit)
+    # Variants of a layer share a forward while whole batches fit; else one variant runs in prompt slices.
+    plan = plan_chunks(model, batch, n_pos, memory_mb, LOSSES)
     changes = {k: torch.full((cfg.n_layers, cfg.n_heads), float("nan")) for k in METRICS}
     for layer in tqdm(range(cfg.n_layers), desc="mean-ablate heads", disable=not progress, leave=False):
         layer_heads = torch.arange(cfg.n_heads) if chosen is None else torch.tensor([h for l, h in chosen if l == layer], dtype=torch.long)
         if not len(layer_heads):
             continue
-        resid = cache[resid_names[layer]]
-        for heads in layer_heads.split(heads_per_run):
-            n = len(heads)
-            mask = torch.zeros(n, 1, cfg.n_heads, 1, dtype=torch.bool)
-            mask[torch.arange(n), 0, heads] = True
-            iv = Intervention(z_names[layer], "mean", mask)
-            parts: dict[str, list[Tensor]] = {k: [] for k in METRICS}
-            for rows_of in torch.arange(batch).split(prompts_per_run):
-                mean = {"mean": {z_names[layer]: means[layer] if means[layer].shape[0] == 1 else means[layer][rows_of]}}
-                with torch.no_grad():
-                    if layer:  # the blocks before it are not computed (forward.logits_from_layer)
-                        ablated = logits_from_layer(model, resid[rows_of].repeat(n, 1, 1), layer, hooks_for([iv], mean, n))
-                    else:
-                        with model.hooks(fwd_hooks=hooks_for([iv], mean, n)):
-                            ablated = model(full[rows_of].repeat(n, 1))
-                m = loss_metrics(ablated, full[rows_of].repeat(n, 1), answers[rows_of].repeat(n, 1)).by_variant(n)
-                del ablated
-                for k in METRICS:
-                    parts[k].append(getattr(m, k))
-            for k in METRICS:
-                changes[k][layer, heads] = torch.cat(parts[k], dim=1).mean(-1) - getattr(base, k).mean()
+        for heads in layer_heads.split(plan.variants):
+            ablated = torch.cat(
+                [
+                    _ablate(
+                        model,
+                        full[rows],
+                        answers[rows],
+                        z_names[layer],
+                        means[layer] if means[layer].shape[0] == 1 else means[layer][rows],
+                        cache[resid_names[layer]][rows] if layer else None,  # layer 0: from the tokens
+                        heads,
+                    )
+                    for rows in torch.arange(batch).split(plan.prompts)
+                ],
+                dim=1,
+            )  # [head, prompt, metric]
+            for i, k in enumerate(METRICS):
+                changes[k][layer, heads] = ablated[..., i].mean(-1) - getattr(base, k).mean()
         release_freed_memory()  # this layer's ablated runs, back to the system (helpers.engine.memory)
     return HeadImportance(
         *(changes[k] for k in METRICS),

@@ -31,13 +31,14 @@ from tqdm.std import tqdm  # noqa: I001 - text bars: tqdm.auto warns (TqdmWarnin
 from transformer_lens.ActivationCache import ActivationCache
 
 from helpers.engine.capabilities import NotSupported, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
+from helpers.engine.chunks import variants_per_chunk
 from helpers.engine.flops import ModelShape, run_flops
 from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import UNEMBED_LAST, resolve_hook_names
 from helpers.engine.interventions import Intervention, position_axis
 from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
-from helpers.engine.metrics import NormalisationCheck, check_normalisation, group_weights, logit_diff, normalised
+from helpers.engine.metrics import LOGIT_DIFF, Metric, NormalisationCheck, check_normalisation, group_weights, logit_diff, normalised
 from helpers.schema.heads import rank_heads
 
 
@@ -299,31 +300,17 @@ def variant_chunks(
     ]
 
 
-def bytes_per_variant(model, batch: int, n_pos: int) -> int:
-    """Rough float32 working memory of one patch variant: the batch's activations through one block (with the
-    temporaries of its norms, rotary embeddings, gated MLP and the patch itself), plus final logits. On SmolLM2-135M's
-    neuron sweep at 64 prompts, counting 6 x d_model + 2 x d_mlp per token let a 1,024 MB budget take 3.7 GiB; with this
-    count it takes 2.4 GiB: still an underestimate there."""
-    cfg = model.cfg
-    per_token = 20 * cfg.d_model + 6 * (cfg.d_mlp or 4 * cfg.d_model) + 3 * cfg.n_heads * n_pos
-    return 4 * batch * (n_pos * per_token + cfg.d_vocab)
-
-
-def variants_per_chunk(model, batch: int, n_pos: int, memory_mb: float, max_variants: int | None = None) -> int:
-    """How many variants one batched forward may hold within ``memory_mb`` (or ``max_variants`` if smaller)."""
-    n = max(1, int(memory_mb * 2**20) // bytes_per_variant(model, batch, n_pos))
-    return min(n, max_variants) if max_variants else n
-
-
 def sources(ctx: PatchingContext) -> dict[str, dict[str, Tensor]]:
     """The cached runs interventions draw from (``interventions.SOURCES``)."""
     return {"clean": ctx.clean_cache.cache_dict, "corrupted": ctx.corrupted_cache.cache_dict}
 
 
-def run_patched(ctx: PatchingContext, interventions: list[Intervention], n_var: int, record: list[str] = ()) -> tuple[Tensor, dict]:
-    """Per-prompt logit difference [variant, batch] of the corrupted run under ``interventions``, and recorded hooks;
-    starts at the earliest intervened layer from the cached corrupted residual stream, and at the earliest patched
-    position from the corrupted run's keys and values."""
+def run_patched(
+    ctx: PatchingContext, interventions: list[Intervention], n_var: int, record: list[str] = (), metric: Metric = LOGIT_DIFF
+) -> tuple[Tensor, dict]:
+    """Per-prompt ``metric`` ([variant, batch], the logit difference by default; ``engine.metrics``) of the corrupted
+    run under ``interventions``, and recorded hooks; starts at the earliest intervened layer from the cached corrupted
+    residual stream, and at the earliest patched position from the corrupted run's keys and values."""
     return run_interventions(
         ctx.model,
         ctx.corrupted_tokens,
@@ -334,6 +321,7 @@ def run_patched(ctx: PatchingContext, interventions: list[Intervention], n_var: 
         base_cache=ctx.corrupted_cache.cache_dict,
         record=record,
         prefix=ctx.corrupted_kv,
+        metric=metric,
     )
 
 

@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars, as in patching
 
+from helpers.engine.chunks import plan_chunks
 from helpers.methods.attribution_patching import DEFAULT_GRADIENT_MEMORY_MB
 from helpers.methods.edges import EdgeCircuit, EdgeContext, circuit_of, edge_scores, evaluate_masks, prune
 
@@ -85,7 +86,7 @@ def single_edge_effects(
     graph = ectx.graph
     index = graph.edge_index if edges is None else edges
     out = torch.zeros(graph.allowed.shape) if edges is None else torch.full(graph.allowed.shape, float("nan"))
-    chunk = 64
+    chunk = plan_chunks(ectx.model, *ectx.corrupted_outputs.shape[:2], memory_mb).variants  # edges per batched run
     for start in tqdm(range(0, len(index), chunk), desc="single edges", disable=not progress):
         part = index[start : start + chunk]
         masks = graph.allowed.repeat(len(part), 1, 1)
