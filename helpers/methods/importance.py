@@ -57,7 +57,7 @@ class LossMetrics:
     @classmethod
     def of(cls, values: Float[Tensor, "*rows 3"]) -> LossMetrics:
         """The metrics of ``LOSSES``' output (its last axis in ``METRICS`` order)."""
-        return cls(*values.cpu().unbind(-1))
+        return cls(*(v.contiguous() for v in values.cpu().unbind(-1)))  # contiguous: reductions sum in the same order
 
 
 def loss_metrics(logits: Float[Tensor, "rows pos d_vocab"], tokens: Int[Tensor, "rows pos"], answers: Int[Tensor, "rows 2"]) -> LossMetrics:
@@ -261,8 +261,9 @@ def head_importance(
                 ],
                 dim=1,
             )  # [head, prompt, metric]
-            for i, k in enumerate(METRICS):
-                changes[k][layer, heads] = ablated[..., i].mean(-1) - getattr(base, k).mean()
+            m = LossMetrics.of(ablated)
+            for k in METRICS:
+                changes[k][layer, heads] = getattr(m, k).mean(-1) - getattr(base, k).mean()
         release_freed_memory()  # this layer's ablated runs, back to the system (helpers.engine.memory)
     return HeadImportance(
         *(changes[k] for k in METRICS),
