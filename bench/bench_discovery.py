@@ -38,7 +38,7 @@ from helpers.methods import edges as E  # noqa: E402
 from helpers.methods import scoring as S  # noqa: E402
 from helpers.task.models import load_model, set_threads  # noqa: E402
 from helpers.task.params import load_params  # noqa: E402
-from helpers.task.prompts import make_prompts  # noqa: E402
+from helpers.task.prompts import PromptPair, make_prompts  # noqa: E402
 from helpers.toys.planted import PLANTED_EDGES, build_planted_model, planted_task  # noqa: E402
 
 ACDC_THRESHOLDS = (0.003, 0.01, 0.03, 0.1)
@@ -47,7 +47,7 @@ ACDC_THRESHOLDS = (0.003, 0.01, 0.03, 0.1)
 def cost(model, label: str, repeats: int, n_random: int = 10) -> dict:
     """Seconds and forward-pass equivalents of edge scoring and of one exact curve point."""
     clean, corrupted, answers = random_prompts(model, 8, 20)
-    ectx = E.edge_context(model, clean, corrupted, answers)
+    ectx = E.edge_context(model, PromptPair.denoising(clean, corrupted, answers))
     g = ectx.graph
     scores = E.edge_scores(ectx, "eap")
     masks = torch.cat(
@@ -231,17 +231,17 @@ def main() -> None:
             model = load_model(model_name, device="cpu")
             params = load_params(task)
             prompts = make_prompts(params, model.tokenizer, verbose=False, prepend_bos=model.cfg.default_prepend_bos)
-            ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+            ectx = E.edge_context(model, prompts)
             results["quality"].append(quality(f"{model_name} / {task} ({len(prompts.clean_tokens)} prompts)", ectx, 0.8, True))
         model = load_model("toy-induction", device="cpu")
-        ectx = E.edge_context(model, *induction_task(model, 20, 32, seed=0))
+        ectx = E.edge_context(model, PromptPair.denoising(*induction_task(model, 20, 32, seed=0)))
         results["quality"].append(quality("toy-induction / induction (32 prompts)", ectx, 0.8, True))
         from transformers import AutoTokenizer
 
         planted = load_model(
             str(build_planted_model(AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi"), Path(tmp) / "planted")), device="cpu"
         )
-        ectx = E.edge_context(planted, *planted_task(planted, batch=32))
+        ectx = E.edge_context(planted, PromptPair.denoising(*planted_task(planted, batch=32)))
         results["quality"].append(quality("planted / word two back (32 prompts)", ectx, 0.95, True, list(PLANTED_EDGES)))
     write_outputs(args.out, "discovery", results, markdown(results))
 

@@ -45,7 +45,7 @@ from helpers.methods import attribution_patching as A
 from helpers.methods import patching as P
 from helpers.task.models import load_model, set_threads
 from helpers.task.params import load_params
-from helpers.task.prompts import make_prompts
+from helpers.task.prompts import PromptPair, make_prompts
 from helpers.task.real_models import REAL_MODELS
 
 HERE = Path(__file__).parent
@@ -166,7 +166,7 @@ def tl_sweep(ctx: P.PatchingContext, name: str, shape: torch.Size, max_cells: in
 def sweep_shape(ctx: P.PatchingContext, name: str) -> torch.Size:
     """Result shape of sweep ``name`` (without running it)."""
     spec = P.SWEEPS[name]
-    act = ctx.clean_cache[spec.hook_name(0)].shape
+    act = ctx.source_cache[spec.hook_name(0)].shape
     return torch.Size([ctx.model.cfg.n_layers, *P.variant_shape(spec, act)])
 
 
@@ -191,7 +191,7 @@ def matmul_limit(model, batch: int, n_pos: int, device: str, repeats: int = 5) -
 def bench_sweeps(model, label: str, sweeps: list[str], repeats: int, max_cells: int, device: str, batch: int, n_pos: int) -> list[dict]:
     """Interleaved repeats of TL vs ours for each sweep; medians, ratio, memory, max |difference|."""
     clean, corrupted, answers = (t.to(device) for t in random_prompts(model, batch, n_pos))
-    ctx = P.make_context(model, clean, corrupted, answers)
+    ctx = P.make_context(model, PromptPair.denoising(clean, corrupted, answers))
     for warm_up in ("head_out", "resid_pre"):  # also verifies each saving once per model and start layer (not timed)
         P.sweep(ctx, warm_up, progress=False)
     limit = matmul_limit(model, batch, n_pos, device)
@@ -255,7 +255,9 @@ def bench_attribution(model, label: str, device: str, batch: int, n_pos: int, re
     forward()  # warm-up
     attr, fwd = [], []
     for _ in range(repeats):
-        attr.append(timed(lambda: A.attribution_patch(model, clean, corrupted, answers, ["head_out_by_pos"]), device)[1])
+        attr.append(
+            timed(lambda: A.attribution_patch(model, PromptPair.denoising(clean, corrupted, answers), ["head_out_by_pos"]), device)[1]
+        )
         fwd.append(timed(forward, device)[1])
     a, f = statistics.median(attr), statistics.median(fwd)
     print(f"[{label}] attribution (heads x positions): {a:.3f}s = {a / f:.2f} forward passes", flush=True)
@@ -266,12 +268,12 @@ def attribution_agreement(model, n_prompts: int, ig_steps: int) -> dict:
     """Spearman of attribution (plain and IG) against exact patching, ioi task prompts on this model."""
     prompts = make_prompts(load_params("ioi", n_prompts=n_prompts), model.tokenizer, verbose=False)
     args = (prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-    ctx = P.make_context(model, *args)
+    ctx = P.make_context(model, PromptPair.denoising(*args))
     sweeps = ["head_out", "head_out_by_pos", "resid_pre", "head_v"]
     exact = {s: P.sweep(ctx, s, progress=False) for s in sweeps}
     out = {"n_prompts": n_prompts, "ig_steps": ig_steps}
     for label, steps in [("attribution", 0), ("eap_ig", ig_steps)]:
-        est = A.attribution_patch(model, *args, sweeps, ig_steps=steps).values
+        est = A.attribution_patch(model, PromptPair.denoising(*args), sweeps, ig_steps=steps).values
         out[label] = {s: round(rho, 4) for s, rho in A.rank_agreement(exact, est).items()}
     print(f"[toy-ioi/ioi] Spearman vs exact: {out}", flush=True)
     return out

@@ -85,7 +85,7 @@ if not_supported:
     print("NOT SUPPORTED:", not_supported)
     print("Nothing below runs for this model; minimal_circuit falls back to the heads head_functions gives a role.")
 else:
-    ectx = edges.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ectx = edges.edge_context(model, prompts)
     g = ectx.graph
     print(f"task {s.params.task} | model {s.model_name} | {len(g.senders)} senders, {len(g.receivers)} receiver inputs, "
           f"{g.n_edges} edges | logit diff clean {ectx.clean_logit_diff:.3f}, corrupted {ectx.corrupted_logit_diff:.3f}")

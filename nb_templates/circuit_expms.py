@@ -175,7 +175,7 @@ for group, chosen in [("positive", top_dla_pos), ("negative", top_dla_neg)]:
 # changes *where* it attends.
 
 # %%
-ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+ctx = patching.make_context(model, prompts)
 sweep_names = ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern", "head_out_by_pos"]
 unsupported = {name: err for name in sweep_names if (err := patching.unsupported_reason(model, name))}
 sweeps = {name: patching.sweep(ctx, name, patching_memory_mb) for name in sweep_names[:-1] if name not in unsupported}
@@ -184,7 +184,7 @@ sweeps["head_out_by_pos"] = patching.sweep(ctx, "head_out_by_pos", patching_memo
 if by_pos_heads is not None:
     print(f"head_out_by_pos: the {len(by_pos_heads)} heads with the largest |head_out| effect (analysis.by_pos_heads; null: all "
           f"{sweeps['head_out'].numel()}):", ", ".join(f"L{layer}H{head}" for layer, head in by_pos_heads))
-print(f"baselines: clean logit diff {ctx.clean_logit_diff:.3f}, corrupted {ctx.corrupted_logit_diff:.3f}")
+print(f"baselines: clean logit diff {ctx.source_logit_diff:.3f}, corrupted {ctx.base_logit_diff:.3f}")
 if ctx.normalisation.status != "ok":
     print("WARNING:", ctx.normalisation.message)
 skipped_sweeps = {name: str(err) for name, err in unsupported.items()}
@@ -247,7 +247,7 @@ print("top heads by output patching:", [str(h) for h in top_patch["head_out"]])
 
 # %%
 attr_names = ["resid_pre", "head_out", "head_v", "head_out_by_pos"]
-attr_args = (model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, attr_names)
+attr_args = (model, prompts, attr_names)
 estimates = {"attribution": attribution_patching.attribution_patch(*attr_args).values}
 if attribution_ig_steps:
     estimates["eap_ig"] = attribution_patching.attribution_patch(*attr_args, ig_steps=attribution_ig_steps).values
@@ -276,7 +276,7 @@ for label, est in estimates.items():
 # EAP-IG's top edges make the more faithful circuits (`circuit_discovery`; Hanna et al. 2024, MIB).
 
 # %%
-noising = patching.sweep(patching.make_context(model, prompts.corrupted_tokens, prompts.clean_tokens, prompts.answer_tokens),
+noising = patching.sweep(patching.make_context(model, prompts.noising()),
                          "head_out", patching_memory_mb)
 by_direction = attribution_patching.agreement_by_direction({label: est["head_out"] for label, est in estimates.items()},
                                                            sweeps["head_out"], noising)
@@ -463,7 +463,7 @@ results = {
             "top_positive": top_dla_pos, "top_negative": top_dla_neg},
     "patching": {"values": sweeps, "layouts": {name: patching.layout(model, name) for name in sweeps}, "top_heads": top_patch,
                  "by_pos_heads": by_pos_heads,
-                 "baselines": {"clean": ctx.clean_logit_diff, "corrupted": ctx.corrupted_logit_diff},
+                 "baselines": {"clean": ctx.source_logit_diff, "corrupted": ctx.base_logit_diff},
                  "normalisation": ctx.normalisation.to_json(), "not_supported": skipped_sweeps,
                  "interventions": {name: patching.describe(model, name) for name in sweeps}},
     "attribution_patching": {"values": estimates, "spearman_vs_exact": agreement, "ig_steps": attribution_ig_steps,

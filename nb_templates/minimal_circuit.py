@@ -229,7 +229,7 @@ if complete:
 
 # %%
 upstream = session.load_results(s, "circuit_expms")  # path patching to the logits and backup heads: computed there once
-ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+ctx = patching.make_context(model, prompts)
 to_logits = torch.tensor(upstream.path_patching.to_logits)
 figs.show(plotting.heatmap(to_logits, "Path patching: each sender to the final residual stream", "head", "layer", color_label="recovered"),
           "path_to_logits")

@@ -140,8 +140,8 @@ figs.show(plotting.bars([n["dla"] for n in top_dla], [f"L{n['layer']}N{n['neuron
 # estimate; a low rank agreement means the estimate is not a safe filter here (raise `n_exact`).
 
 # %%
-estimate = neurons.neuron_attribution(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-ctx = patching.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens,
+estimate = neurons.neuron_attribution(model, prompts)
+ctx = patching.make_context(model, prompts,
                             extra_hooks=neurons.neuron_hook_names(model, chosen))
 patched = neurons.candidates(estimate, chosen, n_exact)
 effects = neurons.neuron_patching(ctx, chosen, patching_memory_mb, only=patched)

@@ -60,8 +60,8 @@ MUTATIONS = [
     (
         "path patching premise (sender run)",
         "helpers/methods/path_patching.py",
-        'return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], len(heads), record)',
-        'return run_patched(ctx, [Intervention(_z(max(layer - 1, 0)), "clean", senders), *frozen], len(heads), record)',
+        'return run_patched(ctx, [Intervention(_z(layer), "source", senders), *frozen], len(heads), record)',
+        'return run_patched(ctx, [Intervention(_z(max(layer - 1, 0)), "source", senders), *frozen], len(heads), record)',
         "tests/test_path_patching.py::test_a_sender_leaves_the_inputs_of_its_own_and_earlier_layers_unchanged",
     ),
     (
@@ -322,6 +322,13 @@ MUTATIONS = [
         "suffix = prefix is not None and not record and last_only",
         "suffix = prefix is not None and not record",
         "tests/test_recompute.py::test_every_metric_of_the_runner_equals_the_plain_forward",
+    ),
+    (
+        "noising patches the clean run's values into the corrupted run, as denoising does",
+        "helpers/task/prompts.py",
+        "return self.denoising().swapped()",
+        "return self.denoising()",
+        "tests/test_patching.py::test_the_pair_says_which_run_is_patched",
     ),
 ]
 

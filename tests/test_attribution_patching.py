@@ -10,6 +10,7 @@ from helpers.engine import chunks as CH
 from helpers.engine.metrics import logit_diff
 from helpers.methods import attribution_patching as A
 from helpers.methods import patching as P
+from helpers.task.prompts import PromptPair
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def inputs(toy_ioi, ioi_prompts):
 
 @pytest.fixture(scope="module")
 def attribution(inputs):
-    return A.attribution_patch(*inputs, ["resid_pre", "head_out", "head_out_by_pos", "head_pattern"])
+    return A.attribution_patch(inputs[0], PromptPair.denoising(*inputs[1:]), ["resid_pre", "head_out", "head_out_by_pos", "head_pattern"])
 
 
 def metric_with_partial_patch(model, clean, corrupted, answers, hook: str, mask: torch.Tensor, eps: float) -> float:
@@ -58,22 +59,22 @@ def test_layouts_match_exact_sweeps(attribution, ioi_prompts):
 
 def test_integrated_gradients_are_complete_at_the_embeddings(inputs, attribution):
     """IG along the embedding path: the layer-0 resid_pre estimates sum to the exact total effect, 1.0."""
-    ig = A.attribution_patch(*inputs, ["resid_pre"], ig_steps=16)
+    ig = A.attribution_patch(inputs[0], PromptPair.denoising(*inputs[1:]), ["resid_pre"], ig_steps=16)
     assert ig.values["resid_pre"][0].sum().item() == pytest.approx(1.0, abs=5e-3)
     assert abs(attribution.values["resid_pre"][0].sum().item() - 1.0) > 0.05  # plain gradients are not complete
 
 
 def test_rank_agreement_with_exact_head_patching(inputs, attribution):
-    ctx = P.make_context(*inputs)
+    ctx = P.make_context(inputs[0], PromptPair.denoising(*inputs[1:]))
     exact = P.sweep(ctx, "head_out", progress=False)
     rho = spearmanr(exact.flatten(), attribution.values["head_out"].flatten())[0]
     assert rho >= 0.8
-    assert attribution.clean_logit_diff == pytest.approx(ctx.clean_logit_diff, abs=1e-4)
+    assert attribution.clean_logit_diff == pytest.approx(ctx.source_logit_diff, abs=1e-4)
 
 
 def test_unknown_sweep_raises(inputs):
     with pytest.raises(KeyError, match="unknown sweep"):
-        A.attribution_patch(*inputs, ["head_attn"])
+        A.attribution_patch(inputs[0], PromptPair.denoising(*inputs[1:]), ["head_attn"])
 
 
 @pytest.mark.parametrize("ig_steps", [0, 3])
@@ -83,7 +84,11 @@ def test_gradients_in_memory_bounded_chunks_equal_one_batch(inputs, ig_steps):
     model, clean = inputs[:2]
     mb = 5.5 * 1024 / CH.rows_per_chunk(model, clean.shape[1], 1024.0)  # about 5 rows per chunk: not a divisor of the batch
     assert 1 < CH.rows_per_chunk(model, clean.shape[1], mb) < clean.shape[0]
-    one = A.attribution_patch(*inputs, ["head_out", "resid_pre"], ig_steps=ig_steps, memory_mb=1e6).values
-    chunked = A.attribution_patch(*inputs, ["head_out", "resid_pre"], ig_steps=ig_steps, memory_mb=mb).values
+    one = A.attribution_patch(
+        inputs[0], PromptPair.denoising(*inputs[1:]), ["head_out", "resid_pre"], ig_steps=ig_steps, memory_mb=1e6
+    ).values
+    chunked = A.attribution_patch(
+        inputs[0], PromptPair.denoising(*inputs[1:]), ["head_out", "resid_pre"], ig_steps=ig_steps, memory_mb=mb
+    ).values
     for name in one:
         torch.testing.assert_close(chunked[name], one[name], atol=1e-6, rtol=1e-5)

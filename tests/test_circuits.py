@@ -219,7 +219,7 @@ def test_one_circuit_one_verdict_knockout_from_corrupted_equals_discoverys_closu
     from helpers.methods import edges as E
 
     p = ioi_prompts
-    ectx = E.edge_context(toy_ioi, p.clean_tokens, p.corrupted_tokens, p.answer_tokens)
+    ectx = E.edge_context(toy_ioi, p)
     ev = C.make_evaluator(toy_ioi, p.clean_tokens, p.answer_tokens, p.positions, p.corrupted_tokens, "resample", normalisation="gap")
     assert ev.normalisation == "gap" == C.normalisation_for("resample", "corrupted") and C.normalisation_for("mean", "corrupted") == "ratio"
     head_sets = [["L0H0", "L0H1", "L0H3", "L3H2"], ["L3H2"], ["L1H1", "L2H0", "L2H3"], []]

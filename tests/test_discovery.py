@@ -10,12 +10,13 @@ from helpers.analyses import discovery as D
 from helpers.analyses.pattern_scores import induction_task
 from helpers.methods import edges as E
 from helpers.methods import scoring as S
+from helpers.task.prompts import PromptPair
 from helpers.toys.planted import PLANTED_EDGES, build_planted_model, planted_task
 
 
 @pytest.fixture(scope="module")
 def ioi_ectx(toy_ioi, ioi_prompts):
-    return E.edge_context(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.corrupted_tokens, ioi_prompts.answer_tokens)
+    return E.edge_context(toy_ioi, ioi_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def planted(tmp_path_factory):
 
     tok = AutoTokenizer.from_pretrained(MODELS_DIR / "toy-ioi")
     model = load_model(str(build_planted_model(tok, tmp_path_factory.mktemp("planted"))), device="cpu")
-    return E.edge_context(model, *planted_task(model, batch=8))
+    return E.edge_context(model, PromptPair.denoising(*planted_task(model, batch=8)))
 
 
 def test_areas_of_known_curves():
@@ -154,7 +155,7 @@ def test_planted_circuit_is_recovered(planted):
 
 
 def test_toy_induction_k_composition_is_found(toy_induction):
-    ectx = E.edge_context(toy_induction, *induction_task(toy_induction, 20, 8, seed=0))
+    ectx = E.edge_context(toy_induction, PromptPair.denoising(*induction_task(toy_induction, 20, 8, seed=0)))
     for method in ("eap", "eap-ig"):
         found = D.smallest_circuit(ectx, E.edge_scores(ectx, method), method, target=0.8, n_random=0)
         assert found.reached
@@ -251,7 +252,7 @@ def test_mib_json_round_trips_a_circuit_and_its_scores(model_fixture, request, t
 
     model = request.getfixturevalue(model_fixture)
     prompts = make_prompts(load_params("ioi", n_prompts=8), model.tokenizer, verbose=False)
-    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ectx = E.edge_context(model, prompts)
     scores = E.edge_scores(ectx, "eap")
     mask = D.top_edges(ectx.graph, scores, 40)
     path = M.save_mib(tmp_path / "circuit.json", ectx.graph, mask, scores, M.cfg_of(model))

@@ -16,7 +16,7 @@ from helpers.toys.families import FAMILIES
 
 @pytest.fixture(scope="module")
 def ioi_ectx(toy_ioi, ioi_prompts):
-    return E.edge_context(toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.corrupted_tokens, ioi_prompts.answer_tokens)
+    return E.edge_context(toy_ioi, ioi_prompts)
 
 
 def _index(graph, name):
@@ -136,9 +136,7 @@ def test_eap_sums_over_receivers_to_the_heads_attribution(ioi_ectx, toy_ioi, ioi
 def test_eap_ig_sums_to_attribution_patching_with_ig(ioi_ectx, toy_ioi, ioi_prompts):
     """EAP-IG over a head's outgoing edges = attribution patching's IG estimate of its head_out sweep cell."""
     scores = E.edge_scores(ioi_ectx, "eap-ig", steps=4)
-    ref = attribution_patch(
-        toy_ioi, ioi_prompts.clean_tokens, ioi_prompts.corrupted_tokens, ioi_prompts.answer_tokens, ["head_out"], ig_steps=4
-    ).values["head_out"]
+    ref = attribution_patch(toy_ioi, ioi_prompts, ["head_out"], ig_steps=4).values["head_out"]
     per_head = torch.stack([scores[_index(ioi_ectx.graph, f"L{l}H{h}")].sum() for l in range(4) for h in range(4)]).reshape(4, 4)
     assert (per_head - ref).abs().max() < 1e-4
 
@@ -199,7 +197,7 @@ def test_every_family_exact(family, family_models):
     one variant per chunk = all in one, and EAP / EAP-IG edge scores summing to node attributions: on every family, including those whose forks are made
     at the projections (OPT, GPT-J) and those whose heads write through a post-attention norm (Gemma-2/3)."""
     model, prompts = family_models(family)
-    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ectx = E.edge_context(model, prompts)
     g = ectx.graph
     head = f"L{model.cfg.n_layers - 1}H1"
     lds = E.evaluate_masks(ectx, torch.stack([g.allowed, torch.zeros_like(g.allowed), _without_sender(g, head)]), per_prompt=True)
@@ -224,7 +222,7 @@ def test_every_family_exact(family, family_models):
     assert abs(float(scores[_index(g, head)].sum()) - float(node)) < 1e-4 * max(1.0, abs(float(node)))
     # EAP-IG: the same at every point of the path (under a post-attention norm, its Jacobian at each point)
     scores = E.edge_scores(ectx, "eap-ig", steps=3)
-    ref = attribution_patch(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, ["head_out"], ig_steps=3)
+    ref = attribution_patch(model, prompts, ["head_out"], ig_steps=3)
     node = ref.values["head_out"][model.cfg.n_layers - 1, 1]
     assert abs(float(scores[_index(g, head)].sum()) - float(node)) < 1e-4 * max(1.0, abs(float(node)))
 
@@ -286,7 +284,7 @@ def test_forks_that_do_not_reproduce_the_forward_are_not_supported(family_models
     monkeypatch.setattr(forks._ProjectionFork, "__call__", lambda self, act, hook=None: None if not self.fork.has_hooks() else 2 * act)
     try:
         with pytest.raises(NotSupported, match="do not reproduce the model's forward"):
-            E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+            E.edge_context(model, prompts)
     finally:
         verdicts.pop(("made_forks", "k", "q", "v"), None)
         if saved is not None:
@@ -298,7 +296,7 @@ def test_reading_fewer_senders_changes_no_number_on_every_family(family, family_
     """Grouped-query k/v receivers (Llama, Mistral, Qwen), parallel attention and MLP (Pythia: an MLP fork cannot
     read the complement, its own layer's heads come first), learned positions (GPT-2)."""
     model, prompts = family_models(family)
-    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ectx = E.edge_context(model, prompts)
     masks = _every_kind_of_mask(ectx.graph)
     fast = E.evaluate_masks(ectx, masks, per_prompt=True)
     monkeypatch.setattr(E, "COMPLEMENT", False)
@@ -311,7 +309,7 @@ def test_a_single_edge_under_a_post_attention_norm_equals_plain_hooks(family, fa
     reads layer 0's output with head 1 corrupted, N(A - change). Built here from a cache with plain hooks (the clean
     run, one query fork edited), independently of the engine's running mixes."""
     model, prompts = family_models(family)
-    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ectx = E.edge_context(model, prompts)
     g = ectx.graph
     assert g.post_norm
     names = ["blocks.0.attn.hook_z", "blocks.0.ln1_post.hook_in"]
@@ -350,8 +348,8 @@ def test_direct_path_patching_under_a_post_attention_norm_equals_the_edge_circui
     from helpers.schema.heads import Head
 
     model, prompts = family_models(family)
-    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-    ctx = make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ectx = E.edge_context(model, prompts)
+    ctx = make_context(model, prompts)
     effects = direct_path_effects(ctx, Head(0, 1), "q")
     for r_head in range(model.cfg.n_heads):
         ours = E.evaluate_masks(ectx, direct_path_circuit(ectx.graph, "L0H1", f"L1H{r_head}.q")[None])[0]
@@ -380,7 +378,7 @@ def test_runs_that_start_at_the_first_receiver_change_no_number(family, family_m
     block an absent edge reaches, the senders before it clean; the same masks run from block 0 give the same logit
     differences, in the caller's order. Post-attention norms (Gemma) always start at block 0."""
     model, prompts = family_models(family)
-    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ectx = E.edge_context(model, prompts)
     g = ectx.graph
     edges = g.edge_index
     layer_of = torch.tensor([g.receivers[int(r)].layer for r in edges[:, 1]])
@@ -404,7 +402,7 @@ def test_circuits_without_a_path_are_the_corrupted_run(family, family_models, mo
     """``Graph.has_path`` agrees with ``prune`` (an independent walk), and a circuit with no path from the input to the
     logits, run in full, is the corrupted run: skipping its forward changes no number."""
     model, prompts = family_models(family)
-    ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ectx = E.edge_context(model, prompts)
     g = ectx.graph
     generator = torch.Generator().manual_seed(0)
     masks = torch.cat([g.allowed & (torch.rand((8, *g.allowed.shape), generator=generator) < p) for p in (0.01, 0.03, 0.1, 0.3)])

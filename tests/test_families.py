@@ -23,7 +23,7 @@ BY_POS_SWEEPS = ["head_out_by_pos", "head_q_by_pos", "head_k_by_pos", "head_v_by
 @pytest.fixture(scope="module", params=FAMILIES)
 def fam_ctx(request, family_models):
     model, prompts = family_models(request.param)
-    return P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    return P.make_context(model, prompts)
 
 
 # What the bridge cannot do per architecture (checked by probing, not by name): these must raise, not return zeros.
@@ -150,13 +150,13 @@ def _direct_edge_by_hand(ctx, sender: Head, component: str) -> torch.Tensor:
     corrupted run replaced by its projection of ``ln1(corrupted resid_pre + the sender's clean-minus-corrupted write)``,
     from the Hugging Face modules, one receiver head at a time."""
     model = ctx.model
-    z = ctx.clean_cache["blocks.0.attn.hook_z"][:, :, sender.head] - ctx.corrupted_cache["blocks.0.attn.hook_z"][:, :, sender.head]
+    z = ctx.source_cache["blocks.0.attn.hook_z"][:, :, sender.head] - ctx.base_cache["blocks.0.attn.hook_z"][:, :, sender.head]
     write = z @ model.blocks[0].attn.W_O[sender.head]
     if "blocks.0.ln1_post.hook_in" in model.hook_dict:  # Gemma: the layer writes ln1_post(sum of heads)
-        attn = model.run_with_cache(ctx.corrupted_tokens, names_filter="blocks.0.ln1_post.hook_in")[1]["blocks.0.ln1_post.hook_in"]
+        attn = model.run_with_cache(ctx.base_tokens, names_filter="blocks.0.ln1_post.hook_in")[1]["blocks.0.ln1_post.hook_in"]
         post = model.blocks[0].ln1_post._original_component
         write = post(attn + write) - post(attn)
-    resid = ctx.corrupted_cache["blocks.1.hook_resid_pre"] + write
+    resid = ctx.base_cache["blocks.1.hook_resid_pre"] + write
     norm = model.blocks[1].ln1._original_component
     projection = getattr(model.blocks[1].attn, component).original_component
     full = projection(norm(resid)).reshape(*resid.shape[:2], model.cfg.n_heads, -1)
@@ -169,7 +169,7 @@ def _direct_edge_by_hand(ctx, sender: Head, component: str) -> torch.Tensor:
             return act
 
         with torch.no_grad():
-            logits = model.run_with_hooks(ctx.corrupted_tokens, fwd_hooks=[(f"blocks.1.attn.hook_{component}", replace)])
+            logits = model.run_with_hooks(ctx.base_tokens, fwd_hooks=[(f"blocks.1.attn.hook_{component}", replace)])
         row.append(P.tl_metric(ctx)(logits))
     return torch.stack(row)
 
@@ -189,9 +189,9 @@ def test_direct_edge_equals_transformer_lens_or_an_independent_construction(fam_
     try:
         tl = get_act_patch_direct_path(
             model,
-            fam_ctx.corrupted_tokens,
-            fam_ctx.clean_cache,
-            fam_ctx.corrupted_cache,
+            fam_ctx.base_tokens,
+            fam_ctx.source_cache,
+            fam_ctx.base_cache,
             P.tl_metric(fam_ctx),
             sender.layer,
             sender.head,

@@ -16,6 +16,7 @@ from helpers.engine.capabilities import forget
 from helpers.engine.metrics import NormalisationWarning, check_normalisation, normalised
 from helpers.methods import patching as P
 from helpers.schema.artifacts import to_jsonable
+from helpers.task.prompts import PromptPair
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +64,11 @@ def test_a_logit_difference_reads_only_the_answers_columns(family, family_models
     with torch.no_grad(), SC.answer_columns(model, answers[:1]), SC.answer_columns(model, answers) as nested:
         inner = model(prompts.clean_tokens)[:, -1:]  # nested (a runner inside another): the inner answers' columns
     assert (logit_diff(inner, nested) - logit_diff(full, answers)).abs().max() <= 1e-5
-    ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, answers)
+    ctx = P.make_context(model, PromptPair.denoising(prompts.clean_tokens, prompts.corrupted_tokens, answers))
     last = model.cfg.n_layers - 1
     masks = torch.eye(model.cfg.n_heads, dtype=torch.bool)[:, None, :, None]
     ours = P.run_patched_hook(ctx, f"blocks.{last}.attn.hook_z", masks).mean(-1)
-    clean_z = ctx.clean_cache[f"blocks.{last}.attn.hook_z"]
+    clean_z = ctx.source_cache[f"blocks.{last}.attn.hook_z"]
     with torch.no_grad():
         for h in range(model.cfg.n_heads):
 
@@ -75,7 +76,7 @@ def test_a_logit_difference_reads_only_the_answers_columns(family, family_models
                 z[:, :, h] = clean_z[:, :, h]
                 return z
 
-            logits = model.run_with_hooks(ctx.corrupted_tokens, fwd_hooks=[(f"blocks.{last}.attn.hook_z", patch)])
+            logits = model.run_with_hooks(ctx.base_tokens, fwd_hooks=[(f"blocks.{last}.attn.hook_z", patch)])
             assert abs(float(logit_diff(logits, answers).mean()) - float(ours[h])) <= 1e-4
 
 
@@ -95,7 +96,7 @@ def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
 
 def test_grouped_query_sweeps_are_per_key_value_group(llama):
     model, prompts = llama
-    ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    ctx = P.make_context(model, prompts)
     assert model.cfg.n_key_value_heads < model.cfg.n_heads
     assert P.layout(model, "head_v") == ("layer", "kv_group") and P.layout(model, "head_out") == ("layer", "head")
     assert P.sweep(ctx, "head_v", progress=False).shape == (model.cfg.n_layers, model.cfg.n_key_value_heads)
@@ -137,7 +138,7 @@ def test_bfloat16_sweeps_within_tolerance_of_float32(family_dirs, llama):
     model32, prompts = llama
     model16 = load_model(str(family_dirs("llama")), device="cpu", dtype="bfloat16")
     args = (prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-    ref = P.sweep(P.make_context(model32, *args), "head_out", progress=False)
-    half = P.sweep(P.make_context(model16, *args), "head_out", progress=False)
+    ref = P.sweep(P.make_context(model32, PromptPair.denoising(*args)), "head_out", progress=False)
+    half = P.sweep(P.make_context(model16, PromptPair.denoising(*args)), "head_out", progress=False)
     assert half.dtype == torch.float32 or half.dtype == torch.bfloat16
     assert (half.float() - ref).abs().max() <= 0.1  # stated tolerance for half precision (normalised units)

@@ -146,8 +146,8 @@ def test_toy_ioi_llama_is_a_llama_that_does_ioi(toy_ioi_llama):
         and m.cfg.normalization_type.startswith("RMS")
     )
     ps = make_prompts(load_params("ioi", n_prompts=16), m.tokenizer, verbose=False, prepend_bos=m.cfg.default_prepend_bos)
-    ctx = make_context(m, ps.clean_tokens, ps.corrupted_tokens, ps.answer_tokens)
-    assert ctx.clean_logit_diff > 2.0 and check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff).status == "ok"
+    ctx = make_context(m, ps)
+    assert ctx.source_logit_diff > 2.0 and check_normalisation(ctx.source_logit_diff, ctx.base_logit_diff).status == "ok"
 
 
 @pytest.mark.parametrize("name", ["resid_pre", "attn_out", "head_out", "head_v", "head_pattern", "head_q_by_pos"])
@@ -156,7 +156,7 @@ def test_toy_ioi_llama_sweeps_equal_transformer_lens(toy_ioi_llama, name):
 
     m = toy_ioi_llama
     ps = make_prompts(load_params("ioi", n_prompts=6), m.tokenizer, verbose=False, prepend_bos=m.cfg.default_prepend_bos)
-    ctx = P.make_context(m, ps.clean_tokens, ps.corrupted_tokens, ps.answer_tokens)
+    ctx = P.make_context(m, ps)
     assert (P.sweep(ctx, name, progress=False) - P.tl_reference(ctx, name)).abs().max() <= 1e-4
 
 

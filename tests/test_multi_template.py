@@ -12,7 +12,7 @@ from helpers.analyses import head_functions as HF
 from helpers.engine.metrics import group_mean
 from helpers.methods import importance, patching
 from helpers.task.params import ParamsError, load_params
-from helpers.task.prompts import make_prompts
+from helpers.task.prompts import PromptPair, make_prompts
 
 MIXED = load_params("ioi_mixed", n_prompts=16)
 
@@ -97,11 +97,13 @@ def test_group_mean_is_each_groups_own_mean():
 
 
 def test_per_template_patching_equals_patching_each_template_alone(toy_ioi, mixed):
-    ctx = patching.make_context(toy_ioi, mixed.clean_tokens, mixed.corrupted_tokens, mixed.answer_tokens)
+    ctx = patching.make_context(toy_ioi, mixed)
     grouped = patching.run_sweep(ctx, patching.SWEEPS["head_out"], groups=mixed.templates, progress=False)
     assert grouped.shape == (4, toy_ioi.cfg.n_layers, toy_ioi.cfg.n_heads)
     for t, mask in enumerate(mixed.template_masks().values()):
-        alone = patching.make_context(toy_ioi, mixed.clean_tokens[mask], mixed.corrupted_tokens[mask], mixed.answer_tokens[mask])
+        alone = patching.make_context(
+            toy_ioi, PromptPair.denoising(mixed.clean_tokens[mask], mixed.corrupted_tokens[mask], mixed.answer_tokens[mask])
+        )
         assert torch.allclose(grouped[t], patching.sweep(alone, "head_out", progress=False), atol=1e-4)
     overall = patching.sweep(ctx, "head_out", progress=False)
     assert torch.allclose(patching.run_sweep(ctx, patching.SWEEPS["head_out"], progress=False), overall)

@@ -16,9 +16,7 @@ from helpers.toys.families import FAMILIES
 
 
 def _context(model, prompts):
-    return patching.make_context(
-        model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, extra_hooks=neurons.neuron_hook_names(model)
-    )
+    return patching.make_context(model, prompts, extra_hooks=neurons.neuron_hook_names(model))
 
 
 def _dla(model, prompts):
@@ -28,7 +26,7 @@ def _dla(model, prompts):
 
 def _plain_neuron_patch(ctx, layer: int, neuron: int) -> float:
     """Independent: the corrupted run through model.run_with_hooks with one neuron's activation set to its clean value."""
-    clean = ctx.clean_cache[neurons.post_hook(layer)]
+    clean = ctx.source_cache[neurons.post_hook(layer)]
 
     def patch(act, hook):
         act = act.clone()
@@ -36,9 +34,9 @@ def _plain_neuron_patch(ctx, layer: int, neuron: int) -> float:
         return act
 
     with torch.no_grad():
-        logits = ctx.model.run_with_hooks(ctx.corrupted_tokens, fwd_hooks=[(neurons.post_hook(layer), patch)])
+        logits = ctx.model.run_with_hooks(ctx.base_tokens, fwd_hooks=[(neurons.post_hook(layer), patch)])
     ld = logit_diff(logits, ctx.answer_tokens).mean()
-    return float(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
+    return float(normalised(ld, ctx.source_logit_diff, ctx.base_logit_diff))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -58,11 +56,11 @@ def test_all_neurons_patched_equal_mlp_out_patched_and_one_neuron_equals_a_plain
     layer = model.cfg.n_layers - 1
     everywhere = torch.ones((1, 1, 1), dtype=torch.bool)
     mlp_out = patching.run_patched_hook(ctx, f"blocks.{layer}.hook_mlp_out", everywhere).mean()
-    expected = float(normalised(mlp_out, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
+    expected = float(normalised(mlp_out, ctx.source_logit_diff, ctx.base_logit_diff))
     assert neurons.all_neurons_patched(ctx, layer) == pytest.approx(expected, abs=1e-4)
     assert neurons.all_neurons_patched(ctx, layer, f"blocks.{layer}.hook_mlp_out") == pytest.approx(expected, abs=1e-6)
     effects = neurons.neuron_patching(ctx, [layer, 0], memory_mb=1)  # small chunks: the batching is exercised
-    d_mlp = ctx.clean_cache[neurons.post_hook(0)].shape[-1]
+    d_mlp = ctx.source_cache[neurons.post_hook(0)].shape[-1]
     assert effects.shape == (2, d_mlp)
     for row, lay in ((0, layer), (1, 0)):
         for neuron in (0, d_mlp - 1, int(effects[row].abs().argmax())):
@@ -81,8 +79,8 @@ def test_neuron_attribution_adds_up_to_the_mlp_out_attribution(family, family_mo
     from helpers.methods.attribution_patching import attribution_patch
 
     model, prompts = family_models(family)
-    est = neurons.neuron_attribution(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
-    mlp = attribution_patch(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, ["mlp_out"]).values["mlp_out"]
+    est = neurons.neuron_attribution(model, prompts)
+    mlp = attribution_patch(model, prompts, ["mlp_out"]).values["mlp_out"]
     assert est.shape[0] == model.cfg.n_layers
     if "ln2_post" not in post_norms(model):  # mlp_out is linear in the neurons: first-order estimates add up exactly
         assert torch.allclose(est.sum(1), mlp.sum(1), atol=1e-4, rtol=1e-4), (est.sum(1), mlp.sum(1))

@@ -9,18 +9,24 @@ import torch
 
 from helpers.engine import chunks as CH
 from helpers.methods import patching as P
+from helpers.task.prompts import PromptPair
 
 FAST_TL_SWEEPS = [n for n in P.SWEEPS if n != "head_pattern_dest_src"]  # dest_src: checked on a subset below
 
 
 @pytest.fixture(scope="module")
 def ctx(toy_ioi, ioi_prompts):
-    return P.make_context(toy_ioi, ioi_prompts.clean_tokens[:8], ioi_prompts.corrupted_tokens[:8], ioi_prompts.answer_tokens[:8])
+    return P.make_context(
+        toy_ioi, PromptPair.denoising(ioi_prompts.clean_tokens[:8], ioi_prompts.corrupted_tokens[:8], ioi_prompts.answer_tokens[:8])
+    )
 
 
 @pytest.fixture(scope="module")
 def random_ctx(random_two_layer, ioi_prompts):
-    return P.make_context(random_two_layer, ioi_prompts.clean_tokens[:6], ioi_prompts.corrupted_tokens[:6], ioi_prompts.answer_tokens[:6])
+    return P.make_context(
+        random_two_layer,
+        PromptPair.denoising(ioi_prompts.clean_tokens[:6], ioi_prompts.corrupted_tokens[:6], ioi_prompts.answer_tokens[:6]),
+    )
 
 
 @pytest.mark.parametrize("name", FAST_TL_SWEEPS)
@@ -68,7 +74,7 @@ def test_one_chunk_planner_sizes_every_metric(ctx):
     variant holds besides its forward bounds the variants on its own."""
     from helpers.engine import metrics as M
 
-    model, (batch, n_pos) = ctx.model, ctx.corrupted_tokens.shape
+    model, (batch, n_pos) = ctx.model, ctx.base_tokens.shape
     vocab = model.cfg.d_vocab
     assert CH.logits_bytes(model, M.LOGIT_DIFF, batch, n_pos) == 0
     assert CH.logits_bytes(model, M.ANSWER_PROBABILITY, batch, n_pos) == 4 * batch * vocab
@@ -86,7 +92,7 @@ def test_one_chunk_planner_sizes_every_metric(ctx):
 
 
 def test_memory_budget_sets_the_chunk_and_not_the_result(ctx):
-    model, (batch, n_pos) = ctx.model, ctx.corrupted_tokens.shape
+    model, (batch, n_pos) = ctx.model, ctx.base_tokens.shape
     per_variant = CH.bytes_per_variant(model, batch, n_pos)
     assert CH.variants_per_chunk(model, batch, n_pos, memory_mb=10 * per_variant / 2**20) == 10
     assert CH.variants_per_chunk(model, batch, n_pos, memory_mb=1e-9) == 1
@@ -140,9 +146,9 @@ def test_resid_mid_is_refused_because_the_bridge_edits_only_the_mlp_input(ctx):
 
     model, layer = ctx.model, 1
     name = f"blocks.{layer}.hook_resid_mid"
-    clean = model.run_with_cache(ctx.clean_cache["blocks.0.hook_resid_pre"], start_at_layer=0, names_filter=name)[1][name]
-    logits = model.run_with_hooks(ctx.corrupted_tokens, fwd_hooks=[(name, lambda act, hook: clean)])
-    recovered = normalised(logit_diff(logits, ctx.answer_tokens).mean().item(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+    clean = model.run_with_cache(ctx.source_cache["blocks.0.hook_resid_pre"], start_at_layer=0, names_filter=name)[1][name]
+    logits = model.run_with_hooks(ctx.base_tokens, fwd_hooks=[(name, lambda act, hook: clean)])
+    recovered = normalised(logit_diff(logits, ctx.answer_tokens).mean().item(), ctx.source_logit_diff, ctx.base_logit_diff)
     assert recovered < 0.9  # would be 1.0 if the edit reached the residual stream
     assert "resid_mid" not in P.supported_sweeps(model)
 
@@ -150,7 +156,7 @@ def test_resid_mid_is_refused_because_the_bridge_edits_only_the_mlp_input(ctx):
 def test_positions_where_prompts_agree_have_no_effect_at_layer_0(ctx, ioi_prompts):
     """resid_pre at layer 0 depends only on token and position: where clean == corrupted, patching does nothing."""
     values = P.sweep(ctx, "resid_pre", progress=False)
-    same = (ctx.corrupted_tokens == ioi_prompts.clean_tokens[:8]).all(0)
+    same = (ctx.base_tokens == ioi_prompts.clean_tokens[:8]).all(0)
     assert values[0, same].abs().max().item() < 1e-6
     assert values[0, ioi_prompts.positions["S2"]].item() == pytest.approx(1.0, abs=1e-5)
 
@@ -173,3 +179,16 @@ def test_a_long_sweep_says_how_long_before_it_starts(ctx, capsys, monkeypatch):
     monkeypatch.setattr(P, "LONG_SWEEP_S", 1e9)
     P.sweep(ctx, "head_out", max_variants=4)
     assert "patch head_out:" not in capsys.readouterr().out
+
+
+def test_the_pair_says_which_run_is_patched(toy_ioi, ioi_prompts):
+    """Noising (``prompts.noising()``): the clean run is the base and the corrupted run the source; its baselines are
+    the denoising context's exchanged, and patching everything from the source gives 1, nothing 0, as denoising does."""
+    den = P.make_context(toy_ioi, ioi_prompts)
+    noi = P.make_context(toy_ioi, ioi_prompts.noising(), warn=False)
+    assert noi.base_tokens is ioi_prompts.clean_tokens and den.base_tokens is ioi_prompts.corrupted_tokens
+    assert noi.base_logit_diff == pytest.approx(den.source_logit_diff, abs=1e-5)
+    assert noi.source_logit_diff == pytest.approx(den.base_logit_diff, abs=1e-5)
+    for layer in (0, toy_ioi.cfg.n_layers - 1):
+        assert P.patch_everything_at(noi, "resid_pre", layer, True) == pytest.approx(1.0, abs=1e-4)
+        assert P.patch_everything_at(noi, "resid_pre", layer, False) == pytest.approx(0.0, abs=1e-4)

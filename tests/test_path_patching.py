@@ -8,11 +8,14 @@ import torch
 from helpers.methods import patching as P
 from helpers.methods import path_patching as PP
 from helpers.schema.heads import Head
+from helpers.task.prompts import PromptPair
 
 
 @pytest.fixture(scope="module")
 def ctx(toy_ioi, ioi_prompts):
-    return P.make_context(toy_ioi, ioi_prompts.clean_tokens[:8], ioi_prompts.corrupted_tokens[:8], ioi_prompts.answer_tokens[:8])
+    return P.make_context(
+        toy_ioi, PromptPair.denoising(ioi_prompts.clean_tokens[:8], ioi_prompts.corrupted_tokens[:8], ioi_prompts.answer_tokens[:8])
+    )
 
 
 def test_last_layer_sender_to_logits_equals_activation_patching(ctx):
@@ -31,7 +34,7 @@ def test_a_sender_leaves_the_inputs_of_its_own_and_earlier_layers_unchanged(ctx,
     checked on the engine itself: step 1 with the senders of layer 2 records layer 2's q/k/v inputs exactly as in
     the corrupted run; with the senders of layer 1 it does not (so the comparison can fail)."""
     name = PP._receiver_hook_name(2, component)
-    n_heads, base = ctx.model.cfg.n_heads, ctx.corrupted_cache[name]
+    n_heads, base = ctx.model.cfg.n_heads, ctx.base_cache[name]
     for layer, same in ((2, True), (1, False)):
         recorded = PP._sender_run(ctx, layer, [name])[1][name].reshape(n_heads, *base.shape)
         close = torch.allclose(recorded, base.expand_as(recorded), atol=1e-6)
@@ -80,9 +83,9 @@ def test_direct_edge_equals_transformer_lens_direct_path(ctx, component):
         ours = PP.direct_path_effects(ctx, sender, component)
         tl = get_act_patch_direct_path(
             ctx.model,
-            ctx.corrupted_tokens,
-            ctx.clean_cache,
-            ctx.corrupted_cache,
+            ctx.base_tokens,
+            ctx.source_cache,
+            ctx.base_cache,
             P.tl_metric(ctx),
             sender.layer,
             sender.head,

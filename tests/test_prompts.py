@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers.task.params import load_params
@@ -44,3 +45,25 @@ def test_sentence_initial_slots_use_bare_words(toy_ioi):
     ps = make_prompts(load_params("numseq", n_prompts=8), toy_ioi.tokenizer, verbose=False)
     first = [toy_ioi.to_str_tokens(t)[1] for t in ps.clean_tokens]
     assert first == [w["S1"] for w in ps.slot_words]
+
+
+def test_a_prompt_pair_names_its_base_and_source_runs(ioi_prompts):
+    """``denoising()``: the corrupted run is patched with the clean run's values; ``noising()`` the other way; one value
+    carries the answers, the template of each prompt and the named positions; a mismatched pair is refused."""
+    from helpers.task.prompts import PromptPair, as_pair
+
+    p = ioi_prompts
+    d, n = p.denoising(), p.noising()
+    assert d.base is p.corrupted_tokens and d.source is p.clean_tokens and d.answers is p.answer_tokens
+    assert (d.base_name, d.source_name) == ("corrupted", "clean") and (n.base_name, n.source_name) == ("clean", "corrupted")
+    assert n.base is p.clean_tokens and n.source is p.corrupted_tokens
+    back = n.swapped()
+    assert back.base is d.base and back.source is d.source and back.base_name == d.base_name
+    assert d.groups is p.template_index and set(d.positions) == set(p.position_index) and len(d) == len(p.clean_tokens)
+    assert as_pair(p).base is d.base and as_pair(n) is n
+    with pytest.raises(ValueError, match="same shape"):
+        PromptPair.denoising(p.clean_tokens[:, :-1], p.corrupted_tokens, p.answer_tokens)
+    with pytest.raises(ValueError, match=r"\[batch, 2\]"):
+        PromptPair.denoising(p.clean_tokens, p.corrupted_tokens, p.answer_tokens[:, :1])
+    with pytest.raises(TypeError, match="PromptPair or a PromptSet"):
+        as_pair((p.clean_tokens, p.corrupted_tokens, p.answer_tokens))

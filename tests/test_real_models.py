@@ -75,12 +75,12 @@ def test_numbers_with_a_space_are_refused_with_the_reason(smol):
 @pytest.fixture(scope="module")
 def smol_ctx(smol):
     prompts = make_prompts(load_params("ioi", n_prompts=6), smol.tokenizer, verbose=False, prepend_bos=smol.cfg.default_prepend_bos)
-    return P.make_context(smol, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+    return P.make_context(smol, prompts)
 
 
 def test_smollm2_does_ioi(smol_ctx):
-    clean = smol_ctx.clean_per_prompt
-    assert (clean > 0).float().mean() >= 0.8 and clean.mean() > 2.0 > smol_ctx.corrupted_logit_diff
+    clean = smol_ctx.source_per_prompt
+    assert (clean > 0).float().mean() >= 0.8 and clean.mean() > 2.0 > smol_ctx.base_logit_diff
 
 
 @pytest.mark.parametrize("name", ["head_out", "resid_pre", "head_v"])

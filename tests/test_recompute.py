@@ -19,7 +19,7 @@ from helpers.toys.families import FAMILIES
 @pytest.fixture(scope="module", params=FAMILIES)
 def fam(request, family_models):
     model, prompts = family_models(request.param)
-    return request.param, P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
+    return request.param, P.make_context(model, prompts, warn=False)
 
 
 def _patch_from(ctx, hook: str, start: int, n_pos: int) -> I.Intervention:
@@ -27,23 +27,23 @@ def _patch_from(ctx, hook: str, start: int, n_pos: int) -> I.Intervention:
     mask = torch.zeros(2, n_pos, dtype=torch.bool)
     mask[0, start] = True
     mask[1, start:] = True
-    return I.Intervention(hook, "clean", mask.reshape(2, n_pos, *[1] * (ctx.clean_cache[hook].dim() - 2)))
+    return I.Intervention(hook, "source", mask.reshape(2, n_pos, *[1] * (ctx.source_cache[hook].dim() - 2)))
 
 
 def test_suffix_runs_equal_full_recompute_on_every_family(fam):
     """A patch from position p: recomputing positions >= p with the corrupted run's cached keys and values equals
     recomputing every position (RoPE offsets, GQA, sliding windows, parallel blocks), at every layer and p."""
     family, ctx = fam
-    model, n_pos = ctx.model, ctx.corrupted_tokens.shape[1]
-    assert isinstance(ctx.corrupted_kv, KV.KVPrefix) and ctx.corrupted_kv.n_pos == n_pos
+    model, n_pos = ctx.model, ctx.base_tokens.shape[1]
+    assert isinstance(ctx.base_kv, KV.KVPrefix) and ctx.base_kv.n_pos == n_pos
     for layer in range(model.cfg.n_layers):
         for hook in (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"):
             for start in (1, n_pos // 2, n_pos - 1):
                 iv = [_patch_from(ctx, hook, start, n_pos)]
                 assert I.suffix_start(iv, n_pos) == start
-                args = (model, ctx.corrupted_tokens, ctx.answer_tokens, iv, P.sources(ctx), 2, ctx.corrupted_cache.cache_dict)
+                args = (model, ctx.base_tokens, ctx.answer_tokens, iv, P.sources(ctx), 2, ctx.base_cache.cache_dict)
                 full, _ = FW.run_interventions(*args)
-                suffix, _ = FW.run_interventions(*args, prefix=ctx.corrupted_kv)
+                suffix, _ = FW.run_interventions(*args, prefix=ctx.base_kv)
                 assert (suffix - full).abs().max() <= 1e-4, (family, hook, start)
     paths = SC.fast_paths(model)
     assert all(paths[("suffix", layer)] for layer in range(model.cfg.n_layers)), paths  # used, not silently switched off
@@ -57,7 +57,7 @@ def test_sweeps_run_each_variant_from_the_first_position_it_changes(fam, name, m
     """Variants run grouped by the first position their patch changes, each run on the positions from its earliest:
     a by-position patch at its position, a head patched at every position from the first corrupted token."""
     _, ctx = fam
-    n_pos, seen = ctx.corrupted_tokens.shape[1], []
+    n_pos, seen = ctx.base_tokens.shape[1], []
     P.sweep(ctx, name, progress=False)  # the savings are verified on first use (those runs are not counted below)
     plain = FW.forward_from_layer
 
@@ -70,7 +70,7 @@ def test_sweeps_run_each_variant_from_the_first_position_it_changes(fam, name, m
     starts = {(run.layer, run.start) for run in P.sweep_plan(ctx, name)}
     assert {(layer, n_pos - length) for layer, length, _ in seen} == starts
     assert all(cached == n_pos - length for _, length, cached in seen)  # the cache holds exactly the positions not recomputed
-    embedded = [cache["blocks.0.hook_resid_pre"] for cache in (ctx.clean_cache, ctx.corrupted_cache)]
+    embedded = [cache["blocks.0.hook_resid_pre"] for cache in (ctx.source_cache, ctx.base_cache)]
     first_corrupted = int((embedded[0] != embedded[1]).any(0).any(-1).nonzero()[0])
     assert min(start for _, start in starts) == first_corrupted > 0  # nothing before the first corrupted token changes
     assert ours.shape[0] == ctx.model.cfg.n_layers
@@ -79,7 +79,7 @@ def test_sweeps_run_each_variant_from_the_first_position_it_changes(fam, name, m
 def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypatch):
     """If cached keys and values gave another output (a new architecture), the engine must notice and recompute all."""
     model, prompts = family_models("llama")
-    ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
+    ctx = P.make_context(model, prompts, warn=False)
     reference = P.sweep(ctx, "resid_pre", progress=False)
     good = KV.KVPrefix.cache
 
@@ -108,7 +108,7 @@ def test_hooks_on_the_last_mlp_keep_it_at_every_position(family_models):
     for name in (f"blocks.{last}.hook_mlp_out", f"blocks.{last}.mlp.hook_post", f"blocks.{last}.hook_resid_post", "ln_final.hook_scale"):
         assert SC.acts_on_last_mlp_or_later(model, [(name, None)])
     assert SC.acts_on_last_mlp_or_later(model, [(lambda name: True, None)])  # a filter may match anything
-    ctx = P.make_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens, warn=False)
+    ctx = P.make_context(model, prompts, warn=False)
     torch.testing.assert_close(P.sweep(ctx, "mlp_out", progress=False), P.tl_reference(ctx, "mlp_out"), atol=1e-4, rtol=0)
 
 
@@ -161,7 +161,7 @@ def test_edge_evaluations_recompute_from_the_first_difference(family_models, req
 
     for family in ("gpt2", "llama", "gpt_neox", "qwen2"):
         model, prompts = family_models(family)
-        ectx = E.edge_context(model, prompts.clean_tokens, prompts.corrupted_tokens, prompts.answer_tokens)
+        ectx = E.edge_context(model, prompts)
         assert 0 < ectx.first_difference < prompts.clean_tokens.shape[1] - 1
         masks = torch.rand(5, *ectx.graph.allowed.shape, generator=torch.Generator().manual_seed(0)) < 0.5
         masks[0], masks[1] = True, False  # every edge (the clean run) and none (the corrupted run)
@@ -196,17 +196,17 @@ def test_every_metric_of_the_runner_equals_the_plain_forward(fam):
     from helpers.engine import metrics as M
 
     family, ctx = fam
-    model, tokens, answers = ctx.model, ctx.corrupted_tokens, ctx.answer_tokens
+    model, tokens, answers = ctx.model, ctx.base_tokens, ctx.answer_tokens
     n_pos, layer = tokens.shape[1], model.cfg.n_layers - 1
     with torch.no_grad():
-        reference = model(ctx.clean_cache["blocks.0.hook_resid_pre"], start_at_layer=0)[:, -1]  # the clean run's final logits
+        reference = model(ctx.source_cache["blocks.0.hook_resid_pre"], start_at_layer=0)[:, -1]  # the clean run's final logits
     hook, start = f"blocks.{layer}.hook_resid_pre", n_pos // 2
     iv = [_patch_from(ctx, hook, start, n_pos)]
     metrics = [M.LOGIT_DIFF, M.ANSWER_PROBABILITY, M.LOSSES, M.kl_divergence(reference)]
-    clean = ctx.clean_cache[hook]
+    clean = ctx.source_cache[hook]
     for metric in metrics:
         ours, _ = FW.run_interventions(
-            model, tokens, answers, iv, P.sources(ctx), 2, ctx.corrupted_cache.cache_dict, prefix=ctx.corrupted_kv, metric=metric
+            model, tokens, answers, iv, P.sources(ctx), 2, ctx.base_cache.cache_dict, prefix=ctx.base_kv, metric=metric
         )
         assert ours.shape == (2, len(tokens), *((len(metric.outputs),) if metric.outputs else ())), (family, metric.name)
         for variant, last in enumerate((start + 1, n_pos)):

@@ -78,7 +78,7 @@ def test_effects_equal_transformer_lens_patching(family, family_models):
         expected = tlp.generic_activation_patch(
             model,
             prompts.clean_tokens,
-            ctx.clean_cache,
+            ctx.source_cache,
             metric,
             patch_setter=tlp.layer_pos_head_vector_patch_setter,
             activation_name="z",

@@ -32,6 +32,7 @@ from helpers.engine.norms import frozen_scales, post_normed, post_norms, sublaye
 from helpers.methods.attribution_patching import attribution_patch
 from helpers.methods.patching import PatchingContext, Sweep, run_patched_hook, run_sweep
 from helpers.schema.results import CircuitExpmsResults
+from helpers.task.prompts import PromptPair, PromptSet
 
 NEURONS = Sweep("neuron", "mlp.hook_post", (("neuron", 1),), None)  # one variant per neuron, all positions
 
@@ -113,11 +114,12 @@ def neuron_patching(
     return run_sweep(ctx, NEURONS, layers, memory_mb, only=only)
 
 
-def neuron_attribution(model, clean_tokens: Tensor, corrupted_tokens: Tensor, answer_tokens: Tensor) -> Float[Tensor, "layer neuron"]:
-    """Attribution-patching estimate of every neuron's patching effect (gradient at the corrupted run × clean −
-    corrupted activation, summed over positions and prompts; normalised): one forward and one backward for all
-    neurons of all layers. Summed over a layer's neurons it equals the same estimate for its ``mlp_out`` (linearity)."""
-    return attribution_patch(model, clean_tokens, corrupted_tokens, answer_tokens, [NEURONS]).values[NEURONS.name]
+def neuron_attribution(model, prompts: PromptPair | PromptSet) -> Float[Tensor, "layer neuron"]:
+    """Attribution-patching estimate of every neuron's patching effect (gradient at the base run × source − base
+    activation, summed over positions and prompts; normalised; ``prompts``: a pair, or a prompt set's denoising pair):
+    one forward and one backward for all neurons of all layers. Summed over a layer's neurons it equals the same
+    estimate for its ``mlp_out`` (linearity)."""
+    return attribution_patch(model, prompts, [NEURONS]).values[NEURONS.name]
 
 
 def candidates(estimate: Float[Tensor, "layer neuron"], layers: list[int], n: int | None) -> dict[int, Tensor]:
@@ -129,7 +131,7 @@ def all_neurons_patched(ctx: PatchingContext, layer: int, hook: str | None = Non
     """Normalised effect of patching every neuron of ``layer`` at once, all positions (``hook``: another activation of
     that layer patched whole instead, e.g. ``hook_mlp_out``, which must give the same number)."""
     ld = run_patched_hook(ctx, hook or post_hook(layer), torch.ones((1, 1, 1), dtype=torch.bool)).mean()
-    return float(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
+    return float(normalised(ld, ctx.source_logit_diff, ctx.base_logit_diff))
 
 
 def mlp_layer_scores(circuit_expms: CircuitExpmsResults) -> dict[int, float]:

@@ -32,7 +32,7 @@ from helpers.engine.capabilities import NotSupported, hook_takes_effect
 from helpers.engine.hooks import resolve_hook_names
 from helpers.methods.patching import SWEEPS, PatchingContext, make_context, run_sweep
 from helpers.schema.heads import Head
-from helpers.task.prompts import AlternativeRun, PromptSet
+from helpers.task.prompts import AlternativeRun, PromptPair, PromptSet
 
 POSITIONS = ("end", "all")  # where a head's output is taken from the source run: the final position, or every position
 
@@ -66,10 +66,11 @@ def embedding_noise(model, alt: AlternativeRun, seed: int) -> tuple[str, Embeddi
 
 
 def source_context(model, prompts: PromptSet, alt: AlternativeRun, seed: int = 0) -> PatchingContext:
-    """A patching context whose base run is the *clean* prompts and whose patch source is the run of ``alt``
-    (in ``PatchingContext``'s words: "corrupted" = the clean prompts, "clean" = the source)."""
+    """A patching context whose base run is the *clean* prompts and whose source is the run of ``alt`` (its tokens,
+    with its embedding noise where it is a noise corruption)."""
     hooks = [embedding_noise(model, alt, seed)] if alt.noise_mask is not None else []
-    return make_context(model, alt.tokens, prompts.clean_tokens, prompts.answer_tokens, clean_hooks=hooks, warn=False)
+    pair = PromptPair(base=prompts.clean_tokens, source=alt.tokens, answers=prompts.answer_tokens, base_name="clean", source_name=alt.name)
+    return make_context(model, pair, source_hooks=hooks, warn=False)
 
 
 @dataclass
@@ -111,8 +112,8 @@ def patch_from(
         ld = run_sweep(ctx, SWEEPS["head_out_by_pos"], memory_mb=memory_mb, only=only, raw=True, progress=progress)[:, end]
     else:
         ld = run_sweep(ctx, SWEEPS["head_out"], memory_mb=memory_mb, raw=True, progress=progress)
-    base = ctx.corrupted_logit_diff  # the clean prompts (the base run here)
-    return SignalPatching(name, alt.spec.changes, position, ld / base - 1, base, ctx.clean_logit_diff)
+    base = ctx.base_logit_diff  # the clean prompts (the base run here)
+    return SignalPatching(name, alt.spec.changes, position, ld / base - 1, base, ctx.source_logit_diff)
 
 
 def patch_from_all(

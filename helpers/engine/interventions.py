@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-SOURCES = ("clean", "corrupted", "mean", "zero", "recorded")
+SOURCES = ("source", "base", "clean", "corrupted", "mean", "zero", "recorded")
 
 
 @dataclass(eq=False)
@@ -154,7 +154,12 @@ def source_value(sources: Mapping[str, Mapping[str, Tensor]], intervention: Inte
             return sources["zero"][intervention.hook]
         if like is None:
             like = next(
-                (sources[s][intervention.hook] for s in ("corrupted", "clean") if s in sources and intervention.hook in sources[s]), None
+                (
+                    sources[s][intervention.hook]
+                    for s in ("base", "source", "corrupted", "clean")
+                    if s in sources and intervention.hook in sources[s]
+                ),
+                None,
             )
         if like is None:
             raise KeyError(f"zero source for {intervention.hook}: no cached activation of that hook to take the shape from")

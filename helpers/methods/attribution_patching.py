@@ -30,6 +30,7 @@ from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import logit_diff
 from helpers.engine.shortcuts import answer_columns
 from helpers.methods.patching import SWEEPS, Sweep
+from helpers.task.prompts import PromptPair, PromptSet, as_pair
 
 EMBED_HOOK = "hook_embed"
 DEFAULT_GRADIENT_MEMORY_MB = 2048  # saved activations of one forward with gradients
@@ -154,21 +155,23 @@ def reduce_to_layout(spec: Sweep, product: Float[Tensor, "batch ..."]) -> Tensor
 
 def attribution_patch(
     model,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupted_tokens: Int[Tensor, "batch pos"],
-    answer_tokens: Int[Tensor, "batch 2"],
+    prompts: PromptPair | PromptSet,
     names: Iterable[str | Sweep],
     ig_steps: int = 0,
     memory_mb: float = DEFAULT_GRADIENT_MEMORY_MB,
 ) -> Attribution:
     """Attribution estimate of each named sweep (a name in ``SWEEPS`` or a ``Sweep``, e.g. ``neurons.NEURONS``),
-    normalised like ``patching.sweep`` (corrupted 0, clean 1); keyed by sweep name.
+    normalised like ``patching.sweep`` (base 0, source 1); keyed by sweep name. ``prompts``: a ``PromptPair`` or a
+    ``PromptSet`` (its denoising pair: the corrupted run is the base, the clean run the source; ``clean`` and
+    ``corrupted`` below).
 
     Plain: a clean forward (caching only the hooks needed), then one corrupted forward and backward for all
     sweeps at once. ``ig_steps > 0``: integrated gradients along the embedding path (EAP-IG), which needs one
     more corrupted forward for the corrupted activations. ``memory_mb`` bounds the activations one forward with
     gradients keeps (``metric_gradients``).
     """
+    pair = as_pair(prompts)
+    clean_tokens, corrupted_tokens, answer_tokens = pair.source, pair.base, pair.answers
     unknown = [n for n in names if isinstance(n, str) and n not in SWEEPS]
     if unknown:
         raise KeyError(f"unknown sweep(s) {unknown}; choose from {sorted(SWEEPS)}")

@@ -60,6 +60,7 @@ from helpers.engine.norms import post_attention_norm, post_norms
 from helpers.engine.shortcuts import verified
 from helpers.methods.attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
 from helpers.schema.artifacts import write_json
+from helpers.task.prompts import PromptPair, PromptSet, as_pair
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 COMPONENTS = ("q", "k", "v")
@@ -371,8 +372,14 @@ def sender_outputs(model, cache) -> Float[Tensor, "batch pos sender d_model"]:
     return torch.cat(parts, dim=2)
 
 
-def edge_context(model, clean_tokens, corrupted_tokens, answer_tokens) -> EdgeContext:
-    """Build the graph (NotSupported first, before any forward pass) and run clean and corrupted once each."""
+def edge_context(model, prompts: PromptPair | PromptSet) -> EdgeContext:
+    """Build the graph (NotSupported first, before any forward pass) and run the pair's two prompts once each.
+
+    ``prompts``: a ``PromptPair`` or a ``PromptSet`` (its denoising pair). A circuit keeps its edges from the pair's
+    *source* run (``clean_*`` here: the full graph is that run) and every other edge carries its value in the *base*
+    run (``corrupted_*``), so faithfulness puts the base run at 0 and the source run at 1, as patching does."""
+    pair = as_pair(prompts)
+    clean_tokens, corrupted_tokens, answer_tokens = pair.source, pair.base, pair.answers
     graph = Graph.from_model(model)
     names = _sender_hooks(model.cfg.n_layers)
     with torch.no_grad():

@@ -40,6 +40,7 @@ from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import LOGIT_DIFF, Metric, NormalisationCheck, check_normalisation, group_weights, logit_diff, normalised
 from helpers.schema.heads import rank_heads
+from helpers.task.prompts import PromptPair, PromptSet, as_pair
 
 
 @dataclass(frozen=True)
@@ -94,24 +95,35 @@ SWEEPS: dict[str, Sweep] = {
 
 @dataclass
 class PatchingContext:
-    """Everything a sweep needs: the corrupted tokens, both caches, answers and the two baselines."""
+    """Everything a sweep needs: the prompt pair, both runs' caches and their baselines.
+
+    Sweeps patch the ``source`` run's activations into the ``base`` run (``pair``; in ``PromptSet.denoising()``, the
+    clean prompts' values into the corrupted run), and normalise so that the base run is 0 and the source run 1."""
 
     model: object
-    corrupted_tokens: Int[Tensor, "batch pos"]
-    clean_cache: ActivationCache
-    corrupted_cache: ActivationCache
-    answer_tokens: Int[Tensor, "batch 2"]
-    clean_logit_diff: float
-    corrupted_logit_diff: float
-    clean_per_prompt: Float[Tensor, " batch"] | None = None  # per-prompt baselines, for per-template breakdowns
-    corrupted_per_prompt: Float[Tensor, " batch"] | None = None
-    corrupted_kv: KVPrefix | None = None  # the corrupted run's keys and values: patches recompute only later positions
-    forward_gflops: float | None = None  # GFLOP/s the corrupted forward reached here (for estimates; None: not timed)
+    pair: PromptPair
+    source_cache: ActivationCache
+    base_cache: ActivationCache
+    source_logit_diff: float
+    base_logit_diff: float
+    source_per_prompt: Float[Tensor, " batch"] | None = None  # per-prompt baselines, for per-template breakdowns
+    base_per_prompt: Float[Tensor, " batch"] | None = None
+    base_kv: KVPrefix | None = None  # the base run's keys and values: patches recompute only later positions
+    forward_gflops: float | None = None  # GFLOP/s the base run's forward reached here (for estimates; None: not timed)
+
+    @property
+    def base_tokens(self) -> Int[Tensor, "batch pos"]:
+        """The prompts of the run that is patched."""
+        return self.pair.base
+
+    @property
+    def answer_tokens(self) -> Int[Tensor, "batch 2"]:
+        return self.pair.answers
 
     @property
     def normalisation(self) -> NormalisationCheck:
-        """Whether the clean - corrupted gap makes normalised effects meaningful (recorded with the results)."""
-        return check_normalisation(self.clean_logit_diff, self.corrupted_logit_diff, warn=False)
+        """Whether the source - base gap makes normalised effects meaningful (recorded with the results)."""
+        return check_normalisation(self.source_logit_diff, self.base_logit_diff, warn=False)
 
 
 def check_supported(model, spec: Sweep) -> None:
@@ -182,37 +194,38 @@ def patching_hook_names(model) -> list[str]:
 
 
 def make_context(
-    model, clean_tokens, corrupted_tokens, answer_tokens, extra_hooks: list[str] = (), clean_hooks: list = (), warn: bool = True
+    model, prompts: PromptPair | PromptSet, extra_hooks: list[str] = (), source_hooks: list = (), warn: bool = True
 ) -> PatchingContext:
-    """Run clean and corrupted once each, caching only the hooks the sweeps use (plus ``extra_hooks``, e.g. the
-    neuron activations ``neurons.neuron_patching`` patches). ``clean_hooks``: forward hooks applied to the clean
-    run only (e.g. noise on its embeddings, when the "clean" run is a noised source); ``warn``: warn when the
-    clean - corrupted gap is too small to normalise by."""
+    """Run the pair's source and base prompts once each (``prompts``: a ``PromptPair``, or a ``PromptSet``, taken in
+    its denoising direction), caching only the hooks the sweeps use (plus ``extra_hooks``, e.g. the neuron activations
+    ``neurons.neuron_patching`` patches). ``source_hooks``: forward hooks applied to the source run only (e.g. noise
+    on its embeddings, when the source is a noised run); ``warn``: warn when the source - base gap is too small to
+    normalise by."""
+    pair = as_pair(prompts)
     names = patching_hook_names(model)
     names += [n for n in (resolve_hook_names(model, list(extra_hooks)) if extra_hooks else []) if n not in names]
     with torch.no_grad():  # both runs unembed the final position only: the logit difference reads nothing else
-        with model.hooks(fwd_hooks=list(clean_hooks) + [UNEMBED_LAST]):
-            clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
+        with model.hooks(fwd_hooks=list(source_hooks) + [UNEMBED_LAST]):
+            source_logits, source_cache = model.run_with_cache(pair.source, names_filter=names)
         with model.hooks(fwd_hooks=[UNEMBED_LAST]):
             start = time.perf_counter()
-            corr_logits, corr_cache, corr_kv = run_with_kv(model, corrupted_tokens, names_filter=names)
+            base_logits, base_cache, base_kv = run_with_kv(model, pair.base, names_filter=names)
             seconds = time.perf_counter() - start
-    clean_ld, corr_ld = logit_diff(clean_logits, answer_tokens).cpu(), logit_diff(corr_logits, answer_tokens).cpu()
+    source_ld, base_ld = logit_diff(source_logits, pair.answers).cpu(), logit_diff(base_logits, pair.answers).cpu()
     ctx = PatchingContext(
         model=model,
-        corrupted_tokens=corrupted_tokens,
-        clean_cache=clean_cache,
-        corrupted_cache=corr_cache,
-        answer_tokens=answer_tokens,
-        clean_logit_diff=clean_ld.mean().item(),
-        corrupted_logit_diff=corr_ld.mean().item(),
-        clean_per_prompt=clean_ld,
-        corrupted_per_prompt=corr_ld,
-        corrupted_kv=corr_kv,
-        forward_gflops=run_flops(ModelShape.of(model.cfg), 0, 0, corrupted_tokens.shape[1], corrupted_tokens.shape[0]) / 1e9 / seconds,
+        pair=pair,
+        source_cache=source_cache,
+        base_cache=base_cache,
+        source_logit_diff=source_ld.mean().item(),
+        base_logit_diff=base_ld.mean().item(),
+        source_per_prompt=source_ld,
+        base_per_prompt=base_ld,
+        base_kv=base_kv,
+        forward_gflops=run_flops(ModelShape.of(model.cfg), 0, 0, pair.base.shape[1], pair.base.shape[0]) / 1e9 / seconds,
     )
     if warn:
-        check_normalisation(ctx.clean_logit_diff, ctx.corrupted_logit_diff)  # warns once, here, if the gap is too small
+        check_normalisation(ctx.source_logit_diff, ctx.base_logit_diff)  # warns once, here, if the gap is too small
     return ctx
 
 
@@ -302,7 +315,7 @@ def variant_chunks(
 
 def sources(ctx: PatchingContext) -> dict[str, dict[str, Tensor]]:
     """The cached runs interventions draw from (``interventions.SOURCES``)."""
-    return {"clean": ctx.clean_cache.cache_dict, "corrupted": ctx.corrupted_cache.cache_dict}
+    return {"source": ctx.source_cache.cache_dict, "base": ctx.base_cache.cache_dict}
 
 
 def run_patched(
@@ -313,28 +326,28 @@ def run_patched(
     residual stream, and at the earliest patched position from the corrupted run's keys and values."""
     return run_interventions(
         ctx.model,
-        ctx.corrupted_tokens,
+        ctx.base_tokens,
         ctx.answer_tokens,
         interventions,
         sources(ctx),
         n_var,
-        base_cache=ctx.corrupted_cache.cache_dict,
+        base_cache=ctx.base_cache.cache_dict,
         record=record,
-        prefix=ctx.corrupted_kv,
+        prefix=ctx.base_kv,
         metric=metric,
     )
 
 
 def run_patched_hook(ctx: PatchingContext, hook_name: str, masks: Bool[Tensor, "variant ..."]) -> Float[Tensor, "variant batch"]:
     """Per-prompt logit difference of each variant: corrupted run with ``hook_name`` patched from clean by mask."""
-    return run_patched(ctx, [Intervention(hook_name, "clean", masks)], masks.shape[0])[0]
+    return run_patched(ctx, [Intervention(hook_name, "source", masks)], masks.shape[0])[0]
 
 
 def sweep_flops(ctx: PatchingContext, name: str, only: dict[int, Tensor] | None = None) -> int:
     """Minimal FLOPs of sweep ``name`` on this context (``only`` as in ``run_sweep``): every live variant from its own
     layer and first patched position (``sweep_plan(minimal=True)``, counted by ``flops.run_flops``); what merged runs
     recompute on top is not counted."""
-    shape, (batch, n_pos) = ModelShape.of(ctx.model.cfg), ctx.corrupted_tokens.shape
+    shape, (batch, n_pos) = ModelShape.of(ctx.model.cfg), ctx.base_tokens.shape
     plan = sweep_plan(ctx, name, minimal=True, only=only)
     return sum(run_flops(shape, run.layer, run.start, n_pos, run.n_variants * batch) for run in plan)
 
@@ -425,7 +438,7 @@ def head_variants(ctx: PatchingContext, spec: Sweep, heads: Sequence[tuple[int, 
     only = {}
     for layer, wanted in chosen.items():
         hook_name = resolve_hook_names(ctx.model, spec.hook_name(layer))[0]
-        flat = torch.arange(math.prod(shape := variant_shape(spec, ctx.clean_cache[hook_name].shape))).reshape(shape)
+        flat = torch.arange(math.prod(shape := variant_shape(spec, ctx.source_cache[hook_name].shape))).reshape(shape)
         only[layer] = flat.index_select(axes.index("head"), torch.tensor(sorted(set(wanted)), dtype=torch.long)).flatten()
     return only
 
@@ -448,18 +461,18 @@ def run_sweep(
     one result per group, ``[group, layer, ...]``, each averaged and normalised over its own prompts only."""
     model = ctx.model
     check_supported(model, spec)
-    batch = ctx.corrupted_tokens.shape[0]
+    batch = ctx.base_tokens.shape[0]
     weights = group_weights(batch, groups)  # [batch, group]
     if groups is None:
-        clean_base, corr_base = torch.tensor([ctx.clean_logit_diff]), torch.tensor([ctx.corrupted_logit_diff])
+        source_ld, base_ld = torch.tensor([ctx.source_logit_diff]), torch.tensor([ctx.base_logit_diff])
     else:
-        clean_base, corr_base = ctx.clean_per_prompt @ weights, ctx.corrupted_per_prompt @ weights
+        source_ld, base_ld = ctx.source_per_prompt @ weights, ctx.base_per_prompt @ weights
     rows = []
     show = progress and os.environ.get("CIRCUIT_LAB_PROGRESS", "1") != "0"  # the batch runner sets 0 (quiet saved notebooks)
     for layer in tqdm(range(model.cfg.n_layers) if layers is None else layers, desc=f"patch {spec.name}", disable=not show, leave=False):
         hook_name, clean, variants, live, starts = _layer_variants(ctx, spec, layer)
         shape = variant_shape(spec, clean.shape)
-        ld = corr_base.repeat(len(variants), 1)  # [variant, group]
+        ld = base_ld.repeat(len(variants), 1)  # [variant, group]
         if only is not None:
             selected = torch.zeros(len(variants), dtype=torch.bool)
             selected[only[layer]] = True
@@ -467,7 +480,7 @@ def run_sweep(
             live, starts = live[selected[live]], starts[selected[live]]
         for part in variant_chunks(model, live, starts, _n_pos(spec, clean), batch, memory_mb, max_variants):
             ld[part] = run_patched_hook(ctx, hook_name, variant_masks(spec, clean.shape, part)).cpu() @ weights
-        ld = ld if raw else normalised(ld, clean_base, corr_base)
+        ld = ld if raw else normalised(ld, source_ld, base_ld)
         rows.append(ld.T.reshape(-1, *shape))  # [group, *shape]
         release_freed_memory()  # this layer's patched runs, back to the system (helpers.engine.memory)
     result = torch.stack(rows, 1)  # [group, layer, *shape]
@@ -478,7 +491,7 @@ def _layer_variants(ctx: PatchingContext, spec: Sweep, layer: int) -> tuple[str,
     """Sweep ``spec`` at ``layer``: the hook, its clean activation, every variant, the live ones (those whose patch
     changes something; the others are exactly the corrupted run) and the first position each live one changes."""
     hook_name = resolve_hook_names(ctx.model, spec.hook_name(layer))[0]
-    clean, corrupted = ctx.clean_cache[hook_name], ctx.corrupted_cache[hook_name]
+    clean, corrupted = ctx.source_cache[hook_name], ctx.base_cache[hook_name]
     variants = torch.arange(math.prod(variant_shape(spec, clean.shape)))
     first = first_changed_positions(spec, clean, corrupted, variants)
     live = first < _n_pos(spec, clean)
@@ -510,7 +523,7 @@ def sweep_plan(
     """The batched runs ``sweep(ctx, name)`` makes (live variants only; ``only`` as in ``run_sweep``); ``minimal``:
     instead, one entry per layer and first patched position, each variant from its own start (what the exact
     algorithm needs, for ``flops.run_flops``)."""
-    spec, batch = SWEEPS[name], ctx.corrupted_tokens.shape[0]
+    spec, batch = SWEEPS[name], ctx.base_tokens.shape[0]
     plan = []
     for layer in range(ctx.model.cfg.n_layers):
         _, clean, _, live, starts = _layer_variants(ctx, spec, layer)
@@ -530,9 +543,9 @@ def patch_everything_at(ctx: PatchingContext, name: str, layer: int, everything:
     """Normalised effect of patching *all* (``everything``) or *none* of a layer's activation: 1.0 and 0.0."""
     spec = SWEEPS[name]
     hook_name = spec.hook_name(layer)
-    masks = torch.full((1, *ctx.clean_cache[hook_name].shape[1:]), everything, dtype=torch.bool)
+    masks = torch.full((1, *ctx.source_cache[hook_name].shape[1:]), everything, dtype=torch.bool)
     ld = run_patched_hook(ctx, hook_name, masks).mean().item()
-    return float(normalised(ld, ctx.clean_logit_diff, ctx.corrupted_logit_diff))
+    return float(normalised(ld, ctx.source_logit_diff, ctx.base_logit_diff))
 
 
 def tl_reference(ctx: PatchingContext, name: str, cells: Int[Tensor, "cell index"] | None = None) -> Tensor:
@@ -546,7 +559,7 @@ def tl_reference(ctx: PatchingContext, name: str, cells: Int[Tensor, "cell index
 
     spec = SWEEPS[name]
     if cells is None:
-        return getattr(tlp, spec.tl_function)(ctx.model, ctx.corrupted_tokens, ctx.clean_cache, tl_metric(ctx))
+        return getattr(tlp, spec.tl_function)(ctx.model, ctx.base_tokens, ctx.source_cache, tl_metric(ctx))
     pattern = spec.hook.endswith("hook_pattern")
     setter = {
         ("pos",): tlp.layer_pos_patch_setter,
@@ -558,8 +571,8 @@ def tl_reference(ctx: PatchingContext, name: str, cells: Int[Tensor, "cell index
     activation = spec.hook.rsplit(".", 1)[-1].removeprefix("hook_")  # "attn.hook_z" -> "z", "hook_resid_pre" -> "resid_pre"
     return tlp.generic_activation_patch(
         ctx.model,
-        ctx.corrupted_tokens,
-        ctx.clean_cache,
+        ctx.base_tokens,
+        ctx.source_cache,
         tl_metric(ctx),
         patch_setter=setter,
         activation_name=activation,
@@ -569,4 +582,4 @@ def tl_reference(ctx: PatchingContext, name: str, cells: Int[Tensor, "cell index
 
 def tl_metric(ctx: PatchingContext) -> Callable[[Tensor], Tensor]:
     """The same normalised metric as a ``transformer_lens.patching`` metric function (for cross-checks)."""
-    return lambda logits: normalised(logit_diff(logits, ctx.answer_tokens).mean(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+    return lambda logits: normalised(logit_diff(logits, ctx.answer_tokens).mean(), ctx.source_logit_diff, ctx.base_logit_diff)

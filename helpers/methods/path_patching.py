@@ -48,16 +48,16 @@ def _sender_run(ctx: PatchingContext, layer: int, record: list[str], heads: Tens
     """Step 1 for the heads ``heads`` of ``layer`` (default: every head) as senders: final-position logit diffs
     [sender, batch] and the activations of the hooks in ``record`` (per sender, variant-major)."""
     heads = torch.arange(ctx.model.cfg.n_heads) if heads is None else heads
-    senders = variant_masks(SWEEPS["head_out"], ctx.clean_cache[_z(layer)].shape, heads)
-    frozen = [Intervention(_z(l), "corrupted") for l in range(layer + 1, ctx.model.cfg.n_layers)]
-    return run_patched(ctx, [Intervention(_z(layer), "clean", senders), *frozen], len(heads), record)
+    senders = variant_masks(SWEEPS["head_out"], ctx.source_cache[_z(layer)].shape, heads)
+    frozen = [Intervention(_z(l), "base") for l in range(layer + 1, ctx.model.cfg.n_layers)]
+    return run_patched(ctx, [Intervention(_z(layer), "source", senders), *frozen], len(heads), record)
 
 
 def path_patch_to_logits(ctx: PatchingContext) -> Float[Tensor, "layer head"]:
     """Normalised effect of each sender head along its paths to the final residual stream (other heads frozen)."""
     resolve_hook_names(ctx.model, [_z(l) for l in range(ctx.model.cfg.n_layers)])
     rows = [_sender_run(ctx, layer, [])[0].mean(-1) for layer in range(ctx.model.cfg.n_layers)]
-    return normalised(torch.stack(rows).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+    return normalised(torch.stack(rows).cpu(), ctx.source_logit_diff, ctx.base_logit_diff)
 
 
 def _receiver_hook_name(layer: int, component: str) -> str:
@@ -81,23 +81,23 @@ def _receiver_run(
     reachable = [r for r in receivers if r.layer > sender_layer]
     cfg = ctx.model.cfg
     if not reachable:  # a sender at or after every receiver cannot reach them
-        return torch.full((n_senders,), ctx.corrupted_logit_diff)
+        return torch.full((n_senders,), ctx.base_logit_diff)
     interventions = []
     for layer in sorted({r.layer for r in reachable}):
         name = _receiver_hook_name(layer, component)
-        shape = ctx.corrupted_cache[name].shape  # [batch, pos, head or kv group, d_head]
+        shape = ctx.base_cache[name].shape  # [batch, pos, head or kv group, d_head]
         mask = torch.zeros(1, 1, shape[2], 1, dtype=torch.bool)
         mask[0, 0, [input_index(cfg, component, r.head) for r in reachable if r.layer == layer]] = True
         interventions.append(Intervention(name, "recorded", mask))
     logit_diffs, _ = run_interventions(
         ctx.model,
-        ctx.corrupted_tokens,
+        ctx.base_tokens,
         ctx.answer_tokens,
         interventions,
         {"recorded": recorded},
         n_senders,
-        base_cache=ctx.corrupted_cache.cache_dict,
-        prefix=ctx.corrupted_kv,
+        base_cache=ctx.base_cache.cache_dict,
+        prefix=ctx.base_kv,
     )
     return logit_diffs.mean(-1).cpu()
 
@@ -122,7 +122,7 @@ def receiver_sweeps(ctx: PatchingContext, targets: dict, senders: Iterable[Head]
         recorded = _sender_run(ctx, layer, record, heads)[1] if record else {}
         for key, (receivers, component) in targets.items():
             rows[key][layer, heads] = _receiver_run(ctx, layer, len(heads), recorded, receivers, component)
-    return {key: normalised(r, ctx.clean_logit_diff, ctx.corrupted_logit_diff) for key, r in rows.items()}
+    return {key: normalised(r, ctx.source_logit_diff, ctx.base_logit_diff) for key, r in rows.items()}
 
 
 def path_patch_to_receivers(ctx: PatchingContext, receivers: list[Head], component: str = "v") -> Float[Tensor, "layer head"]:
@@ -169,12 +169,12 @@ def direct_path_effects(
             f"({cfg.n_heads} query heads share {n_kv} key/value inputs)"
         )
     layer, head = sender.layer, sender.head
-    z = ctx.clean_cache[_z(layer)][:, :, head] - ctx.corrupted_cache[_z(layer)][:, :, head]  # [batch, pos, d_head]
+    z = ctx.source_cache[_z(layer)][:, :, head] - ctx.base_cache[_z(layer)][:, :, head]  # [batch, pos, d_head]
     delta = z @ model.blocks[layer].attn.W_O[head]  # [batch, pos, d_model]
     if "ln1_post" in post_norms(model):  # the layer writes N(A): the receiver reads it with the sender clean
         with torch.no_grad():  # A in the corrupted run, from the cached z (no forward pass per sender)
             w_o = model.blocks[layer].attn.W_O
-            attn = torch.einsum("bphd,hdm->bpm", ctx.corrupted_cache[_z(layer)], w_o.to(z.dtype))
+            attn = torch.einsum("bphd,hdm->bpm", ctx.base_cache[_z(layer)], w_o.to(z.dtype))
             attn = attn + sublayer_bias(model, model.blocks[layer].attn, "b_O", attn.device).to(attn.dtype)
             norm = post_attention_norm(model, layer)
             delta = norm(attn + delta) - norm(attn)
@@ -196,18 +196,18 @@ def direct_path_effects(
             name = f"blocks.{l}.attn.hook_{component}_input"
             if name not in model.hook_dict:
                 raise NotImplementedError(f"{name} does not exist: this attention has no pre-q/k/v fork")
-            fork = ctx.corrupted_cache[get_act_name("resid_pre", l)] + delta  # the receiver's own copy, with the edge
+            fork = ctx.base_cache[get_act_name("resid_pre", l)] + delta  # the receiver's own copy, with the edge
             diffs, _ = run_interventions(
                 model,
-                ctx.corrupted_tokens,
+                ctx.base_tokens,
                 ctx.answer_tokens,
                 [Intervention(name, "recorded", mask)],
                 {"recorded": {name: fork[:, :, None, :]}},
                 len(heads),
-                base_cache=ctx.corrupted_cache.cache_dict,
-                prefix=ctx.corrupted_kv,
+                base_cache=ctx.base_cache.cache_dict,
+                prefix=ctx.base_kv,
             )
-            out[l, heads] = normalised(diffs.mean(-1).cpu(), ctx.clean_logit_diff, ctx.corrupted_logit_diff)
+            out[l, heads] = normalised(diffs.mean(-1).cpu(), ctx.source_logit_diff, ctx.base_logit_diff)
     return out
 
 

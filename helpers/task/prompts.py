@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from jaxtyping import Bool, Int
@@ -47,6 +47,51 @@ class AlternativeRun:
         if len(rows) != 1:
             raise ValueError(f"corruption {self.name!r} noises different positions in different templates; use noise_mask")
         return list(rows.pop())
+
+
+@dataclass(frozen=True, eq=False)
+class PromptPair:
+    """The two runs of one patching experiment, passed as one value: ``base``, the prompts whose run is patched, and
+    ``source``, the prompts whose run the patched values come from, scored on the same ``answers`` ([:, 0] correct,
+    [:, 1] incorrect). Normalised effects put the base run at 0 and the source run at 1.
+
+    ``PromptSet.denoising()`` is the usual direction (base: the corrupted prompts, source: the clean ones: what does
+    restoring this activation bring back?); ``PromptSet.noising()`` the other (base: clean, source: corrupted: what does
+    corrupting it destroy?). ``groups``: each prompt's sentence template (None: one); ``positions``: every named
+    position, per prompt; ``base_name`` / ``source_name``: what the runs are called in results and plots."""
+
+    base: Int[Tensor, "batch pos"]
+    source: Int[Tensor, "batch pos"]
+    answers: Int[Tensor, "batch 2"]
+    groups: Int[Tensor, " batch"] | None = None
+    positions: dict[str, Int[Tensor, " batch"]] = field(default_factory=dict)
+    base_name: str = "corrupted"
+    source_name: str = "clean"
+
+    def __post_init__(self) -> None:
+        if self.base.shape != self.source.shape:
+            raise ValueError(
+                f"the {self.base_name} and {self.source_name} prompts of a pair must have the same shape [batch, pos], got "
+                f"{list(self.base.shape)} and {list(self.source.shape)}: patching matches them position by position"
+            )
+        if self.answers.shape != (self.base.shape[0], 2):
+            raise ValueError(
+                f"answers must be [batch, 2] (correct, incorrect) for {self.base.shape[0]} prompts, got {list(self.answers.shape)}"
+            )
+
+    @classmethod
+    def denoising(
+        cls, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], **kw
+    ) -> PromptPair:
+        """Patch the clean run's values into the corrupted run (base: corrupted, source: clean)."""
+        return cls(corrupted, clean, answers, **kw)
+
+    def swapped(self) -> PromptPair:
+        """The same prompts with base and source exchanged (denoising <-> noising)."""
+        return replace(self, base=self.source, source=self.base, base_name=self.source_name, source_name=self.base_name)
+
+    def __len__(self) -> int:
+        return self.base.shape[0]
 
 
 @dataclass
@@ -98,6 +143,16 @@ class PromptSet:
         """Unique per-position labels for plot axes, e.g. ``3:[S2]``."""
         return [f"{i}:{lab}" for i, lab in enumerate(self.position_labels)]
 
+    def denoising(self) -> PromptPair:
+        """The prompts as a patching pair in the usual direction: the clean run's values patched into the corrupted run."""
+        return PromptPair.denoising(
+            self.clean_tokens, self.corrupted_tokens, self.answer_tokens, groups=self.template_index, positions=self.position_index
+        )
+
+    def noising(self) -> PromptPair:
+        """The other direction: the corrupted run's values patched into the clean run."""
+        return self.denoising().swapped()
+
     def to(self, device: str) -> PromptSet:
         self.clean_tokens = self.clean_tokens.to(device)
         self.corrupted_tokens = self.corrupted_tokens.to(device)
@@ -106,6 +161,18 @@ class PromptSet:
             alt.tokens = alt.tokens.to(device)
         self.position_index = {name: index.to(device) for name, index in self.position_index.items()}
         return self
+
+
+def as_pair(prompts: PromptPair | PromptSet) -> PromptPair:
+    """``prompts`` as a patching pair: a pair as it is, a prompt set in its denoising direction."""
+    if isinstance(prompts, PromptPair):
+        return prompts
+    if isinstance(prompts, PromptSet):
+        return prompts.denoising()
+    raise TypeError(
+        f"expected a PromptPair or a PromptSet, got {type(prompts).__name__}: pass prompts (a PromptSet), prompts.noising(), "
+        "or PromptPair.denoising(clean_tokens, corrupted_tokens, answer_tokens)"
+    )
 
 
 def fill(template: str, words: dict[str, str]) -> str:
