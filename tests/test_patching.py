@@ -82,7 +82,7 @@ def test_one_chunk_planner_sizes_every_metric(ctx):
     per_variant = CH.bytes_per_variant(model, batch, n_pos)
     for mb in (1e-9, 0.5 * per_variant / 2**20, 3.5 * per_variant / 2**20, 1024):
         assert CH.plan_chunks(model, batch, n_pos, mb).variants == CH.variants_per_chunk(model, batch, n_pos, mb)
-    thirty = 30 * CH.bytes_per_variant(model, batch, n_pos, M.LOSSES) / 2**20
+    thirty = 30 * (CH.bytes_per_variant(model, batch, n_pos) + CH.logits_bytes(model, M.LOSSES, batch, n_pos)) / 2**20
     assert CH.plan_chunks(model, batch, n_pos, thirty, M.LOSSES) == CH.ChunkPlan(30, batch)
     assert CH.plan_chunks(model, batch, n_pos, thirty, M.LOGIT_DIFF).variants > 30  # the losses' logits cost memory
     half = CH.plan_chunks(model, batch, n_pos, thirty / 60, M.LOSSES)

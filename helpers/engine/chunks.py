@@ -28,16 +28,15 @@ def logits_bytes(model, metric: Metric, batch: int, n_pos: int) -> int:
     return 4 * batch * (n_pos if metric.positions == "all" else 1) * model.cfg.d_vocab
 
 
-def bytes_per_variant(model, batch: int, n_pos: int, metric: Metric | None = None) -> int:
+def bytes_per_variant(model, batch: int, n_pos: int) -> int:
     """Rough float32 working memory of one patch variant: the batch's activations through one block (with the
-    temporaries of its norms, rotary embeddings, gated MLP and the patch itself), plus final logits, plus the logits
-    ``metric`` reads beyond those (``logits_bytes``). On SmolLM2-135M's neuron sweep at 64 prompts, counting
+    temporaries of its norms, rotary embeddings, gated MLP and the patch itself), plus final logits (a metric that
+    reads more adds ``logits_bytes``). On SmolLM2-135M's neuron sweep at 64 prompts, counting
     6 x d_model + 2 x d_mlp per token let a 1,024 MB budget take 3.7 GiB; with this count it takes 2.4 GiB: still an
     underestimate there."""
     cfg = model.cfg
     per_token = 20 * cfg.d_model + 6 * (cfg.d_mlp or 4 * cfg.d_model) + 3 * cfg.n_heads * n_pos
-    extra = 0 if metric is None else logits_bytes(model, metric, batch, n_pos)
-    return 4 * batch * (n_pos * per_token + cfg.d_vocab) + extra
+    return 4 * batch * (n_pos * per_token + cfg.d_vocab)
 
 
 def rows_per_chunk(model, n_pos: int, memory_mb: float, recorded_per_row: int = 0) -> int:

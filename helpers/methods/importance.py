@@ -180,12 +180,11 @@ def _ablate(
     """``LOSSES`` of the prompts ``full`` (with ``answers``) with each of ``heads`` mean-ablated (``z_name``'s heads set
     to ``mean``), one variant per head: from ``resid``, the clean residual stream entering the head's layer (from the
     tokens where None: layer 0)."""
-    layer = int(z_name.split(".")[1])
     mask = torch.zeros(len(heads), 1, mean.shape[2], 1, dtype=torch.bool)
     mask[torch.arange(len(heads)), 0, heads] = True
-    base = None if resid is None else {get_act_name("resid_pre", layer): resid}
-    ablation = [Intervention(z_name, "mean", mask)]
-    values, _ = run_interventions(model, full, answers, ablation, {"mean": {z_name: mean}}, len(heads), base, metric=LOSSES)
+    ablation = Intervention(z_name, "mean", mask)
+    base = None if resid is None else {get_act_name("resid_pre", ablation.layer): resid}
+    values, _ = run_interventions(model, full, answers, [ablation], {"mean": {z_name: mean}}, len(heads), base, metric=LOSSES)
     return values.cpu()
 
 
