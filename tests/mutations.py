@@ -16,6 +16,20 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "a node-level circuit's left-out MLPs not patched",
+        "helpers/methods/edges.py",
+        'out.append(Intervention(get_act_name("mlp_out", block), "corrupted", dropped[:, mlp][:, None, :]))',
+        'out.append(Intervention(get_act_name("mlp_out", block), "corrupted", torch.zeros_like(dropped[:, mlp][:, None, :])))',
+        "tests/test_edges.py::test_node_level_circuits_run_as_one_patched_forward_exactly",
+    ),
+    (
+        "a circuit that drops an edge into the logits taken for node-level",
+        "helpers/methods/edges.py",
+        'matters[:, [r.kind == "logits" for r in graph.receivers]] = True',
+        "pass",
+        "tests/test_edges.py::test_node_level_circuits_run_as_one_patched_forward_exactly",
+    ),
+    (
         "chunked gradients not averaged over the IG steps",
         "helpers/methods/attribution_patching.py",
         "return {n: g / steps for n, g in grads_out.items()}",

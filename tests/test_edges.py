@@ -192,25 +192,28 @@ def test_evaluation_is_independent_of_chunking(ioi_ectx):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_exact(family, family_models):
-    """All edges = the clean run, none = the corrupted run, a head's (an MLP's) out-edges removed = its output patched,
-    one variant per chunk = all in one, and EAP / EAP-IG edge scores summing to node attributions: on every family, including those whose forks are made
-    at the projections (OPT, GPT-J) and those whose heads write through a post-attention norm (Gemma-2/3)."""
+def test_every_family_exact(family, family_models, monkeypatch):
+    """All edges = the clean run, none = the corrupted run, a head's (an MLP's) out-edges removed = its output patched
+    (through the receiver forks and as node-level runs), one variant per chunk = all in one, and EAP / EAP-IG edge
+    scores summing to node attributions: on every family, including those whose forks are made at the projections
+    (OPT, GPT-J) and those whose heads write through a post-attention norm (Gemma-2/3)."""
     model, prompts = family_models(family)
     ectx = E.edge_context(model, prompts)
     g = ectx.graph
     head = f"L{model.cfg.n_layers - 1}H1"
-    lds = E.evaluate_masks(ectx, torch.stack([g.allowed, torch.zeros_like(g.allowed), _without_sender(g, head)]), per_prompt=True)
     clean = logit_diff(model(prompts.clean_tokens), prompts.answer_tokens)
     corrupted = logit_diff(model(prompts.corrupted_tokens), prompts.answer_tokens)
-    assert (lds[0] - clean).abs().max() < 1e-4 and (lds[1] - corrupted).abs().max() < 1e-4
     _, corr_cache = model.run_with_cache(prompts.corrupted_tokens)
     ref = tl_patching.get_act_patch_attn_head_out_all_pos(model, prompts.clean_tokens, corr_cache, _tl_metric(prompts.answer_tokens))
-    assert abs(float(lds[2].mean()) - float(ref[model.cfg.n_layers - 1, 1])) < 1e-4
     mlp_out = "blocks.0.hook_mlp_out"
     patched = model.run_with_hooks(prompts.clean_tokens, fwd_hooks=[(mlp_out, lambda act, hook: corr_cache[mlp_out])])
-    without_mlp = E.evaluate_masks(ectx, _without_sender(g, "MLP0")[None], per_prompt=True)[0]
-    assert (without_mlp - logit_diff(patched, prompts.answer_tokens)).abs().max() < 1e-4
+    for node_runs in (False, True):
+        monkeypatch.setattr(E, "NODE_RUNS", node_runs)
+        lds = E.evaluate_masks(ectx, torch.stack([g.allowed, torch.zeros_like(g.allowed), _without_sender(g, head)]), per_prompt=True)
+        assert (lds[0] - clean).abs().max() < 1e-4 and (lds[1] - corrupted).abs().max() < 1e-4
+        assert abs(float(lds[2].mean()) - float(ref[model.cfg.n_layers - 1, 1])) < 1e-4
+        without_mlp = E.evaluate_masks(ectx, _without_sender(g, "MLP0")[None], per_prompt=True)[0]
+        assert (without_mlp - logit_diff(patched, prompts.answer_tokens)).abs().max() < 1e-4
     masks = torch.rand((3, *g.allowed.shape), generator=torch.Generator().manual_seed(0)) < 0.5  # chunking changes nothing
     assert torch.allclose(E.evaluate_masks(ectx, masks), E.evaluate_masks(ectx, masks, memory_mb=0.001), atol=1e-5)
     # EAP: a head's edges sum to its node attribution, also under grouped-query k/v receivers
@@ -414,3 +417,42 @@ def test_circuits_without_a_path_are_the_corrupted_run(family, family_models, mo
     full = E.evaluate_masks(ectx, masks)
     assert full[~path].abs().max() < 1e-4  # run in full, a pathless circuit is the corrupted run
     assert (fast[~path] == 0).all() and (fast - full).abs().max() < 1e-4
+
+
+def _node_level_masks(graph, generator):
+    """Node-level circuits as the searches make them (head closures), with MLPs left out too, the full graph, a
+    sender's out-edges removed, and masks that are not node-level (one edge out, a random edge set)."""
+    from helpers.analyses.discovery import head_closure
+
+    heads = [n.name for n in graph.senders if n.kind == "head"]
+    kinds = [head_closure(graph, heads[:2]), head_closure(graph, heads[1::3]), head_closure(graph, heads[:-1])]
+    for p in (0.3, 0.7):  # random node sets, MLPs included: every edge among the kept senders (the input kept)
+        keep = torch.rand(len(graph.senders), generator=generator) < p
+        keep[0] = True
+        matters = (graph.reads.float() @ keep.float()) > 0
+        matters[-1] = True
+        kinds.append(graph.allowed & keep[:, None] & matters[None, :])
+    kinds += [graph.allowed, _without_sender(graph, heads[-1])]
+    one_out, to_logits = graph.allowed.clone(), graph.allowed.clone()
+    one_out[tuple(graph.edge_index[len(graph.edge_index) // 2])] = False
+    to_logits[graph.first_head(0), -1] = False  # the logits read every kept sender: this is not node-level
+    random = graph.allowed & (torch.rand(graph.allowed.shape, generator=generator) < 0.5)
+    return torch.stack(kinds + [one_out, to_logits, random])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_node_level_circuits_run_as_one_patched_forward_exactly(family, family_models, monkeypatch):
+    """A node-level circuit (every receiver that matters reads the same kept senders: head closures, node sets with
+    MLPs left out, the full graph, a sender removed) is evaluated as one plain forward with the left-out nodes'
+    outputs patched from the corrupted run; its logit differences equal the receiver-fork evaluation's, on every
+    family (post-attention norms included), and the other masks still go through the forks."""
+    model, prompts = family_models(family)
+    ectx = E.edge_context(model, prompts)
+    masks = _node_level_masks(ectx.graph, torch.Generator().manual_seed(0))
+    nodes, _ = E.node_sets(ectx.graph, masks)
+    assert nodes.tolist() == [True] * (len(masks) - 3) + [False] * 3
+    fast = E.evaluate_masks(ectx, masks, memory_mb=1, per_prompt=True)  # small chunks: several start layers
+    monkeypatch.setattr(E, "NODE_RUNS", False)
+    forks = E.evaluate_masks(ectx, masks, memory_mb=1, per_prompt=True)
+    assert (fast - forks).abs().max() < 1e-4
+    assert fast[:-3].std(0).max() > 0  # the circuits differ

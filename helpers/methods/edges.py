@@ -33,6 +33,12 @@ sender, and its output is taken after its norm. Edge *scores* take the norm's Ja
 account (``d LD / d out_h`` along the one receiver's path, ``J_N(A)^T · d LD / d input_r``), so a head's edge scores
 still sum to its node attribution; EAP-IG's code scores Gemma's head edges with ``d LD / d input_r`` alone.
 
+**Node-level circuits run without forks.** When every receiver that matters reads the same kept senders (a set of
+heads with every MLP, as the core-heads search and its random controls evaluate: ``node_sets``), all of them read one
+residual stream, and the circuit is one plain forward of the clean prompts with the left-out heads' ``z`` and MLPs'
+outputs patched from the corrupted run: exact for the definition above, about 2.5x cheaper than the forks
+(tested against them on every family).
+
 **Edge scores** estimate each edge's effect on the logit difference from gradients (Syed et al. 2023, EAP;
 Hanna et al. 2024, EAP-IG): ``(out_s(clean) - out_s(corrupted)) · d LD / d input_r``, normalised by the
 clean - corrupted gap. EAP takes the gradient on the clean run (one forward and backward); EAP-IG averages it
@@ -53,6 +59,7 @@ from helpers.engine.capabilities import NotSupported, architecture, edit_reaches
 from helpers.engine.chunks import plan_chunks, rows_within
 from helpers.engine.forks import made_forks, receiver_forks
 from helpers.engine.forward import forward_from_layer, reading, suffix_ok
+from helpers.engine.interventions import Intervention, hooks_for
 from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import LOGIT_DIFF, faithfulness, logit_diff
@@ -345,6 +352,7 @@ class EdgeContext:
     corrupted_logit_diff: float
     clean_kv: KVPrefix | None = None  # the clean run's keys and values: evaluations recompute from the first difference on
     clean_resid: Float[Tensor, "layer batch pos d_model"] | None = None  # each block's clean input: runs start at a layer
+    corrupted_z: Float[Tensor, "layer batch pos head d_head"] | None = None  # node-level circuits patch these (``node_sets``)
 
     @cached_property
     def first_difference(self) -> int:
@@ -399,6 +407,7 @@ def edge_context(model, prompts: PromptPair | PromptSet) -> EdgeContext:
         logit_diff(corr_logits, answer_tokens).mean().item(),
         clean_kv,
         torch.stack([clean_cache[name] for name in resid_names]),
+        torch.stack([corr_cache[get_act_name("z", layer)] for layer in range(model.cfg.n_layers)]),
     )
 
 
@@ -467,6 +476,7 @@ def _senders_read(choices: dict[str, _ForkChoice], n_senders: int) -> Bool[Tenso
 COMPLEMENT = True  # let forks read running totals or the complement where that reads fewer senders (tests turn it off)
 START_AT_RECEIVERS = True  # runs start at the first block an absent edge reaches (verified per layer; tests turn it off)
 SKIP_PATHLESS = True  # circuits with no path from the input to the logits are the corrupted run: no forward (tests turn it off)
+NODE_RUNS = True  # node-level circuits run as one plain patched forward, without receiver forks (``node_sets``; tests turn it off)
 
 
 class _NormedHeads:
@@ -769,7 +779,89 @@ def evaluate_masks(
     return values
 
 
+def node_sets(
+    graph: Graph, masks: Bool[Tensor, "variant sender receiver"]
+) -> tuple[Bool[Tensor, " variant"], Bool[Tensor, "variant sender"]]:
+    """Which circuits are node-level, and the senders each keeps (those with an edge out).
+
+    A circuit is node-level when every receiver whose reader the circuit keeps (a kept head's query, key or value
+    input, a kept MLP's input, the logits) reads exactly the kept senders that can reach it, and it keeps the input.
+    Every receiver that matters then reads the same residual stream: the clean run's, with each sender outside the
+    circuit writing its corrupted output. Receivers of the other nodes do not matter: their node's output is
+    replaced wherever it is read. That is one plain forward with the left-out heads' ``z`` and MLPs' outputs patched
+    from the corrupted run, exact for the edge definition (module docstring; under post-attention norms too: each
+    layer's norm then reads the same mix of this run's and corrupted head outputs for every receiver). Head closures
+    (``discovery.head_closure``) are node-level; so is the full graph."""
+    masks = masks & graph.allowed
+    kept = masks.any(2)
+    matters = (kept.float() @ graph.reads.float().T) > 0  # [variant, receiver]: some kept node reads it
+    matters[:, [r.kind == "logits" for r in graph.receivers]] = True
+    exact = (masks == (kept[:, :, None] & graph.allowed)) | ~matters[:, None, :]
+    return exact.flatten(1).all(1) & kept[:, 0], kept
+
+
 def _logit_diffs(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float) -> Float[Tensor, "variant batch"]:
+    """Each circuit's logit difference on each clean prompt: node-level circuits (``node_sets``) as plain patched
+    forwards, the others through the receiver forks."""
+    nodes = torch.zeros(len(masks), dtype=torch.bool)
+    if NODE_RUNS and ectx.corrupted_z is not None and ectx.clean_resid is not None:
+        nodes, kept = node_sets(ectx.graph, masks)
+    lds = torch.empty(len(masks), ectx.clean_tokens.shape[0])
+    if nodes.any():
+        lds[nodes] = _node_logit_diffs(ectx, kept[nodes], memory_mb)
+    if not nodes.all():
+        lds[~nodes] = _edge_logit_diffs(ectx, masks[~nodes], memory_mb)
+    return lds
+
+
+def _node_interventions(graph: Graph, dropped: Bool[Tensor, "variant sender"], layer: int, n_layers: int) -> list[Intervention]:
+    """From block ``layer`` on, the left-out heads' ``z`` and MLPs' outputs take their corrupted values (every position)."""
+    out = []
+    for block in range(layer, n_layers):
+        heads = [i for i, s in enumerate(graph.senders) if s.kind == "head" and s.layer == block]  # in head order
+        mlp = [i for i, s in enumerate(graph.senders) if s.kind == "mlp" and s.layer == block]
+        out.append(Intervention(get_act_name("z", block), "corrupted", dropped[:, heads][:, None, :, None]))  # [variant, pos, head, d_head]
+        out.append(Intervention(get_act_name("mlp_out", block), "corrupted", dropped[:, mlp][:, None, :]))  # [variant, pos, d_model]
+    return out
+
+
+def _node_logit_diffs(ectx: EdgeContext, kept: Bool[Tensor, "variant sender"], memory_mb: float) -> Float[Tensor, "variant batch"]:
+    """Each node-level circuit's logit difference on each clean prompt (``node_sets``): the clean prompts with every
+    left-out sender's output patched from the corrupted run, from the first block with one, and from the first
+    position where the two runs differ (the clean run's keys and values before it); circuits batched to ``memory_mb``."""
+    model, graph = ectx.model, ectx.graph
+    n_layers = model.cfg.n_layers
+    dropped = ~kept
+    sender_layer = torch.tensor([max(s.layer, 0) for s in graph.senders])
+    layers = torch.where(dropped, sender_layer, n_layers - 1).min(1).values
+    sources = {
+        "corrupted": {
+            **{get_act_name("z", layer): ectx.corrupted_z[layer] for layer in range(n_layers)},
+            **{get_act_name("mlp_out", s.layer): ectx.corrupted_outputs[:, :, i] for i, s in enumerate(graph.senders) if s.kind == "mlp"},
+        }
+    }
+    batch, pos = ectx.clean_tokens.shape
+    out = []
+    with torch.no_grad(), reading(model, LOGIT_DIFF, ectx.answer_tokens) as read:
+        chunk = plan_chunks(model, batch, pos, memory_mb, max_variants=len(kept)).variants
+        order = layers.argsort(stable=True)
+        for first in range(0, len(kept), chunk):
+            part = order[first : first + chunk]
+            layer = int(layers[part].min())
+            resid = ectx.clean_resid[layer]
+            start = ectx.first_difference if ectx.clean_kv is not None and suffix_ok(model, resid, layer, ectx.clean_kv) else 0
+            hooks = hooks_for(_node_interventions(graph, dropped[part], layer, n_layers), sources, len(part), start)
+            past = ectx.clean_kv.cache(start, len(part)) if start else None
+            logits = forward_from_layer(model, resid[:, start:].repeat(len(part), 1, 1), layer, hooks, past)
+            out.append(read(logits, len(part)).cpu())
+    lds = torch.empty(len(kept), batch)
+    lds[order] = torch.cat(out)
+    return lds
+
+
+def _edge_logit_diffs(
+    ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"], memory_mb: float
+) -> Float[Tensor, "variant batch"]:
     """Each circuit's logit difference on each clean prompt, in batched runs from the first block it changes."""
     model = ectx.model
     out = []
