@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "a post-norm run that starts late takes the earlier layers' head changes as none",
+        "helpers/methods/edges.py",
+        "self.changes[layer] = (clean - self.corrupted[layer])[None]",
+        "self.changes[layer] = (0 * clean)[None]",
+        "tests/test_edges.py::test_runs_that_start_at_the_first_receiver_change_no_number",
+    ),
+    (
         "a node-level circuit's left-out MLPs not patched",
         "helpers/methods/edges.py",
         'out.append(Intervention(get_act_name("mlp_out", block), "corrupted", dropped[:, mlp][:, None, :]))',

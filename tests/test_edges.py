@@ -379,20 +379,24 @@ def test_made_forks_nest_without_firing_twice(family_models):
 def test_runs_that_start_at_the_first_receiver_change_no_number(family, family_models, monkeypatch):
     """Single-edge removals into every receiver layer (and circuits mixing them, in shuffled order) start at the first
     block an absent edge reaches, the senders before it clean; the same masks run from block 0 give the same logit
-    differences, in the caller's order. Post-attention norms (Gemma) always start at block 0."""
+    differences, in the caller's order. Under post-attention norms (Gemma) the earlier layers' attention outputs and
+    head changes come from the clean run."""
     model, prompts = family_models(family)
     ectx = E.edge_context(model, prompts)
     g = ectx.graph
     edges = g.edge_index
     layer_of = torch.tensor([g.receivers[int(r)].layer for r in edges[:, 1]])
-    picked = torch.cat([edges[layer_of == layer][:2] for layer in layer_of.unique()])
+    from_head = edges[:, 0] == g.first_head(0)  # and from a head of block 0, read through the earlier layers' norms
+    picked = torch.cat(
+        [edges[layer_of == layer][:2] for layer in layer_of.unique()] + [edges[from_head & (layer_of == layer_of.max())][:2]]
+    )
     masks = g.allowed[None].repeat(len(picked) + 2, 1, 1)
     masks[torch.arange(len(picked)), picked[:, 0], picked[:, 1]] = False
     masks[-2] = g.allowed & (torch.rand(g.allowed.shape, generator=torch.Generator().manual_seed(0)) < 0.7)
     order = torch.randperm(len(masks), generator=torch.Generator().manual_seed(1))
     masks = masks[order]
     layers = E.start_layers(ectx, masks)
-    assert (layers == 0).all() if g.post_norm else int(layers.max()) == model.cfg.n_layers - 1
+    assert int(layers.max()) == model.cfg.n_layers - 1
     fast = E.evaluate_masks(ectx, masks, memory_mb=1, per_prompt=True)  # small chunks: several start layers
     monkeypatch.setattr(E, "START_AT_RECEIVERS", False)
     plain = E.evaluate_masks(ectx, masks, memory_mb=1, per_prompt=True)

@@ -353,6 +353,7 @@ class EdgeContext:
     clean_kv: KVPrefix | None = None  # the clean run's keys and values: evaluations recompute from the first difference on
     clean_resid: Float[Tensor, "layer batch pos d_model"] | None = None  # each block's clean input: runs start at a layer
     corrupted_z: Float[Tensor, "layer batch pos head d_head"] | None = None  # node-level circuits patch these (``node_sets``)
+    clean_attention: Float[Tensor, "layer batch pos d_model"] | None = None  # post-attention norms: each layer's A, clean
 
     @cached_property
     def first_difference(self) -> int:
@@ -390,9 +391,12 @@ def edge_context(model, prompts: PromptPair | PromptSet) -> EdgeContext:
     clean_tokens, corrupted_tokens, answer_tokens = pair.source, pair.base, pair.answers
     graph = Graph.from_model(model)
     names = _sender_hooks(model.cfg.n_layers)
+    attention_names = [f"blocks.{layer}.ln1_post.hook_in" for layer in range(model.cfg.n_layers)] if graph.post_norm else []
     with torch.no_grad():
         resid_names = [get_act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
-        clean_logits, clean_cache, clean_kv = run_with_kv(model, clean_tokens, names_filter=names + resid_names + [EMBED_HOOK])
+        clean_logits, clean_cache, clean_kv = run_with_kv(
+            model, clean_tokens, names_filter=names + resid_names + attention_names + [EMBED_HOOK]
+        )
         corr_logits, corr_cache = model.run_with_cache(corrupted_tokens, names_filter=names)
         outputs = sender_outputs(model, clean_cache), sender_outputs(model, corr_cache)
     return EdgeContext(
@@ -408,6 +412,7 @@ def edge_context(model, prompts: PromptPair | PromptSet) -> EdgeContext:
         clean_kv,
         torch.stack([clean_cache[name] for name in resid_names]),
         torch.stack([corr_cache[get_act_name("z", layer)] for layer in range(model.cfg.n_layers)]),
+        torch.stack([clean_cache[name] for name in attention_names]) if attention_names else None,
     )
 
 
@@ -505,6 +510,18 @@ class _NormedHeads:
         self.changes: dict[int, Float[Tensor, "variant head batch pos d_model"]] = {}
         self.sums: dict[int, tuple[Float[Tensor, "variant batch pos d_model"], Float[Tensor, "variant batch pos d_model"]]] = {}
 
+    def record_clean(self, ectx: EdgeContext, before: int, start: int) -> None:
+        """Layers ``0..before-1`` (blocks a run that starts at ``before`` does not compute) as in the clean run, in every
+        variant: their heads' clean changes and the clean ``A`` and ``N(A)`` (``EdgeContext.clean_attention``), shared."""
+        for layer in sorted(self.read):
+            if layer >= before:
+                continue
+            f = ectx.graph.first_head(layer)
+            clean = ectx.clean_outputs[:, start:, f : f + self.n_heads].permute(2, 0, 1, 3)
+            self.changes[layer] = (clean - self.corrupted[layer])[None].expand(self.n_var, -1, -1, -1, -1)
+            attn = ectx.clean_attention[layer, :, start:]
+            self.sums[layer] = attn[None].expand(self.n_var, -1, -1, -1), self.norms[layer](attn)[None].expand(self.n_var, -1, -1, -1)
+
     def record_heads(self, layer: int, out: Float[Tensor, "variant_batch pos head d_model"]) -> None:
         """The layer's heads' outputs (before the norm) in this run: their changes, kept if some receiver reads them."""
         if layer in self.read:
@@ -552,6 +569,7 @@ class _EdgeRun:
         if ectx.graph.post_norm:  # the heads' part goes through their layers' norms; the rest is linear (absent form)
             heads = ectx.graph.is_head[None, :, None]
             self.normed = _NormedHeads(ectx, absent & ectx.graph.allowed & heads, start)
+            self.normed.record_clean(ectx, layer, start)
             absent, complement = absent & ~heads, False
         choices = _fork_choices(ectx.graph, absent, complement)
         read = _senders_read(choices, n_send)
@@ -721,11 +739,11 @@ def _hooks(run: _EdgeRun, start_layer: int = 0) -> list[tuple[str, object]]:
 
 def start_layers(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver"]) -> Int[Tensor, " variant"]:
     """The block each circuit's run can start at: the first layer of a receiver with an absent edge (before it the run
-    equals the clean one). 0 under post-attention norms (their update reads earlier layers' sums from the run itself),
-    and where starting later is not verified exact on this model."""
+    equals the clean one; under post-attention norms the earlier layers' attention outputs come from the clean run,
+    ``EdgeContext.clean_attention``). 0 where starting later is not verified exact on this model."""
     graph, model = ectx.graph, ectx.model
     n_layers = model.cfg.n_layers
-    if not START_AT_RECEIVERS or graph.post_norm or ectx.clean_resid is None:
+    if not START_AT_RECEIVERS or ectx.clean_resid is None or (graph.post_norm and ectx.clean_attention is None):
         return torch.zeros(len(masks), dtype=torch.long)
     layer = torch.tensor([r.layer for r in graph.receivers])
     absent = (~masks & graph.allowed).any(1)  # [variant, receiver]
