@@ -58,8 +58,8 @@ from transformer_lens.utilities import get_act_name
 from helpers.engine.capabilities import NotSupported, architecture, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
 from helpers.engine.chunks import plan_chunks, rows_within
 from helpers.engine.forks import made_forks, receiver_forks
-from helpers.engine.forward import forward_from_layer, reading, suffix_ok
-from helpers.engine.interventions import Intervention, hooks_for
+from helpers.engine.forward import forward_from_layer, reading, run_interventions, suffix_ok
+from helpers.engine.interventions import Intervention
 from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import LOGIT_DIFF, faithfulness, logit_diff
@@ -352,7 +352,8 @@ class EdgeContext:
     corrupted_logit_diff: float
     clean_kv: KVPrefix | None = None  # the clean run's keys and values: evaluations recompute from the first difference on
     clean_resid: Float[Tensor, "layer batch pos d_model"] | None = None  # each block's clean input: runs start at a layer
-    corrupted_z: Float[Tensor, "layer batch pos head d_head"] | None = None  # node-level circuits patch these (``node_sets``)
+    clean_z: Float[Tensor, "layer batch pos head d_head"] | None = None  # node-level circuits (``node_sets``): the base run
+    corrupted_z: Float[Tensor, "layer batch pos head d_head"] | None = None  # and the values they patch in
     clean_attention: Float[Tensor, "layer batch pos d_model"] | None = None  # post-attention norms: each layer's A, clean
 
     @cached_property
@@ -411,6 +412,7 @@ def edge_context(model, prompts: PromptPair | PromptSet) -> EdgeContext:
         logit_diff(corr_logits, answer_tokens).mean().item(),
         clean_kv,
         torch.stack([clean_cache[name] for name in resid_names]),
+        torch.stack([clean_cache[get_act_name("z", layer)] for layer in range(model.cfg.n_layers)]),
         torch.stack([corr_cache[get_act_name("z", layer)] for layer in range(model.cfg.n_layers)]),
         torch.stack([clean_cache[name] for name in attention_names]) if attention_names else None,
     )
@@ -822,7 +824,7 @@ def _logit_diffs(ectx: EdgeContext, masks: Bool[Tensor, "variant sender receiver
     """Each circuit's logit difference on each clean prompt: node-level circuits (``node_sets``) as plain patched
     forwards, the others through the receiver forks."""
     nodes = torch.zeros(len(masks), dtype=torch.bool)
-    if NODE_RUNS and ectx.corrupted_z is not None and ectx.clean_resid is not None:
+    if NODE_RUNS and ectx.clean_z is not None and ectx.corrupted_z is not None and ectx.clean_resid is not None:
         nodes, kept = node_sets(ectx.graph, masks)
     lds = torch.empty(len(masks), ectx.clean_tokens.shape[0])
     if nodes.any():
@@ -844,34 +846,30 @@ def _node_interventions(graph: Graph, dropped: Bool[Tensor, "variant sender"], l
 
 
 def _node_logit_diffs(ectx: EdgeContext, kept: Bool[Tensor, "variant sender"], memory_mb: float) -> Float[Tensor, "variant batch"]:
-    """Each node-level circuit's logit difference on each clean prompt (``node_sets``): the clean prompts with every
-    left-out sender's output patched from the corrupted run, from the first block with one, and from the first
-    position where the two runs differ (the clean run's keys and values before it); circuits batched to ``memory_mb``."""
+    """Each node-level circuit's logit difference on each clean prompt (``node_sets``): the engine's runner on the clean
+    prompts with every left-out sender's output patched from the corrupted run, from the first block with one and the
+    first position it changes (the clean run's keys and values before it); circuits batched to ``memory_mb``."""
     model, graph = ectx.model, ectx.graph
     n_layers = model.cfg.n_layers
     dropped = ~kept
     sender_layer = torch.tensor([max(s.layer, 0) for s in graph.senders])
     layers = torch.where(dropped, sender_layer, n_layers - 1).min(1).values
-    sources = {
-        "corrupted": {
-            **{get_act_name("z", layer): ectx.corrupted_z[layer] for layer in range(n_layers)},
-            **{get_act_name("mlp_out", s.layer): ectx.corrupted_outputs[:, :, i] for i, s in enumerate(graph.senders) if s.kind == "mlp"},
-        }
-    }
+    mlps = {get_act_name("mlp_out", s.layer): i for i, s in enumerate(graph.senders) if s.kind == "mlp"}
+    z = [get_act_name("z", layer) for layer in range(n_layers)]
+    sources = {"corrupted": {**dict(zip(z, ectx.corrupted_z)), **{h: ectx.corrupted_outputs[:, :, i] for h, i in mlps.items()}}}
+    clean = {get_act_name("resid_pre", layer): ectx.clean_resid[layer] for layer in range(n_layers)}
+    clean |= {**dict(zip(z, ectx.clean_z)), **{h: ectx.clean_outputs[:, :, i] for h, i in mlps.items()}}
     batch, pos = ectx.clean_tokens.shape
+    chunk = plan_chunks(model, batch, pos, memory_mb, max_variants=len(kept)).variants
+    order = layers.argsort(stable=True)
     out = []
-    with torch.no_grad(), reading(model, LOGIT_DIFF, ectx.answer_tokens) as read:
-        chunk = plan_chunks(model, batch, pos, memory_mb, max_variants=len(kept)).variants
-        order = layers.argsort(stable=True)
-        for first in range(0, len(kept), chunk):
-            part = order[first : first + chunk]
-            layer = int(layers[part].min())
-            resid = ectx.clean_resid[layer]
-            start = ectx.first_difference if ectx.clean_kv is not None and suffix_ok(model, resid, layer, ectx.clean_kv) else 0
-            hooks = hooks_for(_node_interventions(graph, dropped[part], layer, n_layers), sources, len(part), start)
-            past = ectx.clean_kv.cache(start, len(part)) if start else None
-            logits = forward_from_layer(model, resid[:, start:].repeat(len(part), 1, 1), layer, hooks, past)
-            out.append(read(logits, len(part)).cpu())
+    for first in range(0, len(kept), chunk):
+        part = order[first : first + chunk]
+        patches = _node_interventions(graph, dropped[part], int(layers[part].min()), n_layers)
+        values, _ = run_interventions(
+            model, ectx.clean_tokens, ectx.answer_tokens, patches, sources, len(part), clean, prefix=ectx.clean_kv
+        )
+        out.append(values.cpu())
     lds = torch.empty(len(kept), batch)
     lds[order] = torch.cat(out)
     return lds
