@@ -16,6 +16,48 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "a band of forks skips the first row stored since the band began",
+        "helpers/methods/edges.py",
+        "new = ((rows >= self.band_rows[:, None])",
+        "new = ((rows > self.band_rows[:, None])",
+        "tests/test_edges.py::test_forks_read_in_bands_and_split_where_hooked_change_no_number",
+    ),
+    (
+        "a band of forks counts its first rows twice",
+        "helpers/methods/edges.py",
+        "self.band, self.band_rows = band, stored",
+        "self.band, self.band_rows = band, 0 * stored",
+        "tests/test_edges.py::test_forks_read_in_bands_and_split_where_hooked_change_no_number",
+    ),
+    (
+        "no block forks its q/k/v inputs, hooked or not",
+        "helpers/engine/forks.py",
+        'any(fork.has_hooks(dir="fwd") for fork in forks)',
+        "False",
+        "tests/test_edges.py::test_forks_read_in_bands_and_split_where_hooked_change_no_number",
+    ),
+    (
+        "every block forks its q/k/v inputs",
+        "helpers/engine/forks.py",
+        'any(fork.has_hooks(dir="fwd") for fork in forks)',
+        "True",
+        "tests/test_edges.py::test_blocks_without_a_hooked_fork_run_unforked",
+    ),
+    (
+        "a forward's first variant left out of it",
+        "helpers/engine/chunks.py",
+        "groups.append(order[cut[j] : j])",
+        "groups.append(order[cut[j] + 1 : j])",
+        "tests/test_patching.py::test_forwards_grouped_by_start_layer_cost_least",
+    ),
+    (
+        "forwards cut every max_variants in start order",
+        "helpers/engine/chunks.py",
+        "for i in range(max(0, j - max(1, max_variants)), j):",
+        "for i in [max(0, j - max(1, max_variants))] if j % max(1, max_variants) == 0 or j == n else []:",
+        "tests/test_patching.py::test_forwards_grouped_by_start_layer_cost_least",
+    ),
+    (
         "a post-norm run that starts late takes the earlier layers' head changes as none",
         "helpers/methods/edges.py",
         "self.changes[layer] = (clean - self.corrupted[layer])[None]",

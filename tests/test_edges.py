@@ -306,6 +306,38 @@ def test_reading_fewer_senders_changes_no_number_on_every_family(family, family_
     assert (fast - E.evaluate_masks(ectx, masks, per_prompt=True)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forks_read_in_bands_and_split_where_hooked_change_no_number(family, family_models, monkeypatch):
+    """Two savings of the fork runs change no number on any family: a band of forks reads the stored sender changes
+    once between them (``_EdgeRun._band_sum``), against each fork reading them alone; and the bridge forks q/k/v
+    inputs only in blocks with a hook on one (``engine.forks``), against every block forked."""
+    from helpers.engine import forks
+
+    model, prompts = family_models(family)
+    ectx = E.edge_context(model, prompts)
+    masks = _every_kind_of_mask(ectx.graph)
+    fast = E.evaluate_masks(ectx, masks, per_prompt=True)
+    monkeypatch.setattr(E, "RECEIVERS_PER_BAND", 1)
+    monkeypatch.setattr(forks, "SPLIT_WHERE_HOOKED", False)
+    assert (fast - E.evaluate_masks(ectx, masks, per_prompt=True)).abs().max() < 1e-4
+
+
+def test_blocks_without_a_hooked_fork_run_unforked(family_models):
+    """With a hook on one block's query fork, only that block's attention copies the residual stream per head."""
+    from helpers.engine.forks import receiver_forks
+
+    model, prompts = family_models("llama")
+    split = []
+    with receiver_forks(model), torch.no_grad(), model.hooks(fwd_hooks=[("blocks.1.hook_q_input", lambda act, hook: act)]):
+        seen = [b.attn.register_forward_pre_hook(lambda attn, args: split.append(attn.config.use_split_qkv_input)) for b in model.blocks]
+        try:
+            model(prompts.clean_tokens)
+        finally:
+            for handle in seen:
+                handle.remove()
+    assert split == [layer == 1 for layer in range(model.cfg.n_layers)]
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_a_single_edge_under_a_post_attention_norm_equals_plain_hooks(family, family_models):
     """Gemma's layers write N(sum of head outputs): removing the one edge L0H1 -> L1H2.q means that head's query input

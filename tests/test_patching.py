@@ -91,6 +91,33 @@ def test_one_chunk_planner_sizes_every_metric(ctx):
     assert CH.plan_chunks(model, batch, n_pos, 1024, max_variants=2).variants == 2
 
 
+def test_forwards_grouped_by_start_layer_cost_least():
+    """``by_start_layer``: every variant in exactly one forward of at most ``max_variants``, in order of start; a lone
+    early variant runs alone instead of taking a chunk of late ones back to block 0; and no cut of the sorted order
+    into chunks costs less (every cut checked on small cases)."""
+    import itertools
+
+    def cost(groups, starts, n_layers):
+        return sum((len(g) + CH.FORWARD_OVERHEAD) * (n_layers - int(starts[g].min())) for g in groups)
+
+    starts = torch.tensor([17] * 26 + [0])
+    groups = CH.by_start_layer(starts, 30, 27)
+    assert [g.tolist() for g in groups] == [[26], list(range(26))]
+    generator = torch.Generator().manual_seed(0)
+    for n, cap in ((1, 1), (5, 2), (7, 3), (8, 8)):
+        starts = torch.randint(0, 12, (n,), generator=generator)
+        groups = CH.by_start_layer(starts, 12, cap)
+        assert sorted(torch.cat(groups).tolist()) == list(range(n)) and max(len(g) for g in groups) <= cap
+        order = starts.argsort(stable=True)
+        cuts = [
+            [order[i:j] for i, j in zip((0, *c), (*c, n))]
+            for k in range(n)
+            for c in itertools.combinations(range(1, n), k)
+            if all(j - i <= cap for i, j in zip((0, *c), (*c, n)))
+        ]
+        assert cost(groups, starts, 12) <= min(cost(c, starts, 12) for c in cuts) + 1e-9
+
+
 def test_memory_budget_sets_the_chunk_and_not_the_result(ctx):
     model, (batch, n_pos) = ctx.model, ctx.base_tokens.shape
     per_variant = CH.bytes_per_variant(model, batch, n_pos)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxtyping import Int
+from torch import Tensor
+
 from helpers.engine.metrics import LOGIT_DIFF, Metric
 
 
@@ -85,3 +88,33 @@ def variants_per_chunk(model, batch: int, n_pos: int, memory_mb: float, max_vari
     """How many variants, each measured by a logit difference, one batched forward may hold within ``memory_mb`` (or
     ``max_variants`` if smaller): ``plan_chunks(...).variants``."""
     return plan_chunks(model, batch, n_pos, memory_mb, max_variants=max_variants).variants
+
+
+FORWARD_OVERHEAD = 1.5
+"""The fixed cost of one forward through a block, in variants: Python and the bridge's per-block work, which does not
+grow with the batch (a forward of 2 prompts through SmolLM2's blocks costs 1.5 variants of 64 prompts' worth)."""
+
+
+def by_start_layer(starts: Int[Tensor, " variant"], n_layers: int, max_variants: int) -> list[Int[Tensor, " chunk"]]:
+    """Variants grouped into forwards of at most ``max_variants``, each forward starting at its earliest variant's
+    layer (``starts``: where each variant may start), at the least cost: a forward from layer ``l`` of ``n`` variants
+    costs ``(n + FORWARD_OVERHEAD) x (n_layers - l)`` block passes. Sorting by start and cutting every
+    ``max_variants`` runs late variants from block 0 whenever one of their chunk starts there (SmolLM2's 171 exact
+    single-edge checks at 64 prompts: chunks of 27 from blocks 0, 10, 17 and 20, 67 s; cut this way, 38 s). The
+    cheapest cut of the sorted order is found exactly (dynamic programming over where each forward begins). Returns
+    each forward's variants (indices into ``starts``), in order of start."""
+    order = starts.argsort(stable=True)
+    layer = starts[order].tolist()
+    n = len(layer)
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest forwards for the first j variants in start order
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max(1, max_variants)), j):
+            cost = best[i] + (j - i + FORWARD_OVERHEAD) * (n_layers - layer[i])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]

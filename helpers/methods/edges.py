@@ -56,7 +56,7 @@ from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
 from helpers.engine.capabilities import NotSupported, architecture, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
-from helpers.engine.chunks import plan_chunks, rows_within
+from helpers.engine.chunks import by_start_layer, plan_chunks, rows_within
 from helpers.engine.forks import made_forks, receiver_forks
 from helpers.engine.forward import forward_from_layer, reading, run_interventions, suffix_ok
 from helpers.engine.interventions import Intervention
@@ -483,6 +483,7 @@ def _senders_read(choices: dict[str, _ForkChoice], n_senders: int) -> Bool[Tenso
 COMPLEMENT = True  # let forks read running totals or the complement where that reads fewer senders (tests turn it off)
 START_AT_RECEIVERS = True  # runs start at the first block an absent edge reaches (verified per layer; tests turn it off)
 SKIP_PATHLESS = True  # circuits with no path from the input to the logits are the corrupted run: no forward (tests turn it off)
+RECEIVERS_PER_BAND = 32  # forks whose products share one pass over the stored rows (``_EdgeRun._band_sum``), at most this many receivers
 NODE_RUNS = True  # node-level circuits run as one plain patched forward, without receiver forks (``node_sets``; tests turn it off)
 
 
@@ -585,18 +586,34 @@ class _EdgeRun:
         self.kept = kept_senders.to(corrupted.dtype)[:, :, None, None, None] if uses_kept else None
         self.kept_total = corrupted.new_zeros(self.n_var, batch, pos, d) if uses_kept else None
         self.recorded = 0  # senders recorded so far (in order)
+        self.stored = torch.nn.functional.pad(read.long().cumsum(1), (1, 0))  # [variant, sender + 1]: rows before it
         self.plans: dict[str, tuple | None] = {}
+        bands: list[list[tuple[str, Tensor]]] = [[]]  # consecutive forks whose products share one pass over the store
+        dtype = corrupted.dtype
         for hook, c in choices.items():
             weighted = c.weights.ne(0).any(2)  # [variant, sender < upto]: the senders this fork reads one by one
             if not weighted.any() and not c.from_all.any():
                 self.plans[hook] = None  # nothing to take away from these receivers in any variant: the fork is untouched
                 continue
-            n_rows = int(self.row[:, : c.upto][weighted].max()) + 1 if weighted.any() else 0  # rows in sender order
+            self.plans[hook] = (c.upto, c.from_all.to(dtype), c.minus_kept.to(dtype), None, None)
+            if not weighted.any():
+                continue
+            n_rows = int(self.row[:, : c.upto][weighted].max()) + 1  # rows in sender order
             by_row = torch.zeros(self.n_var, n_rows, len(c.receivers))
             v, s = weighted.nonzero(as_tuple=True)
             by_row[v, self.row[v, s]] = c.weights[v, s]
-            dtype = corrupted.dtype
-            self.plans[hook] = (c.upto, c.from_all.to(dtype), c.minus_kept.to(dtype), by_row.transpose(1, 2).to(dtype))
+            if sum(len(w) for _, w in bands[-1]) + len(c.receivers) > RECEIVERS_PER_BAND:
+                bands.append([])
+            bands[-1].append((hook, by_row.transpose(1, 2)))
+        self.bands: list[Float[Tensor, "variant receiver row"]] = []
+        for band in filter(None, bands):
+            width, first = max(w.shape[2] for _, w in band), 0
+            for hook, w in band:
+                self.plans[hook] = (*self.plans[hook][:3], len(self.bands), slice(first, first + w.shape[1]))
+                first += w.shape[1]
+            padded = [torch.nn.functional.pad(w, (0, width - w.shape[2])) for _, w in band]
+            self.bands.append(torch.cat(padded, 1).to(dtype))
+        self.band, self.band_sum, self.band_rows = -1, None, None  # the band being read, its running products
         before = ectx.graph.first_head(layer) if layer else 1  # the input, and the senders of the blocks not run
         self.record_clean(before, clean)
 
@@ -643,6 +660,11 @@ class _EdgeRun:
         if len(v):
             self.store[v, rows[v, n]] = change[0 if shared else v, n]
 
+    def takes_away(self, hook: str) -> bool:
+        """Whether some variant removes an edge into fork ``hook``'s receivers (else the fork is left unhooked: the
+        bridge forks a block's q/k/v inputs only where a hook is on one, ``engine.forks``)."""
+        return self.plans[hook] is not None or (self.normed is not None and bool(self.normed.plans[hook]))
+
     def update(self, hook: str) -> Float[Tensor, "variant_batch pos receiver d_model"] | None:
         """What the absent edges into fork ``hook``'s receivers must take away from their inputs in this run (None:
         nothing, in every variant)."""
@@ -651,20 +673,42 @@ class _EdgeRun:
         out = self.normed.update(hook, n_recv) if self.normed is not None else None  # [variant, receiver, batch, pos, d]
         plan = self.plans[hook]
         if plan is not None:
-            upto, from_all, minus_kept, weights = plan
-            n_rows = weights.shape[2]
-            linear = torch.bmm(weights, self.store[:, :n_rows].reshape(n_var, n_rows, batch * pos * d))  # [variant, receiver, batch*pos*d]
+            upto, from_all, minus_kept, band, columns = plan
+            if band is None:
+                linear = self.store.new_zeros(n_var, n_recv, batch * pos * d)
+            else:
+                linear = self._band_sum(band, columns)  # [variant, receiver, batch*pos*d]
             if bool(from_all.any()):
                 if self.recorded != upto:
                     raise RuntimeError(f"fork {hook} read after {self.recorded} senders, not {upto} (edges: report this)")
-                linear += from_all[:, None, None] * self.total.reshape(n_var, 1, -1)
+                linear = linear + from_all[:, None, None] * self.total.reshape(n_var, 1, -1)
                 if self.kept_total is not None:
-                    linear -= minus_kept[:, :, None] * self.kept_total.reshape(n_var, 1, -1)
+                    linear = linear - minus_kept[:, :, None] * self.kept_total.reshape(n_var, 1, -1)
             linear = linear.reshape(n_var, n_recv, batch, pos, d)
             out = linear if out is None else out + linear
         if out is None:
             return None
         return out.permute(0, 2, 3, 1, 4).reshape(n_var * batch, pos, n_recv, d)
+
+    def _band_sum(self, band: int, columns: slice) -> Float[Tensor, "variant receiver flat"]:
+        """The products of band ``band``'s weights (``columns``: one fork's receivers) with every row stored so far.
+        The first fork of a band read multiplies the rows stored then for the whole band, in one product; each fork
+        adds the rows stored since (a layer's heads, its MLP). The forks of a band thus read the older rows once
+        between them instead of once each (memory-bound: about 120 forks a forward on SmolLM2)."""
+        weights = self.bands[band]
+        stored = self.stored[:, self.recorded].clamp(max=weights.shape[2])  # [variant]: rows stored so far (this band's)
+        if band != self.band:
+            hi = int(stored.max())
+            have = (torch.arange(hi) < stored[:, None]).to(weights.dtype)[:, None]
+            self.band, self.band_rows = band, stored
+            self.band_sum = torch.bmm(weights[:, :, :hi] * have, self.store[:, :hi].flatten(2))
+        out = self.band_sum[:, columns]
+        lo, hi = int(self.band_rows.min()), int(stored.max())
+        if hi > lo:
+            rows = torch.arange(lo, hi)
+            new = ((rows >= self.band_rows[:, None]) & (rows < stored[:, None])).to(weights.dtype)[:, None]  # [variant, 1, row]
+            out = torch.baddbmm(out, weights[:, columns, lo:hi] * new, self.store[:, lo:hi].flatten(2))
+        return out
 
 
 class _Record:
@@ -734,7 +778,7 @@ def _hooks(run: _EdgeRun, start_layer: int = 0) -> list[tuple[str, object]]:
     hooks += [
         (hook, _Receive(run, hook, rs, graph.receivers[rs[0]].index is not None))
         for hook, rs in graph.receivers_by_hook.items()
-        if graph.receivers[rs[0]].layer >= start_layer
+        if graph.receivers[rs[0]].layer >= start_layer and run.takes_away(hook)
     ]
     return hooks
 
@@ -861,17 +905,13 @@ def _node_logit_diffs(ectx: EdgeContext, kept: Bool[Tensor, "variant sender"], m
     clean |= {**dict(zip(z, ectx.clean_z)), **{h: ectx.clean_outputs[:, :, i] for h, i in mlps.items()}}
     batch, pos = ectx.clean_tokens.shape
     chunk = plan_chunks(model, batch, pos, memory_mb, max_variants=len(kept)).variants
-    order = layers.argsort(stable=True)
-    out = []
-    for first in range(0, len(kept), chunk):
-        part = order[first : first + chunk]
+    lds = torch.empty(len(kept), batch)
+    for part in by_start_layer(layers, n_layers, chunk):
         patches = _node_interventions(graph, dropped[part], int(layers[part].min()), n_layers)
         values, _ = run_interventions(
             model, ectx.clean_tokens, ectx.answer_tokens, patches, sources, len(part), clean, prefix=ectx.clean_kv
         )
-        out.append(values.cpu())
-    lds = torch.empty(len(kept), batch)
-    lds[order] = torch.cat(out)
+        lds[part] = values.cpu()
     return lds
 
 
@@ -880,7 +920,6 @@ def _edge_logit_diffs(
 ) -> Float[Tensor, "variant batch"]:
     """Each circuit's logit difference on each clean prompt, in batched runs from the first block it changes."""
     model = ectx.model
-    out = []
     with receiver_forks(model), torch.no_grad(), reading(model, LOGIT_DIFF, ectx.answer_tokens) as read:
         start = 0
         if ectx.clean_kv is not None and suffix_ok(model, ectx.clean_outputs[:, :, 0], 0, ectx.clean_kv, "receiver forks"):
@@ -893,23 +932,21 @@ def _edge_logit_diffs(
         forks = 2 * (cfg.n_heads + 2 * kv_heads(cfg))
         if ectx.graph.post_norm:  # each layer's head changes, A and N(A); a fork's mixes (partial sums, their norms, the sum)
             forks += cfg.n_layers * (cfg.n_heads + 2) + 4 * cfg.n_heads
-        held = (rows + 2 + forks) * batch * pos * d * ectx.corrupted_outputs.element_size()
+        band = min(RECEIVERS_PER_BAND, len(ectx.graph.receivers))  # the running products of a band of forks
+        held = (rows + 2 + forks + band) * batch * pos * d * ectx.corrupted_outputs.element_size()
         chunk = plan_chunks(model, batch, pos, memory_mb, max_variants=len(masks), held_per_variant=held).variants
+        lds = torch.empty(len(masks), batch)
         layers = start_layers(ectx, masks)
-        order = layers.argsort(stable=True)  # chunks of circuits that start at the same block or near it
-        for first in range(0, len(masks), chunk):
-            part = order[first : first + chunk]
+        for part in by_start_layer(layers, model.cfg.n_layers, chunk):
             layer = int(layers[part].min())
             run = _EdgeRun(ectx, ~masks[part], start, layer)
             # the clean run's input to that block (blocks.0.hook_resid_pre: the embeddings)
             resid = (ectx.clean_resid[layer] if layer else ectx.clean_outputs[:, :, 0])[:, start:].repeat(run.n_var, 1, 1)
             past = ectx.clean_kv.cache(start, run.n_var) if start else None
             logits = forward_from_layer(model, resid, layer, _hooks(run, layer), past)  # final position only
-            out.append(read(logits, run.n_var).cpu())
+            lds[part] = read(logits, run.n_var).cpu()
             del run, resid, past, logits
             release_freed_memory()  # hundreds of these runs in a search otherwise grow the heap (helpers.engine.memory)
-    lds = torch.empty(len(masks), batch)
-    lds[order] = torch.cat(out)
     return lds
 
 
