@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "a band of forks' edge scores read only the senders before its first fork",
+        "helpers/methods/edges.py",
+        "upto = max(graph.sender_slots_before(r) for r in rs)  # only senders before a fork",
+        "upto = min(graph.sender_slots_before(r) for r in rs)  # only senders before a fork",
+        "tests/test_edges.py::test_every_family_exact",
+    ),
+    (
         "a band of forks skips the first row stored since the band began",
         "helpers/methods/edges.py",
         "new = ((rows >= self.band_rows[:, None])",

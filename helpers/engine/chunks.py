@@ -91,8 +91,9 @@ def variants_per_chunk(model, batch: int, n_pos: int, memory_mb: float, max_vari
 
 
 FORWARD_OVERHEAD = 1.5
-"""The fixed cost of one forward through a block, in variants: Python and the bridge's per-block work, which does not
-grow with the batch (a forward of 2 prompts through SmolLM2's blocks costs 1.5 variants of 64 prompts' worth)."""
+"""The fixed cost of one forward through a block, in variants, for ``by_start_layer``: Python and the bridge's
+per-block work, which does not grow with the batch (on SmolLM2 a forward of 2 prompts costs a third of one 64-prompt
+variant's suffix forward, 0.09 against 0.27 s); set above that, so that a forward is split only for a clear saving."""
 
 
 def by_start_layer(starts: Int[Tensor, " variant"], n_layers: int, max_variants: int) -> list[Int[Tensor, " chunk"]]:
