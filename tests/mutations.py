@@ -354,8 +354,8 @@ MUTATIONS = [
     (
         "edge scores pair each sender's delta with the wrong receiver gradient entries",
         "helpers/methods/edges.py",
-        "columns = per_prompt(received[hook]).permute(0, 1, 3, 2).reshape(-1, len(rs))",
-        "columns = per_prompt(received[hook]).reshape(-1, len(rs))",
+        "columns.append(per_prompt(received[hook]).permute(0, 1, 3, 2).reshape(-1, len(rs)))",
+        "columns.append(per_prompt(received[hook]).reshape(-1, len(rs)))",
         "tests/test_edges.py::test_eap_sums_over_receivers_to_the_heads_attribution",
     ),
     (

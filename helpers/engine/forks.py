@@ -64,7 +64,7 @@ def _split_where_hooked(model):
     when it runs, so it is set just before each attention and restored after (configs shared by the blocks, as in
     GPT-2 and Pythia, or cloned per block, as in Llama)."""
 
-    def before(attn, args, kwargs=None) -> None:
+    def before(attn, args) -> None:
         forks = (attn.hook_q_input, attn.hook_k_input, attn.hook_v_input)
         model._write_propagated_hook_flag(attn.config, "use_split_qkv_input", any(fork.has_hooks(dir="fwd") for fork in forks))
 

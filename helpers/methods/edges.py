@@ -490,10 +490,20 @@ def _senders_read(choices: dict[str, _ForkChoice], n_senders: int) -> Bool[Tenso
 COMPLEMENT = True  # let forks read running totals or the complement where that reads fewer senders (tests turn it off)
 START_AT_RECEIVERS = True  # runs start at the first block an absent edge reaches (verified per layer; tests turn it off)
 SKIP_PATHLESS = True  # circuits with no path from the input to the logits are the corrupted run: no forward (tests turn it off)
-RECEIVERS_PER_BAND = (
-    32  # forks whose products share one pass over the senders (``_EdgeRun._band_sum``, ``edge_scores``): at most this many receivers
-)
+# forks whose products share one pass over the senders (``_bands``: ``_EdgeRun._band_sum``, ``edge_scores``), this many receivers at most
+RECEIVERS_PER_BAND = 32
 NODE_RUNS = True  # node-level circuits run as one plain patched forward, without receiver forks (``node_sets``; tests turn it off)
+
+
+def _bands(sizes: list[int]) -> list[list[int]]:
+    """Consecutive forks (``sizes``: each one's receivers) in bands of at most ``RECEIVERS_PER_BAND`` receivers (a fork
+    with more is a band alone): the indices of each band's forks."""
+    bands: list[list[int]] = [[]]
+    for i, size in enumerate(sizes):
+        if bands[-1] and sum(sizes[j] for j in bands[-1]) + size > RECEIVERS_PER_BAND:
+            bands.append([])
+        bands[-1].append(i)
+    return bands if sizes else []
 
 
 class _NormedHeads:
@@ -597,7 +607,7 @@ class _EdgeRun:
         self.recorded = 0  # senders recorded so far (in order)
         self.stored = torch.nn.functional.pad(read.long().cumsum(1), (1, 0))  # [variant, sender + 1]: rows before it
         self.plans: dict[str, tuple | None] = {}
-        bands: list[list[tuple[str, Tensor]]] = [[]]  # consecutive forks whose products share one pass over the store
+        weights: list[tuple[str, Tensor]] = []  # the forks that read stored rows, with their [variant, receiver, row] weights
         dtype = corrupted.dtype
         for hook, c in choices.items():
             weighted = c.weights.ne(0).any(2)  # [variant, sender < upto]: the senders this fork reads one by one
@@ -611,11 +621,9 @@ class _EdgeRun:
             by_row = torch.zeros(self.n_var, n_rows, len(c.receivers))
             v, s = weighted.nonzero(as_tuple=True)
             by_row[v, self.row[v, s]] = c.weights[v, s]
-            if sum(len(w) for _, w in bands[-1]) + len(c.receivers) > RECEIVERS_PER_BAND:
-                bands.append([])
-            bands[-1].append((hook, by_row.transpose(1, 2)))
-        self.bands: list[Float[Tensor, "variant receiver row"]] = []
-        for band in filter(None, bands):
+            weights.append((hook, by_row.transpose(1, 2)))
+        self.bands: list[Float[Tensor, "variant receiver row"]] = []  # each band's forks' weights, side by side
+        for band in [[weights[i] for i in b] for b in _bands([w.shape[1] for _, w in weights])]:
             width, first = max(w.shape[2] for _, w in band), 0
             for hook, w in band:
                 self.plans[hook] = (*self.plans[hook][:3], len(self.bands), slice(first, first + w.shape[1]))
@@ -687,7 +695,7 @@ class _EdgeRun:
                 linear = self.store.new_zeros(n_var, n_recv, batch * pos * d)
             else:
                 linear = self._band_sum(band, columns)  # [variant, receiver, batch*pos*d]
-            if bool(from_all.any()):
+            if bool(from_all.any()):  # (not in place: ``linear`` may be a view of the band's products)
                 if self.recorded != upto:
                     raise RuntimeError(f"fork {hook} read after {self.recorded} senders, not {upto} (edges: report this)")
                 linear = linear + from_all[:, None, None] * self.total.reshape(n_var, 1, -1)
@@ -1026,11 +1034,8 @@ def edge_scores(
                 scores[first : first + n_heads, rs] += share[:, done : done + len(rs)]
                 done += len(rs)
 
-    bands: list[list[str]] = [[]]  # consecutive forks, at most RECEIVERS_PER_BAND receivers together
-    for hook, rs in by_hook.items():
-        if bands[-1] and sum(len(by_hook[h]) for h in bands[-1]) + len(rs) > RECEIVERS_PER_BAND:
-            bands.append([])
-        bands[-1].append(hook)
+    forks = list(by_hook)
+    bands = [[forks[i] for i in band] for band in _bands([len(by_hook[f]) for f in forks])]
 
     # Gradients go into the scores chunk by chunk: neither the gradients summed over all prompts nor the activations
     # of every receiver fork are held (1.3 GB each on SmolLM2 at 64 prompts).
