@@ -8,8 +8,8 @@ repeat, TransformerLens and ours run back to back (the order alternates per repe
 the ratio, the peak extra memory of each, and the max |difference| between the two results.
 
 Against the physical limit: for each sweep, the minimal FLOPs the exact algorithm needs (``helpers.engine.flops``: the
-live variants' runs from their layer and first patched position, the last block's query and MLP and the
-unembedding at the final position only), our achieved FLOP/s, and that as a fraction of this machine's dense
+live variants' runs from their layer and first patched position, the last block's query and MLP at the final
+position only, and its unembedding into the two answer columns the logit difference reads), our achieved FLOP/s, and that as a fraction of this machine's dense
 matmul throughput measured in the same run (``torch.matmul`` of the model's projection shapes at the token
 counts of one to sixteen variants; the best of them is the limit).
 

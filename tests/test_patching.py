@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers.engine import chunks as CH
+from helpers.engine import flops as F
 from helpers.methods import patching as P
 from helpers.task.prompts import PromptPair
 
@@ -197,6 +198,9 @@ def test_a_long_sweep_says_how_long_before_it_starts(ctx, capsys, monkeypatch):
     gflop, seconds = P.estimate_seconds(ctx, "head_out_by_pos")
     assert gflop == P.sweep_flops(ctx, "head_out_by_pos") / 1e9 > 0 and seconds > 0
     assert P.sweep_flops(ctx, "head_out_by_pos") > P.sweep_flops(ctx, "head_out")  # one run per position costs more
+    shape, (batch, n_pos) = F.ModelShape.of(ctx.model.cfg), ctx.base_tokens.shape
+    runs = P.sweep_plan(ctx, "head_out", minimal=True)  # the logit difference unembeds two columns, not the vocabulary
+    assert P.sweep_flops(ctx, "head_out") == sum(F.run_flops(shape, r.layer, r.start, n_pos, r.n_variants * batch, columns=2) for r in runs)
     assert ctx.forward_gflops > 0  # timed on the context's corrupted forward; a slow forward slows the estimate
     slow = dataclasses.replace(ctx, forward_gflops=ctx.forward_gflops / 1000)
     assert P.estimate_seconds(slow, "head_out_by_pos")[1] == pytest.approx(gflop / slow.forward_gflops)

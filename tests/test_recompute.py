@@ -147,6 +147,7 @@ def test_flop_counts_by_hand():
     # from layer 0, start 1, 3 positions, 5 prompts: block 0 at positions 1-2, the last block's keys/values at 1-2 and the rest at 2
     expected = 5 * (shape.block(1, 3) + shape.block(1, 3, final_only=True) + 2 * 8 * 10)
     assert F.run_flops(shape, 0, 1, 3, 5) == expected
+    assert F.run_flops(shape, 0, 1, 3, 5, columns=2) == expected - 5 * 2 * 8 * (10 - 2)  # a logit difference's two columns
     assert F.forward_flops(shape, 3, 5) == 5 * (2 * block_all + 3 * 2 * 8 * 10) > F.run_flops(shape, 0, 0, 3, 5)
     gated = F.ModelShape(**{**shape.__dict__, "gated_mlp": True})
     assert gated.query_output_mlp() - shape.query_output_mlp() == 2 * 8 * 16
