@@ -47,6 +47,13 @@ def test_suffix_runs_equal_full_recompute_on_every_family(fam):
                 assert (suffix - full).abs().max() <= 1e-4, (family, hook, start)
     paths = SC.fast_paths(model)
     assert all(paths[("suffix", layer)] for layer in range(model.cfg.n_layers)), paths  # used, not silently switched off
+    # a run from layer L copies the cached keys and values of blocks L.. only; earlier blocks get a view of the right shape
+    cache, kv = ctx.base_kv.cache(2, 3, from_layer=1), ctx.base_kv
+    assert (
+        cache.layers[0].keys.shape == cache.layers[1].keys.shape == (3 * len(kv.keys[0]), *kv.keys[0].shape[1:2], 2, kv.keys[0].shape[-1])
+    )
+    assert cache.layers[0].keys.stride(0) == 0 and cache.get_seq_length() == 2
+    assert all(torch.equal(c.values, v[:, :, :2].repeat(3, 1, 1, 1)) for c, v in zip(cache.layers[1:], kv.values[1:]))
     assert all(paths[("skip_blocks", layer)] for layer in range(model.cfg.n_layers)), paths
     # the last block's MLP at the final position only: exact everywhere except where a block reshapes by the sequence length
     assert paths[("last_mlp",)] == (family != "opt"), paths
@@ -83,8 +90,8 @@ def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypa
     reference = P.sweep(ctx, "resid_pre", progress=False)
     good = KV.KVPrefix.cache
 
-    def wrong(self, start, n_var=1, n_prompts=None):  # the right shapes, wrong keys (e.g. another prompt's, or no RoPE)
-        cache = good(self, start, n_var, n_prompts)
+    def wrong(self, start, n_var=1, n_prompts=None, from_layer=0):  # the right shapes, wrong keys (e.g. another prompt's, or no RoPE)
+        cache = good(self, start, n_var, n_prompts, from_layer)
         for layer in cache.layers:
             layer.keys = layer.keys * 1.5
         return cache

@@ -123,7 +123,7 @@ def run_interventions(
             hooks = hooks_for(interventions, sources, n_var, start) + record_hooks
             stacked = resid[:, start:].repeat(n_var, 1, 1)
             if last_only:
-                logits = forward_from_layer(model, stacked, layer, hooks, prefix.cache(start, n_var) if start else None)
+                logits = forward_from_layer(model, stacked, layer, hooks, prefix.cache(start, n_var, from_layer=layer) if start else None)
             else:
                 logits = logits_from_layer(model, stacked, layer, hooks)
         return read(logits, n_var), recorded
@@ -176,7 +176,7 @@ def suffix_ok(model, resid: Float[Tensor, "batch pos d_model"], layer: int, pref
     return verified(
         model,
         ("suffix", layer, setting) if setting else ("suffix", layer),
-        lambda: forward_from_layer(model, probe[:, start:], layer, [], prefix.cache(start, 1, len(probe))),
+        lambda: forward_from_layer(model, probe[:, start:], layer, [], prefix.cache(start, 1, len(probe), layer)),
         lambda: forward_from_layer(model, probe, layer, []),
         f"recomputing only the positions after a patch (earlier keys and values cached) from layer {layer} changed the output",
     )

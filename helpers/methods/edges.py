@@ -958,7 +958,7 @@ def _edge_logit_diffs(
             run = _EdgeRun(ectx, ~masks[part], start, layer)
             # the clean run's input to that block (blocks.0.hook_resid_pre: the embeddings)
             resid = (ectx.clean_resid[layer] if layer else ectx.clean_outputs[:, :, 0])[:, start:].repeat(run.n_var, 1, 1)
-            past = ectx.clean_kv.cache(start, run.n_var) if start else None
+            past = ectx.clean_kv.cache(start, run.n_var, from_layer=layer) if start else None
             logits = forward_from_layer(model, resid, layer, _hooks(run, layer), past)  # final position only
             lds[part] = read(logits, run.n_var).cpu()
             del run, resid, past, logits
