@@ -90,7 +90,8 @@ print(f"task {s.params.task} | model {s.model_name} | heads {labels} | words at 
 # **How it works.** (IOI paper §3.3.) Take the residual stream after the first block at each word's position,
 # pass it through one head's OV circuit as if the head attended there fully, then the final LayerNorm and the
 # unembedding. The copy score is the percent of (prompt, word) pairs whose own token is among the top
-# `copy_top_k` logits. The negative copy score does the same with the OV output negated. "With bias" adds the
+# `copy_top_k` logits (fewer than `copy_top_k` other words score higher; the vocabulary is unembedded a band at a
+# time and a pair stops once that many beat its word, which is exact). The negative copy score does the same with the OV output negated. "With bias" adds the
 # constant a head writes whatever it attends to: its value bias and the layer's output bias (`b_V W_O + b_O`;
 # TransformerLens folds every head's value bias into `b_O`, so the two can only be added together).
 # "Attend and copy" reads QK and OV together: on each prompt, the word the head attends to most from the end,

@@ -16,6 +16,27 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "top-k hits stop counting a row one word early",
+        "helpers/analyses/head_functions.py",
+        "live = live[count[live] < k]",
+        "live = live[count[live] < k - 1]",
+        "tests/test_head_functions.py::test_top_k_hits_by_vocabulary_bands_equal_the_full_ranking",
+    ),
+    (
+        "a target's own column counts as a word that beats it",
+        "helpers/analyses/head_functions.py",
+        "above[inside.nonzero().squeeze(1), targets[live][inside] - first] = False",
+        "pass",
+        "tests/test_head_functions.py::test_top_k_hits_by_vocabulary_bands_equal_the_full_ranking",
+    ),
+    (
+        "key/value prefixes give the run's first block a view instead of its own keys",
+        "helpers/engine/kv_cache.py",
+        "if layer < from_layer:",
+        "if layer <= from_layer:",
+        "tests/test_recompute.py::test_suffix_runs_equal_full_recompute_on_every_family",
+    ),
+    (
         "a band of forks' edge scores read only the senders before its first fork",
         "helpers/methods/edges.py",
         "upto = max(graph.sender_slots_before(r) for r in rs)  # only senders before a fork",

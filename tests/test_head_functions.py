@@ -195,6 +195,34 @@ def test_copy_scores_with_bias_and_attend_and_copy(toy_ioi, ioi_prompts, cache):
     assert float(HF.attend_and_copy(toy_ioi, cache, ioi_prompts, pos, k=toy_ioi.cfg.d_vocab).score.min()) == 100
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_top_k_hits_by_vocabulary_bands_equal_the_full_ranking(family_models, family, monkeypatch):
+    """``top_k_hits`` unembeds a band of columns at a time and drops a row once k words beat its target: on every family
+    (norms, soft-capping, tied embeddings), a target at rank r is a hit exactly when r < k, for ranks around k and for
+    targets in every band, as ranking the full unembedding says."""
+    model, _ = family_models(family)
+    k, n = 3, 48
+    out = torch.randn(n, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 4
+    with torch.no_grad():
+        order = model.unembed(model.ln_final(out)).argsort(-1, descending=True)
+    rank = torch.tensor([0, 1, 2, 3, 4, 50] * (n // 6))
+    rank[-6:] = model.cfg.d_vocab - 1 - torch.arange(6)  # the last words of the ranking, wherever their band
+    targets = order[torch.arange(n), rank]
+    monkeypatch.setattr(HF, "VOCAB_BAND", 7)  # many bands: rows leave at different ones
+    with torch.no_grad():
+        hits = HF.top_k_hits(model, out, targets, k)
+    assert torch.equal(hits, (rank < k).float()), family
+    # the bands' products may round a word's logit differently from the targets' own product: the target never beats itself
+    exact = HF.column_logits
+    monkeypatch.setattr(HF, "column_logits", lambda m, x, columns: exact(m, x, columns) + 1e-5 * (len(columns) == 7))
+    with torch.no_grad():
+        assert torch.equal(HF.top_k_hits(model, out, targets, k), (rank < k).float()), family
+    monkeypatch.setattr(HF, "column_logits", exact)
+    monkeypatch.setattr(HF, "VOCAB_BAND", model.cfg.d_vocab)  # one band
+    with torch.no_grad():
+        assert torch.equal(HF.top_k_hits(model, out.reshape(6, 8, -1), targets.reshape(6, 8), k), (rank < k).float().reshape(6, 8))
+
+
 def test_top_k_hits_in_slices_equal_one_pass(toy_ioi, ioi_prompts, cache, monkeypatch):
     """``top_k_hits`` unembeds a slice of rows at a time (bounded memory on large vocabularies): same hits as one pass."""
     pos = HF.word_positions(ioi_prompts)

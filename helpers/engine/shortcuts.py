@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from helpers.engine.capabilities import architecture, model_state, probe_tokens
@@ -74,6 +74,22 @@ def answer_columns(model, answers: Int[Tensor, "batch 2"]):
         yield torch.searchsorted(columns, answers.to(columns.device)).to(answers.device)
     finally:
         unembed._original_component = current
+
+
+def column_logits(model, normed: Float[Tensor, "rows d_model"], columns: Int[Tensor, " column"]) -> Float[Tensor, "rows column"]:
+    """The logits of ``normed`` (rows after the final norm) in vocabulary ``columns`` only (sorted, unique): each the same
+    dot product (and soft-capping) as in the full unembedding (``answer_columns``); where restricting the unembedding is
+    not exact, the full unembedding's columns."""
+    with answer_columns(model, columns[None]) as index:
+        return model.unembed(normed[:, None]).squeeze(1).index_select(-1, index[0].to(normed.device))
+
+
+def restricts_columns(model) -> bool:
+    """Whether ``answer_columns`` computes only the requested columns on this model (a plain linear unembedding,
+    verified exact); otherwise each call of ``column_logits`` computes the whole vocabulary."""
+    probe = torch.zeros(1, 2, dtype=torch.long)
+    with answer_columns(model, probe) as index:
+        return index is not probe
 
 
 @contextmanager
