@@ -214,17 +214,18 @@ class _PassThrough:
 
 
 def _output_template(model, block) -> tuple | None:
-    """None if ``block`` returns a tensor, else one real output tuple of it (measured once per model)."""
+    """None if ``block`` returns a tensor, else one real output tuple of it (measured once per model, for every block
+    in one forward of two tokens)."""
     templates: dict = model_state(model, "block_outputs")
-    key = id(block)
-    if key not in templates:
-        seen: list = []
-        handle = block.register_forward_hook(lambda mod, args, out: seen.append(out))
+    if id(block) not in templates:
+        seen: dict = {}
+        handles = [b.register_forward_hook(lambda mod, args, out: seen.setdefault(id(mod), out)) for b in model.blocks]
         try:
             with torch.no_grad():
                 bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 0
                 model(torch.tensor([[bos, bos]], device=model.cfg.device))
         finally:
-            handle.remove()
-        templates[key] = tuple(seen[0]) if isinstance(seen[0], tuple) else None
-    return templates[key]
+            for handle in handles:
+                handle.remove()
+        templates.update({key: tuple(out) if isinstance(out, tuple) else None for key, out in seen.items()})
+    return templates[id(block)]
