@@ -352,7 +352,7 @@ def sweep_flops(ctx: PatchingContext, name: str, only: dict[int, Tensor] | None 
     return sum(run_flops(shape, run.layer, run.start, n_pos, run.n_variants * batch, columns=2) for run in plan)
 
 
-ACHIEVED_FRACTION = 0.4  # of the dense matmul rate the sweeps reach on CPU (gpt2-small size, 8 prompts: 36-56%, bench/results.md)
+ACHIEVED_FRACTION = 0.4  # of the dense matmul rate the sweeps reach on CPU (bench/results*.md: 38-78%; SmolLM2 at 64 prompts 28-49%)
 _MATMUL_RATE: dict[tuple, float] = {}
 
 
