@@ -498,12 +498,15 @@ NODE_RUNS = True  # node-level circuits run as one plain patched forward, withou
 def _bands(sizes: list[int]) -> list[list[int]]:
     """Consecutive forks (``sizes``: each one's receivers) in bands of at most ``RECEIVERS_PER_BAND`` receivers (a fork
     with more is a band alone): the indices of each band's forks."""
-    bands: list[list[int]] = [[]]
+    bands: list[list[int]] = []
+    held = 0  # receivers in the last band
     for i, size in enumerate(sizes):
-        if bands[-1] and sum(sizes[j] for j in bands[-1]) + size > RECEIVERS_PER_BAND:
+        if not bands or held + size > RECEIVERS_PER_BAND:
             bands.append([])
+            held = 0
         bands[-1].append(i)
-    return bands if sizes else []
+        held += size
+    return bands
 
 
 class _NormedHeads:
@@ -990,6 +993,8 @@ def edge_scores(
     scores = torch.zeros(graph.allowed.shape, dtype=ectx.clean_outputs.dtype)
     n_heads = model.cfg.n_heads
     normed = {f"blocks.{layer}.ln1_post.hook_in": layer for layer in range(model.cfg.n_layers)} if graph.post_norm else {}
+    forks = list(by_hook)
+    bands = [[forks[i] for i in band] for band in _bands([len(by_hook[f]) for f in forks])]  # forks whose scores are one product
 
     def add(grads: dict[str, Tensor], rows: Int[Tensor, " row"], acts: dict[str, Tensor]) -> None:
         """One chunk's gradients (summed per prompt, or per row under post-norms: ``rows`` holds each row's prompt):
@@ -1033,9 +1038,6 @@ def edge_scores(
                 rs = by_hook[hook]
                 scores[first : first + n_heads, rs] += share[:, done : done + len(rs)]
                 done += len(rs)
-
-    forks = list(by_hook)
-    bands = [[forks[i] for i in band] for band in _bands([len(by_hook[f]) for f in forks])]
 
     # Gradients go into the scores chunk by chunk: neither the gradients summed over all prompts nor the activations
     # of every receiver fork are held (1.3 GB each on SmolLM2 at 64 prompts).
