@@ -44,6 +44,13 @@ MUTATIONS = [
         "tests/test_edges.py::test_every_family_exact",
     ),
     (
+        "a fork adds the kept senders' running total where it should take it away",
+        "helpers/methods/edges.py",
+        "mix = torch.cat([mix, -minus_kept[:, :, None]], 2)",
+        "mix = torch.cat([mix, minus_kept[:, :, None]], 2)",
+        "tests/test_edges.py::test_every_family_exact",
+    ),
+    (
         "a band of forks skips the first row stored since the band began",
         "helpers/methods/edges.py",
         "new = ((rows >= self.band_rows[:, None])",
