@@ -51,6 +51,27 @@ MUTATIONS = [
         "tests/test_edges.py::test_every_family_exact",
     ),
     (
+        "a leave-one-out starts one block after its left-out sender, from the union's run",
+        "helpers/methods/edges.py",
+        "from_union = torch.where(dropped & union, sender_layer, n_layers - 1).min(1).values",
+        "from_union = (torch.where(dropped & union, sender_layer, n_layers - 1).min(1).values + 1).clamp(max=n_layers - 1)",
+        "tests/test_edges.py::test_leave_one_outs_start_from_the_union_run_exactly",
+    ),
+    (
+        "the union's run recorded without its own left-out senders",
+        "helpers/methods/edges.py",
+        "patches = _node_interventions(ectx.graph, dropped[None], layer, n_layers)",
+        "patches = _node_interventions(ectx.graph, 0 * dropped[None], layer, n_layers)",
+        "tests/test_edges.py::test_leave_one_outs_start_from_the_union_run_exactly",
+    ),
+    (
+        "hooks recorded in a suffix run miss the base run's positions before it",
+        "helpers/engine/forward.py",
+        "recorded[name] = torch.cat([before.repeat(n_var, *[1] * (before.dim() - 1)), act], 1)",
+        "recorded[name] = torch.cat([0 * before.repeat(n_var, *[1] * (before.dim() - 1)), act], 1)",
+        "tests/test_recompute.py::test_suffix_runs_equal_full_recompute_on_every_family",
+    ),
+    (
         "a band of forks skips the first row stored since the band began",
         "helpers/methods/edges.py",
         "new = ((rows >= self.band_rows[:, None])",

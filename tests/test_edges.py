@@ -492,3 +492,29 @@ def test_node_level_circuits_run_as_one_patched_forward_exactly(family, family_m
     forks = E.evaluate_masks(ectx, masks, memory_mb=1, per_prompt=True)
     assert (fast - forks).abs().max() < 1e-4
     assert fast[:-3].std(0).max() > 0  # the circuits differ
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_leave_one_outs_start_from_the_union_run_exactly(family, family_models, monkeypatch):
+    """A batch of one head set's leave-one-outs (as ``fewest_heads`` evaluates them) starts each circuit at its
+    left-out head's block from the run of the set itself, the batch's union: the same logit differences as running
+    every circuit from the first block it changes, on every family (post-attention norms included), with the union's
+    run made once."""
+    from helpers.analyses.discovery import head_closure
+
+    model, prompts = family_models(family)
+    ectx = E.edge_context(model, prompts)
+    graph = ectx.graph
+    heads = [n.name for n in graph.senders if n.kind == "head"]
+    chosen = heads[:1] + heads[len(heads) // 2 :]  # the input's block and the later half: most start late
+    masks = torch.stack([head_closure(graph, [h for h in chosen if h != x]) for x in chosen])
+    runs = []
+    monkeypatch.setattr(E, "NODE_BASE_GAIN", 0)  # the toy models have 2 blocks: the saving is small, the path the same
+    monkeypatch.setattr(E, "_node_run_resid", lambda *a, _f=E._node_run_resid: runs.append(1) or _f(*a))
+    fast = E.evaluate_masks(ectx, masks, per_prompt=True)
+    assert runs == [1]
+    monkeypatch.setattr(E, "NODE_BASE", False)
+    plain = E.evaluate_masks(ectx, masks, per_prompt=True)
+    assert runs == [1]
+    assert (fast - plain).abs().max() < 1e-4
+    assert fast.std(0).max() > 0  # the circuits differ

@@ -45,6 +45,14 @@ def test_suffix_runs_equal_full_recompute_on_every_family(fam):
                 full, _ = FW.run_interventions(*args)
                 suffix, _ = FW.run_interventions(*args, prefix=ctx.base_kv)
                 assert (suffix - full).abs().max() <= 1e-4, (family, hook, start)
+    # hooks recorded in a suffix run (``record_suffix``): every position, the base run's before the recomputed ones
+    last = model.cfg.n_layers - 1
+    iv = [_patch_from(ctx, "blocks.0.attn.hook_z", n_pos // 2, n_pos)]
+    names = [f"blocks.{last}.hook_resid_pre", "blocks.0.hook_resid_pre"]
+    args = (model, ctx.base_tokens, ctx.answer_tokens, iv, P.sources(ctx), 2, ctx.base_cache.cache_dict, names, ctx.base_kv)
+    (full, everywhere), (suffix, recorded) = FW.run_interventions(*args), FW.run_interventions(*args, record_suffix=True)
+    assert (suffix - full).abs().max() <= 1e-4 and all((recorded[n] - everywhere[n]).abs().max() <= 1e-4 for n in names), family
+    assert recorded[names[0]].shape == everywhere[names[0]].shape == (2 * ctx.base_tokens.shape[0], n_pos, model.cfg.d_model)
     paths = SC.fast_paths(model)
     assert all(paths[("suffix", layer)] for layer in range(model.cfg.n_layers)), paths  # used, not silently switched off
     # a run from layer L copies the cached keys and values of blocks L.. only; earlier blocks get a view of the right shape

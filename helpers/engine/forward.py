@@ -93,6 +93,7 @@ def run_interventions(
     record: Sequence[str] = (),
     prefix: KVPrefix | None = None,
     metric: Metric = LOGIT_DIFF,
+    record_suffix: bool = False,
 ) -> tuple[Float[Tensor, "variant batch *outputs"], dict[str, Tensor]]:
     """``metric`` (per prompt; the logit difference by default) of ``n_var`` copies of ``tokens`` under
     ``interventions``, and the recorded hooks.
@@ -102,7 +103,8 @@ def run_interventions(
     otherwise it runs from the tokens. With ``prefix`` (the same run's keys and values) it also recomputes only
     the positions from the earliest one any intervention changes (exact by causality), unless hooks are recorded
     (they are returned for every position) or the metric reads every position. ``record``: hook names whose
-    activations (variant-major) are returned.
+    activations (variant-major) are returned; ``record_suffix``: recorded hooks that ``base_cache`` holds do not stop
+    the position saving: their positions before the recomputed ones are the base run's (the same there, by causality).
     """
     recorded: dict[str, Tensor] = {}
     record_hooks = [(name, recording_hook(recorded, name)) for name in record]
@@ -116,7 +118,7 @@ def run_interventions(
                 logits = model(tokens.repeat(n_var, 1))
         else:
             resid = base_cache[resid_name]
-            suffix = prefix is not None and not record and last_only
+            suffix = prefix is not None and last_only and (not record or (record_suffix and all(n in base_cache for n in record)))
             start = suffix_start(interventions, resid.shape[1], sources, base_cache) if suffix else 0
             if start and not suffix_ok(model, resid, layer, prefix):
                 start = 0
@@ -126,6 +128,10 @@ def run_interventions(
                 logits = forward_from_layer(model, stacked, layer, hooks, prefix.cache(start, n_var, from_layer=layer) if start else None)
             else:
                 logits = logits_from_layer(model, stacked, layer, hooks)
+            if start:  # recorded from ``start`` on: the base run's positions before it
+                for name, act in recorded.items():
+                    before = base_cache[name][:, :start]
+                    recorded[name] = torch.cat([before.repeat(n_var, *[1] * (before.dim() - 1)), act], 1)
         return read(logits, n_var), recorded
 
 

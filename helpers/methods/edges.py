@@ -493,6 +493,8 @@ SKIP_PATHLESS = True  # circuits with no path from the input to the logits are t
 # forks whose products share one pass over the senders (``_bands``: ``_EdgeRun._band_sum``, ``edge_scores``), this many receivers at most
 RECEIVERS_PER_BAND = 32
 NODE_RUNS = True  # node-level circuits run as one plain patched forward, without receiver forks (``node_sets``; tests turn it off)
+NODE_BASE = True  # node circuits that leave out a few more senders than their batch's union start from its run (tests turn it off)
+NODE_BASE_GAIN = 2  # ... where that saves more than this many times the union run's blocks
 
 
 def _bands(sizes: list[int]) -> list[list[int]]:
@@ -926,16 +928,38 @@ def _node_logit_diffs(ectx: EdgeContext, kept: Bool[Tensor, "variant sender"], m
     sources = {"corrupted": {**dict(zip(z, ectx.corrupted_z)), **{h: ectx.corrupted_outputs[:, :, i] for h, i in mlps.items()}}}
     clean = {get_act_name("resid_pre", layer): ectx.clean_resid[layer] for layer in range(n_layers)}
     clean |= {**dict(zip(z, ectx.clean_z)), **{h: ectx.clean_outputs[:, :, i] for h, i in mlps.items()}}
+    base = clean
+    union = kept.any(0)  # the senders some circuit of the batch keeps
+    from_union = torch.where(dropped & union, sender_layer, n_layers - 1).min(1).values  # [variant]
+    first = int(torch.where(~union, sender_layer, n_layers - 1).min())  # the union's own run starts there
+    if NODE_BASE and int((from_union - layers).sum()) > NODE_BASE_GAIN * (n_layers - first):  # blocks saved, blocks it costs
+        # e.g. a set's leave-one-outs: each equals the union's run up to its left-out sender's block, so it starts
+        # there from the union's residual stream (positions before the first difference: the clean run's, as in
+        # every circuit's run; so the clean run's z and MLP outputs still tell where a patch first changes anything)
+        base = clean | _node_run_resid(ectx, ~union, first, sources, clean)
+        layers = from_union
     batch, pos = ectx.clean_tokens.shape
     chunk = plan_chunks(model, batch, pos, memory_mb, max_variants=len(kept)).variants
     lds = torch.empty(len(kept), batch)
     for part in by_start_layer(layers, n_layers, chunk):
         patches = _node_interventions(graph, dropped[part], int(layers[part].min()), n_layers)
-        values, _ = run_interventions(
-            model, ectx.clean_tokens, ectx.answer_tokens, patches, sources, len(part), clean, prefix=ectx.clean_kv
-        )
+        values, _ = run_interventions(model, ectx.clean_tokens, ectx.answer_tokens, patches, sources, len(part), base, prefix=ectx.clean_kv)
         lds[part] = values.cpu()
     return lds
+
+
+def _node_run_resid(
+    ectx: EdgeContext, dropped: Bool[Tensor, " sender"], layer: int, sources: dict, clean: dict
+) -> dict[str, Float[Tensor, "batch pos d_model"]]:
+    """The residual stream (``blocks.L.hook_resid_pre``, every position) of one node-level circuit's run, which leaves
+    out ``dropped`` (none before block ``layer``), at blocks ``layer + 1`` on (before: the clean run's)."""
+    n_layers = ectx.model.cfg.n_layers
+    names = [get_act_name("resid_pre", block) for block in range(layer + 1, n_layers)]
+    patches = _node_interventions(ectx.graph, dropped[None], layer, n_layers)
+    _, recorded = run_interventions(
+        ectx.model, ectx.clean_tokens, ectx.answer_tokens, patches, sources, 1, clean, names, ectx.clean_kv, record_suffix=True
+    )
+    return recorded
 
 
 def _edge_logit_diffs(
