@@ -72,6 +72,20 @@ MUTATIONS = [
         "tests/test_recompute.py::test_suffix_runs_equal_full_recompute_on_every_family",
     ),
     (
+        "gradients from the first difference give every row the first prompt's cached keys and values",
+        "helpers/methods/attribution_patching.py",
+        "rows=torch.arange(lo, hi) // steps)",
+        "rows=0 * torch.arange(lo, hi))",
+        "tests/test_edges.py::test_edge_scores_from_the_first_difference_equal_every_position",
+    ),
+    (
+        "gradients from the first difference dotted with the changes of the first positions",
+        "helpers/methods/edges.py",
+        "delta = ectx.clean_outputs[prompt, -n_pos:] - ectx.corrupted_outputs[prompt, -n_pos:]",
+        "delta = ectx.clean_outputs[prompt, :n_pos] - ectx.corrupted_outputs[prompt, :n_pos]",
+        "tests/test_edges.py::test_edge_scores_from_the_first_difference_equal_every_position",
+    ),
+    (
         "a band of forks skips the first row stored since the band began",
         "helpers/methods/edges.py",
         "new = ((rows >= self.band_rows[:, None])",

@@ -518,3 +518,23 @@ def test_leave_one_outs_start_from_the_union_run_exactly(family, family_models, 
     assert runs == [1]
     assert (fast - plain).abs().max() < 1e-4
     assert fast.std(0).max() > 0  # the circuits differ
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edge_scores_from_the_first_difference_equal_every_position(family, family_models, monkeypatch):
+    """EAP and EAP-IG computed from the first position where the runs differ (the earlier positions' keys and values
+    cached: every sender's change is 0 before it) equal the scores of forwards over every position, on every family
+    (post-attention norms included); the saving is verified and used, not silently switched off."""
+    from helpers.engine.shortcuts import fast_paths
+    from helpers.methods import attribution_patching as AP
+
+    model, prompts = family_models(family)
+    ectx = E.edge_context(model, prompts)
+    assert ectx.first_difference > 0
+    fast = {m: E.edge_scores(ectx, m, steps=3) for m in ("eap", "eap-ig")}  # one chunk: each row its prompt's keys, values
+    assert [ok for key, ok in fast_paths(model).items() if key[0] == "gradient_suffix"] == [True]
+    monkeypatch.setattr(AP, "SUFFIX_GRADIENTS", False)
+    for method, scores in fast.items():
+        full = E.edge_scores(ectx, method, steps=3, memory_mb=1)  # (and one row a chunk)
+        assert (scores - full).abs().max() <= 1e-5 * (1 + full.abs().max()), (family, method)
+        assert full.abs().max() > 0

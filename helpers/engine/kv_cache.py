@@ -37,9 +37,10 @@ class KVPrefix:
         batch, n_kv, n_pos, d_head = self.keys[0].shape
         return f"KVPrefix({len(self.keys)} layers x {batch} prompts x {n_pos} positions, {n_kv} key/value heads of {d_head})"
 
-    def cache(self, start: int, n_var: int = 1, n_prompts: int | None = None, from_layer: int = 0):
+    def cache(self, start: int, n_var: int = 1, n_prompts: int | None = None, from_layer: int = 0, rows: Int[Tensor, " row"] | None = None):
         """A fresh Hugging Face cache of positions ``< start`` of every layer, for ``n_var`` copies of the batch
-        (variant-major; ``n_prompts``: of its first prompts only); the forward that receives it extends it in place,
+        (variant-major; ``n_prompts``: of its first prompts only; ``rows``: instead, the prompt of each row, e.g. the
+        points of an integrated-gradients path); the forward that receives it extends it in place,
         so every run gets its own. ``from_layer``: the first block the run computes; the cache of a block before it
         is never read (a forward from ``from_layer`` skips or discards those blocks), so it holds a view of the first
         prompt's keys and values of the right shape instead of copies (the model reads the cache's length there)."""
@@ -48,7 +49,7 @@ class KVPrefix:
 
         cache = DynamicCache()
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            k, v = k[:n_prompts, :, :start], v[:n_prompts, :, :start]
+            k, v = (k[:n_prompts, :, :start], v[:n_prompts, :, :start]) if rows is None else (k[rows, :, :start], v[rows, :, :start])
             if layer < from_layer:
                 k, v = (t[:1].expand(n_var * len(t), -1, -1, -1) for t in (k, v))
             else:

@@ -17,6 +17,7 @@ for every sweep at once. IG runs its ``ig_steps`` path points as batches within 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -26,13 +27,15 @@ from torch import Tensor
 
 from helpers.engine.chunks import rows_per_chunk
 from helpers.engine.hooks import UNEMBED_LAST, HookNameError, recording_hook, resolve_hook_names
+from helpers.engine.kv_cache import KVPrefix
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import logit_diff
-from helpers.engine.shortcuts import answer_columns
+from helpers.engine.shortcuts import answer_columns, quiet_cache_rename, verified
 from helpers.methods.patching import SWEEPS, Sweep
 from helpers.task.prompts import PromptPair, PromptSet, as_pair
 
 EMBED_HOOK = "hook_embed"
+SUFFIX_GRADIENTS = True  # ``metric_gradients`` from the caller's start position, with a prefix (tests turn it off)
 DEFAULT_GRADIENT_MEMORY_MB = 2048  # saved activations of one forward with gradients
 
 
@@ -55,6 +58,8 @@ def metric_gradients(
     keep_activations: bool = True,
     consume: Callable[[dict[str, Tensor], Int[Tensor, " prompts"], dict[str, Tensor]], None] | None = None,
     per_row: bool = False,
+    prefix: KVPrefix | None = None,
+    start: int = 0,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Float[Tensor, " batch"]]:
     """Forwards of ``tokens`` with gradients and backwards: (d mean logit diff / d activation, activations,
     logit diffs). Attribution patching calls it on the corrupted run; edge attribution on the clean run.
@@ -76,11 +81,24 @@ def metric_gradients(
     q/k/v fork were 1.3 GB each. ``per_row``: ``consume`` gets each row's gradients (divided by ``steps``, not summed),
     each row's prompt index, and the rows' activations as a third argument (``{}`` otherwise), for estimates that
     are not linear in the gradient (edge scores through a post-attention norm's Jacobian at each IG point).
+
+    ``prefix`` and ``start``, for callers that read the gradients from position ``start`` on only (e.g. dotted with a
+    change that is 0 before it): every row is the same before ``start`` (the same tokens, and on the path the same
+    embeddings), with keys and values ``prefix``; each forward then computes positions ``>= start`` only, the way
+    ``run_interventions`` does (exact by causality; verified once per model and hooks, ``gradient_suffix_ok``, else
+    every position), and the gradients and activations cover those positions (their length tells).
     """
     batch = tokens.shape[0]
     steps = embed_path[1] if embed_path else 1
     rows = steps * batch  # prompt-major: row = prompt * steps + step
-    chunk = rows_per_chunk(model, tokens.shape[1], memory_mb, recorded_bytes_per_row(model, tokens[:1], hook_names))
+    suffix = (
+        start
+        if SUFFIX_GRADIENTS and prefix is not None and start and gradient_suffix_ok(model, tokens, answer_tokens, hook_names, prefix, start)
+        else 0
+    )
+    n_pos = tokens.shape[1] - suffix
+    per_row_bytes = recorded_bytes_per_row(model, tokens[:1], hook_names) * n_pos // tokens.shape[1]
+    chunk = rows_per_chunk(model, n_pos, memory_mb, per_row_bytes)
     all_tokens, all_answers = tokens.repeat_interleave(steps, 0), answer_tokens.repeat_interleave(steps, 0)
     if embed_path:
         clean_embed = embed_path[0].repeat_interleave(steps, 0)
@@ -95,12 +113,15 @@ def metric_gradients(
         if embed_path:
 
             def interpolate(act: Tensor, hook, lo=lo, hi=hi) -> Tensor:  # act: the token embeddings of ``tokens`` (the path's start)
-                return act + alpha[lo:hi] * (clean_embed[lo:hi] - act)
+                return act + alpha[lo:hi] * (clean_embed[lo:hi, suffix:] - act)
 
             hooks = [(EMBED_HOOK, interpolate)] + hooks
+        past = {"past_key_values": prefix.cache(suffix, rows=torch.arange(lo, hi) // steps)} if suffix else {}
         # the metric reads the final position and the answers' vocabulary columns only
         with torch.enable_grad(), answer_columns(model, all_answers[lo:hi]) as answers, model.hooks(fwd_hooks=hooks + [UNEMBED_LAST]):
-            ld = logit_diff(model(all_tokens[lo:hi]), answers)
+            with quiet_cache_rename():
+                logits = model(all_tokens[lo:hi, suffix:], **past)
+            ld = logit_diff(logits, answers)
             missing = [n for n in hook_names if n not in acts]
             if missing:
                 raise HookNameError(f"hooks {missing} did not fire in the forward pass")
@@ -130,6 +151,32 @@ def metric_gradients(
         del acts, grads, summed, ld
         release_freed_memory()  # the chunk's autograd buffers, back to the system before the next (helpers.engine.memory)
     return {n: g / steps for n, g in grads_out.items()}, {n: torch.cat(a) for n, a in acts_out.items() if a}, torch.cat(lds)
+
+
+def gradient_suffix_ok(
+    model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], hook_names: list[str], prefix: KVPrefix, start: int
+) -> bool:
+    """Whether ``metric_gradients`` from position ``start`` (earlier keys and values from ``prefix``) gives the
+    gradients of every position from the full forward (checked once per model and hooks, on two prompts, in the
+    caller's setting: e.g. its receiver forks)."""
+
+    def gradients(suffix: int) -> Tensor:
+        past = {"past_key_values": prefix.cache(suffix, 1, 2)} if suffix else {}
+        acts: dict[str, Tensor] = {}
+        hooks = [(name, recording_hook(acts, name, fresh=True)) for name in hook_names]
+        with torch.enable_grad(), answer_columns(model, answers[:2]) as columns, model.hooks(fwd_hooks=hooks + [UNEMBED_LAST]):
+            with quiet_cache_rename():
+                ld = logit_diff(model(tokens[:2, suffix:], **past), columns)
+            grads = torch.autograd.grad(ld.sum(), [acts[n] for n in hook_names], allow_unused=True)
+        return torch.cat([torch.zeros(1) if g is None else g[:, g.shape[1] - (tokens.shape[1] - start) :].flatten() for g in grads])
+
+    return verified(
+        model,
+        ("gradient_suffix", start, hashlib.sha256(" ".join(hook_names).encode()).hexdigest()[:12]),  # per hooks, compactly
+        lambda: gradients(start),
+        lambda: gradients(0),
+        f"gradients from position {start} on (earlier keys and values cached) differ from the full forward's",
+    )
 
 
 def recorded_bytes_per_row(model, tokens: Int[Tensor, "1 pos"], hook_names: list[str]) -> int:

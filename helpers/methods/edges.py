@@ -1034,7 +1034,8 @@ def edge_scores(
         def per_prompt(t: Tensor) -> Tensor:
             return t if len(prompt) == len(rows) else t.new_zeros((len(prompt), *t.shape[1:])).index_add_(0, row_of, t)
 
-        delta = ectx.clean_outputs[prompt] - ectx.corrupted_outputs[prompt]  # [prompt, pos, sender, d_model]
+        n_pos = next(iter(grads.values())).shape[1]  # the positions the gradients cover: the last ones (0 change before)
+        delta = ectx.clean_outputs[prompt, -n_pos:] - ectx.corrupted_outputs[prompt, -n_pos:]  # [prompt, pos, sender, d_model]
         linear = delta * ~graph.is_head[:, None] if normed else delta  # under post-norms the heads' part comes below
         # [sender, prompt·pos·d_model], laid out once per chunk: each fork's scores are one matrix product with it
         # (an einsum per fork re-laid the whole [prompt, pos, sender, d_model] delta out every time: 2/3 of EAP's time)
@@ -1071,9 +1072,20 @@ def edge_scores(
     # of every receiver fork are held (1.3 GB each on SmolLM2 at 64 prompts).
     tokens, path = (ectx.clean_tokens, None) if method == "eap" else (ectx.corrupted_tokens, (ectx.clean_embed, steps))
     hooks = list(by_hook) + list(normed)
+    # positions before the first difference change nothing (every sender's change is 0 there): from it on only
     with receiver_forks(model):
         metric_gradients(
-            model, tokens, ectx.answer_tokens, hooks, path, memory_mb, keep_activations=False, consume=add, per_row=bool(normed)
+            model,
+            tokens,
+            ectx.answer_tokens,
+            hooks,
+            path,
+            memory_mb,
+            keep_activations=False,
+            consume=add,
+            per_row=bool(normed),
+            prefix=ectx.clean_kv,
+            start=ectx.first_difference,
         )
     gap = ectx.clean_logit_diff - ectx.corrupted_logit_diff
     return torch.where(graph.allowed, scores / gap, torch.zeros(()))
