@@ -86,6 +86,13 @@ MUTATIONS = [
         "tests/test_edges.py::test_edge_scores_from_the_first_difference_equal_every_position",
     ),
     (
+        "attribution's gradients from the first difference laid at the first positions",
+        "helpers/methods/attribution_patching.py",
+        "grads[h] = torch.cat([g.new_zeros(g.shape[0], n_pos - g.shape[1], *g.shape[2:]), g], 1)",
+        "grads[h] = torch.cat([g, g.new_zeros(g.shape[0], n_pos - g.shape[1], *g.shape[2:])], 1)",
+        "tests/test_attribution_patching.py::test_attribution_from_the_first_difference_equals_every_position",
+    ),
+    (
         "a band of forks skips the first row stored since the band began",
         "helpers/methods/edges.py",
         "new = ((rows >= self.band_rows[:, None])",

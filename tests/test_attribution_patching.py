@@ -11,6 +11,7 @@ from helpers.engine.metrics import logit_diff
 from helpers.methods import attribution_patching as A
 from helpers.methods import patching as P
 from helpers.task.prompts import PromptPair
+from helpers.toys.families import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,24 @@ def test_gradients_in_memory_bounded_chunks_equal_one_batch(inputs, ig_steps):
     ).values
     for name in one:
         torch.testing.assert_close(chunked[name], one[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attribution_from_the_first_difference_equals_every_position(family, family_models, monkeypatch):
+    """Attribution (plain and integrated gradients) with gradients from the first token where the prompts differ
+    (earlier keys and values cached, the earlier positions' estimates 0: nothing changes there) equals the estimate
+    from forwards over every position, on every family; the saving is verified and used. Patterns (whose axis 1 is
+    not the position) run over every position."""
+    from helpers.engine.shortcuts import fast_paths
+
+    model, prompts = family_models(family)
+    names = ["resid_pre", "head_out_by_pos", "head_v"]
+    fast = {ig: A.attribution_patch(model, prompts, names, ig_steps=ig).values for ig in (0, 3)}
+    verdicts = [ok for key, ok in fast_paths(model).items() if key[0] == "gradient_suffix"]
+    assert verdicts and all(verdicts)
+    monkeypatch.setattr(A, "SUFFIX_GRADIENTS", False)
+    for ig, values in fast.items():
+        full = A.attribution_patch(model, prompts, names, ig_steps=ig).values
+        for name in names:
+            assert (values[name] - full[name]).abs().max() <= 1e-5 * (1 + full[name].abs().max()), (family, ig, name)
+        assert full["resid_pre"].abs().max() > 0

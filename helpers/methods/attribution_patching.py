@@ -27,7 +27,7 @@ from torch import Tensor
 
 from helpers.engine.chunks import rows_per_chunk
 from helpers.engine.hooks import UNEMBED_LAST, HookNameError, recording_hook, resolve_hook_names
-from helpers.engine.kv_cache import KVPrefix
+from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import logit_diff
 from helpers.engine.shortcuts import answer_columns, quiet_cache_rename, verified
@@ -227,17 +227,31 @@ def attribution_patch(
     hook_names = resolve_hook_names(model, sorted({h for hs in per_sweep.values() for h in hs}))
     cache_names = hook_names + ([EMBED_HOOK] if ig_steps else [])
     with torch.no_grad(), model.hooks(fwd_hooks=[UNEMBED_LAST]):  # the logit difference reads the final position only
-        clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=cache_names)
+        clean_logits, clean_cache, clean_kv = run_with_kv(model, clean_tokens, names_filter=cache_names)
         clean_ld = logit_diff(clean_logits, answer_tokens).mean().item()
+    # before the first token where the prompts differ, both runs are the same (every change is 0): the gradients are
+    # taken from there on (``metric_gradients``), where each hook's axis 1 is the position (not so for patterns)
+    differs = (clean_tokens != corrupted_tokens).any(0).nonzero().flatten()
+    positional = not any(part in h for h in hook_names for part in ("pattern", "attn_scores"))
+    start = int(differs[0]) if len(differs) and positional and clean_kv is not None else 0
+    suffix = {"prefix": clean_kv, "start": start}
     if ig_steps:
         embed_path = (clean_cache[EMBED_HOOK], ig_steps)
-        grads, _, _ = metric_gradients(model, corrupted_tokens, answer_tokens, hook_names, embed_path, memory_mb, keep_activations=False)
+        grads, _, _ = metric_gradients(
+            model, corrupted_tokens, answer_tokens, hook_names, embed_path, memory_mb, keep_activations=False, **suffix
+        )
         with torch.no_grad(), model.hooks(fwd_hooks=[UNEMBED_LAST]):
             corr_logits, corr_acts = model.run_with_cache(corrupted_tokens, names_filter=hook_names)
         corr_ld = logit_diff(corr_logits, answer_tokens).mean().item()
     else:
-        grads, corr_acts, lds = metric_gradients(model, corrupted_tokens, answer_tokens, hook_names, memory_mb=memory_mb)
+        grads, corr_acts, lds = metric_gradients(model, corrupted_tokens, answer_tokens, hook_names, memory_mb=memory_mb, **suffix)
         corr_ld = lds.mean().item()
+    n_pos = clean_tokens.shape[1]
+    for h, g in grads.items() if start else ():  # positions before the gradients': gradient 0, corrupted = clean run
+        if g.shape[1] < n_pos:  # (axis 1: the position, as ``positional`` requires)
+            grads[h] = torch.cat([g.new_zeros(g.shape[0], n_pos - g.shape[1], *g.shape[2:]), g], 1)
+            if corr_acts[h].shape[1] < n_pos:
+                corr_acts[h] = torch.cat([clean_cache[h][:, : n_pos - g.shape[1]], corr_acts[h]], 1)
     scale = 1.0 / (clean_ld - corr_ld)  # d normalised / d logit diff
     values = {
         name: torch.stack([reduce_to_layout(specs[name], (clean_cache[h] - corr_acts[h]) * grads[h]) * scale for h in hooks]).cpu()
