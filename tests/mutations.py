@@ -312,8 +312,8 @@ MUTATIONS = [
     (
         "cached keys and values one position short",
         "helpers/engine/kv_cache.py",
-        "k, v = k[:n_prompts, :, :start], v[:n_prompts, :, :start]",
-        "k, v = k[:n_prompts, :, : start - 1], v[:n_prompts, :, : start - 1]",
+        "(k[:n_prompts, :, :start], v[:n_prompts, :, :start]) if rows is None",
+        "(k[:n_prompts, :, : start - 1], v[:n_prompts, :, : start - 1]) if rows is None",
         "tests/test_recompute.py::test_suffix_runs_equal_full_recompute_on_every_family",
     ),
     (
@@ -459,8 +459,8 @@ MUTATIONS = [
     (
         "a metric that reads every position run on the positions after the patch only",
         "helpers/engine/forward.py",
-        "suffix = prefix is not None and not record and last_only",
-        "suffix = prefix is not None and not record",
+        "suffix = prefix is not None and last_only and (",
+        "suffix = prefix is not None and (",
         "tests/test_recompute.py::test_every_metric_of_the_runner_equals_the_plain_forward",
     ),
     (
