@@ -108,24 +108,15 @@ def metric_gradients(
     lds: list[Tensor] = []
     for lo in range(0, rows, chunk):
         hi = min(rows, lo + chunk)
-        acts: dict[str, Tensor] = {}
-        hooks = [(name, recording_hook(acts, name, fresh=True)) for name in hook_names]
+        before = []
         if embed_path:
 
             def interpolate(act: Tensor, hook, lo=lo, hi=hi) -> Tensor:  # act: the token embeddings of ``tokens`` (the path's start)
                 return act + alpha[lo:hi] * (clean_embed[lo:hi, suffix:] - act)
 
-            hooks = [(EMBED_HOOK, interpolate)] + hooks
-        past = {"past_key_values": prefix.cache(suffix, rows=torch.arange(lo, hi) // steps)} if suffix else {}
-        # the metric reads the final position and the answers' vocabulary columns only
-        with torch.enable_grad(), answer_columns(model, all_answers[lo:hi]) as answers, model.hooks(fwd_hooks=hooks + [UNEMBED_LAST]):
-            with quiet_cache_rename():
-                logits = model(all_tokens[lo:hi, suffix:], **past)
-            ld = logit_diff(logits, answers)
-            missing = [n for n in hook_names if n not in acts]
-            if missing:
-                raise HookNameError(f"hooks {missing} did not fire in the forward pass")
-            grads = torch.autograd.grad(ld.sum() / batch, [acts[n] for n in hook_names], allow_unused=True)
+            before = [(EMBED_HOOK, interpolate)]
+        past = prefix.cache(suffix, rows=torch.arange(lo, hi) // steps) if suffix else None
+        ld, acts, grads = _forward_gradients(model, all_tokens[lo:hi, suffix:], all_answers[lo:hi], hook_names, past, before, batch)
         unused = [n for n, g in zip(hook_names, grads) if g is None]
         if unused:
             raise HookNameError(f"the metric does not depend on hooks {unused}; their attribution would be a silent zero")
@@ -153,6 +144,31 @@ def metric_gradients(
     return {n: g / steps for n, g in grads_out.items()}, {n: torch.cat(a) for n, a in acts_out.items() if a}, torch.cat(lds)
 
 
+def _forward_gradients(
+    model,
+    tokens: Int[Tensor, "row pos"],
+    answers: Int[Tensor, "row 2"],
+    hook_names: list[str],
+    past=None,
+    before: list | tuple = (),
+    divide: int = 1,
+) -> tuple[Float[Tensor, " row"], dict[str, Tensor], tuple[Tensor | None, ...]]:
+    """One forward of ``tokens`` with gradients (``past``: a cache of the positions before them; ``before``: hooks that
+    run first, e.g. the IG path's embeddings) and the gradients of the summed logit difference over ``divide`` with respect
+    to ``hook_names``' activations: (logit differences, activations, gradients, None where the metric does not depend
+    on one). The metric reads the final position and the answers' vocabulary columns only."""
+    acts: dict[str, Tensor] = {}
+    hooks = [*before, *[(name, recording_hook(acts, name, fresh=True)) for name in hook_names], UNEMBED_LAST]
+    with torch.enable_grad(), answer_columns(model, answers) as columns, model.hooks(fwd_hooks=hooks):
+        with quiet_cache_rename():
+            ld = logit_diff(model(tokens, **({} if past is None else {"past_key_values": past})), columns)
+        missing = [n for n in hook_names if n not in acts]
+        if missing:
+            raise HookNameError(f"hooks {missing} did not fire in the forward pass")
+        grads = torch.autograd.grad(ld.sum() / divide, [acts[n] for n in hook_names], allow_unused=True)
+    return ld, acts, grads
+
+
 def gradient_suffix_ok(
     model, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, "batch 2"], hook_names: list[str], prefix: KVPrefix, start: int
 ) -> bool:
@@ -161,13 +177,9 @@ def gradient_suffix_ok(
     caller's setting: e.g. its receiver forks)."""
 
     def gradients(suffix: int) -> Tensor:
-        past = {"past_key_values": prefix.cache(suffix, 1, 2)} if suffix else {}
-        acts: dict[str, Tensor] = {}
-        hooks = [(name, recording_hook(acts, name, fresh=True)) for name in hook_names]
-        with torch.enable_grad(), answer_columns(model, answers[:2]) as columns, model.hooks(fwd_hooks=hooks + [UNEMBED_LAST]):
-            with quiet_cache_rename():
-                ld = logit_diff(model(tokens[:2, suffix:], **past), columns)
-            grads = torch.autograd.grad(ld.sum(), [acts[n] for n in hook_names], allow_unused=True)
+        _, _, grads = _forward_gradients(
+            model, tokens[:2, suffix:], answers[:2], hook_names, prefix.cache(suffix, 1, 2) if suffix else None
+        )
         return torch.cat([torch.zeros(1) if g is None else g[:, g.shape[1] - (tokens.shape[1] - start) :].flatten() for g in grads])
 
     return verified(
