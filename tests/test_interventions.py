@@ -94,6 +94,37 @@ def test_a_wrong_fast_path_falls_back_to_the_exact_forward(llama, monkeypatch):
     forget(model, "fast_paths")
 
 
+def test_a_start_checked_against_the_models_output_settles_the_skip_only_when_it_matches(llama, monkeypatch):
+    """``checked_start`` (edge runs' start checks) settles the skip of the earlier blocks in one forward when the fast run
+    reproduces the model's own output, and settles nothing when it does not: the plain check then decides and warns."""
+    model, prompts = llama
+    _, cache = model.run_with_cache(prompts.clean_tokens[:2])
+    resid = cache["blocks.1.hook_resid_pre"]
+    with torch.no_grad(), SC.full_vocabulary(model):
+        full = model(prompts.clean_tokens[:2])[:, -1:]
+        forget(model, "fast_paths")
+        SC.last_mlp_ok(model)  # checked once per model: not what is counted here
+        with SC.skip_blocks_before(model, 1):  # (so are the skipped blocks' output templates)
+            pass
+        runs = []
+        handle = model.blocks[-1].register_forward_hook(lambda *args: runs.append(1))
+        try:
+            out = FW.checked_start(model, resid, 1, full)
+        finally:
+            handle.remove()
+        assert len(runs) == 1 and SC.fast_paths(model)[("skip_blocks", 1)] is True
+        assert (out - full).abs().max() <= 1e-5
+        forget(model, "fast_paths")
+        broken = ("unembed.hook_in", lambda x, hook=None: x[:, :1])  # a broken shortcut: the first position
+        monkeypatch.setattr(SC, "UNEMBED_LAST", broken)
+        monkeypatch.setattr(FW, "UNEMBED_LAST", broken)
+        with pytest.warns(UserWarning, match="falling back"):
+            out = FW.checked_start(model, resid, 1, full)
+        assert SC.fast_paths(model)[("skip_blocks", 1)] is False
+        assert (out - full).abs().max() <= 1e-5
+    forget(model, "fast_paths")
+
+
 def test_grouped_query_sweeps_are_per_key_value_group(llama):
     model, prompts = llama
     ctx = P.make_context(model, prompts)

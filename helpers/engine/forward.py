@@ -31,7 +31,7 @@ The checks live in ``engine.shortcuts`` (``fast_paths(model)`` lists the verdict
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -51,6 +51,9 @@ from helpers.engine.shortcuts import (
     last_mlp_at_final_position,
     last_mlp_ok,
     quiet_cache_rename,
+    same_output,
+    settle_exact,
+    settled,
     skip_blocks_before,
     verified,
 )
@@ -142,15 +145,42 @@ def forward_from_layer(
 
     ``past``: a Hugging Face cache of the positions before ``resid`` (``KVPrefix.cache``); ``resid`` then holds the
     residual stream of the later positions only."""
-    kwargs = {} if past is None else {"past_key_values": past}
     if not fast_start_ok(model, resid, layer):
+        kwargs = {} if past is None else {"past_key_values": past}
         with model.hooks(fwd_hooks=hooks), quiet_cache_rename():
             return model(resid, start_at_layer=layer, **kwargs)[:, -1:]
+    return _fast_from_layer(model, resid, layer, hooks, past)
+
+
+def _fast_from_layer(
+    model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list, past=None
+) -> Float[Tensor, "batch 1 d_vocab"]:
+    """``forward_from_layer``'s verified saving: the blocks before ``layer`` skipped, the final position unembedded (and
+    the last block's MLP run there only, where verified and no hook acts on it or later)."""
+    kwargs = {} if past is None else {"past_key_values": past}
     shortcuts = [UNEMBED_LAST]
     if not acts_on_last_mlp_or_later(model, hooks) and last_mlp_ok(model):
         shortcuts.append(last_mlp_at_final_position(model))
     with skip_blocks_before(model, layer), model.hooks(fwd_hooks=hooks + shortcuts), quiet_cache_rename():
         return model(resid, start_at_layer=layer, **kwargs)
+
+
+def checked_start(
+    model, resid: Float[Tensor, "batch pos d_model"], layer: int, expected: Float[Tensor, "batch 1 d_vocab"]
+) -> Float[Tensor, "batch 1 d_vocab"]:
+    """``forward_from_layer(model, resid, layer, [])`` for a probe whose output, ``expected``, is known (the final
+    position of the same prompts' run from block 0; under ``full_vocabulary`` both). Where skipping the blocks
+    before ``layer`` is not verified yet, the saving's own run comes first: if it reproduces ``expected`` (to
+    ``verified``'s tolerance), the model's output itself, the skip is settled exact by it, one forward instead of
+    three (the plain start and the fast one that ``fast_start_ok`` compares, then the run). Otherwise nothing is
+    settled: ``forward_from_layer`` checks the skip against the plain start as always (and warns if it differs)."""
+    key = ("skip_blocks", layer)
+    if not settled(model, key):
+        out = _fast_from_layer(model, resid, layer, [])
+        if same_output(out, expected):
+            settle_exact(model, key)
+            return out
+    return forward_from_layer(model, resid, layer, [])
 
 
 def logits_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list) -> Float[Tensor, "batch pos d_vocab"]:
@@ -174,15 +204,24 @@ def logits_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: i
         return fast(resid) if skip else model(resid, start_at_layer=layer)
 
 
-def suffix_ok(model, resid: Float[Tensor, "batch pos d_model"], layer: int, prefix: KVPrefix, setting: str = "") -> bool:
+def suffix_ok(
+    model,
+    resid: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    prefix: KVPrefix,
+    setting: str = "",
+    reference: Callable[[], Tensor] | None = None,
+) -> bool:
     """Whether recomputing only the later positions, with the earlier ones' cached keys and values, equals
     recomputing every position on this model (checked once per model and start layer, on two prompts from the
-    middle position); ``setting`` names a context the caller runs in (e.g. receiver forks), verified separately."""
+    middle position); ``setting`` names a context the caller runs in (e.g. receiver forks), verified separately.
+    ``reference``: the every-position run of those two prompts where the caller has it
+    (``forward_from_layer(model, resid[:2], layer, [])``), so that it is not run again."""
     probe, start = resid[:2], resid.shape[1] // 2
     return verified(
         model,
         ("suffix", layer, setting) if setting else ("suffix", layer),
         lambda: forward_from_layer(model, probe[:, start:], layer, [], prefix.cache(start, 1, len(probe), layer)),
-        lambda: forward_from_layer(model, probe, layer, []),
+        reference or (lambda: forward_from_layer(model, probe, layer, [])),
         f"recomputing only the positions after a patch (earlier keys and values cached) from layer {layer} changed the output",
     )

@@ -121,15 +121,30 @@ def verified(model, key: tuple, fast: Callable[[], Tensor], plain: Callable[[], 
             reference = plain()
             error = ""
             try:
-                out = fast()
-                tolerance = max(1e-5, 16 * torch.finfo(reference.dtype).eps)  # float32: 1e-5; half precision: its own rounding
-                ok = out.shape == reference.shape and bool((out - reference).abs().max() <= tolerance * (1 + reference.abs().max()))
+                ok = same_output(fast(), reference)
             except Exception as err:  # noqa: BLE001 - e.g. a block that reshapes with the full sequence length: said below
                 ok, error = False, f" ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
         verdicts[key] = ok
         if not ok and warn:
             warnings.warn(f"{architecture(model)}: {what}{error}; falling back to the plain computation (exact, slower)", stacklevel=4)
     return verdicts[key]
+
+
+def same_output(out: Tensor, reference: Tensor) -> bool:
+    """``verified``'s test: the same shape and every value within 1e-5 of the reference's scale (float32; half precision:
+    its own rounding)."""
+    tolerance = max(1e-5, 16 * torch.finfo(reference.dtype).eps)
+    return out.shape == reference.shape and bool((out - reference).abs().max() <= tolerance * (1 + reference.abs().max()))
+
+
+def settled(model, key: tuple) -> bool:
+    """Whether ``verified`` has a verdict for ``key`` on this model."""
+    return key in model_state(model, "fast_paths")
+
+
+def settle_exact(model, key: tuple) -> None:
+    """Record the saving ``key`` exact on this model, for a caller that compared it with the model's own output."""
+    model_state(model, "fast_paths")[key] = True
 
 
 def fast_start_ok(model, resid: Tensor, layer: int) -> bool:
