@@ -16,6 +16,20 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "a start check settles the skip of the earlier blocks without comparing",
+        "helpers/engine/forward.py",
+        "        if same_output(out, expected):",
+        "        if True:",
+        "tests/test_interventions.py::test_a_start_checked_against_the_models_output_settles_the_skip_only_when_it_matches",
+    ),
+    (
+        "a start check runs the plain checks besides the one run that settles them",
+        "helpers/engine/forward.py",
+        "        out = _fast_from_layer(model, resid, layer, [])",
+        "        out = forward_from_layer(model, resid, layer, [])",
+        "tests/test_interventions.py::test_a_start_checked_against_the_models_output_settles_the_skip_only_when_it_matches",
+    ),
+    (
         "top-k hits stop counting a row one word early",
         "helpers/analyses/head_functions.py",
         "live = live[count[live] < k]",
