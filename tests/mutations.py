@@ -30,6 +30,20 @@ MUTATIONS = [
         "tests/test_interventions.py::test_a_start_checked_against_the_models_output_settles_the_skip_only_when_it_matches",
     ),
     (
+        "a patched run's start is checked against its own run, not the model's output",
+        "helpers/engine/forward.py",
+        "            return checked_start(model, resid[:2], layer, start_reference(model, tokens, prefix))",
+        "            return checked_start(model, resid[:2], layer, _fast_from_layer(model, resid[:2], layer, []))",
+        "tests/test_recompute.py::test_a_patched_runs_start_that_misses_the_models_output_settles_nothing",
+    ),
+    (
+        "a patched run's start checks run the plain checks again",
+        "helpers/engine/forward.py",
+        "            if start and not suffix_ok(model, resid, layer, prefix, reference=reference):",
+        "            if start and not suffix_ok(model, resid, layer, prefix):",
+        "tests/test_recompute.py::test_a_patched_runs_start_is_checked_against_the_models_output",
+    ),
+    (
         "top-k hits stop counting a row one word early",
         "helpers/analyses/head_functions.py",
         "live = live[count[live] < k]",

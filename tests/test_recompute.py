@@ -3,6 +3,8 @@ final position, on every model family; each saving equals the plain computation 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -111,6 +113,67 @@ def test_a_wrong_suffix_falls_back_to_the_full_recompute(family_models, monkeypa
             ours = P.sweep(ctx, "resid_pre", progress=False)
         assert not any(v for k, v in SC.fast_paths(model).items() if k[0] == "suffix")
         assert (ours - reference).abs().max() <= 1e-4
+    finally:
+        forget(model, "fast_paths")
+        model_state(model, "fast_paths").update(paths)
+
+
+def _first_use(ctx, layer: int, prefix) -> tuple[torch.Tensor, int]:
+    """A patched run from ``layer`` (a suffix from the middle position) as a model's first use of that start layer: its
+    logit differences and how many times the last block ran (checks and the run itself)."""
+    model, n_pos = ctx.model, ctx.base_tokens.shape[1]
+    iv = [_patch_from(ctx, f"blocks.{layer}.hook_resid_pre", n_pos // 2, n_pos)]
+    for key in (("skip_blocks", layer), ("suffix", layer)):
+        model_state(model, "fast_paths").pop(key, None)
+    runs = []
+    handle = model.blocks[-1].register_forward_hook(lambda *args: runs.append(1))
+    try:
+        out, _ = FW.run_interventions(
+            model, ctx.base_tokens, ctx.answer_tokens, iv, P.sources(ctx), 2, ctx.base_cache.cache_dict, prefix=prefix
+        )
+    finally:
+        handle.remove()
+    return out, len(runs)
+
+
+def test_a_patched_runs_start_is_checked_against_the_models_output(fam):
+    """A patched run's first use of a start layer settles the skip of the earlier blocks and the suffix recompute from
+    one run from that block, checked against the model's own output (``forward.start_run``): the last block runs four
+    times (the model's output, once per prefix; the run from the block; the suffix run; the patched run), six before
+    (the plain and fast starts, the every-position reference again); on every family, the numbers unchanged."""
+    family, ctx = fam
+    model = ctx.model
+    layer = model.cfg.n_layers // 2
+    paths = dict(SC.fast_paths(model))
+    try:
+        before, _ = _first_use(ctx, layer, ctx.base_kv)  # (also settles what is checked once per model)
+        after, runs = _first_use(ctx, layer, dataclasses.replace(ctx.base_kv, probe_logits=None))
+        assert runs == 4, family
+        assert SC.fast_paths(model)[("skip_blocks", layer)] and SC.fast_paths(model)[("suffix", layer)], family
+        assert torch.equal(after, before), family
+        _, runs = _first_use(ctx, layer, ctx.base_kv)  # the model's output kept: three
+        assert runs == 3, family
+    finally:
+        forget(model, "fast_paths")
+        model_state(model, "fast_paths").update(paths)
+
+
+def test_a_patched_runs_start_that_misses_the_models_output_settles_nothing(family_models, monkeypatch):
+    """Where the run from the block does not reproduce the model's output (here a broken final-position shortcut), the
+    plain checks decide as before: the skip is switched off with a warning, and the numbers stay exact."""
+    model, prompts = family_models("llama")
+    ctx = P.make_context(model, prompts, warn=False)
+    layer = model.cfg.n_layers // 2
+    paths = dict(SC.fast_paths(model))
+    try:
+        exact, _ = _first_use(ctx, layer, ctx.base_kv)
+        broken = ("unembed.hook_in", lambda x, hook=None: x[:, :1])  # a broken shortcut: the first position
+        monkeypatch.setattr(SC, "UNEMBED_LAST", broken)
+        monkeypatch.setattr(FW, "UNEMBED_LAST", broken)
+        with pytest.warns(UserWarning, match="falling back"):
+            out, _ = _first_use(ctx, layer, dataclasses.replace(ctx.base_kv, probe_logits=None))
+        assert SC.fast_paths(model)[("skip_blocks", layer)] is False
+        assert (out - exact).abs().max() <= 1e-5
     finally:
         forget(model, "fast_paths")
         model_state(model, "fast_paths").update(paths)

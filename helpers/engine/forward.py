@@ -26,7 +26,9 @@ itself does; no code here steps through blocks by hand. It computes only what a 
 Each saving is checked the first time a model uses it (per start layer): the fast result must equal the
 plain computation (the bridge's own ``start_at_layer`` forward, all positions, every block) to 1e-5;
 otherwise that model falls back to the plain computation for good, with a warning (exact, only slower).
-The checks live in ``engine.shortcuts`` (``fast_paths(model)`` lists the verdicts).
+The checks live in ``engine.shortcuts`` (``fast_paths(model)`` lists the verdicts). A run with the base run's keys
+and values checks its start layer against the model's own output instead (``start_run``): one forward settles the
+skip and serves as the suffix check's reference.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from jaxtyping import Float, Int
@@ -48,6 +51,7 @@ from helpers.engine.shortcuts import (
     acts_on_last_mlp_or_later,
     answer_columns,
     fast_start_ok,
+    full_vocabulary,
     last_mlp_at_final_position,
     last_mlp_ok,
     quiet_cache_rename,
@@ -123,8 +127,11 @@ def run_interventions(
             resid = base_cache[resid_name]
             suffix = prefix is not None and last_only and (not record or (record_suffix and all(n in base_cache for n in record)))
             start = suffix_start(interventions, resid.shape[1], sources, base_cache) if suffix else 0
-            if start and not suffix_ok(model, resid, layer, prefix):
+            reference = start_run(model, tokens, resid, layer, prefix) if last_only and prefix is not None else None
+            if start and not suffix_ok(model, resid, layer, prefix, reference=reference):
                 start = 0
+            if reference is not None and not settled(model, ("skip_blocks", layer)):
+                reference()  # settles the skip of the blocks before ``layer`` from the model's own output
             hooks = hooks_for(interventions, sources, n_var, start) + record_hooks
             stacked = resid[:, start:].repeat(n_var, 1, 1)
             if last_only:
@@ -181,6 +188,32 @@ def checked_start(
             settle_exact(model, key)
             return out
     return forward_from_layer(model, resid, layer, [])
+
+
+def start_reference(model, tokens: Int[Tensor, "batch pos"], prefix: KVPrefix) -> Float[Tensor, "2 1 d_vocab"]:
+    """The model's own output on the first two of ``tokens`` (final position, whole vocabulary), the run whose keys and
+    values ``prefix`` holds: one plain forward, kept on ``prefix`` for every start layer (``start_run``)."""
+    if prefix.probe_logits is None:
+        with torch.no_grad(), full_vocabulary(model):
+            prefix.probe_logits = model(tokens[:2])[:, -1:]
+    return prefix.probe_logits
+
+
+def start_run(
+    model, tokens: Int[Tensor, "batch pos"], resid: Float[Tensor, "batch pos d_model"], layer: int, prefix: KVPrefix
+) -> Callable[[], Float[Tensor, "2 1 d_vocab"]]:
+    """The run from block ``layer`` of the first two prompts (``resid``: the residual stream there of the run of ``tokens``
+    that ``prefix`` holds), final position, whole vocabulary, checked against the model's own output
+    (``checked_start``, ``start_reference``): run on first call, then kept. It settles the skip of the earlier blocks
+    and is the suffix check's every-position reference (``suffix_ok``): two forwards a start layer, four before. A
+    ``resid`` from another run (e.g. with interventions) does not reproduce the reference and settles nothing."""
+
+    @cache
+    def run() -> Tensor:
+        with torch.no_grad(), full_vocabulary(model):
+            return checked_start(model, resid[:2], layer, start_reference(model, tokens, prefix))
+
+    return run
 
 
 def logits_from_layer(model, resid: Float[Tensor, "batch pos d_model"], layer: int, hooks: list) -> Float[Tensor, "batch pos d_vocab"]:

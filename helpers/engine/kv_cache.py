@@ -8,7 +8,7 @@ generation extends a prompt; ``engine.forward.suffix_ok`` checks once per model 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -28,6 +28,9 @@ class KVPrefix:
 
     keys: list[Float[Tensor, "batch kv_head pos d_head"]]
     values: list[Float[Tensor, "batch kv_head pos d_head"]]
+    # the model's own output on the run's first two prompts (final position, whole vocabulary): what a run of them from a
+    # later block is checked against (``forward.start_reference`` fills it on first use, one forward for every layer)
+    probe_logits: Float[Tensor, "2 1 d_vocab"] | None = field(default=None, repr=False)
 
     @property
     def n_pos(self) -> int:
