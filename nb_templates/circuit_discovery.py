@@ -230,7 +230,8 @@ if not not_supported:
 #
 # **How it works.** The smallest circuit's nodes by layer (heads by index, then MLPs), its edges merged per sender
 # and receiving node, width by the summed score and labelled with the inputs they enter (q, k, v or the residual
-# input of an MLP or the logits). Saved as SVG and PNG.
+# input of an MLP or the logits); on a real model, the 300 strongest of them (`plotting.DIAGRAM_EDGES`; every edge
+# is in `edge_circuit.json`), each named on hover at its middle. Saved as SVG and PNG.
 #
 # **How to interpret.** Follow the thick edges from the input to the logits: that is the mechanism to explain.
 

@@ -27,6 +27,33 @@ def test_notable_points_are_labelled_by_name():
     assert not long.layout.annotations  # long hover texts stay hover-only
 
 
+def test_a_large_circuit_diagram_draws_its_strongest_edges_in_a_few_traces():
+    """A real model's circuit (thousands of edges over 30 layers): the strongest ``max_edges`` drawn, grouped into one
+    trace per sign and strength level (not one per edge), each named on hover at its middle; the subtitle says how many
+    are drawn; taller with more layers; a small circuit is drawn whole, its nodes labelled."""
+    rng = np.random.default_rng(0)
+    nodes = [{"label": f"L{l}H{h}", "x": f"H{h}", "layer": l, "role": "head"} for l in range(30) for h in range(9)]
+    nodes.append({"label": "logits", "x": "logits", "layer": 30, "role": "logits"})
+    pairs = [(a, b) for a in range(len(nodes) - 1) for b in range(len(nodes)) if nodes[a]["layer"] < nodes[b]["layer"]]
+    picked = rng.choice(len(pairs), 2000, replace=False)
+    weights = rng.normal(size=2000)
+    edges = [
+        {"source": nodes[pairs[i][0]]["label"], "target": nodes[pairs[i][1]]["label"], "weight": float(w)} for i, w in zip(picked, weights)
+    ]
+    fig = plotting.circuit_diagram(nodes, edges, "big", max_edges=100)
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) <= 12 and sum(list(t.x).count(None) for t in lines) == 100  # 100 segments, in few traces
+    hover = next(t for t in fig.data if t.mode == "markers" and t.name is None)
+    strongest = sorted(edges, key=lambda e: -abs(e["weight"]))[:100]
+    assert list(hover.text) == [f"{e['source']} -> {e['target']}: {e['weight']:+.3f}" for e in strongest]
+    assert "the 100 strongest of its 2000 connections drawn" in fig.layout.title.text and fig.layout.height > 520
+    assert all(t.mode == "markers" for t in fig.data if t.name in ("head", "logits"))  # 271 nodes: names on hover
+    small = plotting.circuit_diagram(nodes[:3] + nodes[-1:], edges[:0] + [{"source": "L0H0", "target": "logits", "weight": -1.0}], "small")
+    assert small.layout.title.text == "small" and small.layout.height == 520
+    assert [t.line.color for t in small.data if t.mode == "lines"] == ["rgba(200,30,30,1.00)"]  # negative: red
+    assert all(t.mode == "markers+text" for t in small.data if t.name in ("head", "logits"))
+
+
 def test_without_a_browser_figures_show_one_warning_says_why_and_none_is_silently_missing(tmp_path, monkeypatch):
     import pytest
 

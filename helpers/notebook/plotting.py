@@ -147,11 +147,22 @@ def bars(values, labels: list[str], title: str, x_label: str, y_label: str, colo
     return fig
 
 
-def circuit_diagram(nodes: list[dict], edges: list[dict], title: str, x_title: str = "position where the head is kept") -> go.Figure:
+DIAGRAM_EDGES = 300  # the strongest edges a circuit diagram draws (a real model's circuit has thousands)
+_STRENGTH_LEVELS = 6  # edges are drawn in one trace per sign and level of |weight| (width and opacity)
+_LABELLED_NODES = 60  # nodes labelled on the figure up to this many; beyond, by hover only
+
+
+def circuit_diagram(
+    nodes: list[dict], edges: list[dict], title: str, x_title: str = "position where the head is kept", max_edges: int = DIAGRAM_EDGES
+) -> go.Figure:
     """Heads as nodes at (x, layer) coloured by role, weighted edges between them, the logits as the sink on top.
 
     ``nodes``: ``{label, x, layer, role}`` (one node labelled ``logits`` sits above the last layer);
-    ``edges``: ``{source, target, weight}``, drawn with width and opacity by |weight|, red if negative.
+    ``edges``: ``{source, target, weight}`` (optional ``via``), drawn with width and opacity by |weight|, red if negative;
+    each edge's name and weight show on hover at its middle. Only the ``max_edges`` strongest are drawn (the subtitle
+    says so): a real model's circuit of thousands of edges is otherwise a solid
+    mesh, and one plotly trace per edge made multi-megabyte notebooks. Edges are grouped into one trace per sign and
+    strength level. The height grows with the number of layers; past ``_LABELLED_NODES`` nodes, names are on hover.
     """
     columns = list(dict.fromkeys(n["x"] for n in nodes))
     cells: dict[tuple, list[str]] = {}
@@ -161,25 +172,47 @@ def circuit_diagram(nodes: list[dict], edges: list[dict], title: str, x_title: s
     for (col, layer), labels in cells.items():
         for i, label in enumerate(labels):
             where[label] = (columns.index(col) + (i - (len(labels) - 1) / 2) * 0.8 / max(len(labels), 1), layer)
-    biggest = max([abs(e["weight"]) for e in edges] + [1e-9])
+    strongest = sorted(edges, key=lambda e: -abs(e["weight"]))[:max_edges]
+    biggest = max([abs(e["weight"]) for e in strongest] + [1e-9])
     fig = go.Figure()
-    for e in sorted(edges, key=lambda e: abs(e["weight"])):
-        (x0, y0), (x1, y1) = where[e["source"]], where[e["target"]]
-        strength = abs(e["weight"]) / biggest
+    groups: dict[tuple[bool, int], list[dict]] = {}
+    for e in strongest:
+        level = min(_STRENGTH_LEVELS - 1, int(abs(e["weight"]) / biggest * _STRENGTH_LEVELS))
+        groups.setdefault((e["weight"] < 0, level), []).append(e)
+    for (negative, level), group in sorted(groups.items(), key=lambda item: item[0][1]):  # the strongest drawn last, on top
+        strength = (level + 1) / _STRENGTH_LEVELS
+        xs, ys = [], []
+        for e in group:
+            (x0, y0), (x1, y1) = where[e["source"]], where[e["target"]]
+            xs += [x0, x1, None]
+            ys += [y0, y1, None]
         fig.add_trace(
             go.Scatter(
-                x=[x0, x1],
-                y=[y0, y1],
+                x=xs,
+                y=ys,
                 mode="lines",
-                hoverinfo="text",
+                hoverinfo="skip",
                 showlegend=False,
-                text=f"{e['source']} -> {e['target']}{' (' + e['via'] + ')' if e.get('via') else ''}: {e['weight']:+.3f}",
-                line={
-                    "width": 1 + 7 * strength,
-                    "color": f"rgba({'200,30,30' if e['weight'] < 0 else '30,80,200'},{0.15 + 0.85 * strength:.2f})",
-                },
+                line={"width": 1 + 7 * strength, "color": f"rgba({'200,30,30' if negative else '30,80,200'},{0.15 + 0.85 * strength:.2f})"},
             )
         )
+    if strongest:  # each edge's name and weight on hover, at its middle
+        middles = [tuple((a + b) / 2 for a, b in zip(where[e["source"]], where[e["target"]])) for e in strongest]
+        fig.add_trace(
+            go.Scatter(
+                x=[m[0] for m in middles],
+                y=[m[1] for m in middles],
+                mode="markers",
+                marker={"size": 6, "opacity": 0},
+                showlegend=False,
+                hovertemplate="%{text}<extra></extra>",
+                text=[
+                    f"{e['source']} -> {e['target']}{' (' + e['via'] + ')' if e.get('via') else ''}: {e['weight']:+.3f}" for e in strongest
+                ],
+            )
+        )
+    n_rows = len({n["layer"] for n in nodes})
+    labelled = len(nodes) <= _LABELLED_NODES
     roles = sorted({n["role"] for n in nodes}, key=lambda r: (r == "logits", r))
     for i, role in enumerate(roles):
         members = [n for n in nodes if n["role"] == role]
@@ -187,15 +220,28 @@ def circuit_diagram(nodes: list[dict], edges: list[dict], title: str, x_title: s
             go.Scatter(
                 x=[where[n["label"]][0] for n in members],
                 y=[n["layer"] for n in members],
-                mode="markers+text",
+                mode="markers+text" if labelled else "markers",
                 name=role,
                 text=[n["label"] for n in members],
+                hovertemplate="%{text}<extra></extra>",
                 textposition="top center",
-                marker={"size": 22, "color": px.colors.qualitative.Set2[i % 8], "line": {"width": 1, "color": "black"}},
+                marker={
+                    "size": 22 if n_rows <= 12 else 12,
+                    "color": px.colors.qualitative.Set2[i % 8],
+                    "line": {"width": 1, "color": "black"},
+                },
             )
         )
+    if len(edges) > len(strongest):
+        title = f"{title}<br><sup>the {len(strongest)} strongest of its {len(edges)} connections drawn</sup>"
     fig.update_layout(
-        title=title, xaxis_title=x_title, yaxis_title="layer", height=520, width=820, template="plotly_white", legend_title="role"
+        title=title,
+        xaxis_title=x_title,
+        yaxis_title="layer",
+        height=max(520, 160 + 24 * n_rows),
+        width=820,
+        template="plotly_white",
+        legend_title="role",
     )
     fig.update_xaxes(tickvals=list(range(len(columns))), ticktext=columns, range=[-0.6, len(columns) - 0.4])
     return fig
