@@ -152,18 +152,18 @@ display(pd.DataFrame(corr_rows).set_index("head").round(4))
 # ## 3. Attention to named positions
 #
 # **How it works.** Mean attention (over prompts) from each position in `attention_from` to every named word
-# position, for every head.
+# position, for every head: one layer × head grid per word.
 #
 # **How to interpret.** In IOI, name movers attend from the end to the indirect object, S-inhibition heads
-# to the second subject, induction and duplicate heads act at S2. Rows that look alike are heads that may
-# share a role.
+# to the second subject, induction and duplicate heads act at S2. A head bright in the same place of two grids
+# splits its attention between those words.
 
 # %%
 between = head_functions.attention_between(cache, model.cfg.n_layers, from_positions, positions)
 for i, src in enumerate(from_positions):
-    values = between[:, :, i].flatten(0, 1)  # [layer*head, word]
-    figs.show(plotting.heatmap(values, f"Attention from {src} to each named word", "to", "head", x=list(positions), y=s.head_names,
-                               color_label="attention", sequential=(0, 1)), f"attention_from_{src}", key=True)
+    values = between[:, :, i].permute(2, 0, 1)  # [word, layer, head]
+    figs.show(plotting.head_grids(values, [f"to {word}" for word in positions], f"Attention from {src} to each named word",
+                                  "attention", sequential=(0, 1)), f"attention_from_{src}", key=True)
 
 # %% [markdown] tags=["notes"]
 # **Your notes.** Write here: this cell is carried into the notebook when it is rerun.

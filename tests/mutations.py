@@ -44,6 +44,20 @@ MUTATIONS = [
         "tests/test_recompute.py::test_a_patched_runs_start_is_checked_against_the_models_output",
     ),
     (
+        "a circuit diagram draws every edge",
+        "helpers/notebook/plotting.py",
+        '    strongest = sorted(edges, key=lambda e: -abs(e["weight"]))[:max_edges]',
+        '    strongest = sorted(edges, key=lambda e: -abs(e["weight"]))',
+        "tests/test_plotting.py::test_a_large_circuit_diagram_draws_its_strongest_edges_in_a_few_traces",
+    ),
+    (
+        "per-head grids put the layers along the heads' axis",
+        "helpers/notebook/plotting.py",
+        "    _, n_layers, n_heads = arr.shape",
+        "    _, n_heads, n_layers = arr.shape",
+        "tests/test_plotting.py::test_per_head_panels_are_layer_by_head_grids_on_one_scale",
+    ),
+    (
         "top-k hits stop counting a row one word early",
         "helpers/analyses/head_functions.py",
         "live = live[count[live] < k]",

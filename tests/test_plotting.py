@@ -27,6 +27,18 @@ def test_notable_points_are_labelled_by_name():
     assert not long.layout.annotations  # long hover texts stay hover-only
 
 
+def test_per_head_panels_are_layer_by_head_grids_on_one_scale():
+    """A value per head and named word (attention from the end): one [layer × head] grid per word, titled by it, on one
+    fixed colour scale; each head at its own layer and index, the same place in every panel."""
+    values = np.zeros((3, 30, 9))
+    values[1, 23, 3] = 0.9  # L23H3 attends to the second word
+    fig = plotting.head_grids(values, ["to IO", "to S1", "to S2"], "attention", "attention", sequential=(0, 1))
+    assert [a.text for a in fig.layout.annotations] == ["to IO", "to S1", "to S2"]
+    assert len(fig.data) == 3 and all(np.asarray(t.z).shape == (30, 9) for t in fig.data)
+    assert np.asarray(fig.data[1].z)[23, 3] == 0.9 and list(fig.data[1].y)[23] == "23" and list(fig.data[1].x)[3] == "3"
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0, 1) and fig.layout.height < 1000
+
+
 def test_a_large_circuit_diagram_draws_its_strongest_edges_in_a_few_traces():
     """A real model's circuit (thousands of edges over 30 layers): the strongest ``max_edges`` drawn, grouped into one
     trace per sign and strength level (not one per edge), each named on hover at its middle; the subtitle says how many

@@ -44,6 +44,33 @@ def heatmap(
     return readable(fig, *arr.shape[:2])
 
 
+def head_grids(
+    values, panels: list[str], title: str, color_label: str = "value", sequential: tuple[float, float] | None = None
+) -> go.Figure:
+    """One [layer × head] heatmap per panel, side by side on one colour scale (``values``: [panel, layer, head]; e.g. a
+    head's attention to each named word): every head is a cell at its layer and index, so a real model's 270 heads
+    fit one screen, and a head that acts on two panels is at the same place in both. Scales as ``heatmap``'s."""
+    arr = _np(values)
+    _, n_layers, n_heads = arr.shape
+    colours = (
+        {"color_continuous_scale": "Blues", "range_color": sequential}
+        if sequential is not None
+        else {"color_continuous_scale": "RdBu", "color_continuous_midpoint": 0.0}
+    )
+    fig = px.imshow(
+        arr,
+        facet_col=0,
+        x=[str(h) for h in range(n_heads)],
+        y=[str(layer) for layer in range(n_layers)],
+        labels={"x": "head", "y": "layer", "color": color_label},
+        title=title,
+        aspect="auto",
+        **colours,
+    )
+    fig.for_each_annotation(lambda a: a.update(text=panels[int(a.text.split("=")[-1])]))
+    return fig.update_layout(height=max(MIN_HEIGHT, 14 * n_layers + 200), width=max(600, len(panels) * (24 * n_heads + 60) + 200))
+
+
 ROW_PX, MIN_HEIGHT, MAX_HEIGHT = 13, 450, 4200  # a real model's 270 heads as rows: every label legible
 
 
