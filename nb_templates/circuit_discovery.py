@@ -73,6 +73,7 @@ import torch
 from IPython.display import display
 
 from helpers.analyses import discovery, mib_format
+from helpers.engine import metrics
 from helpers.methods import edges, scoring
 from helpers.notebook import plotting, session
 
@@ -138,15 +139,13 @@ if not not_supported:
 # %%
 agreement, exact_check = {}, None
 if not not_supported:
-    from scipy.stats import spearmanr
-
     checked = index if g.n_edges <= max_single_edges else discovery.check_sample(g, scores, check_top, check_random, seed)
     how = "every edge" if len(checked) == g.n_edges else f"a sample: the top {check_top} of each method by |score| and {check_random} random others"
     exact_check = {"edges": len(checked), "of": g.n_edges, "how": how}
     exact = scoring.single_edge_effects(ectx, memory_mb, edges=None if len(checked) == g.n_edges else checked)
     pick = (checked[:, 0], checked[:, 1])
     for method in methods:
-        agreement[method] = float(spearmanr(exact[pick], scores[method][pick])[0])
+        agreement[method] = metrics.rank_correlation(exact[pick], scores[method][pick])
     print(f"Spearman with exact single-edge patching on {len(checked)} of {g.n_edges} edges ({how}):",
           {m: round(v, 3) for m, v in agreement.items()})
     checked_names = g.names_of(torch.zeros_like(g.allowed).index_put_(pick, torch.tensor(True)))

@@ -63,10 +63,10 @@ patching_memory_mb = 1024  # working memory of one batched patching forward
 import pandas as pd
 import torch
 from IPython.display import display
-from scipy.stats import spearmanr
 from transformer_lens.utilities import get_act_name
 
 from helpers.analyses import dla, neurons
+from helpers.engine import metrics
 from helpers.engine.hooks import run_with_checked_cache
 from helpers.methods import patching
 from helpers.notebook import plotting, session
@@ -146,7 +146,7 @@ ctx = patching.make_context(model, prompts,
 patched = neurons.candidates(estimate, chosen, n_exact)
 effects = neurons.neuron_patching(ctx, chosen, patching_memory_mb, only=patched)
 exact_cells = ~effects.isnan()
-agreement = float(spearmanr(effects[exact_cells], estimate[chosen][exact_cells])[0])
+agreement = metrics.rank_correlation(effects, estimate[chosen])  # over the neurons patched exactly (the others NaN)
 checks = pd.DataFrame([{"layer": layer, "all neurons patched": neurons.all_neurons_patched(ctx, layer),
                         "mlp_out patched (all positions)": neurons.all_neurons_patched(ctx, layer, get_act_name("mlp_out", layer)),
                         "neurons patched exactly": int(exact_cells[i].sum())} for i, layer in enumerate(chosen)])

@@ -58,6 +58,13 @@ MUTATIONS = [
         "tests/test_plotting.py::test_per_head_panels_are_layer_by_head_grids_on_one_scale",
     ),
     (
+        "rank agreement at full precision, float noise deciding the ranks of cells a patch cannot change",
+        "helpers/engine/metrics.py",
+        "    exact, estimate = (np.round(np.asarray(_numbers(x), dtype=float).ravel(), DIGITS) for x in (exact, estimate))",
+        "    exact, estimate = (np.asarray(_numbers(x), dtype=float).ravel() for x in (exact, estimate))",
+        "tests/test_patching.py::test_rank_agreement_is_not_decided_by_float_noise_where_a_patch_changes_nothing",
+    ),
+    (
         "top-k hits stop counting a row one word early",
         "helpers/analyses/head_functions.py",
         "live = live[count[live] < k]",

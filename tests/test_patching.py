@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +156,34 @@ def test_rank_agreement_reads_the_computed_cells_only():
 
     exact = torch.tensor([[1.0, float("nan")], [3.0, 2.0]])
     assert rank_agreement({"s": exact}, {"s": torch.tensor([[1.0, 99.0], [3.0, 2.0]])})["s"] == pytest.approx(1.0)
+
+
+def test_rank_agreement_is_not_decided_by_float_noise_where_a_patch_changes_nothing():
+    """A by-position sweep: most cells lie before the first position where clean and corrupted differ, where both the
+    exact sweep and the estimate hold float noise (1e-9: the two runs round differently) instead of 0. That noise must
+    not decide the figure: two draws of it give the same rank correlation, the one recomputed from the values as
+    written (six decimals); at full precision they do not."""
+    from scipy.stats import spearmanr
+
+    from helpers.engine.metrics import rank_correlation
+    from helpers.schema.artifacts import to_jsonable
+
+    gen = torch.Generator().manual_seed(0)
+    exact = torch.zeros(18, 15)
+    exact[:, 10:] = torch.randn(18, 5, generator=gen) * torch.logspace(-4, 0, 5)  # live from position 10 on
+    estimate = exact * (1 + 0.5 * torch.randn(18, 15, generator=gen))  # a rough estimate of the live cells
+    dead = exact == 0
+
+    def noise() -> torch.Tensor:
+        return torch.where(dead, torch.randn(18, 15, generator=gen) * 1e-9, 0.0)
+
+    noisy = [(exact + noise(), estimate + noise()) for _ in range(2)]
+    ours = [rank_correlation(x, e) for x, e in noisy]
+    written = spearmanr(np.ravel(to_jsonable(noisy[0][0])), np.ravel(to_jsonable(noisy[0][1])))[0]
+    assert ours[0] == ours[1] == pytest.approx(written)
+    raw = [spearmanr(x.flatten(), e.flatten())[0] for x, e in noisy]
+    assert abs(raw[0] - raw[1]) > 0.01  # what the noise did before
+    assert math.isnan(rank_correlation(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0])))
 
 
 @pytest.mark.parametrize("name", ["resid_pre", "attn_out", "mlp_out", "head_out", "head_v", "head_pattern"])

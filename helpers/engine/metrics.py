@@ -1,6 +1,7 @@
 """Logit difference, the metric every experiment here is scored with, and its normalisation; ``Metric``, what a
 batched run measures from its logits (``forward.run_interventions`` takes one: logit difference by default; answer
-probability, losses and KL divergence from a reference run are the others here).
+probability, losses and KL divergence from a reference run are the others here); ``rank_correlation``, how well an
+estimate ranks what exact patching measures.
 
 Patching results are normalised so that the corrupted run is 0 and the clean run is 1. That divides by the
 clean - corrupted gap: when the model does not do the task (a random-weight model, a task it never learned)
@@ -16,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from helpers.schema.artifacts import DIGITS
 
 
 def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Float[Tensor, " batch"]:
@@ -295,3 +299,24 @@ def group_weights(batch: int, groups: Int[Tensor, " batch"] | None) -> Float[Ten
         return torch.full((batch, 1), 1.0 / batch)
     one_hot = torch.nn.functional.one_hot(groups.cpu().long(), int(groups.max()) + 1).float()
     return one_hot / one_hot.sum(0, keepdim=True).clamp_min(1)
+
+
+def rank_correlation(exact, estimate) -> float:
+    """Spearman's rank correlation of ``estimate`` (attribution scores, edge scores, ...) with the ``exact`` values it
+    stands for, over the cells computed exactly (``exact`` not NaN), both rounded to the ``DIGITS`` decimals results are
+    written at; NaN with fewer than two cells.
+
+    Rounded, because at full precision the cells where a patch changes nothing (e.g. every position before the first
+    one where clean and corrupted differ: exactly 0 in one, float noise of 1e-9 in the other) were ranked by their
+    noise: Gemma-3's attribution against its exact head_out_by_pos sweep read 0.770 in one run and 0.944 in the next,
+    on values equal to six decimals. Rounded, those cells tie at 0 in both, the figure is the same from run to run,
+    and it is what a reader recomputes from the written values."""
+    from scipy.stats import spearmanr
+
+    exact, estimate = (np.round(np.asarray(_numbers(x), dtype=float).ravel(), DIGITS) for x in (exact, estimate))
+    done = ~np.isnan(exact)
+    return float(spearmanr(exact[done], estimate[done])[0]) if done.sum() > 1 else math.nan
+
+
+def _numbers(x):
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else x

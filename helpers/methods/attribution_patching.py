@@ -29,7 +29,7 @@ from helpers.engine.chunks import rows_per_chunk
 from helpers.engine.hooks import UNEMBED_LAST, HookNameError, recording_hook, resolve_hook_names
 from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
-from helpers.engine.metrics import logit_diff
+from helpers.engine.metrics import logit_diff, rank_correlation
 from helpers.engine.shortcuts import answer_columns, quiet_cache_rename, verified
 from helpers.methods.patching import SWEEPS, Sweep
 from helpers.task.prompts import PromptPair, PromptSet, as_pair
@@ -273,16 +273,9 @@ def attribution_patch(
 
 
 def rank_agreement(exact: dict[str, Tensor], estimates: dict[str, Tensor]) -> dict[str, float]:
-    """Spearman rank correlation of each estimated sweep with the exact sweep of that name, over the cells computed
-    exactly (all of them, unless the exact sweep ran over some heads only: its other cells are NaN)."""
-    from scipy.stats import spearmanr
-
-    def over_computed(values: Tensor, est: Tensor) -> float:
-        values, est = values.flatten(), est.detach().flatten()
-        done = ~values.isnan()
-        return float(spearmanr(values[done], est[done])[0])
-
-    return {name: over_computed(exact[name], est) for name, est in estimates.items()}
+    """Spearman rank correlation of each estimated sweep with the exact sweep of that name (``metrics.rank_correlation``),
+    over the cells computed exactly (all of them, unless the exact sweep ran over some heads only: its other cells are NaN)."""
+    return {name: rank_correlation(exact[name], est) for name, est in estimates.items()}
 
 
 DIRECTIONS = ("denoising", "noising", "mean of both")
@@ -296,13 +289,8 @@ def agreement_by_direction(
     lost) and their mean. Plain attribution is the first-order estimate of denoising at the corrupted run; integrated
     gradients share the total effect among components that all move together along the path, which lies between the
     two directions (exactly the mean for a metric quadratic in the components)."""
-    from scipy.stats import spearmanr
-
     references = dict(zip(DIRECTIONS, (denoising, noising, (denoising + noising) / 2)))
-    return {
-        label: {ref: float(spearmanr(values.flatten(), est.flatten())[0]) for ref, values in references.items()}
-        for label, est in estimates.items()
-    }
+    return {label: {ref: rank_correlation(values, est) for ref, values in references.items()} for label, est in estimates.items()}
 
 
 def direction_reading(by_direction: dict[str, dict[str, float]]) -> str:
