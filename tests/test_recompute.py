@@ -139,8 +139,9 @@ def _first_use(ctx, layer: int, prefix) -> tuple[torch.Tensor, int]:
 def test_a_patched_runs_start_is_checked_against_the_models_output(fam):
     """A patched run's first use of a start layer settles the skip of the earlier blocks and the suffix recompute from
     one run from that block, checked against the model's own output (``forward.start_run``): the last block runs four
-    times (the model's output, once per prefix; the run from the block; the suffix run; the patched run), six before
-    (the plain and fast starts, the every-position reference again); on every family, the numbers unchanged."""
+    times (the model's output, once per prefix; the run from the block; the suffix run; the patched run), then three
+    a layer; five a layer before (the plain and fast starts, the every-position reference, the suffix run, the patched
+    run); on every family, the numbers unchanged."""
     family, ctx = fam
     model = ctx.model
     layer = model.cfg.n_layers // 2
