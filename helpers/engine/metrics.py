@@ -307,8 +307,8 @@ def rank_correlation(exact, estimate) -> float:
     written at; NaN with fewer than two cells.
 
     Rounded, because at full precision the cells where a patch changes nothing (e.g. every position before the first
-    one where clean and corrupted differ: exactly 0 in one, float noise of 1e-9 in the other) were ranked by their
-    noise: Gemma-3's attribution against its exact head_out_by_pos sweep read 0.770 in one run and 0.944 in the next,
+    one where clean and corrupted differ: float noise of 1e-9 instead of 0 in both, as their runs round differently)
+    were ranked by their noise: Gemma-3's attribution against its exact head_out_by_pos sweep read 0.770 in one run and 0.944 in the next,
     on values equal to six decimals. Rounded, those cells tie at 0 in both, the figure is the same from run to run,
     and it is what a reader recomputes from the written values."""
     from scipy.stats import spearmanr
