@@ -32,7 +32,7 @@ MUTATIONS = [
     (
         "a patched run's start is checked against its own run, not the model's output",
         "helpers/engine/forward.py",
-        "            return checked_start(model, resid[:2], layer, start_reference(model, tokens, prefix))",
+        "            return checked_start(model, resid[:2], layer, expected())",
         "            return checked_start(model, resid[:2], layer, _fast_from_layer(model, resid[:2], layer, []))",
         "tests/test_recompute.py::test_a_patched_runs_start_that_misses_the_models_output_settles_nothing",
     ),
@@ -60,8 +60,8 @@ MUTATIONS = [
     (
         "rank agreement at full precision, float noise deciding the ranks of cells a patch cannot change",
         "helpers/engine/metrics.py",
-        "    exact, estimate = (np.round(np.asarray(_numbers(x), dtype=float).ravel(), DIGITS) for x in (exact, estimate))",
-        "    exact, estimate = (np.asarray(_numbers(x), dtype=float).ravel() for x in (exact, estimate))",
+        "    exact, estimate = (np.round(np.asarray(as_numpy(x), dtype=float).ravel(), DIGITS) for x in (exact, estimate))",
+        "    exact, estimate = (np.asarray(as_numpy(x), dtype=float).ravel() for x in (exact, estimate))",
         "tests/test_patching.py::test_rank_agreement_is_not_decided_by_float_noise_where_a_patch_changes_nothing",
     ),
     (

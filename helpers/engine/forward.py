@@ -127,7 +127,9 @@ def run_interventions(
             resid = base_cache[resid_name]
             suffix = prefix is not None and last_only and (not record or (record_suffix and all(n in base_cache for n in record)))
             start = suffix_start(interventions, resid.shape[1], sources, base_cache) if suffix else 0
-            reference = start_run(model, tokens, resid, layer, prefix) if last_only and prefix is not None else None
+            reference = (
+                start_run(model, resid, layer, lambda: start_reference(model, tokens, prefix)) if last_only and prefix is not None else None
+            )
             if start and not suffix_ok(model, resid, layer, prefix, reference=reference):
                 start = 0
             if reference is not None and not settled(model, ("skip_blocks", layer)):
@@ -200,18 +202,19 @@ def start_reference(model, tokens: Int[Tensor, "batch pos"], prefix: KVPrefix) -
 
 
 def start_run(
-    model, tokens: Int[Tensor, "batch pos"], resid: Float[Tensor, "batch pos d_model"], layer: int, prefix: KVPrefix
+    model, resid: Float[Tensor, "batch pos d_model"], layer: int, expected: Callable[[], Float[Tensor, "2 1 d_vocab"]]
 ) -> Callable[[], Float[Tensor, "2 1 d_vocab"]]:
-    """The run from block ``layer`` of the first two prompts (``resid``: the residual stream there of the run of ``tokens``
-    that ``prefix`` holds), final position, whole vocabulary, checked against the model's own output
-    (``checked_start``, ``start_reference``): run on first call, then kept. It settles the skip of the earlier blocks
-    and is the suffix check's every-position reference (``suffix_ok``): two forwards a start layer, four before. A
-    ``resid`` from another run (e.g. with interventions) does not reproduce the reference and settles nothing."""
+    """The run from block ``layer`` of the first two prompts of ``resid`` (the residual stream there), final position,
+    whole vocabulary, checked against ``expected()``, the same prompts' output from block 0 (``checked_start``): run
+    on first call, then kept. It settles the skip of the earlier blocks and is the suffix check's every-position
+    reference (``suffix_ok``): two forwards a start layer, four before. Patched runs expect the model's own output
+    (``start_reference``), edge evaluations their clean run's; a ``resid`` from another run (e.g. with
+    interventions) does not reproduce it and settles nothing."""
 
     @cache
     def run() -> Tensor:
         with torch.no_grad(), full_vocabulary(model):
-            return checked_start(model, resid[:2], layer, start_reference(model, tokens, prefix))
+            return checked_start(model, resid[:2], layer, expected())
 
     return run
 

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from helpers.schema.artifacts import DIGITS
+from helpers.schema.artifacts import DIGITS, as_numpy
 
 
 def logit_diff(logits: Float[Tensor, "batch pos d_vocab"], answer_tokens: Int[Tensor, "batch 2"], pos: int = -1) -> Float[Tensor, " batch"]:
@@ -313,10 +313,6 @@ def rank_correlation(exact, estimate) -> float:
     and it is what a reader recomputes from the written values."""
     from scipy.stats import spearmanr
 
-    exact, estimate = (np.round(np.asarray(_numbers(x), dtype=float).ravel(), DIGITS) for x in (exact, estimate))
+    exact, estimate = (np.round(np.asarray(as_numpy(x), dtype=float).ravel(), DIGITS) for x in (exact, estimate))
     done = ~np.isnan(exact)
     return float(spearmanr(exact[done], estimate[done])[0]) if done.sum() > 1 else math.nan
-
-
-def _numbers(x):
-    return x.detach().cpu().numpy() if isinstance(x, Tensor) else x

@@ -48,7 +48,7 @@ over ``steps`` points on the straight path from the corrupted to the clean input
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cached_property
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -58,7 +58,7 @@ from transformer_lens.utilities import get_act_name
 from helpers.engine.capabilities import NotSupported, architecture, edit_reaches_residual, hook_takes_effect, kv_heads, parallel_blocks
 from helpers.engine.chunks import by_start_layer, plan_chunks, rows_within
 from helpers.engine.forks import made_forks, receiver_forks
-from helpers.engine.forward import checked_start, forward_from_layer, reading, run_interventions, suffix_ok
+from helpers.engine.forward import forward_from_layer, reading, run_interventions, start_run, suffix_ok
 from helpers.engine.interventions import Intervention
 from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
@@ -832,7 +832,7 @@ def _start_ok(ectx: EdgeContext, layer: int) -> bool:
     model = ectx.model
     # one run from the block serves the three checks: the skip of the earlier blocks (``checked_start``), the start
     # itself, and the every-position reference of the suffix check (two forwards a layer, five before)
-    run = cache(lambda: checked_start(model, ectx.clean_resid[layer, :2], layer, ectx.probe_logits))
+    run = start_run(model, ectx.clean_resid[layer], layer, lambda: ectx.probe_logits)
     return verified(
         model, ("edge_start", layer), run, lambda: ectx.probe_logits, f"starting an edge evaluation at block {layer} changed the output"
     ) and (ectx.clean_kv is None or suffix_ok(model, ectx.clean_resid[layer], layer, ectx.clean_kv, "receiver forks", run))

@@ -35,13 +35,17 @@ def heatmap(
     arr = _np(values)
     x = [str(i) for i in range(arr.shape[1])] if x is None else x
     y = [str(i) for i in range(arr.shape[0])] if y is None else y
-    colours = (
-        {"color_continuous_scale": "Blues", "range_color": sequential}
-        if sequential is not None
-        else {"color_continuous_scale": "RdBu", "color_continuous_midpoint": zmid}
+    fig = px.imshow(
+        arr, x=x, y=y, labels={"x": x_label, "y": y_label, "color": color_label}, title=title, aspect="auto", **_scale(sequential, zmid)
     )
-    fig = px.imshow(arr, x=x, y=y, labels={"x": x_label, "y": y_label, "color": color_label}, title=title, aspect="auto", **colours)
     return readable(fig, *arr.shape[:2])
+
+
+def _scale(sequential: tuple[float, float] | None, zmid: float = 0.0) -> dict:
+    """``px.imshow``'s colour arguments: white to blue over the fixed range ``sequential``, else red-blue centred on ``zmid``."""
+    if sequential is not None:
+        return {"color_continuous_scale": "Blues", "range_color": sequential}
+    return {"color_continuous_scale": "RdBu", "color_continuous_midpoint": zmid}
 
 
 def head_grids(
@@ -52,11 +56,6 @@ def head_grids(
     fit one screen, and a head that acts on two panels is at the same place in both. Scales as ``heatmap``'s."""
     arr = _np(values)
     _, n_layers, n_heads = arr.shape
-    colours = (
-        {"color_continuous_scale": "Blues", "range_color": sequential}
-        if sequential is not None
-        else {"color_continuous_scale": "RdBu", "color_continuous_midpoint": 0.0}
-    )
     fig = px.imshow(
         arr,
         facet_col=0,
@@ -65,7 +64,7 @@ def head_grids(
         labels={"x": "head", "y": "layer", "color": color_label},
         title=title,
         aspect="auto",
-        **colours,
+        **_scale(sequential),
     )
     fig.for_each_annotation(lambda a: a.update(text=panels[int(a.text.split("=")[-1])]))
     return fig.update_layout(height=max(MIN_HEIGHT, 14 * n_layers + 200), width=max(600, len(panels) * (24 * n_heads + 60) + 200))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 
-def _as_numpy(value: Any) -> Any:
+def as_numpy(value: Any) -> Any:
     """A tensor as a numpy array; anything else as it is. Torch is not imported here (the runner and the report read
     and write results without it): where it was never imported, no value can be a tensor."""
     torch = sys.modules.get("torch")
@@ -28,7 +28,7 @@ DIGITS = 6  # decimals every number is written at (a normalised effect: a millio
 def to_jsonable(value: Any, digits: int | None = DIGITS) -> Any:
     """Tensors/arrays -> nested lists, numbers rounded to ``digits`` decimals (None: as they are), dataclass-like
     objects -> dicts; non-finite numbers -> None."""
-    value = _as_numpy(value)
+    value = as_numpy(value)
     if isinstance(value, np.ndarray):
         rounded = value.astype(float) if digits is None else np.round(value.astype(float), digits)
         finite = np.isfinite(rounded)
@@ -57,7 +57,7 @@ class NonFiniteWarning(UserWarning):
 
 def non_finite_paths(value: Any, prefix: str = "") -> dict[str, int]:
     """Key path -> number of non-finite numbers under it (tensors, arrays and floats), e.g. ``{"sweeps.head_out": 16}``."""
-    value = _as_numpy(value)
+    value = as_numpy(value)
     if isinstance(value, np.ndarray) and value.dtype.kind in "fc":
         n = int((~np.isfinite(value)).sum())
         return {prefix or "(top level)": n} if n else {}
