@@ -16,6 +16,34 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "a patched run starts from a block the bridge does not run exactly (BLOOM)",
+        "helpers/engine/forward.py",
+        "or not start_exact(model, layer):",
+        ":",
+        "tests/test_other_families.py::test_a_start_that_drops_the_models_own_computation_runs_from_the_tokens",
+    ),
+    (
+        "knockouts share a run that ends at a block the bridge does not start from exactly",
+        "helpers/analyses/circuits.py",
+        "        if first > 0 and not start_exact(model, first):",
+        "        if False:",
+        "tests/test_other_families.py::test_its_knockouts_run_from_the_tokens",
+    ),
+    (
+        "a DLA identity error no known caveat explains goes unsaid",
+        "helpers/analyses/dla.py",
+        "    if not caveats and error > IDENTITY_TOLERANCE",
+        "    if False and error > IDENTITY_TOLERANCE",
+        "tests/test_other_families.py::test_dla_that_does_not_add_up_says_so",
+    ),
+    (
+        "neurons of a mixture of experts are not refused",
+        "helpers/analyses/neurons.py",
+        "    check_dense_mlp(model)\n",
+        "",
+        "tests/test_other_families.py::test_neurons_of_a_mixture_of_experts_are_refused",
+    ),
+    (
         "a start check settles the skip of the earlier blocks without comparing",
         "helpers/engine/forward.py",
         "        if same_output(out, expected):",

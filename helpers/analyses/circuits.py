@@ -34,6 +34,7 @@ from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import resolve_hook_names
 from helpers.engine.interventions import Intervention, hooks_for
 from helpers.engine.metrics import check_normalisation, faithfulness, group_mean, logit_diff
+from helpers.engine.shortcuts import start_exact
 from helpers.schema.heads import Head
 from helpers.schema.results import SmallestResult
 
@@ -248,6 +249,8 @@ def knockout_logit_diffs(
             )
             continue
         base = None
+        if first > 0 and not start_exact(model, first):
+            first = 0  # the bridge's start from a block is not exact on this model: every variant runs from the tokens
         if first > 0:  # the shared layers once, stopping where the variants part (nothing after it is computed)
             with torch.no_grad(), model.hooks(fwd_hooks=hooks_for(knockout_interventions(part[:1, :first], ablation), values, 1)):
                 base = {get_act_name("resid_pre", first): model(tokens, stop_at_layer=first)}

@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
-from helpers.engine.capabilities import parallel_blocks, position_embeddings
+from helpers.engine.capabilities import architecture, decomposition_caveats, parallel_blocks, position_embeddings
 from helpers.engine.norms import post_normed, post_norms, sublayer_bias
 
 DLA_HOOK_SUFFIXES = (
@@ -41,6 +41,27 @@ DLA_HOOK_SUFFIXES = (
     "hook_pattern",
     "hook_scale",
 )
+
+
+IDENTITY_TOLERANCE = 1e-3  # relative to the logit differences' scale: float32 sums over hundreds of components stay far below
+
+
+def measured_caveats(model, error: float, logit_diffs: Float[Tensor, " batch"]) -> dict[str, str]:
+    """The architecture's known caveats (``capabilities.decomposition_caveats``), plus ``identity`` where the measured
+    ``error`` (max |sum of components + bias diff - logit diff|) exceeds ``IDENTITY_TOLERANCE`` of the logit
+    differences' scale and no known caveat explains it: an architecture whose unembedding reads the residual stream
+    in a way this decomposition does not model (measured: an unfolded final norm, OLMo-2; a logit scale, Granite).
+    Its DLA numbers are then not a decomposition: the notebook prints that under the identity error, warns, and records
+    ``exact: false`` with the reason in its results."""
+    caveats = decomposition_caveats(model)
+    if not caveats and error > IDENTITY_TOLERANCE * (1 + float(logit_diffs.abs().max())):
+        caveats["identity"] = (
+            f"the components do not sum to the logit difference on this architecture ({architecture(model)}: max error "
+            f"{error:.3g} against logit differences up to {float(logit_diffs.abs().max()):.3g}); the final norm or the "
+            "unembedding is not in the form DLA reads (e.g. a norm weight TransformerLens did not fold, or a logit scale): "
+            "these numbers are not a decomposition"
+        )
+    return caveats
 
 
 def dla_hook_filter(name: str) -> bool:

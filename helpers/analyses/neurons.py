@@ -27,6 +27,7 @@ from transformer_lens import utilities as utils
 from transformer_lens.ActivationCache import ActivationCache
 
 from helpers.analyses.dla import project_stack
+from helpers.engine.capabilities import check_dense_mlp
 from helpers.engine.metrics import normalised
 from helpers.engine.norms import frozen_scales, post_normed, post_norms, sublayer_bias
 from helpers.methods.attribution_patching import attribution_patch
@@ -43,7 +44,9 @@ def post_hook(layer: int) -> str:
 
 
 def neuron_hook_names(model, layers: list[int] | None = None) -> list[str]:
-    """Hooks neuron DLA needs besides ``dla.dla_hook_names``: the post-activations of ``layers`` (default all)."""
+    """Hooks neuron DLA needs besides ``dla.dla_hook_names``: the post-activations of ``layers`` (default all).
+    Raises ``NotSupported`` first where the MLP has no neurons of its own (``capabilities.check_dense_mlp``)."""
+    check_dense_mlp(model)
     return [post_hook(layer) for layer in (range(model.cfg.n_layers) if layers is None else layers)]
 
 

@@ -67,6 +67,23 @@ def decomposition_caveats(model) -> dict[str, str]:
     return caveats
 
 
+def check_dense_mlp(model) -> None:
+    """Raise ``NotSupported`` unless every block's MLP is one dense layer of neurons with an output matrix (``W_out``):
+    a mixture of experts (Mixtral, Qwen-MoE, OLMoE) routes each token through some experts' own neurons, so there is
+    no one neuron basis for the layer to attribute, patch or read."""
+    mlp = model.blocks[0].mlp
+    try:
+        w_out = mlp.W_out
+    except AttributeError:
+        w_out = None
+    if w_out is None or "blocks.0.mlp.hook_post" not in model.hook_dict:
+        raise NotSupported(
+            f"neuron analyses are not supported for this architecture ({architecture(model)}): its MLP "
+            f"({type(mlp).__name__}) is not one dense layer of neurons (e.g. a mixture of experts); the MLP-level "
+            "results (mlp_out patching, DLA per layer) still apply"
+        )
+
+
 def check_positional(model) -> None:
     """Raise ``NotSupported`` unless the model adds learned or sinusoidal position embeddings to the residual stream."""
     if not position_embeddings(model.cfg):

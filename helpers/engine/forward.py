@@ -26,7 +26,8 @@ itself does; no code here steps through blocks by hand. It computes only what a 
 Each saving is checked the first time a model uses it (per start layer): the fast result must equal the
 plain computation (the bridge's own ``start_at_layer`` forward, all positions, every block) to 1e-5;
 otherwise that model falls back to the plain computation for good, with a warning (exact, only slower).
-The checks live in ``engine.shortcuts`` (``fast_paths(model)`` lists the verdicts). A run with the base run's keys
+The start itself is checked too, against the model's output from the tokens (``shortcuts.start_exact``): where the
+bridge's forward from a block is not exact (BLOOM), runs start from the tokens. The checks live in ``engine.shortcuts`` (``fast_paths(model)`` lists the verdicts). A run with the base run's keys
 and values checks its start layer against the model's own output instead (``start_run``): one forward settles the
 skip and serves as the suffix check's reference.
 """
@@ -59,6 +60,7 @@ from helpers.engine.shortcuts import (
     settle_exact,
     settled,
     skip_blocks_before,
+    start_exact,
     verified,
 )
 
@@ -119,7 +121,7 @@ def run_interventions(
     resid_name = None if layer is None else get_act_name("resid_pre", layer)
     last_only = metric.positions == "last"
     with torch.no_grad(), reading(model, metric, answers, tokens) as read:
-        if base_cache is None or resid_name not in base_cache:
+        if base_cache is None or resid_name not in base_cache or not start_exact(model, layer):
             unembed = [UNEMBED_LAST] if last_only else []
             with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks + unembed):
                 logits = model(tokens.repeat(n_var, 1))

@@ -147,6 +147,32 @@ def settle_exact(model, key: tuple) -> None:
     model_state(model, "fast_paths")[key] = True
 
 
+def start_exact(model, layer: int) -> bool:
+    """Whether the bridge's own forward from block ``layer`` (``start_at_layer``, given the residual stream there)
+    reproduces the model's output from the tokens: checked once per model and layer on ``probe_tokens``. Every other
+    saving is checked against this start, so a start that is itself wrong would make every number that starts at a
+    block wrong with no error (BLOOM: TransformerLens 4.x builds its ALiBi biases only in a run from the tokens). Where
+    it fails, runs start from the tokens (``forward.run_interventions``; exact, slower) or refuse (edges)."""
+    probe = probe_tokens(model)
+    state = model_state(model, "start_probe")
+
+    def probe_run() -> dict:
+        if not state:
+            names = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+            logits, cache = model.run_with_cache(probe, names_filter=names)
+            state.update({"logits": logits[:, -1:], **{i: cache[n] for i, n in enumerate(names)}})
+        return state
+
+    return verified(
+        model,
+        ("start_at_layer", layer),
+        lambda: model(probe_run()[layer], start_at_layer=layer)[:, -1:],
+        lambda: probe_run()["logits"],
+        f"running from block {layer} (the bridge's start_at_layer on the residual stream there) changed the output; "
+        "runs start from the tokens",
+    )
+
+
 def fast_start_ok(model, resid: Tensor, layer: int) -> bool:
     """Whether skipping the blocks before ``layer`` and unembedding one position is exact on this model
     (checked once per model and layer against the plain ``start_at_layer`` forward)."""

@@ -64,7 +64,7 @@ from helpers.engine.kv_cache import KVPrefix, run_with_kv
 from helpers.engine.memory import release_freed_memory
 from helpers.engine.metrics import LOGIT_DIFF, faithfulness, logit_diff
 from helpers.engine.norms import post_attention_norm, post_norms
-from helpers.engine.shortcuts import full_vocabulary, verified
+from helpers.engine.shortcuts import full_vocabulary, start_exact, verified
 from helpers.methods.attribution_patching import DEFAULT_GRADIENT_MEMORY_MB, EMBED_HOOK, metric_gradients
 from helpers.schema.artifacts import write_json
 from helpers.task.prompts import PromptPair, PromptSet, as_pair
@@ -103,6 +103,11 @@ def unsupported_reason(model) -> str | None:
     arch = architecture(model)
     if "blocks.0.attn.hook_q_input" not in model.hook_dict or "blocks.0.hook_mlp_in" not in model.hook_dict:
         return f"edge-level circuits are not supported for this architecture ({arch}): the bridge has no per-head q/k/v input fork"
+    if not all(start_exact(model, layer) for layer in range(model.cfg.n_layers)):
+        return (
+            f"edge-level circuits are not supported for this architecture ({arch}): the bridge's forward from a block "
+            "(start_at_layer) does not reproduce the model's output, and every edge evaluation starts at one"
+        )
     try:
         with receiver_forks(model):
             pass

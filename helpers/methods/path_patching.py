@@ -27,13 +27,14 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from helpers.engine.capabilities import kv_heads
+from helpers.engine.capabilities import NotSupported, architecture, kv_heads
 from helpers.engine.forks import split_qkv_input
 from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import resolve_hook_names
 from helpers.engine.interventions import Intervention
 from helpers.engine.metrics import normalised
 from helpers.engine.norms import post_attention_norm, post_norms, sublayer_bias
+from helpers.engine.shortcuts import start_exact
 from helpers.methods.patching import SWEEPS, PatchingContext, run_patched, variant_masks
 from helpers.schema.heads import Head
 
@@ -162,6 +163,12 @@ def direct_path_effects(
     NotImplementedError where no q/k/v fork can be found or made (``helpers.engine.forks``)."""
     model, cfg = ctx.model, ctx.model.cfg
     _receiver_hook_name(0, component)
+    if not all(start_exact(model, block) for block in range(cfg.n_layers)):
+        raise NotSupported(
+            f"direct-edge path patching is not supported for this architecture ({architecture(model)}): the bridge's "
+            "forward from a block does not reproduce the model's output here, and on such a model (BLOOM) these effects "
+            "disagree with TransformerLens's get_act_patch_direct_path; refused rather than reported unverified"
+        )
     n_kv = kv_heads(cfg)
     if component != "q" and n_kv != cfg.n_heads:
         raise ValueError(

@@ -8,6 +8,7 @@ the tests, use one implementation. The session itself (params, model, prompts, r
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -24,9 +25,9 @@ from helpers.analyses.dla import (
     layer_dla,
     logit_diff_direction,
     logit_lens,
+    measured_caveats,
     unembed_bias_diff,
 )
-from helpers.engine.capabilities import decomposition_caveats
 from helpers.engine.hooks import run_with_checked_cache
 from helpers.engine.interventions import Intervention, hooks_for
 from helpers.engine.metrics import group_mean, logit_diff
@@ -83,6 +84,9 @@ def direct_logit_attribution(s: Session) -> DLAResult:
     ld = logit_diff(logits, s.prompts.answer_tokens)
     error = (full.sum(0) + bias - ld).abs().max().item()
     layer_error = (layers.sum(0) + bias - ld).abs().max().item()
+    caveats = measured_caveats(s.model, max(error, layer_error), ld)
+    if "identity" in caveats:
+        warnings.warn(f"DLA: {caveats['identity']}", stacklevel=2)
     return DLAResult(
         cache,
         lens.mean(-1).cpu(),
@@ -93,7 +97,7 @@ def direct_logit_attribution(s: Session) -> DLAResult:
         error,
         ld.mean().item(),
         layer_error,
-        decomposition_caveats(s.model),
+        caveats,
         heads.detach().cpu(),
         frozen_scales(s.model),
     )
