@@ -16,6 +16,34 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "weight-based head analyses read a pre-norm that OLMo-2 does not have as the identity without checking",
+        "helpers/engine/norms.py",
+        "        verdicts[layer] = names[1] in cache and torch.equal(cache[names[0]], cache[names[1]])",
+        "        verdicts[layer] = False",
+        "tests/test_head_functions.py::test_ov_outputs_equal_a_head_attending_to_one_position",
+    ),
+    (
+        "an unfolded final norm weight is left in place (OLMo-2)",
+        "helpers/task/models.py",
+        "    fold_final_norm(model)\n",
+        "",
+        "tests/test_other_families.py::test_an_unfolded_final_norm_is_folded_and_dla_adds_up",
+    ),
+    (
+        "direct-edge path patching builds sender writes from heads that do not add up (Granite)",
+        "helpers/methods/path_patching.py",
+        "    if not heads_add_up(model):",
+        "    if False:",
+        "tests/test_other_families.py::test_heads_that_do_not_add_up_refuse_direct_edges",
+    ),
+    (
+        "edge circuits are built where their identities fail (Granite, OLMo-2)",
+        "helpers/methods/edges.py",
+        "            if failed\n",
+        "            if False\n",
+        "tests/test_other_families.py::test_edge_circuits_whose_identities_fail_are_refused",
+    ),
+    (
         "a patched run starts from a block the bridge does not run exactly (BLOOM)",
         "helpers/engine/forward.py",
         "or not start_exact(model, layer):",

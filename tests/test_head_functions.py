@@ -161,7 +161,7 @@ def test_composition_scores_equal_transformer_lens(toy_induction, mode):
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("olmo2",))  # OLMo-2: no pre-attention norm (norms.attention_norm)
 def test_ov_outputs_equal_a_head_attending_to_one_position(family, family_models):
     """On a one-token prompt every head attends fully to that token: its output z W_O (+ b_O) is what ov_outputs says,
     value bias included (TransformerLens folds it into b_O)."""

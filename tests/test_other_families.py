@@ -3,8 +3,12 @@ the engine checks: each either gives the exact number (by the slow exact path) o
 
 * BLOOM: the bridge's forward from a block (``start_at_layer``) drops the ALiBi biases, so every run that starts at a
   block from the cached residual stream is wrong; ``shortcuts.start_exact`` finds it and runs start from the tokens.
-* OLMo-2 (an unfolded final norm weight) and Granite (a logit scale): the DLA components do not sum to the logit
-  difference; ``dla.measured_caveats`` says so (``exact: false``) instead of presenting them as a decomposition.
+* OLMo-2: TransformerLens leaves its final norm weight unfolded; ``models.fold_final_norm`` folds it, so DLA is exact.
+* Granite (a logit scale, a residual multiplier): the DLA components do not sum to the logit difference
+  (``dla.measured_caveats`` says so: ``exact: false``) and heads do not add up to the attention output (direct-edge
+  path patching refuses, ``norms.heads_add_up``).
+* Granite and OLMo-2: edge circuits fail their identities through the receiver forks (``edges.identity_failure``) and
+  are refused.
 * Mixtral: a mixture of experts has no neurons of one dense MLP; neuron analyses refuse.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from helpers.analyses import circuits as C
 from helpers.analyses import dla as A
@@ -20,11 +25,13 @@ from helpers.engine.capabilities import NotSupported
 from helpers.engine.hooks import run_with_checked_cache
 from helpers.engine.interventions import hooks_for
 from helpers.engine.metrics import logit_diff
+from helpers.engine.norms import heads_add_up
 from helpers.engine.shortcuts import fast_paths, start_exact
 from helpers.methods import edges as E
 from helpers.methods import patching as P
 from helpers.methods import path_patching as PP
 from helpers.schema.heads import Head
+from helpers.task.models import fold_final_norm
 
 
 @pytest.fixture(scope="module")
@@ -79,19 +86,58 @@ def test_edge_circuits_and_direct_edges_refuse_a_start_that_is_not_exact(bloom):
         PP.direct_path_effects(bloom, Head(0, 1), "q")
 
 
-@pytest.mark.parametrize("family", ["olmo2", "granite"])
-def test_dla_that_does_not_add_up_says_so(family, family_models):
-    """The identity error is measured on the prompts; where no known caveat explains it, ``measured_caveats`` names it
-    (on the nine families it is below the tolerance: ``test_families``)."""
-    model, prompts = family_models(family)
+def _dla_identity(model, prompts) -> tuple[float, Tensor]:
     logits, cache = run_with_checked_cache(model, prompts.clean_tokens, A.dla_hook_names(model))
     direction = A.logit_diff_direction(model, prompts.answer_tokens)
     ld = logit_diff(logits, prompts.answer_tokens)
     full, _ = A.full_dla(model, cache, direction)
-    error = (full.sum(0) + A.unembed_bias_diff(model, prompts.answer_tokens) - ld).abs().max().item()
+    return (full.sum(0) + A.unembed_bias_diff(model, prompts.answer_tokens) - ld).abs().max().item(), ld
+
+
+def test_an_unfolded_final_norm_is_folded_and_dla_adds_up(family_dirs, family_models):
+    """OLMo-2: TransformerLens folds no norm, the final one included; ``fold_final_norm`` folds its weight into the
+    unembedding (the logits unchanged: equal to Hugging Face's), so DLA is exact again. The nine families come folded."""
+    from transformers import AutoModelForCausalLM
+
+    model, prompts = family_models("olmo2")
+    weight = model.ln_final._original_component.weight
+    assert torch.equal(weight, torch.ones_like(weight))
+    error, ld = _dla_identity(model, prompts)
+    assert error < 1e-4 and A.measured_caveats(model, error, ld) == {}
+    hf = AutoModelForCausalLM.from_pretrained(family_dirs("olmo2")).eval()
+    with torch.no_grad():
+        assert (logit_diff(hf(prompts.clean_tokens).logits, prompts.answer_tokens) - ld).abs().max() < 1e-5
+    for family in ("gpt2", "llama", "gemma3"):  # processed by TransformerLens already: nothing to fold
+        assert not fold_final_norm(family_models(family)[0])
+
+
+def test_dla_that_does_not_add_up_says_so(family_models):
+    """Granite divides its logits by ``logits_scaling``: the DLA components do not sum to the logit difference, and
+    ``measured_caveats`` names the measured error (on the nine families it is below the tolerance: ``test_families``)."""
+    model, prompts = family_models("granite")
+    error, ld = _dla_identity(model, prompts)
     caveats = A.measured_caveats(model, error, ld)
     assert error > 0.05 and set(caveats) == {"identity"} and f"{error:.3g}" in caveats["identity"]
     assert A.measured_caveats(model, 1e-6, ld) == {}
+
+
+def test_heads_that_do_not_add_up_refuse_direct_edges(family_models):
+    """Granite scales each sublayer's output by ``residual_multiplier``: z @ W_O is not what a head writes, so the
+    direct-edge sender write built from it would be wrong; refused. Every other family here adds up."""
+    granite = P.make_context(*family_models("granite"), warn=False)
+    assert not heads_add_up(granite.model)
+    with pytest.raises(NotSupported, match="do not add up"):
+        PP.direct_path_effects(granite, Head(0, 1), "q")
+    assert all(heads_add_up(family_models(f)[0]) for f in ("gpt2", "gemma3", "olmo2", "bloom", "mixtral"))
+
+
+@pytest.mark.parametrize("family", ["granite", "olmo2"])
+def test_edge_circuits_whose_identities_fail_are_refused(family, family_models):
+    """Measured on two prompts before any edge work: through the receiver forks, a head closure differs from its own
+    patched forward on Granite and OLMo-2 (by 0.02 and 0.004), so their edge circuits are refused with the figure."""
+    model, prompts = family_models(family)
+    with pytest.raises(NotSupported, match="head closure"):
+        E.edge_context(model, prompts)
 
 
 def test_neurons_of_a_mixture_of_experts_are_refused(family_models):

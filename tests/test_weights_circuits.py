@@ -32,7 +32,7 @@ def test_toy_induction_induction_heads_copy_above_the_baseline(toy_induction):
     assert full.shape == (10, 10) and bool((full.argmax(-1) == torch.arange(10)).all())  # copying: the own logit first
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("olmo2",))  # OLMo-2: no pre-attention norm (norms.attention_norm)
 def test_every_family_reads_its_ov_and_qk_circuits_or_refuses_positions(family, family_models):
     model, prompts = family_models(family)
     tokens = prompts.clean_tokens[0].unique()

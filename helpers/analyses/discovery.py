@@ -26,7 +26,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.std import tqdm  # noqa: I001 - text bars, as in patching
 
-from helpers.methods.edges import EdgeCircuit, EdgeContext, Graph, circuit_of, evaluate_masks, prune
+from helpers.methods.edges import EdgeCircuit, EdgeContext, Graph, circuit_of, evaluate_masks, head_closure, prune
 from helpers.methods.scoring import SCORERS, acdc
 
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # as MIB's circuit-localisation track
@@ -50,14 +50,6 @@ def random_edge_masks(graph: Graph, n_edges: int, n: int, generator: torch.Gener
         pick = torch.randperm(len(index), generator=generator)[:n_edges]
         masks[i, index[pick, 0], index[pick, 1]] = True
     return masks
-
-
-def head_closure(graph: Graph, heads: list[str]) -> Bool[Tensor, "sender receiver"]:
-    """The node-level circuit of ``heads``: every edge between the input, those heads, every MLP and the logits."""
-    keep = {"input", *heads} | {n.name for n in graph.senders if n.kind == "mlp"}
-    senders = torch.tensor([n.name in keep for n in graph.senders])
-    readers = torch.tensor([r.kind in ("logits", "mlp") or any(f"L{r.layer}H{h}" in keep for h in r.heads) for r in graph.receivers])
-    return graph.allowed & senders[:, None] & readers[None, :]
 
 
 def random_head_sets(graph: Graph, n_heads: int, n: int, generator: torch.Generator) -> list[list[str]]:

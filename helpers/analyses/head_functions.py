@@ -18,6 +18,7 @@ from transformer_lens.utilities import get_act_name
 from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import run_with_checked_cache
 from helpers.engine.interventions import Intervention
+from helpers.engine.norms import attention_norm
 from helpers.engine.shortcuts import column_logits, restricts_columns
 from helpers.schema.heads import Head
 from helpers.task.prompts import PromptSet
@@ -98,7 +99,7 @@ def ov_outputs(
     shares cannot be told apart: adding ``b_O`` is how the value bias is included at all.
     """
     n_heads = model.cfg.n_heads
-    x = model.blocks[layer].ln1(resid)
+    x = attention_norm(model, layer)(resid)
     W_V = model.W_V[layer]  # [n_kv, d_model, d_head]: one value map per key/value group under GQA
     v = torch.einsum("bwd,hde->bwhe", x, W_V.repeat_interleave(n_heads // W_V.shape[0], dim=0))
     out = torch.einsum("bwhe,hed->bwhd", v, model.W_O[layer])

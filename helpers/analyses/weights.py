@@ -36,12 +36,14 @@ from transformer_lens import utilities as utils
 
 from helpers.engine.capabilities import check_positional
 from helpers.engine.hooks import recording_hook, zero_activation
+from helpers.engine.norms import attention_norm
 from helpers.schema.heads import Head
 
 
 def _normed(model, x: Float[Tensor, "n d_model"], layer: int) -> Float[Tensor, "n d_model"]:
-    """``x`` through block ``layer``'s own attention norm (``ln1``) as if it were the whole residual stream at one position."""
-    return model.blocks[layer].ln1(x[None])[0]
+    """``x`` through block ``layer``'s own attention norm (``norms.attention_norm``: ``ln1``, or none where the attention
+    reads the residual stream as it is) as if it were the whole residual stream at one position."""
+    return attention_norm(model, layer)(x[None])[0]
 
 
 def embeddings(model, tokens: Int[Tensor, " n"], effective_embedding: bool = False) -> Float[Tensor, "n d_model"]:

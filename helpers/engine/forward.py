@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import torch
 from jaxtyping import Float, Int
@@ -121,21 +121,24 @@ def run_interventions(
     resid_name = None if layer is None else get_act_name("resid_pre", layer)
     last_only = metric.positions == "last"
     with torch.no_grad(), reading(model, metric, answers, tokens) as read:
-        if base_cache is None or resid_name not in base_cache or not start_exact(model, layer):
+        from_block = base_cache is not None and resid_name in base_cache
+        if from_block:
+            resid = base_cache[resid_name]
+            reference = None
+            if last_only and prefix is not None:  # checked against the model's own output, made once per prefix
+                reference = start_run(model, resid, layer, partial(start_reference, model, tokens, prefix), own=True)
+            if reference is not None and not settled(model, ("skip_blocks", layer)):
+                reference()  # settles the skip of the blocks before ``layer``, and the start itself, from the model's own output
+            from_block = start_exact(model, layer)
+        if not from_block:
             unembed = [UNEMBED_LAST] if last_only else []
             with model.hooks(fwd_hooks=hooks_for(interventions, sources, n_var) + record_hooks + unembed):
                 logits = model(tokens.repeat(n_var, 1))
         else:
-            resid = base_cache[resid_name]
             suffix = prefix is not None and last_only and (not record or (record_suffix and all(n in base_cache for n in record)))
             start = suffix_start(interventions, resid.shape[1], sources, base_cache) if suffix else 0
-            reference = (
-                start_run(model, resid, layer, lambda: start_reference(model, tokens, prefix)) if last_only and prefix is not None else None
-            )
             if start and not suffix_ok(model, resid, layer, prefix, reference=reference):
                 start = 0
-            if reference is not None and not settled(model, ("skip_blocks", layer)):
-                reference()  # settles the skip of the blocks before ``layer`` from the model's own output
             hooks = hooks_for(interventions, sources, n_var, start) + record_hooks
             stacked = resid[:, start:].repeat(n_var, 1, 1)
             if last_only:
@@ -177,19 +180,23 @@ def _fast_from_layer(
 
 
 def checked_start(
-    model, resid: Float[Tensor, "batch pos d_model"], layer: int, expected: Float[Tensor, "batch 1 d_vocab"]
+    model, resid: Float[Tensor, "batch pos d_model"], layer: int, expected: Float[Tensor, "batch 1 d_vocab"], own: bool = False
 ) -> Float[Tensor, "batch 1 d_vocab"]:
     """``forward_from_layer(model, resid, layer, [])`` for a probe whose output, ``expected``, is known (the final
     position of the same prompts' run from block 0; under ``full_vocabulary`` both). Where skipping the blocks
     before ``layer`` is not verified yet, the saving's own run comes first: if it reproduces ``expected`` (to
     ``verified``'s tolerance), the model's output itself, the skip is settled exact by it, one forward instead of
     three (the plain start and the fast one that ``fast_start_ok`` compares, then the run). Otherwise nothing is
-    settled: ``forward_from_layer`` checks the skip against the plain start as always (and warns if it differs)."""
+    settled: ``forward_from_layer`` checks the skip against the plain start as always (and warns if it differs).
+    ``own``: ``expected`` is the model's output from the tokens (not a run from block 0), so a match also settles the
+    start from ``layer`` itself (``shortcuts.start_exact``)."""
     key = ("skip_blocks", layer)
     if not settled(model, key):
         out = _fast_from_layer(model, resid, layer, [])
         if same_output(out, expected):
             settle_exact(model, key)
+            if own:
+                settle_exact(model, ("start_at_layer", layer))
             return out
     return forward_from_layer(model, resid, layer, [])
 
@@ -204,19 +211,24 @@ def start_reference(model, tokens: Int[Tensor, "batch pos"], prefix: KVPrefix) -
 
 
 def start_run(
-    model, resid: Float[Tensor, "batch pos d_model"], layer: int, expected: Callable[[], Float[Tensor, "2 1 d_vocab"]]
+    model,
+    resid: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    expected: Callable[[], Float[Tensor, "2 1 d_vocab"]],
+    own: bool = False,
 ) -> Callable[[], Float[Tensor, "2 1 d_vocab"]]:
     """The run from block ``layer`` of the first two prompts of ``resid`` (the residual stream there), final position,
     whole vocabulary, checked against ``expected()``, the same prompts' output from block 0 (``checked_start``): run
     on first call, then kept. It settles the skip of the earlier blocks and is the suffix check's every-position
     reference (``suffix_ok``): two forwards a start layer, four before. Patched runs expect the model's own output
     (``start_reference``), edge evaluations their clean run's; a ``resid`` from another run (e.g. with
-    interventions) does not reproduce it and settles nothing."""
+    interventions) does not reproduce it and settles nothing. ``own``: ``expected`` is the model's own output (then a
+    match settles the start itself too, ``checked_start``)."""
 
     @cache
     def run() -> Tensor:
         with torch.no_grad(), full_vocabulary(model):
-            return checked_start(model, resid[:2], layer, expected())
+            return checked_start(model, resid[:2], layer, expected(), own)
 
     return run
 

@@ -15,6 +15,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
+from helpers.engine.capabilities import NotSupported, model_state, probe_tokens
+
 POST_NORMS = {"ln1_post": "post-attention norm", "ln2_post": "post-MLP norm"}
 
 
@@ -30,6 +32,28 @@ def post_attention_norm(model, layer: int):
     of head outputs (``edges`` module docstring)."""
     norm = model.blocks[layer].ln1_post
     return getattr(norm, "_original_component", norm)
+
+
+def attention_norm(model, layer: int):
+    """What block ``layer``'s attention applies to the residual stream before its projections: its pre-norm (``ln1``,
+    the bridge's module), or the identity where the attention reads the residual stream as it is (OLMo-2: post-norms
+    only; checked on ``probe_tokens``: the attention's input equals ``hook_resid_pre``). Weight-based analyses read
+    the residual stream through it. ``NotSupported`` where there is no ``ln1`` and the input differs."""
+    block = model.blocks[layer]
+    if hasattr(block, "ln1"):
+        return block.ln1
+    verdicts = model_state(model, "attention_reads_resid")
+    if layer not in verdicts:
+        names = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_in"]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(probe_tokens(model), names_filter=names)
+        verdicts[layer] = names[1] in cache and torch.equal(cache[names[0]], cache[names[1]])
+    if not verdicts[layer]:
+        raise NotSupported(
+            f"block {layer} of this architecture has no pre-attention norm (ln1) the bridge names, and its attention does "
+            "not read the residual stream as it is: weight-based head analyses cannot tell what it reads"
+        )
+    return torch.nn.Identity()
 
 
 def frozen_scales(model) -> list[str]:
@@ -55,6 +79,36 @@ def post_normed(
         warnings.simplefilter("ignore")  # the bridge warns that an edited scale leaves Hugging Face's fused forward
         out = module(stack)
         return out if with_bias else out - module(torch.zeros_like(stack[:1]))
+
+
+def heads_add_up(model) -> bool:
+    """Whether each layer's heads' writes (``z @ W_O`` per head, through the post-attention norm with its scale frozen
+    where there is one) plus ``b_O`` sum to the layer's attention output (``hook_attn_out``), to 1e-4 of its scale:
+    what every per-head decomposition assumes (head DLA, direct-edge path patching). Measured once per model on
+    ``capabilities.probe_tokens``; false on an architecture that scales a sublayer's output on its way to the residual
+    stream in a way not modelled here (Granite's residual multiplier)."""
+    verdicts = model_state(model, "heads_add_up")
+    if "ok" not in verdicts:
+        cfg = model.cfg
+        names = [f"blocks.{layer}.{hook}" for layer in range(cfg.n_layers) for hook in ("attn.hook_z", "hook_attn_out")]
+        names += [f"blocks.{layer}.ln1_post.hook_scale" for layer in range(cfg.n_layers)] if "ln1_post" in post_norms(model) else []
+        with torch.no_grad():
+            _, cache = model.run_with_cache(probe_tokens(model), names_filter=names)
+        error = 0.0
+        for layer in range(cfg.n_layers):
+            attn = model.blocks[layer].attn
+            z = cache[f"blocks.{layer}.attn.hook_z"][:, -1]  # [batch, head, d_head]
+            heads = torch.einsum("bhd,hdm->hbm", z, attn.W_O.to(z.dtype))
+            bias = sublayer_bias(model, attn, "b_O", z.device).to(z.dtype).expand_as(heads[0])[None]
+            shares = torch.cat([heads, bias])
+            if "ln1_post" in post_norms(model):
+                shares = torch.cat(
+                    [post_normed(model, cache, layer, "ln1_post", heads), post_normed(model, cache, layer, "ln1_post", bias, True)]
+                )
+            out = cache[f"blocks.{layer}.hook_attn_out"][:, -1]
+            error = max(error, float((shares.sum(0) - out).abs().max()) / (1 + float(out.abs().max())))
+        verdicts["ok"] = error <= 1e-4
+    return verdicts["ok"]
 
 
 def sublayer_bias(model, module, name: str, device) -> Float[Tensor, " d_model"]:

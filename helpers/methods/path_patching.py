@@ -33,7 +33,7 @@ from helpers.engine.forward import run_interventions
 from helpers.engine.hooks import resolve_hook_names
 from helpers.engine.interventions import Intervention
 from helpers.engine.metrics import normalised
-from helpers.engine.norms import post_attention_norm, post_norms, sublayer_bias
+from helpers.engine.norms import heads_add_up, post_attention_norm, post_norms, sublayer_bias
 from helpers.engine.shortcuts import start_exact
 from helpers.methods.patching import SWEEPS, PatchingContext, run_patched, variant_masks
 from helpers.schema.heads import Head
@@ -168,6 +168,12 @@ def direct_path_effects(
             f"direct-edge path patching is not supported for this architecture ({architecture(model)}): the bridge's "
             "forward from a block does not reproduce the model's output here, and on such a model (BLOOM) these effects "
             "disagree with TransformerLens's get_act_patch_direct_path; refused rather than reported unverified"
+        )
+    if not heads_add_up(model):
+        raise NotSupported(
+            f"direct-edge path patching is not supported for this architecture ({architecture(model)}): its heads' "
+            "outputs (z @ W_O) do not add up to the attention output here (e.g. a residual multiplier), and a sender's "
+            "write is built from them"
         )
     n_kv = kv_heads(cfg)
     if component != "q" and n_kv != cfg.n_heads:

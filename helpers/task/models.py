@@ -257,6 +257,46 @@ def enable_compatibility(model) -> str:
     return "lean"
 
 
+def fold_final_norm(model) -> bool:
+    """Fold the final norm's weight into the unembedding where TransformerLens left it unfolded (its OLMo-2 adapter
+    folds no norm, the final one included), as its ``fold_ln`` does elsewhere: ``W_U <- diag(w) W_U``, ``w <- 1``. DLA,
+    the logit lens and neuron DLA read ``W_U`` after the final norm's centring and scaling only, so an unfolded weight
+    makes every contribution wrong (measured on a random OLMo-2: identity error 1.0 on logit differences of 2).
+    Taken only for a norm that multiplies its output by ``weight`` (checked: not Gemma's ``1 + weight``), without a
+    bias, before a linear unembedding; the model's logits on two short probes must be unchanged (else undone).
+    Returns whether it folded."""
+    import torch
+
+    norm = getattr(getattr(model, "ln_final", None), "_original_component", None)
+    unembed = getattr(getattr(model, "unembed", None), "_original_component", None)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(unembed, torch.nn.Linear) or not isinstance(weight, torch.Tensor) or getattr(norm, "bias", None) is not None:
+        return False
+    if weight.shape != (unembed.in_features,) or torch.equal(weight, torch.ones_like(weight)):
+        return False
+    with torch.no_grad():
+        saved, x = weight.detach().clone(), torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
+        weighted = norm(x)
+        weight.fill_(1.0)
+        plain = norm(x)
+        weight.copy_(saved)
+        if not torch.allclose(weighted, plain * saved, atol=1e-6, rtol=1e-5):
+            return False
+        probe = torch.tensor([[1, 5, 9, 14, 3], [2, 6, 8, 10, 12]], device=weight.device) % model.cfg.d_vocab
+        before = model(probe)[:, -1]
+        old_unembed = unembed.weight
+        unembed.weight = torch.nn.Parameter(
+            old_unembed.detach() * saved[None], requires_grad=old_unembed.requires_grad
+        )  # a new tensor: never a tied embedding's
+        weight.fill_(1.0)
+        after = model(probe)[:, -1]
+        if not torch.allclose(after - after.mean(-1, keepdim=True), before - before.mean(-1, keepdim=True), atol=1e-4, rtol=1e-4):
+            unembed.weight = old_unembed
+            weight.copy_(saved)
+            return False
+    return True
+
+
 def load_model(name: str, device: str | None = None, dtype: str = "float32", n_devices: int | None = None):
     """A ``TransformerBridge`` for ``name`` in compatibility mode and eval mode, on ``device`` (auto by default).
 
@@ -279,6 +319,7 @@ def load_model(name: str, device: str | None = None, dtype: str = "float32", n_d
     placement = {"n_devices": n_devices} if n_devices and n_devices > 1 else {"device": pick_device(device)}
     model = TransformerBridge.boot_transformers(source, dtype=getattr(torch, dtype), **placement)
     enable_compatibility(model)
+    fold_final_norm(model)
     model.eval()
     tok = model.tokenizer
     # Without tokenizer_config.json the bridge silently loads a tokenizer that maps all text to id 0 (TransformerLens 4.x; measured).

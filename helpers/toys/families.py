@@ -17,6 +17,16 @@ import torch
 
 # family -> (config class name, config kwargs); sizes are tiny so that every test runs in seconds.
 _COMMON = dict(tie_word_embeddings=False)
+# a Llama-like decoder: grouped-query attention (4 query heads, 2 key/value heads), gated MLP, untied unembedding
+_GQA = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    **_COMMON,
+)
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2Config", dict(n_positions=64, n_embd=64, n_layer=2, n_head=4)),
     "opt": (
@@ -46,40 +56,15 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     ),
     "llama": (
         "LlamaConfig",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=64,
-            **_COMMON,
-        ),
+        _GQA,
     ),
     "mistral": (
         "MistralConfig",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=64,
-            sliding_window=None,
-            **_COMMON,
-        ),
+        dict(_GQA, sliding_window=None),
     ),
     "qwen2": (
         "Qwen2Config",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=64,
-            **_COMMON,
-        ),
+        _GQA,
     ),
     "gemma2": (
         "Gemma2Config",
@@ -112,53 +97,22 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_CONFIGS)
 
-# Architectures the bridge loads on which some analyses are refused or take the slow exact path, with the reason the
-# tests check (``tests/test_other_families.py``): BLOOM (the bridge's forward from a block drops its ALiBi biases),
-# OLMo-2 (a final norm weight TransformerLens does not fold), Granite (logit and residual multipliers), Mixtral
-# (a mixture of experts: no neurons of one dense MLP).
+# Architectures the bridge loads where the engine must check, not assume (``tests/test_other_families.py``): BLOOM (the
+# bridge's forward from a block drops its ALiBi biases), OLMo-2 (a final norm weight TransformerLens does not fold;
+# post-norms only), Granite (logit and residual multipliers), Mixtral (a mixture of experts: no neurons of one MLP).
 OTHER_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
     "olmo2": (
         "Olmo2Config",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=64,
-            **_COMMON,
-        ),
+        _GQA,
     ),
     "granite": (
         "GraniteConfig",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=64,
-            embedding_multiplier=2.0,
-            residual_multiplier=0.5,
-            logits_scaling=4.0,
-            attention_multiplier=0.3,
-            **_COMMON,
-        ),
+        dict(_GQA, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0, attention_multiplier=0.3),
     ),
     "mixtral": (
         "MixtralConfig",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=64,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            **_COMMON,
-        ),
+        dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
     ),
 }
 
