@@ -54,10 +54,11 @@ def measured_caveats(model, error: float, logit_diffs: Float[Tensor, " batch"]) 
     Its DLA numbers are then not a decomposition: the notebook prints that under the identity error, warns, and records
     ``exact: false`` with the reason in its results."""
     caveats = decomposition_caveats(model)
-    if not caveats and error > IDENTITY_TOLERANCE * (1 + float(logit_diffs.abs().max())):
+    largest = float(logit_diffs.detach().abs().max())
+    if not caveats and error > IDENTITY_TOLERANCE * (1 + largest):
         caveats["identity"] = (
             f"the components do not sum to the logit difference on this architecture ({architecture(model)}: max error "
-            f"{error:.3g} against logit differences up to {float(logit_diffs.abs().max()):.3g}); the final norm or the "
+            f"{error:.3g} against logit differences up to {largest:.3g}); the final norm or the "
             "unembedding is not in the form DLA reads (e.g. a norm weight TransformerLens did not fold, or a logit scale): "
             "these numbers are not a decomposition"
         )
