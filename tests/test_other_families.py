@@ -1,7 +1,7 @@
 """Architectures beyond the nine families that the bridge loads, where a number would be wrong with no error unless
 the engine checks: each either gives the exact number (by the slow exact path) or refuses with the reason.
 
-* BLOOM: the bridge's forward from a block (``start_at_layer``) drops the ALiBi biases, so every run that starts at a
+* BLOOM: the bridge's forward from a block (``start_at_layer``) does not reproduce the model's output (ALiBi, it seems), so every run that starts at a
   block from the cached residual stream is wrong; ``shortcuts.start_exact`` finds it and runs start from the tokens.
 * OLMo-2: TransformerLens leaves its final norm weight unfolded; ``models.fold_final_norm`` folds it, so DLA is exact.
 * Granite (a logit scale, a residual multiplier): the DLA components do not sum to the logit difference

@@ -152,7 +152,7 @@ def start_exact(model, layer: int) -> bool:
     reproduces the model's output from the tokens: checked once per model and layer on ``probe_tokens`` (or settled by a
     patched run's own start check, ``forward.checked_start``, when that run reproduces the model's output). Every other
     saving is checked against this start, so a start that is itself wrong would make every number that starts at a
-    block wrong with no error (BLOOM: TransformerLens 4.x builds its ALiBi biases only in a run from the tokens). Where
+    block wrong with no error (measured on BLOOM; its ALiBi position biases are the likely cause). Where
     it fails, runs start from the tokens (``forward.run_interventions``; exact, slower) or refuse (edges)."""
     probe = probe_tokens(model)
     state = model_state(model, "start_probe")

@@ -409,14 +409,14 @@ def edge_context(model, prompts: PromptPair | PromptSet) -> EdgeContext:
     *source* run (``clean_*`` here: the full graph is that run) and every other edge carries its value in the *base*
     run (``corrupted_*``), so faithfulness puts the base run at 0 and the source run at 1, as patching does."""
     pair = as_pair(prompts)
-    Graph.from_model(model)  # NotSupported first, before any forward pass
-    reason = identity_failure(model, pair)
+    graph = Graph.from_model(model)  # NotSupported first, before any forward pass
+    reason = identity_failure(model, pair, graph)
     if reason:
         raise NotSupported(reason)
-    return _context(model, pair)
+    return _context(model, pair, graph)
 
 
-def identity_failure(model, pair: PromptPair, tolerance: float = 1e-4) -> str | None:
+def identity_failure(model, pair: PromptPair, graph: Graph | None = None, tolerance: float = 1e-4) -> str | None:
     """Why edge evaluations are not exact on this model, measured; None where they are. Once per model, on the pair's
     first two prompts: through the receiver forks, the circuit with no edge must give the base run's logit difference,
     the full graph the source run's, and a head closure (half the heads) the same as one plain forward with the other
@@ -425,7 +425,7 @@ def identity_failure(model, pair: PromptPair, tolerance: float = 1e-4) -> str | 
     one, and its edge circuits are refused instead of reported."""
     verdicts = model_state(model, "edge_identities")
     if "reason" not in verdicts:
-        probe = _context(model, PromptPair(pair.base[:2], pair.source[:2], pair.answers[:2]))
+        probe = _context(model, PromptPair(pair.base[:2], pair.source[:2], pair.answers[:2]), graph or Graph.from_model(model))
         graph = probe.graph
         heads = [n.name for n in graph.senders if n.kind == "head"]
         closure = head_closure(graph, heads[::2])
@@ -449,10 +449,9 @@ def identity_failure(model, pair: PromptPair, tolerance: float = 1e-4) -> str | 
     return verdicts["reason"]
 
 
-def _context(model, pair: PromptPair) -> EdgeContext:
-    """``edge_context`` without the identity check."""
+def _context(model, pair: PromptPair, graph: Graph) -> EdgeContext:
+    """``edge_context`` without the identity check, on ``graph`` (``Graph.from_model``)."""
     clean_tokens, corrupted_tokens, answer_tokens = pair.source, pair.base, pair.answers
-    graph = Graph.from_model(model)
     names = _sender_hooks(model.cfg.n_layers)
     attention_names = [f"blocks.{layer}.ln1_post.hook_in" for layer in range(model.cfg.n_layers)] if graph.post_norm else []
     with torch.no_grad():

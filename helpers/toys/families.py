@@ -98,7 +98,7 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
 FAMILIES: tuple[str, ...] = tuple(FAMILY_CONFIGS)
 
 # Architectures the bridge loads where the engine must check, not assume (``tests/test_other_families.py``): BLOOM (the
-# bridge's forward from a block drops its ALiBi biases), OLMo-2 (a final norm weight TransformerLens does not fold;
+# bridge's forward from a block does not reproduce its output; ALiBi, it seems), OLMo-2 (a final norm weight TransformerLens does not fold;
 # post-norms only), Granite (logit and residual multipliers), Mixtral (a mixture of experts: no neurons of one MLP).
 OTHER_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
