@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # (what breaks, file, text, replacement, the test that must fail)
 MUTATIONS = [
     (
+        "edge circuits run where the start from block 0 is not the model's own output (BLOOM)",
+        "helpers/methods/edges.py",
+        "    if not start_exact(model, 0):",
+        "    if False:",
+        "tests/test_other_families.py::test_edge_circuits_and_direct_edges_refuse_a_start_that_is_not_exact",
+    ),
+    (
         "weight-based head analyses read a pre-norm that OLMo-2 does not have as the identity without checking",
         "helpers/engine/norms.py",
         "        verdicts[layer] = names[1] in cache and torch.equal(cache[names[0]], cache[names[1]])",

@@ -27,7 +27,8 @@ Each saving is checked the first time a model uses it (per start layer): the fas
 plain computation (the bridge's own ``start_at_layer`` forward, all positions, every block) to 1e-5;
 otherwise that model falls back to the plain computation for good, with a warning (exact, only slower).
 The start itself is checked too, against the model's output from the tokens (``shortcuts.start_exact``): where the
-bridge's forward from a block is not exact (BLOOM), runs start from the tokens. The checks live in ``engine.shortcuts`` (``fast_paths(model)`` lists the verdicts). A run with the base run's keys
+bridge's forward from a block is not exact (BLOOM), runs start from the tokens. The checks live in
+``engine.shortcuts`` (``fast_paths(model)`` lists the verdicts). A run with the base run's keys
 and values checks its start layer against the model's own output instead (``start_run``): one forward settles the
 skip and serves as the suffix check's reference.
 """

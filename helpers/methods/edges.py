@@ -111,7 +111,9 @@ def unsupported_reason(model) -> str | None:
     arch = architecture(model)
     if "blocks.0.attn.hook_q_input" not in model.hook_dict or "blocks.0.hook_mlp_in" not in model.hook_dict:
         return f"edge-level circuits are not supported for this architecture ({arch}): the bridge has no per-head q/k/v input fork"
-    if not all(start_exact(model, layer) for layer in range(model.cfg.n_layers)):
+    # block 0 against the model's output from the tokens: every later start is checked against the run from block 0
+    # (``_start_ok``, falling back to it), so that run is what has to be the model's own
+    if not start_exact(model, 0):
         return (
             f"edge-level circuits are not supported for this architecture ({arch}): the bridge's forward from a block "
             "(start_at_layer) does not reproduce the model's output, and every edge evaluation starts at one"
